@@ -1,0 +1,39 @@
+# Two commands do everything from a fresh clone:
+#   make demo   set up .venv (torch pinned, overridable) and run the digits demo
+#   make test   set up .venv and run the whole test suite (browser tests included)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint browser-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[notebook,dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tda-explorer demo --out tda_output
+
+browser-deps:
+	@test -x /usr/bin/chromium || { echo "installing chromium from Debian's packages"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium could not be installed: browser tests will be skipped"; }
+
+test: setup browser-deps
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check tda_explorer tests benchmarks
+
+clean:
+	rm -rf $(VENV) tda_output .pytest_cache

@@ -1,0 +1,67 @@
+"""Shared ``check_*`` helpers: validate at the public boundary, name the argument in every error."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class TDAError(ValueError):
+    """Raised for bad input to the public API; the message names the argument."""
+
+
+def check_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    """Return ``value`` as an int, or raise if it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TDAError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+    low = 0 if allow_zero else 1
+    if value < low:
+        raise TDAError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_fraction(value: Any, name: str, *, inclusive_zero: bool = False) -> float:
+    """Return ``value`` as a float in (0, 1] (or [0, 1] with ``inclusive_zero``)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TDAError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    ok = (0.0 <= value <= 1.0) if inclusive_zero else (0.0 < value <= 1.0)
+    if not ok or not np.isfinite(value):
+        bounds = "[0, 1]" if inclusive_zero else "(0, 1]"
+        raise TDAError(f"{name} must be in {bounds}, got {value}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``; otherwise list them in the error."""
+    if value not in choices:
+        raise TDAError(f"unknown {name} {value!r}; expected one of: {', '.join(map(str, choices))}")
+    return value
+
+
+def check_finite(tensor: torch.Tensor, name: str, ids: Sequence[Any] | None = None) -> torch.Tensor:
+    """Raise if ``tensor`` has NaN or inf; with ``ids`` (one per row) name the offending rows."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if ids is not None and tensor.dim() >= 1:
+            bad_rows = (~torch.isfinite(tensor.reshape(len(tensor), -1))).any(dim=1)
+            bad = [ids[i] for i in torch.nonzero(bad_rows).flatten().tolist()[:10]]
+            raise TDAError(f"{name} has non-finite values for ids {bad}")
+        raise TDAError(f"{name} has non-finite values")
+    return tensor
+
+
+def as_device(device: str | torch.device | None) -> torch.device:
+    """Resolve ``device`` ('cpu', 'cuda', 'cuda:1', a torch.device or None for CPU)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TDAError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TDAError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    return dev

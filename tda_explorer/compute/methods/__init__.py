@@ -1,0 +1,26 @@
+"""Attribution methods and their registry: ``get_method("tracin", task, **config)``."""
+
+from __future__ import annotations
+
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
+from tda_explorer.compute.methods.tracin import TracIn
+from tda_explorer.compute.task import AttributionTask
+
+METHODS: dict[str, type[Attributor]] = {cls.name: cls for cls in (GradDot, GradCos, TracIn)}
+
+
+def available_methods() -> list[str]:
+    """Registry names accepted by ``get_method`` and the CLI's ``--method``."""
+    return sorted(METHODS)
+
+
+def get_method(name: str, task: AttributionTask, **config) -> Attributor:
+    """Build the attributor registered as ``name`` for ``task`` with its ``config``."""
+    if name not in METHODS:
+        raise TDAError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return METHODS[name](task, **config)
+
+
+__all__ = ["Attributor", "GradDot", "GradCos", "TracIn", "METHODS", "available_methods", "get_method"]

@@ -1,0 +1,41 @@
+"""Grad-Dot and Grad-Cos: inner products (or cosines) of final-model gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.data.dataset import AttributionDataset
+
+
+class GradDot(Attributor):
+    """τ(z, z′) = ∇f(z′)ᵀ ∇ℓ(z) at the final parameters: one step of further training, first order."""
+
+    name = "grad-dot"
+    normalize = False
+
+    def _fit(self, train: AttributionDataset) -> None:
+        self.train_grads_ = self._gradients(train, test=False)
+        self.train_norms_ = self.train_grads_.norm(dim=1)
+
+    def _attribute(self, test: AttributionDataset) -> torch.Tensor:
+        g_test = self._gradients(test, test=True)
+        g_train = self.train_grads_
+        if self.normalize:
+            g_test = g_test / g_test.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            g_train = g_train / self.train_norms_.unsqueeze(1).clamp_min(1e-12)
+        return g_test @ g_train.T
+
+    def _self_influence(self) -> torch.Tensor:
+        return self.train_norms_**2
+
+
+class GradCos(GradDot):
+    """Grad-Dot on unit-normalised gradients.
+
+    Self-influence of a cosine is 1 by construction, so ``self_influence`` returns the squared
+    gradient norm (as Grad-Dot), which is what ranks surprising examples.
+    """
+
+    name = "grad-cos"
+    normalize = True

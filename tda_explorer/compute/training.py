@@ -1,0 +1,196 @@
+"""Training with recorded checkpoints, and batched training of many models on many subsets.
+
+One procedure serves both: training a single model is training an ensemble of one on the full
+set, so the model being attributed and the retrained ground-truth models follow the same recipe.
+Models are trained in lock-step with ``torch.func`` (``vmap`` over stacked parameters), which is
+what makes 100 retrainings for LDS cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+from tda_explorer._validation import TDAError, as_device, check_choice, check_positive_int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained: full objective = mean cross-entropy + weight_decay/2 · ‖θ‖²."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    optimizer: str = "adam"
+    n_checkpoints: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        check_choice(self.optimizer, "optimizer", ("adam", "sgd"))
+        if not self.lr > 0:
+            raise TDAError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise TDAError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Checkpoint:
+    """Parameters saved during training with the learning rate in force there."""
+
+    state_dict: dict[str, torch.Tensor]
+    learning_rate: float
+    step: int
+
+
+@dataclass
+class TrainingRecord:
+    """What one training run leaves behind: the final model and its checkpoints."""
+
+    model: nn.Module
+    config: TrainConfig
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def _objective(base: nn.Module, weight_decay: float) -> Callable:
+    def loss(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(base, params, (x,))
+        ce = nn.functional.cross_entropy(out, y)
+        if weight_decay:
+            ce = ce + 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
+        return ce
+
+    return loss
+
+
+class EnsembleTrainer:
+    """Trains one model per row of ``subsets`` (positions into ``inputs``) in lock-step.
+
+    Resumable: ``run(epochs)`` continues from the current parameters and optimizer state, so
+    checkpoints can be taken between segments.
+
+    Parameters
+    ----------
+    model_factory : callable seed -> nn.Module
+        Builds a freshly initialised model for a seed.
+    subsets : LongTensor [M, m]
+        Row positions each model trains on (equal sizes).
+    seeds : list of int, optional
+        Initialisation seed per model (default: ``config.seed`` for all).
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[int], nn.Module],
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        subsets: torch.Tensor,
+        config: TrainConfig,
+        seeds: list[int] | None = None,
+        device: str | torch.device | None = None,
+    ):
+        if subsets.dim() != 2 or subsets.shape[1] == 0:
+            raise TDAError(
+                f"subsets must be [n_models, subset_size] with subset_size > 0, got {tuple(subsets.shape)}"
+            )
+        self.config, self.dev = config, as_device(device)
+        seeds = seeds if seeds is not None else [config.seed] * len(subsets)
+        models = [model_factory(s).to(self.dev) for s in seeds]
+        params, _ = stack_module_state(models)
+        self.params = {k: v.detach().clone() for k, v in params.items()}
+        base = copy.deepcopy(models[0]).to("meta")
+        self.step_fn = vmap(grad(_objective(base, config.weight_decay)))
+        self.inputs, self.labels = inputs.to(self.dev), labels.to(self.dev)
+        self.subsets = subsets.to(self.dev)
+        self.gen = torch.Generator(device="cpu").manual_seed(int(seeds[0]) * 7919 + 17)
+        self.state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in self.params.items()}
+        self.t = 0
+
+    def run(self, epochs: int) -> dict[str, torch.Tensor]:
+        """Train ``epochs`` more epochs; return the stacked parameters (name -> [M, ...])."""
+        c, (n_models, m) = self.config, self.subsets.shape
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        bs = min(c.batch_size, m)
+        for _ in range(epochs):
+            order = torch.argsort(torch.rand(n_models, m, generator=self.gen), dim=1).to(self.dev)
+            shuffled = torch.gather(self.subsets, 1, order)
+            for start in range(0, m, bs):
+                idx = shuffled[:, start : start + bs]
+                grads = self.step_fn(self.params, self.inputs[idx], self.labels[idx])
+                self.t += 1
+                for k, g in grads.items():
+                    if c.optimizer == "sgd":
+                        self.params[k] = self.params[k] - c.lr * g
+                        continue
+                    mom, var = self.state[k]
+                    mom.mul_(b1).add_(g, alpha=1 - b1)
+                    var.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (var / (1 - b2**self.t)).sqrt_().add_(eps)
+                    self.params[k] = self.params[k] - c.lr * (mom / (1 - b1**self.t)) / denom
+        return self.params
+
+
+def train_ensemble(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    subsets: torch.Tensor,
+    config: TrainConfig,
+    seeds: list[int] | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train one model per row of ``subsets`` for ``config.epochs``; return stacked parameters."""
+    trainer = EnsembleTrainer(model_factory, inputs, labels, subsets, config, seeds, device)
+    return trainer.run(config.epochs)
+
+
+def unstack(params: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """The parameters of model ``index`` from a stacked dict."""
+    return {k: v[index].detach().clone() for k, v in params.items()}
+
+
+def train_model(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> TrainingRecord:
+    """Train one model on all rows, saving ``config.n_checkpoints`` evenly spaced checkpoints.
+
+    Checkpoints are taken at the end of evenly spaced epochs (the last one is the final model),
+    each with the learning rate in force, as TracIn-CP needs.
+    """
+    n_ckpt = check_positive_int(config.n_checkpoints, "n_checkpoints")
+    epochs_at = sorted({round(config.epochs * (i + 1) / n_ckpt) for i in range(n_ckpt)})
+    all_rows = torch.arange(len(labels)).unsqueeze(0)
+    record = TrainingRecord(model=model_factory(config.seed), config=config)
+    done, params = 0, None
+    steps_per_epoch = -(-len(labels) // min(config.batch_size, len(labels)))
+    # Train segment by segment; each segment continues from the last parameters and optimizer clock.
+    trainer = EnsembleTrainer(model_factory, inputs, labels, all_rows, config, device=device)
+    bar = tqdm(total=config.epochs, desc="training", unit="epoch", leave=False, disable=not progress)
+    for epoch in epochs_at:
+        params = trainer.run(epoch - done)
+        bar.update(epoch - done)
+        done = epoch
+        record.checkpoints.append(
+            Checkpoint(unstack(params, 0), config.lr, step=done * steps_per_epoch)
+        )
+    bar.close()
+    record.model.load_state_dict(unstack(params, 0))
+    record.model.eval()
+    return record

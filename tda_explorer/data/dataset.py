@@ -1,0 +1,130 @@
+"""A dataset with stable ids, labels, class names and a renderer."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tda_explorer._validation import TDAError
+from tda_explorer.data.renderers import Renderer, RowRenderer
+
+
+@dataclass
+class AttributionDataset:
+    """Inputs and labels of one split, each example with a stable id.
+
+    Parameters
+    ----------
+    inputs : Tensor of shape [n, ...]
+        Model inputs, one row per example.
+    labels : Tensor of shape [n]
+        Integer class labels as given (possibly noisy).
+    ids : sequence, optional
+        Stable ids (ints or strings), unique; defaults to ``0..n-1``.
+    class_names : list of str, optional
+        Display names of the classes; defaults to ``"0".."C-1"``.
+    renderer : Renderer, optional
+        Shows one example as HTML / PNG; defaults to a row renderer.
+    name : str
+        A short name used in fingerprints and file names.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    ids: Sequence[Any] | None = None
+    class_names: list[str] | None = None
+    renderer: Renderer | None = None
+    name: str = "dataset"
+    _index: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, torch.Tensor):
+            self.inputs = torch.as_tensor(np.asarray(self.inputs), dtype=torch.float32)
+        if not isinstance(self.labels, torch.Tensor):
+            self.labels = torch.as_tensor(np.asarray(self.labels))
+        if self.labels.dim() != 1:
+            raise TDAError(f"labels must be 1-D with one label per example, got shape {tuple(self.labels.shape)}")
+        if len(self.inputs) != len(self.labels):
+            raise TDAError(
+                f"inputs and labels must have the same length, got {len(self.inputs)} inputs and "
+                f"{len(self.labels)} labels"
+            )
+        if len(self.inputs) == 0:
+            raise TDAError(f"dataset {self.name!r} is empty: inputs has 0 examples")
+        if self.labels.is_floating_point():
+            raise TDAError("labels must be integer class indices, got a floating-point tensor")
+        self.labels = self.labels.long()
+        if (self.labels < 0).any():
+            raise TDAError("labels must be non-negative class indices")
+        n_classes = int(self.labels.max()) + 1
+        if self.class_names is None:
+            self.class_names = [str(c) for c in range(n_classes)]
+        elif len(self.class_names) < n_classes:
+            raise TDAError(
+                f"class_names has {len(self.class_names)} names but labels go up to {n_classes - 1}"
+            )
+        ids = list(range(len(self.labels))) if self.ids is None else list(self.ids)
+        if len(ids) != len(self.labels):
+            raise TDAError(f"ids must have one entry per example: got {len(ids)} ids for {len(self.labels)} examples")
+        self.ids = [i.item() if isinstance(i, np.generic) else i for i in ids]
+        self._index = {i: p for p, i in enumerate(self.ids)}
+        if len(self._index) != len(self.ids):
+            raise TDAError("ids must be unique; found duplicates")
+        if self.renderer is None:
+            self.renderer = RowRenderer()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def positions(self, ids: Sequence[Any] | Any, argument: str = "ids") -> list[int]:
+        """Row positions of ``ids``; raise naming ``argument`` for an id that does not exist."""
+        single = not isinstance(ids, (list, tuple, np.ndarray, torch.Tensor, range))
+        wanted = [ids] if single else list(ids.tolist() if hasattr(ids, "tolist") else ids)
+        missing = [i for i in wanted if i not in self._index]
+        if missing:
+            raise TDAError(
+                f"{argument}: {missing[:10]} not in dataset {self.name!r} "
+                f"({len(self)} examples, ids like {self.ids[:3]})"
+            )
+        return [self._index[i] for i in wanted]
+
+    def subset(self, positions: Sequence[int], name: str | None = None) -> AttributionDataset:
+        """A new dataset with the rows at ``positions`` (ids kept)."""
+        idx = torch.as_tensor(list(positions), dtype=torch.long)
+        return AttributionDataset(
+            self.inputs[idx], self.labels[idx], [self.ids[i] for i in idx.tolist()],
+            self.class_names, self.renderer, name or self.name,
+        )
+
+    def with_labels(self, labels: torch.Tensor) -> AttributionDataset:
+        """The same examples with other labels (e.g. after relabelling)."""
+        return AttributionDataset(self.inputs, labels, self.ids, self.class_names, self.renderer, self.name)
+
+    def fingerprint(self) -> str:
+        """A hash of the inputs, labels and ids: equal data, equal fingerprint."""
+        h = hashlib.sha256()
+        h.update(self.inputs.detach().cpu().contiguous().numpy().tobytes())
+        h.update(self.labels.cpu().numpy().tobytes())
+        h.update(repr(self.ids).encode())
+        return h.hexdigest()[:16]
+
+    def render_html(self, position: int) -> str:
+        """The example at ``position`` as an HTML fragment."""
+        if self.renderer.kind == "text":
+            return self.renderer.to_html(torch.tensor(position))
+        return self.renderer.to_html(self.inputs[position])
+
+    def thumbnail(self, position: int) -> bytes | None:
+        """The example at ``position`` as PNG bytes, or None for non-image data."""
+        if self.renderer.kind != "image":
+            return None
+        return self.renderer.to_png(self.inputs[position])

@@ -1,0 +1,57 @@
+"""scikit-learn's digits (ships inside the package): the embedded default dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.noise import flip_labels
+from tda_explorer.data.renderers import ImageRenderer
+
+
+@dataclass
+class DataSplit:
+    """A train / test split; ``flipped`` marks training labels changed by injected noise."""
+
+    train: AttributionDataset
+    test: AttributionDataset
+    flipped: torch.Tensor
+    clean_train_labels: torch.Tensor
+
+
+def load_digits_split(
+    n_train: int = 1000, n_test: int = 300, noise: float = 0.0, seed: int = 0
+) -> DataSplit:
+    """The 8×8 digits, pixels scaled to [0, 1], shuffled with ``seed`` and split.
+
+    Parameters
+    ----------
+    n_train, n_test : int
+        Split sizes (together at most 1,797).
+    noise : float
+        Fraction of training labels flipped to another class (seeded); the mask is kept.
+    seed : int
+        Seed of the shuffle and of the noise.
+    """
+    from sklearn.datasets import load_digits
+
+    n_train = check_positive_int(n_train, "n_train")
+    n_test = check_positive_int(n_test, "n_test")
+    digits = load_digits()
+    total = len(digits.target)
+    if n_train + n_test > total:
+        raise TDAError(f"n_train + n_test must be at most {total}, got {n_train} + {n_test}")
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    tr, te = order[:n_train], order[n_train : n_train + n_test]
+    names = [str(c) for c in range(10)]
+    renderer = ImageRenderer((8, 8))
+    clean = y[tr]
+    noisy, flipped = flip_labels(clean, noise, 10, seed=seed + 1) if noise > 0 else (clean, torch.zeros_like(clean, dtype=torch.bool))
+    train = AttributionDataset(x[tr], noisy, list(range(n_train)), names, renderer, "digits-train")
+    test = AttributionDataset(x[te], y[te], list(range(n_test)), names, renderer, "digits-test")
+    return DataSplit(train, test, flipped, clean)

@@ -1,0 +1,66 @@
+"""The built-in experiments: digits with a linear model or an MLP, trained with recorded checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+
+import torch
+
+from tda_explorer._validation import check_choice
+from tda_explorer.compute.models import MODEL_KINDS, make_model
+from tda_explorer.compute.task import AttributionTask
+from tda_explorer.compute.training import TrainConfig, TrainingRecord, train_model
+from tda_explorer.data.digits import DataSplit, load_digits_split
+
+#: Training recipes of the built-in models (full objective: mean CE + wd/2 ‖θ‖²).
+TRAIN_CONFIGS = {
+    "lr": TrainConfig(epochs=300, batch_size=1000, lr=5e-2, weight_decay=1e-2, n_checkpoints=6),
+    "mlp": TrainConfig(epochs=50, batch_size=128, lr=3e-3, weight_decay=1e-2, n_checkpoints=10),
+    "mlp-gelu": TrainConfig(epochs=50, batch_size=128, lr=3e-3, weight_decay=1e-2, n_checkpoints=10),
+}
+
+
+@dataclass
+class Experiment:
+    """Data, model kind, training recipe and the trained model of one built-in task."""
+
+    split: DataSplit
+    model_kind: str
+    config: TrainConfig
+    record: TrainingRecord
+
+    def factory(self, seed: int) -> torch.nn.Module:
+        x = self.split.train.inputs
+        return make_model(self.model_kind, x.shape[1], self.split.train.n_classes, seed=seed)
+
+    def task(self, measurement: str = "loss") -> AttributionTask:
+        return AttributionTask(self.record.model, checkpoints=self.record.checkpoints,
+                               measurement=measurement, weight_decay=self.config.weight_decay)
+
+    def fingerprint(self) -> str:
+        """Hash of the data, the model kind and the recipe (not of the trained weights)."""
+        h = hashlib.sha256()
+        h.update(self.split.train.fingerprint().encode())
+        h.update(self.split.test.fingerprint().encode())
+        h.update(json.dumps({"model": self.model_kind, **self.config.to_dict()}, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def test_accuracy(self) -> float:
+        with torch.no_grad():
+            pred = self.record.model(self.split.test.inputs).argmax(1)
+        return float((pred == self.split.test.labels).float().mean())
+
+
+def build_experiment(model: str = "mlp", noise: float = 0.0, seed: int = 0, n_train: int = 1000,
+                     n_test: int = 300, epochs: int | None = None, device: str = "cpu",
+                     progress: bool = False) -> Experiment:
+    """Load digits (optionally with label noise), train the model, keep its checkpoints."""
+    check_choice(model, "model", MODEL_KINDS)
+    split = load_digits_split(n_train=n_train, n_test=n_test, noise=noise, seed=seed)
+    config = replace(TRAIN_CONFIGS[model], seed=seed, **({"epochs": epochs} if epochs else {}))
+    exp = Experiment(split, model, config, record=None)  # type: ignore[arg-type]
+    exp.record = train_model(exp.factory, split.train.inputs, split.train.labels, config, device=device,
+                             progress=progress)
+    return exp

@@ -1,0 +1,164 @@
+"""``Session``: the one source of state for an interactive analysis.
+
+It holds the datasets, the task, computed attributions (cached on disk by fingerprint), model
+predictions and the flag store; widgets observe it and never compute anything themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.attribution import Attribution
+from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.methods import get_method
+from tda_explorer.compute.task import AttributionTask
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.flags import FlagStore
+
+
+class Session:
+    """Datasets, task, attributions and flags of one analysis.
+
+    Parameters
+    ----------
+    train, test : AttributionDataset
+    task : AttributionTask
+    folder : str or Path
+        Where the flag store and cached attributions live (created if missing).
+    device : str
+        Where methods run.
+    """
+
+    def __init__(self, train: AttributionDataset, test: AttributionDataset, task: AttributionTask,
+                 folder: str | Path = "tda_session", device: str = "cpu"):
+        for name, value in (("train", train), ("test", test)):
+            if not isinstance(value, AttributionDataset):
+                raise TDAError(f"{name} must be an AttributionDataset, got {type(value).__name__}")
+        self.train, self.test, self.task, self.device = train, test, task, device
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.flags = FlagStore(self.folder / "flags.sqlite")
+        self.attributions: dict[str, Attribution] = {}
+        self.self_influences: dict[str, torch.Tensor] = {}
+        self._predict()
+
+    @classmethod
+    def from_experiment(cls, experiment, folder: str | Path = "tda_session", device: str = "cpu") -> Session:
+        """A session over a built-in experiment (see ``tda_explorer.evaluate.build_experiment``)."""
+        return cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device)
+
+    # -- predictions ----------------------------------------------------------------------
+    def _predict(self) -> None:
+        model = self.task.model
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out_tr, out_te = model(self.train.inputs), model(self.test.inputs)
+        model.train(was)
+        self.train_probs = out_tr.softmax(1)
+        self.train_predicted = out_tr.argmax(1)
+        self.test_predicted = out_te.argmax(1)
+        self.test_loss = torch.nn.functional.cross_entropy(out_te, self.test.labels, reduction="none")
+
+    # -- attributions ---------------------------------------------------------------------
+    @property
+    def methods(self) -> list[str]:
+        return list(self.attributions)
+
+    def _cache_path(self, method: str, config: dict) -> Path:
+        key = config_fingerprint(
+            method, config, self.task.config(), model_fingerprint(self.task.model),
+            self.train.fingerprint(), self.test.fingerprint(),
+        )
+        return self.folder / "attributions" / f"{method}-{key}.pt"
+
+    def compute(self, method: str, progress: bool = False, **config: Any) -> Attribution:
+        """Run ``method`` on the session's data (or load it from the cache) and keep the result."""
+        path = self._cache_path(method, config)
+        if path.exists():
+            data = torch.load(path, weights_only=True)
+            attribution = Attribution(data["scores"], self.test.ids, self.train.ids, method, config)
+            self.add(attribution, data["self_influence"])
+            return attribution
+        attributor = get_method(method, self.task, device=self.device, **config).fit(self.train)
+        attribution = attributor.attribute(self.test)
+        self_influence = attributor.self_influence()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"scores": attribution.scores, "self_influence": self_influence}, tmp)
+        tmp.replace(path)
+        self.add(attribution, self_influence)
+        return attribution
+
+    def add(self, attribution: Attribution, self_influence: torch.Tensor | None = None) -> None:
+        """Keep an attribution computed elsewhere (its ids must match the session's data)."""
+        if list(attribution.train_ids) != list(self.train.ids) or list(attribution.test_ids) != list(self.test.ids):
+            raise TDAError("attribution ids do not match the session's train / test ids")
+        self.attributions[attribution.method] = attribution
+        if self_influence is not None:
+            self.self_influences[attribution.method] = self_influence
+
+    def attribution(self, method: str) -> Attribution:
+        if method not in self.attributions:
+            raise TDAError(f"method {method!r} has not been computed; computed: {self.methods or 'none'}")
+        return self.attributions[method]
+
+    # -- tables ---------------------------------------------------------------------------
+    def _train_columns(self, train_ids: list) -> dict[str, list]:
+        pos = self.train.positions(train_ids, "train_id")
+        flagged = set(self.flags.flagged_ids())
+        return {
+            "label": self.train.labels[pos].tolist(),
+            "predicted": self.train_predicted[pos].tolist(),
+            "flag": [t in flagged for t in train_ids],
+        }
+
+    def ranking(self, test_id: Any, method: str, k: int = 10) -> pd.DataFrame:
+        """Top-k proponents (rank 1..k) and opponents (rank -1..-k) of ``test_id`` with labels and flags."""
+        self.test.positions([test_id], "test_id")
+        df = self.attribution(method).to_dataframe(k=k, test_ids=[test_id])
+        for col, values in self._train_columns(df["train_id"].tolist()).items():
+            df[col] = values
+        return df
+
+    def mislabel_ranking(self, method: str) -> pd.DataFrame:
+        """Training examples ranked by self-influence of ``method`` (most suspicious first).
+
+        Columns: ``train_id, rank, score, method, label, predicted, suggested, flag``; ``suggested``
+        is the model's most probable class other than the given label.
+        """
+        if method not in self.self_influences:
+            raise TDAError(f"no self-influence for method {method!r}; computed: {list(self.self_influences)}")
+        score = self.self_influences[method]
+        order = torch.argsort(score, descending=True)
+        ids = [self.train.ids[i] for i in order.tolist()]
+        probs = self.train_probs[order].clone()
+        probs.scatter_(1, self.train.labels[order].unsqueeze(1), -1.0)
+        df = pd.DataFrame({
+            "train_id": ids,
+            "rank": range(1, len(ids) + 1),
+            "score": score[order].double().numpy(),
+            "method": method,
+        })
+        for col, values in self._train_columns(ids).items():
+            df[col] = values
+        df.insert(6, "suggested", probs.argmax(1).tolist())
+        return df
+
+    def flags_dataframe(self) -> pd.DataFrame:
+        """The flag store as a DataFrame (``train_id, flag, relabel, note, updated_at``)."""
+        return self.flags.to_dataframe()
+
+    def test_table(self) -> pd.DataFrame:
+        """Every test example with its label, prediction and loss."""
+        return pd.DataFrame({
+            "test_id": self.test.ids,
+            "label": self.test.labels.tolist(),
+            "predicted": self.test_predicted.tolist(),
+            "loss": self.test_loss.double().numpy(),
+        })
