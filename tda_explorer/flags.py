@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tda_explorer._validation import TDAError
@@ -54,6 +55,8 @@ class FlagStore:
 
     @staticmethod
     def _key(train_id: Any) -> str:
+        if isinstance(train_id, np.integer):  # ids read back from a DataFrame
+            train_id = int(train_id)
         if not isinstance(train_id, (int, str)) or isinstance(train_id, bool):
             raise TDAError(f"train_id must be an int or str, got {type(train_id).__name__} ({train_id!r})")
         return json.dumps(train_id)

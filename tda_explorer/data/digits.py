@@ -51,7 +51,7 @@ def load_digits_split(
     names = [str(c) for c in range(10)]
     renderer = ImageRenderer((8, 8))
     clean = y[tr]
-    noisy, flipped = flip_labels(clean, noise, 10, seed=seed + 1) if noise > 0 else (clean, torch.zeros_like(clean, dtype=torch.bool))
+    noisy, flipped = flip_labels(clean, noise, 10, seed=seed + 1)
     train = AttributionDataset(x[tr], noisy, list(range(n_train)), names, renderer, "digits-train")
     test = AttributionDataset(x[te], y[te], list(range(n_test)), names, renderer, "digits-test")
     return DataSplit(train, test, flipped, clean)

@@ -37,7 +37,8 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, measurements: torch.Tensor) -
         Mean over test points of Spearman(Σ_{i∈S} τ_i, −loss) across the M subsets.
     per_test : ndarray [n_test]
     """
-    if scores.dim() != 2 or masks.shape[1] != scores.shape[1] or measurements.shape != (masks.shape[0], scores.shape[0]):
+    n_models = masks.shape[0]
+    if scores.dim() != 2 or masks.shape[1] != scores.shape[1] or measurements.shape != (n_models, scores.shape[0]):
         raise TDAError(
             f"lds: shapes do not line up: scores {tuple(scores.shape)}, masks {tuple(masks.shape)}, "
             f"measurements {tuple(measurements.shape)}"

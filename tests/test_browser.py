@@ -1,0 +1,210 @@
+"""Real-browser end-to-end test: the quickstart notebook's Explorer in JupyterLab, driven by Chromium.
+
+Runs a copy of ``notebooks/quickstart.ipynb`` in a JupyterLab server started here, selects a test
+example, checks the proponent gallery follows, flags a proponent and reads the flag back from the
+notebook's SQLite flag store. Saves screenshots to ``assets/``.
+
+Run only these tests with ``pytest -m browser``; they are skipped when ``/usr/bin/chromium`` is missing
+(``make test`` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
+ASSETS = REPO / "assets"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1400, "height": 1000}
+CAPTION = re.compile(r"#(\S+) · ([+-]?[0-9.eE+-]+)")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (make browser-deps installs it)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def notebook_dir(tmp_path: Path) -> Path:
+    """A scratch folder holding a copy of the quickstart notebook (the repo stays clean)."""
+    work = tmp_path / "nb"
+    work.mkdir()
+    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
+    return work
+
+
+@pytest.fixture
+def jupyter_lab(notebook_dir: Path, tmp_path: Path):
+    """A JupyterLab server over ``notebook_dir``; yields its base URL and token."""
+    port, token = _free_port(), "tda-browser-test"
+    # Settings of our own: no "get notified about Jupyter news?" toast, no update checks.
+    settings = tmp_path / "lab-user-settings"
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    env = dict(os.environ,
+               JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter-config"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "jupyter-runtime"),
+               PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "jupyter.log", "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
+         "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebook_dir}",
+         f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={tmp_path / 'lab-workspaces'}"],
+        cwd=notebook_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"jupyter lab exited ({proc.returncode}):\n{(tmp_path / 'jupyter.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{base}/api?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"jupyter lab did not answer in 60 s:\n{(tmp_path / 'jupyter.log').read_text()}")
+            time.sleep(0.25)
+        yield base, token
+    finally:
+        proc.terminate()  # the server shuts its kernels down on SIGTERM
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session): server + kernels
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _captions(page, gallery: str) -> list[tuple[str, float]]:
+    """(id, score) of the visible cards of a gallery, read from their captions."""
+    texts = page.locator(f"{gallery} .tda-card").evaluate_all(
+        "cards => cards.filter(c => c.offsetParent !== null).map(c => c.innerText)")
+    out = []
+    for text in texts:
+        m = CAPTION.search(text)
+        assert m, f"unexpected card caption {text!r}"
+        out.append((m.group(1), float(m.group(2))))
+    return out
+
+
+def _flag_row(db: Path, train_id: str):
+    """The ``flagged`` value stored for ``train_id`` (as the caption shows it), or None."""
+    keys = [json.dumps(train_id)]
+    if re.fullmatch(r"-?\d+", train_id):
+        keys.insert(0, json.dumps(int(train_id)))
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(db, timeout=5)
+    try:
+        row = conn.execute(f"SELECT flagged FROM flags WHERE train_id IN ({','.join('?' * len(keys))})",
+                           keys).fetchone()
+    except sqlite3.OperationalError:  # table not there yet
+        return None
+    finally:
+        conn.close()
+    return None if row is None else row[0]
+
+
+def _wait_images(page, scope: str, timeout_s: float = 15) -> None:
+    """Wait until the visible thumbnails under ``scope`` have decoded."""
+    page.wait_for_function(
+        """scope => {
+            const imgs = [...document.querySelectorAll(scope + ' img')].filter(i => i.offsetParent !== null);
+            return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""", arg=scope, timeout=timeout_s * 1000)
+
+
+def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path):
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token = jupyter_lab
+    ASSETS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(30_000)
+            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
+            page.wait_for_selector(".jp-Notebook")
+            # Kernel up and idle before running everything.
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
+            # Give the notebook the full width: close the left sidebar when it is open.
+            if page.locator("#jp-left-stack").is_visible():
+                page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()
+
+            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+
+            explorer = page.locator(".tda-explorer")
+            explorer.wait_for(state="visible", timeout=60_000)
+            proponents = ".tda-explorer .tda-proponents"
+            page.wait_for_function(
+                "sel => [...document.querySelectorAll(sel + ' .tda-card')].some(c => c.offsetParent !== null)",
+                arg=proponents)
+            before = _captions(page, proponents)
+            assert len(before) == 5, before
+
+            # Select the 4th test example; the proponent gallery must follow.
+            test_buttons = page.locator(".tda-explorer .tda-test-card .tda-test-card-button")
+            expect(test_buttons.nth(3)).to_be_visible()
+            test_buttons.nth(3).click()
+            deadline = time.monotonic() + 20
+            after = before
+            while after == before and time.monotonic() < deadline:
+                time.sleep(0.2)
+                after = _captions(page, proponents)
+            assert after != before, f"proponents did not change after selecting test #4: {before}"
+            assert len(after) == 5 and all(score > 0 for _, score in after), after
+
+            _wait_images(page, ".tda-explorer .tda-test-picker")
+            _wait_images(page, proponents)
+            _wait_images(page, ".tda-explorer .tda-opponents")
+            explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(300)  # let the scroll settle before the screenshot
+            page.screenshot(path=str(ASSETS / "explorer_jupyterlab.png"))
+
+            # Flag the top proponent: the button flips and the store has it.
+            train_id = after[0][0]
+            flag_button = page.locator(f"{proponents} .tda-proponent-card").first.locator(
+                ".tda-proponent-card-button")
+            expect(flag_button).to_have_text("flag")
+            flag_button.click()
+            expect(flag_button).to_have_text("unflag", timeout=10_000)
+
+            db = notebook_dir / "quickstart_session" / "flags.sqlite"
+            deadline = time.monotonic() + 10
+            while _flag_row(db, train_id) != 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _flag_row(db, train_id) == 1, f"train #{train_id} not flagged in {db}"
+
+            explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(ASSETS / "explorer_flagged.png"))
+        finally:
+            browser.close()

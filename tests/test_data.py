@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from tda_explorer import TDAError
+from tda_explorer.data import AttributionDataset, ImageRenderer, flip_labels, load_digits_split
+
+
+def test_mismatched_lengths_name_both_arguments():
+    with pytest.raises(TDAError, match="inputs and labels must have the same length.*3 inputs and 2 labels"):
+        AttributionDataset(torch.zeros(3, 2), torch.tensor([0, 1]))
+
+
+def test_empty_training_set_is_refused():
+    with pytest.raises(TDAError, match="empty"):
+        AttributionDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), name="train")
+
+
+def test_duplicate_and_missing_ids():
+    with pytest.raises(TDAError, match="unique"):
+        AttributionDataset(torch.zeros(2, 2), torch.tensor([0, 1]), ids=["a", "a"])
+    data = AttributionDataset(torch.zeros(2, 2), torch.tensor([0, 1]), ids=["a", "b"])
+    assert data.positions(["b", "a"]) == [1, 0]
+    with pytest.raises(TDAError, match=r"test_id: \['zz'\] not in dataset"):
+        data.positions(["zz"], "test_id")
+
+
+def test_float_labels_refused():
+    with pytest.raises(TDAError, match="integer class indices"):
+        AttributionDataset(torch.zeros(2, 2), torch.tensor([0.0, 1.0]))
+
+
+def test_flip_labels_flips_exact_fraction_to_other_classes():
+    labels = torch.arange(200) % 10
+    noisy, flipped = flip_labels(labels, 0.1, 10, seed=3)
+    assert int(flipped.sum()) == 20
+    assert (noisy[flipped] != labels[flipped]).all()
+    assert (noisy[~flipped] == labels[~flipped]).all()
+    again, _ = flip_labels(labels, 0.1, 10, seed=3)
+    assert torch.equal(noisy, again)
+
+
+def test_digits_split_keeps_noise_mask_and_renders_png():
+    split = load_digits_split(n_train=100, n_test=20, noise=0.2, seed=1)
+    assert len(split.train) == 100 and len(split.test) == 20
+    assert int(split.flipped.sum()) == 20
+    assert ((split.train.labels != split.clean_train_labels) == split.flipped).all()
+    png = split.train.thumbnail(0)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert isinstance(split.train.renderer, ImageRenderer)
+    with pytest.raises(TDAError, match="n_train \\+ n_test must be at most 1797"):
+        load_digits_split(n_train=1500, n_test=400)

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from tda_explorer import TDAError
+from tda_explorer.compute import TrainConfig, make_model, train_ensemble, train_model
+from tda_explorer.evaluate import build_experiment, subset_ground_truth
+
+
+def factory(seed):
+    return make_model("mlp", 4, 3, hidden=8, seed=seed)
+
+
+def test_ensemble_row_equals_single_training_with_same_seed(tiny_data):
+    train, _ = tiny_data
+    x, y = train.inputs.float(), train.labels
+    config = TrainConfig(epochs=5, batch_size=8, lr=1e-2, n_checkpoints=2, seed=3)
+    record = train_model(factory, x, y, config)
+    stacked = train_ensemble(factory, x, y, torch.arange(len(y)).unsqueeze(0), config, seeds=[3])
+    for name, value in record.model.state_dict().items():
+        torch.testing.assert_close(value, stacked[name][0])
+    assert len(record.checkpoints) == 2
+    torch.testing.assert_close(record.checkpoints[-1].state_dict["0.weight"], record.model.state_dict()["0.weight"])
+    assert record.checkpoints[0].step < record.checkpoints[1].step
+
+
+def test_training_lowers_the_loss(tiny_data):
+    train, _ = tiny_data
+    x, y = train.inputs.float(), train.labels
+    config = TrainConfig(epochs=50, batch_size=20, lr=5e-2, n_checkpoints=1)
+    before = torch.nn.functional.cross_entropy(factory(0)(x), y)
+    after = torch.nn.functional.cross_entropy(train_model(factory, x, y, config).model(x), y)
+    assert after < 0.5 * before
+
+
+def test_bad_config_names_argument():
+    with pytest.raises(TDAError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(TDAError, match="epochs must be >= 1"):
+        TrainConfig(epochs=0)
+
+
+def test_ground_truth_is_cached_and_keyed_by_recipe(tmp_path):
+    exp = build_experiment("lr", n_train=60, n_test=10, epochs=20)
+    truth = subset_ground_truth(exp, n_subsets=6, cache_dir=tmp_path)
+    assert truth.masks.shape == (6, 60) and truth.measurements.shape == (6, 10)
+    assert (truth.masks.sum(1) == 30).all()
+    files = list((tmp_path / "ground_truth").glob("*.pt"))
+    assert len(files) == 1
+    again = subset_ground_truth(exp, n_subsets=6, cache_dir=tmp_path)
+    assert torch.equal(again.measurements, truth.measurements)
+    other = build_experiment("lr", n_train=60, n_test=10, epochs=21)
+    subset_ground_truth(other, n_subsets=6, cache_dir=tmp_path)
+    assert len(list((tmp_path / "ground_truth").glob("*.pt"))) == 2
