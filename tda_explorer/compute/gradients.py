@@ -34,14 +34,24 @@ def iter_per_sample_gradients(
     max_memory: int | None = None,
     device: str | torch.device = "cpu",
     ids: list | None = None,
+    dropout_seed: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, gradients [chunk, p])`` of ``loss_fn`` per example w.r.t. ``names``.
 
     The model is run in eval mode (BatchNorm uses running statistics, Dropout is off) so that
-    each example's gradient does not depend on the rest of its batch.
+    each example's gradient does not depend on the rest of its batch. With ``dropout_seed`` the
+    Dropout modules alone are switched to train mode with one mask shared by every example (the
+    same sub-network for all, re-drawn identically for each chunk): one member of a dropout
+    ensemble.
     """
     was_training = model.training
     model.eval()
+    if dropout_seed is not None:
+        dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        if not dropouts:
+            raise TDAError("dropout ensemble requested but the model has no Dropout module")
+        for m in dropouts:
+            m.train()
     try:
         all_params = {k: v.detach().to(device) for k, v in model.named_parameters()}
         if params is not None:
@@ -55,11 +65,14 @@ def iter_per_sample_gradients(
             out = functional_call(model, {**frozen, **p, **buffers}, (x.unsqueeze(0),))
             return loss_fn(out, y.unsqueeze(0)).sum()
 
-        per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+        per_sample = vmap(grad(one), in_dims=(None, 0, 0), randomness="same" if dropout_seed is not None else "error")
         chunk = _chunk_size(n_params, max_memory, len(inputs))
         for start in range(0, len(inputs), chunk):
             rows = slice(start, min(start + chunk, len(inputs)))
-            g = per_sample(tracked, inputs[rows].to(device), targets[rows].to(device))
+            with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
+                if dropout_seed is not None:
+                    torch.manual_seed(dropout_seed)
+                g = per_sample(tracked, inputs[rows].to(device), targets[rows].to(device))
             flat = torch.cat([g[k].reshape(rows.stop - start, -1) for k in names], dim=1)
             check_finite(flat, "per-sample gradients", None if ids is None else ids[rows])
             yield rows, flat

@@ -6,9 +6,10 @@ from tda_explorer._validation import TDAError
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
 from tda_explorer.compute.methods.tracin import TracIn
+from tda_explorer.compute.methods.trak import TRAK
 from tda_explorer.compute.task import AttributionTask
 
-METHODS: dict[str, type[Attributor]] = {cls.name: cls for cls in (GradDot, GradCos, TracIn)}
+METHODS: dict[str, type[Attributor]] = {cls.name: cls for cls in (GradDot, GradCos, TracIn, TRAK)}
 
 
 def available_methods() -> list[str]:
@@ -23,4 +24,4 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
     return METHODS[name](task, **config)
 
 
-__all__ = ["Attributor", "GradDot", "GradCos", "TracIn", "METHODS", "available_methods", "get_method"]
+__all__ = ["Attributor", "GradDot", "GradCos", "TracIn", "TRAK", "METHODS", "available_methods", "get_method"]

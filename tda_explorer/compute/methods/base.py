@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from tda_explorer._validation import TDAError, as_device
 from tda_explorer.compute.attribution import Attribution
-from tda_explorer.compute.gradients import per_sample_gradients
+from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.gradients import iter_per_sample_gradients
+from tda_explorer.compute.projection import RandomProjector
+from tda_explorer.compute.store import FeatureStore
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -25,17 +30,31 @@ class Attributor(ABC):
         Where the computation runs (default CPU).
     max_memory : int, optional
         Budget in bytes for one chunk of per-sample gradients.
+    projection_dim : int, optional
+        Project gradients to this many dimensions (streamed, seeded); None or ≥ p keeps them exact.
+    projection_kind : {"rademacher", "gaussian"}
+    projection_seed : int
+    store : FeatureStore, str or Path, optional
+        Cache of training features on disk; a second ``fit`` on an unchanged model is a hit.
     """
 
     name: ClassVar[str] = "attributor"
 
     def __init__(self, task: AttributionTask, *, device: str | torch.device | None = None,
-                 max_memory: int | None = None):
+                 max_memory: int | None = None, projection_dim: int | None = None,
+                 projection_kind: str = "rademacher", projection_seed: int = 0,
+                 store: FeatureStore | str | Path | None = None):
         if not isinstance(task, AttributionTask):
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
         self.task = task
         self.device = as_device(device)
         self.max_memory = max_memory
+        self.n_params = sum(p.numel() for n, p in task.model.named_parameters() if n in task.tracked_names())
+        self.projector = None
+        if projection_dim is not None and projection_dim < self.n_params:
+            self.projector = RandomProjector(self.n_params, projection_dim, projection_kind, projection_seed,
+                                             device=self.device)
+        self.store = FeatureStore(store) if isinstance(store, (str, Path)) else store
         self.train_: AttributionDataset | None = None
 
     # -- public API -------------------------------------------------------------------------
@@ -62,7 +81,7 @@ class Attributor(ABC):
 
     def config(self) -> dict[str, Any]:
         """The method's configuration (JSON-able)."""
-        return {"task": self.task.config()}
+        return {"task": self.task.config(), "projection": self.projector.config() if self.projector else None}
 
     # -- for subclasses ---------------------------------------------------------------------
     @abstractmethod
@@ -79,10 +98,29 @@ class Attributor(ABC):
             raise TDAError(f"{type(self).__name__} is not fitted: call fit(train) before attribute()")
         return self.train_
 
-    def _gradients(self, data: AttributionDataset, *, test: bool, params: dict | None = None) -> torch.Tensor:
-        """Per-sample gradients ``[n, p]`` of the training loss (or the test measurement)."""
-        loss_fn = self.task.test_measurement if test else self.task.train_loss
-        return per_sample_gradients(
+    def _features(self, data: AttributionDataset, *, test: bool, params: dict | None = None,
+                  loss_fn: Callable | None = None, tag: str = "", dropout_seed: int | None = None) -> torch.Tensor:
+        """Per-sample gradients ``[n, p]`` (or their projection ``[n, k]``) of the training loss,
+        or of the test measurement with ``test=True``, at ``params`` (default: the model's).
+
+        Training features are read from / written to the store when one is set.
+        """
+        loss_fn = loss_fn or (self.task.test_measurement if test else self.task.train_loss)
+        key = None
+        if self.store is not None and not test:
+            state = {**self.task.model.state_dict(), **(params or {})}
+            key = config_fingerprint(model_fingerprint(state), self.task.config(), tag,
+                                     self.projector.config() if self.projector else None, data.fingerprint())
+            cached = self.store.get(key)
+            if cached is not None:
+                return cached.to(self.device)
+        chunks = []
+        for _, g in iter_per_sample_gradients(
             self.task.model, self.task.tracked_names(), data.inputs, data.labels, loss_fn,
-            params=params, max_memory=self.max_memory, device=self.device, ids=data.ids,
-        )
+            params=params, max_memory=self.max_memory, device=self.device, ids=data.ids, dropout_seed=dropout_seed,
+        ):
+            chunks.append(self.projector.project(g) if self.projector else g)
+        features = torch.cat(chunks)
+        if key is not None:
+            features = self.store.put(key, features, {"dataset": data.name, "tag": tag}).to(self.device)
+        return features

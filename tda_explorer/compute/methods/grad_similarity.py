@@ -15,11 +15,11 @@ class GradDot(Attributor):
     normalize = False
 
     def _fit(self, train: AttributionDataset) -> None:
-        self.train_grads_ = self._gradients(train, test=False)
+        self.train_grads_ = self._features(train, test=False)
         self.train_norms_ = self.train_grads_.norm(dim=1)
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
-        g_test = self._gradients(test, test=True)
+        g_test = self._features(test, test=True)
         g_train = self.train_grads_
         if self.normalize:
             g_test = g_test / g_test.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -56,12 +56,12 @@ class TracIn(Attributor):
         return {k: state[k] for k in self.task.tracked_names()}
 
     def _fit(self, train: AttributionDataset) -> None:
-        self.train_grads_ = [self._gradients(train, test=False, params=self._params(c)) for c in self.checkpoints]
+        self.train_grads_ = [self._features(train, test=False, params=self._params(c), tag=f"ckpt{i}") for i, c in enumerate(self.checkpoints)]
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         scores = torch.zeros(len(test), len(self.train_), device=self.device)
         for lr, state, g_train in zip(self.learning_rates, self.checkpoints, self.train_grads_):
-            g_test = self._gradients(test, test=True, params=self._params(state))
+            g_test = self._features(test, test=True, params=self._params(state))
             scores += lr * (g_test @ g_train.T)
         return scores
 

@@ -1,0 +1,70 @@
+"""Seeded random projections to k dimensions, streamed in blocks of input rows.
+
+The p×k matrix is never held in memory when p is large: block ``b`` (rows ``b·B … (b+1)·B``) is
+regenerated from ``(seed, b)`` whenever it is needed, so every call projects with the same matrix.
+Scaled by 1/√k so that inner products are preserved in expectation (Johnson–Lindenstrauss).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tda_explorer._validation import as_device, check_choice, check_positive_int
+
+PROJECTION_KINDS = ("rademacher", "gaussian")
+
+
+class RandomProjector:
+    """Projects ``[n, p]`` rows to ``[n, k]`` with a seeded Gaussian or Rademacher matrix.
+
+    Parameters
+    ----------
+    dim_in, dim_out : int
+        p and k.
+    kind : {"rademacher", "gaussian"}
+    seed : int
+    block_rows : int
+        Rows of the p×k matrix generated at a time (memory: ``block_rows · k`` floats).
+    cache_bytes : int
+        Keep the whole matrix in memory when it is at most this big (speed), else stream.
+    device : str or torch.device
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, kind: str = "rademacher", seed: int = 0,
+                 block_rows: int = 8192, cache_bytes: int = 256 * 2**20, device: str | torch.device | None = None):
+        self.dim_in = check_positive_int(dim_in, "dim_in")
+        self.dim_out = check_positive_int(dim_out, "projection_dim")
+        self.kind = check_choice(kind, "projection kind", PROJECTION_KINDS)
+        self.seed = int(seed)
+        self.block_rows = check_positive_int(block_rows, "block_rows")
+        self.device = as_device(device)
+        self._dense = self._matrix() if dim_in * dim_out * 4 <= cache_bytes else None
+
+    def config(self) -> dict:
+        return {"dim_in": self.dim_in, "dim_out": self.dim_out, "kind": self.kind, "seed": self.seed}
+
+    def _block(self, index: int) -> torch.Tensor:
+        start = index * self.block_rows
+        rows = min(self.block_rows, self.dim_in - start)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + index)
+        if self.kind == "gaussian":
+            block = torch.randn(rows, self.dim_out, generator=gen, device=self.device)
+        else:
+            block = torch.randint(0, 2, (rows, self.dim_out), generator=gen, device=self.device).float() * 2 - 1
+        return block / self.dim_out**0.5
+
+    def _matrix(self) -> torch.Tensor:
+        n_blocks = -(-self.dim_in // self.block_rows)
+        return torch.cat([self._block(b) for b in range(n_blocks)])
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ P`` for ``x`` of shape ``[n, p]``, in float32 on the projector's device."""
+        if x.shape[-1] != self.dim_in:
+            raise ValueError(f"projector expects {self.dim_in} input features, got {x.shape[-1]}")
+        x = x.to(self.device, torch.float32)
+        if self._dense is not None:
+            return x @ self._dense
+        out = torch.zeros(x.shape[0], self.dim_out, device=self.device)
+        for b, start in enumerate(range(0, self.dim_in, self.block_rows)):
+            out += x[:, start : start + self.block_rows] @ self._block(b)
+        return out
