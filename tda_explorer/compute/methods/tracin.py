@@ -56,7 +56,10 @@ class TracIn(Attributor):
         return {k: state[k] for k in self.task.tracked_names()}
 
     def _fit(self, train: AttributionDataset) -> None:
-        self.train_grads_ = [self._features(train, test=False, params=self._params(c), tag=f"ckpt{i}") for i, c in enumerate(self.checkpoints)]
+        self.train_grads_ = [
+            self._features(train, test=False, params=self._params(c), tag=f"ckpt{i}")
+            for i, c in enumerate(self.checkpoints)
+        ]
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         scores = torch.zeros(len(test), len(self.train_), device=self.device)
