@@ -72,35 +72,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run one method on a built-in task; write its metrics as JSON."""
-    from tda_explorer.compute import get_method
-    from tda_explorer.evaluate import build_experiment, lds, mislabel_auc, recall_at, subset_ground_truth
+    from tda_explorer.evaluate import build_experiment, evaluate_method, subset_ground_truth
 
     if args.data != "digits":
         raise TDAError(f"unknown data {args.data!r}; expected one of: digits")
     torch.manual_seed(args.seed)
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, device=args.device)
-    attributor = get_method(args.method, exp.task(), device=args.device)
-    t0 = time.perf_counter()
-    attributor.fit(exp.split.train)
-    attribution = attributor.attribute(exp.split.test)
-    seconds = time.perf_counter() - t0
-    result = {
-        "method": args.method, "data": args.data, "model": args.model, "noise": args.noise,
-        "n_train": len(exp.split.train), "n_test": len(exp.split.test), "test_accuracy": exp.test_accuracy(),
-        "seconds": seconds,
-    }
+    truth = None
     if not args.no_lds:
         truth = subset_ground_truth(exp, n_subsets=args.n_subsets, cache_dir=args.cache_dir, device=args.device)
-        result["lds"] = lds(attribution.scores, truth.masks, truth.measurements)[0]
+    options = {
+        "projection_dim": args.projection_dim, "damping": args.damping, "ensemble": args.ensemble,
+        "n_checkpoints": args.ensemble_checkpoints, "dropout_masks": args.dropout_masks,
+        "base": args.base, "folds": args.folds,
+    }
+    result = {"data": args.data, "model": args.model, "noise": args.noise, "n_train": len(exp.split.train),
+              "n_test": len(exp.split.test), "test_accuracy": exp.test_accuracy(),
+              **evaluate_method(exp, args.method, truth, device=args.device, **options)}
+    if truth is not None:
         result["lds_subsets"] = args.n_subsets
-    if args.noise > 0:
-        t1 = time.perf_counter()
-        suspicion = attributor.self_influence()
-        result["self_influence_seconds"] = time.perf_counter() - t1
-        flipped = exp.split.flipped
-        result.update(mislabel_auc=mislabel_auc(suspicion, flipped), recall_at_10=recall_at(suspicion, flipped, 0.1),
-                      recall_at_20=recall_at(suspicion, flipped, 0.2))
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, default=str)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
@@ -136,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-lds", action="store_true", help="skip LDS (no retraining)")
     ev.add_argument("--cache-dir", default=".tda_cache")
     ev.add_argument("--device", default="cpu")
+    opts = ev.add_argument_group("method options (passed to the method when given)")
+    opts.add_argument("--projection-dim", type=int, default=None, help="random projection dimension k")
+    opts.add_argument("--damping", type=float, default=None, help="TRAK: relative damping of Phi^T Phi")
+    opts.add_argument("--ensemble", type=int, default=None, help="TRAK: independently trained models")
+    opts.add_argument("--ensemble-checkpoints", type=int, default=None, help="TRAK: last K checkpoints")
+    opts.add_argument("--dropout-masks", type=int, default=None, help="TRAK: dropout-ensemble masks per model")
+    opts.add_argument("--base", default=None, help="suspicion: method giving self-influence (default tracin)")
+    opts.add_argument("--folds", type=int, default=None, help="suspicion: cross-validation folds")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="write the result here")
     ev.set_defaults(func=cmd_evaluate)

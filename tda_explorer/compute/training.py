@@ -194,3 +194,39 @@ def train_model(
     record.model.load_state_dict(unstack(params, 0))
     record.model.eval()
     return record
+
+
+def out_of_fold_probabilities(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    folds: int = 5,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Class probabilities ``[n, C]`` of each example from a model that never saw it.
+
+    The ``folds`` models (one per held-out fold, same recipe) train together in lock-step; each
+    trains on all other folds (truncated to a common size, dropping at most folds−1 examples).
+    """
+    folds = check_positive_int(folds, "folds")
+    n = len(labels)
+    if folds < 2 or folds > n:
+        raise TDAError(f"folds must be between 2 and the number of examples ({n}), got {folds}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held_out = list(torch.tensor_split(perm, folds))
+    kept = [perm[~torch.isin(perm, h)] for h in held_out]
+    size = min(len(k) for k in kept)
+    subsets = torch.stack([k[:size] for k in kept])
+    params = train_ensemble(model_factory, inputs, labels, subsets, config,
+                            seeds=[config.seed + 1 + f for f in range(folds)], device=device)
+    base = model_factory(config.seed).to("meta")
+    probs = None
+    with torch.no_grad():
+        for f, rows in enumerate(held_out):
+            out = functional_call(base, unstack(params, f), (inputs[rows].to(params[next(iter(params))].device),))
+            if probs is None:
+                probs = torch.zeros(n, out.shape[1])
+            probs[rows] = out.softmax(-1).cpu().float()
+    return probs

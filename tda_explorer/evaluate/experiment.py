@@ -17,8 +17,8 @@ from tda_explorer.data.digits import DataSplit, load_digits_split
 #: Training recipes of the built-in models (full objective: mean CE + wd/2 ‖θ‖²).
 TRAIN_CONFIGS = {
     "lr": TrainConfig(epochs=300, batch_size=1000, lr=5e-2, weight_decay=1e-2, n_checkpoints=6),
-    "mlp": TrainConfig(epochs=50, batch_size=128, lr=3e-3, weight_decay=1e-2, n_checkpoints=10),
-    "mlp-gelu": TrainConfig(epochs=50, batch_size=128, lr=3e-3, weight_decay=1e-2, n_checkpoints=10),
+    "mlp": TrainConfig(epochs=50, batch_size=64, lr=0.1, weight_decay=1e-2, optimizer="sgd", n_checkpoints=10),
+    "mlp-gelu": TrainConfig(epochs=50, batch_size=64, lr=0.1, weight_decay=1e-2, optimizer="sgd", n_checkpoints=10),
 }
 
 

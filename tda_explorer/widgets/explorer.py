@@ -14,7 +14,7 @@ MAX_K = 20
 class TestPicker(W.VBox):
     """A paginated grid of test examples; clicking one selects it."""
 
-    def __init__(self, session: Session, state: ExplorerState, page_size: int = 12):
+    def __init__(self, session: Session, state: ExplorerState, page_size: int = 10):
         self.session, self.state, self.page_size = session, state, page_size
         self.page = 0
         self.only_errors = W.Checkbox(description="misclassified only", value=False, indent=False)
@@ -153,7 +153,7 @@ class Explorer(W.VBox):
         How many proponents and opponents to show.
     """
 
-    def __init__(self, session: Session, method: str | None = None, k: int = 5, page_size: int = 12):
+    def __init__(self, session: Session, method: str | None = None, k: int = 5, page_size: int = 10):
         if not session.methods:
             raise ValueError("session has no attribution yet: call session.compute('tracin') first")
         self.session = session

@@ -5,11 +5,12 @@ from __future__ import annotations
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
+from tda_explorer.compute.methods.suspicion import Suspicion
 from tda_explorer.compute.methods.tracin import TracIn
 from tda_explorer.compute.methods.trak import TRAK
 from tda_explorer.compute.task import AttributionTask
 
-METHODS: dict[str, type[Attributor]] = {cls.name: cls for cls in (GradDot, GradCos, TracIn, TRAK)}
+METHODS: dict[str, type[Attributor]] = {cls.name: cls for cls in (GradDot, GradCos, TracIn, TRAK, Suspicion)}
 
 
 def available_methods() -> list[str]:
@@ -24,4 +25,6 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
     return METHODS[name](task, **config)
 
 
-__all__ = ["Attributor", "GradDot", "GradCos", "TracIn", "TRAK", "METHODS", "available_methods", "get_method"]
+__all__ = [
+    "Attributor", "GradDot", "GradCos", "TracIn", "TRAK", "Suspicion", "METHODS", "available_methods", "get_method",
+]

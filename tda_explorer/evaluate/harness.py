@@ -1,0 +1,92 @@
+"""Run and score methods on a built-in experiment: what the CLI's ``evaluate`` and the benchmarks use."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from tda_explorer._validation import check_positive_int
+from tda_explorer.compute.methods import Attributor, get_method
+from tda_explorer.compute.training import train_ensemble, unstack
+from tda_explorer.evaluate.experiment import Experiment
+from tda_explorer.evaluate.ground_truth import SubsetGroundTruth
+from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at
+
+
+def method_options(experiment: Experiment, method: str, ensemble: int | None = None,
+                   device: str = "cpu", **options: Any) -> tuple[dict, float]:
+    """Fill in what a built-in experiment can supply to ``method``; returns (config, training seconds).
+
+    ``ensemble=K`` (TRAK) trains K−1 more models with fresh seeds beside the experiment's own, in
+    lock-step; ``suspicion`` gets the experiment's training recipe for its out-of-fold models.
+    """
+    config = {k: v for k, v in options.items() if v is not None}
+    seconds = 0.0
+    if ensemble is not None and check_positive_int(ensemble, "ensemble") > 1:
+        t0 = time.perf_counter()
+        train = experiment.split.train
+        rows = torch.arange(len(train)).expand(ensemble - 1, -1)
+        seeds = [experiment.config.seed + 1 + i for i in range(ensemble - 1)]
+        stacked = train_ensemble(experiment.factory, train.inputs, train.labels, rows, experiment.config, seeds,
+                                 device=device)
+        config["models"] = [experiment.record.model.state_dict()] + [unstack(stacked, i) for i in range(ensemble - 1)]
+        seconds = time.perf_counter() - t0
+    if method == "suspicion":
+        config.setdefault("model_factory", experiment.factory)
+        config.setdefault("train_config", experiment.config)
+    return config, seconds
+
+
+def run_method(experiment: Experiment, method: str, device: str = "cpu", **options: Any):
+    """Fit ``method`` and attribute the test set; returns (attributor, attribution, seconds, info)."""
+    config, training_seconds = method_options(experiment, method, device=device, **options)
+    attributor: Attributor = get_method(method, experiment.task(), device=device, **config)
+    t0 = time.perf_counter()
+    attributor.fit(experiment.split.train)
+    attribution = attributor.attribute(experiment.split.test)
+    seconds = time.perf_counter() - t0
+    return attributor, attribution, seconds, {"extra_training_seconds": training_seconds}
+
+
+def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTruth | None = None,
+                    device: str = "cpu", **options: Any) -> dict[str, Any]:
+    """Metrics of one method: ``lds`` (with ``truth``), mislabel figures (when the data has noise), times."""
+    attributor, attribution, seconds, info = run_method(experiment, method, device=device, **options)
+    result: dict[str, Any] = {"method": method, "seconds": seconds, **info,
+                              "options": {k: v for k, v in options.items() if v is not None}}
+    if truth is not None:
+        result["lds"] = lds(attribution.scores, truth.masks, truth.measurements)[0]
+    flipped = experiment.split.flipped
+    if flipped.any():
+        t0 = time.perf_counter()
+        suspicion = attributor.self_influence()
+        result["self_influence_seconds"] = time.perf_counter() - t0
+        result.update(mislabel_auc=mislabel_auc(suspicion, flipped), recall_at_10=recall_at(suspicion, flipped, 0.1),
+                      recall_at_20=recall_at(suspicion, flipped, 0.2))
+    return result
+
+
+def compare_methods(experiment: Experiment, methods: Sequence[str | tuple[str, dict]],
+                    truth: SubsetGroundTruth | None = None, device: str = "cpu") -> pd.DataFrame:
+    """One tidy row per method: ``method, options, lds, mislabel_auc, recall_at_10, recall_at_20, seconds``.
+
+    Parameters
+    ----------
+    methods : list of names or (name, options) pairs, e.g. ``["grad-dot", ("trak", {"ensemble": 5})]``.
+    truth : SubsetGroundTruth, optional
+        Retraining ground truth for LDS (see ``subset_ground_truth``).
+    """
+    rows = []
+    for entry in methods:
+        name, options = (entry, {}) if isinstance(entry, str) else entry
+        row = evaluate_method(experiment, name, truth, device=device, **options)
+        row["options"] = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        rows.append(row)
+    columns = ["method", "options", "lds", "mislabel_auc", "recall_at_10", "recall_at_20", "seconds",
+               "self_influence_seconds", "extra_training_seconds"]
+    df = pd.DataFrame(rows)
+    return df[[c for c in columns if c in df.columns]]
