@@ -67,7 +67,7 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 
 
 def test_unknown_method_lists_available(tiny_mlp):
-    with pytest.raises(TDAError, match="unknown method 'nope'; available: grad-cos, grad-dot, tracin"):
+    with pytest.raises(TDAError, match="unknown method 'nope'; available: grad-cos, grad-dot, suspicion, tracin, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
 
 
