@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint browser-deps clean
+.PHONY: setup demo test lint browser-deps bench-deps bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ browser-deps:
 
 test: setup browser-deps
 	$(PY) -m pytest -q
+
+bench-deps: setup
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip install --quiet --no-deps "dattri==0.3.0"
+
+bench: bench-deps
+	$(PY) benchmarks/bench_accuracy.py --json benchmarks/results/accuracy_cpu.json
+	$(PY) benchmarks/bench_speed.py --json benchmarks/results/speed_cpu.json
 
 lint: setup
 	$(VENV)/bin/ruff check tda_explorer tests benchmarks

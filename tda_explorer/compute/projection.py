@@ -12,6 +12,7 @@ import torch
 from tda_explorer._validation import as_device, check_choice, check_positive_int
 
 PROJECTION_KINDS = ("rademacher", "gaussian")
+_DENSE_CACHE: dict[tuple, torch.Tensor] = {}  # regenerating a seeded matrix is pure cost
 
 
 class RandomProjector:
@@ -38,7 +39,14 @@ class RandomProjector:
         self.seed = int(seed)
         self.block_rows = check_positive_int(block_rows, "block_rows")
         self.device = as_device(device)
-        self._dense = self._matrix() if dim_in * dim_out * 4 <= cache_bytes else None
+        self._dense = None
+        if dim_in * dim_out * 4 <= cache_bytes:
+            key = (self.dim_in, self.dim_out, self.kind, self.seed, self.block_rows, str(self.device))
+            if key not in _DENSE_CACHE:
+                while len(_DENSE_CACHE) >= 4:  # keep a few recent matrices, not all of them
+                    _DENSE_CACHE.pop(next(iter(_DENSE_CACHE)))
+                _DENSE_CACHE[key] = self._matrix()
+            self._dense = _DENSE_CACHE[key]
 
     def config(self) -> dict:
         return {"dim_in": self.dim_in, "dim_out": self.dim_out, "kind": self.kind, "seed": self.seed}

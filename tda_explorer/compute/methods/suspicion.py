@@ -93,6 +93,6 @@ class Suspicion(Attributor):
 
     def _self_influence(self) -> torch.Tensor:
         labels = self.train_.labels
-        p_given = self.oof_.to(labels.device)[torch.arange(len(labels)), labels].clamp_min(1e-12)
-        surprise = self.base._self_influence().double().clamp_min(1e-30)
+        p_given = self.oof_.cpu()[torch.arange(len(labels)), labels].clamp_min(1e-12)
+        surprise = self.base._self_influence().double().cpu().clamp_min(1e-30)
         return surprise.log() - p_given.double().log()

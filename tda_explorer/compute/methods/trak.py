@@ -77,7 +77,7 @@ class TRAK(Attributor):
         return [(i, params, s) for i, params in enumerate(self.members) for s in seeds]
 
     def _q(self, data: AttributionDataset, params: dict) -> torch.Tensor:
-        state = {**self.task.model.state_dict(), **params}
+        state = {k: v.to(self.device) for k, v in {**self.task.model.state_dict(), **params}.items()}
         model = self.task.model
         with torch.no_grad():
             out = torch.func.functional_call(model.eval(), state, (data.inputs.to(self.device),))
@@ -85,16 +85,19 @@ class TRAK(Attributor):
         return 1 - p
 
     def _fit(self, train: AttributionDataset) -> None:
-        self.psi_, self.phi_, qs = [], [], []
+        self.phi_, self.chol_, self.dual_, self.lam_, qs = [], [], [], [], []
         for i, params, seed in self._variants():
             phi = self._features(train, test=False, params=params, loss_fn=_neg_margin,
                                  tag=f"trak-m{i}-d{seed}", dropout_seed=seed)
-            dtype, phi = phi.dtype, phi.double()
-            gram = phi.T @ phi
+            phi64 = phi.double()
+            # With fewer training examples than features, solve the n×n dual system: by the push-through
+            # identity φ′ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ = φ′ᵀΦᵀ(ΦΦᵀ + λI)⁻¹, which is cheaper and identical.
+            dual = len(phi) < phi.shape[1]
+            gram = phi64 @ phi64.T if dual else phi64.T @ phi64
             if self.damping is None and self.task.weight_decay > 0:
                 lam = len(train) * self.task.weight_decay
             else:
-                lam = (1e-3 if self.damping is None else self.damping) * gram.diagonal().mean()
+                lam = float((1e-3 if self.damping is None else self.damping) * gram.diagonal().mean())
             gram.diagonal().add_(lam)
             try:
                 chol = torch.linalg.cholesky(gram)
@@ -103,18 +106,30 @@ class TRAK(Attributor):
                     "ΦᵀΦ + λI is not positive definite; raise damping (now "
                     f"{self.damping}) or lower projection_dim"
                 ) from None
-            self.psi_.append(torch.cholesky_solve(phi.T, chol).T.to(dtype))  # Φ (ΦᵀΦ + λI)⁻¹, [n, k]
-            self.phi_.append(phi.to(dtype))
+            self.phi_.append(phi)
+            self.chol_.append(chol)
+            self.dual_.append(dual)
+            self.lam_.append(lam)
             qs.append(self._q(train, params))
         self.q_ = torch.stack(qs).mean(0)
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         scores = 0
-        for (_, params, seed), psi in zip(self._variants(), self.psi_):
+        for (_, params, seed), phi, chol, dual in zip(self._variants(), self.phi_, self.chol_, self.dual_):
             phi_test = self._features(test, test=True, params=params, loss_fn=_neg_margin, dropout_seed=seed)
-            scores = scores + phi_test @ psi.T
-        return scores / len(self.psi_) * self.q_
+            if dual:  # φ′ᵀΦᵀ (ΦΦᵀ + λI)⁻¹
+                scores = scores + torch.cholesky_solve((phi_test.double() @ phi.double().T).T, chol).T.to(phi.dtype)
+            else:  # ((ΦᵀΦ + λI)⁻¹ φ′)ᵀ Φᵀ, the solve on the (few) test rows only
+                solved = torch.cholesky_solve(phi_test.double().T, chol).T.to(phi.dtype)
+                scores = scores + solved @ phi.T
+        return scores / len(self.phi_) * self.q_
 
     def _self_influence(self) -> torch.Tensor:
-        leverage = sum((phi * psi).sum(1) for phi, psi in zip(self.phi_, self.psi_)) / len(self.psi_)
-        return leverage * self.q_
+        leverage = 0
+        for phi, chol, dual, lam in zip(self.phi_, self.chol_, self.dual_, self.lam_):
+            if dual:  # diag(ΦΦᵀ(ΦΦᵀ + λI)⁻¹) = 1 − λ·diag((ΦΦᵀ + λI)⁻¹)
+                leverage = leverage + (1 - lam * torch.cholesky_inverse(chol).diagonal())
+            else:  # φᵢᵀ(ΦᵀΦ + λI)⁻¹φᵢ = ‖L⁻¹φᵢ‖²
+                z = torch.linalg.solve_triangular(chol, phi.double().T, upper=False)
+                leverage = leverage + (z * z).sum(0)
+        return (leverage / len(self.phi_)).to(self.q_.dtype) * self.q_

@@ -1,0 +1,46 @@
+"""CUDA paths give the CPU's numbers (skipped without a GPU; run on the device machine)."""
+
+import pytest
+import torch
+
+from tda_explorer import get_method
+from tda_explorer.evaluate import build_experiment, lds, subset_ground_truth
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+
+@pytest.fixture(scope="module")
+def experiments():
+    cpu = build_experiment("mlp", noise=0.1, n_train=300, n_test=50, epochs=10)
+    gpu = build_experiment("mlp", noise=0.1, n_train=300, n_test=50, epochs=10, device="cuda")
+    return cpu, gpu
+
+
+def test_training_on_cuda_matches_cpu(experiments):
+    cpu, gpu = experiments
+    for name, value in cpu.record.model.state_dict().items():
+        torch.testing.assert_close(gpu.record.model.state_dict()[name].cpu(), value, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,options", [("grad-dot", {}), ("grad-cos", {}), ("tracin", {}), ("trak", {}),
+                                            ("trak", {"projection_dim": 512}), ("grad-dot", {"projection_dim": 256})])
+def test_methods_on_cuda_match_cpu(experiments, method, options):
+    cpu, _ = experiments
+    on_cpu = get_method(method, cpu.task(), **options).fit(cpu.split.train)
+    on_gpu = get_method(method, cpu.task(), device="cuda", **options).fit(cpu.split.train)
+    a, b = on_cpu.attribute(cpu.split.test).scores, on_gpu.attribute(cpu.split.test).scores
+    assert b.device.type == "cpu"  # results come back to the CPU
+    scale = a.abs().max()
+    assert ((a - b).abs().max() / scale) < 1e-3
+    si_a, si_b = on_cpu.self_influence(), on_gpu.self_influence()
+    assert ((si_a - si_b).abs().max() / si_a.abs().max()) < 1e-3
+
+
+def test_suspicion_and_ground_truth_on_cuda(experiments, tmp_path):
+    _, gpu = experiments
+    method = get_method("suspicion", gpu.task(), device="cuda", model_factory=gpu.factory, train_config=gpu.config,
+                        repeats=1).fit(gpu.split.train)
+    assert method.self_influence().shape == (300,)
+    truth = subset_ground_truth(gpu, n_subsets=10, cache_dir=tmp_path, device="cuda")
+    scores = get_method("tracin", gpu.task(), device="cuda").fit(gpu.split.train).attribute(gpu.split.test).scores
+    assert -1 <= lds(scores, truth.masks, truth.measurements)[0] <= 1
