@@ -1,5 +1,7 @@
 """Seeded random projections to k dimensions, streamed in blocks of input rows.
 
+The same seed gives the same matrix on every device (blocks are drawn on the CPU).
+
 The p×k matrix is never held in memory when p is large: block ``b`` (rows ``b·B … (b+1)·B``) is
 regenerated from ``(seed, b)`` whenever it is needed, so every call projects with the same matrix.
 Scaled by 1/√k so that inner products are preserved in expectation (Johnson–Lindenstrauss).
@@ -54,12 +56,14 @@ class RandomProjector:
     def _block(self, index: int) -> torch.Tensor:
         start = index * self.block_rows
         rows = min(self.block_rows, self.dim_in - start)
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + index)
+        # Drawn on the CPU whatever the device: CUDA's generator gives other numbers for the same seed,
+        # and the same seed must mean the same matrix everywhere (stores are shared across devices).
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         if self.kind == "gaussian":
-            block = torch.randn(rows, self.dim_out, generator=gen, device=self.device)
+            block = torch.randn(rows, self.dim_out, generator=gen)
         else:
-            block = torch.randint(0, 2, (rows, self.dim_out), generator=gen, device=self.device).float() * 2 - 1
-        return block / self.dim_out**0.5
+            block = torch.randint(0, 2, (rows, self.dim_out), generator=gen).float() * 2 - 1
+        return (block / self.dim_out**0.5).to(self.device)
 
     def _matrix(self) -> torch.Tensor:
         n_blocks = -(-self.dim_in // self.block_rows)
