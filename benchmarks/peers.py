@@ -52,18 +52,21 @@ def dattri_scores(exp: Experiment, method: str, ensemble: int = 1, device: str =
         return torch.exp(-ce(torch.func.functional_call(model, params, x.unsqueeze(0)), y.unsqueeze(0)))
 
     train_loader, test_loader = _loaders(exp)
+    # dattri's defaults (512-d projection) with the device set: its default projector device is "cpu"
+    projector = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0, "device": device}
     final = exp.record.model.state_dict()
     t0 = time.perf_counter()
     if method in ("grad-dot", "grad-cos"):
         task = AttributionTask(loss_func=loss_func, model=model, checkpoints=[final])
         attributor = TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=method == "grad-cos",
-                                      device=device)
+                                      device=device, projector_kwargs=projector)
         scores = attributor.attribute(train_loader, test_loader)
     elif method == "tracin":
         ckpts = [c.state_dict for c in exp.record.checkpoints]
         lrs = torch.tensor([c.learning_rate for c in exp.record.checkpoints])
         task = AttributionTask(loss_func=loss_func, model=model, checkpoints=ckpts)
-        scores = TracInAttributor(task, weight_list=lrs, normalized_grad=False, device=device).attribute(
+        scores = TracInAttributor(task, weight_list=lrs, normalized_grad=False, device=device,
+                                  projector_kwargs=projector).attribute(
             train_loader, test_loader)
     elif method == "trak":
         states = [final]
@@ -73,7 +76,8 @@ def dattri_scores(exp: Experiment, method: str, ensemble: int = 1, device: str =
                                      exp.config, seeds=[exp.config.seed + 1 + i for i in range(ensemble - 1)])
             states += [unstack(stacked, i) for i in range(ensemble - 1)]
         task = AttributionTask(loss_func=margin, model=model, checkpoints=states)
-        attributor = TRAKAttributor(task, correct_probability_func=correct_probability, device=device)
+        attributor = TRAKAttributor(task, correct_probability_func=correct_probability, device=device,
+                                    projector_kwargs=projector)
         attributor.cache(train_loader)
         scores = attributor.attribute(test_loader)
     else:
