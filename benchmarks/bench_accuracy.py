@@ -24,7 +24,8 @@ from tda_explorer.evaluate import (  # noqa: E402
     build_experiment, evaluate_method, lds, mislabel_auc, recall_at, subset_ground_truth,
 )
 
-LDS_METHODS = ["grad-dot", "grad-cos", "tracin", ("trak", {}), ("trak", {"ensemble": 5})]
+LDS_METHODS = ["grad-dot", "grad-cos", "tracin", ("trak", {}), ("trak", {"projection_dim": 512}),
+               ("trak", {"ensemble": 5})]
 MISLABEL_METHODS = ["grad-dot", "tracin", "trak", "suspicion"]
 
 

@@ -62,7 +62,7 @@ class RandomProjector:
         if self.kind == "gaussian":
             block = torch.randn(rows, self.dim_out, generator=gen)
         else:
-            block = torch.randint(0, 2, (rows, self.dim_out), generator=gen).float() * 2 - 1
+            block = torch.randint(0, 2, (rows, self.dim_out), generator=gen, dtype=torch.float32).mul_(2).sub_(1)
         return (block / self.dim_out**0.5).to(self.device)
 
     def _matrix(self) -> torch.Tensor:
