@@ -19,6 +19,7 @@ from tda_explorer.compute.methods import get_method
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.flags import FlagStore
+from tda_explorer.jobs import BackgroundJob
 
 
 class Session:
@@ -45,6 +46,10 @@ class Session:
         self.flags = FlagStore(self.folder / "flags.sqlite")
         self.attributions: dict[str, Attribution] = {}
         self.self_influences: dict[str, torch.Tensor] = {}
+        self.metrics: pd.DataFrame | None = None
+        self.stability: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.provenance: dict[str, str] = {}
+        self._embedding: torch.Tensor | None = None
         self._predict()
 
     @classmethod
@@ -94,6 +99,10 @@ class Session:
         tmp.replace(path)
         self.add(attribution, self_influence)
         return attribution
+
+    def compute_async(self, method: str, on_update=None, **config: Any) -> BackgroundJob:
+        """``compute`` in a background thread; returns the job (progress, cancel, error)."""
+        return BackgroundJob([(f"computing {method}", lambda _: self.compute(method, **config))], on_update).start()
 
     def add(self, attribution: Attribution, self_influence: torch.Tensor | None = None) -> None:
         """Keep an attribution computed elsewhere (its ids must match the session's data)."""
@@ -149,6 +158,65 @@ class Session:
             df[col] = values
         df.insert(6, "suggested", probs.argmax(1).tolist())
         return df
+
+    def influenced_tests(self, train_id: Any, method: str, k: int = 5) -> pd.DataFrame:
+        """The test examples ``train_id`` supports (or opposes) most: ``test_id, score, label, predicted``."""
+        pos = self.train.positions([train_id], "train_id")[0]
+        column = self.attribution(method).scores[:, pos]
+        order = torch.argsort(column.abs(), descending=True)[:k]
+        return pd.DataFrame({
+            "test_id": [self.test.ids[i] for i in order.tolist()],
+            "score": column[order].double().numpy(),
+            "label": self.test.labels[order].tolist(),
+            "predicted": self.test_predicted[order].tolist(),
+        })
+
+    def relabel(self, train_id: Any, label: int | None) -> None:
+        """Record a corrected label (saved immediately; ``None`` clears it)."""
+        self.train.positions([train_id], "train_id")
+        if label is not None and not 0 <= int(label) < self.train.n_classes:
+            raise TDAError(f"label must be a class index in 0..{self.train.n_classes - 1}, got {label}")
+        self.flags.relabel(train_id, None if label is None else int(label))
+
+    def corrected_labels(self) -> torch.Tensor:
+        """Training labels with every recorded relabel applied."""
+        labels = self.train.labels.clone()
+        for train_id, label in self.flags.relabels().items():
+            if train_id in self.train._index:
+                labels[self.train._index[train_id]] = label
+        return labels
+
+    def embedding(self) -> torch.Tensor:
+        """A 2-D embedding ``[n_train, 2]`` of the training inputs (PCA), for the mislabel scatter."""
+        if self._embedding is None:
+            from sklearn.decomposition import PCA
+
+            flat = self.train.inputs.reshape(len(self.train), -1).double().numpy()
+            if min(flat.shape) >= 2:
+                flat = PCA(n_components=2, random_state=0).fit_transform(flat)
+            padded = torch.zeros(len(flat), 2, dtype=torch.float64)
+            padded[:, : min(2, flat.shape[1])] = torch.as_tensor(flat[:, :2])
+            self._embedding = padded.float()
+        return self._embedding
+
+    def add_stability(self, method: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Scores' mean and std across seeds ``[n_test, n_train]`` for ``method`` (shown as ± marks)."""
+        expected = (len(self.test), len(self.train))
+        if tuple(mean.shape) != expected or tuple(std.shape) != expected:
+            raise TDAError(f"mean and std must be [n_test, n_train] = {list(expected)}, got "
+                           f"{list(mean.shape)} and {list(std.shape)}")
+        self.stability[method] = (mean, std)
+
+    def export_csv(self, table: pd.DataFrame, name: str) -> Path:
+        """Save ``table`` under ``<folder>/exports/`` with a timestamp; returns the path."""
+        import re
+        import time
+
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "table"
+        path = self.folder / "exports" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(path, index=False)
+        return path
 
     def flags_dataframe(self) -> pd.DataFrame:
         """The flag store as a DataFrame (``train_id, flag, relabel, note, updated_at``)."""

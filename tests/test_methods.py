@@ -115,8 +115,12 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
     train = AttributionDataset(x, y)
     test = AttributionDataset(xt, yt)
     task = AttributionTask(full, checkpoints=[Checkpoint(full.state_dict(), 1.0, 0)], weight_decay=wd)
-    for name in ("grad-dot", "tracin"):
-        scores = get_method(name, task).fit(train).attribute(test).scores.double()
+    from tda_explorer.compute import METHODS
+
+    extra = {"suspicion": {"oof_probabilities": torch.full((len(x), 3), 1 / 3)}}
+    assert set(METHODS) == {"grad-dot", "grad-cos", "tracin", "trak", "suspicion"}  # extend this test with new ones
+    for name in METHODS:
+        scores = get_method(name, task, **extra.get(name, {})).fit(train).attribute(test).scores.double()
         rho = spearmanr(scores.flatten(), delta.flatten()).statistic
         assert rho > 0.8, (name, rho)
         strong = delta.abs() > delta.abs().quantile(0.75)

@@ -1,16 +1,28 @@
-"""Explorer logic without a browser: simulated clicks and value changes."""
+"""Explorer logic without a browser: simulated clicks, value changes and plot selections."""
 
+from types import SimpleNamespace
+
+import ipywidgets as W
+import pandas as pd
 import pytest
+import torch
 
+from tda_explorer import AttributionDataset, AttributionTask
+from tda_explorer.data import TextRenderer
 from tda_explorer.session import Session
 from tda_explorer.widgets import Explorer
 
 
 @pytest.fixture
-def explorer(digits_experiment, tmp_path):
+def session(digits_experiment, tmp_path):
     session = Session.from_experiment(digits_experiment, folder=tmp_path)
     session.compute("tracin")
     session.compute("grad-dot")
+    return session
+
+
+@pytest.fixture
+def explorer(session):
     return Explorer(session, method="tracin", k=4)
 
 
@@ -23,6 +35,9 @@ def test_proponents_shown_equal_topk_after_click(explorer):
     assert explorer.browser.shown_ids() == attribution.topk(card.example_id, 4)[0]
     assert explorer.browser.shown_ids("opponents") == attribution.topk(card.example_id, 4, "opponents")[0]
     assert card.button.button_style == "info"
+    bars = explorer.browser.bars.figure.data
+    assert list(bars[0].y) == [f"#{i}" for i in explorer.browser.shown_ids()]
+    assert all(x > 0 for x in bars[0].x) and all(x < 0 for x in bars[1].x)
 
 
 def test_method_and_k_changes_update_in_place(explorer):
@@ -38,30 +53,152 @@ def test_method_and_k_changes_update_in_place(explorer):
 def test_flag_click_persists_and_survives_new_explorer(explorer):
     card = explorer.browser.proponents[0]
     train_id = card.example_id
-    card.button.click()
-    assert card.button.description == "unflag"
+    card.buttons["flag"].click()
+    assert card.buttons["flag"].description == "unflag"
     assert explorer.session.flags.is_flagged(train_id)
-    fresh = Session(explorer.session.train, explorer.session.test, explorer.session.task,
-                    folder=explorer.session.folder)
+    s = explorer.session
+    fresh = Session(s.train, s.test, s.task, folder=s.folder)  # as after a kernel restart
     fresh.compute("tracin")
     assert fresh.flags.flagged_ids() == [train_id]
     other = Explorer(fresh, method="tracin", k=4)
     other.state.test_id = explorer.state.test_id
-    assert other.browser.proponents[0].button.description == "unflag"
-    card.button.click()
+    assert other.browser.proponents[0].buttons["flag"].description == "unflag"
+    card.buttons["flag"].click()
     assert not explorer.session.flags.is_flagged(train_id)
 
 
-def test_pagination_and_misclassified_filter(explorer):
-    first = [c.example_id for c in explorer.picker.cards]
-    explorer.picker.next_button.click()
-    assert explorer.picker.page == 1
-    assert [c.example_id for c in explorer.picker.cards] != first
-    explorer.picker.only_errors.value = True
+def test_open_detail_relabel_and_jump_to_influenced_test(explorer):
+    card = explorer.browser.opponents[1]
+    card.buttons["open"].click()
+    train_id = card.example_id
+    assert explorer.state.detail_train_id == train_id
+    assert f"#{train_id}" in explorer.detail.info.value
+    expected = explorer.session.influenced_tests(train_id, "tracin", 5).test_id.tolist()
+    assert [c.example_id for c in explorer.detail.influenced] == expected
+    explorer.detail.relabel_to.value = 3
+    explorer.detail.relabel_button.click()
+    assert explorer.session.flags.relabels() == {train_id: 3}
+    assert explorer.session.corrected_labels()[explorer.session.train.positions([train_id])[0]] == 3
+    assert "relabelled 3" in explorer.detail.info.value
+    explorer.detail.influenced[2].button.click()
+    assert explorer.state.test_id == expected[2]
+
+
+def test_mislabel_panel_navigation_flags_and_histogram(explorer):
+    panel = explorer.mislabels
+    ranking = explorer.session.mislabel_ranking("tracin")
+    assert explorer.state.mislabel_method == "tracin"
+    assert explorer.state.detail_train_id == ranking.train_id.iloc[0]
+    panel.next_button.click()
+    panel.next_button.click()
+    panel.prev_button.click()
+    assert explorer.state.detail_train_id == ranking.train_id.iloc[1]
+    assert "tda-current-row" in panel.list.value
+    explorer.detail.flag_button.click()
+    assert explorer.session.flags.flagged_ids() == [ranking.train_id.iloc[1]]
+    assert list(panel.histogram.figure.data[1].x) == [pytest.approx(ranking.score.iloc[1])]
+    explorer.detail.unflag_button.click()
+    assert len(panel.histogram.figure.data[1].x) == 0
+    assert len(panel.histogram.figure.data[0].x) == len(explorer.session.train)
+
+
+def test_lasso_selection_fills_the_list(explorer):
+    panel = explorer.mislabels
+    chosen = [5, 17, 42]
+    panel._on_lasso(panel.scatter.figure.data[0], SimpleNamespace(point_inds=chosen), None)
+    ids = [explorer.session.train.ids[i] for i in chosen]
+    assert sorted(panel.table().train_id) == sorted(ids)
+    assert explorer.state.detail_train_id in ids
+    assert "3 selected" in panel.status.value
+    panel.clear_button.click()
+    assert len(panel.table()) == len(explorer.session.train)
+
+
+def test_compare_panel_overlap_scatter_metrics_and_stability(explorer):
+    s = explorer.session
+    panel = explorer.compare
+    assert (explorer.state.compare_a, explorer.state.compare_b) == ("tracin", "grad-dot")
+    test_id = explorer.state.test_id
+    a, b = s.attribution("tracin"), s.attribution("grad-dot")
+    expected = len(set(a.topk(test_id, 4)[0]) & set(b.topk(test_id, 4)[0])) / 4
+    assert panel.overlap()["proponents"] == expected
+    top = set()
+    for att in (a, b):
+        for kind in ("proponents", "opponents"):
+            top.update(att.topk(test_id, 4, kind)[0])
+    assert len(panel.scatter.figure.data[1].x) == len(top)
+    assert "no ground truth" in panel.metrics.value
+    s.metrics = pd.DataFrame({"method": ["tracin"], "lds": [0.53]})
+    mean = a.scores
+    s.add_stability("tracin", mean, torch.full_like(mean, 1e-9))
+    explorer.state.test_id = s.test.ids[3]
+    assert "0.530" in panel.metrics.value and "stable" in panel.stability.value
+
+
+def test_export_buttons_write_csv(explorer):
+    explorer.browser.export_button.click()
+    explorer.mislabels.export_button.click()
+    files = sorted((explorer.session.folder / "exports").glob("*.csv"))
+    assert len(files) == 2
+    ranking = pd.read_csv(next(f for f in files if f.name.startswith("ranking")))
+    assert list(ranking.columns) == ["test_id", "train_id", "rank", "score", "method", "label", "predicted", "flag"]
+    assert len(ranking) == 8
+
+
+def test_compute_bar_runs_in_background_and_shows_errors(explorer):
+    job = explorer.compute_bar.start("grad-cos")
+    job.join(120)
+    assert job.state == "done" and "grad-cos" in explorer.session.methods
+    assert "grad-cos" in explorer.browser.method.options and "grad-cos" in explorer.mislabels.method.options
+    assert explorer.compute_bar.progress.bar_style == "success"
+    failing = explorer.compute_bar.start("suspicion")  # needs out-of-fold probabilities: a clear error, shown
+    failing.join(60)
+    assert failing.state == "failed"
+    assert "needs out-of-fold probabilities" in explorer.compute_bar.message.value
+    assert not explorer.compute_bar.run_button.disabled
+
+
+def test_static_fallback_renders_without_figurewidget(session):
+    explorer = Explorer(session, interactive=False)
+    assert isinstance(explorer.browser.bars.widget, W.Output)
+    explorer.state.test_id = session.test.ids[2]
+    assert explorer.browser.shown_ids() == session.attribution("tracin").topk(session.test.ids[2], 5)[0]
+
+
+def test_picker_filters_and_jump(explorer):
+    picker = explorer.picker
+    first = [c.example_id for c in picker.cards]
+    picker.next_button.click()
+    assert picker.page == 1 and [c.example_id for c in picker.cards] != first
+    picker.only_errors.value = True
     table = explorer.session.test_table()
     errors = table[table.label != table.predicted].test_id.tolist()
-    shown = [c.example_id for c in explorer.picker.cards if c.example_id is not None]
-    assert shown == errors[: len(shown)] and explorer.picker.page == 0
+    assert [c.example_id for c in picker.cards if c.example_id is not None] == errors[:10] and picker.page == 0
+    picker.only_errors.value = False
+    picker.class_filter.value = 7
+    shown = [c.example_id for c in picker.cards if c.example_id is not None]
+    assert shown and all(explorer.session.test.labels[i] == 7 for i in shown)
+    picker.jump.value = "12"
+    assert explorer.state.test_id == 12
+    picker.jump.value = "<b>nope"
+    assert "no test id" in picker.message.value and "<b>" not in picker.message.value
+
+
+def test_text_data_is_shown_escaped(tmp_path):
+    texts = ["<script>alert(1)</script> great", "<img src=x onerror=alert(2)> bad", "fine", "meh"]
+    x = torch.arange(4, dtype=torch.float32).unsqueeze(1)
+    train = AttributionDataset(x, torch.tensor([0, 1, 0, 1]), class_names=["<b>pos</b>", "neg"],
+                               renderer=TextRenderer(texts))
+    test = AttributionDataset(x[:2], torch.tensor([0, 1]), class_names=["<b>pos</b>", "neg"],
+                              renderer=TextRenderer(texts[:2]))
+    model = torch.nn.Linear(1, 2)
+    session = Session(train, test, AttributionTask(model), folder=tmp_path)
+    session.compute("grad-dot")
+    explorer = Explorer(session, k=2)
+    html_out = " ".join(c.caption.value for c in explorer.browser.proponents + explorer.picker.cards) + \
+        explorer.browser.title.value + explorer.mislabels.list.value + explorer.detail.info.value
+    assert "&lt;script&gt;" in html_out and "<script>" not in html_out
+    assert "<img src=x" not in html_out and "<b>pos</b>" not in html_out
 
 
 def test_explorer_needs_an_attribution(digits_experiment, tmp_path):

@@ -41,6 +41,7 @@ class AttributionDataset:
     renderer: Renderer | None = None
     name: str = "dataset"
     _index: dict = field(default_factory=dict, init=False, repr=False)
+    _thumbnails: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, torch.Tensor):
@@ -124,7 +125,13 @@ class AttributionDataset:
         return self.renderer.to_html(self.inputs[position])
 
     def thumbnail(self, position: int) -> bytes | None:
-        """The example at ``position`` as PNG bytes, or None for non-image data."""
+        """The example at ``position`` as PNG bytes (cached), or None for non-image data."""
         if self.renderer.kind != "image":
             return None
-        return self.renderer.to_png(self.inputs[position])
+        cache = self._thumbnails
+        png = cache.get(position)
+        if png is None:
+            if len(cache) >= 4096:
+                cache.pop(next(iter(cache)))
+            png = cache[position] = self.renderer.to_png(self.inputs[position])
+        return png

@@ -1,4 +1,4 @@
-"""An example card: thumbnail (or escaped text), caption and one button; updated in place."""
+"""An example card: thumbnail (or escaped text), caption with a score bar, and buttons; updated in place."""
 
 from __future__ import annotations
 
@@ -13,34 +13,55 @@ _BLANK_PNG = (
 
 
 class ExampleCard(W.VBox):
-    """Shows one example; ``show`` replaces its content without creating widgets."""
+    """Shows one example; ``show`` replaces its content without creating widgets.
 
-    def __init__(self, css_class: str, button_label: str = "select", width: int = 96):
-        self.image = W.Image(value=_BLANK_PNG, format="png", layout=W.Layout(width="48px", height="48px"))
-        self.text = W.HTML(layout=W.Layout(max_width=f"{width * 2}px"))
-        self.caption = W.HTML()
-        self.button = W.Button(description=button_label, layout=W.Layout(width=f"{width}px"))
-        self.button.add_class(f"{css_class}-button")
+    Parameters
+    ----------
+    css_class : str
+        Class of the card (its buttons get ``<css_class>-button`` and ``<css_class>-<label>``).
+    buttons : sequence of str
+        Button labels, e.g. ``("open", "flag")``.
+    """
+
+    def __init__(self, css_class: str, buttons: tuple[str, ...] = ("select",), width: int = 96, image_px: int = 48):
+        self.image = W.Image(value=_BLANK_PNG, format="png", layout=W.Layout(width=f"{image_px}px",
+                                                                              height=f"{image_px}px"))
+        self.caption = W.HTML(layout=W.Layout(max_width=f"{width * 2}px"))
+        self.buttons = {}
+        for label in buttons:
+            b = W.Button(description=label, layout=W.Layout(width=f"{width}px", height="24px"))
+            b.add_class(f"{css_class}-button")
+            b.add_class(f"{css_class}-{label}")
+            self.buttons[label] = b
+        self.button = next(iter(self.buttons.values()))
         self.example_id = None
-        super().__init__([self.image, self.text, self.caption, self.button],
-                         layout=W.Layout(width=f"{width + 12}px", margin="2px", padding="2px",
-                                         align_items="center"))
+        super().__init__([self.image, self.caption, *self.buttons.values()],
+                         layout=W.Layout(width=f"{width + 12}px", margin="2px", padding="2px", align_items="center"))
         self.add_class(css_class)
         self.add_class("tda-card")
 
-    def show(self, example_id, png: bytes | None, text_html: str, caption: str) -> None:
-        """Display an example: ``caption`` is plain text and gets escaped here."""
+    def show(self, example_id, png: bytes | None, text_html: str, caption: str,
+             bar: float | None = None) -> None:
+        """Display an example. ``caption`` is plain text (escaped here); ``text_html`` must be escaped
+        already (renderers escape); ``bar`` in [-1, 1] draws a signed score bar."""
         self.example_id = example_id
         self.image.layout.display = None if png else "none"
         if png:
             self.image.value = png
-        self.text.value = text_html if not png else ""
+        bar_html = ""
+        if bar is not None:
+            width = max(2, int(round(abs(bar) * 100)))
+            bar_html = f"<div class='tda-bar {'tda-pos' if bar >= 0 else 'tda-neg'}' style='width:{width}%'></div>"
+        text = "" if png else text_html
         self.caption.value = (
-            "<div style='font-size:11px;line-height:1.2;text-align:center;"
-            f"color:var(--jp-ui-font-color1)'>{html.escape(caption).replace(chr(10), '<br>')}</div>"
+            f"{text}<div style='font-size:11px;line-height:1.2;text-align:center;color:var(--jp-ui-font-color1)'>"
+            f"{html.escape(caption).replace(chr(10), '<br>')}</div>{bar_html}"
         )
         self.layout.display = None
 
     def hide(self) -> None:
         self.example_id = None
         self.layout.display = "none"
+
+    def mark(self, current: bool) -> None:
+        (self.add_class if current else self.remove_class)("tda-current")

@@ -1,166 +1,112 @@
-"""``Explorer``: pick a test point, see its top proponents and opponents, flag training examples."""
+"""``Explorer``: linked panels over one ``Session`` — browse, find mislabels, compare methods."""
 
 from __future__ import annotations
 
+import html
+
 import ipywidgets as W
 
+from tda_explorer.compute.methods import available_methods
+from tda_explorer.jobs import BackgroundJob
 from tda_explorer.session import Session
-from tda_explorer.widgets.cards import ExampleCard
+from tda_explorer.widgets.browser import InfluenceBrowser
+from tda_explorer.widgets.compare import ComparePanel
+from tda_explorer.widgets.detail import TrainingDetail
+from tda_explorer.widgets.mislabel import MislabelPanel
+from tda_explorer.widgets.picker import TestPicker
 from tda_explorer.widgets.state import ExplorerState
-
-MAX_K = 20
-
-
-class TestPicker(W.VBox):
-    """A paginated grid of test examples; clicking one selects it."""
-
-    def __init__(self, session: Session, state: ExplorerState, page_size: int = 10):
-        self.session, self.state, self.page_size = session, state, page_size
-        self.page = 0
-        self.only_errors = W.Checkbox(description="misclassified only", value=False, indent=False)
-        self.prev_button = W.Button(description="◀", layout=W.Layout(width="40px"))
-        self.next_button = W.Button(description="▶", layout=W.Layout(width="40px"))
-        self.page_label = W.Label()
-        self.cards = [ExampleCard("tda-test-card", "select") for _ in range(page_size)]
-        for card in self.cards:
-            card.button.on_click(lambda _b, c=card: self.select(c.example_id))
-        self.prev_button.on_click(lambda _b: self.go(self.page - 1))
-        self.next_button.on_click(lambda _b: self.go(self.page + 1))
-        self.only_errors.observe(lambda _c: self.go(0), names="value")
-        state.observe(lambda _c: self._mark_selected(), names="test_id")
-        header = W.HBox([W.HTML("<b>Test examples</b>"), self.only_errors, self.prev_button,
-                         self.page_label, self.next_button])
-        super().__init__([header, W.HBox(self.cards, layout=W.Layout(flex_flow="row wrap"))])
-        self.add_class("tda-test-picker")
-        self.go(0)
-
-    def visible_ids(self) -> list:
-        table = self.session.test_table()
-        if self.only_errors.value:
-            table = table[table["label"] != table["predicted"]]
-        return table["test_id"].tolist()
-
-    def go(self, page: int) -> None:
-        """Show page ``page`` (clamped)."""
-        ids = self.visible_ids()
-        n_pages = max(1, -(-len(ids) // self.page_size))
-        self.page = min(max(page, 0), n_pages - 1)
-        shown = ids[self.page * self.page_size : (self.page + 1) * self.page_size]
-        self.page_label.value = f"page {self.page + 1}/{n_pages}"
-        test = self.session.test
-        for card, test_id in zip(self.cards, shown + [None] * (self.page_size - len(shown))):
-            if test_id is None:
-                card.hide()
-                continue
-            pos = test.positions([test_id])[0]
-            label, pred = test.class_names[test.labels[pos]], test.class_names[self.session.test_predicted[pos]]
-            card.show(test_id, test.thumbnail(pos), test.render_html(pos),
-                      f"#{test_id}\nlabel {label} · pred {pred}")
-        self._mark_selected()
-
-    def select(self, test_id) -> None:
-        if test_id is not None:
-            self.state.test_id = test_id
-
-    def _mark_selected(self) -> None:
-        for card in self.cards:
-            card.button.button_style = "info" if card.example_id == self.state.test_id else ""
+from tda_explorer.widgets.theme import CSS, error_html
 
 
-class InfluenceBrowser(W.VBox):
-    """Top-k proponents and opponents of the selected test point, with flag buttons."""
+class ComputeBar(W.HBox):
+    """Compute another method off the UI thread: progress, cancel, and errors shown here."""
 
-    def __init__(self, session: Session, state: ExplorerState):
-        self.session, self.state = session, state
-        self.method = W.Dropdown(options=session.methods, description="method")
-        self.k = W.IntSlider(value=state.k, min=1, max=MAX_K, description="k")
-        self.title = W.HTML()
-        self.proponents = [ExampleCard("tda-proponent-card", "flag") for _ in range(MAX_K)]
-        self.opponents = [ExampleCard("tda-opponent-card", "flag") for _ in range(MAX_K)]
-        for card in self.proponents + self.opponents:
-            card.button.on_click(lambda _b, c=card: self.toggle_flag(c.example_id))
-        W.link((self.method, "value"), (state, "method"))
-        W.link((self.k, "value"), (state, "k"))
-        state.observe(lambda _c: self.refresh(), names=["test_id", "method", "k", "flags_revision"])
-        row = lambda cards: W.HBox(cards, layout=W.Layout(flex_flow="row wrap"))
-        self.proponent_box = row(self.proponents)
-        self.opponent_box = row(self.opponents)
-        self.proponent_box.add_class("tda-proponents")
-        self.opponent_box.add_class("tda-opponents")
-        super().__init__([
-            W.HBox([self.method, self.k]), self.title,
-            W.HTML("<b>Proponents</b> (score > 0: removing it would raise the test loss)"), self.proponent_box,
-            W.HTML("<b>Opponents</b> (score < 0: removing it would lower the test loss)"), self.opponent_box,
-        ])
-        self.add_class("tda-influence-browser")
+    def __init__(self, session: Session, on_done, method_config: dict | None = None):
+        self.session, self.on_done = session, on_done
+        self.method_config = method_config or {}
+        self.choice = W.Dropdown(options=available_methods(), description="compute", layout=W.Layout(width="220px"))
+        self.run_button = W.Button(description="Run", icon="play", layout=W.Layout(width="70px"))
+        self.cancel_button = W.Button(description="Cancel", layout=W.Layout(width="70px"), disabled=True)
+        self.progress = W.FloatProgress(value=0, min=0, max=1, layout=W.Layout(width="160px"))
+        self.message = W.HTML()
+        self.job: BackgroundJob | None = None
+        self.run_button.on_click(lambda _b: self.start(self.choice.value))
+        self.cancel_button.on_click(lambda _b: self.job and self.job.cancel())
+        super().__init__([self.choice, self.run_button, self.cancel_button, self.progress, self.message])
+        self.add_class("tda-compute-bar")
 
-    def shown_ids(self, kind: str = "proponents") -> list:
-        cards = self.proponents if kind == "proponents" else self.opponents
-        return [c.example_id for c in cards if c.example_id is not None]
+    def start(self, method: str) -> BackgroundJob:
+        self.run_button.disabled, self.cancel_button.disabled = True, False
+        self.progress.value, self.progress.bar_style = 0.05, "info"
+        self.message.value = f"<span class='tda-muted'>computing {html.escape(method)}…</span>"
+        self.job = self.session.compute_async(method, on_update=self._update, **self.method_config.get(method, {}))
+        return self.job
 
-    def refresh(self) -> None:
-        """Update the galleries for the current state (widgets are reused, never rebuilt)."""
-        s, session = self.state, self.session
-        if s.test_id is None or not s.method:
-            self.title.value = "<i>select a test example</i>"
-            for card in self.proponents + self.opponents:
-                card.hide()
+    def _update(self, job: BackgroundJob) -> None:
+        self.progress.value = max(job.progress, 0.05)
+        if not job.done:
             return
-        pos = session.test.positions([s.test_id])[0]
-        label = session.test.class_names[session.test.labels[pos]]
-        pred = session.test.class_names[session.test_predicted[pos]]
-        self.title.value = (f"<b>test #{s.test_id}</b> — label {label}, predicted {pred}, "
-                            f"loss {float(session.test_loss[pos]):.3f} · method <code>{s.method}</code>")
-        flagged = set(session.flags.flagged_ids())
-        attribution = session.attribution(s.method)
-        train = session.train
-        for kind, cards in (("proponents", self.proponents), ("opponents", self.opponents)):
-            ids, scores = attribution.topk(s.test_id, s.k, kind)
-            for i, card in enumerate(cards):
-                if i >= len(ids):
-                    card.hide()
-                    continue
-                tpos = train.positions([ids[i]])[0]
-                tl = train.class_names[train.labels[tpos]]
-                tp = train.class_names[session.train_predicted[tpos]]
-                card.show(ids[i], train.thumbnail(tpos), train.render_html(tpos),
-                          f"#{ids[i]} · {float(scores[i]):+.3g}\nlabel {tl} · pred {tp}")
-                is_flagged = ids[i] in flagged
-                card.button.description = "unflag" if is_flagged else "flag"
-                card.button.button_style = "danger" if is_flagged else ""
-
-    def toggle_flag(self, train_id) -> None:
-        """Flag or unflag ``train_id`` in the session's store (saved immediately)."""
-        if train_id is None:
-            return
-        if self.session.flags.is_flagged(train_id):
-            self.session.flags.unflag(train_id)
+        self.run_button.disabled, self.cancel_button.disabled = False, True
+        if job.state == "done":
+            self.progress.bar_style = "success"
+            self.message.value = "<span class='tda-muted'>done</span>"
+            self.on_done()
         else:
-            self.session.flags.flag(train_id)
-        self.state.flags_revision += 1
+            self.progress.bar_style = "danger"
+            self.message.value = error_html(job.label)
 
 
 class Explorer(W.VBox):
-    """Linked panels over one ``Session``: a test-point picker and an influence browser.
+    """The explorer: test-point picker, influence browser, training-example detail, mislabel panel and
+    method comparison, all observing one ``ExplorerState``.
 
     Parameters
     ----------
     session : Session
-        Must have at least one computed attribution (``session.compute("tracin")``).
+        Must hold at least one computed attribution (``session.compute("tracin")``).
     method : str, optional
         The method shown first (default: the first computed).
     k : int
         How many proponents and opponents to show.
+    interactive : bool, optional
+        Live plotly ``FigureWidget`` s (default where they render) or static figures (VS Code, Colab).
+    method_config : dict, optional
+        Options per method for the compute bar, e.g. ``{"suspicion": {"model_factory": ..., ...}}``.
     """
 
-    def __init__(self, session: Session, method: str | None = None, k: int = 5, page_size: int = 10):
+    def __init__(self, session: Session, method: str | None = None, k: int = 5, page_size: int = 10,
+                 interactive: bool | None = None, method_config: dict | None = None):
         if not session.methods:
             raise ValueError("session has no attribution yet: call session.compute('tracin') first")
+        if method is not None and method not in session.methods:
+            raise ValueError(f"method {method!r} has not been computed; computed: {session.methods}")
         self.session = session
         self.state = ExplorerState(method=method or session.methods[0], k=k)
         self.picker = TestPicker(session, self.state, page_size)
-        self.browser = InfluenceBrowser(session, self.state)
+        self.browser = InfluenceBrowser(session, self.state, interactive)
+        self.detail = TrainingDetail(session, self.state)
+        self.mislabels = MislabelPanel(session, self.state, interactive)
+        self.compare = ComparePanel(session, self.state, interactive)
+        self.compute_bar = ComputeBar(session, self._methods_changed, method_config)
         self.browser.method.value = self.state.method
-        super().__init__([self.picker, self.browser])
+        self.tabs = W.Tab([
+            W.VBox([self.picker, W.HBox([self.browser, self.detail])]),
+            W.VBox([self.mislabels, self.detail]),
+            self.compare,
+        ])
+        for i, title in enumerate(("Browse", "Mislabels", "Compare")):
+            self.tabs.set_title(i, title)
+        super().__init__([W.HTML(CSS), self.compute_bar, self.tabs])
         self.add_class("tda-explorer")
         self.state.test_id = session.test.ids[0]
+
+    def _methods_changed(self) -> None:
+        methods = self.session.methods
+        for dropdown in (self.browser.method, self.compare.a, self.compare.b):
+            value = dropdown.value
+            dropdown.options = methods
+            dropdown.value = value if value in methods else methods[0]
+        value = self.mislabels.method.value
+        self.mislabels.method.options = list(self.session.self_influences)
+        if value in self.session.self_influences:
+            self.mislabels.method.value = value

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from traitlets import Any, HasTraits, Int, Unicode
+from traitlets import Any, HasTraits, Int, List, Unicode
 
 
 class ExplorerState(HasTraits):
-    """Selected test id, method, k, the training example in detail, and a flags revision counter."""
+    """What is selected: test id, method, k, the training example in detail, the mislabel list's method,
+    position and lasso selection, the compared methods, and a revision counter bumped on every flag."""
 
     test_id = Any(None)
     method = Unicode("")
     k = Int(5)
     detail_train_id = Any(None)
     flags_revision = Int(0)
+    mislabel_method = Unicode("")
+    mislabel_index = Int(0)
+    selection = List()
+    compare_a = Unicode("")
+    compare_b = Unicode("")

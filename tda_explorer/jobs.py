@@ -1,0 +1,82 @@
+"""Long work off the UI thread: a job with stages, progress, cancellation and a captured error."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's stage when the user cancelled it."""
+
+
+class BackgroundJob:
+    """Runs ``stages`` (callables taking the previous stage's result) in a worker thread.
+
+    Progress is the share of stages done; cancellation is honoured between stages; an exception
+    is kept in ``error`` (with its traceback) instead of being lost in a log.
+
+    Parameters
+    ----------
+    stages : sequence of (label, callable)
+        Each callable receives the previous result (None for the first).
+    on_update : callable job -> None, optional
+        Called from the worker after every stage and at the end (views refresh here).
+    """
+
+    def __init__(self, stages: Sequence[tuple[str, Callable[[Any], Any]]],
+                 on_update: Callable[[BackgroundJob], None] | None = None):
+        self.stages = list(stages)
+        self.on_update = on_update
+        self.progress = 0.0
+        self.label = "queued"
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.traceback = ""
+        self.state = "pending"  # pending, running, done, failed, cancelled
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> BackgroundJob:
+        self.state = "running"
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the job to stop before its next stage."""
+        self._cancel.set()
+
+    def join(self, timeout: float | None = None) -> BackgroundJob:
+        self._thread.join(timeout)
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+    def _notify(self) -> None:
+        if self.on_update is not None:
+            try:
+                self.on_update(self)
+            except Exception:  # a broken view must not kill the job
+                self.traceback += traceback.format_exc()
+
+    def _run(self) -> None:
+        result = None
+        try:
+            for i, (label, fn) in enumerate(self.stages):
+                if self._cancel.is_set():
+                    raise JobCancelled(f"cancelled before {label!r}")
+                self.label = label
+                self._notify()
+                result = fn(result)
+                self.progress = (i + 1) / len(self.stages)
+            self.result, self.state, self.label = result, "done", "done"
+        except JobCancelled as err:
+            self.state, self.label, self.error = "cancelled", str(err), err
+        except Exception as err:  # shown in the panel, not lost
+            self.state, self.label, self.error = "failed", f"{type(err).__name__}: {err}", err
+            self.traceback = traceback.format_exc()
+        self._notify()

@@ -1,0 +1,109 @@
+"""Method comparison: two methods' scores for the selected test point, top-k overlap, metrics, stability."""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+import plotly.graph_objects as go
+import torch
+from scipy.stats import spearmanr
+
+from tda_explorer.session import Session
+from tda_explorer.widgets.state import ExplorerState
+from tda_explorer.widgets.theme import FigureView
+
+MAX_POINTS = 2000  # the scatter shows every top-k example plus a fixed random sample of the rest
+
+
+class ComparePanel(W.VBox):
+    """Scatter of method A against method B for ``state.test_id``, their top-k overlap, the metrics
+    table (LDS, mislabel AUC) when ground truth exists, and mean ± std marks where stability exists."""
+
+    def __init__(self, session: Session, state: ExplorerState, interactive: bool | None = None):
+        self.session, self.state = session, state
+        self.a = W.Dropdown(options=session.methods, description="A", layout=W.Layout(width="200px"))
+        self.b = W.Dropdown(options=session.methods, description="B", layout=W.Layout(width="200px"))
+        W.link((self.a, "value"), (state, "compare_a"))
+        W.link((self.b, "value"), (state, "compare_b"))
+        self.summary = W.HTML()
+        self.metrics = W.HTML()
+        self.metrics.add_class("tda-table")
+        self.stability = W.HTML()
+        self.stability.add_class("tda-table")
+        self.scatter = FigureView(go.Figure(
+            [go.Scattergl(mode="markers", marker=dict(size=4, color="#7a7a7a"), name="others"),
+             go.Scattergl(mode="markers", marker=dict(size=7, color="#1565c0"), name="top-k of A or B")],
+            layout=dict(height=300, showlegend=True),
+        ), interactive)
+        n = len(session.train)
+        gen = torch.Generator().manual_seed(0)
+        self._sample = torch.randperm(n, generator=gen)[: min(n, MAX_POINTS)]
+        state.observe(lambda _c: self.refresh(), names=["test_id", "compare_a", "compare_b", "k"])
+        super().__init__([W.HBox([self.a, self.b]), self.summary, W.HBox([self.scatter.widget, self.metrics]),
+                          self.stability])
+        self.add_class("tda-compare-panel")
+        if len(session.methods) > 1:
+            self.b.value = session.methods[1]
+        self.refresh()
+
+    def overlap(self) -> dict:
+        """Top-k overlap (proponents, opponents) and Spearman of the two methods for the selected test point."""
+        s = self.state
+        a, b = self.session.attribution(s.compare_a), self.session.attribution(s.compare_b)
+        out = {}
+        for kind in ("proponents", "opponents"):
+            ids_a, ids_b = set(a.topk(s.test_id, s.k, kind)[0]), set(b.topk(s.test_id, s.k, kind)[0])
+            out[kind] = len(ids_a & ids_b) / s.k
+        out["spearman"] = float(spearmanr(a.row(s.test_id).numpy(), b.row(s.test_id).numpy()).statistic)
+        return out
+
+    def refresh(self) -> None:
+        s, session = self.state, self.session
+        if s.test_id is None or not s.compare_a or not s.compare_b:
+            self.summary.value = "<i>compute two methods to compare them</i>"
+            return
+        a, b = session.attribution(s.compare_a), session.attribution(s.compare_b)
+        row_a, row_b = a.row(s.test_id), b.row(s.test_id)
+        top = set()
+        for att in (a, b):
+            for kind in ("proponents", "opponents"):
+                top.update(session.train.positions(att.topk(s.test_id, s.k, kind)[0]))
+        top_idx = torch.tensor(sorted(top), dtype=torch.long)
+        rest = self._sample[~torch.isin(self._sample, top_idx)]
+        ov = self.overlap()
+        self.summary.value = (
+            f"test #{html.escape(str(s.test_id))}: top-{s.k} overlap — proponents {ov['proponents']:.0%}, "
+            f"opponents {ov['opponents']:.0%}; Spearman over all {len(row_a)} training examples "
+            f"{ov['spearman']:.3f}"
+        )
+
+        def draw(fig):
+            fig.data[0].x, fig.data[0].y = row_a[rest].numpy(), row_b[rest].numpy()
+            fig.data[1].x, fig.data[1].y = row_a[top_idx].numpy(), row_b[top_idx].numpy()
+            fig.data[1].text = [f"#{session.train.ids[i]}" for i in top_idx.tolist()]
+            fig.layout.xaxis.title = f"{s.compare_a} score"
+            fig.layout.yaxis.title = f"{s.compare_b} score"
+
+        self.scatter.update(draw)
+        self.metrics.value = ("<b>metrics</b><br>" + session.metrics.to_html(index=False, float_format="%.3f")
+                              if session.metrics is not None else
+                              "<span class='tda-muted'>no ground truth attached (session.metrics)</span>")
+        self._stability(s.compare_a)
+
+    def _stability(self, method: str) -> None:
+        if method not in self.session.stability:
+            self.stability.value = "<span class='tda-muted'>no stability data for this method</span>"
+            return
+        mean, std = self.session.stability[method]
+        pos = self.session.test.positions([self.state.test_id])[0]
+        m, sd = mean[pos], std[pos]
+        order = torch.argsort(m, descending=True)[: self.state.k]
+        rows = "".join(
+            f"<tr><td>#{html.escape(str(self.session.train.ids[i]))}</td>"
+            f"<td>{float(m[i]):.3g} ± {float(sd[i]):.2g}</td>"
+            f"<td>{'stable' if abs(float(m[i])) > 2 * float(sd[i]) else 'noisy'}</td></tr>"
+            for i in order.tolist()
+        )
+        self.stability.value = (f"<b>stability of {html.escape(method)}</b> (mean ± std across seeds)"
+                                f"<table>{rows}</table>")

@@ -1,0 +1,143 @@
+"""Mislabel panel: training examples ranked by suspicion, flag / unflag / relabel, histogram and embedding."""
+
+from __future__ import annotations
+
+import base64
+import html
+
+import ipywidgets as W
+import numpy as np
+import plotly.graph_objects as go
+
+from tda_explorer.session import Session
+from tda_explorer.widgets.state import ExplorerState
+from tda_explorer.widgets.theme import FigureView
+
+PAGE = 10
+
+
+class MislabelPanel(W.VBox):
+    """Ranks the training set by a self-influence / suspicion score of the chosen method.
+
+    The current row (next / previous) is shown in the shared training-example detail, where Flag,
+    Unflag and Relabel act; a lasso on the embedding restricts the list to the selected examples.
+    """
+
+    def __init__(self, session: Session, state: ExplorerState, interactive: bool | None = None):
+        self.session, self.state = session, state
+        self.method = W.Dropdown(options=list(session.self_influences), description="rank by",
+                                 layout=W.Layout(width="240px"))
+        self.prev_button = W.Button(description="◀ previous", layout=W.Layout(width="100px"))
+        self.next_button = W.Button(description="next ▶", layout=W.Layout(width="100px"))
+        self.clear_button = W.Button(description="clear lasso", layout=W.Layout(width="100px"))
+        self.export_button = W.Button(description="Save CSV", icon="download", layout=W.Layout(width="100px"))
+        for b, name in ((self.prev_button, "prev"), (self.next_button, "next"), (self.export_button, "export")):
+            b.add_class(f"tda-mislabel-{name}")
+        self.status = W.HTML()
+        self.list = W.HTML()
+        self.list.add_class("tda-table")
+        self.histogram = FigureView(go.Figure(
+            [go.Histogram(name="all", marker_color="#7a7a7a", nbinsx=60),
+             go.Histogram(name="flagged", marker_color="#c62828", nbinsx=60)],
+            layout=dict(barmode="overlay", xaxis_title="suspicion score (method units)", yaxis_title="examples",
+                        showlegend=True, height=240),
+        ), interactive)
+        emb = session.embedding().numpy()
+        labels = session.train.labels.numpy()
+        self.scatter = FigureView(go.Figure(
+            [go.Scattergl(x=emb[:, 0], y=emb[:, 1], mode="markers",
+                          marker=dict(color=labels, colorscale="Turbo", size=4, opacity=0.7),
+                          text=[f"#{i} label {session.train.class_names[c]}"
+                                for i, c in zip(session.train.ids, labels)],
+                          hoverinfo="text")],
+            layout=dict(dragmode="lasso", xaxis_title="PC 1", yaxis_title="PC 2", height=300,
+                        title=dict(text="training inputs (PCA), coloured by given label — lasso to filter", x=0)),
+        ), interactive)
+        if self.scatter.interactive:
+            self.scatter.figure.data[0].on_selection(self._on_lasso)
+        W.link((self.method, "value"), (state, "mislabel_method"))
+        self.prev_button.on_click(lambda _b: self.move(-1))
+        self.next_button.on_click(lambda _b: self.move(+1))
+        self.clear_button.on_click(lambda _b: self.select_ids([]))
+        self.export_button.on_click(lambda _b: self.export())
+        state.observe(lambda _c: self.refresh(follow=True), names=["mislabel_method", "mislabel_index", "selection"])
+        state.observe(lambda _c: self.refresh(), names=["flags_revision"])
+        super().__init__([
+            W.HBox([self.method, self.prev_button, self.next_button, self.clear_button, self.export_button]),
+            self.status, self.list, W.HBox([self.histogram.widget, self.scatter.widget]),
+        ])
+        self.add_class("tda-mislabel-panel")
+        if self.method.options:
+            state.mislabel_method = self.method.options[0]
+        self.refresh(follow=state.detail_train_id is None)
+
+    # -- logic (testable without a browser) ------------------------------------------------------
+    def table(self):
+        """The ranking on screen (restricted to the lasso selection when there is one)."""
+        if not self.state.mislabel_method:
+            return None
+        df = self.session.mislabel_ranking(self.state.mislabel_method)
+        if self.state.selection:
+            df = df[df["train_id"].isin(set(self.state.selection))]
+        return df.reset_index(drop=True)
+
+    def move(self, step: int) -> None:
+        """Go to the next / previous example of the ranking."""
+        df = self.table()
+        if df is None or df.empty:
+            return
+        self.state.mislabel_index = int(np.clip(self.state.mislabel_index + step, 0, len(df) - 1))
+
+    def select_ids(self, ids: list) -> None:
+        """Restrict the list to ``ids`` (what a lasso does); an empty list shows everything."""
+        self.state.mislabel_index = 0
+        self.state.selection = list(ids)
+
+    def _on_lasso(self, trace, points, selector) -> None:
+        self.select_ids([self.session.train.ids[i] for i in points.point_inds])
+
+    def export(self) -> None:
+        df = self.table()
+        if df is not None:
+            path = self.session.export_csv(df, f"mislabel-{self.state.mislabel_method}")
+            self.status.value = f"<span class='tda-muted'>saved {html.escape(str(path))}</span>"
+
+    # -- view ------------------------------------------------------------------------------------
+    def refresh(self, follow: bool = False) -> None:
+        """Redraw; with ``follow`` (navigation moved) also show the current row in the detail panel."""
+        df = self.table()
+        if df is None or df.empty:
+            self.list.value = "<i>no ranking: compute a method first</i>" if df is None else "<i>empty selection</i>"
+            return
+        index = min(self.state.mislabel_index, len(df) - 1)
+        if follow:
+            current = df["train_id"].iloc[index]
+            self.state.detail_train_id = current.item() if hasattr(current, "item") else current
+        start = (index // PAGE) * PAGE
+        names, train = self.session.train.class_names, self.session.train
+        rows = []
+        for i in range(start, min(start + PAGE, len(df))):
+            r = df.iloc[i]
+            pos = train.positions([r["train_id"]])[0]
+            png = train.thumbnail(pos)
+            thumb = (f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' width=24 height=24/>"
+                     if png else train.render_html(pos))
+            cls = " class='tda-current-row'" if i == index else ""
+            rows.append(
+                f"<tr{cls}><td>{r['rank']}</td><td>{thumb}</td><td>#{html.escape(str(r['train_id']))}</td>"
+                f"<td>{html.escape(names[r['label']])}</td><td>{html.escape(names[r['predicted']])}</td>"
+                f"<td>{html.escape(names[r['suggested']])}</td><td>{r['score']:.4g}</td>"
+                f"<td>{'⚑' if r['flag'] else ''}</td></tr>"
+            )
+        scope = f"{len(df)} selected" if self.state.selection else f"{len(df)} training examples"
+        self.status.value = f"<span class='tda-muted'>{scope} · showing {index + 1} of {len(df)}</span>"
+        self.list.value = ("<table><tr><th>rank</th><th></th><th>id</th><th>given</th><th>predicted</th>"
+                           "<th>suggested</th><th>score</th><th>flag</th></tr>" + "".join(rows) + "</table>")
+        all_scores = self.session.mislabel_ranking(self.state.mislabel_method)
+        flagged_scores = all_scores.loc[all_scores["flag"], "score"].to_numpy()
+
+        def draw(fig):
+            fig.data[0].x = all_scores["score"].to_numpy()
+            fig.data[1].x = flagged_scores
+
+        self.histogram.update(draw)
