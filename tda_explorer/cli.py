@@ -99,6 +99,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks run through the CLI (``explorer``: selection latency at scale)."""
+    from tda_explorer.widgets.bench import bench_explorer
+
+    result = bench_explorer(n_train=args.n_train, n_test=args.n_test)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tda_explorer.compute import available_methods
     from tda_explorer.compute.models import MODEL_KINDS
@@ -138,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="write the result here")
     ev.set_defaults(func=cmd_evaluate)
+
+    bench = sub.add_parser("bench", help="benchmarks: explorer selection latency")
+    bench.add_argument("what", choices=["explorer"])
+    bench.add_argument("--n-train", type=int, default=50_000)
+    bench.add_argument("--n-test", type=int, default=200)
+    bench.add_argument("--json", default=None)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -219,7 +219,7 @@ def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Pat
             # Flag the top proponent: the button flips and the store has it.
             train_id = after[0][0]
             flag_button = page.locator(f"{proponents} .tda-proponent-card").first.locator(
-                ".tda-proponent-card-button")
+                ".tda-proponent-card-flag")
             expect(flag_button).to_have_text("flag")
             flag_button.click()
             expect(flag_button).to_have_text("unflag", timeout=10_000)
@@ -233,6 +233,29 @@ def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Pat
             explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
             page.wait_for_timeout(300)
             page.screenshot(path=str(ASSETS / "explorer_flagged.png"))
+
+            # The mislabel panel: ranked list with the current row in the detail; Flag from there.
+            page.locator(".tda-explorer .lm-TabBar-tab", has_text="Mislabels").first.click()
+            table = page.locator(".tda-explorer .tda-mislabel-panel .tda-table").first
+            expect(table).to_contain_text("suggested", timeout=20_000)
+            page.locator(".tda-explorer .tda-mislabel-next").first.click()
+            expect(table.locator("tr.tda-current-row")).to_contain_text("2", timeout=10_000)
+            current = table.locator("tr.tda-current-row td").nth(2).inner_text().lstrip("#")
+            page.locator(".tda-explorer .tda-mislabel-panel").first.scroll_into_view_if_needed()
+            page.locator(".tda-explorer .tda-detail-flag:visible").first.click()
+            deadline = time.monotonic() + 10
+            while _flag_row(db, current) != 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _flag_row(db, current) == 1, f"train #{current} not flagged from the mislabel panel"
+            explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ASSETS / "explorer_mislabels.png"))
+
+            page.locator(".tda-explorer .lm-TabBar-tab", has_text="Compare").first.click()
+            expect(page.locator(".tda-explorer .tda-compare-panel").first).to_contain_text("overlap",
+                                                                                           timeout=20_000)
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(ASSETS / "explorer_compare.png"))
         except BaseException:
             page.screenshot(path=str(tmp_path / "failure.png"))  # for a post-mortem; not in assets/
             raise

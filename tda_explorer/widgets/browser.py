@@ -12,7 +12,7 @@ from tda_explorer.widgets.cards import ExampleCard
 from tda_explorer.widgets.state import ExplorerState
 from tda_explorer.widgets.theme import FigureView
 
-MAX_K = 20
+MAX_K = 15
 
 
 class InfluenceBrowser(W.VBox):

@@ -1,15 +1,30 @@
-"""An example card: thumbnail (or escaped text), caption with a score bar, and buttons; updated in place."""
+"""An example card: thumbnail (or escaped text), caption with a score bar, and buttons; updated in place.
+
+Cards are light: one HTML widget (the thumbnail is inlined as a data URI) and their buttons, with
+layouts and styles shared between cards, so a page of them stays a few dozen widget models.
+"""
 
 from __future__ import annotations
 
+import base64
 import html
+from functools import cache
 
 import ipywidgets as W
 
-_BLANK_PNG = (
-    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4"
-    b"\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82"
-)
+
+@cache
+def _shared(kind: str, width: int):
+    """One Layout / Style object per kind and width, shared by every card that uses it."""
+    if kind == "button_layout":
+        return W.Layout(width=f"{width}px", height="24px")
+    if kind == "button_style":
+        return W.ButtonStyle()
+    if kind == "html_layout":
+        return W.Layout(max_width=f"{width * 2}px")
+    from ipywidgets.widgets.widget_string import HTMLStyle
+
+    return HTMLStyle()
 
 
 class ExampleCard(W.VBox):
@@ -24,18 +39,18 @@ class ExampleCard(W.VBox):
     """
 
     def __init__(self, css_class: str, buttons: tuple[str, ...] = ("select",), width: int = 96, image_px: int = 48):
-        self.image = W.Image(value=_BLANK_PNG, format="png", layout=W.Layout(width=f"{image_px}px",
-                                                                              height=f"{image_px}px"))
-        self.caption = W.HTML(layout=W.Layout(max_width=f"{width * 2}px"))
+        self.image_px = image_px
+        self.caption = W.HTML(layout=_shared("html_layout", width), style=_shared("html_style", width))
         self.buttons = {}
         for label in buttons:
-            b = W.Button(description=label, layout=W.Layout(width=f"{width}px", height="24px"))
+            b = W.Button(description=label, layout=_shared("button_layout", width),
+                         style=_shared("button_style", width))
             b.add_class(f"{css_class}-button")
             b.add_class(f"{css_class}-{label}")
             self.buttons[label] = b
         self.button = next(iter(self.buttons.values()))
         self.example_id = None
-        super().__init__([self.image, self.caption, *self.buttons.values()],
+        super().__init__([self.caption, *self.buttons.values()],
                          layout=W.Layout(width=f"{width + 12}px", margin="2px", padding="2px", align_items="center"))
         self.add_class(css_class)
         self.add_class("tda-card")
@@ -45,16 +60,19 @@ class ExampleCard(W.VBox):
         """Display an example. ``caption`` is plain text (escaped here); ``text_html`` must be escaped
         already (renderers escape); ``bar`` in [-1, 1] draws a signed score bar."""
         self.example_id = example_id
-        self.image.layout.display = None if png else "none"
-        if png:
-            self.image.value = png
         bar_html = ""
         if bar is not None:
             width = max(2, int(round(abs(bar) * 100)))
             bar_html = f"<div class='tda-bar {'tda-pos' if bar >= 0 else 'tda-neg'}' style='width:{width}%'></div>"
-        text = "" if png else text_html
+        if png:
+            px = self.image_px
+            visual = (f"<div style='text-align:center'><img class='tda-thumb' width='{px}' height='{px}' "
+                      f"style='image-rendering:pixelated' src='data:image/png;base64,"
+                      f"{base64.b64encode(png).decode('ascii')}'/></div>")
+        else:
+            visual = text_html
         self.caption.value = (
-            f"{text}<div style='font-size:11px;line-height:1.2;text-align:center;color:var(--jp-ui-font-color1)'>"
+            f"{visual}<div style='font-size:11px;line-height:1.2;text-align:center;color:var(--jp-ui-font-color1)'>"
             f"{html.escape(caption).replace(chr(10), '<br>')}</div>{bar_html}"
         )
         self.layout.display = None
