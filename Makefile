@@ -29,8 +29,10 @@ browser-deps:
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium could not be installed: browser tests will be skipped"; }
 
+# One torch thread per process in the test run: the suite runs pytest, notebook kernels, JupyterLab and
+# Chromium side by side on few cores, where torch's own thread pool oversubscribes them badly.
 test: setup browser-deps
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench-deps: setup
 	$(PY) -m pip install --quiet -e ".[bench]"

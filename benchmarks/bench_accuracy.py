@@ -21,7 +21,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
 from tda_explorer.evaluate import (  # noqa: E402
-    build_experiment, evaluate_method, lds, mislabel_auc, recall_at, subset_ground_truth,
+    build_experiment,
+    evaluate_method,
+    lds,
+    mislabel_auc,
+    recall_at,
+    subset_ground_truth,
 )
 
 LDS_METHODS = ["grad-dot", "grad-cos", "tracin", ("trak", {}), ("trak", {"projection_dim": 512}),

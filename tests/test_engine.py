@@ -156,3 +156,15 @@ def test_dropout_ensemble_uses_consistent_masks(tiny_data):
     assert not model.training
     with pytest.raises(TDAError, match="no Dropout module"):
         get_method("trak", AttributionTask(nn.Linear(4, 3).double()), dropout_masks=2).fit(train)
+
+
+def test_config_fingerprint_is_stable_across_sessions():
+    from tda_explorer.compute import TrainConfig
+    from tda_explorer.compute.fingerprint import config_fingerprint
+    from tda_explorer.evaluate.experiment import Experiment
+
+    a = config_fingerprint({"model_factory": Experiment.factory, "train_config": TrainConfig(epochs=3)})
+    b = config_fingerprint({"model_factory": Experiment.factory, "train_config": TrainConfig(epochs=3)})
+    c = config_fingerprint({"model_factory": Experiment.factory, "train_config": TrainConfig(epochs=4)})
+    assert a == b != c
+    assert config_fingerprint({"p": torch.ones(3)}) != config_fingerprint({"p": torch.zeros(3)})

@@ -21,7 +21,20 @@ def model_fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _stable(value: Any) -> Any:
+    """A session-independent stand-in for values JSON cannot hold (no memory addresses)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"dataclass": type(value).__qualname__, **dataclasses.asdict(value)}
+    if isinstance(value, torch.Tensor):
+        return {"tensor": hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]}
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    return repr(value)
+
+
 def config_fingerprint(*parts: Any) -> str:
-    """Hash of JSON-able parts (dicts are key-sorted)."""
-    blob = json.dumps(parts, sort_keys=True, default=repr)
+    """Hash of JSON-able parts (dicts are key-sorted; callables by name, dataclasses by fields)."""
+    blob = json.dumps(parts, sort_keys=True, default=_stable)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
