@@ -239,7 +239,7 @@ def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Pat
             table = page.locator(".tda-explorer .tda-mislabel-panel .tda-table").first
             expect(table).to_contain_text("suggested", timeout=20_000)
             page.locator(".tda-explorer .tda-mislabel-next").first.click()
-            expect(table.locator("tr.tda-current-row")).to_contain_text("2", timeout=10_000)
+            expect(table.locator("tr.tda-current-row td").first).to_have_text("2", timeout=10_000)
             current = table.locator("tr.tda-current-row td").nth(2).inner_text().lstrip("#")
             page.locator(".tda-explorer .tda-mislabel-panel").first.scroll_into_view_if_needed()
             page.locator(".tda-explorer .tda-detail-flag:visible").first.click()

@@ -1,0 +1,54 @@
+"""Render benchmarks/results/*.json as the markdown tables of benchmarks/README.md.
+
+    python benchmarks/report.py > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or value != value:
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def accuracy_tables(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lds_rows = [r for r in data["rows"] if "lds" in r]
+    mis_rows = [r for r in data["rows"] if "mislabel_auc" in r]
+    out = [f"### Accuracy ({path.stem}, torch {data.get('torch', '?')}, device {data.get('device', '?')})", "",
+           "| task | method | options | library | LDS | seconds |", "| --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['task']} | {r['method']} | {r['options']} | {r['library']} | {fmt(r['lds'])} | "
+            f"{fmt(r['seconds'], 2)} |" for r in lds_rows]
+    out += ["", "| task | method | library | ROC-AUC | recall@10% | recall@20% | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['task']} | {r['method']} | {r['library']} | {fmt(r['mislabel_auc'], 4)} | "
+            f"{fmt(r['recall_at_10'], 2)} | {fmt(r['recall_at_20'], 2)} | {fmt(r['seconds'], 2)} |" for r in mis_rows]
+    return "\n".join(out)
+
+
+def speed_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    where = data.get("gpu") or f"CPU, {data.get('threads')} threads"
+    out = [f"### Speed ({path.stem}: {where}, torch {data.get('torch', '?')})", "",
+           "| task | what | library | seconds | × one plain epoch | ours / dattri |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['task']} | {r['what']} | {r['library']} | {fmt(r['seconds'], 3)} | {fmt(r['ratio_to_epoch'], 2)} | "
+            f"{fmt(r.get('ours_over_peer'), 3)} |" for r in data["rows"]]
+    return "\n".join(out)
+
+
+def main() -> None:
+    for path in sorted(RESULTS.glob("accuracy*.json")):
+        print(accuracy_tables(path), end="\n\n")
+    for path in sorted(RESULTS.glob("speed*.json")):
+        print(speed_table(path), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()
