@@ -1,13 +1,28 @@
-"""tda_explorer: interactive training data attribution — which training data made the model do that."""
+"""tda_explorer: interactive training data attribution — which training data made the model do that.
 
-from tda_explorer._validation import TDAError
-from tda_explorer.compute import Attribution, AttributionTask, available_methods, get_method
-from tda_explorer.data import AttributionDataset, load_digits_split
-from tda_explorer.session import Session
+Names are imported on first use (PEP 562), so ``import tda_explorer.flags`` does not load torch.
+"""
+
+from importlib import import_module
+
+from tda_explorer.errors import TDAError
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TDAError", "Attribution", "AttributionTask", "available_methods", "get_method",
-    "AttributionDataset", "load_digits_split", "Session", "__version__",
-]
+_LAZY = {
+    "Attribution": "tda_explorer.compute",
+    "AttributionTask": "tda_explorer.compute",
+    "available_methods": "tda_explorer.compute",
+    "get_method": "tda_explorer.compute",
+    "AttributionDataset": "tda_explorer.data",
+    "load_digits_split": "tda_explorer.data",
+    "Session": "tda_explorer.session",
+}
+
+__all__ = ["TDAError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tda_explorer' has no attribute {name!r}")

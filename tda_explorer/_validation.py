@@ -8,9 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class TDAError(ValueError):
-    """Raised for bad input to the public API; the message names the argument."""
+from tda_explorer.errors import TDAError
 
 
 def check_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:

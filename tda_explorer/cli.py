@@ -111,6 +111,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stress(args: argparse.Namespace) -> int:
+    """Crash-safety stress tests (``flags``: SIGKILL during flag writes)."""
+    from tda_explorer.stress import stress_flags
+
+    result = stress_flags(trials=args.trials, writes=args.writes, seed=args.seed)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0 if result["lost"] == 0 and result["integrity_failures"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tda_explorer.compute import available_methods
     from tda_explorer.compute.models import MODEL_KINDS
@@ -157,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n-test", type=int, default=200)
     bench.add_argument("--json", default=None)
     bench.set_defaults(func=cmd_bench)
+
+    stress = sub.add_parser("stress", help="crash-safety stress tests")
+    stress.add_argument("what", choices=["flags"])
+    stress.add_argument("--trials", type=int, default=100)
+    stress.add_argument("--writes", type=int, default=1000)
+    stress.add_argument("--seed", type=int, default=0)
+    stress.add_argument("--json", default=None)
+    stress.set_defaults(func=cmd_stress)
     return parser
 
 

@@ -7,15 +7,13 @@ restart or a crash; the ``history`` table keeps every change with what it replac
 from __future__ import annotations
 
 import json
+import numbers
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from tda_explorer._validation import TDAError
+from tda_explorer.errors import TDAError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS flags (
@@ -55,8 +53,8 @@ class FlagStore:
 
     @staticmethod
     def _key(train_id: Any) -> str:
-        if isinstance(train_id, np.integer):  # ids read back from a DataFrame
-            train_id = int(train_id)
+        if isinstance(train_id, numbers.Integral) and not isinstance(train_id, bool):
+            train_id = int(train_id)  # numpy ints read back from a DataFrame
         if not isinstance(train_id, (int, str)) or isinstance(train_id, bool):
             raise TDAError(f"train_id must be an int or str, got {type(train_id).__name__} ({train_id!r})")
         return json.dumps(train_id)
@@ -114,8 +112,10 @@ class FlagStore:
         rows = self._conn.execute("SELECT train_id, relabel FROM flags WHERE relabel IS NOT NULL").fetchall()
         return {json.loads(k): v for k, v in rows}
 
-    def to_dataframe(self) -> pd.DataFrame:
+    def to_dataframe(self):
         """One row per touched training example: ``train_id, flag, relabel, note, updated_at``."""
+        import pandas as pd
+
         rows = self._conn.execute("SELECT train_id, flagged, relabel, note, updated_at FROM flags").fetchall()
         df = pd.DataFrame(rows, columns=["train_id", "flag", "relabel", "note", "updated_at"])
         df["train_id"] = [json.loads(k) for k in df["train_id"]]
@@ -124,8 +124,10 @@ class FlagStore:
         df["updated_at"] = pd.to_datetime(df["updated_at"], unit="s")
         return df
 
-    def history(self) -> pd.DataFrame:
-        """Every change with its previous value, oldest first."""
+    def history(self):
+        """Every change with its previous value, oldest first (a DataFrame)."""
+        import pandas as pd
+
         rows = self._conn.execute("SELECT train_id, action, previous, value, at FROM history ORDER BY id").fetchall()
         df = pd.DataFrame(rows, columns=["train_id", "action", "previous", "value", "at"])
         df["train_id"] = [json.loads(k) for k in df["train_id"]]
