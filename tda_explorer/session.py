@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.atomic import save_tensors
 from tda_explorer.compute.attribution import Attribution
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods import get_method
@@ -93,10 +94,7 @@ class Session:
         attributor = get_method(method, self.task, device=self.device, **config).fit(self.train)
         attribution = attributor.attribute(self.test)
         self_influence = attributor.self_influence()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"scores": attribution.scores, "self_influence": self_influence}, tmp)
-        tmp.replace(path)
+        save_tensors({"scores": attribution.scores, "self_influence": self_influence}, path)
         self.add(attribution, self_influence)
         return attribution
 

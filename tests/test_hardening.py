@@ -31,3 +31,20 @@ def test_flags_module_imports_without_torch():
 
     code = "import sys, tda_explorer.flags; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_concurrent_writers_of_one_cache_entry_leave_a_complete_file(tmp_path):
+    """Two processes saving the same entry at once (two kernels, one cache folder) never corrupt it."""
+    import subprocess
+    import sys
+
+    import torch
+
+    target = tmp_path / "entry.pt"
+    code = ("import sys, torch; from tda_explorer.atomic import save_tensors\n"
+            "for i in range(30): save_tensors({'x': torch.full((20000,), float(sys.argv[2]))}, sys.argv[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), str(v)]) for v in (1, 2)]
+    assert all(p.wait() == 0 for p in procs)
+    value = torch.load(target, weights_only=True)["x"]
+    assert value.shape == (20000,) and float(value[0]) in (1.0, 2.0) and bool((value == value[0]).all())
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -10,7 +10,6 @@ does not match its manifest is ignored (and recomputed).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from tda_explorer._validation import check_choice
+from tda_explorer.atomic import atomic_path
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -71,11 +71,11 @@ class FeatureStore:
         data_path, meta_path = self._paths(key)
         stored = features.detach().to("cpu", STORAGE_DTYPES[self.dtype]).contiguous()
         array = stored.view(torch.uint16).numpy() if self.dtype == "bfloat16" else stored.numpy()
-        tmp = data_path.with_suffix(f".tmp{os.getpid()}.npy")
+        tmp = atomic_path(data_path).with_suffix(".npy")  # np.save appends .npy otherwise
         np.save(tmp, array)
         tmp.replace(data_path)
         manifest = {"shape": list(array.shape), "dtype": self.dtype, "bytes": data_path.stat().st_size, **(meta or {})}
-        tmp_meta = meta_path.with_suffix(f".tmp{os.getpid()}")
+        tmp_meta = atomic_path(meta_path)
         tmp_meta.write_text(json.dumps(manifest, default=repr))
         tmp_meta.replace(meta_path)
         return stored.float()

@@ -10,6 +10,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from tda_explorer._validation import check_fraction, check_positive_int
+from tda_explorer.atomic import save_tensors
 from tda_explorer.compute.training import train_ensemble
 from tda_explorer.evaluate.experiment import Experiment
 
@@ -69,8 +70,5 @@ def subset_ground_truth(
             ).view(len(rows), -1)
         measurements.append(losses.cpu())
     truth = SubsetGroundTruth(masks, torch.cat(measurements))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"masks": truth.masks, "measurements": truth.measurements}, tmp)
-    tmp.replace(path)
+    save_tensors({"masks": truth.masks, "measurements": truth.measurements}, path)
     return truth
