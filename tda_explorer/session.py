@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from tda_explorer._validation import TDAError
-from tda_explorer.atomic import save_tensors
+from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.attribution import Attribution
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods import get_method
@@ -86,8 +86,8 @@ class Session:
     def compute(self, method: str, progress: bool = False, **config: Any) -> Attribution:
         """Run ``method`` on the session's data (or load it from the cache) and keep the result."""
         path = self._cache_path(method, config)
-        if path.exists():
-            data = torch.load(path, weights_only=True)
+        data = load_tensors(path)
+        if data is not None:
             attribution = Attribution(data["scores"], self.test.ids, self.train.ids, method, config)
             self.add(attribution, data["self_influence"])
             return attribution

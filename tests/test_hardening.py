@@ -48,3 +48,28 @@ def test_concurrent_writers_of_one_cache_entry_leave_a_complete_file(tmp_path):
     value = torch.load(target, weights_only=True)["x"]
     assert value.shape == (20000,) and float(value[0]) in (1.0, 2.0) and bool((value == value[0]).all())
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_damaged_cache_entries_are_recomputed_with_a_warning(digits_experiment, tmp_path):
+    import pytest
+    import torch
+
+    from tda_explorer.evaluate import subset_ground_truth
+    from tda_explorer.session import Session
+
+    truth = subset_ground_truth(digits_experiment, n_subsets=4, cache_dir=tmp_path)
+    entry = next((tmp_path / "ground_truth").glob("subsets-*.pt"))
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte: same size, different content
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="damaged or incomplete"):
+        again = subset_ground_truth(digits_experiment, n_subsets=4, cache_dir=tmp_path)
+    assert torch.equal(again.measurements, truth.measurements)
+
+    session = Session.from_experiment(digits_experiment, folder=tmp_path / "s")
+    first = session.compute("grad-dot")
+    cached = next((tmp_path / "s" / "attributions").glob("grad-dot-*.pt"))
+    cached.write_bytes(cached.read_bytes()[:50])  # truncated by a crash
+    with pytest.warns(UserWarning, match="damaged or incomplete"):
+        second = Session.from_experiment(digits_experiment, folder=tmp_path / "s").compute("grad-dot")
+    assert torch.equal(first.scores, second.scores)

@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from tda_explorer._validation import check_fraction, check_positive_int
-from tda_explorer.atomic import save_tensors
+from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.training import train_ensemble
 from tda_explorer.evaluate.experiment import Experiment
 
@@ -46,8 +46,8 @@ def subset_ground_truth(
     fraction = check_fraction(fraction, "fraction")
     key = hashlib.sha256(f"{experiment.fingerprint()}|{n_subsets}|{fraction}|{seed}".encode()).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()) / "ground_truth" / f"subsets-{key}.pt"
-    if path.exists():
-        data = torch.load(path, weights_only=True)
+    data = load_tensors(path)
+    if data is not None:
         return SubsetGroundTruth(data["masks"], data["measurements"])
     train, test = experiment.split.train, experiment.split.test
     n = len(train)
@@ -70,5 +70,6 @@ def subset_ground_truth(
             ).view(len(rows), -1)
         measurements.append(losses.cpu())
     truth = SubsetGroundTruth(masks, torch.cat(measurements))
-    save_tensors({"masks": truth.masks, "measurements": truth.measurements}, path)
+    save_tensors({"masks": truth.masks, "measurements": truth.measurements}, path,
+                 {"experiment": experiment.fingerprint(), "n_subsets": n_subsets, "fraction": fraction, "seed": seed})
     return truth
