@@ -73,3 +73,90 @@ def test_damaged_cache_entries_are_recomputed_with_a_warning(digits_experiment, 
     with pytest.warns(UserWarning, match="damaged or incomplete"):
         second = Session.from_experiment(digits_experiment, folder=tmp_path / "s").compute("grad-dot")
     assert torch.equal(first.scores, second.scores)
+
+
+class _Payload:  # a pickled object whose loading would run code
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_checkpoints_load_tensors_only_unless_explicitly_trusted(tmp_path, capsys):
+    import pytest
+    import torch
+
+    from tda_explorer import TDAError
+    from tda_explorer.compute.checkpoints import load_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, plain)
+    state = load_checkpoint(plain)
+    assert set(state) == {"weight", "bias"}
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": torch.ones(1), "extra": _Payload()}, evil)
+    with pytest.raises(TDAError, match="holds more than tensors.*allow_pickle=True"):
+        load_checkpoint(evil)
+    assert "unpickled!" not in capsys.readouterr().out  # nothing ran
+    with pytest.raises(TDAError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+PAYLOADS = [
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(2)>",
+    "<svg onload=alert(3)>",
+    "\"><iframe src=javascript:alert(4)>",
+    "<a href=\"javascript:alert(5)\">x</a>",
+    "</td></tr></table><b onmouseover=alert(6)>",
+]
+
+
+def _all_html(widget, seen=None) -> list[str]:
+    """Every HTML string a widget tree renders, plotly figure strings included."""
+    import ipywidgets as W
+
+    seen = set() if seen is None else seen
+    if id(widget) in seen:
+        return []
+    seen.add(id(widget))
+    out = []
+    if isinstance(widget, (W.HTML, W.HTMLMath, W.Label)):
+        out.append(widget.value)
+    if hasattr(widget, "data") and hasattr(widget, "layout") and hasattr(widget, "batch_update"):
+        import json
+
+        out.append(json.dumps(widget.to_plotly_json(), default=str))  # a FigureWidget: raw trace text, titles
+    for child in getattr(widget, "children", ()):
+        out += _all_html(child, seen)
+    return out
+
+
+def test_payloads_in_labels_ids_and_texts_are_escaped_everywhere(tmp_path):
+    import torch
+
+    from tda_explorer import AttributionDataset, AttributionTask
+    from tda_explorer.data import TextRenderer
+    from tda_explorer.session import Session
+    from tda_explorer.widgets import Explorer
+
+    n = len(PAYLOADS)
+    texts = [f"{p} text {i}" for i, p in enumerate(PAYLOADS)]
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([i % 2 for i in range(n)])
+    names = [PAYLOADS[0], PAYLOADS[1]]
+    ids = [f"{p}#{i}" for i, p in enumerate(PAYLOADS)]
+    train = AttributionDataset(x, labels, ids=ids, class_names=names, renderer=TextRenderer(texts))
+    test = AttributionDataset(x, labels, ids=ids, class_names=names, renderer=TextRenderer(texts))
+    session = Session(train, test, AttributionTask(torch.nn.Linear(3, 2)), folder=tmp_path)
+    session.compute("grad-dot")
+    session.compute("tracin", checkpoints=[session.task.model.state_dict()], learning_rates=[1.0])
+    explorer = Explorer(session, k=3)
+    explorer.state.detail_train_id = ids[3]
+    explorer.mislabels.select_ids(ids[:4])
+    explorer.picker.jump.value = PAYLOADS[2]  # an unknown id: echoed in the message
+    rendered = "\n".join(_all_html(explorer))
+    for payload in PAYLOADS:
+        assert payload not in rendered, payload
+    for raw in ("<script", "<img src=x", "<svg", "<iframe", "javascript:alert(5)\">", "<b onmouseover"):
+        assert raw not in rendered, raw
+    assert "&lt;script&gt;" in rendered

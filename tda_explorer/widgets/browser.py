@@ -115,7 +115,7 @@ class InfluenceBrowser(W.VBox):
         def draw(fig):
             for trace, kind in zip(fig.data, ("proponents", "opponents")):
                 ids, scores = shown[kind]
-                trace.x, trace.y = scores, [f"#{i}" for i in ids]
+                trace.x, trace.y = scores, [html.escape(f"#{i}") for i in ids]  # plotly renders some HTML
 
         self.bars.update(draw)
 

@@ -81,9 +81,9 @@ class ComparePanel(W.VBox):
         def draw(fig):
             fig.data[0].x, fig.data[0].y = row_a[rest].numpy(), row_b[rest].numpy()
             fig.data[1].x, fig.data[1].y = row_a[top_idx].numpy(), row_b[top_idx].numpy()
-            fig.data[1].text = [f"#{session.train.ids[i]}" for i in top_idx.tolist()]
-            fig.layout.xaxis.title = f"{s.compare_a} score"
-            fig.layout.yaxis.title = f"{s.compare_b} score"
+            fig.data[1].text = [html.escape(f"#{session.train.ids[i]}") for i in top_idx.tolist()]
+            fig.layout.xaxis.title = f"{html.escape(s.compare_a)} score"
+            fig.layout.yaxis.title = f"{html.escape(s.compare_b)} score"
 
         self.scatter.update(draw)
         self.metrics.value = ("<b>metrics</b><br>" + session.metrics.to_html(index=False, float_format="%.3f")

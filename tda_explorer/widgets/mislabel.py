@@ -47,7 +47,7 @@ class MislabelPanel(W.VBox):
         self.scatter = FigureView(go.Figure(
             [go.Scattergl(x=emb[:, 0], y=emb[:, 1], mode="markers",
                           marker=dict(color=labels, colorscale="Turbo", size=4, opacity=0.7),
-                          text=[f"#{i} label {session.train.class_names[c]}"
+                          text=[html.escape(f"#{i} label {session.train.class_names[c]}")
                                 for i, c in zip(session.train.ids, labels)],
                           hoverinfo="text")],
             layout=dict(dragmode="lasso", xaxis_title="PC 1", yaxis_title="PC 2", height=300,
