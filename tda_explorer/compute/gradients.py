@@ -35,6 +35,7 @@ def iter_per_sample_gradients(
     device: str | torch.device = "cpu",
     ids: list | None = None,
     dropout_seed: int | None = None,
+    argument: str = "inputs",
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, gradients [chunk, p])`` of ``loss_fn`` per example w.r.t. ``names``.
 
@@ -72,7 +73,14 @@ def iter_per_sample_gradients(
             with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
                 if dropout_seed is not None:
                     torch.manual_seed(dropout_seed)
-                g = per_sample(tracked, inputs[rows].to(device), targets[rows].to(device))
+                try:
+                    g = per_sample(tracked, inputs[rows].to(device), targets[rows].to(device))
+                except (RuntimeError, IndexError) as err:  # shape / dtype / device mismatches
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise TDAError(
+                        f"{argument}: the model failed on examples {start}..{rows.stop - 1} "
+                        f"(inputs {tuple(inputs.shape[1:])} {inputs.dtype}, targets {targets.dtype}): {first}"
+                    ) from err
             flat = torch.cat([g[k].reshape(rows.stop - start, -1) for k in names], dim=1)
             check_finite(flat, "per-sample gradients", None if ids is None else ids[rows])
             yield rows, flat

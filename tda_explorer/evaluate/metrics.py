@@ -43,6 +43,11 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, measurements: torch.Tensor) -
             f"lds: shapes do not line up: scores {tuple(scores.shape)}, masks {tuple(masks.shape)}, "
             f"measurements {tuple(measurements.shape)}"
         )
+    if n_models < 3 or scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise TDAError(
+            f"lds needs at least 3 retrained subsets, 1 test and 1 training example; got masks "
+            f"{tuple(masks.shape)} and scores {tuple(scores.shape)}"
+        )
     predicted = masks.double() @ scores.double().T  # [M, n_test]
     per_test = _spearman_columns(predicted.numpy(), -measurements.double().numpy())
     return float(np.nanmean(per_test)), per_test

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from tda_explorer._validation import TDAError, as_device
+from tda_explorer._validation import TDAError, as_device, check_positive_int
 from tda_explorer.compute.attribution import Attribution
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.gradients import iter_per_sample_gradients
@@ -48,7 +48,10 @@ class Attributor(ABC):
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
         self.task = task
         self.device = as_device(device)
-        self.max_memory = max_memory
+        self.max_memory = None if max_memory is None else check_positive_int(max_memory, "max_memory")
+        if projection_dim is not None:
+            check_positive_int(projection_dim, "projection_dim")
+        check_positive_int(projection_seed, "projection_seed", allow_zero=True)
         self.n_params = sum(p.numel() for n, p in task.model.named_parameters() if n in task.tracked_names())
         self.projector = None
         if projection_dim is not None and projection_dim < self.n_params:
@@ -118,6 +121,7 @@ class Attributor(ABC):
         for _, g in iter_per_sample_gradients(
             self.task.model, self.task.tracked_names(), data.inputs, data.labels, loss_fn,
             params=params, max_memory=self.max_memory, device=self.device, ids=data.ids, dropout_seed=dropout_seed,
+            argument="test" if test else "train",
         ):
             chunks.append(self.projector.project(g) if self.projector else g)
         features = torch.cat(chunks)
