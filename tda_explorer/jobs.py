@@ -12,6 +12,20 @@ class JobCancelled(Exception):
     """Raised inside a job's stage when the user cancelled it."""
 
 
+_current = threading.local()
+
+
+def check_cancelled() -> None:
+    """Raise ``JobCancelled`` if the job running on this thread was cancelled (no-op elsewhere).
+
+    Long loops (per-sample gradient chunks, training epochs) call this, so a cancel takes effect
+    within one chunk rather than at the end of a stage.
+    """
+    job = getattr(_current, "job", None)
+    if job is not None and job._cancel.is_set():
+        raise JobCancelled(f"cancelled during {job.label!r}")
+
+
 class BackgroundJob:
     """Runs ``stages`` (callables taking the previous stage's result) in a worker thread.
 
@@ -65,6 +79,7 @@ class BackgroundJob:
 
     def _run(self) -> None:
         result = None
+        _current.job = self
         try:
             for i, (label, fn) in enumerate(self.stages):
                 if self._cancel.is_set():

@@ -160,3 +160,69 @@ def test_payloads_in_labels_ids_and_texts_are_escaped_everywhere(tmp_path):
     for raw in ("<script", "<img src=x", "<svg", "<iframe", "javascript:alert(5)\">", "<b onmouseover"):
         assert raw not in rendered, raw
     assert "&lt;script&gt;" in rendered
+
+
+def test_same_seed_gives_identical_scores_on_cpu():
+    import torch
+
+    from tda_explorer import get_method
+    from tda_explorer.evaluate import build_experiment
+
+    runs = []
+    for _ in range(2):
+        exp = build_experiment("mlp", noise=0.1, n_train=200, n_test=30, epochs=8, seed=3)
+        runs.append({m: get_method(m, exp.task(), **({"projection_dim": 128} if m == "trak" else {}))
+                     .fit(exp.split.train).attribute(exp.split.test).scores for m in ("tracin", "trak")})
+    for method in runs[0]:
+        assert torch.equal(runs[0][method], runs[1][method]), method
+
+
+def test_rapid_selections_and_flag_clicks_lose_nothing(digits_experiment, tmp_path, caplog):
+    import logging
+    import random
+
+    from tda_explorer.session import Session
+    from tda_explorer.widgets import Explorer
+
+    session = Session.from_experiment(digits_experiment, folder=tmp_path)
+    session.compute("tracin")
+    explorer = Explorer(session, k=5)
+    rng = random.Random(0)
+    expected: set = set()
+    caplog.set_level(logging.WARNING)
+    for _ in range(100):
+        explorer.state.test_id = rng.choice(session.test.ids)
+        card = explorer.browser.proponents[rng.randrange(5)]
+        card.buttons["flag"].click()
+        expected ^= {card.example_id}
+    assert set(session.flags.flagged_ids()) == expected
+    assert explorer.browser.shown_ids() == session.attribution("tracin").topk(explorer.state.test_id, 5)[0]
+    shown_flags = {c.example_id for c in explorer.browser.proponents + explorer.browser.opponents
+                   if c.example_id is not None and c.buttons["flag"].description == "unflag"}
+    visible = {c.example_id for c in explorer.browser.proponents + explorer.browser.opponents if c.example_id}
+    assert shown_flags == expected & visible
+    assert "Exception in callback" not in caplog.text
+    assert len(session.flags.history()) == 100
+
+
+def test_long_computation_can_be_cancelled_and_the_panel_stays_usable(digits_experiment, tmp_path):
+    import time
+
+    from tda_explorer.session import Session
+    from tda_explorer.widgets import Explorer
+
+    session = Session.from_experiment(digits_experiment, folder=tmp_path)
+    session.compute("grad-dot")
+    explorer = Explorer(session)
+    explorer.compute_bar.method_config = {"tracin": {"max_memory": 3 * 4 * 10_000}}  # one example per chunk
+    job = explorer.compute_bar.start("tracin")
+    time.sleep(0.3)
+    assert not job.done
+    t0 = time.perf_counter()
+    explorer.compute_bar.cancel_button.click()
+    job.join(30)
+    assert job.state == "cancelled" and time.perf_counter() - t0 < 5
+    assert "tracin" not in session.methods and "cancelled" in explorer.compute_bar.message.value
+    assert not explorer.compute_bar.run_button.disabled
+    explorer.state.test_id = session.test.ids[4]  # still usable
+    assert explorer.browser.shown_ids() == session.attribution("grad-dot").topk(session.test.ids[4], 5)[0]

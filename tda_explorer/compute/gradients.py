@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tda_explorer._validation import TDAError, check_finite
+from tda_explorer.jobs import check_cancelled
 
 
 def _chunk_size(n_params: int, max_memory: int | None, n: int) -> int:
@@ -69,6 +70,7 @@ def iter_per_sample_gradients(
         per_sample = vmap(grad(one), in_dims=(None, 0, 0), randomness="same" if dropout_seed is not None else "error")
         chunk = _chunk_size(n_params, max_memory, len(inputs))
         for start in range(0, len(inputs), chunk):
+            check_cancelled()
             rows = slice(start, min(start + chunk, len(inputs)))
             with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
                 if dropout_seed is not None:

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from tda_explorer._validation import TDAError, as_device, check_choice, check_positive_int
+from tda_explorer.jobs import check_cancelled
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class EnsembleTrainer:
         b1, b2, eps = 0.9, 0.999, 1e-8
         bs = min(c.batch_size, m)
         for _ in range(epochs):
+            check_cancelled()
             order = torch.argsort(torch.rand(n_models, m, generator=self.gen), dim=1).to(self.dev)
             shuffled = torch.gather(self.subsets, 1, order)
             for start in range(0, m, bs):
