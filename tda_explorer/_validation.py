@@ -62,4 +62,9 @@ def as_device(device: str | torch.device | None) -> torch.device:
         raise TDAError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TDAError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TDAError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                       f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise TDAError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
     return dev
