@@ -114,6 +114,14 @@ def _captions(page, gallery: str) -> list[tuple[str, float]]:
     return out
 
 
+def _wait_flagged(db: Path, train_id: str, timeout_s: float = 10) -> bool:
+    """Poll the flag store until ``train_id`` is flagged (the kernel writes it asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while _flag_row(db, train_id) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _flag_row(db, train_id) == 1
+
+
 def _flag_row(db: Path, train_id: str):
     """The ``flagged`` value stored for ``train_id`` (as the caption shows it), or None."""
     keys = [json.dumps(train_id)]
@@ -225,10 +233,7 @@ def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Pat
             expect(flag_button).to_have_text("unflag", timeout=10_000)
 
             db = notebook_dir / "quickstart_session" / "flags.sqlite"
-            deadline = time.monotonic() + 10
-            while _flag_row(db, train_id) != 1 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert _flag_row(db, train_id) == 1, f"train #{train_id} not flagged in {db}"
+            assert _wait_flagged(db, train_id), f"train #{train_id} not flagged in {db}"
 
             explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
             page.wait_for_timeout(300)
@@ -243,10 +248,7 @@ def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Pat
             current = table.locator("tr.tda-current-row td").nth(2).inner_text().lstrip("#")
             page.locator(".tda-explorer .tda-mislabel-panel").first.scroll_into_view_if_needed()
             page.locator(".tda-explorer .tda-detail-flag:visible").first.click()
-            deadline = time.monotonic() + 10
-            while _flag_row(db, current) != 1 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert _flag_row(db, current) == 1, f"train #{current} not flagged from the mislabel panel"
+            assert _wait_flagged(db, current), f"train #{current} not flagged from the mislabel panel"
             explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
             page.wait_for_timeout(500)
             page.screenshot(path=str(ASSETS / "explorer_mislabels.png"))

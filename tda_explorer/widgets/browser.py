@@ -105,9 +105,8 @@ class InfluenceBrowser(W.VBox):
                     card.hide()
                     continue
                 tpos = train.positions([ids[i]])[0]
-                tl, tp = train.class_names[train.labels[tpos]], train.class_names[session.train_predicted[tpos]]
-                card.show(ids[i], train.thumbnail(tpos), train.render_html(tpos),
-                          f"#{ids[i]} · {float(scores[i]):+.3g}\nlabel {tl} · pred {tp}", bar=float(scores[i]) / scale)
+                head = f"#{ids[i]} · {float(scores[i]):+.3g}"
+                card.show_example(train, tpos, int(session.train_predicted[tpos]), head, bar=float(scores[i]) / scale)
                 card.buttons["flag"].description = "unflag" if ids[i] in flagged else "flag"
                 card.buttons["flag"].button_style = "danger" if ids[i] in flagged else ""
                 card.mark(ids[i] == s.detail_train_id)

@@ -77,6 +77,12 @@ class ExampleCard(W.VBox):
         )
         self.layout.display = None
 
+    def show_example(self, dataset, position: int, predicted: int, head: str, bar: float | None = None) -> None:
+        """Show row ``position`` of ``dataset`` with ``head`` over its given and predicted labels."""
+        names = dataset.class_names
+        self.show(dataset.ids[position], dataset.thumbnail(position), dataset.render_html(position),
+                  f"{head}\nlabel {names[dataset.labels[position]]} · pred {names[predicted]}", bar=bar)
+
     def hide(self) -> None:
         self.example_id = None
         self.layout.display = "none"

@@ -63,9 +63,7 @@ class TestPicker(W.VBox):
                 card.hide()
                 continue
             pos = test.positions([shown[i]])[0]
-            label, pred = test.class_names[test.labels[pos]], test.class_names[s.test_predicted[pos]]
-            card.show(shown[i], test.thumbnail(pos), test.render_html(pos),
-                      f"#{shown[i]} loss {float(s.test_loss[pos]):.2f}\nlabel {label} · pred {pred}")
+            card.show_example(test, pos, int(s.test_predicted[pos]), f"#{shown[i]} loss {float(s.test_loss[pos]):.2f}")
         self._mark_selected()
 
     def jump_to(self, text: str) -> None:
