@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     opts = ev.add_argument_group("method options (passed to the method when given)")
     opts.add_argument("--projection-dim", type=int, default=None, help="random projection dimension k")
-    opts.add_argument("--damping", type=float, default=None, help="TRAK: relative damping of Phi^T Phi")
+    opts.add_argument("--damping", type=float, default=None, help="TRAK: relative; if-*: absolute lambda")
     opts.add_argument("--ensemble", type=int, default=None, help="TRAK: independently trained models")
     opts.add_argument("--ensemble-checkpoints", type=int, default=None, help="TRAK: last K checkpoints")
     opts.add_argument("--dropout-masks", type=int, default=None, help="TRAK: dropout-ensemble masks per model")

@@ -5,12 +5,15 @@ from __future__ import annotations
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
+from tda_explorer.compute.methods.influence import CGInfluence, ExplicitInfluence, InfluenceFunction
 from tda_explorer.compute.methods.suspicion import Suspicion
 from tda_explorer.compute.methods.tracin import TracIn
 from tda_explorer.compute.methods.trak import TRAK
 from tda_explorer.compute.task import AttributionTask
 
-METHODS: dict[str, type[Attributor]] = {cls.name: cls for cls in (GradDot, GradCos, TracIn, TRAK, Suspicion)}
+METHODS: dict[str, type[Attributor]] = {
+    cls.name: cls for cls in (GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence)
+}
 
 
 def available_methods() -> list[str]:
@@ -26,5 +29,6 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
 
 
 __all__ = [
-    "Attributor", "GradDot", "GradCos", "TracIn", "TRAK", "Suspicion", "METHODS", "available_methods", "get_method",
+    "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
+    "TracIn", "TRAK", "Suspicion", "METHODS", "available_methods", "get_method",
 ]
