@@ -92,3 +92,51 @@ def test_refusals_name_the_problem(tiny_data):
         get_method("if-cg", task, damping=-1.0)
     with pytest.raises(TDAError, match="unknown curvature 'fisher'"):
         get_method("if-explicit", task, curvature="fisher").fit(train)
+
+
+@pytest.mark.parametrize("method", ["if-ekfac", "if-kfac"])
+def test_kronecker_factored_if_is_exact_for_one_example_on_a_linear_layer(method):
+    """One example, empirical Fisher: F = g gᵀ = (s sᵀ) ⊗ (a aᵀ) exactly, so the factored inverse is exact."""
+    from tda_explorer import AttributionDataset
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    train = AttributionDataset(torch.randn(1, 3, dtype=torch.float64), torch.tensor([2]))
+    test = AttributionDataset(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0]))
+    wd = 0.01
+    fitted = get_method(method, AttributionTask(model, weight_decay=wd), fisher="empirical", damping=0.2).fit(train)
+    got = fitted.attribute(test).scores.double()
+    g_tr, g_te = _grads(model, train.inputs, train.labels), _grads(model, test.inputs, test.labels)
+    # the flat layout is (weight row-major, bias): reorder to the [out, in + 1] layout of the factors
+    def layout(g):
+        return torch.cat([g[:, :12].view(-1, 4, 3), g[:, 12:].view(-1, 4, 1)], dim=2).reshape(len(g), -1)
+    lam = 0.2 * float(fitted.factors_[0].eigenvalues.mean())
+    fisher = layout(g_tr).T @ layout(g_tr)
+    want = layout(g_te) @ torch.linalg.solve(fisher + (wd + lam) * torch.eye(16, dtype=torch.float64),
+                                             layout(g_tr).T)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_ekfac_approximates_explicit_ggn_and_reuses_factors(digits_experiment):
+    from scipy.stats import spearmanr
+
+    exp = digits_experiment
+    task = exp.task()
+    ekfac = get_method("if-ekfac", task).fit(exp.split.train)
+    explicit = get_method("if-cg", task, damping=1e-3, tol=1e-6).fit(exp.split.train)
+    a = ekfac.attribute(exp.split.test).scores
+    b = explicit.attribute(exp.split.test).scores
+    rho = [spearmanr(a[j], b[j]).statistic for j in range(len(a))]
+    assert sum(rho) / len(rho) > 0.6
+    full = ekfac.attribute(exp.split.train).scores
+    torch.testing.assert_close(ekfac.self_influence(), full.diagonal(), rtol=1e-4, atol=1e-8)
+    factors = ekfac.factors_
+    damped = ekfac.with_damping(10.0).attribute(exp.split.test).scores
+    assert ekfac.factors_ is factors and not torch.allclose(damped, a)
+
+
+def test_kronecker_factored_if_refuses_unsupported_modules():
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3))
+    with pytest.raises(TDAError, match=r"supports nn.Linear only.*0 \(Conv2d\).*if-explicit / if-cg"):
+        get_method("if-ekfac", AttributionTask(conv))
+    assert get_method("if-ekfac", AttributionTask(conv, parameters=["2"])).name == "if-ekfac"

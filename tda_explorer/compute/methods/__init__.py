@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.ekfac import EKFACInfluence, KFACInfluence
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
 from tda_explorer.compute.methods.influence import CGInfluence, ExplicitInfluence, InfluenceFunction
 from tda_explorer.compute.methods.suspicion import Suspicion
@@ -12,7 +13,9 @@ from tda_explorer.compute.methods.trak import TRAK
 from tda_explorer.compute.task import AttributionTask
 
 METHODS: dict[str, type[Attributor]] = {
-    cls.name: cls for cls in (GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence)
+    cls.name: cls for cls in (
+        GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
+    )
 }
 
 
@@ -30,5 +33,5 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
 
 __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
-    "TracIn", "TRAK", "Suspicion", "METHODS", "available_methods", "get_method",
+    "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "METHODS", "available_methods", "get_method",
 ]
