@@ -140,3 +140,21 @@ def test_kronecker_factored_if_refuses_unsupported_modules():
     with pytest.raises(TDAError, match=r"supports nn.Linear only.*0 \(Conv2d\).*if-explicit / if-cg"):
         get_method("if-ekfac", AttributionTask(conv))
     assert get_method("if-ekfac", AttributionTask(conv, parameters=["2"])).name == "if-ekfac"
+
+
+def test_astra_improves_on_its_ekfac_start_towards_the_exact_solution(digits_experiment):
+    """ASTRA starts at the EK-FAC answer and iterates towards (G + D)⁻¹v; check it gets closer to a tight CG solve."""
+    exp = digits_experiment
+    task = exp.task()
+    astra = get_method("if-astra", task, iterations=150, minibatch=300).fit(exp.split.train)
+    test = exp.split.test.subset(range(6))
+    v = astra._features(test, test=True).double()
+    damping = astra._damping_flat()
+    from tda_explorer.compute.curvature import Curvature
+
+    full = Curvature(task, exp.split.train, "ggn")
+    residual = lambda x: float(((full.matvec(x) + damping * x - v).norm(dim=1) / v.norm(dim=1)).max())
+    start, end = residual(astra._precondition(v)), residual(astra._solve(v))
+    assert end < 0.5 * start
+    with pytest.raises(TDAError, match="momentum must be in"):
+        get_method("if-astra", task, momentum=1.5)

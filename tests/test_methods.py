@@ -67,8 +67,8 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 
 
 def test_unknown_method_lists_available(tiny_mlp):
-    with pytest.raises(TDAError, match="unknown method .nope.; available: grad-cos, grad-dot, if-cg, if-ekfac, "
-                       "if-explicit, if-kfac, suspicion, tracin, trak"):
+    with pytest.raises(TDAError, match="unknown method .nope.; available: grad-cos, grad-dot, if-astra, if-cg, "
+                       "if-ekfac, if-explicit, if-kfac, suspicion, tracin, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
 
 
@@ -120,7 +120,7 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
 
     extra = {"suspicion": {"oof_probabilities": torch.full((len(x), 3), 1 / 3)}}
     assert set(METHODS) == {"grad-dot", "grad-cos", "tracin", "trak", "suspicion", "if-explicit", "if-cg", "if-kfac",
-                            "if-ekfac"}
+                            "if-astra", "if-ekfac"}
     for name in METHODS:
         scores = get_method(name, task, **extra.get(name, {})).fit(train).attribute(test).scores.double()
         rho = spearmanr(scores.flatten(), delta.flatten()).statistic

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.methods.astra import ASTRAInfluence
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.ekfac import EKFACInfluence, KFACInfluence
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
@@ -15,6 +16,7 @@ from tda_explorer.compute.task import AttributionTask
 METHODS: dict[str, type[Attributor]] = {
     cls.name: cls for cls in (
         GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
+        ASTRAInfluence,
     )
 }
 
@@ -33,5 +35,6 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
 
 __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
-    "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "METHODS", "available_methods", "get_method",
+    "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "METHODS",
+    "available_methods", "get_method",
 ]
