@@ -47,6 +47,8 @@ class InfluenceFunction(Attributor):
     def __init__(self, task: AttributionTask, *, curvature: str = "ggn", damping: float | None = None,
                  max_iter: int = 200, tol: float = 1e-6, solver: str | None = None, **kwargs):
         super().__init__(task, **kwargs)
+        if self.projector is not None:
+            raise TDAError("projection_dim is not supported by if-explicit / if-cg yet; leave it None")
         if solver is not None:
             self.solver = solver
         if self.solver not in ("explicit", "cg"):
@@ -66,8 +68,6 @@ class InfluenceFunction(Attributor):
     def _fit(self, train: AttributionDataset) -> None:
         self.curvature_ = Curvature(self.task, train, self.curvature_kind, self.device)
         self.g_train_ = self._features(train, test=False).double()
-        if self.projector is not None:
-            raise TDAError("projection_dim is not supported by influence functions yet; leave it None")
         if self.solver == "explicit":
             matrix = self.curvature_.dense()
             self.lam_ = self._lambda(matrix.diagonal().mean())
