@@ -7,6 +7,8 @@ cross-entropy), so G + wd·I is positive definite — the default for influence 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
@@ -46,6 +48,12 @@ class Curvature:
         self.n = len(train)
         self.wd = float(task.weight_decay)
         self.model = model
+
+    def on_rows(self, rows: torch.Tensor) -> Curvature:
+        """The same curvature over a subset of the training rows (a minibatch), sharing everything else."""
+        view = copy.copy(self)
+        view.x, view.y, view.n = self.x[rows], self.y[rows], len(rows)
+        return view
 
     @property
     def dim(self) -> int:

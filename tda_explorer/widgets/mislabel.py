@@ -72,11 +72,11 @@ class MislabelPanel(W.VBox):
         self.refresh(follow=state.detail_train_id is None)
 
     # -- logic (testable without a browser) ------------------------------------------------------
-    def table(self):
+    def table(self, ranking=None):
         """The ranking on screen (restricted to the lasso selection when there is one)."""
         if not self.state.mislabel_method:
             return None
-        df = self.session.mislabel_ranking(self.state.mislabel_method)
+        df = self.session.mislabel_ranking(self.state.mislabel_method) if ranking is None else ranking
         if self.state.selection:
             df = df[df["train_id"].isin(set(self.state.selection))]
         return df.reset_index(drop=True)
@@ -105,7 +105,8 @@ class MislabelPanel(W.VBox):
     # -- view ------------------------------------------------------------------------------------
     def refresh(self, follow: bool = False) -> None:
         """Redraw; with ``follow`` (navigation moved) also show the current row in the detail panel."""
-        df = self.table()
+        all_scores = self.session.mislabel_ranking(self.state.mislabel_method) if self.state.mislabel_method else None
+        df = self.table(all_scores)
         if df is None or df.empty:
             self.list.value = "<i>no ranking: compute a method first</i>" if df is None else "<i>empty selection</i>"
             return
@@ -133,7 +134,6 @@ class MislabelPanel(W.VBox):
         self.status.value = f"<span class='tda-muted'>{scope} · showing {index + 1} of {len(df)}</span>"
         self.list.value = ("<table><tr><th>rank</th><th></th><th>id</th><th>given</th><th>predicted</th>"
                            "<th>suggested</th><th>score</th><th>flag</th></tr>" + "".join(rows) + "</table>")
-        all_scores = self.session.mislabel_ranking(self.state.mislabel_method)
         flagged_scores = all_scores.loc[all_scores["flag"], "score"].to_numpy()
 
         def draw(fig):

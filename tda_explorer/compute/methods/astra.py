@@ -44,6 +44,7 @@ class ASTRAInfluence(EKFACInfluence):
     def _fit(self, train: AttributionDataset) -> None:
         super()._fit(train)
         self.lambda_max_ = None
+        self.curvature_ = None
         self.g_train_ = self._features(train, test=False).double()
         self.train_data_ = train
 
@@ -79,22 +80,28 @@ class ASTRAInfluence(EKFACInfluence):
         x = self._precondition(v)
         velocity = torch.zeros_like(x)
         step = self.step / self._largest_eigenvalue(damping)
+        full = self._full_curvature()
         for t in range(self.iterations):
             if t and t % self.halve_every == 0:
                 step /= 2
-            rows = torch.randperm(n, generator=gen)[: self.minibatch].tolist()
-            curvature = Curvature(self.task, self.train_data_.subset(rows), "ggn", self.device)
-            residual = curvature.matvec(x) + damping * x - v
+            rows = torch.randperm(n, generator=gen)[: self.minibatch].to(full.x.device)
+            residual = full.on_rows(rows).matvec(x) + damping * x - v
             velocity = self.momentum * velocity - step * self._precondition(residual)
             x = x + velocity
         if not torch.isfinite(x).all():
             raise TDAError("ASTRA diverged (non-finite iterate); lower step or momentum, or raise damping")
         return x
 
+    def _full_curvature(self) -> Curvature:
+        """The GGN over the whole training set, built once per fit; minibatches are row views of it."""
+        if getattr(self, "curvature_", None) is None:
+            self.curvature_ = Curvature(self.task, self.train_data_, "ggn", self.device)
+        return self.curvature_
+
     def _largest_eigenvalue(self, damping: torch.Tensor, iterations: int = 20) -> float:
         """λ_max of (P + D)⁻¹(G + D) by power iteration on the full training set (cached per fit)."""
         if getattr(self, "lambda_max_", None) is None:
-            full = Curvature(self.task, self.train_data_, "ggn", self.device)
+            full = self._full_curvature()
             z = torch.randn(1, self.g_train_.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
             estimate = 1.0
             for _ in range(iterations):
