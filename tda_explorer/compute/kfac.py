@@ -1,14 +1,19 @@
-"""Kronecker-factored curvature (K-FAC / EK-FAC) for ``nn.Linear`` layers, fitted with hooks.
+"""Kronecker-factored curvature (K-FAC / EK-FAC) for ``nn.Linear`` and ``nn.Conv2d`` layers, fitted with hooks.
 
-Per layer with input activations a (a 1 appended for the bias) and pre-activation output gradients s:
-A = E[a aᵀ], S = E[s sᵀ], eigendecomposed A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ. K-FAC takes Λ_S ⊗ Λ_A as the
-eigenvalues; EK-FAC refits them in the Kronecker eigenbasis, Λ_ij = E[((Q_Sᵀ G Q_A)_ij)²] for per-example layer
-gradients G = s aᵀ. By default s comes from labels *sampled from the model* (true Fisher; the empirical Fisher
-of a well-fit model is tiny and degenerates to Grad-Dot, see methods.md).
+Per layer, each example contributes input patches a_t (a 1 appended for the bias) and output gradients s_t at
+positions t: one position for a Linear layer on [B, in], the sequence positions of a Linear layer on [B, …, in],
+the output pixels of a convolution (a_t the unfolded kernel-sized patch, C_in·k_h·k_w values). The example's
+layer gradient is G = Σ_t s_t a_tᵀ, shaped like ``weight.view(out, -1)`` with the bias as a last column.
+Factors (KFC's spatially-uncorrelated convention, so that E[vec G vec Gᵀ] ≈ A ⊗ S):
+A = E[(1/T) Σ_t a_t a_tᵀ], S = E[Σ_t s_t s_tᵀ], eigendecomposed A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ. K-FAC takes
+Λ_S ⊗ Λ_A as the eigenvalues; EK-FAC refits them in the Kronecker eigenbasis, Λ_ij = E[((Q_Sᵀ G Q_A)_ij)²].
+By default s comes from labels *sampled from the model* (true Fisher; the empirical Fisher of a well-fit model
+is tiny and degenerates to Grad-Dot, see methods.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,103 +23,188 @@ from tda_explorer._validation import TDAError, check_choice
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
-SUPPORTED = (nn.Linear,)
+SUPPORTED = (nn.Linear, nn.Conv2d)
+LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (outputs of a batch, its first row) -> per-example loss
 
 
 @dataclass
 class LayerFactors:
-    """Eigenbases and eigenvalues of one layer (weight and bias as one [out, in + 1] matrix)."""
+    """Eigenbases and eigenvalues of one layer (weight as ``[out, in·k]`` and the bias as one more column)."""
 
     name: str
     q_a: torch.Tensor
     q_s: torch.Tensor
-    eigenvalues: torch.Tensor  # [out, in + 1]: EK-FAC corrected or K-FAC products
+    eigenvalues: torch.Tensor  # [out, in·k (+1)]: EK-FAC corrected or K-FAC products
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "q_a": self.q_a, "q_s": self.q_s, "eigenvalues": self.eigenvalues}
 
 
-def tracked_linear_layers(task: AttributionTask) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` modules whose weight is tracked; refuse other tracked modules by name."""
+def _check_conv(name: str, module: nn.Conv2d) -> None:
+    problems = []
+    if module.groups != 1:
+        problems.append(f"groups={module.groups}")
+    if module.padding_mode != "zeros":
+        problems.append(f"padding_mode={module.padding_mode!r}")
+    if isinstance(module.padding, str) and module.padding == "same" and any(
+            d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+        problems.append("padding='same' with an even kernel (asymmetric padding)")
+    if problems:
+        raise TDAError(
+            f"K-FAC/EK-FAC cannot factor Conv2d {name!r} with {', '.join(problems)}; supported: groups=1, "
+            "zero padding. Leave this layer out (parameters=[...]) or use if-explicit / if-cg / if-lissa"
+        )
+
+
+def tracked_layers(task: AttributionTask) -> list[tuple[str, nn.Module]]:
+    """The ``nn.Linear`` / ``nn.Conv2d`` modules with tracked parameters; refuse other tracked modules by name."""
     tracked = set(task.tracked_names())
     layers, unsupported = [], []
     for name, module in task.model.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
         if not any(p in tracked for p in own):
             continue
-        if isinstance(module, SUPPORTED):
-            if module.bias is not None and (f"{name}.bias" if name else "bias") not in tracked:
-                raise TDAError(f"layer {name!r}: track both its weight and bias (or neither) for K-FAC/EK-FAC")
-            layers.append((name, module))
-        else:
+        if not isinstance(module, SUPPORTED):
             unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        prefix = f"{name}." if name else ""
+        if prefix + "weight" not in tracked or (module.bias is not None and prefix + "bias" not in tracked):
+            raise TDAError(f"layer {name!r}: track both its weight and bias (or neither) for K-FAC/EK-FAC")
+        if isinstance(module, nn.Conv2d):
+            _check_conv(name, module)
+        layers.append((name, module))
     if unsupported:
         raise TDAError(
-            f"K-FAC/EK-FAC supports nn.Linear only; tracked parameters include {', '.join(unsupported)}. "
-            "Track only Linear layers (parameters=[...]) or use if-explicit / if-cg, which take any module"
+            f"K-FAC/EK-FAC supports nn.Linear and nn.Conv2d; tracked parameters include {', '.join(unsupported)}. "
+            "Track only those layers (parameters=[...]) or use if-explicit / if-cg / if-lissa, which take any module"
         )
     return layers
 
 
-def _capture(model: nn.Module, layers, inputs, targets_fn, batch_size: int, device):
-    """Yield per-batch (name -> (a [B, in+1], s [B, out])) with s the gradient of the summed loss."""
-    store: dict[str, list] = {}
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input patches ``[B, T, in·k (+1)]`` of a layer."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        if isinstance(padding, str):
+            padding = (0, 0) if padding == "valid" else tuple(
+                d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        a = cols.transpose(1, 2)
+    else:
+        a = x.reshape(len(x), -1, x.shape[-1])
+    if module.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
+    return a
+
+
+def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """Output gradients ``[B, T, out]`` of a layer."""
+    if isinstance(module, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(len(g), -1, g.shape[-1])
+
+
+def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: torch.Tensor,
+                   losses: list[LossFn], batch_size: int, device: torch.device | str,
+                   ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
+    """Per batch: each layer's input patches, and for each loss its output gradients (one forward, one backward
+    per loss; parameter gradients are never accumulated)."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name, module in layers:
-        def fwd(mod, args, out, name=name):
-            a = args[0].detach()
-            if mod.bias is not None:
-                a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-            store[name] = [a, None]
-            out.register_hook(lambda g, name=name: store[name].__setitem__(1, g.detach()))
-        handles.append(module.register_forward_hook(fwd))
+        def hook(mod, args, out, name=name):
+            captured[name] = (args[0].detach(), out)
+        handles.append(module.register_forward_hook(hook))
     try:
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size].to(device)
-            model.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = nn.functional.cross_entropy(out, targets_fn(out.detach(), start), reduction="sum")
-            loss.backward()
-            yield {name: tuple(store[name]) for name, _ in layers}
+            with torch.enable_grad():
+                out = model(x)
+                outputs = [captured[name][1] for name, _ in layers]
+                patches = {name: _patches(module, captured[name][0]) for name, module in layers}
+                grads = []
+                for k, loss in enumerate(losses):
+                    g = torch.autograd.grad(loss(out, start).sum(), outputs, retain_graph=k < len(losses) - 1)
+                    grads.append({name: _output_grads(m, gi.detach()) for (name, m), gi in zip(layers, g)})
+            yield patches, grads
     finally:
         for h in handles:
             h.remove()
-        model.zero_grad(set_to_none=True)
+
+
+def _layer_gradients(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-example layer gradients ``[B, out, in]`` = Σ_t s_t a_tᵀ."""
+    return torch.einsum("bto,bti->boi", s, a)
+
+
+def _sampler(train: AttributionDataset, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def loss(out: torch.Tensor, start: int) -> torch.Tensor:
+        if fisher == "empirical":
+            y = train.labels[start : start + len(out)].to(out.device)
+        else:
+            y = torch.multinomial(out.detach().softmax(-1).cpu().double(), 1, generator=gen).squeeze(1).to(out.device)
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    return loss, gen
 
 
 def fit_factors(task: AttributionTask, train: AttributionDataset, fisher: str = "true", corrected: bool = True,
                 batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu") -> list[LayerFactors]:
-    """Fit K-FAC (``corrected=False``) or EK-FAC factors of the tracked Linear layers on ``train``."""
+    """Fit K-FAC (``corrected=False``) or EK-FAC factors of the tracked Linear/Conv2d layers on ``train``."""
     check_choice(fisher, "fisher", ("true", "empirical"))
-    layers = tracked_linear_layers(task)
+    layers = tracked_layers(task)
     model = task.model
     was = model.training
     model.eval().to(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def targets(out: torch.Tensor, start: int) -> torch.Tensor:
-        if fisher == "empirical":
-            return train.labels[start : start + len(out)].to(out.device)
-        return torch.multinomial(out.softmax(-1).cpu().double(), 1, generator=gen).squeeze(1).to(out.device)
-
+    loss, gen = _sampler(train, fisher, seed)
     n = len(train)
     try:
-        covs = {name: [0, 0] for name, _ in layers}
-        for batch in _capture(model, layers, train.inputs, targets, batch_size, device):
-            for name, (a, s) in batch.items():
-                covs[name][0] = covs[name][0] + a.double().T @ a.double() / n
-                covs[name][1] = covs[name][1] + s.double().T @ s.double() / n
+        covs: dict[str, list] = {name: [0, 0] for name, _ in layers}
+        for patches, (grads,) in layer_activity(model, layers, train.inputs, [loss], batch_size, device):
+            for name, _ in layers:
+                a, s = patches[name].double(), grads[name].double()
+                covs[name][0] = covs[name][0] + torch.einsum("bti,btj->ij", a, a) / (n * a.shape[1])
+                covs[name][1] = covs[name][1] + torch.einsum("bto,btp->op", s, s) / n
         bases = {}
         for name, (cov_a, cov_s) in covs.items():
             ev_a, q_a = torch.linalg.eigh(cov_a)
             ev_s, q_s = torch.linalg.eigh(cov_s)
             bases[name] = (q_a, q_s, torch.outer(ev_s.clamp_min(0), ev_a.clamp_min(0)))
         if corrected:
-            lam = {name: 0 for name in bases}
+            lam: dict[str, torch.Tensor | int] = {name: 0 for name in bases}
             gen.manual_seed(seed)  # the same sampled labels as for the factors
-            for batch in _capture(model, layers, train.inputs, targets, batch_size, device):
-                for name, (a, s) in batch.items():
+            for patches, (grads,) in layer_activity(model, layers, train.inputs, [loss], batch_size, device):
+                for name, _ in layers:
                     q_a, q_s, _ = bases[name]
-                    rotated = (s.double() @ q_s).unsqueeze(2) * (a.double() @ q_a).unsqueeze(1)  # [B, out, in]
+                    rotated = q_s.T @ _layer_gradients(patches[name].double(), grads[name].double()) @ q_a
                     lam[name] = lam[name] + (rotated**2).sum(0) / n
             bases = {name: (q_a, q_s, lam[name]) for name, (q_a, q_s, _) in bases.items()}
     finally:
         model.train(was)
     return [LayerFactors(name, q_a, q_s, ev) for name, (q_a, q_s, ev) in bases.items()]
+
+
+def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
+                      loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 256,
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each example's gradient of ``loss`` in the Kronecker eigenbasis, ``[n, Σ out·in]`` (layers concatenated),
+    computed from hooks without materialising flat per-sample gradients."""
+    layers = dict(tracked_layers(task))
+    model = task.model
+    was = model.training
+    model.eval().to(device)
+    per_example = lambda out, start: loss(out, data.labels[start : start + len(out)].to(out.device))
+    chunks = []
+    try:
+        for patches, (grads,) in layer_activity(model, list(layers.items()), data.inputs, [per_example],
+                                                batch_size, device):
+            parts = []
+            for f in factors:
+                g = _layer_gradients(patches[f.name], grads[f.name]).to(f.q_a.dtype)
+                parts.append((f.q_s.T @ g @ f.q_a).flatten(1).to(dtype))
+            chunks.append(torch.cat(parts, dim=1))
+    finally:
+        model.train(was)
+    return torch.cat(chunks)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tda_explorer._validation import check_choice
-from tda_explorer.atomic import atomic_path
+from tda_explorer.atomic import atomic_path, load_tensors, save_tensors
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -79,3 +79,16 @@ class FeatureStore:
         tmp_meta.write_text(json.dumps(manifest, default=repr))
         tmp_meta.replace(meta_path)
         return stored.float()
+
+    def get_object(self, key: str):
+        """A stored object of tensors (e.g. curvature factors) for ``key``, or None when missing or damaged."""
+        obj = load_tensors(self.root / f"{key}.pt")
+        if obj is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return obj
+
+    def put_object(self, key: str, obj, meta: dict | None = None) -> None:
+        """Store an object of tensors, lists, dicts and strings under ``key`` (atomically, checksummed)."""
+        save_tensors(obj, self.root / f"{key}.pt", meta)

@@ -15,6 +15,7 @@ import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.curvature import Curvature
+from tda_explorer.compute.kfac import fit_factors
 from tda_explorer.compute.methods.ekfac import EKFACInfluence
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -42,7 +43,7 @@ class ASTRAInfluence(EKFACInfluence):
                 "halve_every": self.halve_every, "minibatch": self.minibatch}
 
     def _fit(self, train: AttributionDataset) -> None:
-        super()._fit(train)
+        self.factors_ = fit_factors(self.task, train, self.fisher, self.corrected, self.batch_size, device=self.device)
         self.lambda_max_ = None
         self.curvature_ = None
         self.g_train_ = self._features(train, test=False).double()

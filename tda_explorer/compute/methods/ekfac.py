@@ -1,9 +1,12 @@
-"""Influence functions with K-FAC / EK-FAC curvature (``if-kfac``, ``if-ekfac``) for ``nn.Linear`` layers.
+"""Influence functions with K-FAC / EK-FAC curvature (``if-kfac``, ``if-ekfac``) for Linear and Conv2d layers.
 
 τ(z, z′) = (1/n) Σ_layers ⟨G̃′, G̃ / (Λ + wd + λ)⟩ with G̃ = Q_Sᵀ G Q_A each example's layer gradient in the
 Kronecker eigenbasis (Λ the fitted eigenvalues, wd the objective's weight decay, λ the damping). Factors are fitted
 once per ``fit`` and reused across queries and damping values (``with_damping``); self-influence is computed in the
 eigenbasis, never through an n×n matrix. Damping default: 0.1 × the mean eigenvalue of each layer.
+Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). With a
+``store``, the factors and the rotated training gradients are saved there, keyed by the model's fingerprint,
+and a later ``fit`` of the same model and data reads them back.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.kfac import fit_factors, tracked_linear_layers
+from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.kfac import LayerFactors, fit_factors, rotated_gradients, tracked_layers
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -41,7 +45,7 @@ class EKFACInfluence(Attributor):
             raise TDAError("projection_dim is not supported by K-FAC/EK-FAC; leave it None")
         self.damping = 0.1 if damping is None else float(damping)
         self.fisher, self.batch_size = fisher, batch_size
-        tracked_linear_layers(task)  # refuse unsupported modules before any work
+        tracked_layers(task)  # refuse unsupported modules before any work
 
     def config(self) -> dict:
         return {**super().config(), "damping": self.damping, "fisher": self.fisher, "corrected": self.corrected}
@@ -73,14 +77,32 @@ class EKFACInfluence(Attributor):
         return torch.cat(parts, dim=1)
 
     def _inverse_eigenvalues(self) -> torch.Tensor:
+        """1 / (Λ + wd + λ_layer) in the concatenated eigenbasis layout (float64)."""
         return torch.cat([
             1.0 / (f.eigenvalues + self.task.weight_decay + self.damping * f.eigenvalues.mean()).flatten()
             for f in self.factors_
         ])
 
     def _fit(self, train: AttributionDataset) -> None:
+        key = None
+        if self.store is not None:
+            key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "ekfac", self.fisher,
+                                     self.corrected, train.fingerprint())
+            cached = self.store.get_object(key)
+            if cached is not None:
+                self.factors_ = [LayerFactors(**f) for f in cached["factors"]]
+                self.train_rot_ = cached["train"].to(self.device)
+                return
         self.factors_ = fit_factors(self.task, train, self.fisher, self.corrected, self.batch_size, device=self.device)
-        self.train_rot_ = self._rotate(self._features(train, test=False))
+        self.train_rot_ = self._hooked(train, self.task.train_loss)
+        if key is not None:
+            entry = {"factors": [f.to_dict() for f in self.factors_], "train": self.train_rot_.cpu()}
+            self.store.put_object(key, entry, {"method": self.name, "dataset": train.name})
+
+    def _hooked(self, data: AttributionDataset, loss) -> torch.Tensor:
+        """Eigenbasis coordinates of each example's gradient of ``loss`` (float64 for float64 models)."""
+        dtype = torch.float64 if next(self.task.model.parameters()).dtype == torch.float64 else torch.float32
+        return rotated_gradients(self.task, self.factors_, data, loss, self.batch_size, self.device, dtype)
 
     def with_damping(self, damping: float) -> EKFACInfluence:
         """The same fitted factors with another damping (no refit)."""
@@ -90,11 +112,13 @@ class EKFACInfluence(Attributor):
         return self
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
-        test_rot = self._rotate(self._features(test, test=True))
-        return ((test_rot * self._inverse_eigenvalues()) @ self.train_rot_.T / len(self.train_)).float()
+        test_rot = self._hooked(test, self.task.test_measurement)
+        inverse = self._inverse_eigenvalues().to(self.train_rot_)
+        return ((test_rot * inverse) @ self.train_rot_.T / len(self.train_)).float()
 
     def _self_influence(self) -> torch.Tensor:
-        return ((self.train_rot_**2 * self._inverse_eigenvalues()).sum(1) / len(self.train_)).float()
+        inverse = self._inverse_eigenvalues().to(self.train_rot_)
+        return ((self.train_rot_**2 * inverse).sum(1) / len(self.train_)).float()
 
 
 class KFACInfluence(EKFACInfluence):
