@@ -82,33 +82,29 @@ def tracked_layers(task: AttributionTask) -> list[tuple[str, nn.Module]]:
 
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input patches ``[B, T, in·k (+1)]`` of a layer."""
+    """Input patches ``[B, in·k, T]`` of a layer (feature-major: unfold's own layout, no copy; the bias's
+    constant 1 is implied, never materialised)."""
     if isinstance(module, nn.Conv2d):
         padding = module.padding
         if isinstance(padding, str):
             padding = (0, 0) if padding == "valid" else tuple(
                 d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
-        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
-        a = cols.transpose(1, 2)
-    else:
-        a = x.reshape(len(x), -1, x.shape[-1])
-    if module.bias is not None:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
-    return a
+        return nn.functional.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+    return x.reshape(len(x), -1, x.shape[-1]).transpose(1, 2)
 
 
 def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Output gradients ``[B, T, out]`` of a layer."""
+    """Output gradients ``[B, out, T]`` of a layer."""
     if isinstance(module, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2)
-    return g.reshape(len(g), -1, g.shape[-1])
+        return g.flatten(2)
+    return g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
 
 
 def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: torch.Tensor,
                    losses: list[LossFn], batch_size: int, device: torch.device | str,
                    ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
-    """Per batch: each layer's input patches, and for each loss its output gradients (one forward, one backward
-    per loss; parameter gradients are never accumulated)."""
+    """Per batch: each layer's input patches ``[B, in, T]``, and for each loss its output gradients
+    ``[B, out, T]`` (one forward, one backward per loss; parameter gradients are never accumulated)."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name, module in layers:
@@ -132,9 +128,34 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
             h.remove()
 
 
-def _layer_gradients(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Per-example layer gradients ``[B, out, in]`` = Σ_t s_t a_tᵀ."""
-    return torch.einsum("bto,bti->boi", s, a)
+def _patch_covariance(a: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Σ over examples and positions of [a; 1][a; 1]ᵀ (float64)."""
+    m = torch.einsum("bit,bjt->ij", a, a).double()
+    if not bias:
+        return m
+    total = a.sum((0, 2)).double()
+    count = torch.tensor([[float(a.shape[0] * a.shape[2])]], dtype=torch.float64, device=a.device)
+    return torch.cat([torch.cat([m, total[:, None]], 1), torch.cat([total[None], count], 1)], 0)
+
+
+def _layer_gradients(a: torch.Tensor, s: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Per-example layer gradients ``[B, out, in (+1)]`` = Σ_t s_t [a_t; 1]ᵀ."""
+    g = s @ a.transpose(1, 2)
+    return torch.cat([g, s.sum(2, keepdim=True)], dim=2) if bias else g
+
+
+def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-example ``Q_Sᵀ (Σ_t s_t [a_t; 1]ᵀ) Q_A``, rotating the patches first when that is cheaper (few
+    positions: a Linear layer's rank-one gradient is then an outer product of rotated vectors)."""
+    width, positions, out = a.shape[1], a.shape[2], s.shape[1]
+    bias = f.q_a.shape[0] == width + 1
+    q_a, q_s = f.q_a.to(a), f.q_s.to(a)
+    if positions * (width + out) < out * width:
+        rotated = a.transpose(1, 2) @ q_a[:width]  # [B, T, in'] as one matrix product
+        if bias:
+            rotated = rotated + q_a[width]
+        return (s.transpose(1, 2) @ q_s).transpose(1, 2) @ rotated
+    return q_s.T @ _layer_gradients(a, s, bias) @ q_a
 
 
 def _sampler(train: AttributionDataset, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
@@ -153,37 +174,67 @@ def _sampler(train: AttributionDataset, fisher: str, seed: int) -> tuple[LossFn,
 def fit_factors(task: AttributionTask, train: AttributionDataset, fisher: str = "true", corrected: bool = True,
                 batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu") -> list[LayerFactors]:
     """Fit K-FAC (``corrected=False``) or EK-FAC factors of the tracked Linear/Conv2d layers on ``train``."""
+    return fit_factors_and_gradients(task, train, fisher, corrected, batch_size, seed, device)[0]
+
+
+def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, fisher: str = "true",
+                              corrected: bool = True, batch_size: int = 256, seed: int = 0,
+                              device: torch.device | str = "cpu",
+                              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                              dtype: torch.dtype = torch.float32) -> tuple[list[LayerFactors], torch.Tensor | None]:
+    """Factors as ``fit_factors``, and with ``loss`` each training example's gradient of it in the eigenbasis
+    (as ``rotated_gradients``), taken in the EK-FAC correction pass: one forward, two backwards per batch.
+
+    Products run in the model's precision; covariances and eigenvalues accumulate in float64.
+    """
     check_choice(fisher, "fisher", ("true", "empirical"))
     layers = tracked_layers(task)
     model = task.model
     was = model.training
     model.eval().to(device)
-    loss, gen = _sampler(train, fisher, seed)
+    sampled, gen = _sampler(train, fisher, seed)
     n = len(train)
+    rotated = None
     try:
         covs: dict[str, list] = {name: [0, 0] for name, _ in layers}
-        for patches, (grads,) in layer_activity(model, layers, train.inputs, [loss], batch_size, device):
-            for name, _ in layers:
-                a, s = patches[name].double(), grads[name].double()
-                covs[name][0] = covs[name][0] + torch.einsum("bti,btj->ij", a, a) / (n * a.shape[1])
-                covs[name][1] = covs[name][1] + torch.einsum("bto,btp->op", s, s) / n
+        for patches, (grads,) in layer_activity(model, layers, train.inputs, [sampled], batch_size, device):
+            for name, module in layers:
+                a, s = patches[name], grads[name]
+                covs[name][0] = covs[name][0] + _patch_covariance(a, module.bias is not None) / (n * a.shape[2])
+                covs[name][1] = covs[name][1] + torch.einsum("bot,bpt->op", s, s).double() / n
         bases = {}
         for name, (cov_a, cov_s) in covs.items():
             ev_a, q_a = torch.linalg.eigh(cov_a)
             ev_s, q_s = torch.linalg.eigh(cov_s)
             bases[name] = (q_a, q_s, torch.outer(ev_s.clamp_min(0), ev_a.clamp_min(0)))
+        factors = [LayerFactors(name, q_a, q_s, ev) for name, (q_a, q_s, ev) in bases.items()]
         if corrected:
             lam: dict[str, torch.Tensor | int] = {name: 0 for name in bases}
             gen.manual_seed(seed)  # the same sampled labels as for the factors
-            for patches, (grads,) in layer_activity(model, layers, train.inputs, [loss], batch_size, device):
-                for name, _ in layers:
-                    q_a, q_s, _ = bases[name]
-                    rotated = q_s.T @ _layer_gradients(patches[name].double(), grads[name].double()) @ q_a
-                    lam[name] = lam[name] + (rotated**2).sum(0) / n
-            bases = {name: (q_a, q_s, lam[name]) for name, (q_a, q_s, _) in bases.items()}
+            losses = [sampled]
+            if loss is not None:
+                losses.append(lambda out, start: loss(out, train.labels[start : start + len(out)].to(out.device)))
+            chunks = []
+            for patches, grads in layer_activity(model, layers, train.inputs, losses, batch_size, device):
+                for f in factors:
+                    r = _rotated_layer_gradients(f, patches[f.name], grads[0][f.name])
+                    lam[f.name] = lam[f.name] + (r**2).sum(0).double() / n
+                if loss is not None:
+                    chunks.append(_rotate_batch(factors, patches, grads[1], dtype))
+            factors = [LayerFactors(f.name, f.q_a, f.q_s, lam[f.name]) for f in factors]
+            rotated = torch.cat(chunks) if chunks else None
     finally:
         model.train(was)
-    return [LayerFactors(name, q_a, q_s, ev) for name, (q_a, q_s, ev) in bases.items()]
+    if loss is not None and rotated is None:
+        rotated = rotated_gradients(task, factors, train, loss, batch_size, device, dtype)
+    return factors, rotated
+
+
+def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype: torch.dtype) -> torch.Tensor:
+    parts = []
+    for f in factors:
+        parts.append(_rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1).to(dtype))
+    return torch.cat(parts, dim=1)
 
 
 def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
@@ -200,11 +251,7 @@ def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: 
     try:
         for patches, (grads,) in layer_activity(model, list(layers.items()), data.inputs, [per_example],
                                                 batch_size, device):
-            parts = []
-            for f in factors:
-                g = _layer_gradients(patches[f.name], grads[f.name]).to(f.q_a.dtype)
-                parts.append((f.q_s.T @ g @ f.q_a).flatten(1).to(dtype))
-            chunks.append(torch.cat(parts, dim=1))
+            chunks.append(_rotate_batch(factors, patches, grads, dtype))
     finally:
         model.train(was)
     return torch.cat(chunks)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.methods.arnoldi import ArnoldiInfluence
 from tda_explorer.compute.methods.astra import ASTRAInfluence
 from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.datainf import DataInfInfluence
 from tda_explorer.compute.methods.ekfac import EKFACInfluence, KFACInfluence
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
 from tda_explorer.compute.methods.influence import CGInfluence, ExplicitInfluence, InfluenceFunction
+from tda_explorer.compute.methods.lissa import LiSSAInfluence
 from tda_explorer.compute.methods.suspicion import Suspicion
 from tda_explorer.compute.methods.tracin import TracIn
 from tda_explorer.compute.methods.trak import TRAK
@@ -16,7 +19,7 @@ from tda_explorer.compute.task import AttributionTask
 METHODS: dict[str, type[Attributor]] = {
     cls.name: cls for cls in (
         GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
-        ASTRAInfluence,
+        ASTRAInfluence, LiSSAInfluence, ArnoldiInfluence, DataInfInfluence,
     )
 }
 
@@ -35,6 +38,7 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
 
 __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
-    "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "METHODS",
+    "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "LiSSAInfluence",
+    "ArnoldiInfluence", "DataInfInfluence", "METHODS",
     "available_methods", "get_method",
 ]

@@ -15,7 +15,7 @@ import torch
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
-from tda_explorer.compute.kfac import LayerFactors, fit_factors, rotated_gradients, tracked_layers
+from tda_explorer.compute.kfac import LayerFactors, fit_factors_and_gradients, rotated_gradients, tracked_layers
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -93,16 +93,19 @@ class EKFACInfluence(Attributor):
                 self.factors_ = [LayerFactors(**f) for f in cached["factors"]]
                 self.train_rot_ = cached["train"].to(self.device)
                 return
-        self.factors_ = fit_factors(self.task, train, self.fisher, self.corrected, self.batch_size, device=self.device)
-        self.train_rot_ = self._hooked(train, self.task.train_loss)
+        self.factors_, self.train_rot_ = fit_factors_and_gradients(
+            self.task, train, self.fisher, self.corrected, self.batch_size, device=self.device,
+            loss=self.task.train_loss, dtype=self._dtype())
         if key is not None:
             entry = {"factors": [f.to_dict() for f in self.factors_], "train": self.train_rot_.cpu()}
             self.store.put_object(key, entry, {"method": self.name, "dataset": train.name})
 
+    def _dtype(self) -> torch.dtype:
+        return torch.float64 if next(self.task.model.parameters()).dtype == torch.float64 else torch.float32
+
     def _hooked(self, data: AttributionDataset, loss) -> torch.Tensor:
         """Eigenbasis coordinates of each example's gradient of ``loss`` (float64 for float64 models)."""
-        dtype = torch.float64 if next(self.task.model.parameters()).dtype == torch.float64 else torch.float32
-        return rotated_gradients(self.task, self.factors_, data, loss, self.batch_size, self.device, dtype)
+        return rotated_gradients(self.task, self.factors_, data, loss, self.batch_size, self.device, self._dtype())
 
     def with_damping(self, damping: float) -> EKFACInfluence:
         """The same fitted factors with another damping (no refit)."""
