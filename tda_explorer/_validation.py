@@ -34,6 +34,19 @@ def check_fraction(value: Any, name: str, *, inclusive_zero: bool = False) -> fl
     return value
 
 
+def check_nonnegative(value: Any, name: str, *, allow_zero: bool = True, optional: bool = False) -> float | None:
+    """Return ``value`` as a finite float ≥ 0 (> 0 without ``allow_zero``); None passes with ``optional``."""
+    if value is None and optional:
+        return None
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TDAError(f"{name} must be a number {bound}, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise TDAError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``choices``; otherwise list them in the error."""
     if value not in choices:

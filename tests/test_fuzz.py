@@ -46,18 +46,18 @@ def test_topk_arguments(k, kind, test_id):
 
 @FUZZ
 @given(method=st.sampled_from(["grad-dot", "grad-cos", "tracin", "trak", "suspicion", "if-explicit", "if-cg",
-                                     "if-ekfac", "nope"]),
+                                     "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf", "nope"]),
        projection_dim=NUMBERS, damping=NUMBERS, max_memory=NUMBERS,
        device=st.sampled_from(["cpu", "cuda:7", "tpu", "", None]))
 def test_method_options(method, projection_dim, damping, max_memory, device):
     model = torch.nn.Linear(3, 2)
     task = AttributionTask(model)
     options = {"projection_dim": projection_dim, "max_memory": max_memory, "device": device}
-    if method in ("trak", "if-explicit", "if-cg", "if-ekfac"):
+    if method in ("trak", "if-explicit", "if-cg", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf"):
         options["damping"] = damping
     train = AttributionDataset(torch.randn(6, 3), torch.tensor([0, 1] * 3))
     names = ("projection_dim", "damping", "max_memory", "device", "method", "checkpoints", "out-of-fold",
-             "positive definite")
+             "positive definite", "diverged")
 
     def run():
         get_method(method, task, **options).fit(train).attribute(train)

@@ -88,7 +88,7 @@ def test_refusals_name_the_problem(tiny_data):
         get_method("if-explicit", task, curvature="hessian", damping=0.0).fit(train)
     with pytest.raises(TDAError, match="CG did not converge in max_iter=1 iterations: relative residual"):
         get_method("if-cg", task, max_iter=1, tol=1e-12).fit(train).attribute(train)
-    with pytest.raises(TDAError, match="damping must be >= 0"):
+    with pytest.raises(TDAError, match="damping must be a finite number >= 0"):
         get_method("if-cg", task, damping=-1.0)
     with pytest.raises(TDAError, match="unknown curvature 'fisher'"):
         get_method("if-explicit", task, curvature="fisher").fit(train)
@@ -229,3 +229,83 @@ def test_astra_improves_on_its_ekfac_start_towards_the_exact_solution(digits_exp
     assert end < 0.5 * start
     with pytest.raises(TDAError, match="momentum must be in"):
         get_method("if-astra", task, momentum=1.5)
+
+
+def test_lissa_converges_to_explicit_and_refuses_divergence(tiny_mlp, tiny_data):
+    train, test = tiny_data
+    task = AttributionTask(tiny_mlp, weight_decay=0.05)
+    explicit = get_method("if-explicit", task, damping=1.0).fit(train).attribute(test).scores
+    full_batch = get_method("if-lissa", task, damping=1.0, depth=300, minibatch=20).fit(train)
+    got = full_batch.attribute(test).scores
+    assert ((got - explicit).abs().max() / explicit.abs().max()) < 1e-4
+    assert full_batch.residual_ < 1e-4
+    stochastic = get_method("if-lissa", task, damping=1.0, depth=400, minibatch=5, repeats=4).fit(train)
+    got = stochastic.attribute(test).scores
+    assert ((got - explicit).norm() / explicit.norm()) < 0.1
+    with pytest.raises(TDAError, match=r"if-lissa diverged: relative residual .*raise scale \(now 0.01\)"):
+        get_method("if-lissa", task, damping=1.0, depth=200, scale=0.01).fit(train).attribute(test)
+    with pytest.raises(TDAError, match="scale must be a finite number > 0"):
+        get_method("if-lissa", task, scale=-1.0)
+
+
+def test_arnoldi_with_full_rank_is_explicit_and_drops_eigenvalues_below_the_damping(tiny_mlp, tiny_data):
+    from tda_explorer import AttributionDataset
+
+    small, test = tiny_data
+    # 30 examples × 2 logit directions > 43 parameters. A Krylov space holds one vector per distinct eigenvalue,
+    # so of the GGN's 6-dimensional null space (a constant added to every logit) it keeps one direction; the
+    # cross-entropy gradients are orthogonal to that null space, so the scores are still exact.
+    train = AttributionDataset(torch.cat([small.inputs, test.inputs]), torch.cat([small.labels, test.labels]))
+    task = AttributionTask(tiny_mlp, weight_decay=0.05)
+    p = sum(q.numel() for q in tiny_mlp.parameters())
+    explicit = get_method("if-explicit", task, damping=0.01).fit(train).attribute(test).scores
+    arnoldi = get_method("if-arnoldi", task, damping=0.01, rank=p).fit(train)
+    assert len(arnoldi.eigenvalues_) == p - 5  # every eigenvalue ≥ wd = 0.05 > λ is kept
+    torch.testing.assert_close(arnoldi.attribute(test).scores, explicit, rtol=1e-4, atol=1e-7)
+    low = get_method("if-arnoldi", task, damping=0.01, rank=5).fit(train)
+    assert len(low.eigenvalues_) == 5 and bool((low.eigenvalues_[:-1] >= low.eigenvalues_[1:]).all())
+    dense = torch.linalg.eigvalsh(get_method("if-explicit", task, damping=0.0).fit(train).curvature_.dense())
+    torch.testing.assert_close(low.eigenvalues_, dense.flip(0)[:5], rtol=1e-3, atol=1e-9)  # 10 Arnoldi steps
+    # an indefinite Hessian: negative and tiny Ritz values are dropped, so scores stay finite
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(20)
+    hess = get_method("if-arnoldi", AttributionTask(model), curvature="hessian", damping=1e-3, rank=40).fit(train)
+    assert bool((hess.eigenvalues_ > 1e-3).all()) and torch.isfinite(hess.attribute(test).scores).all()
+
+
+def test_datainf_is_the_per_layer_sherman_morrison_average(tiny_mlp, tiny_data):
+    """Against an independent computation: invert each damped rank-one term densely, average, per layer."""
+    train, test = tiny_data
+    wd = 0.05
+    task = AttributionTask(tiny_mlp, weight_decay=wd)
+    got = get_method("if-datainf", task, damping=0.3).fit(train).attribute(test).scores.double()
+    g_tr, g_te = _grads(tiny_mlp, train.inputs, train.labels), _grads(tiny_mlp, test.inputs, test.labels)
+    want = torch.zeros(len(test), len(train), dtype=torch.float64)
+    for cols in (slice(0, 25), slice(25, 43)):  # the two Linear modules, weight and bias together
+        g = g_tr[:, cols]
+        d = cols.stop - cols.start
+        lam = wd + 0.3 * float((g**2).sum(1).mean()) / d
+        inverse = sum(torch.linalg.inv(torch.outer(gi, gi) + lam * torch.eye(d, dtype=torch.float64)) for gi in g)
+        want += g_te[:, cols] @ (inverse / len(g)) @ g.T / len(g)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    one = train.subset([0])
+    exact = get_method("if-datainf", AttributionTask(nn.Linear(4, 3).double()), damping=0.3).fit(one)
+    g = _grads(exact.task.model, one.inputs, one.labels)
+    lam = 0.3 * float((g**2).sum()) / 15
+    want = _grads(exact.task.model, test.inputs, test.labels) @ torch.linalg.solve(
+        torch.outer(g[0], g[0]) + lam * torch.eye(15, dtype=torch.float64), g.T)  # Sherman–Morrison is exact
+    torch.testing.assert_close(exact.attribute(test).scores.double(), want, rtol=1e-5, atol=1e-9)
+    with pytest.raises(TDAError, match="damping must be a finite number > 0"):
+        get_method("if-datainf", task, damping=0.0)
+
+
+def test_influence_function_create_picks_the_solver(tiny_mlp):
+    from tda_explorer.compute.methods import InfluenceFunction
+
+    task = AttributionTask(tiny_mlp)
+    assert InfluenceFunction.create(task, "lissa", depth=3).name == "if-lissa"
+    assert InfluenceFunction.create(task, "ekfac").name == "if-ekfac"
+    with pytest.raises(TDAError, match="unknown solver 'newton'; expected one of: arnoldi, astra, cg, datainf"):
+        InfluenceFunction.create(task, "newton")

@@ -49,7 +49,7 @@ def test_tracin_length_mismatch_and_missing_checkpoints(tiny_mlp):
 
 def test_self_influence_is_diagonal_of_train_on_train(tiny_mlp, tiny_data):
     train, _ = tiny_data
-    for name in ("grad-dot", "tracin"):
+    for name in ("grad-dot", "tracin", "if-datainf", "if-arnoldi", "if-kfac"):
         state = tiny_mlp.state_dict()
         task = AttributionTask(tiny_mlp, checkpoints=[Checkpoint(state, 0.3, 0)])
         method = get_method(name, task).fit(train)
@@ -67,8 +67,8 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 
 
 def test_unknown_method_lists_available(tiny_mlp):
-    with pytest.raises(TDAError, match="unknown method .nope.; available: grad-cos, grad-dot, if-astra, if-cg, "
-                       "if-ekfac, if-explicit, if-kfac, suspicion, tracin, trak"):
+    with pytest.raises(TDAError, match="unknown method .nope.; available: grad-cos, grad-dot, if-arnoldi, if-astra, "
+                       "if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, suspicion, tracin, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
 
 
@@ -120,7 +120,7 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
 
     extra = {"suspicion": {"oof_probabilities": torch.full((len(x), 3), 1 / 3)}}
     assert set(METHODS) == {"grad-dot", "grad-cos", "tracin", "trak", "suspicion", "if-explicit", "if-cg", "if-kfac",
-                            "if-astra", "if-ekfac"}
+                            "if-astra", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf"}
     for name in METHODS:
         scores = get_method(name, task, **extra.get(name, {})).fit(train).attribute(test).scores.double()
         rho = spearmanr(scores.flatten(), delta.flatten()).statistic

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from tda_explorer._validation import TDAError
+from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -38,9 +38,8 @@ class DataInfInfluence(Attributor):
         super().__init__(task, **kwargs)
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by if-datainf (its layers are the model's); leave it None")
-        if not float(damping) > 0:
-            raise TDAError(f"damping must be > 0 (DataInf divides by it), got {damping}")
-        self.damping, self.chunk = float(damping), int(chunk)
+        self.damping = check_nonnegative(damping, "damping", allow_zero=False)  # DataInf divides by it
+        self.chunk = check_positive_int(chunk, "chunk")
 
     def config(self) -> dict:
         return {**super().config(), "damping": self.damping}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tda_explorer._validation import TDAError
+from tda_explorer._validation import TDAError, check_nonnegative
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.kfac import LayerFactors, fit_factors_and_gradients, rotated_gradients, tracked_layers
 from tda_explorer.compute.methods.base import Attributor
@@ -39,11 +39,9 @@ class EKFACInfluence(Attributor):
     def __init__(self, task: AttributionTask, *, damping: float | None = None, fisher: str = "true",
                  batch_size: int = 256, **kwargs):
         super().__init__(task, **kwargs)
-        if damping is not None and not float(damping) >= 0:
-            raise TDAError(f"damping must be >= 0, got {damping}")
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by K-FAC/EK-FAC; leave it None")
-        self.damping = 0.1 if damping is None else float(damping)
+        self.damping = 0.1 if damping is None else check_nonnegative(damping, "damping")
         self.fisher, self.batch_size = fisher, batch_size
         tracked_layers(task)  # refuse unsupported modules before any work
 
@@ -109,9 +107,7 @@ class EKFACInfluence(Attributor):
 
     def with_damping(self, damping: float) -> EKFACInfluence:
         """The same fitted factors with another damping (no refit)."""
-        if not float(damping) >= 0:
-            raise TDAError(f"damping must be >= 0, got {damping}")
-        self.damping = float(damping)
+        self.damping = check_nonnegative(damping, "damping")
         return self
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:

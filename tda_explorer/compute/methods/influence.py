@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
 from tda_explorer.compute.curvature import Curvature
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.task import AttributionTask
@@ -49,9 +49,8 @@ class InfluenceFunction(Attributor):
         super().__init__(task, **kwargs)
         if self.projector is not None:
             raise TDAError(f"projection_dim is not supported by {self.name}; leave it None")
-        if damping is not None and not float(damping) >= 0:
-            raise TDAError(f"damping must be >= 0, got {damping}")
-        self.curvature_kind, self.damping = curvature, damping
+        self.curvature_kind = curvature
+        self.damping = check_nonnegative(damping, "damping", optional=True)
         self.residual_: float | None = None
 
     @staticmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import check_nonnegative, check_positive_int
 from tda_explorer.compute.methods.influence import InfluenceFunction
 from tda_explorer.compute.task import AttributionTask
 
@@ -56,9 +56,8 @@ class LiSSAInfluence(InfluenceFunction):
         self.depth = check_positive_int(depth, "depth")
         self.repeats = check_positive_int(repeats, "repeats")
         self.minibatch = check_positive_int(minibatch, "minibatch")
-        if scale is not None and not float(scale) > 0:
-            raise TDAError(f"scale must be > 0 (above the largest eigenvalue of H + λI), got {scale}")
-        self.scale, self.seed = scale, int(seed)
+        self.scale = check_nonnegative(scale, "scale", allow_zero=False, optional=True)  # s > λ_max(H + λI)
+        self.seed = int(seed)
 
     def config(self) -> dict:
         return {**super().config(), "depth": self.depth, "scale": self.scale, "repeats": self.repeats,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.task import AttributionTask, _neg_margin
 from tda_explorer.data.dataset import AttributionDataset
@@ -48,9 +48,7 @@ class TRAK(Attributor):
                  models: Sequence[dict | nn.Module] | None = None, n_checkpoints: int | None = None,
                  dropout_masks: int | None = None, **kwargs):
         super().__init__(task, projection_dim=projection_dim, **kwargs)
-        if damping is not None and not damping >= 0:
-            raise TDAError(f"damping must be >= 0, got {damping}")
-        self.damping = damping
+        self.damping = check_nonnegative(damping, "damping", optional=True)
         if models is not None and n_checkpoints is not None:
             raise TDAError("pass either models= or n_checkpoints=, not both")
         if models is not None:
