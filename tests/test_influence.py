@@ -309,3 +309,10 @@ def test_influence_function_create_picks_the_solver(tiny_mlp):
     assert InfluenceFunction.create(task, "ekfac").name == "if-ekfac"
     with pytest.raises(TDAError, match="unknown solver 'newton'; expected one of: arnoldi, astra, cg, datainf"):
         InfluenceFunction.create(task, "newton")
+
+
+def test_astra_refuses_a_diverged_answer(digits_experiment):
+    exp = digits_experiment
+    with pytest.raises(TDAError, match=r"if-astra diverged: relative residual .*lower step \(now 2\)"):
+        get_method("if-astra", exp.task(), step=2.0, momentum=0.99, iterations=60).fit(exp.split.train).attribute(
+            exp.split.test.subset(range(3)))
