@@ -316,3 +316,20 @@ def test_astra_refuses_a_diverged_answer(digits_experiment):
     with pytest.raises(TDAError, match=r"if-astra diverged: relative residual .*lower step \(now 2\)"):
         get_method("if-astra", exp.task(), step=2.0, momentum=0.99, iterations=60).fit(exp.split.train).attribute(
             exp.split.test.subset(range(3)))
+
+
+def test_explicit_on_projected_features_is_the_influence_in_the_random_subspace(tiny_mlp, tiny_data):
+    """Pᵀ H P from curvature products equals the projected autograd Hessian, and the scores follow."""
+    train, test = tiny_data
+    wd, lam = 0.05, 1.0
+    task = AttributionTask(tiny_mlp, weight_decay=wd)
+    got = get_method("if-explicit", task, curvature="hessian", damping=lam, projection_dim=16,
+                     projection_kind="gaussian").fit(train)
+    f, theta = _flat_objective(tiny_mlp, train.inputs, train.labels, wd)
+    proj = got.projector._matrix().double()  # [p, k]
+    hess = proj.T @ torch.autograd.functional.hessian(f, theta) @ proj
+    g_tr, g_te = _grads(tiny_mlp, train.inputs, train.labels) @ proj, _grads(tiny_mlp, test.inputs, test.labels) @ proj
+    want = g_te @ torch.linalg.solve(hess + lam * torch.eye(16, dtype=torch.float64), g_tr.T) / len(train)
+    torch.testing.assert_close(got.attribute(test).scores.double(), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(TDAError, match="projection_dim is not supported by if-cg; leave it None"):
+        get_method("if-cg", task, projection_dim=16)

@@ -80,3 +80,10 @@ class RandomProjector:
         for b, start in enumerate(range(0, self.dim_in, self.block_rows)):
             out += x[:, start : start + self.block_rows] @ self._block(b)
         return out
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` of P as rows ``[stop - start, p]`` (the directions features are read along)."""
+        if self._dense is not None:
+            return self._dense[:, start:stop].T
+        n_blocks = -(-self.dim_in // self.block_rows)
+        return torch.cat([self._block(b)[:, start:stop] for b in range(n_blocks)]).T

@@ -5,7 +5,10 @@ changes the parameters by ≈ (1/n) H⁻¹∇ℓ(z), and τ is in "change of the
 units. Positive = proponent. Solvers:
 
 * ``explicit``: the dense matrix in float64 and a Cholesky factorisation (never an inverse); the oracle on
-  tiny models. An indefinite matrix without enough damping is refused, not silently inverted.
+  tiny models. An indefinite matrix without enough damping is refused, not silently inverted. With
+  ``projection_dim=k`` it works on projected features instead: Pᵀ H P (k curvature products with the columns of
+  the seeded projection P) and projected gradients Pᵀ∇ℓ — exactly the influence function of the model whose
+  parameters may only move in the random k-dimensional subspace θ + P z, for models too large for a p×p matrix.
 * ``cg``: conjugate gradients on curvature-vector products (double backward or GGN), all test points as one
   block of right-hand sides; a solve that does not reach ``tol`` raises with its residual.
 * ``lissa`` (``lissa.py``) and ``arnoldi`` (``arnoldi.py``) build on the same base class.
@@ -45,10 +48,12 @@ class InfluenceFunction(Attributor):
     name = "if"
     solver = "base"
 
+    projectable = False
+
     def __init__(self, task: AttributionTask, *, curvature: str = "ggn", damping: float | None = None, **kwargs):
         super().__init__(task, **kwargs)
-        if self.projector is not None:
-            raise TDAError(f"projection_dim is not supported by {self.name}; leave it None")
+        if self.projector is not None and not self.projectable:
+            raise TDAError(f"projection_dim is not supported by {self.name}; leave it None (if-explicit takes it)")
         self.curvature_kind = curvature
         self.damping = check_nonnegative(damping, "damping", optional=True)
         self.residual_: float | None = None
@@ -118,9 +123,25 @@ class ExplicitInfluence(InfluenceFunction):
 
     name = "if-explicit"
     solver = "explicit"
+    projectable = True
+
+    def _projected_dense(self, chunk: int = 256) -> torch.Tensor:
+        """Pᵀ H P ``[k, k]`` in float64 from k curvature products (symmetrised)."""
+        k = self.projector.dim_out
+        rows = []
+        for start in range(0, k, chunk):
+            directions = self.projector.columns(start, min(start + chunk, k)).double()
+            rows.append(self._project64(self.curvature_.matvec(directions)))
+        matrix = torch.cat(rows)
+        return 0.5 * (matrix + matrix.T)
+
+    def _project64(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ P`` in float64 (the projector works in float32)."""
+        k = self.projector.dim_out
+        return torch.cat([x @ self.projector.columns(s, min(s + 1024, k)).T.to(x) for s in range(0, k, 1024)], 1)
 
     def _prepare(self) -> None:
-        matrix = self.curvature_.dense()
+        matrix = self.curvature_.dense() if self.projector is None else self._projected_dense()
         self.lam_ = self._lambda(matrix.diagonal().mean())
         matrix.diagonal().add_(self.lam_)
         chol, info = torch.linalg.cholesky_ex(matrix)
