@@ -23,7 +23,10 @@ def test_training_on_cuda_matches_cpu(experiments):
 
 
 @pytest.mark.parametrize("method,options", [("grad-dot", {}), ("grad-cos", {}), ("tracin", {}), ("trak", {}),
-                                            ("trak", {"projection_dim": 512}), ("grad-dot", {"projection_dim": 256})])
+                                            ("trak", {"projection_dim": 512}), ("grad-dot", {"projection_dim": 256}),
+                                            ("if-explicit", {}), ("if-explicit", {"projection_dim": 256}),
+                                            ("if-cg", {}), ("if-lissa", {"depth": 200}), ("if-arnoldi", {}),
+                                            ("if-kfac", {}), ("if-ekfac", {}), ("if-astra", {}), ("if-datainf", {})])
 def test_methods_on_cuda_match_cpu(experiments, method, options):
     cpu, _ = experiments
     on_cpu = get_method(method, cpu.task(), **options).fit(cpu.split.train)
@@ -44,3 +47,15 @@ def test_suspicion_and_ground_truth_on_cuda(experiments, tmp_path):
     truth = subset_ground_truth(gpu, n_subsets=10, cache_dir=tmp_path, device="cuda")
     scores = get_method("tracin", gpu.task(), device="cuda").fit(gpu.split.train).attribute(gpu.split.test).scores
     assert -1 <= lds(scores, truth.masks, truth.measurements)[0] <= 1
+
+
+def test_ekfac_on_a_cnn_on_cuda_matches_cpu():
+    from tda_explorer import AttributionTask
+    from tda_explorer.compute.models import make_model
+    from tda_explorer.data.digits import load_augmented_digits
+
+    split = load_augmented_digits(n_train=400, n_test=20)
+    task = AttributionTask(make_model("cnn", split.train.inputs.shape[1], 10), weight_decay=1e-3)
+    a = get_method("if-ekfac", task).fit(split.train).attribute(split.test).scores
+    b = get_method("if-ekfac", task, device="cuda").fit(split.train).attribute(split.test).scores
+    assert ((a - b).abs().max() / a.abs().max()) < 1e-3

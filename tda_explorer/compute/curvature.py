@@ -93,3 +93,15 @@ class Curvature:
         eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
         cols = torch.cat([self.matvec(eye[i : i + chunk]) for i in range(0, self.dim, chunk)])
         return 0.5 * (cols + cols.T)
+
+
+def largest_eigenvalue(matvec, dim: int, iterations: int = 30, seed: int = 1,
+                       device: torch.device | str = "cpu") -> float:
+    """λ_max of a positive semi-definite operator (or one similar to it) by power iteration, from below."""
+    z = torch.randn(1, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
+    estimate = 0.0
+    for _ in range(iterations):
+        y = matvec(z)
+        estimate = float(y.norm() / z.norm())
+        z = y / y.norm().clamp_min(1e-300)
+    return estimate

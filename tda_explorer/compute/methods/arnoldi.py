@@ -19,13 +19,14 @@ from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
 
-def arnoldi_eigenpairs(matvec, dim: int, iterations: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def arnoldi_eigenpairs(matvec, dim: int, iterations: int, seed: int = 0,
+                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values (descending) and vectors ``[dim, k]`` of a symmetric operator after ``iterations`` steps."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(dim, dtype=torch.float64, generator=gen)
+    q = torch.randn(dim, dtype=torch.float64, generator=gen).to(device)
     basis = [q / q.norm()]
     steps = min(iterations, dim)
-    t = torch.zeros(steps + 1, steps, dtype=torch.float64)
+    t = torch.zeros(steps + 1, steps, dtype=torch.float64, device=device)
     for k in range(steps):
         w = matvec(basis[k][None])[0]
         stacked = torch.stack(basis)
@@ -75,7 +76,8 @@ class ArnoldiInfluence(InfluenceFunction):
 
     def _prepare(self) -> None:
         super()._prepare()
-        values, vectors = arnoldi_eigenpairs(self.curvature_.matvec, self.curvature_.dim, self.iterations, self.seed)
+        values, vectors = arnoldi_eigenpairs(self.curvature_.matvec, self.curvature_.dim, self.iterations, self.seed,
+                                            self.device)
         values, vectors = values[: self.rank], vectors[:, : self.rank]
         keep = values > self.lam_
         if not bool(keep.any()):

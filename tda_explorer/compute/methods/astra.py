@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from tda_explorer._validation import TDAError, check_choice, check_positive_int
-from tda_explorer.compute.curvature import Curvature
+from tda_explorer.compute.curvature import Curvature, largest_eigenvalue
 from tda_explorer.compute.kfac import fit_factors
 from tda_explorer.compute.methods.ekfac import EKFACInfluence
 from tda_explorer.compute.task import AttributionTask
@@ -79,7 +79,7 @@ class ASTRAInfluence(EKFACInfluence):
 
     def _damping_flat(self) -> torch.Tensor:
         """Per-parameter damping in the flat layout: λ_l·I on layer l is λ_l in every orthonormal basis."""
-        damping = torch.zeros(self.g_train_.shape[1], dtype=torch.float64)
+        damping = torch.zeros(self.g_train_.shape[1], dtype=torch.float64, device=self.device)
         for f, w0, _ in self._layer_slices():
             damping[w0 : w0 + f.eigenvalues.numel()] = self.damping * float(f.eigenvalues.mean())
         return damping
@@ -121,12 +121,8 @@ class ASTRAInfluence(EKFACInfluence):
         """λ_max of (P + D)⁻¹(G + D) by power iteration on the full training set (cached per fit)."""
         if getattr(self, "lambda_max_", None) is None:
             full = self._full_curvature()
-            z = torch.randn(1, self.g_train_.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-            estimate = 1.0
-            for _ in range(iterations):
-                y = self._precondition(full.matvec(z) + damping * z)
-                estimate = float(y.norm() / z.norm())
-                z = y / y.norm()
+            estimate = largest_eigenvalue(lambda z: self._precondition(full.matvec(z) + damping * z),
+                                          self.g_train_.shape[1], iterations, device=self.device)
             self.lambda_max_ = 1.1 * estimate  # a margin: power iteration approaches from below
         return self.lambda_max_
 

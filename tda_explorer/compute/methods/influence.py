@@ -83,7 +83,7 @@ class InfluenceFunction(Attributor):
     def _mean_eigenvalue(self) -> float:
         """trace(H)/p by Hutchinson's estimator (8 Gaussian probes)."""
         gen = torch.Generator().manual_seed(0)
-        probe = torch.randn(8, self.curvature_.dim, dtype=torch.float64, generator=gen)
+        probe = torch.randn(8, self.curvature_.dim, dtype=torch.float64, generator=gen).to(self.device)
         return float((probe * self.curvature_.matvec(probe)).sum(1).mean()) / self.curvature_.dim
 
     def _lambda(self, mean_eigenvalue: torch.Tensor) -> float:

@@ -17,19 +17,9 @@ from __future__ import annotations
 import torch
 
 from tda_explorer._validation import check_nonnegative, check_positive_int
+from tda_explorer.compute.curvature import largest_eigenvalue
 from tda_explorer.compute.methods.influence import InfluenceFunction
 from tda_explorer.compute.task import AttributionTask
-
-
-def largest_eigenvalue(matvec, dim: int, iterations: int = 30, seed: int = 1) -> float:
-    """λ_max of a symmetric positive semi-definite operator by power iteration (from below)."""
-    z = torch.randn(1, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    estimate = 0.0
-    for _ in range(iterations):
-        y = matvec(z)
-        estimate = float(y.norm() / z.norm())
-        z = y / y.norm().clamp_min(1e-300)
-    return estimate
 
 
 class LiSSAInfluence(InfluenceFunction):
@@ -74,8 +64,9 @@ class LiSSAInfluence(InfluenceFunction):
                 self.curvature_.on_rows(torch.randperm(self.curvature_.n, generator=gen)[: self.minibatch])
                 for _ in range(8)
             ]
-            self.scale_ = 1.5 * max(largest_eigenvalue(lambda v, c=c: self._damped(v, c), self.curvature_.dim)
-                                    for c in views)
+            self.scale_ = 1.5 * max(
+                largest_eigenvalue(lambda v, c=c: self._damped(v, c), self.curvature_.dim, device=self.device)
+                for c in views)
 
     def _solve(self, v: torch.Tensor) -> torch.Tensor:
         v = v.double()
