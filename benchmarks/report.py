@@ -43,11 +43,28 @@ def speed_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def influence_tables(path: Path) -> str:
+    data = json.loads(path.read_text())
+    where = data.get("gpu") or f"CPU, {data.get('threads')} threads"
+    out = [f"### Influence functions ({path.stem}: {where}, torch {data.get('torch', '?')})", "",
+           "| task | method | options | library | LDS | seconds | note |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['task']} | {r['method']} | {r['options']} | {r['library']} | {fmt(r['lds'])} | "
+            f"{fmt(r['seconds'], 2)} | {r.get('error', '')} |" for r in data["lds_rows"]]
+    if data["speed_rows"]:
+        out += ["", "| task | what | library | seconds | × one plain epoch |", "| --- | --- | --- | --- | --- |"]
+        out += [f"| {r['task']} | {r['what']} | {r['library']} | {fmt(r['seconds'], 2)} | "
+                f"{fmt(r['ratio_to_epoch'], 2)} |" for r in data["speed_rows"]]
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("accuracy*.json")):
         print(accuracy_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("speed*.json")):
         print(speed_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("influence*.json")):
+        print(influence_tables(path), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def test_suspicion_and_ground_truth_on_cuda(experiments, tmp_path):
     assert -1 <= lds(scores, truth.masks, truth.measurements)[0] <= 1
 
 
-def test_ekfac_on_a_cnn_on_cuda_matches_cpu():
+def test_ekfac_on_a_cnn_on_cuda_matches_cpu(monkeypatch):
+    # cuDNN convolutions run in TF32 by default (0.6% apart from the CPU here); compare our code, not that setting
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     from tda_explorer import AttributionTask
     from tda_explorer.compute.models import make_model
     from tda_explorer.data.digits import load_augmented_digits
