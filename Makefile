@@ -37,10 +37,12 @@ test: setup browser-deps
 bench-deps: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m pip install --quiet --no-deps "dattri==0.3.0"
+	$(PY) -m pip install --quiet --no-deps "kronfluence==1.0.1" "accelerate==1.15.0" "einconv==0.1.0"
 
 bench: bench-deps
 	$(PY) benchmarks/bench_accuracy.py --json benchmarks/results/accuracy_cpu.json
 	$(PY) benchmarks/bench_speed.py --json benchmarks/results/speed_cpu.json
+	$(PY) benchmarks/bench_influence.py --json benchmarks/results/influence_cpu.json
 
 lint: setup
 	$(VENV)/bin/ruff check tda_explorer tests benchmarks

@@ -104,7 +104,8 @@ def test_kronecker_factored_if_is_exact_for_one_example_on_a_linear_layer(method
     train = AttributionDataset(torch.randn(1, 3, dtype=torch.float64), torch.tensor([2]))
     test = AttributionDataset(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0]))
     wd = 0.01
-    fitted = get_method(method, AttributionTask(model, weight_decay=wd), fisher="empirical", damping=0.2).fit(train)
+    fitted = get_method(method, AttributionTask(model, weight_decay=wd), fisher="empirical", damping=0.2,
+                       weight_decay_term=True).fit(train)
     got = fitted.attribute(test).scores.double()
     g_tr, g_te = _grads(model, train.inputs, train.labels), _grads(model, test.inputs, test.labels)
     # the flat layout is (weight row-major, bias): reorder to the [out, in + 1] layout of the factors
@@ -182,7 +183,8 @@ def test_kronecker_factored_if_is_exact_for_a_one_position_convolution(method):
     train = AttributionDataset(torch.randn(1, 2, 2, 2, dtype=torch.float64), torch.tensor([1]))
     test = AttributionDataset(torch.randn(4, 2, 2, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
     wd = 0.01
-    fitted = get_method(method, AttributionTask(model, weight_decay=wd), fisher="empirical", damping=0.2).fit(train)
+    fitted = get_method(method, AttributionTask(model, weight_decay=wd), fisher="empirical", damping=0.2,
+                       weight_decay_term=True).fit(train)
     got = fitted.attribute(test).scores.double()
     g_tr, g_te = _grads(model, train.inputs, train.labels), _grads(model, test.inputs, test.labels)
     lam = 0.2 * float(fitted.factors_[0].eigenvalues.mean())

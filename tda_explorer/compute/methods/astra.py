@@ -35,6 +35,8 @@ class ASTRAInfluence(EKFACInfluence):
     """Influence functions with ASTRA's EK-FAC-preconditioned stochastic iterations."""
 
     name = "if-astra"
+    default_damping = 0.1  # the preconditioner approximates G + wd·I, the system ASTRA solves
+    default_weight_decay_term = True
 
     def __init__(self, task: AttributionTask, *, iterations: int = 30, step: float = 1.0, momentum: float = 0.0,
                  halve_every: int = 50, minibatch: int = 256, seed: int = 0, precision: str = "float32", **kwargs):

@@ -1,9 +1,16 @@
 """Influence functions with K-FAC / EK-FAC curvature (``if-kfac``, ``if-ekfac``) for Linear and Conv2d layers.
 
-τ(z, z′) = (1/n) Σ_layers ⟨G̃′, G̃ / (Λ + wd + λ)⟩ with G̃ = Q_Sᵀ G Q_A each example's layer gradient in the
-Kronecker eigenbasis (Λ the fitted eigenvalues, wd the objective's weight decay, λ the damping). Factors are fitted
-once per ``fit`` and reused across queries and damping values (``with_damping``); self-influence is computed in the
-eigenbasis, never through an n×n matrix. Damping default: 0.1 × the mean eigenvalue of each layer.
+τ(z, z′) = (1/n) Σ_layers ⟨G̃′, G̃ / (Λ + λ_l)⟩ with G̃ = Q_Sᵀ G Q_A each example's layer gradient in the
+Kronecker eigenbasis (Λ the fitted eigenvalues, λ_l the damping of layer l). Factors are fitted once per ``fit``
+and reused across queries and damping values (``with_damping``); self-influence is computed in the eigenbasis,
+never through an n×n matrix.
+
+Damping (measured on the digits tasks, LDS against retraining, true Fisher): λ_l = 0.5 × the mean eigenvalue of
+layer l, *instead of* the objective's weight decay. Adding the weight decay (the exact objective's curvature)
+damped every layer by at least wd, which scored worse — LR 0.923 / MLP 0.724 against 0.944 / 0.734 — the
+block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Relative factors 0.1–2
+span LR 0.95–0.88 and MLP 0.68–0.74; 0.5 is the best compromise across both (kronfluence's 0.1 heuristic gave
+0.949 / 0.714 there). ``weight_decay_term=True`` restores the exact-objective form.
 Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). With a
 ``store``, the factors and the rotated training gradients are saved there, keyed by the model's fingerprint,
 and a later ``fit`` of the same model and data reads them back.
@@ -28,7 +35,9 @@ class EKFACInfluence(Attributor):
     ----------
     task : AttributionTask
     damping : float, optional
-        Relative damping: λ = damping × mean eigenvalue per layer (default 0.1).
+        Relative damping: λ_l = damping × mean eigenvalue of layer l (default 0.5).
+    weight_decay_term : bool
+        Also add the objective's weight decay to the eigenvalues (default False; see the module docstring).
     fisher : {"true", "empirical"}
         Labels sampled from the model (default) or the observed ones, for the curvature.
     """
@@ -36,17 +45,24 @@ class EKFACInfluence(Attributor):
     name = "if-ekfac"
     corrected = True
 
+    default_damping = 0.5
+    default_weight_decay_term = False
+
     def __init__(self, task: AttributionTask, *, damping: float | None = None, fisher: str = "true",
+                 weight_decay_term: bool | None = None,
                  batch_size: int = 256, **kwargs):
         super().__init__(task, **kwargs)
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by K-FAC/EK-FAC; leave it None")
-        self.damping = 0.1 if damping is None else check_nonnegative(damping, "damping")
+        self.damping = self.default_damping if damping is None else check_nonnegative(damping, "damping")
+        self.weight_decay_term = self.default_weight_decay_term if weight_decay_term is None else bool(
+            weight_decay_term)
         self.fisher, self.batch_size = fisher, batch_size
         tracked_layers(task)  # refuse unsupported modules before any work
 
     def config(self) -> dict:
-        return {**super().config(), "damping": self.damping, "fisher": self.fisher, "corrected": self.corrected}
+        return {**super().config(), "damping": self.damping, "fisher": self.fisher, "corrected": self.corrected,
+                "weight_decay_term": self.weight_decay_term}
 
     def _layer_slices(self) -> list[tuple[object, int, bool]]:
         """Each fitted layer with the offset of its weight in the flat gradient and whether a bias follows it."""
@@ -75,9 +91,10 @@ class EKFACInfluence(Attributor):
         return torch.cat(parts, dim=1)
 
     def _inverse_eigenvalues(self) -> torch.Tensor:
-        """1 / (Λ + wd + λ_layer) in the concatenated eigenbasis layout (float64)."""
+        """1 / (Λ (+ wd) + λ_layer) in the concatenated eigenbasis layout (float64)."""
+        wd = self.task.weight_decay if self.weight_decay_term else 0.0
         return torch.cat([
-            1.0 / (f.eigenvalues + self.task.weight_decay + self.damping * f.eigenvalues.mean()).flatten()
+            1.0 / (f.eigenvalues + wd + self.damping * f.eigenvalues.mean()).flatten()
             for f in self.factors_
         ])
 
