@@ -76,6 +76,20 @@ def _objective(base: nn.Module, weight_decay: float) -> Callable:
     return loss
 
 
+def _optimizer_step(params: dict, grads: dict, state: dict, t: int, config: TrainConfig) -> None:
+    """One SGD or Adam step on stacked parameters, in place (``state``: Adam's moments per name)."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for k, g in grads.items():
+        if config.optimizer == "sgd":
+            params[k] = params[k] - config.lr * g
+            continue
+        mom, var = state[k]
+        mom.mul_(b1).add_(g, alpha=1 - b1)
+        var.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (var / (1 - b2**t)).sqrt_().add_(eps)
+        params[k] = params[k] - config.lr * (mom / (1 - b1**t)) / denom
+
+
 class EnsembleTrainer:
     """Trains one model per row of ``subsets`` (positions into ``inputs``) in lock-step.
 
@@ -122,7 +136,6 @@ class EnsembleTrainer:
     def run(self, epochs: int) -> dict[str, torch.Tensor]:
         """Train ``epochs`` more epochs; return the stacked parameters (name -> [M, ...])."""
         c, (n_models, m) = self.config, self.subsets.shape
-        b1, b2, eps = 0.9, 0.999, 1e-8
         bs = min(c.batch_size, m)
         for _ in range(epochs):
             check_cancelled()
@@ -132,15 +145,7 @@ class EnsembleTrainer:
                 idx = shuffled[:, start : start + bs]
                 grads = self.step_fn(self.params, self.inputs[idx], self.labels[idx])
                 self.t += 1
-                for k, g in grads.items():
-                    if c.optimizer == "sgd":
-                        self.params[k] = self.params[k] - c.lr * g
-                        continue
-                    mom, var = self.state[k]
-                    mom.mul_(b1).add_(g, alpha=1 - b1)
-                    var.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (var / (1 - b2**self.t)).sqrt_().add_(eps)
-                    self.params[k] = self.params[k] - c.lr * (mom / (1 - b1**self.t)) / denom
+                _optimizer_step(self.params, grads, self.state, self.t, c)
         return self.params
 
 
@@ -156,6 +161,56 @@ def train_ensemble(
     """Train one model per row of ``subsets`` for ``config.epochs``; return stacked parameters."""
     trainer = EnsembleTrainer(model_factory, inputs, labels, subsets, config, seeds, device)
     return trainer.run(config.epochs)
+
+
+def train_weighted(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    config: TrainConfig,
+    seeds: list[int],
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train one model per row of ``weights`` ``[M, n]`` in lock-step, each on its seed's batch order.
+
+    Model m starts from ``model_factory(seeds[m])`` and walks the batches of a permutation of all n examples
+    drawn from its seed, so two rows with the same seed share initialisation and batches. Example i's loss counts
+    with weight ``weights[m, i]`` and the batch mean still divides by the batch size: a weight of 0 drops exactly
+    that example's term from the steps it was in (trajectory-specific leave-one-out), a fraction down-weights it.
+    """
+    if weights.dim() != 2 or weights.shape[1] != len(labels):
+        raise TDAError(f"weights must be [n_models, {len(labels)}], got {tuple(weights.shape)}")
+    if len(seeds) != len(weights):
+        raise TDAError(f"seeds must have one entry per row of weights ({len(weights)}), got {len(seeds)}")
+    dev = as_device(device)
+    models = [model_factory(s).to(dev) for s in seeds]
+    stacked, _ = stack_module_state(models)
+    params = {k: v.detach().clone() for k, v in stacked.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+    n, bs = len(labels), min(config.batch_size, len(labels))
+
+    def objective(p: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(functional_call(base, p, (x,)), y, reduction="none")
+        loss = (w * ce).sum() / bs
+        if config.weight_decay:
+            loss = loss + 0.5 * config.weight_decay * sum((q * q).sum() for q in p.values())
+        return loss
+
+    step_fn = vmap(grad(objective))
+    inputs, labels, weights = inputs.to(dev), labels.to(dev), weights.to(dev, inputs.dtype)
+    gens = [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
+    state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    t = 0
+    for _ in range(config.epochs):
+        check_cancelled()
+        order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(dev)
+        for start in range(0, n, bs):
+            idx = order[:, start : start + bs]
+            grads = step_fn(params, inputs[idx], labels[idx], torch.gather(weights, 1, idx))
+            t += 1
+            _optimizer_step(params, grads, state, t, config)
+    return params
 
 
 def unstack(params: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:

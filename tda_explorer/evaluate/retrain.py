@@ -1,0 +1,174 @@
+"""The retraining engine: what actually happens to the test measurements when training examples are removed.
+
+Every removal model is *paired* with a full-data model of the same seed: same initialisation and the same
+batches, with the removed examples' terms dropped from the steps they were in (``train_weighted``). That pairing
+removes most of the seed noise from small effects. Several seeds average fresh-seed noise on top (``seeds``); with
+one seed the answer is the same-seed (trajectory-specific) truth. Groups of any size train together in lock-step
+(``vmap``), which is how one CPU retrains hundreds of models; results are cached on disk by a fingerprint of the
+experiment, the measurement, the seeds and the removed examples, so asking again is free.
+
+It is the ground truth for the removal estimators (influence functions, synset leave-one-out) and backs the
+explorer's "what if I remove these?" check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.func import functional_call, vmap
+
+from tda_explorer._validation import TDAError, check_choice, check_positive_int
+from tda_explorer.atomic import load_tensors, save_tensors
+from tda_explorer.compute.fingerprint import config_fingerprint
+from tda_explorer.compute.task import MEASUREMENTS, _neg_margin
+from tda_explorer.compute.training import train_weighted
+from tda_explorer.evaluate.experiment import Experiment
+
+
+@dataclass
+class RemovalEffect:
+    """``delta[g, j]``: change of test measurement j when group g is removed (removed − full, seed-averaged).
+
+    Positive = the removal raised the (loss-oriented) measurement, i.e. the group was a proponent.
+    """
+
+    groups: list[list[Any]]
+    test_ids: list[Any]
+    delta: torch.Tensor
+    seeds: list[int]
+    seconds: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows: ``group, group_size, test_id, delta``."""
+        g, j = torch.meshgrid(torch.arange(len(self.groups)), torch.arange(len(self.test_ids)), indexing="ij")
+        return pd.DataFrame({
+            "group": g.flatten().numpy(),
+            "group_size": [len(self.groups[i]) for i in g.flatten().tolist()],
+            "test_id": [self.test_ids[i] for i in j.flatten().tolist()],
+            "delta": self.delta.flatten().numpy(),
+        })
+
+
+class Retrainer:
+    """Retrains an experiment's model without chosen training examples.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        Data, model kind and training recipe.
+    measurement : {"loss", "margin"}
+        What is measured on each test example (loss-oriented).
+    seeds : sequence of int, optional
+        Initialisation/batch-order seeds averaged over (default: the experiment's own seed only).
+    cache_dir : str or Path, optional
+        Where results are kept between calls and sessions (None: no cache).
+    device : str
+    chunk : int
+        Models trained together in one lock-step ensemble (memory ∝ chunk).
+    """
+
+    def __init__(self, experiment: Experiment, measurement: str = "loss", seeds: Sequence[int] | None = None,
+                 cache_dir: str | Path | None = None, device: str = "cpu", chunk: int = 64):
+        self.experiment = experiment
+        self.measurement = check_choice(measurement, "measurement", MEASUREMENTS)
+        self.seeds = [experiment.config.seed] if seeds is None else [int(s) for s in seeds]
+        if not self.seeds:
+            raise TDAError("seeds must name at least one seed")
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.device = device
+        self.chunk = check_positive_int(chunk, "chunk")
+        self._full: dict[int, torch.Tensor] = {}
+
+    def _measure(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Test measurements ``[M, n_test]`` of stacked models."""
+        test = self.experiment.split.test
+        base = self.experiment.factory(0).to("meta")
+        x, y = test.inputs.to(self.device), test.labels.to(self.device)
+        with torch.no_grad():
+            out = vmap(lambda p: functional_call(base, p, (x,)))(params)
+            flat, targets = out.flatten(0, 1), y.repeat(out.shape[0])
+            if self.measurement == "loss":
+                values = torch.nn.functional.cross_entropy(flat, targets, reduction="none")
+            else:
+                values = _neg_margin(flat, targets)
+        return values.view(out.shape[0], -1).double().cpu()
+
+    def _train(self, weights: torch.Tensor, seed: int) -> torch.Tensor:
+        train = self.experiment.split.train
+        rows = []
+        for start in range(0, len(weights), self.chunk):
+            block = weights[start : start + self.chunk]
+            params = train_weighted(self.experiment.factory, train.inputs, train.labels, block,
+                                    self.experiment.config, [seed] * len(block), device=self.device)
+            rows.append(self._measure(params))
+        return torch.cat(rows)
+
+    def full_measurements(self, seed: int) -> torch.Tensor:
+        """The paired full-data model's test measurements ``[n_test]`` for ``seed`` (computed once)."""
+        if seed not in self._full:
+            self._full[seed] = self._train(torch.ones(1, len(self.experiment.split.train)), seed)[0]
+        return self._full[seed]
+
+    def _weights(self, groups: Sequence[Sequence[Any]], fractions: Sequence[Sequence[float]] | None) -> torch.Tensor:
+        train = self.experiment.split.train
+        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
+            raise TDAError("groups must be a non-empty list of lists of training ids, e.g. [[3, 17], [42]]")
+        if fractions is not None and len(fractions) != len(groups):
+            raise TDAError(f"fractions must have one entry per group ({len(groups)}), got {len(fractions)}")
+        weights = torch.ones(len(groups), len(train), dtype=torch.float64)
+        for g, group in enumerate(groups):
+            if isinstance(group, (str, bytes)) or not isinstance(group, Sequence):
+                raise TDAError(f"groups[{g}] must be a list of training ids, got {type(group).__name__}")
+            positions = train.positions(list(group), f"groups[{g}]")
+            if len(set(positions)) == len(train):
+                raise TDAError(f"groups[{g}] removes the whole training set ({len(train)} examples); "
+                               "nothing would be left to train on")
+            keep = torch.zeros(len(positions), dtype=torch.float64)
+            if fractions is not None:
+                keep = 1.0 - torch.as_tensor(fractions[g], dtype=torch.float64).expand(len(positions))
+                if not bool(((keep >= 0) & (keep <= 1)).all()):
+                    raise TDAError(f"fractions[{g}] must be in [0, 1] (the share of each example removed)")
+            weights[g, positions] = keep
+        return weights
+
+    def remove(self, groups: Sequence[Sequence[Any]], fractions: Sequence[Sequence[float]] | None = None
+               ) -> RemovalEffect:
+        """Retrain without each group (or with its examples down-weighted by ``fractions``).
+
+        Parameters
+        ----------
+        groups : list of lists of training ids
+        fractions : list of lists of floats in [0, 1], optional
+            Share of each listed example's weight removed (default 1: removed outright).
+
+        Returns
+        -------
+        RemovalEffect
+        """
+        weights = self._weights(groups, fractions)
+        key = None
+        if self.cache_dir is not None:
+            changed = (weights != 1).nonzero()
+            key = config_fingerprint(self.experiment.fingerprint(), self.measurement, self.seeds, changed.tolist(),
+                                     weights[changed[:, 0], changed[:, 1]].tolist())
+            cached = load_tensors(self.cache_dir / f"retrain-{key}.pt")
+            if cached is not None:
+                return RemovalEffect([list(g) for g in groups], list(self.experiment.split.test.ids),
+                                     cached["delta"], self.seeds, float(cached["seconds"]))
+        t0 = time.perf_counter()
+        delta = torch.zeros(len(groups), len(self.experiment.split.test), dtype=torch.float64)
+        for seed in self.seeds:
+            delta += self._train(weights, seed) - self.full_measurements(seed)
+        delta /= len(self.seeds)
+        seconds = time.perf_counter() - t0
+        if key is not None:
+            save_tensors({"delta": delta, "seconds": seconds}, self.cache_dir / f"retrain-{key}.pt",
+                         {"experiment": self.experiment.fingerprint(), "groups": len(groups)})
+        return RemovalEffect([list(g) for g in groups], list(self.experiment.split.test.ids), delta, self.seeds,
+                             seconds)
