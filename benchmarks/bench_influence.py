@@ -101,8 +101,10 @@ def main() -> None:
     result = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "when": time.strftime("%Y-%m-%d")}
-    result["lds_rows"] = [] if args.skip_lds else lds_rows(args.device, args.cache_dir)
-    result["speed_rows"] = [] if args.skip_cnn else cnn_rows(args.device, args.n_train)
+    # a skipped section keeps the rows of an earlier run in the same file
+    previous = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    result["lds_rows"] = previous.get("lds_rows", []) if args.skip_lds else lds_rows(args.device, args.cache_dir)
+    result["speed_rows"] = previous.get("speed_rows", []) if args.skip_cnn else cnn_rows(args.device, args.n_train)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

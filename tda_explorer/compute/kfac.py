@@ -128,9 +128,22 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
             h.remove()
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """Σ over examples and positions of x_t x_tᵀ for ``x`` ``[B, d, T]``, by the fastest route for the shape
+    (measured: one product for T = 1, batched products for small d, one flattened product otherwise)."""
+    batch, d, positions = x.shape
+    if positions == 1:
+        flat = x[:, :, 0]
+        return flat.T @ flat
+    if batch * d * d <= 2**24:
+        return torch.bmm(x, x.transpose(1, 2)).sum(0)
+    flat = x.permute(1, 0, 2).reshape(d, -1)
+    return flat @ flat.T
+
+
 def _patch_covariance(a: torch.Tensor, bias: bool) -> torch.Tensor:
     """Σ over examples and positions of [a; 1][a; 1]ᵀ (float64)."""
-    m = torch.einsum("bit,bjt->ij", a, a).double()
+    m = _gram(a).double()
     if not bias:
         return m
     total = a.sum((0, 2)).double()
@@ -201,7 +214,7 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
             for name, module in layers:
                 a, s = patches[name], grads[name]
                 covs[name][0] = covs[name][0] + _patch_covariance(a, module.bias is not None) / (n * a.shape[2])
-                covs[name][1] = covs[name][1] + torch.einsum("bot,bpt->op", s, s).double() / n
+                covs[name][1] = covs[name][1] + _gram(s).double() / n
         bases = {}
         for name, (cov_a, cov_s) in covs.items():
             ev_a, q_a = torch.linalg.eigh(cov_a)
