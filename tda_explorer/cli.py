@@ -88,7 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }
     result = {"data": args.data, "model": args.model, "noise": args.noise, "n_train": len(exp.split.train),
               "n_test": len(exp.split.test), "test_accuracy": exp.test_accuracy(),
-              **evaluate_method(exp, args.method, truth, device=args.device, **options)}
+              **evaluate_method(exp, args.method, truth, device=args.device, cache_dir=args.cache_dir,
+                                validate_removal=args.method == "synset-loo", **options)}
     if truth is not None:
         result["lds_subsets"] = args.n_subsets
     text = json.dumps(result, indent=2, default=str)

@@ -10,6 +10,7 @@ import torch
 
 from tda_explorer._validation import check_choice
 from tda_explorer.compute.models import MODEL_KINDS, make_model
+from tda_explorer.compute.synset import Trajectory
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.compute.training import TrainConfig, TrainingRecord, train_model
 from tda_explorer.data.digits import DataSplit, load_digits_split
@@ -38,6 +39,11 @@ class Experiment:
     def task(self, measurement: str = "loss") -> AttributionTask:
         return AttributionTask(self.record.model, checkpoints=self.record.checkpoints,
                                measurement=measurement, weight_decay=self.config.weight_decay)
+
+    def trajectory(self) -> Trajectory:
+        """The recorded run for synset methods: initial parameters (re-created from the seed), recipe, checkpoints."""
+        return Trajectory(self.factory(self.config.seed).state_dict(), self.config,
+                          [c.state_dict for c in self.record.checkpoints])
 
     def fingerprint(self) -> str:
         """Hash of the data, the model kind and the recipe (not of the trained weights)."""

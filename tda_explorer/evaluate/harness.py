@@ -38,6 +38,8 @@ def method_options(experiment: Experiment, method: str, ensemble: int | None = N
     if method == "suspicion":
         config.setdefault("model_factory", experiment.factory)
         config.setdefault("train_config", experiment.config)
+    if method == "synset-loo":
+        config.setdefault("trajectory", experiment.trajectory())
     return config, seconds
 
 
@@ -53,8 +55,10 @@ def run_method(experiment: Experiment, method: str, device: str = "cpu", **optio
 
 
 def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTruth | None = None,
-                    device: str = "cpu", **options: Any) -> dict[str, Any]:
-    """Metrics of one method: ``lds`` (with ``truth``), mislabel figures (when the data has noise), times."""
+                    device: str = "cpu", validate_removal: bool = False, cache_dir: str | None = None,
+                    **options: Any) -> dict[str, Any]:
+    """Metrics of one method: ``lds`` (with ``truth``), mislabel figures (when the data has noise), times, and
+    with ``validate_removal`` its removal predictions against retraining (``validate_removals``)."""
     attributor, attribution, seconds, info = run_method(experiment, method, device=device, **options)
     result: dict[str, Any] = {"method": method, "seconds": seconds, **info,
                               "options": {k: v for k, v in options.items() if v is not None}}
@@ -67,6 +71,10 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
         result["self_influence_seconds"] = time.perf_counter() - t0
         result.update(mislabel_auc=mislabel_auc(suspicion, flipped), recall_at_10=recall_at(suspicion, flipped, 0.1),
                       recall_at_20=recall_at(suspicion, flipped, 0.2))
+    if validate_removal:
+        from tda_explorer.evaluate.removal_validation import validate_removals
+
+        result.update(validate_removals(experiment, attributor, attribution, cache_dir=cache_dir, device=device))
     return result
 
 

@@ -1,0 +1,164 @@
+"""Synset-based leave-one-out (``synset-loo``): removal effects estimated by replaying a distilled synset.
+
+``fit`` distils the synset (``compute/synset.py``) from the recorded trajectory, or reads it from the store;
+``estimate_removal(ids)`` / ``estimate_removals(groups)`` replay the weighted synset with and without each
+group and return the predicted change of every test measurement; ``attribute`` is the per-example matrix:
+each training example's score is the predicted effect of removing it alone: its cluster's weight minus one.
+
+Open choice (documented, measured): the synset's resolution is its cluster, so on its own it gives every member
+of a cluster the same single-example score. ``within_cluster="ekfac"`` (default) adds each example's deviation
+from its cluster's mean EK-FAC influence — the replay sets the level of a cluster, a cheap per-example
+first-order term spreads its members. Group estimates (``estimate_removals``) are pure synset replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.func import functional_call, vmap
+
+from tda_explorer._validation import TDAError, check_choice, check_positive_int
+from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.ekfac import EKFACInfluence
+from tda_explorer.compute.synset import Synset, Trajectory, distill, removal_weights, replay
+from tda_explorer.compute.task import AttributionTask
+from tda_explorer.data.dataset import AttributionDataset
+
+
+class SynsetLOO(Attributor):
+    """Leave-one-out and group removal estimated on a distilled synset.
+
+    Parameters
+    ----------
+    task : AttributionTask
+    trajectory : Trajectory
+        The recorded run: initial parameters, training recipe and checkpoints (required).
+    per_class : int
+        Clusters (synthetic examples) per class.
+    distill_steps : int
+        Adam steps of reversed gradient matching.
+    steps_per_epoch : int
+        Full-synset steps per recorded epoch in a replay.
+    """
+
+    name = "synset-loo"
+
+    def __init__(self, task: AttributionTask, *, trajectory: Trajectory | None = None, per_class: int = 10,
+                 distill_steps: int = 400, steps_per_epoch: int = 4, within_cluster: str | None = "ekfac",
+                 seed: int = 0, **kwargs):
+        super().__init__(task, **kwargs)
+        if not isinstance(trajectory, Trajectory):
+            raise TDAError(
+                "synset-loo needs the recorded training trajectory: pass trajectory=Trajectory(init_state, config, "
+                "checkpoints) with the parameters saved before the first step (model.state_dict() right after "
+                "initialisation), the TrainConfig used, and checkpoint state_dicts saved during training "
+                "(train_model records them; the built-in experiments supply all three)"
+            )
+        if self.projector is not None:
+            raise TDAError("projection_dim is not supported by synset-loo; leave it None")
+        self.trajectory = trajectory
+        self.per_class = check_positive_int(per_class, "per_class")
+        self.distill_steps = check_positive_int(distill_steps, "distill_steps")
+        self.steps_per_epoch = check_positive_int(steps_per_epoch, "steps_per_epoch")
+        self.seed = int(seed)
+        self.within_cluster = check_choice(within_cluster, "within_cluster", ("ekfac",)) if within_cluster else None
+        if self.within_cluster:
+            self.spread_ = EKFACInfluence(task, device=self.device)  # refuses unsupported modules up front
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "per_class": self.per_class, "distill_steps": self.distill_steps,
+                "steps_per_epoch": self.steps_per_epoch, "within_cluster": self.within_cluster, "seed": self.seed}
+
+    def _fit(self, train: AttributionDataset) -> None:
+        if self.within_cluster:
+            self.spread_.fit(train)
+        key = None
+        if self.store is not None:
+            key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "synset",
+                                     self.per_class, self.distill_steps, self.seed, train.fingerprint())
+            cached = self.store.get_object(key)
+            if cached is not None:
+                self.synset_ = Synset(**cached)
+                self._control = None
+                return
+        self.synset_ = distill(self.task, train, self.trajectory, self.per_class, self.distill_steps, seed=self.seed,
+                               device=self.device)
+        if key is not None:
+            self.store.put_object(key, self.synset_.to_dict(), {"method": self.name, "dataset": train.name})
+        self._control = None
+
+    def _measure(self, params: dict[str, torch.Tensor], test: AttributionDataset) -> torch.Tensor:
+        """Test measurements ``[M, n_test]`` of stacked replayed models."""
+        base = self.task.model
+        x, y = test.inputs.to(self.device), test.labels.to(self.device)
+        with torch.no_grad():
+            out = vmap(lambda p: functional_call(base, p, (x,)))(params)
+            values = self.task.test_measurement(out.flatten(0, 1), y.repeat(out.shape[0]))
+        return values.view(out.shape[0], -1).double().cpu()
+
+    def _replay(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        return replay(self.synset_, weights, self.trajectory, self.task.model, len(self.train_),
+                      self.steps_per_epoch, self.device)
+
+    def _effects(self, weights: torch.Tensor, test: AttributionDataset, chunk: int = 128) -> torch.Tensor:
+        """Predicted Δ measurement ``[M, n_test]`` for each weight row, against the control replay."""
+        control = self._measure(self._replay(self.synset_.weights[None]), test)[0]
+        rows = [self._measure(self._replay(weights[i : i + chunk]), test) - control
+                for i in range(0, len(weights), chunk)]
+        return torch.cat(rows)
+
+    def estimate_removals(self, groups: Sequence[Sequence[Any]], test: AttributionDataset,
+                          fractions: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
+        """Predicted change ``[n_groups, n_test]`` of each test measurement when each group of training ids is
+        removed (or down-weighted by ``fractions``); positive = the group was a proponent."""
+        train = self._check_fitted()
+        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
+            raise TDAError("groups must be a non-empty list of lists of training ids, e.g. [[3, 17], [42]]")
+        positions = []
+        for g, group in enumerate(groups):
+            rows = train.positions(list(group), f"groups[{g}]")
+            if len(set(rows)) == len(train):
+                raise TDAError(f"groups[{g}] removes the whole training set ({len(train)} examples)")
+            positions.append(rows)
+        weights = removal_weights(self.synset_, positions, None if fractions is None else [list(f) for f in fractions])
+        return self._effects(weights, test)
+
+    def estimate_removal(self, train_ids: Sequence[Any], test: AttributionDataset) -> torch.Tensor:
+        """Predicted change ``[n_test]`` of every test measurement when ``train_ids`` are removed together."""
+        return self.estimate_removals([list(train_ids)], test)[0]
+
+    def cluster_effects(self, test: AttributionDataset) -> torch.Tensor:
+        """``[n_test, K]``: predicted effect of removing one example of each cluster (the per-cluster matrix)."""
+        k = len(self.synset_.weights)
+        weights = self.synset_.weights.repeat(k, 1) - torch.eye(k, dtype=torch.float64)
+        return self._effects(weights, test).T
+
+    def _within(self, first_order: torch.Tensor) -> torch.Tensor:
+        """Each column's deviation from its cluster's mean, per row."""
+        cluster_of, k = self.synset_.cluster_of, len(self.synset_.weights)
+        sums = torch.zeros(len(first_order), k, dtype=first_order.dtype).index_add_(1, cluster_of, first_order)
+        return first_order - (sums / self.synset_.weights.to(first_order.dtype))[:, cluster_of]
+
+    def _attribute(self, test: AttributionDataset) -> torch.Tensor:
+        scores = self.cluster_effects(test)[:, self.synset_.cluster_of]
+        if self.within_cluster:
+            scores = scores + self._within(self.spread_.attribute(test).scores.double())
+        return scores.float()
+
+    def _self_influence(self) -> torch.Tensor:
+        rows = torch.arange(len(self.train_))
+        effects = self.cluster_effects(self.train_)[rows, self.synset_.cluster_of]  # [n, K] first, never n × n
+        if self.within_cluster:
+            # own EK-FAC self-influence minus the mean of example i's EK-FAC scores over its cluster, from
+            # cluster sums of the rotated gradients (the diagonal of ``attribute(train)`` without an n×n matrix)
+            rot, inverse = self.spread_.train_rot_.double(), self.spread_._inverse_eigenvalues().double()
+            cluster_of, n = self.synset_.cluster_of, len(self.train_)
+            sums = torch.zeros(len(self.synset_.weights), rot.shape[1], dtype=torch.float64).index_add_(
+                0, cluster_of, rot)
+            own = (rot * inverse * rot).sum(1) / n
+            mean = (rot * inverse * sums[cluster_of]).sum(1) / (n * self.synset_.weights[cluster_of])
+            effects = effects + own - mean
+        return effects.float()
