@@ -33,12 +33,14 @@ KRONFLUENCE = ["kfac", "ekfac"]
 
 
 def _peer_row(task: str, library: str, method: str, run, truth) -> dict:
-    row = {"task": task, "library": library, "method": method, "options": "defaults"}
+    # peers.py passes the task's weight decay as damping where a peer's default (0) would be singular
+    options = "defaults" if method == "if-arnoldi" and library.startswith("dattri") else "defaults, damping = wd"
+    row = {"task": task, "library": library, "method": method, "options": options}
     try:
         scores, secs = run()
         row.update(lds=lds(scores, truth.masks, truth.measurements)[0], seconds=secs)
     except Exception as err:  # recorded, not fatal: a peer's failure is a result
-        row.update(lds=None, seconds=None, error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        row.update(lds=None, seconds=None, error=f"{type(err).__name__}: {str(err).splitlines()[0][:100]}")
         traceback.print_exc()
     return row
 
