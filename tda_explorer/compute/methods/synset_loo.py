@@ -6,9 +6,13 @@ group and return the predicted change of every test measurement; ``attribute`` i
 each training example's score is the predicted effect of removing it alone: its cluster's weight minus one.
 
 Open choice (documented, measured): the synset's resolution is its cluster, so on its own it gives every member
-of a cluster the same single-example score. ``within_cluster="ekfac"`` (default) adds each example's deviation
-from its cluster's mean EK-FAC influence — the replay sets the level of a cluster, a cheap per-example
-first-order term spreads its members. Group estimates (``estimate_removals``) are pure synset replays.
+of a cluster the same single-example score. ``within_cluster="if-ekfac"`` (default; any registered method
+name works, e.g. ``"if-astra"``) adds each example's deviation from its cluster's mean score under that
+method: the replay sets the level of a cluster, a cheap per-example first-order term spreads its members.
+Group estimates (``estimate_removals``) are pure synset replays. Measured on digits (1,000 examples, 100
+synthetic): group removals track retraining at Spearman 0.94 (MLP) and 0.99 (LR); single examples at 0.31
+(MLP) and 0.73 (LR), below exact influence functions (0.67 / 1.0) — one synthetic example per cluster cannot
+resolve its members; all-n leave-one-out in 1/46 (K = 100) to 1/84 (K = 50) of retraining's time.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ from typing import Any
 import torch
 from torch.func import functional_call, vmap
 
-from tda_explorer._validation import TDAError, check_choice, check_positive_int
+from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.methods.ekfac import EKFACInfluence
 from tda_explorer.compute.synset import Synset, Trajectory, distill, removal_weights, replay
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -47,7 +50,7 @@ class SynsetLOO(Attributor):
     name = "synset-loo"
 
     def __init__(self, task: AttributionTask, *, trajectory: Trajectory | None = None, per_class: int = 10,
-                 distill_steps: int = 400, steps_per_epoch: int = 4, within_cluster: str | None = "ekfac",
+                 distill_steps: int = 400, steps_per_epoch: int = 4, within_cluster: str | None = "if-ekfac",
                  seed: int = 0, **kwargs):
         super().__init__(task, **kwargs)
         if not isinstance(trajectory, Trajectory):
@@ -64,9 +67,13 @@ class SynsetLOO(Attributor):
         self.distill_steps = check_positive_int(distill_steps, "distill_steps")
         self.steps_per_epoch = check_positive_int(steps_per_epoch, "steps_per_epoch")
         self.seed = int(seed)
-        self.within_cluster = check_choice(within_cluster, "within_cluster", ("ekfac",)) if within_cluster else None
+        self.within_cluster = within_cluster or None
         if self.within_cluster:
-            self.spread_ = EKFACInfluence(task, device=self.device)  # refuses unsupported modules up front
+            from tda_explorer.compute.methods import get_method
+
+            if self.within_cluster == self.name:
+                raise TDAError("within_cluster must name another method, e.g. 'if-ekfac'")
+            self.spread_ = get_method(self.within_cluster, task, device=self.device)  # refuses bad models up front
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "per_class": self.per_class, "distill_steps": self.distill_steps,
@@ -103,11 +110,14 @@ class SynsetLOO(Attributor):
         return replay(self.synset_, weights, self.trajectory, self.task.model, len(self.train_),
                       self.steps_per_epoch, self.device)
 
-    def _effects(self, weights: torch.Tensor, test: AttributionDataset, chunk: int = 128) -> torch.Tensor:
-        """Predicted Δ measurement ``[M, n_test]`` for each weight row, against the control replay."""
-        control = self._measure(self._replay(self.synset_.weights[None]), test)[0]
-        rows = [self._measure(self._replay(weights[i : i + chunk]), test) - control
-                for i in range(0, len(weights), chunk)]
+    def _effects(self, weights: torch.Tensor, test: AttributionDataset, chunk: int = 256) -> torch.Tensor:
+        """Predicted Δ measurement ``[M, n_test]`` for each weight row, against the control replay (which rides
+        along in the same lock-step batch)."""
+        rows = []
+        for i in range(0, len(weights), chunk):
+            block = torch.cat([self.synset_.weights[None], weights[i : i + chunk]])
+            measured = self._measure(self._replay(block), test)
+            rows.append(measured[1:] - measured[0])
         return torch.cat(rows)
 
     def estimate_removals(self, groups: Sequence[Sequence[Any]], test: AttributionDataset,
@@ -152,13 +162,10 @@ class SynsetLOO(Attributor):
         rows = torch.arange(len(self.train_))
         effects = self.cluster_effects(self.train_)[rows, self.synset_.cluster_of]  # [n, K] first, never n × n
         if self.within_cluster:
-            # own EK-FAC self-influence minus the mean of example i's EK-FAC scores over its cluster, from
-            # cluster sums of the rotated gradients (the diagonal of ``attribute(train)`` without an n×n matrix)
-            rot, inverse = self.spread_.train_rot_.double(), self.spread_._inverse_eigenvalues().double()
-            cluster_of, n = self.synset_.cluster_of, len(self.train_)
-            sums = torch.zeros(len(self.synset_.weights), rot.shape[1], dtype=torch.float64).index_add_(
-                0, cluster_of, rot)
-            own = (rot * inverse * rot).sum(1) / n
-            mean = (rot * inverse * sums[cluster_of]).sum(1) / (n * self.synset_.weights[cluster_of])
-            effects = effects + own - mean
+            # example i's own score minus the mean of its scores over its cluster: the diagonal of
+            # ``attribute(train)``, one cluster's block at a time (never n × n)
+            for c in range(len(self.synset_.weights)):
+                members = torch.nonzero(self.synset_.cluster_of == c).flatten()
+                block = self.spread_.attribute(self.train_.subset(members.tolist())).scores.double()[:, members]
+                effects[members] += block.diagonal() - block.mean(1)
         return effects.float()
