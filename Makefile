@@ -38,6 +38,7 @@ bench-deps: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m pip install --quiet --no-deps "dattri==0.3.0"
 	$(PY) -m pip install --quiet --no-deps "kronfluence==1.0.1" "accelerate==1.15.0" "einconv==0.1.0"
+	$(PY) -m pip install --quiet --no-deps "dattri-llm==0.1.0"
 
 bench: bench-deps
 	$(PY) benchmarks/bench_accuracy.py --json benchmarks/results/accuracy_cpu.json

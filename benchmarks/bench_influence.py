@@ -30,11 +30,14 @@ OURS = [("if-explicit", {}), ("if-explicit", {"projection_dim": 2048}), ("if-cg"
         ("if-arnoldi", {}), ("if-kfac", {}), ("if-ekfac", {}), ("if-astra", {}), ("if-datainf", {})]
 DATTRI = ["explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac"]
 KRONFLUENCE = ["kfac", "ekfac"]
+# dattri-llm's default damping (1e-3) is not singular: recorded as is, and with the weight decay beside kronfluence's
+DATTRI_LLM = [(method, damping) for method in ("kfac", "ekfac") for damping in (None, "wd")]
 
 
-def _peer_row(task: str, library: str, method: str, run, truth) -> dict:
+def _peer_row(task: str, library: str, method: str, run, truth, options: str | None = None) -> dict:
     # peers.py passes the task's weight decay as damping where a peer's default (0) would be singular
-    options = "defaults" if method == "if-arnoldi" and library.startswith("dattri") else "defaults, damping = wd"
+    if options is None:
+        options = "defaults" if method == "if-arnoldi" and library.startswith("dattri") else "defaults, damping = wd"
     row = {"task": task, "library": library, "method": method, "options": options}
     try:
         scores, secs = run()
@@ -66,6 +69,12 @@ def lds_rows(device: str, cache_dir: str) -> list[dict]:
             for strategy in KRONFLUENCE:
                 run = lambda s=strategy, e=exp: peers.kronfluence_scores(e, s, device=device)  # noqa: E731
                 rows.append(_peer_row(task, "kronfluence 1.0", f"if-{strategy}", run, truth))
+                print(rows[-1], flush=True)
+        if peers.available("dattri_llm"):
+            for method, damping in DATTRI_LLM:
+                run = lambda m=method, d=damping, e=exp: peers.dattri_llm_scores(e, m, device=device, damping=d)  # noqa: E731
+                options = "defaults" if damping is None else "defaults, damping = wd"
+                rows.append(_peer_row(task, "dattri-llm 0.1", f"if-{method}", run, truth, options))
                 print(rows[-1], flush=True)
     return rows
 

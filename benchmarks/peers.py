@@ -1,10 +1,17 @@
 """Adapters that run peer libraries on our experiments, in the same process (optional extras).
 
-Install with ``make bench-deps``: cleanlab, and dattri and kronfluence (with the few packages kronfluence
-imports) with ``--no-deps`` so that none of them can replace torch. Each adapter returns scores as
-``[n_test, n_train]`` with our sign convention (loss-oriented, positive = proponent) and its wall time,
-fitting included. The influence-function peers were checked against our ``if-cg`` (mean per-test-row
-Spearman > 0 on digits LR and MLP): dattri's and kronfluence's native signs are already ours.
+Install with ``make bench-deps``: cleanlab, and dattri, kronfluence (with the few packages kronfluence
+imports) and dattri-llm with ``--no-deps`` so that none of them can replace torch. Each adapter returns
+scores as ``[n_test, n_train]`` with our sign convention (loss-oriented, positive = proponent) and its wall
+time, fitting included. The influence-function peers were checked against our ``if-cg`` (mean per-test-row
+Spearman > 0 on digits LR and MLP): dattri's, kronfluence's and dattri-llm's native signs are already ours.
+
+dattri-llm 0.1 (TRAIS Lab, the LLM-scale companion of dattri) needs only torch and tqdm for what is used
+here. Its one-call live ``attribute(train_dataset, test_dataset)`` goes through ``GradientStreamer``, which
+imports ``transformers`` (for ``set_seed`` on entering each pass) and is therefore not used; the adapter
+takes the path its README names as the core install's: capture per-sample gradients with a ``HookManager``
+(``OffloadCallback`` into an in-memory ``GradientStorageManager``) around our own forward/backward, then
+``KFACAttributor`` / ``EKFACAttributor.attribute_from_cache``. It runs on a CPU.
 
 Not adapted: bergson 2.5 (EleutherAI), built for causal language models, not for a ``nn.Sequential``
 classifier on feature vectors:
@@ -279,6 +286,75 @@ def kronfluence_scores(exp: Experiment, strategy: str = "ekfac", device: str = "
                                          score_args=ScoreArguments(damping_factor=damping_factor))
         scores = analyzer.load_pairwise_scores("scores")["all_modules"]
     return scores.detach().float().cpu(), time.perf_counter() - t0
+
+
+class _Indexed(nn.Module):
+    """``net`` with an ignored ``idx`` argument, so that dattri-llm's hooks read each sample's id from it."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x)
+
+
+def dattri_llm_scores(exp: Experiment, method: str = "kfac", device: str = "cpu",
+                      damping: float | str | None = None) -> tuple[torch.Tensor, float]:
+    """K-FAC or EK-FAC influence through dattri-llm 0.1 (``KFACAttributor`` / ``EKFACAttributor``), final model.
+
+    dattri-llm's defaults, except for the plumbing its store-then-attribute path leaves to the caller:
+
+    * Capture: one ``HookManager`` per split (``linear_io`` on every ``nn.Linear``, as in its README) around a
+      single forward/backward of the whole split, cross-entropy summed over the batch, so that each captured
+      gradient is the example's own (the convention of its examples); the batch size changes nothing but
+      speed (checked). The train side uses the given labels: dattri-llm fits its K-FAC factors from the
+      training gradients, i.e. the empirical Fisher (it has no sampled-label option). The test side is each
+      test example's cross-entropy, our measurement.
+    * Sample ids: the model is wrapped to take an ``idx`` argument and ``sample_id_key="idx"``, so rows and
+      columns are keyed by dataset position instead of dattri-llm's default content hash of the inputs.
+    * Store: ``residency="memory"`` (its in-RAM store, for a capture in the same process) instead of the
+      default on-disk store in a temporary directory, which was 3x slower here and changes no score.
+
+    ``damping=None`` (default) is dattri-llm's own, 1e-3 absolute, added to each Kronecker factor (K-FAC:
+    ``(A + λI)⁻¹ ⊗ (G + λI)⁻¹``) or to the corrected eigenvalues (EK-FAC); it is not a singular solve, so it
+    is kept. ``"wd"`` passes the task's weight decay instead (our objective's Hessian is H_CE + wd·I; the
+    kronfluence adapter's default), a float is used as given. The Fisher is a mean over examples, so the
+    scores are gᵀ(F + λ)⁻¹g without our 1/n, a scale that LDS does not see; the sign is already ours.
+    Checked against a hand-rolled float64 K-FAC / EK-FAC of the same factors: equal to 4e-4 relative.
+    """
+    import copy
+    import tempfile
+    import warnings
+
+    import torch.nn.functional as F
+    from dattri_llm import REGISTER_ALL, GradientStorageManager, HookManager, HookManagerConfig, OffloadCallback
+    from dattri_llm.attribution import AttributionArguments, EKFACAttributor, KFACAttributor
+
+    attributors = {"kfac": KFACAttributor, "ekfac": EKFACAttributor}
+    if method not in attributors:
+        raise ValueError(f"dattri-llm method must be 'kfac' or 'ekfac', got {method!r}")
+    options = {} if damping is None else {"damping": exp.config.weight_decay if damping == "wd" else damping}
+    tr, te = exp.split.train, exp.split.test
+    t0 = time.perf_counter()
+    model = _Indexed(copy.deepcopy(exp.record.model)).to(device).eval()  # its hooks go on a copy
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        # torch warns that the first layer's full backward hook sees no input gradient (its input is data)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        stores = {}
+        for name, split in (("train", tr), ("test", te)):
+            stores[name] = GradientStorageManager(f"{out}/{name}", residency="memory")
+            offload = OffloadCallback(offload_interval=1, file_manager=stores[name], recording_type="per_sample")
+            hooks = HookManager(model, config=HookManagerConfig(linear_io=REGISTER_ALL), callbacks=[offload],
+                                sample_id_key="idx")
+            with hooks.collect(deregister_on_exit=True):
+                logits = model(split.inputs.to(device), idx=torch.arange(len(split)))
+                F.cross_entropy(logits, split.labels.to(device), reduction="sum").backward()
+            model.zero_grad(set_to_none=True)
+        args = AttributionArguments(output_dir=f"{out}/scores", use_cpu=device == "cpu")
+        score = attributors[method](args).attribute_from_cache(stores["train"], stores["test"], **options)
+        scores = score.query([str(i) for i in range(len(tr))], [str(j) for j in range(len(te))])
+    return scores.T.contiguous().float().cpu(), time.perf_counter() - t0
 
 
 def cleanlab_suspicion(exp: Experiment, folds: int = 5) -> tuple[torch.Tensor, float]:

@@ -67,8 +67,9 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 
 
 def test_unknown_method_lists_available(tiny_mlp):
-    with pytest.raises(TDAError, match="unknown method .nope.; available: grad-cos, grad-dot, if-arnoldi, if-astra, "
-                       "if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, suspicion, tracin, trak"):
+    with pytest.raises(TDAError, match="unknown method .nope.; available: grad-cos, grad-dot, if-arnoldi, "
+                       "if-astra, if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, suspicion, "
+                       "synset-loo, tracin, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
 
 
@@ -117,10 +118,16 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
     test = AttributionDataset(xt, yt)
     task = AttributionTask(full, checkpoints=[Checkpoint(full.state_dict(), 1.0, 0)], weight_decay=wd)
     from tda_explorer.compute import METHODS
+    from tda_explorer.compute.synset import Trajectory
+    from tda_explorer.compute.training import TrainConfig
 
-    extra = {"suspicion": {"oof_probabilities": torch.full((len(x), 3), 1 / 3)}}
+    zeros = {k: torch.zeros_like(v) for k, v in full.state_dict().items()}  # L-BFGS started at zero
+    converge = TrainConfig(epochs=100, batch_size=len(x), lr=0.5, weight_decay=wd, optimizer="sgd")
+    extra = {"suspicion": {"oof_probabilities": torch.full((len(x), 3), 1 / 3)},
+             "synset-loo": {"trajectory": Trajectory(zeros, converge, [full.state_dict()]), "per_class": 4,
+                            "distill_steps": 100}}
     assert set(METHODS) == {"grad-dot", "grad-cos", "tracin", "trak", "suspicion", "if-explicit", "if-cg", "if-kfac",
-                            "if-astra", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf"}
+                            "if-astra", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf", "synset-loo"}
     for name in METHODS:
         scores = get_method(name, task, **extra.get(name, {})).fit(train).attribute(test).scores.double()
         rho = spearmanr(scores.flatten(), delta.flatten()).statistic
