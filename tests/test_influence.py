@@ -335,3 +335,17 @@ def test_explicit_on_projected_features_is_the_influence_in_the_random_subspace(
     torch.testing.assert_close(got.attribute(test).scores.double(), want, rtol=1e-4, atol=1e-6)
     with pytest.raises(TDAError, match="projection_dim is not supported by if-cg; leave it None"):
         get_method("if-cg", task, projection_dim=16)
+
+
+def test_astra_converges_to_the_explicit_solution_on_one_layer(tiny_data):
+    """One Linear layer: ASTRA's damping D is a scalar λ, so (G + λI)⁻¹ is if-explicit's with damping=λ."""
+    train, test = tiny_data
+    torch.manual_seed(0)
+    task = AttributionTask(nn.Linear(4, 3).double(), weight_decay=0.05)
+    astra = get_method("if-astra", task, iterations=400, minibatch=len(train), precision="float64",
+                       halve_every=1000).fit(train)
+    lam = float(astra._damping_flat()[0])
+    explicit = get_method("if-explicit", task, damping=lam).fit(train).attribute(test).scores
+    got = astra.attribute(test).scores
+    assert ((got - explicit).abs().max() / explicit.abs().max()) < 1e-4
+    assert astra.residual_ < 1e-4
