@@ -1,5 +1,7 @@
 """Methods against independent computations: hand sums, and actual remove-and-retrain."""
 
+import copy
+
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -67,7 +69,7 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 
 
 def test_unknown_method_lists_available(tiny_mlp):
-    with pytest.raises(TDAError, match="unknown method .nope.; available: grad-cos, grad-dot, if-arnoldi, "
+    with pytest.raises(TDAError, match="unknown method .nope.; available: dvemb, grad-cos, grad-dot, if-arnoldi, "
                        "if-astra, if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, suspicion, "
                        "synset-loo, tracin, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
@@ -94,6 +96,23 @@ def _fit_logreg(x, y, wd, n_classes=3):
 
     opt.step(closure)
     return model
+
+
+def _recorded_run(task, train, init, config):
+    """Gradient descent from ``init`` recorded step by step (for dvemb)."""
+    from tda_explorer.compute.recorder import StepRecorder
+    from tda_explorer.compute.training import train_weighted
+
+    def factory(_):
+        model = copy.deepcopy(task.model)
+        model.load_state_dict(init)
+        return model
+
+    recorder = StepRecorder(task, train, len(train), projection_dim=None)
+    params = train_weighted(factory, train.inputs, train.labels, torch.ones(1, len(train)), config, [0],
+                            callback=recorder)
+    recorder.finish({k: v[0] for k, v in params.items()})
+    return recorder
 
 
 def test_sign_agrees_with_actual_removal_on_convex_model():
@@ -125,9 +144,11 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
     converge = TrainConfig(epochs=100, batch_size=len(x), lr=0.5, weight_decay=wd, optimizer="sgd")
     extra = {"suspicion": {"oof_probabilities": torch.full((len(x), 3), 1 / 3)},
              "synset-loo": {"trajectory": Trajectory(zeros, converge, [full.state_dict()]), "per_class": 4,
-                            "distill_steps": 100}}
+                            "distill_steps": 100},
+             "dvemb": {"recording": _recorded_run(task, AttributionDataset(x, y), zeros, converge)}}
     assert set(METHODS) == {"grad-dot", "grad-cos", "tracin", "trak", "suspicion", "if-explicit", "if-cg", "if-kfac",
-                            "if-astra", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf", "synset-loo"}
+                            "if-astra", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf", "synset-loo",
+                            "dvemb"}
     for name in METHODS:
         scores = get_method(name, task, **extra.get(name, {})).fit(train).attribute(test).scores.double()
         rho = spearmanr(scores.flatten(), delta.flatten()).statistic

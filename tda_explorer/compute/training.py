@@ -171,6 +171,7 @@ def train_weighted(
     config: TrainConfig,
     seeds: list[int],
     device: str | torch.device | None = None,
+    callback: Callable[[int, torch.Tensor, dict[str, torch.Tensor], float], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train one model per row of ``weights`` ``[M, n]`` in lock-step, each on its seed's batch order.
 
@@ -178,11 +179,15 @@ def train_weighted(
     drawn from its seed, so two rows with the same seed share initialisation and batches. Example i's loss counts
     with weight ``weights[m, i]`` and the batch mean still divides by the batch size: a weight of 0 drops exactly
     that example's term from the steps it was in (trajectory-specific leave-one-out), a fraction down-weights it.
+    ``callback(step, batch_positions, params, lr)`` (one model only) sees every step before its update — the
+    hook a recorder uses (``StepRecorder``).
     """
     if weights.dim() != 2 or weights.shape[1] != len(labels):
         raise TDAError(f"weights must be [n_models, {len(labels)}], got {tuple(weights.shape)}")
     if len(seeds) != len(weights):
         raise TDAError(f"seeds must have one entry per row of weights ({len(weights)}), got {len(seeds)}")
+    if callback is not None and len(weights) != 1:
+        raise TDAError(f"a step callback records one training run; got {len(weights)} models")
     dev = as_device(device)
     models = [model_factory(s).to(dev) for s in seeds]
     stacked, _ = stack_module_state(models)
@@ -207,6 +212,8 @@ def train_weighted(
         order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(dev)
         for start in range(0, n, bs):
             idx = order[:, start : start + bs]
+            if callback is not None:
+                callback(t, idx[0], {k: v[0] for k, v in params.items()}, config.lr)
             grads = step_fn(params, inputs[idx], labels[idx], torch.gather(weights, 1, idx))
             t += 1
             _optimizer_step(params, grads, state, t, config)

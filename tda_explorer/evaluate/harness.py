@@ -40,6 +40,13 @@ def method_options(experiment: Experiment, method: str, ensemble: int | None = N
         config.setdefault("train_config", experiment.config)
     if method == "synset-loo":
         config.setdefault("trajectory", experiment.trajectory())
+    if method == "dvemb" and "recording" not in config:
+        from tda_explorer.compute.methods.dvemb import record_experiment_run
+
+        t0 = time.perf_counter()
+        config["recording"] = record_experiment_run(experiment.task(), experiment.split.train, experiment.factory,
+                                                    experiment.config, experiment.config.seed, device=device)
+        seconds += time.perf_counter() - t0
     return config, seconds
 
 
@@ -75,6 +82,12 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
         from tda_explorer.evaluate.removal_validation import validate_removals
 
         result.update(validate_removals(experiment, attributor, attribution, cache_dir=cache_dir, device=device))
+    if method == "dvemb":
+        from tda_explorer.evaluate.removal_validation import single_removal_spearman
+        from tda_explorer.evaluate.retrain import Retrainer
+
+        retrainer = Retrainer(experiment, cache_dir=cache_dir, device=device)
+        result["tsloo_spearman"] = single_removal_spearman(experiment, attribution, retrainer)[0]
     return result
 
 

@@ -54,6 +54,22 @@ def _predicted(attributor: Attributor, attribution: Attribution, experiment: Exp
     return torch.stack([attribution.scores[:, p].double().sum(1) for p in positions])
 
 
+def single_removal_spearman(experiment: Experiment, attribution: Attribution, retrainer: Retrainer,
+                            n_loo: int = 200, seed: int = 0) -> tuple[float, float]:
+    """Mean over test points of the Spearman correlation between scores and the actual change of the test
+    measurement when each of ``n_loo`` random training examples is removed (paired same-seed retraining: the
+    same batches without the example, i.e. trajectory-specific leave-one-out); and the retraining seconds."""
+    train = experiment.split.train
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_loo].tolist()
+    t0 = time.perf_counter()
+    loo = retrainer.remove([[train.ids[i]] for i in rows])
+    seconds = loo.seconds if loo.seconds > 0 else time.perf_counter() - t0
+    actual = loo.delta.T.numpy()  # [n_test, n_loo]
+    scores = attribution.scores[:, rows].double().numpy()
+    per_test = [spearmanr(scores[j], actual[j]).statistic for j in range(len(actual)) if np.std(actual[j]) > 0]
+    return float(np.nanmean(per_test)), seconds
+
+
 def validate_removals(experiment: Experiment, attributor: Attributor, attribution: Attribution,
                       n_loo: int = 200, cache_dir: str | Path | None = None, device: str = "cpu",
                       seed: int = 0) -> dict[str, Any]:
@@ -61,15 +77,8 @@ def validate_removals(experiment: Experiment, attributor: Attributor, attributio
     estimator's all-n leave-one-out against retraining (``speedup_vs_retraining``)."""
     retrainer = Retrainer(experiment, cache_dir=cache_dir, device=device)
     train = experiment.split.train
-    gen = torch.Generator().manual_seed(seed)
-    loo_rows = torch.randperm(len(train), generator=gen)[:n_loo].tolist()
-    t0 = time.perf_counter()
-    loo = retrainer.remove([[train.ids[i]] for i in loo_rows])
-    retrain_seconds = loo.seconds if loo.seconds > 0 else time.perf_counter() - t0
-    actual = loo.delta.T.numpy()  # [n_test, n_loo]
-    scores = attribution.scores[:, loo_rows].double().numpy()
-    per_test = [spearmanr(scores[j], actual[j]).statistic for j in range(len(actual)) if np.std(actual[j]) > 0]
-    result: dict[str, Any] = {"loo_spearman": float(np.nanmean(per_test)), "loo_examples": n_loo}
+    value, retrain_seconds = single_removal_spearman(experiment, attribution, retrainer, n_loo, seed)
+    result: dict[str, Any] = {"loo_spearman": value, "loo_examples": n_loo}
 
     cluster_of = getattr(getattr(attributor, "synset_", None), "cluster_of", None)
     groups = removal_groups(experiment, attribution, cluster_of)

@@ -7,6 +7,7 @@ from tda_explorer.compute.methods.arnoldi import ArnoldiInfluence
 from tda_explorer.compute.methods.astra import ASTRAInfluence
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.datainf import DataInfInfluence
+from tda_explorer.compute.methods.dvemb import DataValueEmbedding
 from tda_explorer.compute.methods.ekfac import EKFACInfluence, KFACInfluence
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
 from tda_explorer.compute.methods.influence import CGInfluence, ExplicitInfluence, InfluenceFunction
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Attributor]] = {
     cls.name: cls for cls in (
         GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
         ASTRAInfluence, LiSSAInfluence, ArnoldiInfluence, DataInfInfluence, SynsetLOO,
+        DataValueEmbedding,
     )
 }
 
@@ -40,6 +42,6 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
 __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
     "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "LiSSAInfluence",
-    "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "METHODS",
+    "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "DataValueEmbedding", "METHODS",
     "available_methods", "get_method",
 ]

@@ -1,0 +1,117 @@
+"""Data value embedding (``dvemb``; Wang et al. 2024, seed 002): trajectory-specific leave-one-out in one pass.
+
+SGD with a mean loss over batches of nominal size |B| and weight decay wd takes θ_{t+1} = θ_t − η_t(ĝ_t + wd θ_t).
+Dropping example z from step t moves θ_{t+1} by +(η_t/|B|) g_t(z), and a deviation δ propagates through step s as
+δ ← ((1 − η_s wd) I − K_s) δ with K_s = (η_s/|B|) Σ_{z′∈B_s} g_s(z′) g_s(z′)ᵀ (the batch curvature by gradient
+outer products, as the paper's GGN). With Φ the product of those factors after step t, the backward recursion
+over the recorded run (Φ ← I at the end; for t = T−1 … 0: e_t(z) = (η_t/|B|) Φ g_t(z) for z ∈ B_t, then
+Φ ← (1 − η_t wd) Φ − Σ_{z∈B_t} e_t(z) g_t(z)ᵀ) gives each example's embedding Σ_t e_t(z), and
+    τ(z, z′) = ∇f(z′; θ_T)ᵀ emb(z)
+is the predicted change of the test measurement when z is dropped from every step that used it (positive =
+proponent), in k projected dimensions (cost O(T·|B|·k²)). ``influence_curve`` gives the per-epoch parts e_t(z).
+Steps must be recorded with ``StepRecorder`` during an SGD run; Adam's preconditioner is not this recursion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.recorder import StepRecorder
+from tda_explorer.compute.task import AttributionTask
+from tda_explorer.data.dataset import AttributionDataset
+
+
+class DataValueEmbedding(Attributor):
+    """Data value embedding over a recorded SGD run.
+
+    Parameters
+    ----------
+    task : AttributionTask
+        Test measurement and tracked parameters (the final parameters come from the recording).
+    recording : StepRecorder
+        The finished recording of the run (``finish`` called).
+    weight_decay : float, optional
+        The run's weight decay (default: the task's).
+    steps_per_epoch : int, optional
+        Groups steps into epochs for ``influence_curve`` (default: one epoch = ⌈n / batch size⌉ steps).
+    """
+
+    name = "dvemb"
+
+    def __init__(self, task: AttributionTask, *, recording: StepRecorder | None = None,
+                 weight_decay: float | None = None, steps_per_epoch: int | None = None, **kwargs):
+        super().__init__(task, **kwargs)
+        if not isinstance(recording, StepRecorder) or not recording.steps or recording.final is None:
+            raise TDAError(
+                "dvemb needs a finished recording of the training run: create StepRecorder(task, train, batch_size)"
+                ", pass it as the step callback of the training loop (train_weighted(..., callback=recorder) or "
+                "call recorder(step, batch_positions, params, lr) before each SGD step), then "
+                "recorder.finish(final_params); the built-in experiments record one for you"
+            )
+        if self.projector is not None:
+            raise TDAError("dvemb projects with its recording's projection; set projection_dim on the StepRecorder")
+        self.recording = recording
+        self.wd = float(task.weight_decay if weight_decay is None else weight_decay)
+        self.steps_per_epoch = steps_per_epoch
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "weight_decay": self.wd, "steps": len(self.recording.steps),
+                "projection": self.recording.projector.config() if self.recording.projector else None}
+
+    def _fit(self, train: AttributionDataset) -> None:
+        if len(train) != len(self.recording.train):
+            raise TDAError(f"train has {len(train)} examples but the recording was made on "
+                           f"{len(self.recording.train)}; fit on the recorded training set")
+        steps = self.recording.steps
+        k = steps[0].gradients.shape[1]
+        per_epoch = self.steps_per_epoch or -(-len(train) // self.recording.batch_size)
+        n_epochs = -(-len(steps) // per_epoch)
+        self.curves_ = torch.zeros(len(train), n_epochs, k, dtype=torch.float64)
+        phi = torch.eye(k, dtype=torch.float64)
+        for t in range(len(steps) - 1, -1, -1):
+            step = steps[t]
+            g = step.gradients.to(phi)
+            e = (step.lr / self.recording.batch_size) * g @ phi.T  # rows: e_t(z) = (η/|B|) Φ g_t(z)
+            self.curves_[step.positions, t // per_epoch] += e
+            phi = (1 - step.lr * self.wd) * phi - e.T @ g
+        self.embeddings_ = self.curves_.sum(1)
+
+    def _test_gradients(self, test: AttributionDataset) -> torch.Tensor:
+        return self.recording.project(self._features(test, test=True, params=self.recording.final))
+
+    def _attribute(self, test: AttributionDataset) -> torch.Tensor:
+        return (self._test_gradients(test) @ self.embeddings_.T).float()
+
+    def _self_influence(self) -> torch.Tensor:
+        g = self._test_gradients(self.train_)
+        return (g * self.embeddings_).sum(1).float()
+
+    def influence_curve(self, test: AttributionDataset, train_ids: Sequence[Any]) -> pd.DataFrame:
+        """Per-epoch contributions: tidy rows ``test_id, train_id, epoch, score`` (scores sum to ``attribute``'s)."""
+        train = self._check_fitted()
+        positions = train.positions(list(train_ids), "train_ids")
+        g = self._test_gradients(test)  # [n_test, k]
+        parts = torch.einsum("jk,iek->jie", g, self.curves_[positions])  # [n_test, n_ids, epochs]
+        rows = [(test.ids[j], train.ids[p], e, float(parts[j, i, e]))
+                for j in range(len(test)) for i, p in enumerate(positions) for e in range(parts.shape[2])]
+        return pd.DataFrame(rows, columns=["test_id", "train_id", "epoch", "score"])
+
+
+def record_experiment_run(task: AttributionTask, train: AttributionDataset, model_factory, config, seed: int,
+                          projection_dim: int | None = 1024, device: str = "cpu") -> StepRecorder:
+    """Train once with ``train_weighted`` (the retraining engine's batch order for ``seed``) and record it."""
+    from tda_explorer.compute.training import train_weighted
+
+    if config.optimizer != "sgd":
+        raise TDAError(f"dvemb follows SGD steps; this recipe uses {config.optimizer!r} (train with optimizer='sgd')")
+    recorder = StepRecorder(task, train, min(config.batch_size, len(train)), projection_dim, device=device)
+    params = train_weighted(model_factory, train.inputs, train.labels, torch.ones(1, len(train)), config, [seed],
+                            device=device, callback=recorder)
+    recorder.finish({k: v[0] for k, v in params.items()})
+    return recorder
