@@ -17,6 +17,7 @@ from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.attribution import Attribution
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods import get_method
+from tda_explorer.compute.stability import Stability, z_and_p
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.flags import FlagStore
@@ -197,13 +198,28 @@ class Session:
             self._embedding = padded.float()
         return self._embedding
 
-    def add_stability(self, method: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Scores' mean and std across seeds ``[n_test, n_train]`` for ``method`` (shown as ± marks)."""
+    def add_stability(self, method: str, mean: torch.Tensor | Stability, std: torch.Tensor | None = None) -> None:
+        """Scores' mean and std across seeds ``[n_test, n_train]`` for ``method`` (shown as ± marks with
+        p-values), or a ``Stability`` from ``score_stability``."""
+        if isinstance(mean, Stability):
+            mean, std = mean.mean, mean.std
         expected = (len(self.test), len(self.train))
         if tuple(mean.shape) != expected or tuple(std.shape) != expected:
             raise TDAError(f"mean and std must be [n_test, n_train] = {list(expected)}, got "
                            f"{list(mean.shape)} and {list(std.shape)}")
         self.stability[method] = (mean, std)
+
+    def stability_frame(self, method: str, test_id: Any, alpha: float = 0.05) -> pd.DataFrame:
+        """Tidy ``train_id, mean, std, z, p_value, stable`` of ``method`` for one test point, by |z| descending."""
+        if method not in self.stability:
+            raise TDAError(f"no stability data for {method!r}; add it with add_stability (have: "
+                           f"{sorted(self.stability) or 'none'})")
+        pos = self.test.positions([test_id], "test_id")[0]
+        mean, std = (t[pos].double() for t in self.stability[method])
+        z, p = z_and_p(mean, std)
+        frame = pd.DataFrame({"train_id": self.train.ids, "mean": mean.numpy(), "std": std.numpy(), "z": z.numpy(),
+                              "p_value": p.numpy(), "stable": (p < alpha).numpy()})
+        return frame.reindex(frame["z"].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
     def export_csv(self, table: pd.DataFrame, name: str) -> Path:
         """Save ``table`` under ``<folder>/exports/`` with a timestamp; returns the path."""

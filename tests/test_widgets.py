@@ -132,7 +132,12 @@ def test_compare_panel_overlap_scatter_metrics_and_stability(explorer):
     mean = a.scores
     s.add_stability("tracin", mean, torch.full_like(mean, 1e-9))
     explorer.state.test_id = s.test.ids[3]
-    assert "0.530" in panel.metrics.value and "stable" in panel.stability.value
+    assert "0.530" in panel.metrics.value and "stable" in panel.stability.value and "p = 0" in panel.stability.value
+    frame = s.stability_frame("tracin", s.test.ids[3])
+    assert list(frame.columns) == ["train_id", "mean", "std", "z", "p_value", "stable"] and frame["stable"].all()
+    s.add_stability("tracin", mean, mean.abs() * 10 + 1e-12)  # spread far larger than the mean: noise
+    explorer.state.test_id = s.test.ids[4]
+    assert "noisy" in panel.stability.value and ">stable<" not in panel.stability.value
 
 
 def test_export_buttons_write_csv(explorer):

@@ -95,15 +95,12 @@ class ComparePanel(W.VBox):
         if method not in self.session.stability:
             self.stability.value = "<span class='tda-muted'>no stability data for this method</span>"
             return
-        mean, std = self.session.stability[method]
-        pos = self.session.test.positions([self.state.test_id])[0]
-        m, sd = mean[pos], std[pos]
-        order = torch.argsort(m, descending=True)[: self.state.k]
+        frame = self.session.stability_frame(method, self.state.test_id)
+        top = frame.sort_values("mean", ascending=False).head(self.state.k)
         rows = "".join(
-            f"<tr><td>#{html.escape(str(self.session.train.ids[i]))}</td>"
-            f"<td>{float(m[i]):.3g} ± {float(sd[i]):.2g}</td>"
-            f"<td>{'stable' if abs(float(m[i])) > 2 * float(sd[i]) else 'noisy'}</td></tr>"
-            for i in order.tolist()
+            f"<tr><td>#{html.escape(str(r.train_id))}</td><td>{r.mean:.3g} ± {r.std:.2g}</td>"
+            f"<td>p = {r.p_value:.2g}</td><td>{'stable' if r.stable else 'noisy'}</td></tr>"
+            for r in top.itertuples()
         )
         self.stability.value = (f"<b>stability of {html.escape(method)}</b> (mean ± std across seeds)"
                                 f"<table>{rows}</table>")
