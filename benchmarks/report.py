@@ -58,6 +58,18 @@ def influence_tables(path: Path) -> str:
     return "\n".join(out)
 
 
+def removal_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = [f"### Removal estimators against retraining ({path.stem}: CPU, {data.get('threads')} threads)", "",
+           "| task | method | options | LDS | single-example LOO ρ | group-removal ρ | all-n LOO s | retraining s | "
+           "speed-up |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['task']} | {r['method']} | {r['options']} | {fmt(r.get('lds'))} | {fmt(r.get('loo_spearman'))} | "
+            f"{fmt(r.get('group_removal_spearman'))} | {fmt(r.get('all_n_loo_seconds'), 2)} | "
+            f"{fmt(r.get('retrain_all_n_seconds'), 1)} | {fmt(r.get('speedup_vs_retraining'), 1)} |"
+            for r in data["rows"]]
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("accuracy*.json")):
         print(accuracy_tables(path), end="\n\n")
@@ -65,6 +77,8 @@ def main() -> None:
         print(speed_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("influence*.json")):
         print(influence_tables(path), end="\n\n")
+    for path in sorted(RESULTS.glob("removal*.json")):
+        print(removal_table(path), end="\n\n")
 
 
 if __name__ == "__main__":
