@@ -61,3 +61,24 @@ def test_ekfac_on_a_cnn_on_cuda_matches_cpu(monkeypatch):
     a = get_method("if-ekfac", task).fit(split.train).attribute(split.test).scores
     b = get_method("if-ekfac", task, device="cuda").fit(split.train).attribute(split.test).scores
     assert ((a - b).abs().max() / a.abs().max()) < 1e-3
+
+
+def test_removal_estimators_and_retraining_on_cuda_match_cpu(experiments):
+    from tda_explorer.compute.methods.dvemb import record_experiment_run
+    from tda_explorer.evaluate import Retrainer
+
+    exp, _ = experiments
+    ids = exp.split.train.ids
+    groups = [list(ids[:20]), list(ids[50:60]), [ids[7]]]
+    out = {}
+    for dev in ("cpu", "cuda"):
+        synset = get_method("synset-loo", exp.task(), trajectory=exp.trajectory(), distill_steps=50,
+                            device=dev).fit(exp.split.train)
+        rec = record_experiment_run(exp.task(), exp.split.train, exp.factory, exp.config, 0, projection_dim=256,
+                                    device=dev)
+        out[dev] = (synset.estimate_removals(groups, exp.split.test), Retrainer(exp, device=dev).remove(groups).delta,
+                    get_method("dvemb", exp.task(), recording=rec, device=dev).fit(exp.split.train)
+                    .attribute(exp.split.test).scores)
+    for a, b, tol in zip(out["cpu"], out["cuda"], (2e-2, 1e-4, 1e-5)):  # the synset is fitted in float32
+        a, b = a.double().cpu(), b.double().cpu()
+        assert float((a - b).abs().max() / a.abs().max()) < tol

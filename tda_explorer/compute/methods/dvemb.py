@@ -73,17 +73,18 @@ class DataValueEmbedding(Attributor):
         per_epoch = self.steps_per_epoch or -(-len(train) // self.recording.batch_size)
         n_epochs = -(-len(steps) // per_epoch)
         self.curves_ = torch.zeros(len(train), n_epochs, k, dtype=torch.float64)
-        phi = torch.eye(k, dtype=torch.float64)
+        phi = torch.eye(k, dtype=torch.float64, device=self.device)  # the k×k recursion runs on the device
         for t in range(len(steps) - 1, -1, -1):
             step = steps[t]
             g = step.gradients.to(phi)
             e = (step.lr / self.recording.batch_size) * g @ phi.T  # rows: e_t(z) = (η/|B|) Φ g_t(z)
-            self.curves_[step.positions, t // per_epoch] += e
+            self.curves_[step.positions, t // per_epoch] += e.cpu()
             phi = (1 - step.lr * self.wd) * phi - e.T @ g
         self.embeddings_ = self.curves_.sum(1)
 
     def _test_gradients(self, test: AttributionDataset) -> torch.Tensor:
-        return self.recording.project(self._features(test, test=True, params=self.recording.final))
+        """Projected test-measurement gradients at the run's final parameters, on the CPU beside the embeddings."""
+        return self.recording.project(self._features(test, test=True, params=self.recording.final)).cpu()
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         return (self._test_gradients(test) @ self.embeddings_.T).float()
