@@ -52,12 +52,30 @@ class Session:
         self.stability: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
+        self.retrainer: Any = None  # a ``Retrainer`` makes "what if I remove these?" answerable
         self._predict()
 
     @classmethod
-    def from_experiment(cls, experiment, folder: str | Path = "tda_session", device: str = "cpu") -> Session:
-        """A session over a built-in experiment (see ``tda_explorer.evaluate.build_experiment``)."""
-        return cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device)
+    def from_experiment(cls, experiment, folder: str | Path = "tda_session", device: str = "cpu",
+                        retrain_seeds: int = 2) -> Session:
+        """A session over a built-in experiment (see ``tda_explorer.evaluate.build_experiment``), able to retrain
+        without chosen examples (``what_if_removed``) with ``retrain_seeds`` paired seeds."""
+        from tda_explorer.evaluate.retrain import Retrainer
+
+        session = cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device)
+        seeds = [experiment.config.seed + i for i in range(retrain_seeds)]
+        session.retrainer = Retrainer(experiment, seeds=seeds, cache_dir=session.folder / "retrain", device=device)
+        return session
+
+    def what_if_removed(self, train_ids: list) -> Any:
+        """Retrain without ``train_ids`` (paired with full models of the same seeds) and return the
+        ``RemovalEffect``: the change of every test measurement, and of test accuracy."""
+        if self.retrainer is None:
+            raise TDAError("this session cannot retrain: build it with Session.from_experiment(...) or set "
+                           "session.retrainer = Retrainer(experiment)")
+        if not train_ids:
+            raise TDAError("train_ids is empty: flag or select the training examples to remove first")
+        return self.retrainer.remove([list(train_ids)])
 
     # -- predictions ----------------------------------------------------------------------
     def _predict(self) -> None:

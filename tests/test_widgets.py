@@ -209,3 +209,23 @@ def test_text_data_is_shown_escaped(tmp_path):
 def test_explorer_needs_an_attribution(digits_experiment, tmp_path):
     with pytest.raises(ValueError, match="no attribution yet"):
         Explorer(Session.from_experiment(digits_experiment, folder=tmp_path))
+
+
+def test_what_if_i_remove_the_flagged_retrains_and_reports(explorer, digits_experiment):
+    panel, s = explorer.mislabels, explorer.session
+    panel.what_if_button.click()
+    assert "flag some training examples first" in panel.what_if.value
+    flipped = [s.train.ids[i] for i in torch.nonzero(digits_experiment.split.flipped).flatten().tolist()]
+    for train_id in flipped:
+        s.flags.flag(train_id)
+    panel.what_if_button.click()
+    job = panel.what_if_job.join(300)
+    assert job.state == "done", job.label
+    effect = job.result
+    assert effect.groups[0] == s.flags.flagged_ids() and len(effect.seeds) == 2
+    assert float(effect.delta[0].mean()) < 0  # dropping the mislabeled examples lowers the test loss
+    assert f"removing {len(flipped)} flagged examples" in panel.what_if.value
+    assert "mean test loss" in panel.what_if.value and not panel.what_if_button.disabled
+    s.retrainer = None
+    panel.what_if_button.click()
+    assert "cannot retrain" in panel.what_if.value

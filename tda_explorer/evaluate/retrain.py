@@ -43,6 +43,9 @@ class RemovalEffect:
     delta: torch.Tensor
     seeds: list[int]
     seconds: float
+    full: torch.Tensor  # [n_test]: the paired full models' measurements (seed-averaged)
+    accuracy_full: float
+    accuracy_delta: torch.Tensor  # [n_groups]: test accuracy without the group minus with it
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: ``group, group_size, test_id, delta``."""
@@ -83,10 +86,10 @@ class Retrainer:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.device = device
         self.chunk = check_positive_int(chunk, "chunk")
-        self._full: dict[int, torch.Tensor] = {}
+        self._full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _measure(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Test measurements ``[M, n_test]`` of stacked models."""
+    def _measure(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test measurements and correctness ``[M, n_test]`` of stacked models."""
         test = self.experiment.split.test
         base = self.experiment.factory(0).to("meta")
         x, y = test.inputs.to(self.device), test.labels.to(self.device)
@@ -97,22 +100,26 @@ class Retrainer:
                 values = torch.nn.functional.cross_entropy(flat, targets, reduction="none")
             else:
                 values = _neg_margin(flat, targets)
-        return values.view(out.shape[0], -1).double().cpu()
+            correct = (out.argmax(-1) == y).double().cpu()
+        return values.view(out.shape[0], -1).double().cpu(), correct
 
-    def _train(self, weights: torch.Tensor, seed: int) -> torch.Tensor:
+    def _train(self, weights: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         train = self.experiment.split.train
-        rows = []
+        values, correct = [], []
         for start in range(0, len(weights), self.chunk):
             block = weights[start : start + self.chunk]
             params = train_weighted(self.experiment.factory, train.inputs, train.labels, block,
                                     self.experiment.config, [seed] * len(block), device=self.device)
-            rows.append(self._measure(params))
-        return torch.cat(rows)
+            v, c = self._measure(params)
+            values.append(v)
+            correct.append(c)
+        return torch.cat(values), torch.cat(correct)
 
-    def full_measurements(self, seed: int) -> torch.Tensor:
-        """The paired full-data model's test measurements ``[n_test]`` for ``seed`` (computed once)."""
+    def full_measurements(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paired full-data model's test measurements and correctness ``[n_test]`` for ``seed`` (once)."""
         if seed not in self._full:
-            self._full[seed] = self._train(torch.ones(1, len(self.experiment.split.train)), seed)[0]
+            values, correct = self._train(torch.ones(1, len(self.experiment.split.train)), seed)
+            self._full[seed] = (values[0], correct[0])
         return self._full[seed]
 
     def _weights(self, groups: Sequence[Sequence[Any]], fractions: Sequence[Sequence[float]] | None) -> torch.Tensor:
@@ -153,22 +160,34 @@ class Retrainer:
         """
         weights = self._weights(groups, fractions)
         key = None
+        groups = [list(g) for g in groups]
+        test_ids = list(self.experiment.split.test.ids)
         if self.cache_dir is not None:
             changed = (weights != 1).nonzero()
             key = config_fingerprint(self.experiment.fingerprint(), self.measurement, self.seeds, changed.tolist(),
                                      weights[changed[:, 0], changed[:, 1]].tolist())
             cached = load_tensors(self.cache_dir / f"retrain-{key}.pt")
-            if cached is not None:
-                return RemovalEffect([list(g) for g in groups], list(self.experiment.split.test.ids),
-                                     cached["delta"], self.seeds, float(cached["seconds"]))
+            if cached is not None and "accuracy_delta" in cached:
+                return RemovalEffect(groups, test_ids, cached["delta"], self.seeds, float(cached["seconds"]),
+                                     cached["full"], float(cached["accuracy_full"]), cached["accuracy_delta"])
         t0 = time.perf_counter()
-        delta = torch.zeros(len(groups), len(self.experiment.split.test), dtype=torch.float64)
+        delta = torch.zeros(len(groups), len(test_ids), dtype=torch.float64)
+        accuracy_delta = torch.zeros(len(groups), dtype=torch.float64)
+        full_values = torch.zeros(len(test_ids), dtype=torch.float64)
+        accuracy_full = 0.0
         for seed in self.seeds:
-            delta += self._train(weights, seed) - self.full_measurements(seed)
-        delta /= len(self.seeds)
+            values, correct = self._train(weights, seed)
+            base_values, base_correct = self.full_measurements(seed)
+            delta += values - base_values
+            accuracy_delta += correct.mean(1) - base_correct.mean()
+            full_values += base_values
+            accuracy_full += float(base_correct.mean())
+        k = len(self.seeds)
+        delta, accuracy_delta, full_values = delta / k, accuracy_delta / k, full_values / k
+        accuracy_full /= k
         seconds = time.perf_counter() - t0
         if key is not None:
-            save_tensors({"delta": delta, "seconds": seconds}, self.cache_dir / f"retrain-{key}.pt",
+            save_tensors({"delta": delta, "seconds": seconds, "full": full_values, "accuracy_full": accuracy_full,
+                          "accuracy_delta": accuracy_delta}, self.cache_dir / f"retrain-{key}.pt",
                          {"experiment": self.experiment.fingerprint(), "groups": len(groups)})
-        return RemovalEffect([list(g) for g in groups], list(self.experiment.split.test.ids), delta, self.seeds,
-                             seconds)
+        return RemovalEffect(groups, test_ids, delta, self.seeds, seconds, full_values, accuracy_full, accuracy_delta)

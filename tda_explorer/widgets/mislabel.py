@@ -9,6 +9,7 @@ import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
 
+from tda_explorer.jobs import BackgroundJob
 from tda_explorer.session import Session
 from tda_explorer.widgets.state import ExplorerState
 from tda_explorer.widgets.theme import FigureView
@@ -31,7 +32,13 @@ class MislabelPanel(W.VBox):
         self.next_button = W.Button(description="next ▶", layout=W.Layout(width="100px"))
         self.clear_button = W.Button(description="clear lasso", layout=W.Layout(width="100px"))
         self.export_button = W.Button(description="Save CSV", icon="download", layout=W.Layout(width="100px"))
-        for b, name in ((self.prev_button, "prev"), (self.next_button, "next"), (self.export_button, "export")):
+        self.what_if_button = W.Button(description="What if I remove the flagged?", icon="refresh",
+                                       layout=W.Layout(width="240px"),
+                                       tooltip="retrain without the flagged examples (paired seeds) and compare")
+        self.what_if = W.HTML()
+        self.what_if_job = None
+        for b, name in ((self.prev_button, "prev"), (self.next_button, "next"), (self.export_button, "export"),
+                        (self.what_if_button, "what-if")):
             b.add_class(f"tda-mislabel-{name}")
         self.status = W.HTML()
         self.list = W.HTML()
@@ -60,11 +67,13 @@ class MislabelPanel(W.VBox):
         self.next_button.on_click(lambda _b: self.move(+1))
         self.clear_button.on_click(lambda _b: self.select_ids([]))
         self.export_button.on_click(lambda _b: self.export())
+        self.what_if_button.on_click(lambda _b: self.run_what_if())
         state.observe(lambda _c: self.refresh(follow=True), names=["mislabel_method", "mislabel_index", "selection"])
         state.observe(lambda _c: self.refresh(), names=["flags_revision"])
         super().__init__([
             W.HBox([self.method, self.prev_button, self.next_button, self.clear_button, self.export_button]),
             self.status, self.list, W.HBox([self.histogram.widget, self.scatter.widget]),
+            W.HBox([self.what_if_button]), self.what_if,
         ])
         self.add_class("tda-mislabel-panel")
         if self.method.options:
@@ -95,6 +104,44 @@ class MislabelPanel(W.VBox):
 
     def _on_lasso(self, trace, points, selector) -> None:
         self.select_ids([self.session.train.ids[i] for i in points.point_inds])
+
+    def run_what_if(self):
+        """Retrain without the flagged examples in the background; the summary appears when it is done."""
+        flagged = self.session.flags.flagged_ids()
+        if self.session.retrainer is None:
+            self.what_if.value = ("<span class='tda-muted'>this session cannot retrain (build it with "
+                                  "Session.from_experiment)</span>")
+            return None
+        if not flagged:
+            self.what_if.value = "<span class='tda-muted'>flag some training examples first</span>"
+            return None
+        self.what_if.value = f"<span class='tda-muted'>retraining without {len(flagged)} flagged examples…</span>"
+        self.what_if_button.disabled = True
+        self.what_if_job = BackgroundJob([("retraining", lambda _: self.session.what_if_removed(flagged))],
+                                         on_update=self._show_what_if).start()
+        return self.what_if_job
+
+    def _show_what_if(self, job) -> None:
+        if not job.done:
+            return
+        self.what_if_button.disabled = False
+        if job.state != "done":
+            self.what_if.value = f"<span class='tda-error'>retraining failed: {html.escape(job.label)}</span>"
+            return
+        effect = job.result
+        delta = effect.delta[0]
+        before, after = float(effect.full.mean()), float((effect.full + delta).mean())
+        acc_before = effect.accuracy_full
+        acc_after = acc_before + float(effect.accuracy_delta[0])
+        order = delta.abs().argsort(descending=True)[:5].tolist()
+        rows = "".join(f"<tr><td>#{html.escape(str(effect.test_ids[j]))}</td><td>{float(effect.full[j]):.3f} → "
+                       f"{float(effect.full[j] + delta[j]):.3f}</td></tr>" for j in order)
+        self.what_if.value = (
+            f"<b>removing {len(effect.groups[0])} flagged examples</b> ({len(effect.seeds)} paired seeds): "
+            f"mean test loss {before:.4f} → {after:.4f} ({after - before:+.4f}), "
+            f"test accuracy {100 * acc_before:.1f}% → {100 * acc_after:.1f}%"
+            f"<table><tr><th>most changed test points</th><th>loss</th></tr>{rows}</table>"
+        )
 
     def export(self) -> None:
         df = self.table()
