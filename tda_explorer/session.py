@@ -53,6 +53,7 @@ class Session:
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
         self.retrainer: Any = None  # a ``Retrainer`` makes "what if I remove these?" answerable
+        self.experiment: Any = None
         self._predict()
 
     @classmethod
@@ -63,6 +64,7 @@ class Session:
         from tda_explorer.evaluate.retrain import Retrainer
 
         session = cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device)
+        session.experiment = experiment  # supplies what some methods need (trajectory, recording, recipe)
         seeds = [experiment.config.seed + i for i in range(retrain_seeds)]
         session.retrainer = Retrainer(experiment, seeds=seeds, cache_dir=session.folder / "retrain", device=device)
         return session
@@ -110,7 +112,12 @@ class Session:
             attribution = Attribution(data["scores"], self.test.ids, self.train.ids, method, config)
             self.add(attribution, data["self_influence"])
             return attribution
-        attributor = get_method(method, self.task, device=self.device, **config).fit(self.train)
+        options = dict(config)
+        if self.experiment is not None:  # a built-in experiment fills in trajectories, recordings, recipes
+            from tda_explorer.evaluate.harness import method_options
+
+            options = method_options(self.experiment, method, device=self.device, **config)[0]
+        attributor = get_method(method, self.task, device=self.device, **options).fit(self.train)
         attribution = attributor.attribute(self.test)
         self_influence = attributor.self_influence()
         save_tensors({"scores": attribution.scores, "self_influence": self_influence}, path)

@@ -1,6 +1,7 @@
 import sqlite3
 
 import pytest
+import torch
 
 from tda_explorer import TDAError
 from tda_explorer.flags import FlagStore
@@ -58,3 +59,16 @@ def test_session_tables_and_cache(digits_experiment, tmp_path):
         session.ranking(9999, "tracin")
     with pytest.raises(TDAError, match="has not been computed"):
         session.ranking(5, "grad-cos")
+
+
+def test_experiment_sessions_supply_trajectories_and_recordings(digits_experiment, tmp_path):
+    from tda_explorer.session import Session
+
+    session = Session.from_experiment(digits_experiment, folder=tmp_path)
+    synset = session.compute("synset-loo", per_class=3, distill_steps=30)
+    dvemb = session.compute("dvemb")
+    assert synset.scores.shape == dvemb.scores.shape == (len(session.test), len(session.train))
+    assert set(session.self_influences) == {"synset-loo", "dvemb"}
+    again = Session.from_experiment(digits_experiment, folder=tmp_path).compute("synset-loo", per_class=3,
+                                                                                distill_steps=30)
+    assert torch.equal(again.scores, synset.scores)  # read back from the session's cache

@@ -156,10 +156,11 @@ def test_compute_bar_runs_in_background_and_shows_errors(explorer):
     assert job.state == "done" and "grad-cos" in explorer.session.methods
     assert "grad-cos" in explorer.browser.method.options and "grad-cos" in explorer.mislabels.method.options
     assert explorer.compute_bar.progress.bar_style == "success"
-    failing = explorer.compute_bar.start("suspicion")  # needs out-of-fold probabilities: a clear error, shown
+    explorer.compute_bar.method_config = {"if-cg": {"damping": -1.0}}  # bad input: a clear error, shown
+    failing = explorer.compute_bar.start("if-cg")
     failing.join(60)
     assert failing.state == "failed"
-    assert "needs out-of-fold probabilities" in explorer.compute_bar.message.value
+    assert "damping must be a finite number &gt;= 0" in explorer.compute_bar.message.value
     assert not explorer.compute_bar.run_button.disabled
 
 

@@ -24,7 +24,9 @@ class ComputeBar(W.HBox):
     def __init__(self, session: Session, on_done, method_config: dict | None = None):
         self.session, self.on_done = session, on_done
         self.method_config = method_config or {}
-        self.choice = W.Dropdown(options=available_methods(), description="compute", layout=W.Layout(width="220px"))
+        methods = available_methods()
+        self.choice = W.Dropdown(options=methods, value="tracin" if "tracin" in methods else methods[0],
+                                 description="compute", layout=W.Layout(width="220px"))
         self.run_button = W.Button(description="Run", icon="play", layout=W.Layout(width="70px"))
         self.cancel_button = W.Button(description="Cancel", layout=W.Layout(width="70px"), disabled=True)
         self.progress = W.FloatProgress(value=0, min=0, max=1, layout=W.Layout(width="160px"))
