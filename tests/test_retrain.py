@@ -90,3 +90,23 @@ def test_retrainer_refuses_bad_removals(small_experiment):
         retrainer.remove([])
     with pytest.raises(TDAError, match=r"fractions\[0\] must be in \[0, 1\]"):
         retrainer.remove([[ids[0]]], fractions=[[1.5]])
+
+
+def test_warm_starts_on_a_convex_model_and_worker_processes_give_the_same_answer():
+    from dataclasses import replace
+
+    split = load_digits_split(n_train=100, n_test=20, seed=3)
+    config = TrainConfig(epochs=400, batch_size=100, lr=0.5, weight_decay=5e-2, optimizer="sgd")  # converges
+    exp = Experiment(split, "lr", config, record=None)  # type: ignore[arg-type]
+    ids = split.train.ids
+    groups = [[ids[0]], [ids[1], ids[2], ids[3]], list(ids[10:40])]
+    cold = Retrainer(exp).remove(groups).delta
+    # a warm start begins next to the new optimum, so it needs fewer epochs to the same tolerance (the rate is
+    # set by the weight decay, the head start by how little a removal moves the optimum)
+    warm = Retrainer(exp, warm_start_epochs=250).remove(groups).delta
+    torch.testing.assert_close(warm, cold, rtol=1e-2, atol=1e-4)
+    parallel = Retrainer(exp, chunk=1, processes=2).remove(groups).delta
+    torch.testing.assert_close(parallel, cold, rtol=1e-4, atol=1e-6)  # float32 sums in another order
+    mlp = Experiment(split, "mlp", replace(config, epochs=2), record=None)  # type: ignore[arg-type]
+    with pytest.raises(TDAError, match="warm_start_epochs is only valid for convex models"):
+        Retrainer(mlp, warm_start_epochs=10)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,17 @@ class Retrainer:
     device : str
     chunk : int
         Models trained together in one lock-step ensemble (memory ∝ chunk).
+    warm_start_epochs : int, optional
+        Convex models only (the built-in ``lr``): start every removal model *and its control* at the full model's
+        trained parameters and train this many epochs, instead of the whole recipe from the initialisation. Both
+        converge to their optima, so the paired difference is the removal effect at a fraction of the cost.
+    processes : int
+        Worker processes sharing the chunks of a large request (each with one torch thread); 1 = in process.
     """
 
     def __init__(self, experiment: Experiment, measurement: str = "loss", seeds: Sequence[int] | None = None,
-                 cache_dir: str | Path | None = None, device: str = "cpu", chunk: int = 64):
+                 cache_dir: str | Path | None = None, device: str = "cpu", chunk: int = 64,
+                 warm_start_epochs: int | None = None, processes: int = 1):
         self.experiment = experiment
         self.measurement = check_choice(measurement, "measurement", MEASUREMENTS)
         self.seeds = [experiment.config.seed] if seeds is None else [int(s) for s in seeds]
@@ -86,7 +93,18 @@ class Retrainer:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.device = device
         self.chunk = check_positive_int(chunk, "chunk")
+        self.processes = check_positive_int(processes, "processes")
+        self.warm_start_epochs = None
+        if warm_start_epochs is not None:
+            if experiment.model_kind != "lr":
+                raise TDAError(
+                    f"warm_start_epochs is only valid for convex models (the built-in 'lr'), not "
+                    f"{experiment.model_kind!r}: a warm-started network stays in the full model's basin and "
+                    "understates removal effects; leave it None to retrain from the initialisation"
+                )
+            self.warm_start_epochs = check_positive_int(warm_start_epochs, "warm_start_epochs")
         self._full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warm_init: dict[int, dict[str, torch.Tensor]] = {}
 
     def _measure(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Test measurements and correctness ``[M, n_test]`` of stacked models."""
@@ -103,17 +121,36 @@ class Retrainer:
             correct = (out.argmax(-1) == y).double().cpu()
         return values.view(out.shape[0], -1).double().cpu(), correct
 
+    def _factory_and_config(self, seed: int):
+        """How each model starts and how long it trains: the recipe, or a warm start at the full optimum."""
+        if self.warm_start_epochs is None:
+            return self.experiment.factory, self.experiment.config
+        if seed not in self._warm_init:
+            train = self.experiment.split.train
+            params = train_weighted(self.experiment.factory, train.inputs, train.labels,
+                                    torch.ones(1, len(train)), self.experiment.config, [seed], device=self.device)
+            self._warm_init[seed] = {k: v[0].cpu() for k, v in params.items()}
+        init = self._warm_init[seed]
+
+        def factory(_: int) -> torch.nn.Module:
+            model = self.experiment.factory(seed)
+            model.load_state_dict(init)
+            return model
+
+        return factory, replace(self.experiment.config, epochs=self.warm_start_epochs)
+
     def _train(self, weights: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        train = self.experiment.split.train
-        values, correct = [], []
-        for start in range(0, len(weights), self.chunk):
-            block = weights[start : start + self.chunk]
-            params = train_weighted(self.experiment.factory, train.inputs, train.labels, block,
-                                    self.experiment.config, [seed] * len(block), device=self.device)
-            v, c = self._measure(params)
-            values.append(v)
-            correct.append(c)
-        return torch.cat(values), torch.cat(correct)
+        self._factory_and_config(seed)  # a warm start's full model is trained here, once, not in each worker
+        blocks = [weights[i : i + self.chunk] for i in range(0, len(weights), self.chunk)]
+        if self.processes > 1 and len(blocks) > 1:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(self.processes, len(blocks))) as pool:
+                parts = pool.starmap(_train_block, [(self, block, seed) for block in blocks])
+        else:
+            parts = [_train_block(self, block, seed) for block in blocks]
+        return torch.cat([v for v, _ in parts]), torch.cat([c for _, c in parts])
 
     def full_measurements(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The paired full-data model's test measurements and correctness ``[n_test]`` for ``seed`` (once)."""
@@ -165,7 +202,7 @@ class Retrainer:
         if self.cache_dir is not None:
             changed = (weights != 1).nonzero()
             key = config_fingerprint(self.experiment.fingerprint(), self.measurement, self.seeds, changed.tolist(),
-                                     weights[changed[:, 0], changed[:, 1]].tolist())
+                                     weights[changed[:, 0], changed[:, 1]].tolist(), self.warm_start_epochs)
             cached = load_tensors(self.cache_dir / f"retrain-{key}.pt")
             if cached is not None and "accuracy_delta" in cached:
                 return RemovalEffect(groups, test_ids, cached["delta"], self.seeds, float(cached["seconds"]),
@@ -191,3 +228,14 @@ class Retrainer:
                           "accuracy_delta": accuracy_delta}, self.cache_dir / f"retrain-{key}.pt",
                          {"experiment": self.experiment.fingerprint(), "groups": len(groups)})
         return RemovalEffect(groups, test_ids, delta, self.seeds, seconds, full_values, accuracy_full, accuracy_delta)
+
+
+def _train_block(retrainer: Retrainer, block: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One lock-step ensemble of ``block``'s rows (module level, so worker processes can run it)."""
+    if torch.get_num_threads() > 1 and retrainer.processes > 1:
+        torch.set_num_threads(1)
+    train = retrainer.experiment.split.train
+    factory, config = retrainer._factory_and_config(seed)
+    params = train_weighted(factory, train.inputs, train.labels, block, config, [seed] * len(block),
+                            device=retrainer.device)
+    return retrainer._measure(params)
