@@ -21,8 +21,8 @@ from tda_explorer.evaluate import build_experiment, subset_ground_truth
 from tda_explorer.evaluate.harness import evaluate_method
 
 RUNS = {
-    "lr": [("synset-loo", {}), ("synset-loo", {"per_class": 5}), ("if-explicit", {}), ("if-ekfac", {})],
-    "mlp": [("synset-loo", {}), ("synset-loo", {"per_class": 5}), ("if-explicit", {}), ("if-astra", {}),
+    "lr": [("synset-loo", {}), ("synset-loo", {"per_class": 10}), ("if-explicit", {}), ("if-ekfac", {})],
+    "mlp": [("synset-loo", {}), ("synset-loo", {"per_class": 10}), ("if-explicit", {}), ("if-astra", {}),
             ("if-ekfac", {}), ("dvemb", {})],
 }
 KEYS = ("lds", "loo_spearman", "group_removal_spearman", "group_removal_spearman_by_family", "seconds",

@@ -16,7 +16,8 @@ unperturbed weights, so the synset's own drift cancels. Many queries replay toge
 
 Choices left open by the published description (documented here, measured in methods-synset.md's prototype):
 replay from θ_0 rather than brief fine-tuning from the trained model (ρ 0.84 vs 0.31 against retraining);
-cosine-only matching (β = 0; the magnitude term did not help); 10 clusters per class; 4 steps per epoch.
+cosine-only matching (β = 0; the magnitude term did not help); 4 steps per epoch; clusters per class are the
+caller's choice (``SynsetLOO`` measures and picks 5).
 """
 
 from __future__ import annotations
