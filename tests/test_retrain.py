@@ -110,3 +110,12 @@ def test_warm_starts_on_a_convex_model_and_worker_processes_give_the_same_answer
     mlp = Experiment(split, "mlp", replace(config, epochs=2), record=None)  # type: ignore[arg-type]
     with pytest.raises(TDAError, match="warm_start_epochs is only valid for convex models"):
         Retrainer(mlp, warm_start_epochs=10)
+
+
+def test_training_on_a_subset_is_removing_its_complement(small_experiment):
+    ids = small_experiment.split.train.ids
+    retrainer = Retrainer(small_experiment)
+    on = retrainer.train_on([list(ids[:100])])
+    torch.testing.assert_close(on.delta, retrainer.remove([list(ids[100:])]).delta)
+    with pytest.raises(TDAError, match="removes the whole training set"):
+        retrainer.train_on([[]])

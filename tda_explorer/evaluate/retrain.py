@@ -230,6 +230,15 @@ class Retrainer:
         return RemovalEffect(groups, test_ids, delta, self.seeds, seconds, full_values, accuracy_full, accuracy_delta)
 
 
+    def train_on(self, subsets: Sequence[Sequence[Any]]) -> RemovalEffect:
+        """Retrain on each subset of training ids alone (everything else removed): the same paired effects."""
+        ids = list(self.experiment.split.train.ids)
+        groups = []
+        for g, subset in enumerate(subsets):
+            keep = set(self.experiment.split.train.positions(list(subset), f"subsets[{g}]"))
+            groups.append([ids[i] for i in range(len(ids)) if i not in keep])
+        return self.remove(groups)
+
 def _train_block(retrainer: Retrainer, block: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One lock-step ensemble of ``block``'s rows (module level, so worker processes can run it)."""
     if torch.get_num_threads() > 1 and retrainer.processes > 1:
