@@ -89,17 +89,16 @@ class SynsetLOO(Attributor):
         key = None
         if self.store is not None:
             key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "synset",
+                                     self.trajectory.config.to_dict(), len(self.trajectory.checkpoints),
                                      self.per_class, self.distill_steps, self.seed, train.fingerprint())
             cached = self.store.get_object(key)
             if cached is not None:
                 self.synset_ = Synset(**cached)
-                self._control = None
                 return
         self.synset_ = distill(self.task, train, self.trajectory, self.per_class, self.distill_steps, seed=self.seed,
                                device=self.device)
         if key is not None:
             self.store.put_object(key, self.synset_.to_dict(), {"method": self.name, "dataset": train.name})
-        self._control = None
 
     def _measure(self, params: dict[str, torch.Tensor], test: AttributionDataset) -> torch.Tensor:
         """Test measurements ``[M, n_test]`` of stacked replayed models."""
