@@ -201,8 +201,9 @@ class Retrainer:
         test_ids = list(self.experiment.split.test.ids)
         if self.cache_dir is not None:
             changed = (weights != 1).nonzero()
-            key = config_fingerprint(self.experiment.fingerprint(), self.measurement, self.seeds, changed.tolist(),
-                                     weights[changed[:, 0], changed[:, 1]].tolist(), self.warm_start_epochs)
+            key = config_fingerprint(self.experiment.fingerprint(), self.measurement, self.seeds, len(groups),
+                                     changed.tolist(), weights[changed[:, 0], changed[:, 1]].tolist(),
+                                     self.warm_start_epochs)
             cached = load_tensors(self.cache_dir / f"retrain-{key}.pt")
             if cached is not None and "accuracy_delta" in cached:
                 return RemovalEffect(groups, test_ids, cached["delta"], self.seeds, float(cached["seconds"]),
