@@ -101,10 +101,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks run through the CLI (``explorer``: selection latency at scale)."""
-    from tda_explorer.widgets.bench import bench_explorer
+    """Benchmarks run through the CLI (``explorer``: selection latency at scale; ``topk``: streaming top-k)."""
+    if args.what == "topk":
+        from tda_explorer.compute.topk_bench import bench_topk
 
-    result = bench_explorer(n_train=args.n_train, n_test=args.n_test)
+        result = bench_topk(n_train=args.n_train, dim=args.dim, k=args.k, batch=args.batch,
+                            max_memory=args.max_memory_mb * 2**20, folder=args.folder)
+    else:
+        from tda_explorer.widgets.bench import bench_explorer
+
+        result = bench_explorer(n_train=args.n_train, n_test=args.n_test)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)
@@ -165,9 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="benchmarks: explorer selection latency")
-    bench.add_argument("what", choices=["explorer"])
+    bench.add_argument("what", choices=["explorer", "topk"])
     bench.add_argument("--n-train", type=int, default=50_000)
     bench.add_argument("--n-test", type=int, default=200)
+    bench.add_argument("--dim", type=int, default=1024, help="topk: stored feature dimension")
+    bench.add_argument("--k", type=int, default=10, help="topk: proponents and opponents per query")
+    bench.add_argument("--batch", type=int, default=16, help="topk: queries sharing one pass")
+    bench.add_argument("--max-memory-mb", type=int, default=256, help="topk: memory budget of one chunk")
+    bench.add_argument("--folder", default=None, help="topk: where the generated store is written (temporary)")
     bench.add_argument("--json", default=None)
     bench.set_defaults(func=cmd_bench)
 

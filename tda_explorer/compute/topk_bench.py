@@ -1,0 +1,53 @@
+"""Top-k latency and memory on a large generated feature store (``tda-explorer bench topk``)."""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tda_explorer._validation import check_positive_int
+from tda_explorer.compute.topk import topk_scores
+
+
+def write_random_store(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 65536) -> np.ndarray:
+    """A float16 ``[n, dim]`` .npy of seeded Gaussian features, written in chunks; returned memory-mapped."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        array[start : start + rows] = torch.randn(rows, dim, generator=gen).half().numpy()
+    array.flush()
+    del array
+    return np.load(path, mmap_mode="r")
+
+
+def bench_topk(n_train: int = 1_000_000, dim: int = 1024, k: int = 10, batch: int = 16,
+               max_memory: int = 256 * 2**20, folder: str | None = None, repeats: int = 3) -> dict:
+    """Seconds per query for one query and for a batch sharing the pass, and the process's peak RSS."""
+    check_positive_int(n_train, "n_train")
+    check_positive_int(dim, "dim")
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        t0 = time.perf_counter()
+        store = write_random_store(Path(tmp) / "features.npy", n_train, dim)
+        write_seconds = time.perf_counter() - t0
+        queries = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
+        single = min(_timed(lambda: topk_scores(store, queries[:1], k, max_memory)) for _ in range(repeats))
+        batched = min(_timed(lambda: topk_scores(store, queries, k, max_memory)) for _ in range(repeats))
+    return {
+        "n_train": n_train, "dim": dim, "dtype": "float16", "k": k, "max_memory_mb": max_memory / 2**20,
+        "seconds_per_query": single, "seconds_per_query_batched": batched / batch, "batch": batch,
+        "store_mb": n_train * dim * 2 / 2**20, "write_seconds": write_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
