@@ -70,6 +70,16 @@ def removal_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def topk_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = [f"### Streaming top-k ({path.stem}: `tda-explorer bench topk`, CPU)", "",
+           "| stored examples | dim | dtype | s / query (one) | s / query (batch of 16) | peak RSS MB |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['n_train']:,} | {r['dim']} | {r['dtype']} | {fmt(r['seconds_per_query'], 3)} | "
+            f"{fmt(r['seconds_per_query_batched'], 4)} | {fmt(r['peak_rss_mb'], 0)} |" for r in data["rows"]]
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("accuracy*.json")):
         print(accuracy_tables(path), end="\n\n")
@@ -79,6 +89,8 @@ def main() -> None:
         print(influence_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("removal*.json")):
         print(removal_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("topk*.json")):
+        print(topk_table(path), end="\n\n")
 
 
 if __name__ == "__main__":

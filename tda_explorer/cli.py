@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dim", type=int, default=1024, help="topk: stored feature dimension")
     bench.add_argument("--k", type=int, default=10, help="topk: proponents and opponents per query")
     bench.add_argument("--batch", type=int, default=16, help="topk: queries sharing one pass")
-    bench.add_argument("--max-memory-mb", type=int, default=256, help="topk: memory budget of one chunk")
+    bench.add_argument("--max-memory-mb", type=int, default=16, help="topk: memory budget of one chunk")
     bench.add_argument("--folder", default=None, help="topk: where the generated store is written (temporary)")
     bench.add_argument("--json", default=None)
     bench.set_defaults(func=cmd_bench)

@@ -25,12 +25,18 @@ def test_streaming_topk_equals_dense_topk(tmp_path, dtype):
     queries = torch.randn(3, 32, generator=gen)
     got = topk_scores(array, queries, k=7, max_memory=40_000, bfloat16=dtype == "bfloat16")  # ~100-row chunks
     dense = queries @ exact.T
+    streamed = topk_scores(path, queries, k=7, max_memory=40_000, bfloat16=dtype == "bfloat16")  # from the file
     for side, largest in (("proponents", True), ("opponents", False)):
         want = dense.topk(7, dim=1, largest=largest)
-        assert torch.equal(got[side][1], want.indices)
-        torch.testing.assert_close(got[side][0], want.values)
+        for result in (got, streamed):
+            assert torch.equal(result[side][1], want.indices)
+            torch.testing.assert_close(result[side][0], want.values)
     with pytest.raises(TDAError, match="queries have 31 features but the store has 32"):
         topk_scores(array, queries[:, :31], k=3)
+    truncated = tmp_path / "cut.npy"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(TDAError, match="is truncated at row"):
+        topk_scores(truncated, queries, k=3, max_memory=40_000, bfloat16=dtype == "bfloat16")
 
 
 def test_bench_topk_cli_reports_latency_and_memory(tmp_path):

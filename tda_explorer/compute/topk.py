@@ -1,12 +1,17 @@
 """Top-k proponents and opponents over a large stored feature matrix, streamed in chunks.
 
-Scores of a batch of queries against ``features`` (``[n, d]``, any array a memory map can back: float32,
-float16, or bfloat16 stored as uint16) are computed a chunk of rows at a time and merged into running top-k
-lists, so peak memory is set by ``max_memory`` — never by n — and all queries of a batch share one pass over
-the store. ``topk_scores`` returns the same indices as a dense ``scores.topk`` (ties aside).
+Scores of a batch of queries against ``features`` (``[n, d]``: an array, or the path of a ``.npy`` file of
+float32, float16, or bfloat16 stored as uint16) are computed a chunk of rows at a time and merged into running
+top-k lists, so peak memory is set by ``max_memory`` — never by n — and all queries of a batch share one pass
+over the store. A path is read chunk by chunk into one reused buffer (no memory map, so the file's pages never
+count against the process); chunks are sized to stay in cache while they are converted and multiplied.
+``topk_scores`` returns the same indices as a dense ``scores.topk`` (ties aside).
 """
 
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,17 +26,53 @@ def _chunk_rows(dim: int, n_queries: int, max_memory: int) -> int:
 
 
 def _as_float(block: np.ndarray, bfloat16: bool) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(block))
+    """A float32 tensor of a (read-only, memory-mapped) block; only ever read, so no defensive copy."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(np.ascontiguousarray(block))
     return tensor.view(torch.bfloat16).float() if bfloat16 else tensor.float()
 
 
-def topk_scores(features: np.ndarray, queries: torch.Tensor, k: int, max_memory: int = 256 * 2**20,
+def _chunks(features: np.ndarray | str | Path, rows: int):
+    """Yield ``(start, block)`` over the rows of an array or of a ``.npy`` file (read into a reused buffer)."""
+    if not isinstance(features, (str, Path)):
+        for start in range(0, features.shape[0], rows):
+            yield start, features[start : start + rows]
+        return
+    with open(features, "rb") as f:
+        shape, fortran, dtype = _header(f)
+        if fortran:
+            raise TDAError(f"{features}: Fortran-ordered arrays are not supported; save it C-ordered")
+        buffer = np.empty((rows, shape[1]), dtype=dtype)
+        for start in range(0, shape[0], rows):
+            count = min(rows, shape[0] - start)
+            got = f.readinto(memoryview(buffer[:count]).cast("B"))
+            if got != count * shape[1] * dtype.itemsize:
+                raise TDAError(f"{features} is truncated at row {start} (expected {shape[0]} rows)")
+            yield start, buffer[:count]
+
+
+def _header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from an open ``.npy`` file, leaving it at the first data byte."""
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def _shape(features: np.ndarray | str | Path) -> tuple[int, ...]:
+    if isinstance(features, (str, Path)):
+        with open(features, "rb") as f:
+            return _header(f)[0]
+    return tuple(features.shape)
+
+
+def topk_scores(features: np.ndarray | str | Path, queries: torch.Tensor, k: int, max_memory: int = 16 * 2**20,
                 bfloat16: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Streaming top-k of ``queries @ features.T``.
 
     Parameters
     ----------
-    features : array ``[n, d]`` (e.g. ``np.load(path, mmap_mode="r")``)
+    features : array ``[n, d]``, or the path of a ``.npy`` file (streamed)
     queries : tensor ``[q, d]``
     k : int
         Entries kept per query and side.
@@ -45,20 +86,20 @@ def topk_scores(features: np.ndarray, queries: torch.Tensor, k: int, max_memory:
     dict ``{"proponents": (scores [q, k], rows [q, k]), "opponents": (...)}``, proponents by decreasing score,
     opponents by increasing score.
     """
-    if features.ndim != 2:
-        raise TDAError(f"features must be [n, d], got shape {features.shape}")
+    shape = _shape(features)
+    if len(shape) != 2:
+        raise TDAError(f"features must be [n, d], got shape {shape}")
     queries = torch.as_tensor(queries, dtype=torch.float32)
     if queries.dim() == 1:
         queries = queries[None]
-    if queries.shape[1] != features.shape[1]:
-        raise TDAError(f"queries have {queries.shape[1]} features but the store has {features.shape[1]}")
-    n = features.shape[0]
-    k = min(check_positive_int(k, "k"), n)
-    rows = _chunk_rows(features.shape[1], len(queries), check_positive_int(max_memory, "max_memory"))
+    if queries.shape[1] != shape[1]:
+        raise TDAError(f"queries have {queries.shape[1]} features but the store has {shape[1]}")
+    k = min(check_positive_int(k, "k"), shape[0])
+    rows = _chunk_rows(shape[1], len(queries), check_positive_int(max_memory, "max_memory"))
     best = {side: (torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long))
             for side in ("proponents", "opponents")}
-    for start in range(0, n, rows):
-        scores = queries @ _as_float(features[start : start + rows], bfloat16).T  # [q, chunk]
+    for start, block in _chunks(features, rows):
+        scores = queries @ _as_float(block, bfloat16).T  # [q, chunk]
         index = torch.arange(start, start + scores.shape[1]).expand(len(queries), -1)
         for side, largest in (("proponents", True), ("opponents", False)):
             values, idx = best[side]
