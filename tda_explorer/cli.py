@@ -100,6 +100,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_featurize(args: argparse.Namespace) -> int:
+    """Sharded, resumable featurisation of a built-in task's training set (run under torchrun to shard)."""
+    from tda_explorer._validation import as_device
+    from tda_explorer.compute.sharded import featurize_sharded, init_distributed
+    from tda_explorer.evaluate import build_experiment
+
+    device = as_device(args.device)
+    init_distributed(device)
+    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train)
+    result = featurize_sharded(exp.task(), exp.split.train, args.out, projection_dim=args.projection_dim,
+                               shard_rows=args.shard_rows, device=device, stop_after=args.stop_after)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Grad-dot top-k proponents/opponents of test points against a sharded feature store."""
+    from tda_explorer.compute.projection import RandomProjector
+    from tda_explorer.compute.sharded import load_sharded
+    from tda_explorer.compute.topk import topk_scores
+    from tda_explorer.evaluate import build_experiment
+
+    manifest = json.loads((Path(args.store) / "manifest.json").read_text())
+    features = load_sharded(args.store)
+    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=manifest["n"])
+    test = exp.split.test.subset(list(range(min(args.n_test_points, len(exp.split.test)))))
+    from tda_explorer import get_method
+
+    method = get_method("grad-dot", exp.task())
+    queries = method._features(test, test=True)
+    if manifest["projection"]:
+        cfg = manifest["projection"]
+        queries = RandomProjector(cfg["dim_in"], cfg["dim_out"], cfg["kind"], cfg["seed"]).project(queries)
+    top = topk_scores(features.numpy(), queries, args.k)
+    ids = exp.split.train.ids
+    result = {str(t): {side: [[ids[i], float(v)] for v, i in zip(top[side][0][j].tolist(), top[side][1][j].tolist())]
+                       for side in top} for j, t in enumerate(test.ids)}
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks run through the CLI (``explorer``: selection latency at scale; ``topk``: streaming top-k)."""
     if args.what == "topk":
@@ -170,7 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="write the result here")
     ev.set_defaults(func=cmd_evaluate)
 
-    bench = sub.add_parser("bench", help="benchmarks: explorer selection latency")
+    feat = sub.add_parser("featurize", help="sharded, resumable featurisation (torchrun -m tda_explorer featurize)")
+    feat.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    feat.add_argument("--n-train", type=int, default=1000)
+    feat.add_argument("--noise", type=float, default=0.0)
+    feat.add_argument("--seed", type=int, default=0)
+    feat.add_argument("--out", required=True, help="folder of the sharded feature store")
+    feat.add_argument("--projection-dim", type=int, default=1024)
+    feat.add_argument("--shard-rows", type=int, default=4096)
+    feat.add_argument("--device", default="cpu")
+    feat.add_argument("--stop-after", type=int, default=None, help="stop after this many shards (resume later)")
+    feat.set_defaults(func=cmd_featurize)
+
+    score = sub.add_parser("score", help="top-k proponents/opponents against a sharded feature store")
+    score.add_argument("--store", required=True)
+    score.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    score.add_argument("--noise", type=float, default=0.0)
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--k", type=int, default=5)
+    score.add_argument("--n-test-points", type=int, default=5)
+    score.add_argument("--json", default=None)
+    score.set_defaults(func=cmd_score)
+
+    bench = sub.add_parser("bench", help="benchmarks: explorer selection latency, streaming top-k")
     bench.add_argument("what", choices=["explorer", "topk"])
     bench.add_argument("--n-train", type=int, default=50_000)
     bench.add_argument("--n-test", type=int, default=200)

@@ -1,0 +1,63 @@
+"""Sharded featurisation: torchrun with 2 gloo processes equals one process; a killed run resumes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tda_explorer import TDAError, get_method
+from tda_explorer.compute.sharded import load_sharded
+
+pytestmark = pytest.mark.distributed
+ARGS = ["--n-train", "200", "--projection-dim", "128", "--shard-rows", "48"]
+
+
+def _run(*args, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun_bin = str(Path(sys.executable).with_name("torchrun"))
+    prefix = [torchrun_bin, "--nproc_per_node", "2", "-m"] if torchrun else [sys.executable, "-m"]
+    return subprocess.run([*prefix, "tda_explorer", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_gloo_processes_equal_one_and_a_killed_run_resumes(tmp_path):
+    two = _run("featurize", "--out", str(tmp_path / "two"), *ARGS, torchrun=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    ranks = sorted(json.loads(line)["rank"] for line in two.stdout.splitlines() if line.startswith("{"))
+    assert ranks == [0, 1]
+    one = _run("featurize", "--out", str(tmp_path / "one"), *ARGS)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torch.testing.assert_close(load_sharded(tmp_path / "two"), load_sharded(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+
+    crashed = _run("featurize", "--out", str(tmp_path / "resume"), *ARGS, "--stop-after", "2")
+    assert crashed.returncode == 0 and json.loads(crashed.stdout)["written"] == [0, 1]
+    with pytest.raises(TDAError, match=r"shards \[2, 3, 4\] of 5 are missing"):
+        load_sharded(tmp_path / "resume")
+    resumed = json.loads(_run("featurize", "--out", str(tmp_path / "resume"), *ARGS).stdout)
+    assert resumed["found"] == [0, 1] and resumed["written"] == [2, 3, 4]
+    assert torch.equal(load_sharded(tmp_path / "resume"), load_sharded(tmp_path / "one"))
+
+    other = _run("featurize", "--out", str(tmp_path / "one"), "--n-train", "200", "--projection-dim", "64",
+                 "--shard-rows", "48")
+    assert other.returncode != 0 and "holds features of another run (fingerprint" in other.stderr
+
+
+def test_score_reduces_over_shards_like_grad_dot(tmp_path, digits_experiment):
+    from tda_explorer.evaluate import build_experiment
+
+    assert _run("featurize", "--out", str(tmp_path / "s"), *ARGS).returncode == 0
+    out = tmp_path / "top.json"
+    done = _run("score", "--store", str(tmp_path / "s"), "--k", "4", "--n-test-points", "3", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    exp = build_experiment("mlp", n_train=200)
+    dense = get_method("grad-dot", exp.task(), projection_dim=128).fit(exp.split.train).attribute(
+        exp.split.test.subset([0, 1, 2]))
+    for test_id in list(result)[:3]:
+        want = dense.topk(int(test_id) if test_id.isdigit() else test_id, 4)[0]
+        assert [row[0] for row in result[test_id]["proponents"]] == list(want)
+    assert np.isfinite([row[1] for row in result[list(result)[0]]["opponents"]]).all()
