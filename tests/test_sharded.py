@@ -20,7 +20,7 @@ ARGS = ["--n-train", "200", "--projection-dim", "128", "--shard-rows", "48"]
 def _run(*args, torchrun=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun_bin = str(Path(sys.executable).with_name("torchrun"))
-    prefix = [torchrun_bin, "--nproc_per_node", "2", "-m"] if torchrun else [sys.executable, "-m"]
+    prefix = [torchrun_bin, "--standalone", "--nproc_per_node", "2", "-m"] if torchrun else [sys.executable, "-m"]
     return subprocess.run([*prefix, "tda_explorer", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
