@@ -111,7 +111,13 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train)
     result = featurize_sharded(exp.task(), exp.split.train, args.out, projection_dim=args.projection_dim,
                                shard_rows=args.shard_rows, device=device, stop_after=args.stop_after)
-    print(json.dumps(result))
+    ranks = [result]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, result)  # one summary, printed once (no interleaved lines)
+        torch.distributed.destroy_process_group()
+    if result["rank"] == 0:
+        print(json.dumps({**result, "ranks": ranks}))
     return 0
 
 

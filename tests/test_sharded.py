@@ -27,8 +27,9 @@ def _run(*args, torchrun=False):
 def test_two_gloo_processes_equal_one_and_a_killed_run_resumes(tmp_path):
     two = _run("featurize", "--out", str(tmp_path / "two"), *ARGS, torchrun=True)
     assert two.returncode == 0, two.stderr[-2000:]
-    ranks = sorted(json.loads(line)["rank"] for line in two.stdout.splitlines() if line.startswith("{"))
-    assert ranks == [0, 1]
+    summary = json.loads(two.stdout)
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1] and summary["world_size"] == 2
+    assert sorted(s for r in summary["ranks"] for s in r["written"]) == [0, 1, 2, 3, 4]  # 5 shards over 2 ranks
     one = _run("featurize", "--out", str(tmp_path / "one"), *ARGS)
     assert one.returncode == 0, one.stderr[-2000:]
     torch.testing.assert_close(load_sharded(tmp_path / "two"), load_sharded(tmp_path / "one"), rtol=1e-5, atol=1e-6)
