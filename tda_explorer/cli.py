@@ -180,6 +180,15 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return 0 if result["lost"] == 0 and result["integrity_failures"] == 0 else 1
 
 
+def _task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The built-in digits task a sharded store belongs to (model, label noise, seed)."""
+    from tda_explorer.compute.models import MODEL_KINDS
+
+    parser.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    parser.add_argument("--noise", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tda_explorer.compute import available_methods
     from tda_explorer.compute.models import MODEL_KINDS
@@ -221,10 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     feat = sub.add_parser("featurize", help="sharded, resumable featurisation (torchrun -m tda_explorer featurize)")
-    feat.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    _task_arguments(feat)
     feat.add_argument("--n-train", type=int, default=1000)
-    feat.add_argument("--noise", type=float, default=0.0)
-    feat.add_argument("--seed", type=int, default=0)
     feat.add_argument("--out", required=True, help="folder of the sharded feature store")
     feat.add_argument("--projection-dim", type=int, default=1024)
     feat.add_argument("--shard-rows", type=int, default=4096)
@@ -234,9 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="top-k proponents/opponents against a sharded feature store")
     score.add_argument("--store", required=True)
-    score.add_argument("--model", default="mlp", choices=MODEL_KINDS)
-    score.add_argument("--noise", type=float, default=0.0)
-    score.add_argument("--seed", type=int, default=0)
+    _task_arguments(score)
     score.add_argument("--k", type=int, default=5)
     score.add_argument("--n-test-points", type=int, default=5)
     score.add_argument("--json", default=None)

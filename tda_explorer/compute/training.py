@@ -220,6 +220,15 @@ def train_weighted(
     return params
 
 
+def stacked_outputs(model: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+                    device: str | torch.device | None = None) -> torch.Tensor:
+    """Outputs ``[M, n, ...]`` of ``model``'s architecture under each of M stacked parameter sets (no grad)."""
+    base = copy.deepcopy(model).to("meta")
+    x = inputs.to(as_device(device))
+    with torch.no_grad():
+        return vmap(lambda p: functional_call(base, p, (x,)))(params)
+
+
 def unstack(params: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """The parameters of model ``index`` from a stacked dict."""
     return {k: v[index].detach().clone() for k, v in params.items()}

@@ -98,6 +98,21 @@ class AttributionDataset:
             )
         return [self._index[i] for i in wanted]
 
+    def group_positions(self, groups: Sequence[Sequence[Any]], argument: str = "groups") -> list[list[int]]:
+        """Row positions of each group of ids; refuse a non-list, unknown ids, and a group that is everything."""
+        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
+            raise TDAError(f"{argument} must be a non-empty list of lists of training ids, e.g. [[3, 17], [42]]")
+        out = []
+        for g, group in enumerate(groups):
+            if isinstance(group, (str, bytes)) or not isinstance(group, Sequence):
+                raise TDAError(f"{argument}[{g}] must be a list of training ids, got {type(group).__name__}")
+            rows = self.positions(list(group), f"{argument}[{g}]")
+            if len(set(rows)) == len(self):
+                raise TDAError(f"{argument}[{g}] removes the whole training set ({len(self)} examples); "
+                               "nothing would be left to train on")
+            out.append(rows)
+        return out
+
     def subset(self, positions: Sequence[int], name: str | None = None) -> AttributionDataset:
         """A new dataset with the rows at ``positions`` (ids kept)."""
         idx = torch.as_tensor(list(positions), dtype=torch.long)

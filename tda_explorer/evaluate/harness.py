@@ -82,12 +82,14 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
         from tda_explorer.evaluate.removal_validation import validate_removals
 
         result.update(validate_removals(experiment, attributor, attribution, cache_dir=cache_dir, device=device))
-    if method == "dvemb":
-        from tda_explorer.evaluate.removal_validation import single_removal_spearman
-        from tda_explorer.evaluate.retrain import Retrainer
+    if method == "dvemb":  # the same-batch single removals are the trajectory-specific leave-one-out it estimates
+        if "loo_spearman" not in result:
+            from tda_explorer.evaluate.removal_validation import single_removal_spearman
+            from tda_explorer.evaluate.retrain import Retrainer
 
-        retrainer = Retrainer(experiment, cache_dir=cache_dir, device=device)
-        result["tsloo_spearman"] = single_removal_spearman(experiment, attribution, retrainer)[0]
+            retrainer = Retrainer(experiment, cache_dir=cache_dir, device=device)
+            result["loo_spearman"] = single_removal_spearman(experiment, attribution, retrainer)[0]
+        result["tsloo_spearman"] = result["loo_spearman"]
     return result
 
 

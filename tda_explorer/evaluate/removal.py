@@ -14,21 +14,18 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import pearsonr, spearmanr
-from torch.func import functional_call, vmap
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.attribution import Attribution
-from tda_explorer.compute.training import train_ensemble
+from tda_explorer.compute.training import stacked_outputs, train_ensemble
 from tda_explorer.evaluate.experiment import Experiment
 
 
 def _losses_and_predictions(experiment: Experiment, params: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     test = experiment.split.test
-    base = experiment.factory(0).to("meta")
-    with torch.no_grad():
-        out = vmap(lambda p: functional_call(base, p, (test.inputs.to(device),)))(params)
-        m = out.shape[0]
-        loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), test.labels.to(device).repeat(m), reduction="none")
+    out = stacked_outputs(experiment.factory(0), params, test.inputs, device)
+    m = out.shape[0]
+    loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), test.labels.to(out.device).repeat(m), reduction="none")
     return loss.view(m, -1).cpu(), out.argmax(-1).cpu()
 
 

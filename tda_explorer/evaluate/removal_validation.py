@@ -18,6 +18,7 @@ from scipy.stats import spearmanr
 from tda_explorer.compute.attribution import Attribution
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.evaluate.experiment import Experiment
+from tda_explorer.evaluate.removal import LOOGroundTruth, loo_correlation
 from tda_explorer.evaluate.retrain import Retrainer
 
 
@@ -64,10 +65,7 @@ def single_removal_spearman(experiment: Experiment, attribution: Attribution, re
     t0 = time.perf_counter()
     loo = retrainer.remove([[train.ids[i]] for i in rows])
     seconds = loo.seconds if loo.seconds > 0 else time.perf_counter() - t0
-    actual = loo.delta.T.numpy()  # [n_test, n_loo]
-    scores = attribution.scores[:, rows].double().numpy()
-    per_test = [spearmanr(scores[j], actual[j]).statistic for j in range(len(actual)) if np.std(actual[j]) > 0]
-    return float(np.nanmean(per_test)), seconds
+    return loo_correlation(attribution, LOOGroundTruth(rows, loo.delta)), seconds
 
 
 def validate_removals(experiment: Experiment, attributor: Attributor, attribution: Attribution,

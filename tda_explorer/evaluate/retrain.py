@@ -21,13 +21,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch.func import functional_call, vmap
 
 from tda_explorer._validation import TDAError, check_choice, check_positive_int
 from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.fingerprint import config_fingerprint
-from tda_explorer.compute.task import MEASUREMENTS, _neg_margin
-from tda_explorer.compute.training import train_weighted
+from tda_explorer.compute.task import MEASUREMENTS, AttributionTask
+from tda_explorer.compute.training import stacked_outputs, train_weighted
 from tda_explorer.evaluate.experiment import Experiment
 
 
@@ -109,17 +108,12 @@ class Retrainer:
     def _measure(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Test measurements and correctness ``[M, n_test]`` of stacked models."""
         test = self.experiment.split.test
-        base = self.experiment.factory(0).to("meta")
-        x, y = test.inputs.to(self.device), test.labels.to(self.device)
-        with torch.no_grad():
-            out = vmap(lambda p: functional_call(base, p, (x,)))(params)
-            flat, targets = out.flatten(0, 1), y.repeat(out.shape[0])
-            if self.measurement == "loss":
-                values = torch.nn.functional.cross_entropy(flat, targets, reduction="none")
-            else:
-                values = _neg_margin(flat, targets)
-            correct = (out.argmax(-1) == y).double().cpu()
-        return values.view(out.shape[0], -1).double().cpu(), correct
+        template = self.experiment.factory(0)
+        out = stacked_outputs(template, params, test.inputs, self.device)
+        y = test.labels.to(out.device)
+        measure = AttributionTask(template, measurement=self.measurement).test_measurement
+        values = measure(out.flatten(0, 1), y.repeat(out.shape[0])).view(out.shape[0], -1)
+        return values.double().cpu(), (out.argmax(-1) == y).double().cpu()
 
     def _factory_and_config(self, seed: int):
         """How each model starts and how long it trains: the recipe, or a warm start at the full optimum."""
@@ -161,18 +155,11 @@ class Retrainer:
 
     def _weights(self, groups: Sequence[Sequence[Any]], fractions: Sequence[Sequence[float]] | None) -> torch.Tensor:
         train = self.experiment.split.train
-        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
-            raise TDAError("groups must be a non-empty list of lists of training ids, e.g. [[3, 17], [42]]")
-        if fractions is not None and len(fractions) != len(groups):
-            raise TDAError(f"fractions must have one entry per group ({len(groups)}), got {len(fractions)}")
-        weights = torch.ones(len(groups), len(train), dtype=torch.float64)
-        for g, group in enumerate(groups):
-            if isinstance(group, (str, bytes)) or not isinstance(group, Sequence):
-                raise TDAError(f"groups[{g}] must be a list of training ids, got {type(group).__name__}")
-            positions = train.positions(list(group), f"groups[{g}]")
-            if len(set(positions)) == len(train):
-                raise TDAError(f"groups[{g}] removes the whole training set ({len(train)} examples); "
-                               "nothing would be left to train on")
+        rows = train.group_positions(groups)
+        if fractions is not None and len(fractions) != len(rows):
+            raise TDAError(f"fractions must have one entry per group ({len(rows)}), got {len(fractions)}")
+        weights = torch.ones(len(rows), len(train), dtype=torch.float64)
+        for g, positions in enumerate(rows):
             keep = torch.zeros(len(positions), dtype=torch.float64)
             if fractions is not None:
                 keep = 1.0 - torch.as_tensor(fractions[g], dtype=torch.float64).expand(len(positions))

@@ -25,13 +25,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call, vmap
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.synset import Synset, Trajectory, distill, removal_weights, replay
 from tda_explorer.compute.task import AttributionTask
+from tda_explorer.compute.training import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -102,11 +102,8 @@ class SynsetLOO(Attributor):
 
     def _measure(self, params: dict[str, torch.Tensor], test: AttributionDataset) -> torch.Tensor:
         """Test measurements ``[M, n_test]`` of stacked replayed models."""
-        base = self.task.model
-        x, y = test.inputs.to(self.device), test.labels.to(self.device)
-        with torch.no_grad():
-            out = vmap(lambda p: functional_call(base, p, (x,)))(params)
-            values = self.task.test_measurement(out.flatten(0, 1), y.repeat(out.shape[0]))
+        out = stacked_outputs(self.task.model, params, test.inputs, self.device)
+        values = self.task.test_measurement(out.flatten(0, 1), test.labels.to(out.device).repeat(out.shape[0]))
         return values.view(out.shape[0], -1).double().cpu()
 
     def _replay(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,15 +124,7 @@ class SynsetLOO(Attributor):
                           fractions: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
         """Predicted change ``[n_groups, n_test]`` of each test measurement when each group of training ids is
         removed (or down-weighted by ``fractions``); positive = the group was a proponent."""
-        train = self._check_fitted()
-        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
-            raise TDAError("groups must be a non-empty list of lists of training ids, e.g. [[3, 17], [42]]")
-        positions = []
-        for g, group in enumerate(groups):
-            rows = train.positions(list(group), f"groups[{g}]")
-            if len(set(rows)) == len(train):
-                raise TDAError(f"groups[{g}] removes the whole training set ({len(train)} examples)")
-            positions.append(rows)
+        positions = self._check_fitted().group_positions(groups)
         weights = removal_weights(self.synset_, positions, None if fractions is None else [list(f) for f in fractions])
         return self._effects(weights, test)
 
