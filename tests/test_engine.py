@@ -9,9 +9,9 @@ from torch import nn
 
 from tda_explorer import AttributionTask, TDAError, get_method
 from tda_explorer.compute import GradDot
+from tda_explorer.compute.losses import neg_margin
 from tda_explorer.compute.projection import RandomProjector
 from tda_explorer.compute.store import FeatureStore
-from tda_explorer.compute.task import _neg_margin
 from tda_explorer.data import AttributionDataset
 
 
@@ -108,7 +108,7 @@ def test_trak_matches_closed_form_on_linear_model():
         rows = []
         for xi, yi in zip(xs, ys):
             model.zero_grad()
-            _neg_margin(model(xi[None]), yi[None]).sum().backward()
+            neg_margin(model(xi[None]), yi[None]).sum().backward()
             rows.append(torch.cat([model.weight.grad.flatten(), model.bias.grad]))
         return torch.stack(rows)
 

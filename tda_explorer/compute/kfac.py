@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from tda_explorer._validation import TDAError, check_choice
+from tda_explorer.compute.losses import IGNORE, cross_entropy
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -40,7 +42,7 @@ class LayerFactors:
         return {"name": self.name, "q_a": self.q_a, "q_s": self.q_s, "eigenvalues": self.eigenvalues}
 
 
-def _check_conv(name: str, module: nn.Conv2d) -> None:
+def _check_conv(name: str, module: nn.Conv2d, purpose: str, alternatives: str) -> None:
     problems = []
     if module.groups != 1:
         problems.append(f"groups={module.groups}")
@@ -51,13 +53,18 @@ def _check_conv(name: str, module: nn.Conv2d) -> None:
         problems.append("padding='same' with an even kernel (asymmetric padding)")
     if problems:
         raise TDAError(
-            f"K-FAC/EK-FAC cannot factor Conv2d {name!r} with {', '.join(problems)}; supported: groups=1, "
-            "zero padding. Leave this layer out (parameters=[...]) or use if-explicit / if-cg / if-lissa"
+            f"{purpose} cannot factor Conv2d {name!r} with {', '.join(problems)}; supported: groups=1, "
+            f"zero padding. Leave this layer out (parameters=[...]) or use {alternatives}"
         )
 
 
-def tracked_layers(task: AttributionTask) -> list[tuple[str, nn.Module]]:
-    """The ``nn.Linear`` / ``nn.Conv2d`` modules with tracked parameters; refuse other tracked modules by name."""
+KFAC_ALTERNATIVES = "if-explicit / if-cg / if-lissa, which take any module"
+
+
+def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
+                   alternatives: str = KFAC_ALTERNATIVES) -> list[tuple[str, nn.Module]]:
+    """The ``nn.Linear`` / ``nn.Conv2d`` modules with tracked parameters; refuse other tracked modules by name,
+    saying what needs them (``purpose``) and what to use instead (``alternatives``)."""
     tracked = set(task.tracked_names())
     layers, unsupported = [], []
     for name, module in task.model.named_modules():
@@ -69,16 +76,24 @@ def tracked_layers(task: AttributionTask) -> list[tuple[str, nn.Module]]:
             continue
         prefix = f"{name}." if name else ""
         if prefix + "weight" not in tracked or (module.bias is not None and prefix + "bias" not in tracked):
-            raise TDAError(f"layer {name!r}: track both its weight and bias (or neither) for K-FAC/EK-FAC")
+            raise TDAError(f"layer {name!r}: track both its weight and bias (or neither) for {purpose}")
         if isinstance(module, nn.Conv2d):
-            _check_conv(name, module)
+            _check_conv(name, module, purpose, alternatives)
         layers.append((name, module))
     if unsupported:
         raise TDAError(
-            f"K-FAC/EK-FAC supports nn.Linear and nn.Conv2d; tracked parameters include {', '.join(unsupported)}. "
-            "Track only those layers (parameters=[...]) or use if-explicit / if-cg / if-lissa, which take any module"
+            f"{purpose} supports nn.Linear and nn.Conv2d; tracked parameters include {', '.join(unsupported)}. "
+            f"Track only those layers (parameters=[...], see linear_layer_names(model)) or use {alternatives}"
         )
     return layers
+
+
+def linear_layer_names(model: nn.Module, under: str = "") -> list[str]:
+    """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` (below the module ``under``), ready for
+    ``AttributionTask(parameters=...)`` when a method needs Kronecker-structured layers."""
+    prefix = f"{under}." if under else ""
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED) and (not under or n == under
+                                                                                 or n.startswith(prefix))]
 
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -102,9 +117,17 @@ def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
 
 def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: torch.Tensor,
                    losses: list[LossFn], batch_size: int, device: torch.device | str,
+                   params: dict[str, torch.Tensor] | None = None,
                    ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
     """Per batch: each layer's input patches ``[B, in, T]``, and for each loss its output gradients
-    ``[B, out, T]`` (one forward, one backward per loss; parameter gradients are never accumulated)."""
+    ``[B, out, T]`` (one forward, one backward per loss; parameter gradients are never accumulated).
+    With ``params`` the model runs with those parameters in place of its own (e.g. a checkpoint's)."""
+    if params is not None:
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers()),
+                 **{k: v.to(device) for k, v in params.items()}}
+        run = lambda x: functional_call(model, state, (x,))  # noqa: E731
+    else:
+        run = model
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name, module in layers:
@@ -115,7 +138,7 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size].to(device)
             with torch.enable_grad():
-                out = model(x)
+                out = run(x)
                 outputs = [captured[name][1] for name, _ in layers]
                 patches = {name: _patches(module, captured[name][0]) for name, module in layers}
                 grads = []
@@ -157,29 +180,40 @@ def _layer_gradients(a: torch.Tensor, s: torch.Tensor, bias: bool) -> torch.Tens
     return torch.cat([g, s.sum(2, keepdim=True)], dim=2) if bias else g
 
 
-def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Per-example ``Q_Sᵀ (Σ_t s_t [a_t; 1]ᵀ) Q_A``, rotating the patches first when that is cheaper (few
-    positions: a Linear layer's rank-one gradient is then an outer product of rotated vectors)."""
+def sandwich(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """Per-example ``q_sᵀ (Σ_t s_t [a_t; 1]ᵀ) q_a`` ``[B, r_s, r_a]`` for patches ``a`` ``[B, in, T]`` and output
+    gradients ``s`` ``[B, out, T]``; the bias's 1 is implied when ``q_a`` has ``in + 1`` rows. Projects the
+    patches and gradients first when that is cheaper (few positions, or narrow ``q``: then the layer's full
+    gradient is never formed), else forms the gradient and multiplies it."""
     width, positions, out = a.shape[1], a.shape[2], s.shape[1]
-    bias = f.q_a.shape[0] == width + 1
-    q_a, q_s = f.q_a.to(a), f.q_s.to(a)
-    if positions * (width + out) < out * width:
-        rotated = a.transpose(1, 2) @ q_a[:width]  # [B, T, in'] as one matrix product
+    r_a, r_s = q_a.shape[1], q_s.shape[1]
+    bias = q_a.shape[0] == width + 1
+    q_a, q_s = q_a.to(a), q_s.to(a)
+    project_first = positions * (width * r_a + out * r_s + r_s * r_a)
+    gradient_first = out * width * (positions + r_s) + r_s * width * r_a
+    if project_first <= gradient_first:
+        projected = a.transpose(1, 2) @ q_a[:width]  # [B, T, r_a] as one matrix product
         if bias:
-            rotated = rotated + q_a[width]
-        return (s.transpose(1, 2) @ q_s).transpose(1, 2) @ rotated
+            projected = projected + q_a[width]
+        return (s.transpose(1, 2) @ q_s).transpose(1, 2) @ projected
     return q_s.T @ _layer_gradients(a, s, bias) @ q_a
+
+
+def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-example layer gradients in the Kronecker eigenbasis, ``Q_Sᵀ G Q_A``."""
+    return sandwich(f.q_s, a, s, f.q_a)
 
 
 def _sampler(train: AttributionDataset, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def loss(out: torch.Tensor, start: int) -> torch.Tensor:
-        if fisher == "empirical":
-            y = train.labels[start : start + len(out)].to(out.device)
-        else:
-            y = torch.multinomial(out.detach().softmax(-1).cpu().double(), 1, generator=gen).squeeze(1).to(out.device)
-        return nn.functional.cross_entropy(out, y, reduction="none")
+        y = train.labels[start : start + len(out)].to(out.device)
+        if fisher == "true":  # labels drawn from the model; a sequence's ignored positions stay ignored
+            probs = out.detach().flatten(0, -2).softmax(-1).cpu().double()
+            drawn = torch.multinomial(probs, 1, generator=gen).view_as(y).to(out.device)
+            y = torch.where(y == IGNORE, y, drawn)
+        return cross_entropy(out, y)
 
     return loss, gen
 

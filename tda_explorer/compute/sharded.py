@@ -20,9 +20,8 @@ import torch.distributed as dist
 
 from tda_explorer._validation import TDAError, as_device, check_positive_int
 from tda_explorer.atomic import atomic_path
+from tda_explorer.compute.featurize import iter_features, make_projector
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
-from tda_explorer.compute.gradients import iter_per_sample_gradients
-from tda_explorer.compute.projection import RandomProjector
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -50,11 +49,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 def featurize_sharded(task: AttributionTask, train: AttributionDataset, folder: str | Path,
                       projection_dim: int | None = 1024, projection_seed: int = 0, shard_rows: int = 4096,
-                      device: str | torch.device | None = None, stop_after: int | None = None) -> dict:
+                      device: str | torch.device | None = None, stop_after: int | None = None,
+                      projection_kind: str = "rademacher") -> dict:
     """Write this rank's shards of projected per-sample training gradients under ``folder``.
 
     Parameters
     ----------
+    projection_dim, projection_seed, projection_kind
+        As for attributors (``make_projector``); ``"logra"`` for large layers.
     stop_after : int, optional
         Stop after writing this many shards (simulates a crash; the next run resumes).
 
@@ -67,9 +69,7 @@ def featurize_sharded(task: AttributionTask, train: AttributionDataset, folder: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for n, p in task.model.named_parameters() if n in task.tracked_names())
-    projector = None
-    if projection_dim is not None and check_positive_int(projection_dim, "projection_dim") < n_params:
-        projector = RandomProjector(n_params, projection_dim, seed=projection_seed, device=device)
+    projector = make_projector(task, projection_dim, projection_kind, projection_seed, device)
     fingerprint = config_fingerprint(model_fingerprint(task.model), task.config(),
                                      projector.config() if projector else None, train.fingerprint())
     n_shards = -(-len(train) // shard_rows)
@@ -98,8 +98,7 @@ def featurize_sharded(task: AttributionTask, train: AttributionDataset, folder: 
             break
         rows = list(range(shard * shard_rows, min((shard + 1) * shard_rows, len(train))))
         part = train.subset(rows)
-        chunks = [projector.project(g) if projector else g.float() for _, g in iter_per_sample_gradients(
-            task.model, task.tracked_names(), part.inputs, part.labels, task.train_loss, device=device)]
+        chunks = [g.float() for _, g in iter_features(task, part, task.train_loss, projector, device=device)]
         array = torch.cat(chunks).cpu().numpy().astype(np.float32)
         target = folder / f"shard-{shard:05d}.npy"
         tmp = atomic_path(target).with_suffix(".npy")

@@ -9,21 +9,10 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, check_choice
+from tda_explorer.compute.losses import cross_entropy, neg_margin
 from tda_explorer.compute.training import Checkpoint
 
 MEASUREMENTS = ("loss", "margin")
-
-
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs, targets, reduction="none")
-
-
-def _neg_margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """−log(p / (1 − p)) of the target class: loss-oriented (lower is better), as TRAK's margin."""
-    logp = torch.log_softmax(outputs, dim=-1)
-    correct = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    others = logp.scatter(-1, targets.unsqueeze(-1), float("-inf")).logsumexp(dim=-1)
-    return others - correct
 
 
 @dataclass
@@ -55,7 +44,7 @@ class AttributionTask:
     checkpoints: Sequence[Checkpoint] = field(default_factory=list)
     measurement: str = "loss"
     parameters: None | str | Sequence[str] = None
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
@@ -94,7 +83,7 @@ class AttributionTask:
 
     def test_measurement(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-example loss-oriented measurement on test examples."""
-        return self.loss_fn(outputs, targets) if self.measurement == "loss" else _neg_margin(outputs, targets)
+        return self.loss_fn(outputs, targets) if self.measurement == "loss" else neg_margin(outputs, targets)
 
     def config(self) -> dict:
         """A JSON-able description used in fingerprints."""

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from tda_explorer._validation import TDAError, as_device, check_choice, check_positive_int
+from tda_explorer.compute.losses import cross_entropy
 from tda_explorer.jobs import check_cancelled
 
 
@@ -68,7 +69,7 @@ class TrainingRecord:
 def _objective(base: nn.Module, weight_decay: float) -> Callable:
     def loss(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(base, params, (x,))
-        ce = nn.functional.cross_entropy(out, y)
+        ce = cross_entropy(out, y).mean()
         if weight_decay:
             ce = ce + 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
         return ce
@@ -196,14 +197,14 @@ def train_weighted(
     n, bs = len(labels), min(config.batch_size, len(labels))
 
     def objective(p: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ce = nn.functional.cross_entropy(functional_call(base, p, (x,)), y, reduction="none")
+        ce = cross_entropy(functional_call(base, p, (x,)), y)
         loss = (w * ce).sum() / bs
         if config.weight_decay:
             loss = loss + 0.5 * config.weight_decay * sum((q * q).sum() for q in p.values())
         return loss
 
     step_fn = vmap(grad(objective))
-    inputs, labels, weights = inputs.to(dev), labels.to(dev), weights.to(dev, inputs.dtype)
+    inputs, labels, weights = inputs.to(dev), labels.to(dev), weights.to(dev, next(iter(params.values())).dtype)
     gens = [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
     state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
     t = 0

@@ -13,6 +13,8 @@ import torch
 from tda_explorer._validation import TDAError
 from tda_explorer.data.renderers import Renderer, RowRenderer
 
+IGNORE = -100  # a sequence target left out of the loss (PyTorch's ignore_index)
+
 
 @dataclass
 class AttributionDataset:
@@ -48,8 +50,10 @@ class AttributionDataset:
             self.inputs = torch.as_tensor(np.asarray(self.inputs), dtype=torch.float32)
         if not isinstance(self.labels, torch.Tensor):
             self.labels = torch.as_tensor(np.asarray(self.labels))
-        if self.labels.dim() != 1:
-            raise TDAError(f"labels must be 1-D with one label per example, got shape {tuple(self.labels.shape)}")
+        if self.labels.dim() not in (1, 2):
+            raise TDAError(
+                f"labels must be class labels [n] or sequence targets [n, T], got shape {tuple(self.labels.shape)}"
+            )
         if len(self.inputs) != len(self.labels):
             raise TDAError(
                 f"inputs and labels must have the same length, got {len(self.inputs)} inputs and "
@@ -60,8 +64,9 @@ class AttributionDataset:
         if self.labels.is_floating_point():
             raise TDAError("labels must be integer class indices, got a floating-point tensor")
         self.labels = self.labels.long()
-        if (self.labels < 0).any():
-            raise TDAError("labels must be non-negative class indices")
+        if ((self.labels < 0) & (self.labels != IGNORE if self.is_sequence else True)).any():
+            raise TDAError("labels must be non-negative class indices"
+                           + (f" (or {IGNORE} for a token left out)" if self.is_sequence else ""))
         n_classes = int(self.labels.max()) + 1
         if self.class_names is None:
             self.class_names = [str(c) for c in range(n_classes)]
@@ -78,9 +83,22 @@ class AttributionDataset:
             raise TDAError("ids must be unique; found duplicates")
         if self.renderer is None:
             self.renderer = RowRenderer()
+        if self.renderer.kind == "text":
+            self.renderer = self.renderer.bind(self.ids)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def is_sequence(self) -> bool:
+        """Whether labels are per-token targets ``[n, T]`` (a sequence model) rather than class labels."""
+        return self.labels.dim() == 2
+
+    def check_class_labels(self, argument: str) -> None:
+        """Refuse sequence targets where ``argument`` needs one class label per example."""
+        if self.is_sequence:
+            raise TDAError(f"{argument} needs one class label per example; dataset {self.name!r} has sequence "
+                           f"targets {tuple(self.labels.shape)} (attribute it with get_method(...).fit/attribute)")
 
     @property
     def n_classes(self) -> int:
@@ -136,7 +154,7 @@ class AttributionDataset:
     def render_html(self, position: int) -> str:
         """The example at ``position`` as an HTML fragment."""
         if self.renderer.kind == "text":
-            return self.renderer.to_html(torch.tensor(position))
+            return self.renderer.to_html(self.ids[position])
         return self.renderer.to_html(self.inputs[position])
 
     def thumbnail(self, position: int) -> bytes | None:
@@ -150,3 +168,13 @@ class AttributionDataset:
                 cache.pop(next(iter(cache)))
             png = cache[position] = self.renderer.to_png(self.inputs[position])
         return png
+
+
+@dataclass
+class DataSplit:
+    """A train / test split; ``flipped`` marks training labels changed by injected noise."""
+
+    train: AttributionDataset
+    test: AttributionDataset
+    flipped: torch.Tensor
+    clean_train_labels: torch.Tensor

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset, DataSplit
 from tda_explorer.data.noise import flip_labels
 from tda_explorer.data.renderers import ImageRenderer
-
-
-@dataclass
-class DataSplit:
-    """A train / test split; ``flipped`` marks training labels changed by injected noise."""
-
-    train: AttributionDataset
-    test: AttributionDataset
-    flipped: torch.Tensor
-    clean_train_labels: torch.Tensor
 
 
 def load_digits_split(

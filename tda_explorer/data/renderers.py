@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from tda_explorer._validation import TDAError
 
 
 class Renderer(Protocol):
@@ -17,7 +20,7 @@ class Renderer(Protocol):
     kind: str
 
     def to_html(self, x: torch.Tensor) -> str:
-        """An HTML fragment (escaped) showing ``x``."""
+        """An HTML fragment (escaped) showing ``x`` (a ``"text"`` renderer is given the example's id)."""
 
     def to_png(self, x: torch.Tensor) -> bytes | None:
         """A PNG thumbnail of ``x``, or None for non-image data."""
@@ -56,20 +59,35 @@ class ImageRenderer:
 
 
 class TextRenderer:
-    """Text examples stored beside the tensors; shows an escaped snippet."""
+    """Text examples stored beside the tensors, looked up by example id; shows an escaped snippet.
+
+    ``texts`` is a mapping id → text, or a list in the dataset's row order (bound to its ids when the
+    dataset is built, so subsets keep showing the right text).
+    """
 
     kind = "text"
 
-    def __init__(self, texts: list[str], max_chars: int = 200):
-        self.texts = list(texts)
+    def __init__(self, texts: Sequence[str] | Mapping[Any, str], max_chars: int = 200):
+        self.texts = dict(texts) if isinstance(texts, Mapping) else list(texts)
         self.max_chars = max_chars
 
-    def snippet(self, position: int) -> str:
-        text = self.texts[position]
+    def bind(self, ids: Sequence[Any]) -> TextRenderer:
+        """This renderer keyed by ``ids``; refuse a list of the wrong length or a mapping missing ids."""
+        if isinstance(self.texts, dict):
+            missing = [i for i in ids if i not in self.texts]
+            if missing:
+                raise TDAError(f"renderer: no text for ids {missing[:5]}")
+            return self
+        if len(self.texts) != len(ids):
+            raise TDAError(f"renderer: {len(self.texts)} texts for {len(ids)} examples; give one text per example")
+        return TextRenderer(dict(zip(ids, self.texts)), self.max_chars)
+
+    def snippet(self, example_id: Any) -> str:
+        text = self.texts[example_id]
         return text if len(text) <= self.max_chars else text[: self.max_chars - 1] + "…"
 
-    def to_html(self, x: torch.Tensor) -> str:
-        return f"<span class='tda-text'>{html.escape(self.snippet(int(x)))}</span>"
+    def to_html(self, example_id: Any) -> str:
+        return f"<span class='tda-text'>{html.escape(self.snippet(example_id))}</span>"
 
     def to_png(self, x: torch.Tensor) -> None:
         return None

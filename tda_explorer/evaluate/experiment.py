@@ -13,7 +13,8 @@ from tda_explorer.compute.models import MODEL_KINDS, make_model
 from tda_explorer.compute.synset import Trajectory
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.compute.training import TrainConfig, TrainingRecord, train_model
-from tda_explorer.data.digits import DataSplit, load_digits_split
+from tda_explorer.data.dataset import DataSplit
+from tda_explorer.data.digits import load_digits_split
 
 #: Training recipes of the built-in models (full objective: mean CE + wd/2 ‖θ‖²).
 TRAIN_CONFIGS = {

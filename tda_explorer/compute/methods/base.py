@@ -11,9 +11,8 @@ import torch
 
 from tda_explorer._validation import TDAError, as_device, check_positive_int
 from tda_explorer.compute.attribution import Attribution
+from tda_explorer.compute.featurize import iter_features, make_projector
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
-from tda_explorer.compute.gradients import iter_per_sample_gradients
-from tda_explorer.compute.projection import RandomProjector
 from tda_explorer.compute.store import FeatureStore
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -31,8 +30,10 @@ class Attributor(ABC):
     max_memory : int, optional
         Budget in bytes for one chunk of per-sample gradients.
     projection_dim : int, optional
-        Project gradients to this many dimensions (streamed, seeded); None or ≥ p keeps them exact.
-    projection_kind : {"rademacher", "gaussian"}
+        Project gradients to this many dimensions (streamed, seeded); None or ≥ p keeps them exact. With
+        ``projection_kind="logra"``, the rank each tracked layer's two sides are projected to (rank² features
+        per layer, the full gradient never formed).
+    projection_kind : {"rademacher", "gaussian", "logra"}
     projection_seed : int
     store : FeatureStore, str or Path, optional
         Cache of training features on disk; a second ``fit`` on an unchanged model is a hit.
@@ -49,14 +50,8 @@ class Attributor(ABC):
         self.task = task
         self.device = as_device(device)
         self.max_memory = None if max_memory is None else check_positive_int(max_memory, "max_memory")
-        if projection_dim is not None:
-            check_positive_int(projection_dim, "projection_dim")
-        check_positive_int(projection_seed, "projection_seed", allow_zero=True)
         self.n_params = sum(p.numel() for n, p in task.model.named_parameters() if n in task.tracked_names())
-        self.projector = None
-        if projection_dim is not None and projection_dim < self.n_params:
-            self.projector = RandomProjector(self.n_params, projection_dim, projection_kind, projection_seed,
-                                             device=self.device)
+        self.projector = make_projector(task, projection_dim, projection_kind, projection_seed, self.device)
         self.store = FeatureStore(store) if isinstance(store, (str, Path)) else store
         self.train_: AttributionDataset | None = None
 
@@ -117,14 +112,10 @@ class Attributor(ABC):
             cached = self.store.get(key)
             if cached is not None:
                 return cached.to(self.device)
-        chunks = []
-        for _, g in iter_per_sample_gradients(
-            self.task.model, self.task.tracked_names(), data.inputs, data.labels, loss_fn,
-            params=params, max_memory=self.max_memory, device=self.device, ids=data.ids, dropout_seed=dropout_seed,
-            argument="test" if test else "train",
-        ):
-            chunks.append(self.projector.project(g) if self.projector else g)
-        features = torch.cat(chunks)
+        features = torch.cat([g for _, g in iter_features(
+            self.task, data, loss_fn, self.projector, params=params, max_memory=self.max_memory, device=self.device,
+            dropout_seed=dropout_seed, argument="test" if test else "train",
+        )])
         if key is not None:
             features = self.store.put(key, features, {"dataset": data.name, "tag": tag}).to(self.device)
         return features

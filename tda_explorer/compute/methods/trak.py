@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
+from tda_explorer.compute.losses import neg_margin
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.task import AttributionTask, _neg_margin
+from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -85,7 +86,7 @@ class TRAK(Attributor):
     def _fit(self, train: AttributionDataset) -> None:
         self.phi_, self.chol_, self.dual_, self.lam_, qs = [], [], [], [], []
         for i, params, seed in self._variants():
-            phi = self._features(train, test=False, params=params, loss_fn=_neg_margin,
+            phi = self._features(train, test=False, params=params, loss_fn=neg_margin,
                                  tag=f"trak-m{i}-d{seed}", dropout_seed=seed)
             phi64 = phi.double()
             # With fewer training examples than features, solve the n×n dual system: by the push-through
@@ -114,7 +115,7 @@ class TRAK(Attributor):
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         scores = 0
         for (_, params, seed), phi, chol, dual in zip(self._variants(), self.phi_, self.chol_, self.dual_):
-            phi_test = self._features(test, test=True, params=params, loss_fn=_neg_margin, dropout_seed=seed)
+            phi_test = self._features(test, test=True, params=params, loss_fn=neg_margin, dropout_seed=seed)
             if dual:  # φ′ᵀΦᵀ (ΦΦᵀ + λI)⁻¹
                 scores = scores + torch.cholesky_solve((phi_test.double() @ phi.double().T).T, chol).T.to(phi.dtype)
             else:  # ((ΦᵀΦ + λI)⁻¹ φ′)ᵀ Φᵀ, the solve on the (few) test rows only
