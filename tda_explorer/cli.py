@@ -22,12 +22,14 @@ def _progress(iterable, desc: str, total: int | None = None):
 def cmd_demo(args: argparse.Namespace) -> int:
     """Digits with label noise → MLP with checkpoints → TracIn → mislabel ranking and proponents."""
     from tda_explorer.evaluate import build_experiment, mislabel_auc, recall_at
+    from tda_explorer.evaluate.experiment import TEXT_MODELS
     from tda_explorer.session import Session
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = _progress(range(3), "demo", total=3)
-    print(f"Loading digits ({args.n_train} train / {args.n_test} test), flipping {args.noise:.0%} of the "
+    data = "generated reviews" if args.model in TEXT_MODELS else "digits"
+    print(f"Loading {data} ({args.n_train} train / {args.n_test} test), flipping {args.noise:.0%} of the "
           f"training labels (seed {args.seed}); training a {args.model.upper()} with checkpoints…")
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train,
                            n_test=args.n_test, epochs=args.epochs, progress=True)
@@ -57,8 +59,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pos = session.test.positions([test_id])[0]
     print(f"\nTest example #{test_id} (label {int(session.test.labels[pos])}, predicted "
           f"{int(session.test_predicted[pos])}): top-5 proponents and opponents")
-    print(session.ranking(test_id, args.method, k=5)[["rank", "train_id", "score", "label", "predicted"]]
-          .to_string(index=False))
+    columns = ["rank", "train_id", "score", "label", "predicted"]
+    top = session.ranking(test_id, args.method, k=5)
+    if session.train.renderer.kind == "text":
+        print(f"  “{session.test.renderer.snippet(test_id)}”")
+        top["text"] = [session.train.renderer.snippet(i) for i in top["train_id"]]
+        columns.append("text")
+    print(top[columns].to_string(index=False))
 
     ranking.to_csv(out / "mislabel_ranking.csv", index=False)
     attribution.to_dataframe(k=10).to_csv(out / "proponents_opponents_top10.csv", index=False)
@@ -182,23 +189,23 @@ def cmd_stress(args: argparse.Namespace) -> int:
 
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
     """The built-in digits task a sharded store belongs to (model, label noise, seed)."""
-    from tda_explorer.compute.models import MODEL_KINDS
+    from tda_explorer.evaluate.experiment import EXPERIMENT_MODELS
 
-    parser.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    parser.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
     parser.add_argument("--noise", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tda_explorer.compute import available_methods
-    from tda_explorer.compute.models import MODEL_KINDS
+    from tda_explorer.evaluate.experiment import EXPERIMENT_MODELS
 
     parser = argparse.ArgumentParser(prog="tda-explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the digits demo: find mislabeled training data and proponents")
     demo.add_argument("--out", default="tda_output", help="folder for the ranked tables (default: tda_output)")
-    demo.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    demo.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
     demo.add_argument("--method", default="tracin", choices=available_methods())
     demo.add_argument("--noise", type=float, default=0.1, help="fraction of training labels flipped")
     demo.add_argument("--n-train", type=int, default=1000)
@@ -210,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate one method on a built-in task; JSON out")
     ev.add_argument("--data", default="digits")
-    ev.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    ev.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
     ev.add_argument("--method", required=True, choices=available_methods())
     ev.add_argument("--noise", type=float, default=0.0, help="flip this fraction of labels; adds mislabel metrics")
     ev.add_argument("--n-subsets", type=int, default=100, help="retrained 50%% subsets for LDS (cached)")

@@ -42,6 +42,7 @@ class Session:
         for name, value in (("train", train), ("test", test)):
             if not isinstance(value, AttributionDataset):
                 raise TDAError(f"{name} must be an AttributionDataset, got {type(value).__name__}")
+            value.check_class_labels(f"Session's {name} (labels, predictions and flags per example)")
         self.train, self.test, self.task, self.device = train, test, task, device
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
     if params is not None:
         state = {**dict(model.named_parameters()), **dict(model.named_buffers()),
                  **{k: v.to(device) for k, v in params.items()}}
-        run = lambda x: functional_call(model, state, (x,))  # noqa: E731
+        run = lambda x: functional_call(model, state, (x,))
     else:
         run = model
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -73,7 +73,7 @@ class LoGraProjector:
         """Yield ``(rows, features [chunk, dim_out])`` of ``loss_fn``'s per-example gradients, in eval mode."""
         sides = {name: (p_in.to(self.device), p_out.to(self.device)) for name, (p_in, p_out) in self.sides.items()}
         labels = data.labels
-        per_example = lambda out, start: loss_fn(out, labels[start : start + len(out)].to(out.device))  # noqa: E731
+        per_example = lambda out, start: loss_fn(out, labels[start : start + len(out)].to(out.device))
         was_training = model.training
         model.eval()
         try:

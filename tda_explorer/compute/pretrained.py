@@ -43,7 +43,7 @@ class MiniLMTokenizer:
         self.tokenizer.no_truncation()
 
     def encode(self, texts: Sequence[str], max_len: int = 32) -> torch.Tensor:
-        """Token ids ``[n, max_len]`` with ``[CLS] … [SEP]``, cut at ``max_len`` (ending in ``[SEP]``), padded with 0."""
+        """Token ids ``[n, max_len]``: ``[CLS] … [SEP]``, cut at ``max_len`` (still ending in ``[SEP]``), 0-padded."""
         max_len = check_positive_int(max_len, "max_len")
         out = torch.zeros(len(texts), max_len, dtype=torch.long)
         for row, encoding in enumerate(self.tokenizer.encode_batch(list(texts))):

@@ -31,7 +31,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        heads = lambda t: t.view(batch, length, self.n_heads, -1).transpose(1, 2)  # noqa: E731
+        heads = lambda t: t.view(batch, length, self.n_heads, -1).transpose(1, 2)
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         scores = q @ k.transpose(-1, -2) / math.sqrt(width // self.n_heads)
         allowed = real[:, None, None, :]

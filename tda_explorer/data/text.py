@@ -72,7 +72,7 @@ def make_reviews(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
     """``n`` generated reviews and their sentiment (0 negative, 1 positive)."""
     n = check_positive_int(n, "n")
     gen = torch.Generator().manual_seed(seed)
-    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]  # noqa: E731
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]
     texts, labels = [], []
     for _ in range(n):
         label = int(torch.randint(2, (1,), generator=gen))

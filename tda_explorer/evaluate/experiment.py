@@ -1,4 +1,5 @@
-"""The built-in experiments: digits with a linear model or an MLP, trained with recorded checkpoints."""
+"""The built-in experiments, trained with recorded checkpoints: digits with a linear model or an MLP, and generated
+reviews with a small transformer classifier."""
 
 from __future__ import annotations
 
@@ -9,19 +10,24 @@ from dataclasses import dataclass, replace
 import torch
 
 from tda_explorer._validation import check_choice
-from tda_explorer.compute.models import MODEL_KINDS, make_model
+from tda_explorer.compute.models import make_model
 from tda_explorer.compute.synset import Trajectory
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.compute.training import TrainConfig, TrainingRecord, train_model
+from tda_explorer.compute.transformer import make_transformer
 from tda_explorer.data.dataset import DataSplit
 from tda_explorer.data.digits import load_digits_split
+from tda_explorer.data.text import load_reviews_split
 
 #: Training recipes of the built-in models (full objective: mean CE + wd/2 ‖θ‖²).
 TRAIN_CONFIGS = {
     "lr": TrainConfig(epochs=300, batch_size=1000, lr=5e-2, weight_decay=1e-2, n_checkpoints=6),
     "mlp": TrainConfig(epochs=50, batch_size=64, lr=0.1, weight_decay=1e-2, optimizer="sgd", n_checkpoints=10),
     "mlp-gelu": TrainConfig(epochs=50, batch_size=64, lr=0.1, weight_decay=1e-2, optimizer="sgd", n_checkpoints=10),
+    "transformer": TrainConfig(epochs=15, batch_size=32, lr=3e-3, weight_decay=1e-3, n_checkpoints=5),
 }
+EXPERIMENT_MODELS = tuple(TRAIN_CONFIGS)
+TEXT_MODELS = ("transformer",)
 
 
 @dataclass
@@ -35,6 +41,9 @@ class Experiment:
 
     def factory(self, seed: int) -> torch.nn.Module:
         x = self.split.train.inputs
+        if self.model_kind in TEXT_MODELS:
+            return make_transformer("classifier", self.split.tokenizer.vocab_size, self.split.train.n_classes,
+                                    seed=seed, max_len=x.shape[1])
         return make_model(self.model_kind, x.shape[1], self.split.train.n_classes, seed=seed)
 
     def task(self, measurement: str = "loss") -> AttributionTask:
@@ -63,9 +72,11 @@ class Experiment:
 def build_experiment(model: str = "mlp", noise: float = 0.0, seed: int = 0, n_train: int = 1000,
                      n_test: int = 300, epochs: int | None = None, device: str = "cpu",
                      progress: bool = False) -> Experiment:
-    """Load digits (optionally with label noise), train the model, keep its checkpoints."""
-    check_choice(model, "model", MODEL_KINDS)
-    split = load_digits_split(n_train=n_train, n_test=n_test, noise=noise, seed=seed)
+    """Load the data (digits, or generated reviews for a text model; optionally with label noise), train the
+    model, keep its checkpoints."""
+    check_choice(model, "model", EXPERIMENT_MODELS)
+    load = load_reviews_split if model in TEXT_MODELS else load_digits_split
+    split = load(n_train=n_train, n_test=n_test, noise=noise, seed=seed)
     config = replace(TRAIN_CONFIGS[model], seed=seed, **({"epochs": epochs} if epochs else {}))
     exp = Experiment(split, model, config, record=None)  # type: ignore[arg-type]
     exp.record = train_model(exp.factory, split.train.inputs, split.train.labels, config, device=device,
