@@ -107,6 +107,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _featurized_task(exp, projection_kind: str):
+    """The experiment's task; LoGra tracks its Linear/Conv2d layers (the others have no Kronecker form)."""
+    from tda_explorer.compute.kfac import linear_layer_names
+
+    return exp.task(parameters=linear_layer_names(exp.record.model) if projection_kind == "logra" else None)
+
+
 def cmd_featurize(args: argparse.Namespace) -> int:
     """Sharded, resumable featurisation of a built-in task's training set (run under torchrun to shard)."""
     from tda_explorer._validation import as_device
@@ -115,9 +122,11 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
     device = as_device(args.device)
     init_distributed(device)
-    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train)
-    result = featurize_sharded(exp.task(), exp.split.train, args.out, projection_dim=args.projection_dim,
-                               shard_rows=args.shard_rows, device=device, stop_after=args.stop_after)
+    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train, epochs=args.epochs)
+    task = _featurized_task(exp, args.projection_kind)
+    result = featurize_sharded(task, exp.split.train, args.out, projection_dim=args.projection_dim,
+                               projection_kind=args.projection_kind, shard_rows=args.shard_rows, device=device,
+                               stop_after=args.stop_after)
     ranks = [result]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         ranks = [None] * torch.distributed.get_world_size()
@@ -130,22 +139,25 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Grad-dot top-k proponents/opponents of test points against a sharded feature store."""
-    from tda_explorer.compute.projection import RandomProjector
-    from tda_explorer.compute.sharded import load_sharded
+    from tda_explorer.compute.featurize import iter_features, make_projector
+    from tda_explorer.compute.sharded import load_sharded, store_fingerprint
     from tda_explorer.compute.topk import topk_scores
     from tda_explorer.evaluate import build_experiment
 
     manifest = json.loads((Path(args.store) / "manifest.json").read_text())
     features = load_sharded(args.store)
-    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=manifest["n"])
+    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=manifest["n"], epochs=args.epochs)
     test = exp.split.test.subset(list(range(min(args.n_test_points, len(exp.split.test)))))
-    from tda_explorer import get_method
-
-    method = get_method("grad-dot", exp.task())
-    queries = method._features(test, test=True)
-    if manifest["projection"]:
-        cfg = manifest["projection"]
-        queries = RandomProjector(cfg["dim_in"], cfg["dim_out"], cfg["kind"], cfg["seed"]).project(queries)
+    cfg = manifest["projection"] or {}
+    task = _featurized_task(exp, cfg.get("kind", "rademacher"))
+    projector = make_projector(task, cfg.get("rank", cfg.get("dim_out")), cfg.get("kind", "rademacher"),
+                               cfg.get("seed", 0))
+    fingerprint = store_fingerprint(task, projector, exp.split.train)
+    if fingerprint != manifest["fingerprint"]:
+        raise TDAError(f"{args.store} was featurised from another model or data (fingerprint "
+                       f"{manifest['fingerprint']}); these arguments give {fingerprint}: pass the same --model, "
+                       "--noise, --seed and --epochs as to featurize")
+    queries = torch.cat([g for _, g in iter_features(task, test, task.test_measurement, projector)])
     top = topk_scores(features.numpy(), queries, args.k)
     ids = exp.split.train.ids
     result = {str(t): {side: [[ids[i], float(v)] for v, i in zip(top[side][0][j].tolist(), top[side][1][j].tolist())]
@@ -163,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from tda_explorer.compute.topk_bench import bench_topk
 
         result = bench_topk(n_train=args.n_train, dim=args.dim, k=args.k, batch=args.batch,
-                            max_memory=args.max_memory_mb * 2**20, folder=args.folder)
+                            max_memory=args.max_memory_mb * 2**20, folder=args.folder, device=args.device)
     else:
         from tda_explorer.widgets.bench import bench_explorer
 
@@ -239,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     feat = sub.add_parser("featurize", help="sharded, resumable featurisation (torchrun -m tda_explorer featurize)")
     _task_arguments(feat)
     feat.add_argument("--n-train", type=int, default=1000)
+    feat.add_argument("--epochs", type=int, default=None, help="train the model this many epochs (default: recipe)")
     feat.add_argument("--out", required=True, help="folder of the sharded feature store")
-    feat.add_argument("--projection-dim", type=int, default=1024)
+    feat.add_argument("--projection-dim", type=int, default=1024,
+                      help="features per example, or with --projection-kind logra the rank of each layer side")
+    feat.add_argument("--projection-kind", default="rademacher", choices=["rademacher", "gaussian", "logra"])
     feat.add_argument("--shard-rows", type=int, default=4096)
     feat.add_argument("--device", default="cpu")
     feat.add_argument("--stop-after", type=int, default=None, help="stop after this many shards (resume later)")
@@ -249,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="top-k proponents/opponents against a sharded feature store")
     score.add_argument("--store", required=True)
     _task_arguments(score)
+    score.add_argument("--epochs", type=int, default=None, help="as given to featurize")
     score.add_argument("--k", type=int, default=5)
     score.add_argument("--n-test-points", type=int, default=5)
     score.add_argument("--json", default=None)
@@ -263,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=16, help="topk: queries sharing one pass")
     bench.add_argument("--max-memory-mb", type=int, default=16, help="topk: memory budget of one chunk")
     bench.add_argument("--folder", default=None, help="topk: where the generated store is written (temporary)")
+    bench.add_argument("--device", default="cpu", help="topk: where chunks are scored (cpu, cuda)")
     bench.add_argument("--json", default=None)
     bench.set_defaults(func=cmd_bench)
 

@@ -62,3 +62,22 @@ def test_score_reduces_over_shards_like_grad_dot(tmp_path, digits_experiment):
         want = dense.topk(int(test_id) if test_id.isdigit() else test_id, 4)[0]
         assert [row[0] for row in result[test_id]["proponents"]] == list(want)
     assert np.isfinite([row[1] for row in result[list(result)[0]]["opponents"]]).all()
+    wrong = _run("score", "--store", str(tmp_path / "s"), "--seed", "1")
+    assert wrong.returncode == 2 and "was featurised from another model or data" in wrong.stderr
+
+
+def test_two_processes_featurise_the_transformer_with_logra_like_one(tmp_path):
+    args = ["--model", "transformer", "--n-train", "96", "--epochs", "1", "--projection-kind", "logra",
+            "--projection-dim", "8", "--shard-rows", "32"]
+    two = _run("featurize", "--out", str(tmp_path / "two"), *args, torchrun=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    summary = json.loads(two.stdout)
+    assert sum(r["rows_written"] for r in summary["ranks"]) == 96 and all(r["seconds"] > 0 for r in summary["ranks"])
+    one = _run("featurize", "--out", str(tmp_path / "one"), *args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    features = load_sharded(tmp_path / "two")
+    torch.testing.assert_close(features, load_sharded(tmp_path / "one"), rtol=1e-5, atol=1e-7)
+    assert features.shape[0] == 96 and json.loads((tmp_path / "one" / "manifest.json").read_text())[
+        "projection"]["kind"] == "logra"
+    done = _run("score", "--store", str(tmp_path / "one"), "--model", "transformer", "--epochs", "1", "--k", "3")
+    assert done.returncode == 0, done.stderr[-2000:]

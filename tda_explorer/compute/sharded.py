@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from tda_explorer._validation import TDAError, as_device, check_positive_int
 from tda_explorer.atomic import atomic_path
-from tda_explorer.compute.featurize import iter_features, make_projector
+from tda_explorer.compute.featurize import Projector, iter_features, make_projector
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -39,6 +40,12 @@ def init_distributed(device: torch.device) -> bool:
         return dist.is_available() and dist.is_initialized()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def store_fingerprint(task: AttributionTask, projector: Projector | None, train: AttributionDataset) -> str:
+    """What a feature store was computed from: model parameters, task, projection and data."""
+    return config_fingerprint(model_fingerprint(task.model), task.config(),
+                              projector.config() if projector else None, train.fingerprint())
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -62,7 +69,8 @@ def featurize_sharded(task: AttributionTask, train: AttributionDataset, folder: 
 
     Returns
     -------
-    dict with the fingerprint, the shards this rank wrote and the ones it found done.
+    dict with the fingerprint, the shards this rank wrote and the ones it found done, the rows it wrote and the
+    seconds its shard loop took (for throughput).
     """
     device = as_device(device)
     shard_rows = check_positive_int(shard_rows, "shard_rows")
@@ -70,8 +78,7 @@ def featurize_sharded(task: AttributionTask, train: AttributionDataset, folder: 
     folder.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for n, p in task.model.named_parameters() if n in task.tracked_names())
     projector = make_projector(task, projection_dim, projection_kind, projection_seed, device)
-    fingerprint = config_fingerprint(model_fingerprint(task.model), task.config(),
-                                     projector.config() if projector else None, train.fingerprint())
+    fingerprint = store_fingerprint(task, projector, train)
     n_shards = -(-len(train) // shard_rows)
     manifest = {"fingerprint": fingerprint, "n": len(train), "dim": projector.dim_out if projector else n_params,
                 "shard_rows": shard_rows, "n_shards": n_shards, "dtype": "float32",
@@ -88,7 +95,8 @@ def featurize_sharded(task: AttributionTask, train: AttributionDataset, folder: 
             )
     elif rank == 0:
         _write_json(path, manifest)
-    written, found = [], []
+    written, found, rows_written = [], [], 0
+    start_time = time.perf_counter()
     for shard in range(rank, n_shards, world):
         done = folder / f"shard-{shard:05d}.json"
         if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
@@ -106,10 +114,12 @@ def featurize_sharded(task: AttributionTask, train: AttributionDataset, folder: 
         tmp.replace(target)
         _write_json(done, {"fingerprint": fingerprint, "rows": [rows[0], rows[-1] + 1], "rank": rank})
         written.append(shard)
+        rows_written += len(rows)
+    seconds = time.perf_counter() - start_time
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return {"fingerprint": fingerprint, "rank": rank, "world_size": world, "written": written, "found": found,
-            "n_shards": n_shards}
+            "n_shards": n_shards, "rows_written": rows_written, "seconds": seconds}
 
 
 def load_sharded(folder: str | Path) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError, as_device, check_positive_int
 
 
 def _chunk_rows(dim: int, n_queries: int, max_memory: int) -> int:
@@ -25,11 +25,12 @@ def _chunk_rows(dim: int, n_queries: int, max_memory: int) -> int:
     return max(1, max_memory // per_row)
 
 
-def _as_float(block: np.ndarray, bfloat16: bool) -> torch.Tensor:
-    """A float32 tensor of a (read-only, memory-mapped) block; only ever read, so no defensive copy."""
+def _as_float(block: np.ndarray, bfloat16: bool, device: torch.device) -> torch.Tensor:
+    """A float32 tensor on ``device`` of a (read-only) block; only ever read, so no defensive copy. The block
+    travels in its stored precision and is widened on the device."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(np.ascontiguousarray(block))
+        tensor = torch.from_numpy(np.ascontiguousarray(block)).to(device)
     return tensor.view(torch.bfloat16).float() if bfloat16 else tensor.float()
 
 
@@ -67,7 +68,8 @@ def _shape(features: np.ndarray | str | Path) -> tuple[int, ...]:
 
 
 def topk_scores(features: np.ndarray | str | Path, queries: torch.Tensor, k: int, max_memory: int = 16 * 2**20,
-                bfloat16: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                bfloat16: bool = False, device: str | torch.device | None = None,
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Streaming top-k of ``queries @ features.T``.
 
     Parameters
@@ -80,31 +82,35 @@ def topk_scores(features: np.ndarray | str | Path, queries: torch.Tensor, k: int
         Bytes one chunk may take (float32 copy and its scores).
     bfloat16 : bool
         The array holds bfloat16 bits as uint16 (the feature store's bfloat16 format).
+    device : str or torch.device, optional
+        Where chunks are scored and merged (default CPU); results come back on the CPU.
 
     Returns
     -------
     dict ``{"proponents": (scores [q, k], rows [q, k]), "opponents": (...)}``, proponents by decreasing score,
     opponents by increasing score.
     """
+    device = as_device(device)
     shape = _shape(features)
     if len(shape) != 2:
         raise TDAError(f"features must be [n, d], got shape {shape}")
-    queries = torch.as_tensor(queries, dtype=torch.float32)
+    queries = torch.as_tensor(queries, dtype=torch.float32).to(device)
     if queries.dim() == 1:
         queries = queries[None]
     if queries.shape[1] != shape[1]:
         raise TDAError(f"queries have {queries.shape[1]} features but the store has {shape[1]}")
     k = min(check_positive_int(k, "k"), shape[0])
     rows = _chunk_rows(shape[1], len(queries), check_positive_int(max_memory, "max_memory"))
-    best = {side: (torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long))
+    best = {side: (torch.empty(len(queries), 0, device=device), torch.empty(len(queries), 0, dtype=torch.long,
+                                                                             device=device))
             for side in ("proponents", "opponents")}
     for start, block in _chunks(features, rows):
-        scores = queries @ _as_float(block, bfloat16).T  # [q, chunk]
-        index = torch.arange(start, start + scores.shape[1]).expand(len(queries), -1)
+        scores = queries @ _as_float(block, bfloat16, device).T  # [q, chunk]
+        index = torch.arange(start, start + scores.shape[1], device=device).expand(len(queries), -1)
         for side, largest in (("proponents", True), ("opponents", False)):
             values, idx = best[side]
             values = torch.cat([values, scores], dim=1)
             idx = torch.cat([idx, index], dim=1)
             top = values.topk(min(k, values.shape[1]), dim=1, largest=largest)
             best[side] = (top.values, torch.gather(idx, 1, top.indices))
-    return best
+    return {side: (values.cpu(), idx.cpu()) for side, (values, idx) in best.items()}

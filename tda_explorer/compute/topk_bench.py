@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tda_explorer._validation import check_positive_int
+from tda_explorer._validation import as_device, check_positive_int
 from tda_explorer.compute.topk import topk_scores
 
 
@@ -26,19 +26,27 @@ def write_random_store(path: Path, n: int, dim: int, seed: int = 0, chunk: int =
 
 
 def bench_topk(n_train: int = 1_000_000, dim: int = 1024, k: int = 10, batch: int = 16,
-               max_memory: int = 16 * 2**20, folder: str | None = None, repeats: int = 3) -> dict:
+               max_memory: int = 16 * 2**20, folder: str | None = None, repeats: int = 3,
+               device: str | torch.device | None = None) -> dict:
     """Seconds per query for one query and for a batch sharing the pass (best of ``repeats``, the file in the OS
-    page cache as after its first read), and the process's peak RSS (the store is streamed, never mapped)."""
+    page cache as after its first read), and the process's peak RSS (the store is streamed, never mapped); on
+    CUDA also the peak device memory."""
     check_positive_int(n_train, "n_train")
     check_positive_int(dim, "dim")
+    device = as_device(device)
+    score = lambda q: topk_scores(store, q, k, max_memory, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         t0 = time.perf_counter()
         store = write_random_store(Path(tmp) / "features.npy", n_train, dim)
         write_seconds = time.perf_counter() - t0
         queries = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
-        single = min(_timed(lambda: topk_scores(store, queries[:1], k, max_memory)) for _ in range(repeats))
-        batched = min(_timed(lambda: topk_scores(store, queries, k, max_memory)) for _ in range(repeats))
+        single = min(_timed(lambda: score(queries[:1])) for _ in range(repeats))
+        batched = min(_timed(lambda: score(queries)) for _ in range(repeats))
     return {
+        "device": str(device), "peak_device_mb": torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda" else None,
         "n_train": n_train, "dim": dim, "dtype": "float16", "k": k, "max_memory_mb": max_memory / 2**20,
         "seconds_per_query": single, "seconds_per_query_batched": batched / batch, "batch": batch,
         "store_mb": n_train * dim * 2 / 2**20, "write_seconds": write_seconds,

@@ -46,9 +46,9 @@ class Experiment:
                                     seed=seed, max_len=x.shape[1])
         return make_model(self.model_kind, x.shape[1], self.split.train.n_classes, seed=seed)
 
-    def task(self, measurement: str = "loss") -> AttributionTask:
-        return AttributionTask(self.record.model, checkpoints=self.record.checkpoints,
-                               measurement=measurement, weight_decay=self.config.weight_decay)
+    def task(self, measurement: str = "loss", parameters: None | str | list[str] = None) -> AttributionTask:
+        return AttributionTask(self.record.model, checkpoints=self.record.checkpoints, measurement=measurement,
+                               parameters=parameters, weight_decay=self.config.weight_decay)
 
     def trajectory(self) -> Trajectory:
         """The recorded run for synset methods: initial parameters (re-created from the seed), recipe, checkpoints."""
