@@ -45,6 +45,7 @@ bench: bench-deps
 	$(PY) benchmarks/bench_speed.py --json benchmarks/results/speed_cpu.json
 	$(PY) benchmarks/bench_influence.py --json benchmarks/results/influence_cpu.json
 	$(PY) benchmarks/bench_removal.py --json benchmarks/results/removal_cpu.json
+	$(PY) benchmarks/bench_scale.py --json benchmarks/results/scale_cpu.json
 
 lint: setup
 	$(VENV)/bin/ruff check tda_explorer tests benchmarks

@@ -70,13 +70,36 @@ def removal_table(path: Path) -> str:
     return "\n".join(out)
 
 
-def topk_table(path: Path) -> str:
-    data = json.loads(path.read_text())
-    out = [f"### Streaming top-k ({path.stem}: `tda-explorer bench topk`, CPU)", "",
-           "| stored examples | dim | dtype | s / query (one) | s / query (batch of 16) | peak RSS MB |",
-           "| --- | --- | --- | --- | --- | --- |"]
+def topk_table(path: Path, rows: list[dict], device: str) -> str:
+    out = [f"### Streaming top-k ({path.stem}: `tda-explorer bench topk`, {device})", "",
+           "| stored examples | dim | dtype | s / query (one) | s / query (batch of 16) | peak RSS MB | peak GPU MB |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     out += [f"| {r['n_train']:,} | {r['dim']} | {r['dtype']} | {fmt(r['seconds_per_query'], 3)} | "
-            f"{fmt(r['seconds_per_query_batched'], 4)} | {fmt(r['peak_rss_mb'], 0)} |" for r in data["rows"]]
+            f"{fmt(r['seconds_per_query_batched'], 4)} | {fmt(r['peak_rss_mb'], 0)} | "
+            f"{fmt(r.get('peak_device_mb'), 0)} |" for r in rows]
+    return "\n".join(out)
+
+
+def scale_tables(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = []
+    if data.get("featurize"):
+        out += [f"### Featurisation throughput ({path.stem}: transformer on generated reviews, torchrun + gloo, "
+                "one thread per process)", "",
+                "| projection | processes | examples | examples / s | × one process |",
+                "| --- | --- | --- | --- | --- |"]
+        out += [f"| {r['projection']} ({r['dim']}) | {r['processes']} | {r['rows']:,} | "
+                f"{fmt(r['examples_per_second'], 0)} | {fmt(r.get('speedup_vs_1_process'), 2)} |"
+                for r in data["featurize"]]
+        out.append("")
+    if data.get("memory"):
+        out += [f"### Featurisation peak memory against n_train ({path.stem}: one process, shards streamed to disk)",
+                "", "| projection | n_train | peak RSS MB | seconds |", "| --- | --- | --- | --- |"]
+        out += [f"| {r['projection']} ({r['dim']}) | {r['n_train']:,} | {fmt(r['peak_rss_mb'], 0)} | "
+                f"{fmt(r['featurize_seconds'], 1)} |" for r in data["memory"]]
+        out.append("")
+    if data.get("topk"):
+        out.append(topk_table(path, data["topk"], data.get("device", "cpu")))
     return "\n".join(out)
 
 
@@ -89,8 +112,8 @@ def main() -> None:
         print(influence_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("removal*.json")):
         print(removal_table(path), end="\n\n")
-    for path in sorted(RESULTS.glob("topk*.json")):
-        print(topk_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("scale*.json")):
+        print(scale_tables(path), end="\n\n")
 
 
 if __name__ == "__main__":

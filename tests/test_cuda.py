@@ -82,3 +82,28 @@ def test_removal_estimators_and_retraining_on_cuda_match_cpu(experiments):
     for a, b, tol in zip(out["cpu"], out["cuda"], (2e-2, 1e-4, 1e-5)):  # the synset is fitted in float32
         a, b = a.double().cpu(), b.double().cpu()
         assert float((a - b).abs().max() / a.abs().max()) < tol
+
+
+def test_streaming_topk_on_cuda_matches_cpu(tmp_path):
+    from tda_explorer.compute.topk import topk_scores
+    from tda_explorer.compute.topk_bench import write_random_store
+
+    store = write_random_store(tmp_path / "f.npy", 5000, 64)
+    queries = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    cpu = topk_scores(store, queries, 7, max_memory=2**16)
+    gpu = topk_scores(store, queries, 7, max_memory=2**16, device="cuda")
+    for side in cpu:
+        assert gpu[side][0].device.type == "cpu" and torch.equal(gpu[side][1], cpu[side][1])
+        torch.testing.assert_close(gpu[side][0], cpu[side][0], rtol=1e-4, atol=1e-4)
+
+
+def test_logra_on_a_transformer_on_cuda_matches_cpu():
+    from tda_explorer import AttributionTask
+    from tda_explorer.compute.kfac import linear_layer_names
+
+    exp = build_experiment("transformer", n_train=64, n_test=8, epochs=2)
+    task = AttributionTask(exp.record.model, parameters=linear_layer_names(exp.record.model))
+    options = {"projection_kind": "logra", "projection_dim": 8}
+    a = get_method("grad-dot", task, **options).fit(exp.split.train).attribute(exp.split.test).scores
+    b = get_method("grad-dot", task, device="cuda", **options).fit(exp.split.train).attribute(exp.split.test).scores
+    assert ((a - b).abs().max() / a.abs().max()) < 1e-3

@@ -275,3 +275,12 @@ def test_explorer_over_the_transformer_experiment_shows_review_snippets(tmp_path
         assert "<img" not in card.caption.value  # text, not a thumbnail
     top = session.ranking(4, "tracin", k=3)
     assert top["train_id"].tolist()[:3] == [c.example_id for c in shown]
+
+
+def test_logra_at_a_checkpoint_of_a_fully_tracked_mlp_equals_exact_tracin(digits_experiment):
+    """Every parameter replaced by a checkpoint's (none of them the model's own): the hooks still see gradients."""
+    task = digits_experiment.task()
+    exact = get_method("tracin", task).fit(digits_experiment.split.train).attribute(digits_experiment.split.test)
+    logra = get_method("tracin", task, projection_kind="logra", projection_dim=1000).fit(digits_experiment.split.train)
+    torch.testing.assert_close(logra.attribute(digits_experiment.split.test).scores, exact.scores, rtol=1e-4,
+                               atol=1e-5)

@@ -121,10 +121,12 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
                    ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
     """Per batch: each layer's input patches ``[B, in, T]``, and for each loss its output gradients
     ``[B, out, T]`` (one forward, one backward per loss; parameter gradients are never accumulated).
-    With ``params`` the model runs with those parameters in place of its own (e.g. a checkpoint's)."""
+    With ``params`` the model runs on ``device`` with those parameters in place of its own (e.g. a
+    checkpoint's; ``{}``: its own, copied to ``device`` — the model itself is never moved)."""
     if params is not None:
-        state = {**dict(model.named_parameters()), **dict(model.named_buffers()),
-                 **{k: v.to(device) for k, v in params.items()}}
+        weights = {**dict(model.named_parameters()), **params}  # leaves that need grad keep layer outputs in the graph
+        state = {**{k: v.to(device) for k, v in model.named_buffers()},
+                 **{k: v.detach().to(device).requires_grad_(v.is_floating_point()) for k, v in weights.items()}}
         run = lambda x: functional_call(model, state, (x,))
     else:
         run = model

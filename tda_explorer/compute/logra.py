@@ -78,7 +78,7 @@ class LoGraProjector:
         model.eval()
         try:
             batches = layer_activity(model, self.layers, data.inputs, [per_example], self.batch_size, self.device,
-                                     params)
+                                     params or {})
             start = 0
             while True:
                 check_cancelled()

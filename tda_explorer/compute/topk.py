@@ -25,13 +25,15 @@ def _chunk_rows(dim: int, n_queries: int, max_memory: int) -> int:
     return max(1, max_memory // per_row)
 
 
-def _as_float(block: np.ndarray, bfloat16: bool, device: torch.device) -> torch.Tensor:
-    """A float32 tensor on ``device`` of a (read-only) block; only ever read, so no defensive copy. The block
-    travels in its stored precision and is widened on the device."""
+def _as_float(block: np.ndarray, bfloat16: bool, work: torch.Tensor) -> torch.Tensor:
+    """``block`` widened to float32 in the reused buffer ``work`` (on the scoring device): the block travels in
+    its stored precision and is converted in place, with no fresh allocation per chunk."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(np.ascontiguousarray(block)).to(device)
-    return tensor.view(torch.bfloat16).float() if bfloat16 else tensor.float()
+        tensor = torch.from_numpy(np.ascontiguousarray(block))
+    out = work[: len(tensor)]
+    out.copy_(tensor.view(torch.bfloat16) if bfloat16 else tensor)
+    return out
 
 
 def _chunks(features: np.ndarray | str | Path, rows: int):
@@ -104,8 +106,9 @@ def topk_scores(features: np.ndarray | str | Path, queries: torch.Tensor, k: int
     best = {side: (torch.empty(len(queries), 0, device=device), torch.empty(len(queries), 0, dtype=torch.long,
                                                                              device=device))
             for side in ("proponents", "opponents")}
+    work = torch.empty(min(rows, shape[0]), shape[1], device=device)
     for start, block in _chunks(features, rows):
-        scores = queries @ _as_float(block, bfloat16, device).T  # [q, chunk]
+        scores = queries @ _as_float(block, bfloat16, work).T  # [q, chunk]
         index = torch.arange(start, start + scores.shape[1], device=device).expand(len(queries), -1)
         for side, largest in (("proponents", True), ("opponents", False)):
             values, idx = best[side]
