@@ -38,7 +38,7 @@ def method_options(experiment: Experiment, method: str, ensemble: int | None = N
     if method == "suspicion":
         config.setdefault("model_factory", experiment.factory)
         config.setdefault("train_config", experiment.config)
-    if method == "synset-loo":
+    if method in ("synset-loo", "magic"):
         config.setdefault("trajectory", experiment.trajectory())
     if method == "dvemb" and "recording" not in config:
         from tda_explorer.compute.methods.dvemb import record_experiment_run

@@ -1,0 +1,109 @@
+"""Replay metagradients against finite differences and same-seed retraining of the run they differentiate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tda_explorer import AttributionDataset, AttributionTask, get_method
+from tda_explorer.compute.synset import Trajectory
+from tda_explorer.compute.training import TrainConfig, stacked_outputs, train_weighted
+from tda_explorer.errors import TDAError
+
+CONFIG = TrainConfig(epochs=3, batch_size=8, lr=0.2, weight_decay=1e-2, optimizer="sgd", seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(28, 4, generator=gen, dtype=torch.float64)  # 28 = 3 full batches and one of 4
+    y = (x[:, 0] + 0.5 * torch.randn(28, generator=gen, dtype=torch.float64) > 0).long() + (x[:, 1] > 1).long()
+    train = AttributionDataset(x, y, name="tiny-train")
+    test = AttributionDataset(torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0]),
+                              name="tiny-test")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    trajectory = Trajectory(copy.deepcopy(model.state_dict()), CONFIG, [])
+    return train, test, model, trajectory
+
+
+def _final_losses(model, trajectory, train, test, weights):
+    """Test losses [M, n_test] after the same-seed run with each row of data weights."""
+    factory = lambda seed: copy.deepcopy(model).requires_grad_(True)
+    factory(0).load_state_dict(trajectory.init_state)
+
+    def init(seed):
+        m = factory(seed)
+        m.load_state_dict(trajectory.init_state)
+        return m
+
+    params = train_weighted(init, train.inputs, train.labels, weights, trajectory.config,
+                            [trajectory.config.seed] * len(weights))
+    out = stacked_outputs(model, params, test.inputs)
+    return torch.stack([torch.nn.functional.cross_entropy(o, test.labels, reduction="none") for o in out])
+
+
+def test_metagradients_equal_central_finite_differences(tiny):
+    train, test, model, trajectory = tiny
+    magic = get_method("magic", AttributionTask(model), trajectory=trajectory).fit(train)
+    assert magic.metasmoothness_ > 0.9  # tanh and small steps: a smooth training map
+    meta = magic.metagradients(test)  # [5, 28]
+    h = 1e-5
+    for i in (0, 7, 26):  # examples in the first, a middle and the short last batch
+        plus, minus = torch.ones(28, dtype=torch.float64), torch.ones(28, dtype=torch.float64)
+        plus[i] += h
+        minus[i] -= h
+        losses = _final_losses(model, trajectory, train, test, torch.stack([plus, minus]))
+        finite = (losses[0] - losses[1]) / (2 * h)
+        torch.testing.assert_close(meta[:, i], finite, rtol=1e-4, atol=1e-9)
+
+
+def test_checkpointed_reverse_pass_equals_the_stored_one(tiny):
+    train, test, model, trajectory = tiny
+    stored = get_method("magic", AttributionTask(model), trajectory=trajectory).fit(train).attribute(test).scores
+    method = get_method("magic", AttributionTask(model), trajectory=trajectory, checkpoint_every=5).fit(train)
+    assert len(method.states_) < len(method.positions_)  # one state in five is kept
+    torch.testing.assert_close(method.metagradients(test), -stored.double(), rtol=0, atol=1e-10)
+
+
+def test_scores_predict_same_seed_removals(tiny):
+    train, test, model, trajectory = tiny
+    scores = get_method("magic", AttributionTask(model), trajectory=trajectory).fit(train).attribute(test).scores
+    groups = [[0], [5, 9], [13], [20, 21], [27]]
+    weights = torch.ones(len(groups) + 1, 28, dtype=torch.float64)
+    for g, members in enumerate(groups):
+        weights[g + 1, members] = 0
+    losses = _final_losses(model, trajectory, train, test, weights)
+    actual = (losses[1:] - losses[0]).flatten()  # the rise of each test loss when the group is removed
+    predicted = torch.stack([scores[:, members].sum(1) for members in groups]).flatten().double()
+    assert torch.corrcoef(torch.stack([actual, predicted]))[0, 1] > 0.99
+
+
+def test_self_influence_is_each_examples_own_metagradient(tiny):
+    train, _, model, trajectory = tiny
+    method = get_method("magic", AttributionTask(model), trajectory=trajectory).fit(train)
+    own = method.self_influence()
+    full = -method.metagradients(train, method.task.train_loss)
+    torch.testing.assert_close(own, torch.diagonal(full).float())
+    assert (own > 0).float().mean() > 0.8  # up-weighting an example lowers its own loss
+
+
+def test_magic_refuses_what_it_cannot_differentiate(tiny):
+    _, _, model, trajectory = tiny
+    with pytest.raises(TDAError, match="magic needs trajectory="):
+        get_method("magic", AttributionTask(model))
+    adam = Trajectory(trajectory.init_state, TrainConfig(optimizer="adam"), [])
+    with pytest.raises(TDAError, match="optimizer='adam'. Supported: 'sgd'"):
+        get_method("magic", AttributionTask(model), trajectory=adam)
+
+
+def test_relu_runs_warn_about_metasmoothness():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    trajectory = Trajectory(copy.deepcopy(model.state_dict()),
+                            TrainConfig(epochs=30, batch_size=8, lr=0.5, optimizer="sgd"), [])
+    with pytest.warns(UserWarning, match="metasmoothness"):
+        get_method("magic", AttributionTask(model), trajectory=trajectory).fit(AttributionDataset(x, y))
