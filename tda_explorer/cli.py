@@ -79,15 +79,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run one method on a built-in task; write its metrics as JSON."""
-    from tda_explorer.evaluate import build_experiment, evaluate_method, subset_ground_truth
+    from tda_explorer.evaluate import (
+        build_experiment,
+        evaluate_method,
+        removal_ground_truth,
+        subset_ground_truth,
+        truth_ceiling,
+    )
 
     if args.data != "digits":
         raise TDAError(f"unknown data {args.data!r}; expected one of: digits")
     torch.manual_seed(args.seed)
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, device=args.device)
-    truth = None
-    if not args.no_lds:
-        truth = subset_ground_truth(exp, n_subsets=args.n_subsets, cache_dir=args.cache_dir, device=args.device)
+    truth, others = None, {}
+    if args.truth == "same-seed":
+        exp = exp.replayed()  # attribute the very run the same-seed removals perturb
+    if not args.no_lds and args.truth == "same-seed":
+        truth = removal_ground_truth(exp, args.n_subsets, args.subset_fraction, same_seed=True,
+                                     cache_dir=args.cache_dir, device=args.device)
+        others["fresh_seed"] = removal_ground_truth(exp, args.n_subsets, args.subset_fraction, same_seed=False,
+                                                         cache_dir=args.cache_dir, device=args.device)
+    elif not args.no_lds:
+        truth = subset_ground_truth(exp, n_subsets=args.n_subsets, fraction=1 - args.subset_fraction,
+                                    cache_dir=args.cache_dir, device=args.device)
     options = {
         "projection_dim": args.projection_dim, "damping": args.damping, "ensemble": args.ensemble,
         "n_checkpoints": args.ensemble_checkpoints, "dropout_masks": args.dropout_masks,
@@ -96,9 +110,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = {"data": args.data, "model": args.model, "noise": args.noise, "n_train": len(exp.split.train),
               "n_test": len(exp.split.test), "test_accuracy": exp.test_accuracy(),
               **evaluate_method(exp, args.method, truth, device=args.device, cache_dir=args.cache_dir,
-                                validate_removal=args.method == "synset-loo", **options)}
+                                validate_removal=args.method == "synset-loo", other_truths=others, **options)}
     if truth is not None:
-        result["lds_subsets"] = args.n_subsets
+        result.update(lds_subsets=args.n_subsets, truth=args.truth, subset_fraction_removed=args.subset_fraction)
+    if "fresh_seed" in others:
+        result["truth_ceiling"] = truth_ceiling(truth, others["fresh_seed"])
     text = json.dumps(result, indent=2, default=str)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--noise", type=float, default=0.0, help="flip this fraction of labels; adds mislabel metrics")
     ev.add_argument("--n-subsets", type=int, default=100, help="retrained 50%% subsets for LDS (cached)")
     ev.add_argument("--no-lds", action="store_true", help="skip LDS (no retraining)")
+    ev.add_argument("--truth", choices=["fresh-seed", "same-seed"], default="fresh-seed",
+                    help="LDS truth: retraining with fresh seeds, or the recorded run itself with the subset's weights "
+                         "zeroed (then also lds_fresh_seed and truth_ceiling)")
+    ev.add_argument("--subset-fraction", type=float, default=0.5,
+                    help="fraction of the training set each LDS subset removes (0.01: small drops)")
     ev.add_argument("--cache-dir", default=".tda_cache")
     ev.add_argument("--device", default="cpu")
     opts = ev.add_argument_group("method options (passed to the method when given)")

@@ -62,10 +62,10 @@ def test_metagradients_equal_central_finite_differences(tiny):
 
 def test_checkpointed_reverse_pass_equals_the_stored_one(tiny):
     train, test, model, trajectory = tiny
-    stored = get_method("magic", AttributionTask(model), trajectory=trajectory).fit(train).attribute(test).scores
+    stored = get_method("magic", AttributionTask(model), trajectory=trajectory).fit(train).metagradients(test)
     method = get_method("magic", AttributionTask(model), trajectory=trajectory, checkpoint_every=5).fit(train)
     assert len(method.states_) < len(method.positions_)  # one state in five is kept
-    torch.testing.assert_close(method.metagradients(test), -stored.double(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(method.metagradients(test), stored, rtol=0, atol=1e-10)
 
 
 def test_scores_predict_same_seed_removals(tiny):
@@ -107,3 +107,42 @@ def test_relu_runs_warn_about_metasmoothness():
                             TrainConfig(epochs=30, batch_size=8, lr=0.5, optimizer="sgd"), [])
     with pytest.warns(UserWarning, match="metasmoothness"):
         get_method("magic", AttributionTask(model), trajectory=trajectory).fit(AttributionDataset(x, y))
+
+
+def test_the_replayed_experiment_is_the_run_magic_differentiates_bit_for_bit():
+    from tda_explorer.evaluate import build_experiment
+
+    original = build_experiment("mlp-gelu", n_train=120, n_test=10, epochs=3)
+    exp = original.replayed()
+    assert [c.step for c in exp.record.checkpoints] == [c.step for c in original.record.checkpoints]
+    assert exp.record.checkpoints[-1].step == 3 * 2  # 120 examples in batches of 64: 2 steps per epoch
+    magic = get_method("magic", exp.task(), trajectory=exp.trajectory()).fit(exp.split.train)
+    for name, value in exp.record.model.state_dict().items():
+        assert torch.equal(magic.final_[name], value), name
+
+
+def test_same_seed_truth_is_the_run_itself_minus_the_subset(tmp_path):
+    from tda_explorer.evaluate import build_experiment, lds, removal_ground_truth, truth_ceiling
+
+    exp = build_experiment("mlp-gelu", n_train=120, n_test=10, epochs=3).replayed()
+    same = removal_ground_truth(exp, n_subsets=6, fraction_removed=0.05, cache_dir=tmp_path)
+    assert same.masks.shape == (6, 120) and (~same.masks).sum(1).eq(6).all()  # 5% of 120 dropped per subset
+    again = removal_ground_truth(exp, n_subsets=6, fraction_removed=0.05, cache_dir=tmp_path)
+    assert torch.equal(again.measurements, same.measurements)  # cached
+    # one subset by hand: the replayed run with those weights zeroed, minus the full run
+    weights = torch.stack([torch.ones(120), same.masks[2].float()])
+    losses = _final_losses_of(exp, weights)
+    torch.testing.assert_close(same.measurements[2], losses[1] - losses[0], rtol=1e-5, atol=1e-6)
+    fresh = removal_ground_truth(exp, n_subsets=6, fraction_removed=0.05, same_seed=False, cache_dir=tmp_path)
+    assert torch.equal(fresh.masks, same.masks) and not torch.allclose(fresh.measurements, same.measurements)
+    assert -1 <= truth_ceiling(same, fresh) <= 1
+    scores = get_method("magic", exp.task(), trajectory=exp.trajectory()).fit(exp.split.train).attribute(
+        exp.split.test).scores
+    assert lds(scores, same.masks, same.measurements)[0] > 0.8
+
+
+def _final_losses_of(exp, weights):
+    params = train_weighted(exp.factory, exp.split.train.inputs, exp.split.train.labels, weights, exp.config,
+                            [exp.config.seed] * len(weights))
+    out = stacked_outputs(exp.record.model, params, exp.split.test.inputs)
+    return torch.stack([torch.nn.functional.cross_entropy(o, exp.split.test.labels, reduction="none") for o in out])

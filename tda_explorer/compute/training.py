@@ -270,6 +270,36 @@ def train_model(
     return record
 
 
+def replay_record(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    device: str | torch.device | None = None,
+) -> TrainingRecord:
+    """The recipe's run as the retraining engine replays it (``train_weighted`` at w = 1 for ``config.seed``), with
+    ``config.n_checkpoints`` end-of-epoch checkpoints as ``train_model`` takes them: the model that same-seed
+    removals (zeroed weights, same initialisation and batch order) perturb."""
+    n_ckpt = check_positive_int(config.n_checkpoints, "n_checkpoints")
+    steps_per_epoch = -(-len(labels) // min(config.batch_size, len(labels)))
+    epochs_at = sorted({round(config.epochs * (i + 1) / n_ckpt) for i in range(n_ckpt)})
+    record = TrainingRecord(model=model_factory(config.seed), config=config)
+    at_steps = {e * steps_per_epoch for e in epochs_at if e < config.epochs}
+
+    def take(step: int, positions: torch.Tensor, params: dict, lr: float) -> None:
+        if step in at_steps:
+            state = {k: v.detach().clone() for k, v in params.items()}
+            record.checkpoints.append(Checkpoint(state, config.lr, step=step))
+
+    final = train_weighted(model_factory, inputs, labels, torch.ones(1, len(labels)), config, [config.seed],
+                           device=device, callback=take)
+    state = unstack(final, 0)
+    record.checkpoints.append(Checkpoint(state, config.lr, step=config.epochs * steps_per_epoch))
+    record.model.load_state_dict(state)
+    record.model.eval()
+    return record
+
+
 def out_of_fold_probabilities(
     model_factory: Callable[[int], nn.Module],
     inputs: torch.Tensor,

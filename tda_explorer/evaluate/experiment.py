@@ -13,7 +13,7 @@ from tda_explorer._validation import check_choice
 from tda_explorer.compute.models import make_model
 from tda_explorer.compute.synset import Trajectory
 from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import TrainConfig, TrainingRecord, train_model
+from tda_explorer.compute.training import TrainConfig, TrainingRecord, replay_record, train_model
 from tda_explorer.compute.transformer import make_transformer
 from tda_explorer.data.dataset import DataSplit
 from tda_explorer.data.digits import load_digits_split
@@ -54,6 +54,13 @@ class Experiment:
         """The recorded run for synset methods: initial parameters (re-created from the seed), recipe, checkpoints."""
         return Trajectory(self.factory(self.config.seed).state_dict(), self.config,
                           [c.state_dict for c in self.record.checkpoints])
+
+    def replayed(self) -> Experiment:
+        """This experiment with the model trained by the retraining engine's deterministic run (same recipe and
+        seed; see ``replay_record``): what same-seed ground truth perturbs, so every method attributes that run."""
+        record = replay_record(self.factory, self.split.train.inputs, self.split.train.labels, self.config,
+                               device=next(self.record.model.parameters()).device)
+        return replace(self, record=record)
 
     def fingerprint(self) -> str:
         """Hash of the data, the model kind and the recipe (not of the trained weights)."""

@@ -63,14 +63,20 @@ def run_method(experiment: Experiment, method: str, device: str = "cpu", **optio
 
 def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTruth | None = None,
                     device: str = "cpu", validate_removal: bool = False, cache_dir: str | None = None,
-                    **options: Any) -> dict[str, Any]:
-    """Metrics of one method: ``lds`` (with ``truth``), mislabel figures (when the data has noise), times, and
-    with ``validate_removal`` its removal predictions against retraining (``validate_removals``)."""
+                    other_truths: dict[str, SubsetGroundTruth] | None = None, **options: Any) -> dict[str, Any]:
+    """Metrics of one method: ``lds`` (with ``truth``; ``lds_<name>`` for each of ``other_truths``), mislabel
+    figures (when the data has noise), times, ``metasmoothness`` where the method measures it, and with
+    ``validate_removal`` its removal predictions against retraining (``validate_removals``)."""
     attributor, attribution, seconds, info = run_method(experiment, method, device=device, **options)
     result: dict[str, Any] = {"method": method, "seconds": seconds, **info,
                               "options": {k: v for k, v in options.items() if v is not None}}
     if truth is not None:
         result["lds"] = lds(attribution.scores, truth.masks, truth.measurements)[0]
+    for name, other in (other_truths or {}).items():
+        result[f"lds_{name}"] = lds(attribution.scores, other.masks, other.measurements)[0]
+    if hasattr(attributor, "metasmoothness_"):
+        result["metasmoothness"] = attributor.metasmoothness_
+        result["seconds_vs_training_run"] = seconds / attributor.training_seconds_
     flipped = experiment.split.flipped
     if flipped.any():
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ Choices, measured or derived:
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable
 
@@ -123,8 +124,10 @@ class ReplayMetagradient(Attributor):
             if step % keep == 0:
                 self.states_[step] = {k: v.detach().clone() for k, v in params.items()}
 
+        started = time.perf_counter()
         final = train_weighted(self._factory, train.inputs, train.labels, torch.ones(1, n), c, [c.seed],
                                device=self.device, callback=record)
+        self.training_seconds_ = time.perf_counter() - started  # the recorded run: the unit costs are given in
         self.final_ = {k: v[0].detach().clone() for k, v in final.items()}
         h = self.smoothness_h
         v = torch.randn(n, generator=torch.Generator().manual_seed(c.seed + 1))
