@@ -12,6 +12,8 @@ import torch
 
 from tda_explorer._validation import TDAError
 
+GROUP_METHODS = ("untrac", "untrac-inv")  # methods that score groups of training data, not single examples
+
 
 def _progress(iterable, desc: str, total: int | None = None):
     from tqdm.auto import tqdm
@@ -90,7 +92,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data != "digits":
         raise TDAError(f"unknown data {args.data!r}; expected one of: digits")
     torch.manual_seed(args.seed)
+    if args.method in GROUP_METHODS and not args.groups:
+        raise TDAError(f"{args.method} scores groups of training data: pass --groups K")
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, device=args.device)
+    if args.groups:
+        from tda_explorer.evaluate.groups import evaluate_groups
+
+        result = {"data": args.data, "model": args.model, "n_train": len(exp.split.train),
+                  **evaluate_groups(exp, args.method, args.groups, cache_dir=args.cache_dir, device=args.device)}
+        return _write_result(result, args.json)
     truth, others = None, {}
     if args.truth == "same-seed":
         exp = exp.replayed()  # attribute the very run the same-seed removals perturb
@@ -115,10 +125,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result.update(lds_subsets=args.n_subsets, truth=args.truth, subset_fraction_removed=args.subset_fraction)
     if "fresh_seed" in others:
         result["truth_ceiling"] = truth_ceiling(truth, others["fresh_seed"])
+    return _write_result(result, args.json)
+
+
+def _write_result(result: dict, path: str | None) -> int:
     text = json.dumps(result, indent=2, default=str)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
     print(text)
     return 0
 
@@ -246,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate one method on a built-in task; JSON out")
     ev.add_argument("--data", default="digits")
     ev.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
-    ev.add_argument("--method", required=True, choices=available_methods())
+    ev.add_argument("--method", required=True, choices=available_methods() + list(GROUP_METHODS))
+    ev.add_argument("--groups", type=int, default=None,
+                    help="score K Dirichlet groups against leave-group-out retraining (group_pearson) instead of LDS")
     ev.add_argument("--noise", type=float, default=0.0, help="flip this fraction of labels; adds mislabel metrics")
     ev.add_argument("--n-subsets", type=int, default=100, help="retrained 50%% subsets for LDS (cached)")
     ev.add_argument("--no-lds", action="store_true", help="skip LDS (no retraining)")
