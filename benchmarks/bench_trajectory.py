@@ -16,7 +16,26 @@ import torch
 
 from tda_explorer.evaluate import build_experiment, evaluate_method, removal_ground_truth, truth_ceiling
 
-METHODS = [("magic", {}), ("if-ekfac", {}), ("tracin", {}), ("trak", {})]
+METHODS = [("magic", {}), ("source", {}), ("if-ekfac", {}), ("tracin", {}), ("trak", {})]
+
+
+def source_rows(cache_dir: str) -> list[dict]:
+    """SOURCE with L = 1, 3, 6 segments against EK-FAC influence (fresh-seed truth, half subsets), on the recipe's
+    50-epoch MLP and on the same MLP trained 5 epochs (far from converged)."""
+    from tda_explorer.evaluate import evaluate_method, subset_ground_truth
+
+    rows = []
+    for epochs in (None, 5):
+        exp = build_experiment("mlp", epochs=epochs)
+        truth = subset_ground_truth(exp, cache_dir=cache_dir)
+        n_ckpt = len([c for c in exp.record.checkpoints if c.step > 0])
+        for name, options in [("if-ekfac", {})] + [("source", {"segments": L}) for L in (1, 3, 6) if L <= n_ckpt]:
+            r = evaluate_method(exp, name, truth, **options)
+            row = {"model": "mlp", "epochs": exp.config.epochs, "method": name, "segments": options.get("segments"),
+                   "lds": r["lds"], "seconds": r["seconds"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -26,7 +45,16 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.01,0.5")
     parser.add_argument("--n-subsets", type=int, default=100)
     parser.add_argument("--cache-dir", default=".tda_cache")
+    parser.add_argument("--only", choices=["replay", "source"], default=None)
     args = parser.parse_args()
+    path = Path(args.json)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    if args.only in (None, "source"):
+        result["source"] = source_rows(args.cache_dir)
+    if args.only == "source":
+        path.write_text(json.dumps(result, indent=2))
+        return
     rows = []
     for model in args.models.split(","):
         exp = build_experiment(model).replayed()
@@ -42,10 +70,9 @@ def main() -> None:
                        "seconds_vs_training_run": r.get("seconds_vs_training_run")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    path = Path(args.json)
+    result["rows"] = rows
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows},
-                               indent=2))
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -236,47 +236,72 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
 
     Products run in the model's precision; covariances and eigenvalues accumulate in float64.
     """
-    check_choice(fisher, "fisher", ("true", "empirical"))
-    layers = tracked_layers(task)
     model = task.model
     was = model.training
     model.eval().to(device)
-    sampled, gen = _sampler(train, fisher, seed)
-    n = len(train)
     rotated = None
     try:
-        covs: dict[str, list] = {name: [0, 0] for name, _ in layers}
-        for patches, (grads,) in layer_activity(model, layers, train.inputs, [sampled], batch_size, device):
-            for name, module in layers:
-                a, s = patches[name], grads[name]
-                covs[name][0] = covs[name][0] + _patch_covariance(a, module.bias is not None) / (n * a.shape[2])
-                covs[name][1] = covs[name][1] + _gram(s).double() / n
-        bases = {}
-        for name, (cov_a, cov_s) in covs.items():
-            ev_a, q_a = torch.linalg.eigh(cov_a)
-            ev_s, q_s = torch.linalg.eigh(cov_s)
-            bases[name] = (q_a, q_s, torch.outer(ev_s.clamp_min(0), ev_a.clamp_min(0)))
-        factors = [LayerFactors(name, q_a, q_s, ev) for name, (q_a, q_s, ev) in bases.items()]
+        factors = eigenbases(layer_covariances(task, train, fisher, batch_size, seed, device))
         if corrected:
-            lam: dict[str, torch.Tensor | int] = {name: 0 for name in bases}
-            gen.manual_seed(seed)  # the same sampled labels as for the factors
-            losses = [sampled]
-            if loss is not None:
-                losses.append(lambda out, start: loss(out, train.labels[start : start + len(out)].to(out.device)))
-            chunks = []
-            for patches, grads in layer_activity(model, layers, train.inputs, losses, batch_size, device):
-                for f in factors:
-                    r = _rotated_layer_gradients(f, patches[f.name], grads[0][f.name])
-                    lam[f.name] = lam[f.name] + (r**2).sum(0).double() / n
-                if loss is not None:
-                    chunks.append(_rotate_batch(factors, patches, grads[1], dtype))
-            factors = [LayerFactors(f.name, f.q_a, f.q_s, lam[f.name]) for f in factors]
-            rotated = torch.cat(chunks) if chunks else None
+            factors, rotated = corrected_eigenvalues(task, train, factors, fisher, batch_size, seed, device, loss,
+                                                     dtype)
     finally:
         model.train(was)
     if loss is not None and rotated is None:
         rotated = rotated_gradients(task, factors, train, loss, batch_size, device, dtype)
     return factors, rotated
+
+
+def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: str = "true", batch_size: int = 256,
+                      seed: int = 0, device: torch.device | str = "cpu", params: dict | None = None,
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per tracked layer, the float64 means (A, S) of patch and output-gradient outer products (at ``params``)."""
+    check_choice(fisher, "fisher", ("true", "empirical"))
+    layers = tracked_layers(task)
+    sampled, _ = _sampler(train, fisher, seed)
+    n = len(train)
+    covs: dict[str, list] = {name: [0, 0] for name, _ in layers}
+    for patches, (grads,) in layer_activity(task.model, layers, train.inputs, [sampled], batch_size, device, params):
+        for name, module in layers:
+            a, s = patches[name], grads[name]
+            covs[name][0] = covs[name][0] + _patch_covariance(a, module.bias is not None) / (n * a.shape[2])
+            covs[name][1] = covs[name][1] + _gram(s).double() / n
+    return {name: (cov_a, cov_s) for name, (cov_a, cov_s) in covs.items()}
+
+
+def eigenbases(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[LayerFactors]:
+    """K-FAC factors: each layer's eigenbases of (A, S) with the Kronecker products of their eigenvalues."""
+    factors = []
+    for name, (cov_a, cov_s) in covariances.items():
+        ev_a, q_a = torch.linalg.eigh(cov_a)
+        ev_s, q_s = torch.linalg.eigh(cov_s)
+        factors.append(LayerFactors(name, q_a, q_s, torch.outer(ev_s.clamp_min(0), ev_a.clamp_min(0))))
+    return factors
+
+
+def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, factors: list[LayerFactors],
+                          fisher: str = "true", batch_size: int = 256, seed: int = 0,
+                          device: torch.device | str = "cpu",
+                          loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                          dtype: torch.dtype = torch.float32, params: dict | None = None,
+                          ) -> tuple[list[LayerFactors], torch.Tensor | None]:
+    """EK-FAC: the eigenvalues refitted in the factors' bases (mean over examples, at ``params``), and with ``loss``
+    each example's gradient of it in those bases, from the same forward pass."""
+    layers = tracked_layers(task)
+    sampled, gen = _sampler(train, fisher, seed)  # the same sampled labels as for the covariances
+    n = len(train)
+    lam: dict[str, torch.Tensor | int] = {f.name: 0 for f in factors}
+    losses = [sampled]
+    if loss is not None:
+        losses.append(lambda out, start: loss(out, train.labels[start : start + len(out)].to(out.device)))
+    chunks = []
+    for patches, grads in layer_activity(task.model, layers, train.inputs, losses, batch_size, device, params):
+        for f in factors:
+            r = _rotated_layer_gradients(f, patches[f.name], grads[0][f.name])
+            lam[f.name] = lam[f.name] + (r**2).sum(0).double() / n
+        if loss is not None:
+            chunks.append(_rotate_batch(factors, patches, grads[1], dtype))
+    return [LayerFactors(f.name, f.q_a, f.q_s, lam[f.name]) for f in factors], torch.cat(chunks) if chunks else None
 
 
 def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -288,18 +313,21 @@ def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype
 
 def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 256,
-                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      params: dict | None = None) -> torch.Tensor:
     """Each example's gradient of ``loss`` in the Kronecker eigenbasis, ``[n, Σ out·in]`` (layers concatenated),
-    computed from hooks without materialising flat per-sample gradients."""
+    computed from hooks without materialising flat per-sample gradients (at ``params``: the model is not moved)."""
     layers = dict(tracked_layers(task))
     model = task.model
     was = model.training
-    model.eval().to(device)
+    model.eval()
+    if params is None:
+        model.to(device)
     per_example = lambda out, start: loss(out, data.labels[start : start + len(out)].to(out.device))
     chunks = []
     try:
         for patches, (grads,) in layer_activity(model, list(layers.items()), data.inputs, [per_example],
-                                                batch_size, device):
+                                                batch_size, device, params):
             chunks.append(_rotate_batch(factors, patches, grads, dtype))
     finally:
         model.train(was)

@@ -13,6 +13,7 @@ from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
 from tda_explorer.compute.methods.influence import CGInfluence, ExplicitInfluence, InfluenceFunction
 from tda_explorer.compute.methods.lissa import LiSSAInfluence
 from tda_explorer.compute.methods.magic import ReplayMetagradient
+from tda_explorer.compute.methods.source import SOURCE
 from tda_explorer.compute.methods.suspicion import Suspicion
 from tda_explorer.compute.methods.synset_loo import SynsetLOO
 from tda_explorer.compute.methods.tracin import TracIn
@@ -23,7 +24,7 @@ METHODS: dict[str, type[Attributor]] = {
     cls.name: cls for cls in (
         GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
         ASTRAInfluence, LiSSAInfluence, ArnoldiInfluence, DataInfInfluence, SynsetLOO,
-        DataValueEmbedding, ReplayMetagradient,
+        DataValueEmbedding, ReplayMetagradient, SOURCE,
     )
 }
 
@@ -43,6 +44,7 @@ def get_method(name: str, task: AttributionTask, **config) -> Attributor:
 __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
     "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "LiSSAInfluence",
-    "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "DataValueEmbedding", "ReplayMetagradient", "METHODS",
+    "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "DataValueEmbedding", "ReplayMetagradient", "SOURCE",
+    "METHODS",
     "available_methods", "get_method",
 ]
