@@ -1,0 +1,138 @@
+"""In-Run Data Shapley (Wang, Mittal, Song, Jia, 2025), first and second order, accumulated during one training run.
+
+At step t (batch B_t, step size η, mean loss over a batch divisor B) the local game is the validation-loss
+*reduction* of taking the step with a subset S of the batch, so positive values are helpful. Its Taylor expansion
+gives each example in the batch
+    first order   φ_t(z) = (η/B) ⟨g_val, g_z⟩
+    second order  φ_t(z) = (η/B) ⟨g_val, g_z⟩ − (η²/2B²) g_zᵀ H_val Σ_{j∈B_t} g_j
+with g_val = Σ_v ∇ℓ(v; θ_t) over a validation set fixed before training, and the value of z is Σ_t φ_t(z) over the
+steps it was in (the values add up to the run's Taylor-model validation-loss reduction: efficiency).
+
+Ghost dot-products: a Linear/Conv2d layer's per-example gradient is G_z = Σ_p s_zp [a_zp; 1]ᵀ (output gradients and
+input patches from hooks), so ⟨G_z, M⟩ = Σ_p s_zpᵀ M [a_zp; 1] for any layer matrix M — the validation gradient, or
+the layer's block of H_val Σ_j g_j — and no per-example gradient is formed. The Hessian-vector product takes one
+double backward of the validation loss per step. Weight decay's own term (−ηλθ) belongs to no example and is left
+out. Use ``InRunShapley`` as the step callback of ``train_weighted`` (or call it before each optimizer step of any
+SGD loop with the batch's positions, the current parameters and the step size).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, jvp
+
+from tda_explorer._validation import TDAError, as_device, check_positive_int
+from tda_explorer.compute.kfac import layer_activity, tracked_layers
+from tda_explorer.compute.task import AttributionTask
+from tda_explorer.data.dataset import AttributionDataset
+
+ALTERNATIVES = "tracin over the run's checkpoints, which takes any module"
+
+
+def ghost_products(patches: torch.Tensor, grads: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """⟨G_z, M⟩ per example for patches ``[B, in, T]``, output gradients ``[B, out, T]`` and ``M`` ``[out, in(+1)]``
+    (a last column for the bias), without forming G_z."""
+    width = patches.shape[1]
+    mapped = torch.einsum("oi,bit->bot", matrix[:, :width].to(patches), patches)
+    if matrix.shape[1] == width + 1:
+        mapped = mapped + matrix[:, width].to(patches)[None, :, None]
+    return (mapped * grads).sum((1, 2))
+
+
+class InRunShapley:
+    """Accumulates In-Run Data Shapley values of ``train`` over the steps it is called for.
+
+    Parameters
+    ----------
+    task : AttributionTask
+        The model (architecture), its training loss and the tracked Linear/Conv2d layers.
+    train : AttributionDataset
+        The data the batch positions refer to.
+    validation : AttributionDataset
+        Fixed before training; its summed loss is what the values reduce.
+    batch_size : int
+        The divisor of each step's summed loss.
+    second_order : bool
+        Add the curvature interaction term (one Hessian-vector product per step).
+    """
+
+    def __init__(self, task: AttributionTask, train: AttributionDataset, validation: AttributionDataset,
+                 batch_size: int, second_order: bool = False, device: str | torch.device | None = None):
+        self.task, self.train, self.validation = task, train, validation
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.second_order, self.device = second_order, as_device(device)
+        self.layers = tracked_layers(task, "In-Run Data Shapley (ghost dot-products)", ALTERNATIVES)
+        self.values = torch.zeros(len(train), dtype=torch.float64)
+        self.steps = 0
+        self._validation_fingerprint = validation.fingerprint()
+
+    def _layer_gradients(self, data: AttributionDataset, params: dict) -> dict[str, torch.Tensor]:
+        """Σ over ``data`` of each layer's loss gradient, as ``[out, in(+1)]`` matrices."""
+        total: dict[str, torch.Tensor] = {}
+        loss = lambda out, start: self.task.train_loss(out, data.labels[start : start + len(out)].to(out.device))
+        for patches, (grads,) in layer_activity(self.task.model, self.layers, data.inputs, [loss], 512,
+                                                self.device, params):
+            for name, module in self.layers:
+                a, s = patches[name].double(), grads[name].double()
+                g = torch.einsum("bot,bit->oi", s, a)
+                if module.bias is not None:
+                    g = torch.cat([g, s.sum((0, 2))[:, None]], 1)
+                total[name] = total.get(name, 0) + g
+        return total
+
+    def _as_parameters(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.layers:
+            prefix = f"{name}." if name else ""
+            m = matrices[name]
+            out[prefix + "weight"] = m[:, : module.weight[0].numel()].reshape(module.weight.shape)
+            if module.bias is not None:
+                out[prefix + "bias"] = m[:, -1]
+        return out
+
+    def _hvp(self, params: dict, vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """H_val · vector (tracked parameters), by forward-over-reverse on the validation loss."""
+        names = list(vector)
+        fixed = {**{k: v.to(self.device) for k, v in self.task.model.named_buffers()},
+                 **{k: v for k, v in params.items() if k not in vector}}
+        x, y = self.validation.inputs.to(self.device), self.validation.labels.to(self.device)
+
+        def loss(p: dict) -> torch.Tensor:
+            out = functional_call(self.task.model, {**fixed, **p}, (x,))
+            return self.task.train_loss(out, y).sum()
+
+        primal = {k: params[k].detach() for k in names}
+        tangent = {k: vector[k].to(primal[k]) for k in names}
+        return jvp(grad(loss), (primal,), (tangent,))[1]
+
+    def __call__(self, step: int, positions: torch.Tensor, params: dict[str, torch.Tensor], lr: float) -> None:
+        """Add this step's values for the examples at ``positions`` (call before the optimizer step)."""
+        if self.validation.fingerprint() != self._validation_fingerprint:
+            raise TDAError("validation: the validation set changed after recording started; values are only "
+                           "defined against one fixed set — start a new InRunShapley")
+        params = {k: v.detach().to(self.device) for k, v in params.items()}
+        rows = positions.cpu()
+        batch = self.train.subset(rows.tolist())
+        g_val = self._layer_gradients(self.validation, params)
+        loss = lambda out, start: self.task.train_loss(out, batch.labels[start : start + len(out)].to(out.device))
+        (patches, (grads,)), = layer_activity(self.task.model, self.layers, batch.inputs, [loss], len(batch),
+                                              self.device, params)
+        scale = lr / self.batch_size
+        phi = sum(ghost_products(patches[n].double(), grads[n].double(), g_val[n]) for n, _ in self.layers) * scale
+        if self.second_order:
+            batch_sum = {}
+            for name, module in self.layers:
+                s, a = grads[name].double(), patches[name].double()
+                g = torch.einsum("bot,bit->oi", s, a)
+                batch_sum[name] = torch.cat([g, s.sum((0, 2))[:, None]], 1) if module.bias is not None else g
+            hv = self._hvp(params, self._as_parameters(batch_sum))
+            matrices = {}
+            for name, module in self.layers:
+                prefix = f"{name}." if name else ""
+                w = hv[prefix + "weight"].reshape(module.weight.shape[0], -1)
+                matrices[name] = torch.cat([w, hv[prefix + "bias"][:, None]], 1) if module.bias is not None else w
+            curvature = sum(ghost_products(patches[n].double(), grads[n].double(), matrices[n])
+                            for n, _ in self.layers)
+            phi = phi - 0.5 * scale**2 * curvature
+        self.values.index_add_(0, rows, phi.cpu())
+        self.steps += 1
