@@ -33,7 +33,8 @@ def test_ghost_products_equal_explicit_per_sample_dot_products():
     got, offset = 0, 0
     for name, module in layers:
         w, b = module.weight.numel(), module.bias.numel()
-        matrix = torch.cat([m[offset : offset + w].reshape(module.weight.shape), m[offset + w : offset + w + b, None]], 1)
+        weight, bias = m[offset : offset + w].reshape(module.weight.shape), m[offset + w : offset + w + b, None]
+        matrix = torch.cat([weight, bias], 1)
         got = got + ghost_products(patches[name], grads[name], matrix)
         offset += w + b
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
