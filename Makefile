@@ -46,6 +46,8 @@ bench: bench-deps
 	$(PY) benchmarks/bench_influence.py --json benchmarks/results/influence_cpu.json
 	$(PY) benchmarks/bench_removal.py --json benchmarks/results/removal_cpu.json
 	$(PY) benchmarks/bench_scale.py --json benchmarks/results/scale_cpu.json
+	$(PY) benchmarks/bench_trajectory.py --json benchmarks/results/trajectory_cpu.json
+	$(PY) benchmarks/bench_inrun.py --json benchmarks/results/inrun_cpu.json
 
 lint: setup
 	$(VENV)/bin/ruff check tda_explorer tests benchmarks

@@ -103,6 +103,33 @@ def scale_tables(path: Path) -> str:
     return "\n".join(out)
 
 
+def trajectory_tables(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = [f"### Trajectory-exact attribution ({path.stem}: CPU, {data.get('threads')} threads; every method on the "
+           "replayed run the truths perturb)", "",
+           "| model | removed | method | LDS same-seed | LDS fresh-seed | truth ceiling | seconds | × training run |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['model']} | {r['fraction_removed']:.0%} | {r['method']} | {fmt(r['lds_same_seed'])} | "
+            f"{fmt(r['lds_fresh_seed'])} | {fmt(r['truth_ceiling'])} | {fmt(r['seconds'], 1)} | "
+            f"{fmt(r.get('seconds_vs_training_run'), 1)} |" for r in data.get("rows", [])]
+    if data.get("source"):
+        out += ["", f"### SOURCE segments ({path.stem}: digits-MLP, fresh-seed truth, half subsets)", "",
+                "| epochs | method | segments | LDS | seconds |", "| --- | --- | --- | --- | --- |"]
+        out += [f"| {r['epochs']} | {r['method']} | {r['segments'] or ''} | {fmt(r['lds'])} | {fmt(r['seconds'], 1)} |"
+                for r in data["source"]]
+    return "\n".join(out)
+
+
+def inrun_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = [f"### In-Run Data Shapley ({path.stem}: digits, 10% flipped labels, 100 validation points)", "",
+           "| model | order | mislabel ROC-AUC | recall@10% | recall@20% | throughput × plain training |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['model']} | {r['order']} | {fmt(r['mislabel_auc'])} | {fmt(r['recall_at_10'], 2)} | "
+            f"{fmt(r['recall_at_20'], 2)} | {fmt(r['throughput_ratio'], 2)} |" for r in data["rows"]]
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("accuracy*.json")):
         print(accuracy_tables(path), end="\n\n")
@@ -112,6 +139,10 @@ def main() -> None:
         print(influence_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("removal*.json")):
         print(removal_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("trajectory*.json")):
+        print(trajectory_tables(path), end="\n\n")
+    for path in sorted(RESULTS.glob("inrun*.json")):
+        print(inrun_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("scale*.json")):
         print(scale_tables(path), end="\n\n")
 
