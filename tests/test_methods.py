@@ -70,8 +70,8 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 
 def test_unknown_method_lists_available(tiny_mlp):
     with pytest.raises(TDAError, match="unknown method .nope.; available: dvemb, grad-cos, grad-dot, if-arnoldi, "
-                       "if-astra, if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, suspicion, "
-                       "synset-loo, tracin, trak"):
+                       "if-astra, if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, magic, source, "
+                       "suspicion, synset-loo, tracin, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
 
 
@@ -135,7 +135,7 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
             delta[:, i] = nn.functional.cross_entropy(m(xt), yt, reduction="none") - base
     train = AttributionDataset(x, y)
     test = AttributionDataset(xt, yt)
-    task = AttributionTask(full, checkpoints=[Checkpoint(full.state_dict(), 1.0, 0)], weight_decay=wd)
+    task = AttributionTask(full, checkpoints=[Checkpoint(full.state_dict(), 1.0, 100)], weight_decay=wd)
     from tda_explorer.compute import METHODS
     from tda_explorer.compute.synset import Trajectory
     from tda_explorer.compute.training import TrainConfig
@@ -145,10 +145,11 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
     extra = {"suspicion": {"oof_probabilities": torch.full((len(x), 3), 1 / 3)},
              "synset-loo": {"trajectory": Trajectory(zeros, converge, [full.state_dict()]), "per_class": 4,
                             "distill_steps": 100},
-             "dvemb": {"recording": _recorded_run(task, AttributionDataset(x, y), zeros, converge)}}
+             "dvemb": {"recording": _recorded_run(task, AttributionDataset(x, y), zeros, converge)},
+             "magic": {"trajectory": Trajectory(zeros, converge, [])}}
     assert set(METHODS) == {"grad-dot", "grad-cos", "tracin", "trak", "suspicion", "if-explicit", "if-cg", "if-kfac",
                             "if-astra", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf", "synset-loo",
-                            "dvemb"}
+                            "dvemb", "magic", "source"}
     for name in METHODS:
         scores = get_method(name, task, **extra.get(name, {})).fit(train).attribute(test).scores.double()
         rho = spearmanr(scores.flatten(), delta.flatten()).statistic

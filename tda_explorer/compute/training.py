@@ -235,6 +235,12 @@ def unstack(params: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tens
     return {k: v[index].detach().clone() for k, v in params.items()}
 
 
+def _checkpoint_schedule(config: TrainConfig, n: int) -> tuple[list[int], int]:
+    """The epochs after which ``config.n_checkpoints`` evenly spaced checkpoints are taken, and steps per epoch."""
+    n_ckpt = check_positive_int(config.n_checkpoints, "n_checkpoints")
+    return sorted({round(config.epochs * (i + 1) / n_ckpt) for i in range(n_ckpt)}), -(-n // min(config.batch_size, n))
+
+
 def train_model(
     model_factory: Callable[[int], nn.Module],
     inputs: torch.Tensor,
@@ -248,12 +254,10 @@ def train_model(
     Checkpoints are taken at the end of evenly spaced epochs (the last one is the final model),
     each with the learning rate in force, as TracIn-CP needs.
     """
-    n_ckpt = check_positive_int(config.n_checkpoints, "n_checkpoints")
-    epochs_at = sorted({round(config.epochs * (i + 1) / n_ckpt) for i in range(n_ckpt)})
+    epochs_at, steps_per_epoch = _checkpoint_schedule(config, len(labels))
     all_rows = torch.arange(len(labels)).unsqueeze(0)
     record = TrainingRecord(model=model_factory(config.seed), config=config)
     done, params = 0, None
-    steps_per_epoch = -(-len(labels) // min(config.batch_size, len(labels)))
     # Train segment by segment; each segment continues from the last parameters and optimizer clock.
     trainer = EnsembleTrainer(model_factory, inputs, labels, all_rows, config, device=device)
     bar = tqdm(total=config.epochs, desc="training", unit="epoch", leave=False, disable=not progress)
@@ -280,9 +284,7 @@ def replay_record(
     """The recipe's run as the retraining engine replays it (``train_weighted`` at w = 1 for ``config.seed``), with
     ``config.n_checkpoints`` end-of-epoch checkpoints as ``train_model`` takes them: the model that same-seed
     removals (zeroed weights, same initialisation and batch order) perturb."""
-    n_ckpt = check_positive_int(config.n_checkpoints, "n_checkpoints")
-    steps_per_epoch = -(-len(labels) // min(config.batch_size, len(labels)))
-    epochs_at = sorted({round(config.epochs * (i + 1) / n_ckpt) for i in range(n_ckpt)})
+    epochs_at, steps_per_epoch = _checkpoint_schedule(config, len(labels))
     record = TrainingRecord(model=model_factory(config.seed), config=config)
     at_steps = {e * steps_per_epoch for e in epochs_at if e < config.epochs}
 
