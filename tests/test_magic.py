@@ -92,10 +92,10 @@ def test_self_influence_is_each_examples_own_metagradient(tiny):
 
 def test_magic_refuses_what_it_cannot_differentiate(tiny):
     _, _, model, trajectory = tiny
-    with pytest.raises(TDAError, match="magic needs trajectory="):
+    with pytest.raises(TDAError, match="magic needs the run to differentiate: trajectory="):
         get_method("magic", AttributionTask(model))
     adam = Trajectory(trajectory.init_state, TrainConfig(optimizer="adam"), [])
-    with pytest.raises(TDAError, match="optimizer='adam'. Supported: 'sgd'"):
+    with pytest.raises(TDAError, match="optimizer='adam'. Supported: torch.optim.SGD"):
         get_method("magic", AttributionTask(model), trajectory=adam)
 
 
@@ -146,3 +146,61 @@ def _final_losses_of(exp, weights):
                             [exp.config.seed] * len(weights))
     out = stacked_outputs(exp.record.model, params, exp.split.test.inputs)
     return torch.stack([torch.nn.functional.cross_entropy(o, exp.split.test.labels, reduction="none") for o in out])
+
+
+def _recorded_sgd(model, train, optimizer_factory, epochs=3, batch=8, seed=0):
+    """A user's own loop with torch.optim and a schedule, recorded."""
+    from tda_explorer.compute.run_recorder import RunRecorder
+
+    optimizer = optimizer_factory(model.parameters())
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
+    recorder = RunRecorder(model, optimizer, train, batch_size=batch)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=gen)
+        for start in range(0, len(train), batch):
+            rows = order[start : start + batch]
+            optimizer.zero_grad()
+            recorder.loss(model(train.inputs[rows]), rows).backward()
+            recorder.step(rows)
+        schedule.step()
+    return recorder.finish()
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_metagradients_of_a_recorded_momentum_run_equal_finite_differences(tiny, nesterov):
+    train, test, model, _ = tiny
+    model = copy.deepcopy(model)
+    init = copy.deepcopy(model.state_dict())
+    recorder = _recorded_sgd(model, train, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=nesterov,
+                                                                     weight_decay=1e-2, dampening=0.0))
+    task = AttributionTask(copy.deepcopy(model))
+    magic = get_method("magic", task, recording=recorder).fit(train)
+    assert all(torch.equal(magic.final_[k], recorder.final_state[k]) for k in magic.final_)
+    meta = magic.metagradients(test)
+    h = 1e-5
+    for i in (2, 19):
+        losses = []
+        for sign in (1, -1):
+            w = torch.ones(len(train), dtype=torch.float64)
+            w[i] += sign * h
+            state = recorder.replay(weights=w)
+            replayed = copy.deepcopy(model)
+            replayed.load_state_dict(state)
+            with torch.no_grad():
+                losses.append(torch.nn.functional.cross_entropy(replayed(test.inputs), test.labels, reduction="none"))
+        torch.testing.assert_close(meta[:, i], (losses[0] - losses[1]) / (2 * h), rtol=1e-4, atol=1e-9)
+    checkpointed = get_method("magic", task, recording=recorder, checkpoint_every=4).fit(train)
+    torch.testing.assert_close(checkpointed.metagradients(test), meta, rtol=0, atol=1e-10)
+    model.load_state_dict(init)
+
+
+def test_magic_refuses_recorded_runs_it_cannot_differentiate(tiny):
+    train, _, model, _ = tiny
+    adam = _recorded_sgd(copy.deepcopy(model), train, lambda p: torch.optim.Adam(p, lr=1e-2), epochs=1)
+    with pytest.raises(TDAError, match="this run used Adam. Supported: torch.optim.SGD"):
+        get_method("magic", AttributionTask(model), recording=adam)
+    dropout = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3)).double()
+    recorded = _recorded_sgd(dropout, train, lambda p: torch.optim.SGD(p, lr=0.1), epochs=1)
+    with pytest.raises(TDAError, match="trained with Dropout active"):
+        get_method("magic", AttributionTask(dropout), recording=recorded)

@@ -28,7 +28,7 @@ Refused, with what to do instead: CUDA runs without ``torch.use_deterministic_al
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -140,9 +140,10 @@ class RunRecorder:
         return w
 
     def replay(self, removed: Sequence[Sequence[Any]] | None = None, weights: torch.Tensor | None = None,
-               train: AttributionDataset | None = None) -> dict[str, torch.Tensor]:
+               train: AttributionDataset | None = None, callback: Callable | None = None) -> dict[str, torch.Tensor]:
         """Final parameters of the recorded run retrained with the ids in ``removed`` (groups, all removed
-        together) dropped, or with per-example ``weights``; nothing given: the run itself."""
+        together) dropped, or with per-example ``weights``; nothing given: the run itself.
+        ``callback(step, positions, model, optimizer)`` sees the state before each step."""
         if self.final_state is None:
             raise TDAError("finish() the recording before replaying it")
         if train is not None and train.fingerprint() != self.data_fingerprint:
@@ -158,8 +159,10 @@ class RunRecorder:
         model.train(self.training)
         try:
             device = next(model.parameters()).device
-            for rows, rates, rng in zip(self.positions, self.learning_rates, self.rng_states):
+            for step, (rows, rates, rng) in enumerate(zip(self.positions, self.learning_rates, self.rng_states)):
                 check_cancelled()
+                if callback is not None:
+                    callback(step, rows, model, optimizer)
                 for group, lr in zip(optimizer.param_groups, rates):
                     group["lr"] = lr
                 optimizer.zero_grad()

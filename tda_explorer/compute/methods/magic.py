@@ -14,8 +14,10 @@ Choices, measured or derived:
 - Every parameter is differentiated (the data weights move all of them), whatever the task tracks.
 - States: every step's parameters kept by default (digits: 800 × 9.6k floats); ``checkpoint_every=k`` keeps one
   in k and recomputes each segment forward before reversing it (memory O(T/k + k)); both give the same scores.
-- SGD only (the built-in recipes' ``sgd``): Adam's 1/√v is not smooth at v = 0 without an ε inside the root, so
-  differentiating the engine's Adam would differentiate a different run; refused by name.
+- SGD: the built-in recipes' ``sgd``, or any loop recorded with ``RunRecorder`` on ``torch.optim.SGD`` (momentum,
+  dampening, Nesterov, weight decay, any schedule: the recorded rates are used; the momentum buffer joins the
+  adjoint state). Adam's 1/√v is not smooth at v = 0 without an ε inside the root, so differentiating it would
+  differentiate a different run; refused by name, as is Dropout active during the recorded run.
 - Metasmoothness (MGD Def. 2) is measured at ``fit``: final parameters at w = 1, 1 + hv, 1 + 2hv (v ~ N(0, I),
   h = 0.1, one lock-step run); the movement-weighted share of coordinates whose two successive differences agree
   in sign. Near 1 the training map is smooth and metagradients predict removals; below ``SMOOTHNESS_WARNING``
@@ -36,6 +38,7 @@ from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.gradients import iter_per_sample_gradients
 from tda_explorer.compute.losses import cross_entropy
 from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.run_recorder import RunRecorder
 from tda_explorer.compute.synset import Trajectory
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.compute.training import train_weighted
@@ -43,6 +46,7 @@ from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
 SMOOTHNESS_WARNING = 0.8
+SUPPORTED = "torch.optim.SGD (momentum, dampening, Nesterov, weight decay, any lr schedule) and the built-in 'sgd'"
 
 
 def metasmoothness(final: list[dict[str, torch.Tensor]]) -> float:
@@ -61,9 +65,12 @@ class ReplayMetagradient(Attributor):
     ----------
     task : AttributionTask
         The architecture and the test measurement (its model's parameters are not used: the run's are).
-    trajectory : Trajectory
-        The run's initial parameters and recipe (``Experiment.trajectory()`` supplies it); the batch order is the
-        retraining engine's for ``config.seed``.
+    trajectory : Trajectory, optional
+        A built-in recipe's run: its initial parameters and recipe (``Experiment.trajectory()`` supplies it); the
+        batch order is the retraining engine's for ``config.seed``.
+    recording : RunRecorder, optional
+        Or any loop recorded with ``RunRecorder`` using ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight
+        decay, any learning-rate schedule), replayed exactly for the forward states.
     checkpoint_every : int, optional
         Keep every k-th state and recompute segments in reverse (default: keep every state).
     query_chunk : int
@@ -73,17 +80,23 @@ class ReplayMetagradient(Attributor):
     name = "magic"
 
     def __init__(self, task: AttributionTask, *, trajectory: Trajectory | None = None,
-                 checkpoint_every: int | None = None, query_chunk: int = 512, smoothness_h: float = 0.1, **kwargs):
+                 recording: RunRecorder | None = None, checkpoint_every: int | None = None, query_chunk: int = 512,
+                 smoothness_h: float = 0.1, **kwargs):
         super().__init__(task, **kwargs)
-        if not isinstance(trajectory, Trajectory):
-            raise TDAError("magic needs trajectory=Trajectory(init_state, config, ...) of the run to differentiate "
-                           "(Experiment.trajectory() gives one)")
-        if trajectory.config.optimizer != "sgd":
+        if (trajectory is None) == (recording is None):
+            raise TDAError("magic needs the run to differentiate: trajectory=Trajectory(init_state, config, ...) of "
+                           "a built-in recipe (Experiment.trajectory() gives one) or recording=RunRecorder(...) of "
+                           "your own loop — one of the two")
+        if trajectory is not None and not isinstance(trajectory, Trajectory):
+            raise TDAError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
+        if trajectory is not None and trajectory.config.optimizer != "sgd":
             raise TDAError(f"magic differentiates SGD steps; this run uses optimizer={trajectory.config.optimizer!r}. "
-                           "Supported: 'sgd' (train the recipe with optimizer='sgd')")
+                           f"Supported: {SUPPORTED}")
+        if recording is not None:
+            _check_recording(recording)
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by magic: its adjoints live in parameter space")
-        self.trajectory = trajectory
+        self.trajectory, self.recording = trajectory, recording
         self.checkpoint_every = None if checkpoint_every is None else check_positive_int(checkpoint_every,
                                                                                           "checkpoint_every")
         self.query_chunk = check_positive_int(query_chunk, "query_chunk")
@@ -91,7 +104,9 @@ class ReplayMetagradient(Attributor):
         self.base = copy.deepcopy(task.model).to("meta")
 
     def config(self) -> dict:
-        return {**super().config(), "checkpoint_every": self.checkpoint_every, "seed": self.trajectory.config.seed}
+        seed = self.trajectory.config.seed if self.trajectory is not None else None
+        return {**super().config(), "checkpoint_every": self.checkpoint_every, "seed": seed,
+                "recorded": self.recording is not None}
 
     # -- the run ------------------------------------------------------------------------------
     def _factory(self, seed: int) -> torch.nn.Module:
@@ -99,58 +114,111 @@ class ReplayMetagradient(Attributor):
         model.load_state_dict(self.trajectory.init_state)
         return model
 
-    def _step(self, params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> dict:
-        """One SGD step of the weighted objective, as a pure function of (parameters, batch weights)."""
-        c, bs = self.trajectory.config, self.batch_size_
+    def _step(self, t: int, params: dict, buffer: dict | None, rows: torch.Tensor, w: torch.Tensor
+              ) -> tuple[dict, dict | None]:
+        """Step t of torch.optim.SGD on the weighted loss Σ wᵢℓᵢ/B, a pure function of (parameters, momentum
+        buffer, batch weights): d = g + λθ; b = d at the first step, else μb + (1 − dampening)d; θ − η(d + μb)
+        with Nesterov, θ − ηb without, θ − ηd when μ = 0."""
+        h = self.hyper_
+        x, y = self.x_[rows], self.y_[rows]
 
         def objective(p: dict) -> torch.Tensor:
-            loss = (w * cross_entropy(functional_call(self.base, p, (x,)), y)).sum() / bs
-            if c.weight_decay:
-                loss = loss + 0.5 * c.weight_decay * sum((q * q).sum() for q in p.values())
-            return loss
+            return (w * self.loss_fn_(functional_call(self.base, {**self.frozen_, **p}, (x,)), y)).sum() / h["B"]
 
         g = grad(objective)(params)
-        return {k: params[k] - c.lr * g[k] for k in params}
+        d = {k: g[k] + h["weight_decay"] * params[k] for k in params} if h["weight_decay"] else g
+        if not h["momentum"]:
+            new_buffer, direction = None, d
+        else:
+            new_buffer = d if buffer is None else {
+                k: h["momentum"] * buffer[k] + (1 - h["dampening"]) * d[k] for k in params}
+            direction = {k: d[k] + h["momentum"] * new_buffer[k] for k in params} if h["nesterov"] else new_buffer
+        lr = self.learning_rates_[t]
+        return {k: params[k] - lr * direction[k] for k in params}, new_buffer
 
     def _fit(self, train: AttributionDataset) -> None:
-        c, n = self.trajectory.config, len(train)
-        self.batch_size_ = min(c.batch_size, n)
         self.positions_: list[torch.Tensor] = []
-        self.states_: dict[int, dict[str, torch.Tensor]] = {}
+        self.states_: dict[int, tuple[dict, dict | None]] = {}
         keep = self.checkpoint_every or 1
-
-        def record(step: int, positions: torch.Tensor, params: dict, lr: float) -> None:
-            self.positions_.append(positions.detach().to(self.device))
-            if step % keep == 0:
-                self.states_[step] = {k: v.detach().clone() for k, v in params.items()}
-
+        names = [k for k, _ in self.task.model.named_parameters()]
+        self.frozen_ = {k: v.to(self.device) for k, v in self.task.model.named_buffers()}
+        self.x_, self.y_ = train.inputs.to(self.device), train.labels.to(self.device)
         started = time.perf_counter()
-        final = train_weighted(self._factory, train.inputs, train.labels, torch.ones(1, n), c, [c.seed],
-                               device=self.device, callback=record)
-        self.training_seconds_ = time.perf_counter() - started  # the recorded run: the unit costs are given in
-        self.final_ = {k: v[0].detach().clone() for k, v in final.items()}
-        h = self.smoothness_h
-        v = torch.randn(n, generator=torch.Generator().manual_seed(c.seed + 1))
-        weights = torch.stack([torch.ones(n), 1 + h * v, 1 + 2 * h * v])
-        runs = train_weighted(self._factory, train.inputs, train.labels, weights, c, [c.seed] * 3, device=self.device)
-        self.metasmoothness_ = metasmoothness([{k: p[m] for k, p in runs.items()} for m in range(3)])
+        if self.recording is not None:
+            final, runs = self._fit_recorded(train, names, keep)
+        else:
+            final, runs = self._fit_engine(train, keep)
+        self.training_seconds_ = time.perf_counter() - started - self.smoothness_seconds_
+        self.final_ = {k: final[k].detach().clone().to(self.device) for k in names}
+        self.metasmoothness_ = metasmoothness(runs)
         if self.metasmoothness_ < SMOOTHNESS_WARNING:
             warnings.warn(f"metasmoothness {self.metasmoothness_:.2f} < {SMOOTHNESS_WARNING}: this run's training map "
                           "is not smooth (ReLU, large steps), so metagradients predict only tiny removals",
                           stacklevel=3)
-        self.x_, self.y_ = train.inputs.to(self.device), train.labels.to(self.device)
 
-    def _states(self, start: int, stop: int) -> list[dict[str, torch.Tensor]]:
-        """Parameters before steps ``start … stop−1`` (stored, or recomputed from the segment's first)."""
+    def _smoothness_weights(self, n: int, seed: int) -> torch.Tensor:
+        h, v = self.smoothness_h, torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
+        return torch.stack([torch.ones(n), 1 + h * v, 1 + 2 * h * v])
+
+    def _fit_engine(self, train: AttributionDataset, keep: int) -> tuple[dict, list[dict]]:
+        c, n = self.trajectory.config, len(train)
+        self.hyper_ = {"B": min(c.batch_size, n), "weight_decay": c.weight_decay, "momentum": 0.0,
+                       "dampening": 0.0, "nesterov": False}
+        self.learning_rates_: list[float] = []
+        self.loss_fn_ = cross_entropy  # the engine's training loss
+
+        def record(step: int, positions: torch.Tensor, params: dict, lr: float) -> None:
+            self.positions_.append(positions.detach().to(self.device))
+            self.learning_rates_.append(lr)
+            if step % keep == 0:
+                self.states_[step] = ({k: v.detach().clone() for k, v in params.items()}, None)
+
+        final = train_weighted(self._factory, train.inputs, train.labels, torch.ones(1, n), c, [c.seed],
+                               device=self.device, callback=record)
+        started = time.perf_counter()
+        weights = self._smoothness_weights(n, c.seed)
+        runs = train_weighted(self._factory, train.inputs, train.labels, weights, c, [c.seed] * 3, device=self.device)
+        self.smoothness_seconds_ = time.perf_counter() - started
+        return {k: v[0] for k, v in final.items()}, [{k: p[m] for k, p in runs.items()} for m in range(3)]
+
+    def _fit_recorded(self, train: AttributionDataset, names: list[str], keep: int) -> tuple[dict, list[dict]]:
+        r = self.recording
+        if train.fingerprint() != r.data_fingerprint:
+            raise TDAError("train: magic must be fitted on the data the run was recorded on")
+        group = r.groups[0]
+        self.hyper_ = {"B": r.batch_size, "weight_decay": group.get("weight_decay", 0.0),
+                       "momentum": group.get("momentum", 0.0), "dampening": group.get("dampening", 0.0),
+                       "nesterov": group.get("nesterov", False)}
+        self.learning_rates_ = [rates[0] for rates in r.learning_rates]
+        self.loss_fn_ = r.loss_fn
+
+        def record(step: int, rows: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            self.positions_.append(rows.to(self.device))
+            if step % keep == 0:
+                params = dict(model.named_parameters())
+                buffers = [optimizer.state[p].get("momentum_buffer") for p in params.values()]
+                buffer = None if any(b is None for b in buffers) else {
+                    k: b.detach().clone().to(self.device) for k, b in zip(params, buffers)}
+                self.states_[step] = ({k: v.detach().clone().to(self.device) for k, v in params.items()}, buffer)
+
+        final = r.replay(callback=record)
+        started = time.perf_counter()
+        runs = [r.replay(weights=w) for w in self._smoothness_weights(len(train), 0).double()]
+        self.smoothness_seconds_ = time.perf_counter() - started
+        return final, [{k: run[k] for k in names} for run in runs]
+
+    def _states(self, start: int, stop: int) -> list[tuple[dict, dict | None]]:
+        """(parameters, momentum buffer) before steps ``start … stop−1``: stored, or recomputed from the segment's
+        first state."""
         if self.checkpoint_every is None:
             return [self.states_[t] for t in range(start, stop)]
         states = [self.states_[start]]
         with torch.no_grad():
             for t in range(start, stop - 1):
                 rows = self.positions_[t]
-                states.append(self._step(states[-1], self.x_[rows], self.y_[rows],
-                                         torch.ones(len(rows), device=self.device, dtype=self.x_.dtype
-                                                    if self.x_.is_floating_point() else torch.float32)))
+                params, buffer = states[-1]
+                w = torch.ones(len(rows), device=self.device, dtype=next(iter(params.values())).dtype)
+                states.append(self._step(t, params, buffer, rows, w))
         return states
 
     def metagradients(self, data: AttributionDataset, measurement: Callable | None = None) -> torch.Tensor:
@@ -178,6 +246,7 @@ class ReplayMetagradient(Attributor):
         steps = len(self.positions_)
         dtype = next(iter(adjoint.values())).dtype
         scores = torch.zeros(next(iter(adjoint.values())).shape[0], n, dtype=dtype, device=self.device)
+        buffer_bar = {k: torch.zeros_like(v) for k, v in adjoint.items()} if self.hyper_["momentum"] else None
         segment = self.checkpoint_every or steps
         for seg_start in reversed(range(0, steps, segment)):
             seg_stop = min(seg_start + segment, steps)
@@ -185,10 +254,19 @@ class ReplayMetagradient(Attributor):
             for t in reversed(range(seg_start, seg_stop)):
                 check_cancelled()
                 rows = self.positions_[t]
+                params, buffer = states[t - seg_start]
                 w = torch.ones(len(rows), dtype=dtype, device=self.device)
-                _, pullback = vjp(lambda p, wb, rows=rows: self._step(p, self.x_[rows], self.y_[rows], wb),
-                                  states[t - seg_start], w)
-                adjoint, w_bar = vmap(pullback)(adjoint)
+                if buffer_bar is None:  # plain SGD: the state is the parameters alone
+                    _, pullback = vjp(lambda p, wb, t=t, rows=rows: self._step(t, p, None, rows, wb)[0], params, w)
+                    adjoint, w_bar = vmap(pullback)(adjoint)
+                elif buffer is None:  # the first momentum step creates the buffer
+                    _, pullback = vjp(lambda p, wb, t=t, rows=rows: self._step(t, p, None, rows, wb), params, w)
+                    adjoint, w_bar = vmap(pullback)((adjoint, buffer_bar))
+                    buffer_bar = {k: torch.zeros_like(v) for k, v in adjoint.items()}
+                else:
+                    _, pullback = vjp(lambda p, b, wb, t=t, rows=rows: self._step(t, p, b, rows, wb), params, buffer,
+                                      w)
+                    adjoint, buffer_bar, w_bar = vmap(pullback)((adjoint, buffer_bar))
                 scores.index_add_(1, rows, w_bar)
         return scores
 
@@ -198,3 +276,22 @@ class ReplayMetagradient(Attributor):
     def _self_influence(self) -> torch.Tensor:
         """−∂ℓ_i/∂w_i: how much each example's own weight lowers its final training loss (one query each)."""
         return -torch.diagonal(self.metagradients(self._check_fitted(), self.task.train_loss))
+
+
+def _check_recording(recording: RunRecorder) -> None:
+    """Refuse what the metagradient cannot differentiate exactly, naming it."""
+    if not isinstance(recording, RunRecorder):
+        raise TDAError(f"recording must be a RunRecorder, got {type(recording).__name__}")
+    if recording.final_state is None:
+        raise TDAError("recording: finish() it before attributing")
+    if recording.optimizer_class is not torch.optim.SGD:
+        raise TDAError(f"magic differentiates SGD steps; this run used {recording.optimizer_class.__name__}. "
+                       f"Supported: {SUPPORTED}")
+    if len(recording.groups) != 1:
+        raise TDAError(f"recording: magic supports one parameter group, this optimizer has {len(recording.groups)}")
+    if recording.groups[0].get("maximize"):
+        raise TDAError("recording: SGD with maximize=True is not supported")
+    random = [type(m).__name__ for m in recording.model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    if recording.training and random:
+        raise TDAError(f"recording: the run trained with {', '.join(sorted(set(random)))} active; metagradients need "
+                       "a deterministic step — record with the model in eval mode or without Dropout")
