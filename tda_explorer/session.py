@@ -51,6 +51,7 @@ class Session:
         self.self_influences: dict[str, torch.Tensor] = {}
         self.metrics: pd.DataFrame | None = None
         self.stability: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.values: dict[str, torch.Tensor] = {}  # per-example data values by name (add_values)
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
         self.retrainer: Any = None  # a ``Retrainer`` makes "what if I remove these?" answerable
@@ -150,6 +151,7 @@ class Session:
             "label": self.train.labels[pos].tolist(),
             "predicted": self.train_predicted[pos].tolist(),
             "flag": [t in flagged for t in train_ids],
+            **{f"value:{name}": values[pos].tolist() for name, values in self.values.items()},
         }
 
     def ranking(self, test_id: Any, method: str, k: int = 10) -> pd.DataFrame:
@@ -223,6 +225,20 @@ class Session:
             padded[:, : min(2, flat.shape[1])] = torch.as_tensor(flat[:, :2])
             self._embedding = padded.float()
         return self._embedding
+
+    def add_values(self, name: str, values: torch.Tensor, higher_is_better: bool = True) -> None:
+        """Per-example data values ``[n_train]`` (In-Run Data Shapley, LAVA, …): a ``value:<name>`` column in every
+        training table, and a ranking ``name`` in the mislabel panel with the least valuable examples first."""
+        values = torch.as_tensor(values).detach().cpu()
+        if values.shape != (len(self.train),):
+            raise TDAError(f"values must have one entry per training example ({len(self.train)}), got shape "
+                           f"{tuple(values.shape)}")
+        if not torch.isfinite(values).all():
+            raise TDAError(f"values for {name!r} contain NaN or inf")
+        if name in self.attributions:
+            raise TDAError(f"{name!r} is already an attribution method's name; choose another name for the values")
+        self.values[name] = values.double()
+        self.self_influences[name] = (-values if higher_is_better else values).float()
 
     def add_stability(self, method: str, mean: torch.Tensor | Stability, std: torch.Tensor | None = None) -> None:
         """Scores' mean and std across seeds ``[n_test, n_train]`` for ``method`` (shown as ± marks with

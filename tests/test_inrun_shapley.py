@@ -121,3 +121,30 @@ def test_a_changed_validation_set_is_refused():
     val.inputs[0] += 1
     with pytest.raises(TDAError, match="validation set changed after recording started"):
         shapley(1, torch.arange(4, 8), params, 0.1)
+
+
+def test_in_run_values_are_a_column_and_a_ranking_in_the_mislabel_panel(digits_experiment, tmp_path):
+    from tda_explorer.session import Session
+    from tda_explorer.widgets import Explorer
+
+    exp = digits_experiment
+    train = exp.split.train
+    shapley = InRunShapley(exp.task(), train, exp.split.test.subset(range(30)), exp.config.batch_size)
+    train_weighted(exp.factory, train.inputs, train.labels, torch.ones(1, len(train)), exp.config,
+                   [exp.config.seed], callback=shapley)
+    session = Session.from_experiment(exp, folder=tmp_path)
+    session.compute("grad-dot")
+    session.add_values("in-run shapley", shapley.values)
+    ranking = session.mislabel_ranking("in-run shapley")
+    lowest = int(torch.argmin(shapley.values))
+    assert ranking["train_id"].iloc[0] == train.ids[lowest]  # the least valuable example first
+    assert ranking["value:in-run shapley"].iloc[0] == pytest.approx(float(shapley.values[lowest]))
+    assert "value:in-run shapley" in session.ranking(0, "grad-dot", k=3).columns  # every training table
+    explorer = Explorer(session, k=3)
+    explorer.mislabels.method.value = "in-run shapley"
+    assert "<th>in-run shapley</th>" in explorer.mislabels.list.value
+    assert f"#{train.ids[lowest]}" in explorer.mislabels.list.value
+    with pytest.raises(TDAError, match="one entry per training example \\(300\\)"):
+        session.add_values("short", torch.ones(3))
+    with pytest.raises(TDAError, match="already an attribution method's name"):
+        session.add_values("grad-dot", shapley.values)

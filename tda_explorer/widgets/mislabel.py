@@ -163,6 +163,7 @@ class MislabelPanel(W.VBox):
             self.state.detail_train_id = current.item() if hasattr(current, "item") else current
         start = (index // PAGE) * PAGE
         names, train = self.session.train.class_names, self.session.train
+        value_columns = [c for c in df.columns if c.startswith("value:")]
         rows = []
         for i in range(start, min(start + PAGE, len(df))):
             r = df.iloc[i]
@@ -175,12 +176,15 @@ class MislabelPanel(W.VBox):
                 f"<tr{cls}><td>{r['rank']}</td><td>{thumb}</td><td>#{html.escape(str(r['train_id']))}</td>"
                 f"<td>{html.escape(names[r['label']])}</td><td>{html.escape(names[r['predicted']])}</td>"
                 f"<td>{html.escape(names[r['suggested']])}</td><td>{r['score']:.4g}</td>"
-                f"<td>{'⚑' if r['flag'] else ''}</td></tr>"
+                + "".join(f"<td>{r[c]:.4g}</td>" for c in value_columns)
+                + f"<td>{'⚑' if r['flag'] else ''}</td></tr>"
             )
         scope = f"{len(df)} selected" if self.state.selection else f"{len(df)} training examples"
         self.status.value = f"<span class='tda-muted'>{scope} · showing {index + 1} of {len(df)}</span>"
+        value_heads = "".join(f"<th>{html.escape(c[len('value:'):])}</th>" for c in value_columns)
         self.list.value = ("<table><tr><th>rank</th><th></th><th>id</th><th>given</th><th>predicted</th>"
-                           "<th>suggested</th><th>score</th><th>flag</th></tr>" + "".join(rows) + "</table>")
+                           f"<th>suggested</th><th>score</th>{value_heads}<th>flag</th></tr>" + "".join(rows)
+                           + "</table>")
         flagged_scores = all_scores.loc[all_scores["flag"], "score"].to_numpy()
 
         def draw(fig):
