@@ -21,11 +21,11 @@ METHODS = [("magic", {}), ("source", {}), ("if-ekfac", {}), ("tracin", {}), ("tr
 
 def source_rows(cache_dir: str) -> list[dict]:
     """SOURCE with L = 1, 3, 6 segments against EK-FAC influence (fresh-seed truth, half subsets), on the recipe's
-    50-epoch MLP and on the same MLP trained 5 epochs (far from converged)."""
+    50-epoch MLP and on the same MLP trained 3 and 5 epochs (far from converged)."""
     from tda_explorer.evaluate import evaluate_method, subset_ground_truth
 
     rows = []
-    for epochs in (None, 5):
+    for epochs in (None, 5, 3):
         exp = build_experiment("mlp", epochs=epochs)
         truth = subset_ground_truth(exp, cache_dir=cache_dir)
         n_ckpt = len([c for c in exp.record.checkpoints if c.step > 0])
@@ -38,6 +38,23 @@ def source_rows(cache_dir: str) -> list[dict]:
     return rows
 
 
+def group_rows(cache_dir: str) -> list[dict]:
+    """Group attribution on digits-LR: 10 Dirichlet groups, Pearson against leave-group-out retraining over 3
+    paired seeds, for UnTrac, UnTrac-Inv and the group sums / removals of other methods."""
+    from tda_explorer.evaluate.groups import evaluate_groups
+
+    exp = build_experiment("lr")
+    rows = []
+    for name, options in [("untrac", {}), ("untrac-inv", {"lr": 1e-2, "batch_size": 256, "epochs": 5}),
+                          ("if-ekfac", {}), ("if-explicit", {}), ("synset-loo", {}), ("grad-dot", {})]:
+        r = evaluate_groups(exp, name, 10, cache_dir=cache_dir, **options)
+        row = {"model": "lr", "method": name, "options": options, "groups": 10, "group_pearson": r["group_pearson"],
+               "seconds": r["seconds"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
@@ -45,14 +62,16 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.01,0.5")
     parser.add_argument("--n-subsets", type=int, default=100)
     parser.add_argument("--cache-dir", default=".tda_cache")
-    parser.add_argument("--only", choices=["replay", "source"], default=None)
+    parser.add_argument("--only", choices=["replay", "source", "groups"], default=None)
     args = parser.parse_args()
     path = Path(args.json)
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update(threads=torch.get_num_threads(), torch=torch.__version__)
     if args.only in (None, "source"):
         result["source"] = source_rows(args.cache_dir)
-    if args.only == "source":
+    if args.only in (None, "groups"):
+        result["groups"] = group_rows(args.cache_dir)
+    if args.only in ("source", "groups"):
         path.write_text(json.dumps(result, indent=2))
         return
     rows = []

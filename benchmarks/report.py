@@ -117,6 +117,12 @@ def trajectory_tables(path: Path) -> str:
                 "| epochs | method | segments | LDS | seconds |", "| --- | --- | --- | --- | --- |"]
         out += [f"| {r['epochs']} | {r['method']} | {r['segments'] or ''} | {fmt(r['lds'])} | {fmt(r['seconds'], 1)} |"
                 for r in data["source"]]
+    if data.get("groups"):
+        out += ["", f"### Group attribution ({path.stem}: digits-LR, 10 Dirichlet groups, leave-group-out "
+                "retraining over 3 paired seeds)", "", "| method | options | group Pearson | seconds |",
+                "| --- | --- | --- | --- |"]
+        out += [f"| {r['method']} | {', '.join(f'{k}={v}' for k, v in r['options'].items())} | "
+                f"{fmt(r['group_pearson'])} | {fmt(r['seconds'], 1)} |" for r in data["groups"]]
     return "\n".join(out)
 
 

@@ -62,3 +62,15 @@ def test_source_refusals(setup):
     state = model.state_dict()
     with pytest.raises(TDAError, match="segments=3 exceeds the 1 recorded checkpoints"):
         get_method("source", _task(model, [Checkpoint(state, 0.1, step=5)]), segments=3)
+
+
+def test_momentum_is_folded_into_the_effective_step(setup):
+    train, test, model = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    slow = _task(model, [Checkpoint(state, 0.01, step=100)])
+    fast = _task(model, [Checkpoint(state, 0.1, step=100)])
+    with_momentum = get_method("source", slow, momentum=0.9).fit(train).attribute(test).scores
+    torch.testing.assert_close(with_momentum, get_method("source", fast).fit(train).attribute(test).scores,
+                               rtol=1e-5, atol=1e-8)  # Σ η / (1 − β) = 1 either way
+    with pytest.raises(TDAError, match="momentum must be in \\[0, 1\\)"):
+        get_method("source", slow, momentum=1.0)

@@ -70,3 +70,14 @@ def test_cli_asks_for_groups():
     from tda_explorer.cli import main
 
     assert main(["evaluate", "--model", "lr", "--method", "untrac"]) == 2
+
+
+def test_given_groups_must_partition_the_training_set(tmp_path):
+    from tda_explorer.evaluate import build_experiment
+
+    exp = build_experiment("lr", n_train=60, n_test=20, epochs=5)
+    ids = exp.split.train.ids
+    with pytest.raises(TDAError, match="must partition the training set.*more than one group: \\[5, 6, 7, 8, 9\\]"):
+        evaluate_groups(exp, "untrac", groups=[ids[:10], ids[5:]], cache_dir=tmp_path)
+    with pytest.raises(TDAError, match="10 ids in no group"):
+        evaluate_groups(exp, "untrac", groups=[ids[:25], ids[25:50]], cache_dir=tmp_path)

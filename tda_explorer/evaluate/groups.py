@@ -79,13 +79,41 @@ def group_estimates(experiment: Experiment, method: str, groups: list[list[Any]]
     return torch.stack([attribution.scores[:, rows].sum(1) for rows in positions]).double()
 
 
+def check_partition(train: AttributionDataset, groups: list[list[Any]], argument: str = "groups") -> None:
+    """Refuse groups that overlap or leave training examples out, naming a few of each (sources are disjoint
+    and cover the training set)."""
+    rows = train.group_positions(groups, argument)
+    seen: dict[int, int] = {}
+    overlapping = []
+    for g, members in enumerate(rows):
+        for r in members:
+            if r in seen and seen[r] != g:
+                overlapping.append(train.ids[r])
+            seen[r] = g
+    left_out = [train.ids[r] for r in range(len(train)) if r not in seen]
+    if overlapping or left_out:
+        problems = []
+        if overlapping:
+            problems.append(f"ids in more than one group: {overlapping[:5]}")
+        if left_out:
+            problems.append(f"{len(left_out)} ids in no group, e.g. {left_out[:5]}")
+        raise TDAError(f"{argument} must partition the training set (every example in exactly one group); "
+                       + "; ".join(problems))
+
+
 def evaluate_groups(experiment: Experiment, method: str, k: int = 10, seeds: int = 3, seed: int = 0,
-                    cache_dir: str | None = None, device: str = "cpu", **options: Any) -> dict[str, Any]:
-    """``group_pearson`` of ``method`` over ``k`` Dirichlet groups against leave-group-out retraining averaged over
-    ``seeds`` paired seeds, with the per-class values and the estimate's seconds."""
+                    cache_dir: str | None = None, device: str = "cpu", groups: list[list[Any]] | None = None,
+                    **options: Any) -> dict[str, Any]:
+    """``group_pearson`` of ``method`` over ``k`` Dirichlet groups (or the given partition ``groups``) against
+    leave-group-out retraining averaged over ``seeds`` paired seeds, with the per-class values and the estimate's
+    seconds."""
     from tda_explorer.evaluate.retrain import Retrainer
 
-    groups = dirichlet_groups(experiment.split.train, k, seed=seed)
+    if groups is None:
+        groups = dirichlet_groups(experiment.split.train, k, seed=seed)
+    else:
+        check_partition(experiment.split.train, groups)
+        k = len(groups)
     retrainer = Retrainer(experiment, seeds=[experiment.config.seed + s for s in range(seeds)],
                           cache_dir=cache_dir, device=device)
     actual = retrainer.remove(groups).delta
