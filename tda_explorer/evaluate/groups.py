@@ -60,7 +60,10 @@ def group_estimates(experiment: Experiment, method: str, groups: list[list[Any]]
     if method in ("untrac", "untrac-inv"):
         from tda_explorer.compute.untrac import UnlearnConfig, UnTrac
 
-        config = UnlearnConfig(**{k: v for k, v in options.items() if v is not None})
+        given = {k: v for k, v in options.items() if v is not None}
+        # UnTrac-Inv's recipe: a few large-batch steps on the test set (it fails at batch 1); lr measured on digits
+        config = UnlearnConfig(**({"lr": 1e-2, "batch_size": 256, "epochs": 5, **given} if method == "untrac-inv"
+                                  else given))
         untrac = UnTrac(experiment.task(), config, device)
         if method == "untrac":
             return untrac.group_effects(train, groups, test)
