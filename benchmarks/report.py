@@ -129,10 +129,11 @@ def trajectory_tables(path: Path) -> str:
 def inrun_table(path: Path) -> str:
     data = json.loads(path.read_text())
     out = [f"### In-Run Data Shapley ({path.stem}: digits, 10% flipped labels, 100 validation points)", "",
-           "| model | order | mislabel ROC-AUC | recall@10% | recall@20% | throughput × plain training |",
-           "| --- | --- | --- | --- | --- | --- |"]
-    out += [f"| {r['model']} | {r['order']} | {fmt(r['mislabel_auc'])} | {fmt(r['recall_at_10'], 2)} | "
-            f"{fmt(r['recall_at_20'], 2)} | {fmt(r['throughput_ratio'], 2)} |" for r in data["rows"]]
+           "| model | order | form | mislabel ROC-AUC | recall@10% | recall@20% | throughput × plain training |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['model']} | {r['order']} | {r.get('form', '')} | {fmt(r.get('mislabel_auc'))} | "
+            f"{fmt(r.get('recall_at_10'), 2)} | {fmt(r.get('recall_at_20'), 2)} | {fmt(r['throughput_ratio'], 2)} |"
+            for r in data["rows"]]
     return "\n".join(out)
 
 

@@ -148,3 +148,34 @@ def test_in_run_values_are_a_column_and_a_ranking_in_the_mislabel_panel(digits_e
         session.add_values("short", torch.ones(3))
     with pytest.raises(TDAError, match="already an attribution method's name"):
         session.add_values("grad-dot", shapley.values)
+
+
+def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient():
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    xv, yv = torch.randn(15, 6, generator=gen), torch.randint(0, 3, (15,), generator=gen)
+    train, val = AttributionDataset(x, y), AttributionDataset(xv, yv)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    twin = copy.deepcopy(model)
+    single = InRunShapley(AttributionTask(model), train, val, batch_size=8)
+    callback = InRunShapley(AttributionTask(twin), train, val, batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, rows in enumerate(torch.randperm(40, generator=gen).split(8)):
+        callback(step, rows, {k: v.detach() for k, v in model.named_parameters()}, 0.1)
+        optimizer.zero_grad()
+        loss = single.backward(rows, lr=0.1)
+        plain = copy.deepcopy(model)
+        (torch.nn.functional.cross_entropy(plain(x[rows]), y[rows], reduction="sum") / 8).backward()
+        assert loss.item() == pytest.approx(
+            float(torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="sum") / 8), rel=1e-6)
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)  # the batch gradient, nothing else
+        optimizer.step()
+    torch.testing.assert_close(single.values, callback.values, rtol=1e-4, atol=1e-7)
+    with pytest.raises(TDAError, match="second_order: the single-pass backward\\(\\) is first order"):
+        InRunShapley(AttributionTask(model), train, val, batch_size=8, second_order=True).backward(rows, 0.1)
+    frozen_free = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 3))
+    partial = InRunShapley(AttributionTask(frozen_free, parameters=["0", "2"]), train, val, batch_size=8)
+    with pytest.raises(TDAError, match="trainable parameters outside the tracked Linear/Conv2d layers"):
+        partial.backward(rows, 0.1)

@@ -12,8 +12,16 @@ Ghost dot-products: a Linear/Conv2d layer's per-example gradient is G_z = Σ_p s
 input patches from hooks), so ⟨G_z, M⟩ = Σ_p s_zpᵀ M [a_zp; 1] for any layer matrix M — the validation gradient, or
 the layer's block of H_val Σ_j g_j — and no per-example gradient is formed. The Hessian-vector product takes one
 double backward of the validation loss per step. Weight decay's own term (−ηλθ) belongs to no example and is left
-out. Use ``InRunShapley`` as the step callback of ``train_weighted`` (or call it before each optimizer step of any
-SGD loop with the batch's positions, the current parameters and the step size).
+out. Two ways to run it:
+- as the step callback of ``train_weighted`` (or of any loop, before each optimizer step, with the batch's positions,
+  the current parameters and the step size): separate validation and batch passes, first or second order;
+- single pass, in your own SGD loop: ``shapley.backward(positions, lr)`` replaces ``loss.backward()``. One forward
+  and one backward run on the batch and the validation set together (the recipe's concatenation); the
+  validation rows' share of each layer's gradient, Σ_v s_v [a_v; 1]ᵀ, is the ghost products' M and is then
+  subtracted, so ``.grad`` holds the batch loss's gradient as a plain backward would (to float rounding: the
+  validation loss enters scaled by 2⁻¹⁰, an exact power of two, so its removal leaves ≈1e-7 relative error).
+  First order only; every trainable parameter must sit in a Linear/Conv2d layer and no BatchNorm may be
+  training, since either would mix the validation rows into the update.
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ import torch
 from torch.func import functional_call, grad, jvp
 
 from tda_explorer._validation import TDAError, as_device, check_positive_int
-from tda_explorer.compute.kfac import layer_activity, tracked_layers
+from tda_explorer.compute.kfac import _output_grads, _patches, layer_activity, tracked_layers
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
+VALIDATION_SCALE = 2.0**-10  # exact in floating point: the validation rows' gradient is removed without bias
 ALTERNATIVES = "tracin over the run's checkpoints, which takes any module"
 
 
@@ -136,3 +145,58 @@ class InRunShapley:
             phi = phi - 0.5 * scale**2 * curvature
         self.values.index_add_(0, rows, phi.cpu())
         self.steps += 1
+
+    def backward(self, positions: torch.Tensor, lr: float) -> torch.Tensor:
+        """Single-pass step for your own SGD loop (in place of ``loss.backward()``): leaves the batch loss
+        Σ ℓ / B's gradient in ``.grad``, adds this step's first-order values, returns the batch loss."""
+        model = self.task.model
+        self._check_single_pass(model)
+        rows = torch.as_tensor(positions).cpu()
+        n_batch = len(rows)
+        x = torch.cat([self.train.inputs[rows], self.validation.inputs]).to(self.device)
+        y_batch, y_val = self.train.labels[rows].to(self.device), self.validation.labels.to(self.device)
+        captured: dict[str, list] = {}
+        handles = []
+        for name, module in self.layers:
+            def hook(mod, args, out, name=name):
+                captured[name] = [args[0].detach(), None]
+                out.register_hook(lambda g, name=name: captured[name].__setitem__(1, g.detach()))
+            handles.append(module.register_forward_hook(hook))
+        try:
+            out = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        batch_loss = self.task.train_loss(out[:n_batch], y_batch).sum() / self.batch_size
+        val_loss = self.task.train_loss(out[n_batch:], y_val).sum() * VALIDATION_SCALE
+        (batch_loss + val_loss).backward()
+        phi = torch.zeros(n_batch, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for name, module in self.layers:
+                a_all, g_all = captured[name]
+                a, s = _patches(module, a_all), _output_grads(module, g_all)
+                g_val = torch.einsum("bot,bit->oi", s[n_batch:], a[n_batch:])
+                if module.bias is not None:
+                    g_val = torch.cat([g_val, s[n_batch:].sum((0, 2))[:, None]], 1)
+                width = module.weight[0].numel()
+                module.weight.grad -= g_val[:, :width].reshape(module.weight.shape)
+                if module.bias is not None:
+                    module.bias.grad -= g_val[:, width]
+                phi += ghost_products(a[:n_batch].double(), s[:n_batch].double(), g_val.double()) / VALIDATION_SCALE
+        self.values.index_add_(0, rows, (lr * phi).cpu())
+        self.steps += 1
+        return batch_loss.detach()
+
+    def _check_single_pass(self, model: torch.nn.Module) -> None:
+        if self.second_order:
+            raise TDAError("second_order: the single-pass backward() is first order; use the step-callback form "
+                           "(train_weighted(..., callback=shapley)) for second-order values")
+        tracked = {id(p) for _, m in self.layers for p in m.parameters(recurse=False)}
+        outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tracked]
+        if outside:
+            raise TDAError(f"backward(): trainable parameters outside the tracked Linear/Conv2d layers ({outside[:4]}) "
+                           "would also learn from the validation rows; track every trainable layer, freeze the "
+                           "others, or use the step-callback form")
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+            raise TDAError("backward(): BatchNorm in training mode mixes the validation rows into the batch "
+                           "statistics; use the step-callback form")
