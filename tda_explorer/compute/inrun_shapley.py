@@ -42,10 +42,18 @@ def ghost_products(patches: torch.Tensor, grads: torch.Tensor, matrix: torch.Ten
     """⟨G_z, M⟩ per example for patches ``[B, in, T]``, output gradients ``[B, out, T]`` and ``M`` ``[out, in(+1)]``
     (a last column for the bias), without forming G_z."""
     width = patches.shape[1]
-    mapped = torch.einsum("oi,bit->bot", matrix[:, :width].to(patches), patches)
+    matrix = matrix.to(patches)
+    mapped = matrix[:, :width] @ patches  # [B, out, T]
     if matrix.shape[1] == width + 1:
-        mapped = mapped + matrix[:, width].to(patches)[None, :, None]
+        mapped = mapped + matrix[:, width, None]
     return (mapped * grads).sum((1, 2))
+
+
+def _layer_gradient(patches: torch.Tensor, grads: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Σ over examples and positions of s_t [a_t; 1]ᵀ, ``[out, in(+1)]``."""
+    out, width = grads.shape[1], patches.shape[1]
+    g = grads.transpose(1, 2).reshape(-1, out).T @ patches.transpose(1, 2).reshape(-1, width)
+    return torch.cat([g, grads.sum((0, 2))[:, None]], 1) if bias else g
 
 
 class InRunShapley:
@@ -82,10 +90,7 @@ class InRunShapley:
         for patches, (grads,) in layer_activity(self.task.model, self.layers, data.inputs, [loss], 512,
                                                 self.device, params):
             for name, module in self.layers:
-                a, s = patches[name].double(), grads[name].double()
-                g = torch.einsum("bot,bit->oi", s, a)
-                if module.bias is not None:
-                    g = torch.cat([g, s.sum((0, 2))[:, None]], 1)
+                g = _layer_gradient(patches[name].double(), grads[name].double(), module.bias is not None)
                 total[name] = total.get(name, 0) + g
         return total
 
@@ -129,11 +134,8 @@ class InRunShapley:
         scale = lr / self.batch_size
         phi = sum(ghost_products(patches[n].double(), grads[n].double(), g_val[n]) for n, _ in self.layers) * scale
         if self.second_order:
-            batch_sum = {}
-            for name, module in self.layers:
-                s, a = grads[name].double(), patches[name].double()
-                g = torch.einsum("bot,bit->oi", s, a)
-                batch_sum[name] = torch.cat([g, s.sum((0, 2))[:, None]], 1) if module.bias is not None else g
+            batch_sum = {name: _layer_gradient(patches[name].double(), grads[name].double(), module.bias is not None)
+                         for name, module in self.layers}
             hv = self._hvp(params, self._as_parameters(batch_sum))
             matrices = {}
             for name, module in self.layers:
@@ -170,20 +172,18 @@ class InRunShapley:
         batch_loss = self.task.train_loss(out[:n_batch], y_batch).sum() / self.batch_size
         val_loss = self.task.train_loss(out[n_batch:], y_val).sum() * VALIDATION_SCALE
         (batch_loss + val_loss).backward()
-        phi = torch.zeros(n_batch, dtype=torch.float64, device=self.device)
+        phi = 0
         with torch.no_grad():
             for name, module in self.layers:
                 a_all, g_all = captured[name]
                 a, s = _patches(module, a_all), _output_grads(module, g_all)
-                g_val = torch.einsum("bot,bit->oi", s[n_batch:], a[n_batch:])
-                if module.bias is not None:
-                    g_val = torch.cat([g_val, s[n_batch:].sum((0, 2))[:, None]], 1)
+                g_val = _layer_gradient(a[n_batch:], s[n_batch:], module.bias is not None)
                 width = module.weight[0].numel()
                 module.weight.grad -= g_val[:, :width].reshape(module.weight.shape)
                 if module.bias is not None:
                     module.bias.grad -= g_val[:, width]
-                phi += ghost_products(a[:n_batch].double(), s[:n_batch].double(), g_val.double()) / VALIDATION_SCALE
-        self.values.index_add_(0, rows, (lr * phi).cpu())
+                phi = phi + ghost_products(a[:n_batch], s[:n_batch], g_val)
+        self.values.index_add_(0, rows, (lr / VALIDATION_SCALE) * phi.double().cpu())
         self.steps += 1
         return batch_loss.detach()
 
