@@ -150,13 +150,24 @@ def test_in_run_values_are_a_column_and_a_ranking_in_the_mislabel_panel(digits_e
         session.add_values("grad-dot", shapley.values)
 
 
-def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient():
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+
+
+def _cnn():
+    return torch.nn.Sequential(torch.nn.Unflatten(1, (1, 6, 6)), torch.nn.Conv2d(1, 3, 3, padding=1, stride=2),
+                               torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 3))
+
+
+@pytest.mark.parametrize("architecture", [_mlp, _cnn])
+def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(architecture):
     gen = torch.Generator().manual_seed(3)
-    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
-    xv, yv = torch.randn(15, 6, generator=gen), torch.randint(0, 3, (15,), generator=gen)
+    width = 6 if architecture is _mlp else 36
+    x, y = torch.randn(40, width, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    xv, yv = torch.randn(15, width, generator=gen), torch.randint(0, 3, (15,), generator=gen)
     train, val = AttributionDataset(x, y), AttributionDataset(xv, yv)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    model = architecture()
     twin = copy.deepcopy(model)
     single = InRunShapley(AttributionTask(model), train, val, batch_size=8)
     callback = InRunShapley(AttributionTask(twin), train, val, batch_size=8)
