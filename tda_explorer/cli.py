@@ -94,6 +94,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.method in GROUP_METHODS and not args.groups:
         raise TDAError(f"{args.method} scores groups of training data: pass --groups K")
+    if args.scenario == "backdoor":
+        from tda_explorer.evaluate.backdoor import evaluate_backdoor
+
+        if args.model != "mlp":
+            raise TDAError(f"--scenario backdoor fine-tunes the digits MLP; got --model {args.model}")
+        return _write_result({"data": args.data, "model": args.model,
+                              **evaluate_backdoor(args.method, seed=args.seed, device=args.device)}, args.json)
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, device=args.device)
     if args.groups:
         from tda_explorer.evaluate.groups import evaluate_groups
@@ -261,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="digits")
     ev.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
     ev.add_argument("--method", required=True, choices=available_methods() + list(GROUP_METHODS))
+    ev.add_argument("--scenario", choices=["backdoor"], default=None,
+                    help="backdoor: a base MLP on digits 0-4 fine-tuned on all ten with 20 triggered 3s labelled 8; "
+                         "reports backdoor_auc and backdoor_auc_dda (debias and denoise) for the method")
     ev.add_argument("--groups", type=int, default=None,
                     help="score K Dirichlet groups against leave-group-out retraining (group_pearson) instead of LDS")
     ev.add_argument("--noise", type=float, default=0.0, help="flip this fraction of labels; adds mislabel metrics")

@@ -69,7 +69,7 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 
 
 def test_unknown_method_lists_available(tiny_mlp):
-    with pytest.raises(TDAError, match="unknown method .nope.; available: dvemb, grad-cos, grad-dot, if-arnoldi, "
+    with pytest.raises(TDAError, match="unknown method .nope.; available: dda, dvemb, grad-cos, grad-dot, if-arnoldi, "
                        "if-astra, if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, magic, source, "
                        "suspicion, synset-loo, tracin, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
@@ -146,10 +146,11 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
              "synset-loo": {"trajectory": Trajectory(zeros, converge, [full.state_dict()]), "per_class": 4,
                             "distill_steps": 100},
              "dvemb": {"recording": _recorded_run(task, AttributionDataset(x, y), zeros, converge)},
-             "magic": {"trajectory": Trajectory(zeros, converge, [])}}
+             "magic": {"trajectory": Trajectory(zeros, converge, [])},
+             "dda": {"inner": "if-explicit", "debias": False, "denoise": False}}  # the plumbing: the inner's scores
     assert set(METHODS) == {"grad-dot", "grad-cos", "tracin", "trak", "suspicion", "if-explicit", "if-cg", "if-kfac",
                             "if-astra", "if-ekfac", "if-lissa", "if-arnoldi", "if-datainf", "synset-loo",
-                            "dvemb", "magic", "source"}
+                            "dvemb", "magic", "source", "dda"}
     for name in METHODS:
         scores = get_method(name, task, **extra.get(name, {})).fit(train).attribute(test).scores.double()
         rho = spearmanr(scores.flatten(), delta.flatten()).statistic

@@ -7,6 +7,7 @@ from tda_explorer.compute.methods.arnoldi import ArnoldiInfluence
 from tda_explorer.compute.methods.astra import ASTRAInfluence
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.datainf import DataInfInfluence
+from tda_explorer.compute.methods.dda import DebiasDenoise
 from tda_explorer.compute.methods.dvemb import DataValueEmbedding
 from tda_explorer.compute.methods.ekfac import EKFACInfluence, KFACInfluence
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
@@ -24,7 +25,7 @@ METHODS: dict[str, type[Attributor]] = {
     cls.name: cls for cls in (
         GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
         ASTRAInfluence, LiSSAInfluence, ArnoldiInfluence, DataInfInfluence, SynsetLOO,
-        DataValueEmbedding, ReplayMetagradient, SOURCE,
+        DataValueEmbedding, ReplayMetagradient, SOURCE, DebiasDenoise,
     )
 }
 
@@ -45,6 +46,7 @@ __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
     "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "LiSSAInfluence",
     "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "DataValueEmbedding", "ReplayMetagradient", "SOURCE",
+    "DebiasDenoise",
     "METHODS",
     "available_methods", "get_method",
 ]
