@@ -125,9 +125,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "base": args.base, "folds": args.folds,
     }
     result = {"data": args.data, "model": args.model, "noise": args.noise, "n_train": len(exp.split.train),
-              "n_test": len(exp.split.test), "test_accuracy": exp.test_accuracy(),
-              **evaluate_method(exp, args.method, truth, device=args.device, cache_dir=args.cache_dir,
-                                validate_removal=args.method == "synset-loo", other_truths=others, **options)}
+              "n_test": len(exp.split.test), "test_accuracy": exp.test_accuracy()}
+    if args.proxy:
+        from tda_explorer.evaluate.proxies import evaluate_proxy
+
+        result.update(evaluate_proxy(exp, args.method, args.proxy, truth, device=args.device, **options))
+    else:
+        result.update(evaluate_method(exp, args.method, truth, device=args.device, cache_dir=args.cache_dir,
+                                      validate_removal=args.method == "synset-loo", other_truths=others, **options))
     if truth is not None:
         result.update(lds_subsets=args.n_subsets, truth=args.truth, subset_fraction_removed=args.subset_fraction)
     if "fresh_seed" in others:
@@ -271,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scenario", choices=["backdoor"], default=None,
                     help="backdoor: a base MLP on digits 0-4 fine-tuned on all ten with 20 triggered 3s labelled 8; "
                          "reports backdoor_auc and backdoor_auc_dda (debias and denoise) for the method")
+    ev.add_argument("--proxy", choices=["hparams", "distill", "small", "init"], default=None,
+                    help="attribute a proxy of the model (limited access) and score it against the target's truth; "
+                         "adds proxy, target_lds and proxy_score_spearman")
     ev.add_argument("--groups", type=int, default=None,
                     help="score K Dirichlet groups against leave-group-out retraining (group_pearson) instead of LDS")
     ev.add_argument("--noise", type=float, default=0.0, help="flip this fraction of labels; adds mislabel metrics")

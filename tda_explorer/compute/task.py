@@ -13,6 +13,7 @@ from tda_explorer.compute.losses import cross_entropy, neg_margin
 from tda_explorer.compute.training import Checkpoint
 
 MEASUREMENTS = ("loss", "margin")
+ACCESS_LEVELS = ("full", "architecture", "query", "final-model")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class AttributionTask:
         Training loss per example (cross-entropy by default).
     weight_decay : float
         L2 coefficient of the training objective (enters curvature-based methods).
+    access : {"full", "architecture", "query", "final-model"}
+        What was available of the model attributed: everything, its architecture only (a proxy retrained with
+        guessed hyperparameters), query access only (a distilled proxy), or the final model only. Recorded with
+        every result so a reader knows how far to trust it.
     """
 
     model: nn.Module
@@ -46,11 +51,13 @@ class AttributionTask:
     parameters: None | str | Sequence[str] = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
     weight_decay: float = 0.0
+    access: str = "full"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TDAError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         check_choice(self.measurement, "measurement", MEASUREMENTS)
+        check_choice(self.access, "access", ACCESS_LEVELS)
         self.tracked_names()  # validates ``parameters``
 
     def tracked_names(self) -> list[str]:
@@ -94,4 +101,5 @@ class AttributionTask:
             "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
             "weight_decay": self.weight_decay,
             "n_checkpoints": len(self.checkpoints),
+            "access": self.access,
         }
