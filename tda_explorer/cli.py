@@ -109,6 +109,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   **evaluate_groups(exp, args.method, args.groups, cache_dir=args.cache_dir, device=args.device)}
         return _write_result(result, args.json)
     truth, others = None, {}
+    if args.truth == "further-training":
+        from tda_explorer.evaluate.further_training import further_training_cosine, further_training_truth
+        from tda_explorer.evaluate.harness import run_method
+
+        train = exp.split.train
+        ids = [train.ids[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+               [: min(50, len(train))].tolist()]
+        epochs = args.epochs or 5
+        truth_ft = further_training_truth(exp.task(), train, exp.split.test, ids, epochs, lr=0.1 * exp.config.lr,
+                                          batch_size=exp.config.batch_size, seeds=range(5), device=args.device)
+        _, attribution, seconds, _ = run_method(exp, args.method, device=args.device)
+        return _write_result({"data": args.data, "model": args.model, "method": args.method, "truth": args.truth,
+                              "further_training_epochs": epochs, "n_left_out": len(ids), "seeds": 5,
+                              "further_training_cosine": further_training_cosine(attribution.scores, train, truth_ft),
+                              "seconds": seconds}, args.json)
     if args.truth == "same-seed":
         exp = exp.replayed()  # attribute the very run the same-seed removals perturb
     if not args.no_lds and args.truth == "same-seed":
@@ -284,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--noise", type=float, default=0.0, help="flip this fraction of labels; adds mislabel metrics")
     ev.add_argument("--n-subsets", type=int, default=100, help="retrained 50%% subsets for LDS (cached)")
     ev.add_argument("--no-lds", action="store_true", help="skip LDS (no retraining)")
-    ev.add_argument("--truth", choices=["fresh-seed", "same-seed"], default="fresh-seed",
+    ev.add_argument("--epochs", type=int, default=None,
+                    help="with --truth further-training: epochs of further training from the final model (default 5)")
+    ev.add_argument("--truth", choices=["fresh-seed", "same-seed", "further-training"], default="fresh-seed",
                     help="LDS truth: retraining with fresh seeds, or the recorded run itself with the subset's weights "
                          "zeroed (then also lds_fresh_seed and truth_ceiling)")
     ev.add_argument("--subset-fraction", type=float, default=0.5,

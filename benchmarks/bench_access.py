@@ -1,0 +1,107 @@
+"""Limited access and fine-tuned models on digits, each figure beside its baseline in the same run:
+
+- proxies: Grad-Dot, TRAK and EK-FAC on each proxy of the MLP (hparams, distill, small, init), LDS against the
+  *target's* truth beside the same method on the target, agreement of the two score matrices, and mislabel AUC
+  (10% flipped labels) beside the target's;
+- further training (final model only): each method's cosine with the further-training truth against the amount
+  of further training (also drawn as a plotly figure, assets/further_training.html);
+- the planted backdoor: AUC and recall@20 of the poisoned images, plain and with debias and denoise.
+
+    python benchmarks/bench_access.py --json benchmarks/results/access_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from tda_explorer.evaluate import build_experiment, subset_ground_truth
+from tda_explorer.evaluate.backdoor import evaluate_backdoor
+from tda_explorer.evaluate.further_training import further_training_cosine, further_training_truth
+from tda_explorer.evaluate.harness import run_method
+from tda_explorer.evaluate.proxies import evaluate_proxy
+
+PROXY_METHODS = ("grad-dot", "trak", "if-ekfac")
+CURVE_METHODS = ("grad-dot", "tracin", "trak", "if-ekfac", "if-explicit")
+
+
+def proxy_rows(cache_dir: str) -> list[dict]:
+    clean, noisy = build_experiment("mlp"), build_experiment("mlp", noise=0.1)
+    truth = subset_ground_truth(clean, cache_dir=cache_dir)
+    rows = []
+    for method in PROXY_METHODS:
+        for kind in ("distill", "hparams", "small", "init"):
+            r = evaluate_proxy(clean, method, kind, truth)
+            m = evaluate_proxy(noisy, method, kind)
+            row = {"method": method, "proxy": kind, "access": r["access"], "lds": r["lds"],
+                   "target_lds": r["target_lds"], "lds_ratio": r["lds"] / r["target_lds"],
+                   "proxy_score_spearman": r["proxy_score_spearman"], "mislabel_auc": m["mislabel_auc"],
+                   "target_mislabel_auc": m["target_mislabel_auc"], "proxy_test_accuracy": r["proxy_test_accuracy"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def curve_rows(epochs: list[int], seeds: int) -> list[dict]:
+    exp = build_experiment("mlp")
+    train = exp.split.train
+    ids = [train.ids[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:50].tolist()]
+    scores = {m: run_method(exp, m)[1].scores for m in CURVE_METHODS}
+    rows = []
+    for t in epochs:
+        truth = further_training_truth(exp.task(), train, exp.split.test, ids, t, lr=0.1 * exp.config.lr,
+                                       batch_size=exp.config.batch_size, seeds=range(seeds))
+        for method, s in scores.items():
+            row = {"epochs": t, "method": method, "cosine": further_training_cosine(s, train, truth)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def backdoor_rows() -> list[dict]:
+    rows = []
+    for method in ("grad-dot", "if-ekfac", "trak", "tracin"):
+        r = evaluate_backdoor(method)
+        row = {k: r[k] for k in ("method", "attack_success", "backdoor_auc", "backdoor_auc_dda", "recall_at_20",
+                                 "recall_at_20_dda")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def draw_curve(rows: list[dict], path: Path) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for method in CURVE_METHODS:
+        points = [r for r in rows if r["method"] == method]
+        fig.add_trace(go.Scatter(x=[r["epochs"] for r in points], y=[r["cosine"] for r in points],
+                                 mode="lines+markers", name=method))
+    fig.update_layout(title="Agreement with further training from the final model (digits-MLP, 50 examples)",
+                      xaxis_title="epochs of further training", yaxis_title="mean cosine with τ_FT",
+                      xaxis_type="log", height=420)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--cache-dir", default=".tda_cache")
+    parser.add_argument("--epochs", default="1,2,5,10,20")
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    result = {"threads": torch.get_num_threads(), "proxies": proxy_rows(args.cache_dir)}
+    result["further_training"] = curve_rows([int(e) for e in args.epochs.split(",")], args.seeds)
+    draw_curve(result["further_training"], Path("assets/further_training.html"))
+    result["backdoor"] = backdoor_rows()
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
