@@ -137,6 +137,35 @@ def inrun_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def access_tables(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = [f"### Proxy models ({path.stem}: digits-MLP; LDS against the target's truth, mislabel AUC with 10% "
+           "flipped labels)", "",
+           "| method | proxy | access | LDS | target LDS | ratio | score agreement ρ | mislabel AUC | target AUC |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['method']} | {r['proxy']} | {r['access']} | {fmt(r['lds'])} | {fmt(r['target_lds'])} | "
+            f"{fmt(r['lds_ratio'], 2)} | {fmt(r['proxy_score_spearman'])} | {fmt(r['mislabel_auc'])} | "
+            f"{fmt(r['target_mislabel_auc'])} |" for r in data.get("proxies", [])]
+    curve = data.get("further_training", [])
+    if curve:
+        epochs = sorted({r["epochs"] for r in curve})
+        methods = list(dict.fromkeys(r["method"] for r in curve))
+        cell = {(r["method"], r["epochs"]): r["cosine"] for r in curve}
+        out += ["", f"### Further training from the final model ({path.stem}: mean cosine with τ_FT, 50 examples, "
+                "5 seeds; figure: assets/further_training.html)", "",
+                "| method | " + " | ".join(f"{e} epochs" for e in epochs) + " |",
+                "| --- | " + " | ".join("---" for _ in epochs) + " |"]
+        out += [f"| {m} | " + " | ".join(fmt(cell.get((m, e))) for e in epochs) + " |" for m in methods]
+    if data.get("backdoor"):
+        out += ["", f"### Planted backdoor ({path.stem}: 20 poisoned of 1,020, held-out triggered 3s as queries)", "",
+                "| method | attack success | AUC | AUC with DDA | recall@20 | recall@20 with DDA |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r['method']} | {fmt(r['attack_success'], 2)} | {fmt(r['backdoor_auc'])} | "
+                f"{fmt(r['backdoor_auc_dda'])} | {fmt(r['recall_at_20'], 2)} | {fmt(r['recall_at_20_dda'], 2)} |"
+                for r in data["backdoor"]]
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("accuracy*.json")):
         print(accuracy_tables(path), end="\n\n")
@@ -150,6 +179,8 @@ def main() -> None:
         print(trajectory_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("inrun*.json")):
         print(inrun_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("access*.json")):
+        print(access_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("scale*.json")):
         print(scale_tables(path), end="\n\n")
 

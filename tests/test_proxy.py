@@ -62,3 +62,25 @@ def test_every_proxy_kind_builds_and_a_distilled_proxy_keeps_the_targets_lds(dig
     assert "mislabel_auc" in result and "target_mislabel_auc" in result
     with pytest.raises(TDAError, match="access must be one of|unknown access"):
         AttributionTask(exp.record.model, access="partial")
+
+
+def test_the_compare_panel_names_the_access_level_behind_each_method(digits_experiment, tmp_path):
+    from tda_explorer.compute.proxy import PROXY_ACCESS
+    from tda_explorer.session import Session
+    from tda_explorer.widgets import Explorer
+
+    exp = digits_experiment
+    session = Session.from_experiment(exp, folder=tmp_path)
+    session.compute("grad-dot")
+    train = exp.split.train
+    record = build_proxy("distill", exp.factory, train.inputs, train.labels, exp.config,
+                         query=lambda q: exp.record.model(q))
+    proxy_task = AttributionTask(record.model, access=PROXY_ACCESS["distill"])
+    from tda_explorer import get_method
+
+    attribution = get_method("grad-cos", proxy_task).fit(train).attribute(exp.split.test)
+    session.add(attribution)
+    explorer = Explorer(session, k=3)
+    explorer.compare.a.value, explorer.compare.b.value = "grad-dot", "grad-cos"
+    assert "grad-dot: full access" in explorer.compare.summary.value
+    assert "grad-cos: query access" in explorer.compare.summary.value

@@ -16,6 +16,11 @@ from tda_explorer.widgets.theme import FigureView
 MAX_POINTS = 2000  # the scatter shows every top-k example plus a fixed random sample of the rest
 
 
+def _access(attribution) -> str:
+    """What the model behind an attribution was: ``full``, or the access level of the proxy it was computed on."""
+    return str((attribution.config.get("task") or {}).get("access", "full"))
+
+
 class ComparePanel(W.VBox):
     """Scatter of method A against method B for ``state.test_id``, their top-k overlap, the metrics
     table (LDS, mislabel AUC) when ground truth exists, and mean ± std marks where stability exists."""
@@ -72,10 +77,12 @@ class ComparePanel(W.VBox):
         top_idx = torch.tensor(sorted(top), dtype=torch.long)
         rest = self._sample[~torch.isin(self._sample, top_idx)]
         ov = self.overlap()
+        access = " · ".join(f"{html.escape(name)}: {html.escape(_access(att))} access"
+                            for name, att in ((s.compare_a, a), (s.compare_b, b)))
         self.summary.value = (
             f"test #{html.escape(str(s.test_id))}: top-{s.k} overlap — proponents {ov['proponents']:.0%}, "
             f"opponents {ov['opponents']:.0%}; Spearman over all {len(row_a)} training examples "
-            f"{ov['spearman']:.3f}"
+            f"{ov['spearman']:.3f}<br><span class='tda-muted'>{access}</span>"
         )
 
         def draw(fig):
