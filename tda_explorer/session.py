@@ -52,6 +52,8 @@ class Session:
         self.metrics: pd.DataFrame | None = None
         self.stability: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.values: dict[str, torch.Tensor] = {}  # per-example data values by name (add_values)
+        self.options: dict[str, dict] = {}  # the options each computed method ran with
+        self.trust: dict[str, float] = {}  # model-randomization correlation per method (lower is better)
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
         self.retrainer: Any = None  # a ``Retrainer`` makes "what if I remove these?" answerable
@@ -119,6 +121,7 @@ class Session:
             from tda_explorer.evaluate.harness import method_options
 
             options = method_options(self.experiment, method, device=self.device, **config)[0]
+        self.options[method] = options
         attributor = get_method(method, self.task, device=self.device, **options).fit(self.train)
         attribution = attributor.attribute(self.test)
         self_influence = attributor.self_influence()
@@ -225,6 +228,26 @@ class Session:
             padded[:, : min(2, flat.shape[1])] = torch.as_tensor(flat[:, :2])
             self._embedding = padded.float()
         return self._embedding
+
+    def check_trust(self, method: str, seed: int = 0) -> float:
+        """Model randomization for ``method``: its scores against the same method on a re-initialised model (mean
+        Spearman over test points; lower is better). Kept in ``session.trust`` and shown in the compare panel."""
+        from tda_explorer.evaluate.trust import model_randomization
+
+        attribution = self.attribution(method)
+        options = self.options.get(method)
+        if options is None:  # loaded from the cache: its config is what compute() was given
+            if "task" in attribution.config:
+                raise TDAError(f"{method!r} was added from elsewhere; check_trust reruns methods computed here "
+                               "(session.compute)")
+            options = dict(attribution.config)
+            if self.experiment is not None:
+                from tda_explorer.evaluate.harness import method_options
+
+                options = method_options(self.experiment, method, device=self.device, **options)[0]
+        self.trust[method] = model_randomization(attribution.scores, method, self.task, self.train, self.test,
+                                                 seed=seed, device=self.device, **options)
+        return self.trust[method]
 
     def add_values(self, name: str, values: torch.Tensor, higher_is_better: bool = True) -> None:
         """Per-example data values ``[n_train]`` (In-Run Data Shapley, LAVA, …): a ``value:<name>`` column in every

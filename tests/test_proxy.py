@@ -84,3 +84,27 @@ def test_the_compare_panel_names_the_access_level_behind_each_method(digits_expe
     explorer.compare.a.value, explorer.compare.b.value = "grad-dot", "grad-cos"
     assert "grad-dot: full access" in explorer.compare.summary.value
     assert "grad-cos: query access" in explorer.compare.summary.value
+
+
+def test_model_randomization_separates_model_dependent_methods(digits_experiment, tmp_path):
+    from tda_explorer.evaluate.trust import model_randomization, randomized_task
+    from tda_explorer.session import Session
+    from tda_explorer.widgets import Explorer
+
+    exp = digits_experiment
+    task = exp.task()
+    random = randomized_task(task, seed=3)
+    assert not torch.equal(random.model[0].weight, task.model[0].weight)
+    assert torch.equal(random.checkpoints[0].state_dict["0.weight"], random.model[0].weight)
+    session = Session.from_experiment(exp, folder=tmp_path)
+    session.compute("grad-dot")
+    rho = session.check_trust("grad-dot")
+    assert -1 <= rho < 0.9  # the scores depend on the trained model
+    same = model_randomization(session.attribution("grad-dot").scores, "grad-dot", task, exp.split.train,
+                               exp.split.test, seed=3)
+    assert same == pytest.approx(rho, abs=0.2)
+    session.compute("tracin")
+    explorer = Explorer(session, k=3)
+    explorer.compare.a.value, explorer.compare.b.value = "grad-dot", "tracin"
+    assert f"grad-dot: full access, model-randomization ρ {rho:.2f}" in explorer.compare.summary.value
+    assert "tracin: full access<" in explorer.compare.summary.value  # not checked: nothing claimed

@@ -21,6 +21,13 @@ def _access(attribution) -> str:
     return str((attribution.config.get("task") or {}).get("access", "full"))
 
 
+def _trust(session: Session, method: str) -> str:
+    """The model-randomization correlation where checked (``session.check_trust``)."""
+    if method not in session.trust:
+        return ""
+    return f", model-randomization ρ {session.trust[method]:.2f} (lower is better)"
+
+
 class ComparePanel(W.VBox):
     """Scatter of method A against method B for ``state.test_id``, their top-k overlap, the metrics
     table (LDS, mislabel AUC) when ground truth exists, and mean ± std marks where stability exists."""
@@ -77,7 +84,7 @@ class ComparePanel(W.VBox):
         top_idx = torch.tensor(sorted(top), dtype=torch.long)
         rest = self._sample[~torch.isin(self._sample, top_idx)]
         ov = self.overlap()
-        access = " · ".join(f"{html.escape(name)}: {html.escape(_access(att))} access"
+        access = " · ".join(f"{html.escape(name)}: {html.escape(_access(att))} access{_trust(session, name)}"
                             for name, att in ((s.compare_a, a), (s.compare_b, b)))
         self.summary.value = (
             f"test #{html.escape(str(s.test_id))}: top-{s.k} overlap — proponents {ov['proponents']:.0%}, "
