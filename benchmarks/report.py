@@ -163,6 +163,12 @@ def access_tables(path: Path) -> str:
         out += [f"| {r['method']} | {fmt(r['attack_success'], 2)} | {fmt(r['backdoor_auc'])} | "
                 f"{fmt(r['backdoor_auc_dda'])} | {fmt(r['recall_at_20'], 2)} | {fmt(r['recall_at_20_dda'], 2)} |"
                 for r in data["backdoor"]]
+    if data.get("ensembles"):
+        out += ["", f"### TRAK ensembles ({path.stem}: digits-MLP; training seconds beyond the attributed model)", "",
+                "| ensemble | members | LDS | training s | attribution s | stored bytes |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r['ensemble']} | {r['members']} | {fmt(r['lds'])} | {fmt(r['training_seconds'], 2)} | "
+                f"{fmt(r['attribution_seconds'], 2)} | {r['stored_bytes']:,} |" for r in data["ensembles"]]
     return "\n".join(out)
 
 

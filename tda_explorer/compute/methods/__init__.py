@@ -13,6 +13,7 @@ from tda_explorer.compute.methods.ekfac import EKFACInfluence, KFACInfluence
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
 from tda_explorer.compute.methods.influence import CGInfluence, ExplicitInfluence, InfluenceFunction
 from tda_explorer.compute.methods.lissa import LiSSAInfluence
+from tda_explorer.compute.methods.lora_ensemble import LoRAEnsemble
 from tda_explorer.compute.methods.magic import ReplayMetagradient
 from tda_explorer.compute.methods.source import SOURCE
 from tda_explorer.compute.methods.suspicion import Suspicion
@@ -25,7 +26,7 @@ METHODS: dict[str, type[Attributor]] = {
     cls.name: cls for cls in (
         GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
         ASTRAInfluence, LiSSAInfluence, ArnoldiInfluence, DataInfInfluence, SynsetLOO,
-        DataValueEmbedding, ReplayMetagradient, SOURCE, DebiasDenoise,
+        DataValueEmbedding, ReplayMetagradient, SOURCE, DebiasDenoise, LoRAEnsemble,
     )
 }
 
@@ -46,7 +47,7 @@ __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
     "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "LiSSAInfluence",
     "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "DataValueEmbedding", "ReplayMetagradient", "SOURCE",
-    "DebiasDenoise",
+    "DebiasDenoise", "LoRAEnsemble",
     "METHODS",
     "available_methods", "get_method",
 ]
