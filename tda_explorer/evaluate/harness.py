@@ -15,6 +15,7 @@ from tda_explorer.compute.training import train_ensemble, unstack
 from tda_explorer.evaluate.experiment import Experiment
 from tda_explorer.evaluate.ground_truth import SubsetGroundTruth
 from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at
+from tda_explorer.evaluate.quanda_metrics import class_detection, mislabeling_detection_area, top_k_cardinality
 
 
 def method_options(experiment: Experiment, method: str, ensemble: int | None = None,
@@ -77,13 +78,18 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
     if hasattr(attributor, "metasmoothness_"):
         result["metasmoothness"] = attributor.metasmoothness_
         result["seconds_vs_training_run"] = seconds / attributor.training_seconds_
+    train, test = experiment.split.train, experiment.split.test
+    if not train.is_sequence:  # quanda's ground-truth-free heuristics, comparable with its benchmarks
+        result["class_detection"] = class_detection(attribution.scores, train.labels, test.labels)
+        result["top_k_cardinality"] = top_k_cardinality(attribution.scores)
     flipped = experiment.split.flipped
     if flipped.any():
         t0 = time.perf_counter()
         suspicion = attributor.self_influence()
         result["self_influence_seconds"] = time.perf_counter() - t0
         result.update(mislabel_auc=mislabel_auc(suspicion, flipped), recall_at_10=recall_at(suspicion, flipped, 0.1),
-                      recall_at_20=recall_at(suspicion, flipped, 0.2))
+                      recall_at_20=recall_at(suspicion, flipped, 0.2),
+                      mislabeling_detection_area=mislabeling_detection_area(suspicion, flipped))
     if validate_removal:
         from tda_explorer.evaluate.removal_validation import validate_removals
 
@@ -115,7 +121,8 @@ def compare_methods(experiment: Experiment, methods: Sequence[str | tuple[str, d
         row = evaluate_method(experiment, name, truth, device=device, **options)
         row["options"] = ", ".join(f"{k}={v}" for k, v in row["options"].items())
         rows.append(row)
-    columns = ["method", "options", "lds", "mislabel_auc", "recall_at_10", "recall_at_20", "seconds",
+    columns = ["method", "options", "lds", "mislabel_auc", "recall_at_10", "recall_at_20",
+               "mislabeling_detection_area", "class_detection", "top_k_cardinality", "seconds",
                "self_influence_seconds", "extra_training_seconds"]
     df = pd.DataFrame(rows)
     return df[[c for c in columns if c in df.columns]]
