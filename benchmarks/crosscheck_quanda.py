@@ -60,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
+    from tda_explorer import AttributionTask
     from tda_explorer.evaluate import quanda_metrics as ours  # first: pandas must see the real (absent) pyarrow
 
     sys.meta_path.insert(0, _Finder())
@@ -116,6 +117,19 @@ def main() -> None:
     m = RecallAtKMetric(model, train, k=10)
     m.update(scores, entailment_labels=entailment)
     compare("recall_at_k", m.compute()["score"], ours.recall_at_k(scores, entailment, 10))
+    # our attributor as a quanda Explainer, evaluated by quanda's own metric
+    from tda_explorer import AttributionDataset, get_method
+    from tda_explorer.integrations.quanda import quanda_explainer
+
+    explainer = quanda_explainer("grad-dot")(model, train)
+    test_x, test_y = torch.randn(n_test, 4, generator=gen), test_labels
+    explanations = explainer.explain(test_x, test_y)
+    direct = get_method("grad-dot", AttributionTask(model)).fit(AttributionDataset(x, train_labels)).attribute(
+        AttributionDataset(test_x, test_y)).scores
+    m = ClassDetectionMetric(model, train, s=5)
+    m.update(explanations, test_targets=test_y)
+    compare("explainer_adapter_class_detection", m.compute()["score"],
+            ours.class_detection(direct, train_labels, test_y, 5))
     Path(args.json).write_text(json.dumps({"quanda": "0.5.0", "rows": rows}, indent=2))
     worst = max(r["difference"] for r in rows)
     print(f"largest difference {worst:.2e}")

@@ -172,6 +172,14 @@ def access_tables(path: Path) -> str:
     return "\n".join(out)
 
 
+def quanda_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = [f"### quanda cross-check ({path.stem}: quanda {data['quanda']} on the same score matrices)", "",
+           "| metric | quanda | ours | difference |", "| --- | --- | --- | --- |"]
+    out += [f"| {r['metric']} | {r['quanda']:.6f} | {r['ours']:.6f} | {r['difference']:.1e} |" for r in data["rows"]]
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("accuracy*.json")):
         print(accuracy_tables(path), end="\n\n")
@@ -187,6 +195,8 @@ def main() -> None:
         print(inrun_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("access*.json")):
         print(access_tables(path), end="\n\n")
+    for path in sorted(RESULTS.glob("quanda*.json")):
+        print(quanda_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("scale*.json")):
         print(scale_tables(path), end="\n\n")
 

@@ -68,3 +68,14 @@ def test_compare_methods_reports_the_quanda_heuristics(digits_experiment):
     row = frame.iloc[0]
     assert 0 < row["class_detection"] <= 1 and 0 < row["top_k_cardinality"] <= 1
     assert 0.5 < row["mislabeling_detection_area"] <= 1  # 10% flipped labels in this experiment
+
+
+def test_the_quanda_explainer_adapter_says_what_it_needs():
+    import importlib.util
+
+    from tda_explorer.integrations.quanda import quanda_explainer
+
+    if importlib.util.find_spec("quanda") is not None:
+        pytest.skip("quanda is installed here: benchmarks/crosscheck_quanda.py exercises the adapter")
+    with pytest.raises(TDAError, match="quanda_explainer needs quanda"):
+        quanda_explainer("grad-dot")

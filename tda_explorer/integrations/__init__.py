@@ -1,0 +1,1 @@
+"""Optional adapters to other libraries (imported lazily; none is a dependency)."""
