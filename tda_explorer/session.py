@@ -6,6 +6,7 @@ predictions and the flag store; widgets observe it and never compute anything th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ class Session:
         self.values: dict[str, torch.Tensor] = {}  # per-example data values by name (add_values)
         self.options: dict[str, dict] = {}  # the options each computed method ran with
         self.trust: dict[str, float] = {}  # model-randomization correlation per method (lower is better)
+        self.further_training: pd.DataFrame | None = None  # method, epochs, cosine (further_training_curve)
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
         self.retrainer: Any = None  # a ``Retrainer`` makes "what if I remove these?" answerable
@@ -228,6 +230,32 @@ class Session:
             padded[:, : min(2, flat.shape[1])] = torch.as_tensor(flat[:, :2])
             self._embedding = padded.float()
         return self._embedding
+
+    def further_training_curve(self, epochs: Sequence[int] = (1, 2, 5, 10), n_examples: int = 50, seeds: int = 3,
+                               lr: float | None = None, batch_size: int | None = None) -> pd.DataFrame:
+        """Each computed method's cosine with the further-training truth (final model only) after each number of
+        further epochs; tidy ``method, epochs, cosine``, kept in ``session.further_training`` for the compare panel.
+        ``lr`` defaults to a tenth of the experiment's recipe (give it for other sessions)."""
+        from tda_explorer.evaluate.further_training import further_training_cosine, further_training_truth
+
+        if lr is None:
+            if self.experiment is None:
+                raise TDAError("lr: give the further-training learning rate (no recipe is known for this session)")
+            lr = 0.1 * self.experiment.config.lr
+        batch_size = batch_size or (self.experiment.config.batch_size if self.experiment is not None else 64)
+        if not self.methods:
+            raise TDAError("no attribution yet: compute a method first")
+        gen = torch.Generator().manual_seed(0)
+        ids = [self.train.ids[i] for i in torch.randperm(len(self.train), generator=gen)[:n_examples].tolist()]
+        rows = []
+        for e in epochs:
+            truth = further_training_truth(self.task, self.train, self.test, ids, e, lr, batch_size, range(seeds),
+                                           device=self.device)
+            rows += [{"method": m, "epochs": e, "cosine": further_training_cosine(self.attribution(m).scores,
+                                                                                  self.train, truth)}
+                     for m in self.methods]
+        self.further_training = pd.DataFrame(rows)
+        return self.further_training
 
     def check_trust(self, method: str, seed: int = 0) -> float:
         """Model randomization for ``method``: its scores against the same method on a re-initialised model (mean

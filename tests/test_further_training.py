@@ -38,3 +38,18 @@ def test_further_training_refusals(tiny):
         further_training_truth(task, train, test, [1, 99], epochs=1, lr=0.1)
     with pytest.raises(TDAError, match="epochs must be >= 1, got 0"):
         further_training_truth(task, train, test, [1], epochs=0, lr=0.1)
+
+
+def test_the_session_curve_reaches_the_compare_panel(digits_experiment, tmp_path):
+    from tda_explorer.session import Session
+    from tda_explorer.widgets import Explorer
+
+    session = Session.from_experiment(digits_experiment, folder=tmp_path)
+    session.compute("grad-dot")
+    session.compute("tracin")
+    curve = session.further_training_curve(epochs=(1, 3), n_examples=20, seeds=1)
+    assert list(curve.columns) == ["method", "epochs", "cosine"] and len(curve) == 4
+    assert curve.set_index(["method", "epochs"]).loc[("grad-dot", 1), "cosine"] > 0.9  # one short epoch ≈ Grad-Dot
+    explorer = Explorer(session, k=3)
+    traces = explorer.compare.curve.figure.data
+    assert sorted(t.name for t in traces) == ["grad-dot", "tracin"] and list(traces[0].x) == [1, 3]

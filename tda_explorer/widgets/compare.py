@@ -48,12 +48,15 @@ class ComparePanel(W.VBox):
              go.Scattergl(mode="markers", marker=dict(size=7, color="#1565c0"), name="top-k of A or B")],
             layout=dict(height=300, showlegend=True),
         ), interactive)
+        self.curve = FigureView(go.Figure(layout=dict(
+            height=260, xaxis_title="epochs of further training", yaxis_title="cosine with further training",
+            title=dict(text="agreement with further training from the final model", x=0))), interactive)
         n = len(session.train)
         gen = torch.Generator().manual_seed(0)
         self._sample = torch.randperm(n, generator=gen)[: min(n, MAX_POINTS)]
         state.observe(lambda _c: self.refresh(), names=["test_id", "compare_a", "compare_b", "k"])
         super().__init__([W.HBox([self.a, self.b]), self.summary, W.HBox([self.scatter.widget, self.metrics]),
-                          self.stability])
+                          self.stability, self.curve.widget])
         self.add_class("tda-compare-panel")
         if len(session.methods) > 1:
             self.b.value = session.methods[1]
@@ -104,6 +107,21 @@ class ComparePanel(W.VBox):
                               if session.metrics is not None else
                               "<span class='tda-muted'>no ground truth attached (session.metrics)</span>")
         self._stability(s.compare_a)
+        self._curve()
+
+    def _curve(self) -> None:
+        """One line per method from ``session.further_training`` (``session.further_training_curve()``)."""
+        frame = self.session.further_training
+
+        def draw(fig):
+            fig.data = []
+            if frame is None:
+                return
+            for method, part in frame.groupby("method", sort=False):
+                fig.add_scatter(x=part["epochs"].tolist(), y=part["cosine"].tolist(), mode="lines+markers",
+                                name=html.escape(str(method)))
+
+        self.curve.update(draw)
 
     def _stability(self, method: str) -> None:
         if method not in self.session.stability:
