@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.func import functional_call, vmap
 
 from tda_explorer._validation import check_fraction, check_positive_int
 from tda_explorer.atomic import load_tensors, save_tensors
+from tda_explorer.compute.losses import cross_entropy
 from tda_explorer.compute.training import stacked_outputs, train_ensemble, train_weighted
 from tda_explorer.evaluate.experiment import Experiment
 
@@ -49,26 +49,20 @@ def subset_ground_truth(
     data = load_tensors(path)
     if data is not None:
         return SubsetGroundTruth(data["masks"], data["measurements"])
-    train, test = experiment.split.train, experiment.split.test
+    train = experiment.split.train
     n = len(train)
     size = max(1, int(round(fraction * n)))
     gen = torch.Generator().manual_seed(seed)
     subsets = torch.stack([torch.randperm(n, generator=gen)[:size] for _ in range(n_subsets)])
     masks = torch.zeros(n_subsets, n, dtype=torch.bool)
     masks.scatter_(1, subsets, True)
-    base = experiment.factory(0).to("meta")
     measurements = []
     for start in range(0, n_subsets, chunk):
         rows = subsets[start : start + chunk]
         seeds = [seed * 100_003 + 1 + start + i for i in range(len(rows))]
         params = train_ensemble(experiment.factory, train.inputs, train.labels, rows, experiment.config,
                                 seeds=seeds, device=device)
-        with torch.no_grad():
-            outputs = vmap(lambda p: functional_call(base, p, (test.inputs.to(device),)))(params)
-            losses = torch.nn.functional.cross_entropy(
-                outputs.flatten(0, 1), test.labels.to(device).repeat(len(rows)), reduction="none"
-            ).view(len(rows), -1)
-        measurements.append(losses.cpu())
+        measurements.append(_test_losses(experiment, params, device))
     truth = SubsetGroundTruth(masks, torch.cat(measurements))
     save_tensors({"masks": truth.masks, "measurements": truth.measurements}, path,
                  {"experiment": experiment.fingerprint(), "n_subsets": n_subsets, "fraction": fraction, "seed": seed})
@@ -85,18 +79,24 @@ def _removal_masks(n: int, n_subsets: int, fraction_removed: float, seed: int) -
     return masks
 
 
+def _test_losses(experiment: Experiment, params: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    """Test losses ``[M, n_test]`` of M stacked parameter sets of the experiment's architecture."""
+    test = experiment.split.test
+    outputs = stacked_outputs(experiment.record.model, params, test.inputs, device)
+    labels = test.labels.to(outputs.device)
+    return torch.stack([cross_entropy(o, labels) for o in outputs]).cpu()
+
+
 def _weighted_losses(experiment: Experiment, weights: torch.Tensor, seeds: list[int], device: str,
                      chunk: int) -> torch.Tensor:
     """Test losses ``[M, n_test]`` after the engine's weighted runs (one per row, each with its seed)."""
-    train, test = experiment.split.train, experiment.split.test
+    train = experiment.split.train
     out = []
     for start in range(0, len(weights), chunk):
         rows = slice(start, start + chunk)
         params = train_weighted(experiment.factory, train.inputs, train.labels, weights[rows].float(),
                                 experiment.config, seeds[rows], device=device)
-        outputs = stacked_outputs(experiment.record.model, params, test.inputs, device)
-        out.append(torch.stack([experiment.task().test_measurement(o, test.labels.to(o.device)) for o in outputs])
-                   .cpu())
+        out.append(_test_losses(experiment, params, device))
     return torch.cat(out)
 
 

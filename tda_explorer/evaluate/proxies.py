@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from tda_explorer.compute.methods import get_method
 from tda_explorer.compute.proxy import PROXY_ACCESS, build_proxy
@@ -15,12 +14,12 @@ from tda_explorer.compute.task import AttributionTask
 from tda_explorer.evaluate.experiment import Experiment
 from tda_explorer.evaluate.ground_truth import SubsetGroundTruth
 from tda_explorer.evaluate.harness import run_method
-from tda_explorer.evaluate.metrics import lds, mislabel_auc
+from tda_explorer.evaluate.metrics import _spearman_columns, lds, mislabel_auc
 
 
 def score_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over test points of the Spearman correlation between two score matrices' rows."""
-    return float(np.nanmean([spearmanr(x.numpy(), y.numpy())[0] for x, y in zip(a.double(), b.double())]))
+    return float(np.nanmean(_spearman_columns(a.double().numpy().T, b.double().numpy().T)))
 
 
 def evaluate_proxy(experiment: Experiment, method: str, kind: str, truth: SubsetGroundTruth | None = None,
