@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.evaluate.valuation import VALUE_METHODS
 
 GROUP_METHODS = ("untrac", "untrac-inv")  # methods that score groups of training data, not single examples
+OTHER_METHODS = GROUP_METHODS + VALUE_METHODS + ("less",)  # evaluated by their own scenarios, not as attributors
 
 
 def _progress(iterable, desc: str, total: int | None = None):
@@ -94,6 +96,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.method in GROUP_METHODS and not args.groups:
         raise TDAError(f"{args.method} scores groups of training data: pass --groups K")
+    if args.scenario == "planted-pool":
+        from tda_explorer.evaluate.selection import evaluate_selection
+
+        if args.method != "less":
+            raise TDAError(f"--scenario planted-pool evaluates targeted selection: pass --method less, got "
+                           f"{args.method}")
+        return _write_result({"data": args.data, "model": args.model,
+                              **evaluate_selection(args.method, seed=args.seed, device=args.device)}, args.json)
+    if args.method in VALUE_METHODS:
+        from tda_explorer.evaluate.valuation import evaluate_lava
+
+        exp = build_experiment(args.model, noise=args.noise, seed=args.seed, device=args.device)
+        return _write_result({"data": args.data, "model": args.model, "noise": args.noise,
+                              "n_train": len(exp.split.train), "n_validation": len(exp.split.test),
+                              **evaluate_lava(exp, device=args.device)}, args.json)
     if args.scenario == "backdoor":
         from tda_explorer.evaluate.backdoor import evaluate_backdoor
 
@@ -287,10 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate one method on a built-in task; JSON out")
     ev.add_argument("--data", default="digits")
     ev.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
-    ev.add_argument("--method", required=True, choices=available_methods() + list(GROUP_METHODS))
-    ev.add_argument("--scenario", choices=["backdoor"], default=None,
+    ev.add_argument("--method", required=True, choices=available_methods() + list(OTHER_METHODS))
+    ev.add_argument("--scenario", choices=["backdoor", "planted-pool"], default=None,
                     help="backdoor: a base MLP on digits 0-4 fine-tuned on all ten with 20 triggered 3s labelled 8; "
-                         "reports backdoor_auc and backdoor_auc_dda (debias and denoise) for the method")
+                         "reports backdoor_auc and backdoor_auc_dda (debias and denoise) for the method. "
+                         "planted-pool (--method less): digits seen through four transformations, a target set from "
+                         "one; reports target_acc_selected/random/full and selected_precision")
     ev.add_argument("--proxy", choices=["hparams", "distill", "small", "init"], default=None,
                     help="attribute a proxy of the model (limited access) and score it against the target's truth; "
                          "adds proxy, target_lds and proxy_score_spearman")
