@@ -14,7 +14,8 @@ from tda_explorer._validation import TDAError
 from tda_explorer.evaluate.valuation import VALUE_METHODS
 
 GROUP_METHODS = ("untrac", "untrac-inv")  # methods that score groups of training data, not single examples
-OTHER_METHODS = GROUP_METHODS + VALUE_METHODS + ("less",)  # evaluated by their own scenarios, not as attributors
+# evaluated by their own scenarios, not as attributors
+OTHER_METHODS = GROUP_METHODS + VALUE_METHODS + ("less", "fasttrack", "bm25")
 
 
 def _progress(iterable, desc: str, total: int | None = None):
@@ -96,6 +97,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.method in GROUP_METHODS and not args.groups:
         raise TDAError(f"{args.method} scores groups of training data: pass --groups K")
+    if args.scenario == "facts":
+        from tda_explorer.evaluate.facts import TRACING_METHODS, evaluate_tracing
+
+        if args.method not in TRACING_METHODS:
+            raise TDAError(f"--scenario facts compares fact-tracing methods: pass --method one of "
+                           f"{', '.join(TRACING_METHODS)}, got {args.method}")
+        return _write_result({"data": "generated facts", "model": "causal-lm",
+                              **evaluate_tracing(args.method, seed=args.seed, device=args.device)}, args.json)
     if args.scenario == "planted-pool":
         from tda_explorer.evaluate.selection import evaluate_selection
 
@@ -305,11 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="digits")
     ev.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
     ev.add_argument("--method", required=True, choices=available_methods() + list(OTHER_METHODS))
-    ev.add_argument("--scenario", choices=["backdoor", "planted-pool"], default=None,
+    ev.add_argument("--scenario", choices=["backdoor", "planted-pool", "facts"], default=None,
                     help="backdoor: a base MLP on digits 0-4 fine-tuned on all ten with 20 triggered 3s labelled 8; "
                          "reports backdoor_auc and backdoor_auc_dda (debias and denoise) for the method. "
                          "planted-pool (--method less): digits seen through four transformations, a target set from "
-                         "one; reports target_acc_selected/random/full and selected_precision")
+                         "one; reports target_acc_selected/random/full and selected_precision. "
+                         "facts (--method trackstar, fasttrack, tracin or bm25): a causal LM trained on generated "
+                         "fictional facts; reports precision, recall and f1 of tracing each query's supporting "
+                         "documents (--data and --model are ignored)")
     ev.add_argument("--proxy", choices=["hparams", "distill", "small", "init"], default=None,
                     help="attribute a proxy of the model (limited access) and score it against the target's truth; "
                          "adds proxy, target_lds and proxy_score_spearman")

@@ -87,3 +87,27 @@ def load_minilm_classifier(n_classes: int, seed: int = 0) -> MiniLMClassifier:
     finally:
         torch.random.set_rng_state(state)
     return model.eval()
+
+
+def minilm_embedding(batch_size: int = 256):
+    """``texts -> [n, 384]``: the packaged MiniLM encoder's mean-pooled sentence embeddings (loaded once, offline)."""
+    folder = minilm_directory()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    encoder = BertModel.from_pretrained(str(folder), local_files_only=True).eval()
+    tokenizer = MiniLMTokenizer(folder)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            ids = tokenizer.encode(texts[start:start + batch_size], 32)
+            real = (ids != 0).unsqueeze(-1).float()
+            with torch.no_grad():
+                hidden = encoder(input_ids=ids, attention_mask=real.squeeze(-1).long()).last_hidden_state
+            chunks.append((hidden * real).sum(1) / real.sum(1).clamp_min(1))
+        return torch.cat(chunks)
+
+    return embed

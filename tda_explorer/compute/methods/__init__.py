@@ -19,6 +19,7 @@ from tda_explorer.compute.methods.source import SOURCE
 from tda_explorer.compute.methods.suspicion import Suspicion
 from tda_explorer.compute.methods.synset_loo import SynsetLOO
 from tda_explorer.compute.methods.tracin import TracIn
+from tda_explorer.compute.methods.trackstar import TrackStar
 from tda_explorer.compute.methods.trak import TRAK
 from tda_explorer.compute.task import AttributionTask
 
@@ -26,7 +27,7 @@ METHODS: dict[str, type[Attributor]] = {
     cls.name: cls for cls in (
         GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
         ASTRAInfluence, LiSSAInfluence, ArnoldiInfluence, DataInfInfluence, SynsetLOO,
-        DataValueEmbedding, ReplayMetagradient, SOURCE, DebiasDenoise, LoRAEnsemble,
+        DataValueEmbedding, ReplayMetagradient, SOURCE, DebiasDenoise, LoRAEnsemble, TrackStar,
     )
 }
 
@@ -47,7 +48,7 @@ __all__ = [
     "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
     "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "LiSSAInfluence",
     "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "DataValueEmbedding", "ReplayMetagradient", "SOURCE",
-    "DebiasDenoise", "LoRAEnsemble",
+    "DebiasDenoise", "LoRAEnsemble", "TrackStar",
     "METHODS",
     "available_methods", "get_method",
 ]
