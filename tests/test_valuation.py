@@ -593,3 +593,25 @@ def test_less_selects_the_target_source_from_a_planted_pool(target_source):
     assert float(np.mean(source[rows] == target_source)) > 0.6
     assert table["label"].tolist() == pool.labels[rows].tolist()
     assert table.attrs["method"] == "less" and len(table.attrs["warmup_ids"]) == 40
+
+
+def test_adam_checkpoint_capture_reads_the_tracked_parameters_own_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2))
+    opt = torch.optim.Adam([{"params": model[0].parameters()},
+                            {"params": model[2].parameters(), "betas": (0.5, 0.9), "eps": 1e-3}], lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    checkpoint = AdamCheckpoint.capture(model, opt, lr=0.1, parameters=["2"])
+    assert checkpoint.betas == (0.5, 0.9) and checkpoint.eps == 1e-3
+    with pytest.raises(TDAError, match="different betas"):
+        AdamCheckpoint.capture(model, opt, lr=0.1)
+
+
+def test_lava_refuses_max_iter_zero_and_a_single_training_example():
+    train = AttributionDataset(torch.randn(1, 3), torch.tensor([0]))
+    validation = AttributionDataset(torch.randn(4, 3), torch.tensor([0, 0, 0, 0]))
+    with pytest.raises(TDAError, match="max_iter"):
+        LAVA(features=lambda x: x, max_iter=0)
+    with pytest.raises(TDAError, match="at least 2"):
+        LAVA(features=lambda x: x).fit(train, validation)

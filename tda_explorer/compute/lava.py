@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tda_explorer._validation import TDAError, as_device, check_nonnegative
+from tda_explorer._validation import TDAError, as_device, check_nonnegative, check_positive_int
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -128,7 +128,7 @@ class LAVA:
         self.features = features or penultimate_features(model, device)
         self.lambda_label = check_nonnegative(lambda_label, "lambda_label")
         self.epsilon = check_nonnegative(epsilon, "epsilon", allow_zero=False)
-        self.max_iter = max_iter
+        self.max_iter = check_positive_int(max_iter, "max_iter")
         self.train_: AttributionDataset | None = None
 
     def _embed(self, data: AttributionDataset, argument: str) -> np.ndarray:
@@ -145,6 +145,8 @@ class LAVA:
             if not isinstance(data, AttributionDataset):
                 raise TDAError(f"{name} must be an AttributionDataset, got {type(data).__name__}")
             data.check_class_labels(name)
+        if len(train) < 2:
+            raise TDAError(f"train must hold at least 2 examples to value them against each other, got {len(train)}")
         ty, vy = train.labels.numpy(), validation.labels.numpy()
         only_train, only_val = sorted(set(ty) - set(vy)), sorted(set(vy) - set(ty))
         if only_train or only_val:

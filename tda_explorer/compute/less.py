@@ -22,10 +22,10 @@ default), kept the 100% precision and reached 78–86% (training on 120 random t
 
 Choices where the paper and its code differ, taken here: the bias-corrected Adam direction with ε outside the root
 (the paper; the code leaves out the correction and puts ε inside — after unit normalisation the two differ only
-through ε); a subtask's influence is the mean of the cosines with its examples (the code; the paper averages the
-target gradients first — ``subtask_aggregation="mean-gradient"``). On the planted-pool check
-(``tda_explorer.evaluate.selection``) the two aggregations select the same sources to within a point of
-precision.
+through ε); a subtask's influence is the mean of the cosines with its examples (the code;
+``subtask_aggregation="mean-gradient"`` instead takes the cosine with the mean of the subtask's unit-normalised
+target features, close to the paper's average of the target gradients but with every example weighted alike).
+On the planted pool both aggregations selected only target-source examples (precision 1.0, seeds 0–2).
 """
 
 from __future__ import annotations
@@ -103,8 +103,14 @@ class AdamCheckpoint:
             params[name] = named[name].detach().clone()
             m[name], v[name] = state["exp_avg"].detach().clone(), state["exp_avg_sq"].detach().clone()
             steps.add(int(state["step"]))
-        group = optimizer.param_groups[0]
-        return cls(params, m, v, max(steps), float(lr), tuple(group["betas"]), float(group["eps"]))
+        tracked = {id(named[n]) for n in names}
+        groups = {i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) in tracked}
+        settings = {(tuple(optimizer.param_groups[i]["betas"]), optimizer.param_groups[i]["eps"]) for i in groups}
+        if len(settings) > 1 or len(steps) > 1:
+            raise TDAError("the tracked parameters sit in optimizer groups with different betas/eps or have taken "
+                           "different numbers of steps: capture each group separately with parameters=")
+        (betas, eps), = settings
+        return cls(params, m, v, steps.pop(), float(lr), betas, float(eps))
 
     def adam_direction(self, grads: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Γ = m̂′ / (√v̂′ + ε) for per-example gradients ``[n, p]`` flattened in ``names`` order."""
