@@ -53,6 +53,8 @@ class Session:
         self.metrics: pd.DataFrame | None = None
         self.stability: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.values: dict[str, torch.Tensor] = {}  # per-example data values by name (add_values)
+        self.selections: dict[str, pd.DataFrame] = {}  # chosen training ids with scores (add_selection)
+        self.tracings: dict[str, pd.DataFrame] = {}  # traced documents per query (add_tracing)
         self.options: dict[str, dict] = {}  # the options each computed method ran with
         self.trust: dict[str, float] = {}  # model-randomization correlation per method (lower is better)
         self.further_training: pd.DataFrame | None = None  # method, epochs, cosine (further_training_curve)
@@ -290,6 +292,34 @@ class Session:
             raise TDAError(f"{name!r} is already an attribution method's name; choose another name for the values")
         self.values[name] = values.double()
         self.self_influences[name] = (-values if higher_is_better else values).float()
+
+    def add_selection(self, name: str, table: pd.DataFrame) -> None:
+        """A selection of training examples (``tda_explorer.select``'s DataFrame: ``train_id`` and ``score``), shown
+        and exported by the explorer's Selection tab."""
+        missing = {"train_id", "score"} - set(getattr(table, "columns", []))
+        if missing:
+            raise TDAError(f"table must be a DataFrame with columns train_id and score; missing {sorted(missing)}")
+        self.train.positions(table["train_id"].tolist(), "table.train_id")
+        self.selections[name] = table.reset_index(drop=True)
+
+    def selection_frame(self, name: str) -> pd.DataFrame:
+        """The selection ``name`` with each example's label, prediction, flag and values."""
+        if name not in self.selections:
+            raise TDAError(f"no selection named {name!r}; selections: {sorted(self.selections) or 'none'}")
+        frame = self.selections[name].copy()
+        for column, values in self._train_columns(frame["train_id"].tolist()).items():
+            frame[column if column not in frame else f"session_{column}"] = values
+        return frame
+
+    def add_tracing(self, name: str, table: pd.DataFrame) -> None:
+        """Fact-tracing results (``TwoStageTracer.trace``'s DataFrame: ``query_id, query, train_id, verifier_score,
+        supported, verifier``), shown by the explorer's Tracing tab."""
+        required = {"query_id", "query", "train_id", "verifier_score", "supported", "verifier"}
+        missing = required - set(getattr(table, "columns", []))
+        if missing:
+            raise TDAError(f"table must be a DataFrame with columns {sorted(required)}; missing {sorted(missing)}")
+        self.train.positions(table["train_id"].tolist(), "table.train_id")
+        self.tracings[name] = table.reset_index(drop=True)
 
     def add_stability(self, method: str, mean: torch.Tensor | Stability, std: torch.Tensor | None = None) -> None:
         """Scores' mean and std across seeds ``[n_test, n_train]`` for ``method`` (shown as ± marks with

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask
+from tda_explorer._validation import TDAError
 from tda_explorer.data import TextRenderer
 from tda_explorer.session import Session
 from tda_explorer.widgets import Explorer
@@ -230,3 +231,49 @@ def test_what_if_i_remove_the_flagged_retrains_and_reports(explorer, digits_expe
     s.retrainer = None
     panel.what_if_button.click()
     assert "cannot retrain" in panel.what_if.value
+
+
+def test_selection_tab_shows_cards_flags_and_exports(explorer):
+    session = explorer.session
+    assert "no selection yet" in explorer.selection.summary.value
+    ids = list(session.train.ids[10:16])
+    table = pd.DataFrame({"rank": range(1, 7), "train_id": ids, "score": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+                          "best_subtask": ["3"] * 6})
+    session.add_selection("less-3s", table)
+    explorer.refresh()
+    assert explorer.selection.choice.value == "less-3s"
+    shown = [c.example_id for c in explorer.selection.cards if c.layout.display != "none"]
+    assert shown == ids
+    explorer.selection.cards[2].button.click()
+    assert session.flags.is_flagged(ids[2])
+    explorer.selection.export.click()
+    exported = pd.read_csv(explorer.selection.exported)
+    assert exported["train_id"].tolist() == ids and exported["flag"].tolist()[2]
+    assert {"label", "predicted", "score", "best_subtask"} <= set(exported.columns)
+    with pytest.raises(TDAError, match="table.train_id"):
+        session.add_selection("bad", pd.DataFrame({"train_id": [10**9], "score": [1.0]}))
+    with pytest.raises(TDAError, match="missing"):
+        session.add_selection("bad", pd.DataFrame({"id": [1]}))
+
+
+def test_tracing_tab_shows_a_query_supporting_first_escaped(explorer):
+    session = explorer.session
+    ids = list(session.train.ids[:3])
+    table = pd.DataFrame({"query_id": [0, 0, 0, 1], "query": ["<b>q0</b>"] * 3 + ["q1"],
+                          "train_id": ids + ids[:1], "text": ["<script>x</script>", "plain", "other", "q1 doc"],
+                          "verifier_score": [0.1, 0.9, 0.5, 0.3], "supported": [False, True, True, False],
+                          "verifier": ["oracle"] * 4})
+    session.add_tracing("run", table)
+    explorer.refresh()
+    panel = explorer.tracing
+    assert [v for _, v in panel.query.options] == [0, 1]
+    out = panel.table.value
+    assert "&lt;script&gt;" in out and "<script>" not in out and "&lt;b&gt;q0" in out
+    assert out.index("plain") < out.index("other") < out.index("&lt;script&gt;")  # supporting first, by score
+    assert "2 supporting of 3" in out and "oracle" in out
+    panel.query.value = 1
+    assert "q1 doc" in panel.table.value and "plain" not in panel.table.value
+    panel.export.click()
+    assert pd.read_csv(panel.exported)["verifier_score"].tolist() == [0.1, 0.9, 0.5, 0.3]
+    with pytest.raises(TDAError, match="verifier"):
+        session.add_tracing("bad", table.drop(columns="verifier"))

@@ -14,8 +14,10 @@ from tda_explorer.widgets.compare import ComparePanel
 from tda_explorer.widgets.detail import TrainingDetail
 from tda_explorer.widgets.mislabel import MislabelPanel
 from tda_explorer.widgets.picker import TestPicker
+from tda_explorer.widgets.selection import SelectionPanel
 from tda_explorer.widgets.state import ExplorerState
 from tda_explorer.widgets.theme import CSS, error_html
+from tda_explorer.widgets.tracing import TracingPanel
 
 
 class ComputeBar(W.HBox):
@@ -89,20 +91,30 @@ class Explorer(W.VBox):
         self.detail = TrainingDetail(session, self.state)
         self.mislabels = MislabelPanel(session, self.state, interactive)
         self.compare = ComparePanel(session, self.state, interactive)
+        self.selection = SelectionPanel(session)
+        self.tracing = TracingPanel(session)
         self.compute_bar = ComputeBar(session, self._methods_changed, method_config)
         self.browser.method.value = self.state.method
         self.tabs = W.Tab([
             W.VBox([self.picker, W.HBox([self.browser, self.detail])]),
             W.VBox([self.mislabels, self.detail]),
             self.compare,
+            self.selection,
+            self.tracing,
         ])
-        for i, title in enumerate(("Browse", "Mislabels", "Compare")):
+        for i, title in enumerate(("Browse", "Mislabels", "Compare", "Selection", "Tracing")):
             self.tabs.set_title(i, title)
         super().__init__([W.HTML(CSS), self.compute_bar, self.tabs])
         self.add_class("tda-explorer")
         self.state.test_id = session.test.ids[0]
 
+    def refresh(self) -> None:
+        """Show what was added to the session since (attributions, values, selections, tracing runs)."""
+        self._methods_changed()
+
     def _methods_changed(self) -> None:
+        self.selection.refresh()
+        self.tracing.refresh()
         methods = self.session.methods
         for dropdown in (self.browser.method, self.compare.a, self.compare.b):
             value = dropdown.value
