@@ -10,7 +10,9 @@
 The log-sum is a product of the two: an example must be both surprising and implausible to rank
 first. Measured on digits-MLP with 10% flipped labels (seeds 0–2), it beat each signal alone and
 rank averaging: ROC-AUC 0.9974–0.9988, recall after inspecting 10% 0.93–0.95 (TracIn alone
-0.9962–0.9981 / 0.89–0.96; out-of-fold alone 0.9958–0.9988 / 0.91–0.94). Pairwise scores
+0.9962–0.9981 / 0.89–0.96; out-of-fold alone 0.9958–0.9988 / 0.91–0.94). Adding LAVA's optimal-transport value
+as a third signal (z-scores summed) did not help on the same seeds (mean AUC 0.9970 against 0.9979, recall at 10%
+0.93 against 0.94), so it is left out (``benchmarks/bench_valuation.py`` repeats the measurement). Pairwise scores
 (``attribute``) are those of the base method.
 """
 
