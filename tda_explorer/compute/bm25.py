@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from tda_explorer._validation import TDAError
@@ -20,4 +21,4 @@ def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> torch.Tenso
     if not documents:
         raise TDAError("documents must hold at least one text")
     index = BM25Okapi([WordTokenizer.split(d) for d in documents])
-    return torch.tensor([index.get_scores(WordTokenizer.split(q)) for q in queries], dtype=torch.float64)
+    return torch.from_numpy(np.array([index.get_scores(WordTokenizer.split(q)) for q in queries], dtype=np.float64))

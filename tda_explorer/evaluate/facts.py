@@ -154,7 +154,7 @@ def trace_scores(experiment: FactExperiment, method: str, device: str = "cpu") -
     table = tracer.trace(corpus.queries)
     scores = torch.full((len(corpus.queries), len(corpus.documents)), -np.inf, dtype=torch.float64)
     scores[table["query_id"].to_numpy(), table["train_id"].to_numpy()] = torch.tensor(
-        table["verifier_score"].to_numpy())
+        table["verifier_score"].to_numpy(copy=True))
     candidates = [set(table.loc[table["query_id"] == q, "train_id"]) for q in range(len(corpus.queries))]
     info.update(verifier=tracer.verifier_name, clusters=len(tracer.clusters_),
                 stage1_recall=float(np.mean([len(c & set(g)) / len(g) for c, g in zip(candidates, corpus.gold)])),
