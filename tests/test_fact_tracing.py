@@ -714,7 +714,7 @@ def test_fact_corpus_is_reproducible_and_checked():
         make_fact_corpus(n_entities=0)
     with pytest.raises(TDAError, match="n_queries"):
         make_fact_corpus(n_queries=-1)
-    with pytest.raises(ValueError, match="k"):  # note: a plain ValueError, not TDAError
+    with pytest.raises(TDAError, match="k"):
         make_fact_corpus(k=5)
 
 
@@ -844,3 +844,16 @@ def test_evaluate_tracing_fasttrack_on_a_small_corpus(monkeypatch):
     for key in ("precision", "recall", "f1"):
         assert 0 <= result[key] <= 1
     assert result["seconds"] > 0
+
+
+def test_fixed_edges_small_corpus_query_ids_and_unknown_answer():
+    scores = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    assert calibrated_f1(scores, [[0], [1], [2], [3]], "top-k")["cutoff"] <= 6  # k never exceeds the documents
+    tracer = TwoStageTracer(lambda texts: torch.eye(3)[: len(texts)], lambda q, texts: [1.0] * len(texts),
+                            max_cluster_size=1).fit(["a", "b", "c"])
+    with pytest.raises(TDAError, match="query_ids"):
+        tracer.trace(["a", "b"], query_ids=["only-one"])
+    tokenizer = WordTokenizer.fit(["anna plays the violin ."])
+    model = make_transformer("causal-lm", tokenizer.vocab_size, seed=0, d_model=16, max_len=8)
+    verifier = GradientVerifier(model, tokenizer, max_len=8)
+    assert verifier(("anna plays the", "cello"), ["anna plays the violin .", "anna plays the banjo ."]) == [-1.0, -1.0]

@@ -147,6 +147,8 @@ class TwoStageTracer:
         verifier_score, supported, verifier``; ``supported`` is the support decision (score ≥ threshold)."""
         queries = list(queries)
         query_ids = list(range(len(queries))) if query_ids is None else list(query_ids)
+        if len(query_ids) != len(queries):
+            raise TDAError(f"query_ids must name each of the {len(queries)} queries, got {len(query_ids)}")
         rows = []
         for qid, query, positions in zip(query_ids, queries, self.candidates(queries)):
             texts = [self.texts_[i] for i in positions]

@@ -91,7 +91,9 @@ class GradientVerifier:
         pair = (query, None) if isinstance(query, str) else tuple(query)
         answer = None
         if self.answer_aligned and pair[1] is not None:
-            answer = [self.tokenizer.index.get(w, self.tokenizer.UNK) for w in self.tokenizer.split(pair[1])]
+            answer = [self.tokenizer.index[w] for w in self.tokenizer.split(pair[1]) if w in self.tokenizer.index]
+            if not answer:  # an answer the model has no word for: no text can predict it
+                return [-1.0] * len(texts)
         key = lambda text: (text, None if answer is None else tuple(answer))
         if answer is not None:
             ids = self.tokenizer.encode(texts, self.max_len + 1, bos=True, eos=True)[:, 1:] if texts else None

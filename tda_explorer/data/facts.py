@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tda_explorer._validation import check_positive_int
+from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.data.dataset import IGNORE, AttributionDataset
 from tda_explorer.data.renderers import TextRenderer
 from tda_explorer.data.text import WordTokenizer
@@ -86,7 +86,7 @@ def make_fact_corpus(n_entities: int = 40, k: int = 4, n_queries: int = 60, seed
     n_entities, n_queries = check_positive_int(n_entities, "n_entities"), check_positive_int(n_queries, "n_queries")
     k = check_positive_int(k, "k")
     if k > 4:
-        raise ValueError(f"k must be at most 4 (paraphrase templates per relation), got {k}")
+        raise TDAError(f"k must be at most 4 (paraphrase templates per relation), got {k}")
     gen = torch.Generator().manual_seed(seed)
     pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]
     names: list[str] = []

@@ -73,10 +73,11 @@ def model_text_embedding(model: TinyTransformer, tokenizer: WordTokenizer, texts
             counts[w] = counts.get(w, 0) + 1
     idf = torch.zeros(tokenizer.vocab_size)
     for word, count in counts.items():
-        idf[tokenizer.index[word]] = math.log(len(texts) / count)
+        if word in tokenizer.index:
+            idf[tokenizer.index[word]] = math.log(len(texts) / count)
 
     def embed(batch: list[str]) -> torch.Tensor:
-        ids = tokenizer.encode(batch, MAX_LEN)
+        ids = tokenizer.encode(batch, MAX_LEN)  # unknown words become [UNK], which has idf 0
         weights = idf[ids] * (ids != tokenizer.PAD)
         with torch.no_grad():
             vectors = model.tokens.weight[ids]
@@ -122,7 +123,7 @@ def calibrated_f1(scores: torch.Tensor, gold: list[list[int]], rule: str) -> dic
     if half == 0:
         raise TDAError("calibrating a cut-off needs at least two queries")
     if rule == "top-k":
-        options = list(range(1, 21))
+        options = list(range(1, min(20, scores.shape[1]) + 1))
     else:
         finite = scores[:half][torch.isfinite(scores[:half])]
         options = sorted(set(np.quantile(finite.numpy(), np.linspace(0, 1, 101)).tolist()))
