@@ -71,7 +71,7 @@ def test_grad_cos_is_bounded_and_grad_dot_is_unnormalised(tiny_mlp, tiny_data):
 def test_unknown_method_lists_available(tiny_mlp):
     with pytest.raises(TDAError, match="unknown method .nope.; available: dda, dvemb, grad-cos, grad-dot, if-arnoldi, "
                        "if-astra, if-cg, if-datainf, if-ekfac, if-explicit, if-kfac, if-lissa, lora-ensemble, "
-                       "magic, source, suspicion, synset-loo, tracin, trak"):
+                       "magic, source, suspicion, synset-loo, tracin, trackstar, trak"):
         get_method("nope", AttributionTask(tiny_mlp))
 
 
