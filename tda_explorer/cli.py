@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from tda_explorer._validation import TDAError
-from tda_explorer.evaluate.valuation import VALUE_METHODS
 
 GROUP_METHODS = ("untrac", "untrac-inv")  # methods that score groups of training data, not single examples
+VALUE_METHODS = ("lava",)  # data valuation: one value per training example (tda_explorer.evaluate.valuation)
 # evaluated by their own scenarios, not as attributors
 OTHER_METHODS = GROUP_METHODS + VALUE_METHODS + ("less", "fasttrack", "bm25")
 

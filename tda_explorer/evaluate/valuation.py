@@ -9,8 +9,6 @@ from tda_explorer.compute.lava import LAVA
 from tda_explorer.evaluate.experiment import Experiment
 from tda_explorer.evaluate.metrics import mislabel_auc, recall_at
 
-VALUE_METHODS = ("lava",)
-
 
 def _detection(values, flipped, prefix: str = "") -> dict[str, float]:
     suspicion = -values  # the least valuable first
