@@ -30,7 +30,7 @@ from tda_explorer.compute.gradients import iter_per_sample_gradients
 from tda_explorer.compute.losses import cross_entropy
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import IGNORE
-from tda_explorer.data.text import WordTokenizer
+from tda_explorer.data.text import WordTokenizer, next_token_examples
 
 
 class GradientVerifier:
@@ -62,21 +62,11 @@ class GradientVerifier:
         self.cache: dict[str, torch.Tensor] = {}
         self.gradients_computed = 0
 
-    def _sequences(self, pairs: Sequence[tuple[str, str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets; with a target, the prompt's positions are ``IGNORE``."""
-        texts = [p if t is None else f"{p} {t}" for p, t in pairs]
-        full = self.tokenizer.encode(texts, self.max_len + 1, bos=True, eos=True)
-        inputs, targets = full[:, :-1].clone(), full[:, 1:].clone()
-        for row, (prompt, target) in enumerate(pairs):
-            if target is not None:
-                targets[row, : len(self.tokenizer.split(prompt))] = IGNORE
-                targets[row][targets[row] == self.tokenizer.EOS] = IGNORE
-        targets[targets == self.tokenizer.PAD] = IGNORE
-        return inputs, targets
-
     def _unit_gradients(self, pairs: Sequence[tuple[str, str | None]], answer: list[int] | None = None
                         ) -> torch.Tensor:
-        inputs, targets = self._sequences(pairs)
+        texts = [p if t is None else f"{p} {t}" for p, t in pairs]
+        prompts = None if pairs[0][1] is None else [len(self.tokenizer.split(p)) for p, _ in pairs]
+        inputs, targets = next_token_examples(texts, self.tokenizer, self.max_len, prompts)
         if answer is not None:  # only the positions predicting the answer's tokens
             targets[~torch.isin(targets, torch.tensor(answer))] = IGNORE
         chunks = []

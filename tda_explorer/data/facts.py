@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.data.dataset import IGNORE, AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.data.renderers import TextRenderer
-from tda_explorer.data.text import WordTokenizer
+from tda_explorer.data.text import WordTokenizer, next_token_examples
 
 SYLLABLES = ("vor", "len", "tam", "si", "qua", "rel", "bo", "zin", "mar", "ko", "dri", "fen", "lu", "sa", "gor",
              "pim", "ne", "tha", "wil", "cro", "ju", "bel", "nox", "ra")
@@ -126,10 +126,7 @@ def query_dataset(corpus: FactCorpus, tokenizer: WordTokenizer, max_len: int = 1
     """Queries as causal-LM examples whose loss is on the target (object) tokens only: inputs ``[BOS] prompt
     target`` shifted, targets ``IGNORE`` on the prompt."""
     texts = [corpus.query_text(q) for q in range(len(corpus.queries))]
-    full = tokenizer.encode(texts, max_len + 1, bos=True)
-    inputs, targets = full[:, :-1].clone(), full[:, 1:].clone()
-    for q, (prompt, _) in enumerate(corpus.queries):
-        targets[q, : len(tokenizer.split(prompt))] = IGNORE  # targets[t] is token t+1 of [BOS] prompt target
-    targets[targets == tokenizer.PAD] = IGNORE
+    prompts = [len(tokenizer.split(prompt)) for prompt, _ in corpus.queries]
+    inputs, targets = next_token_examples(texts, tokenizer, max_len, prompts)
     return AttributionDataset(inputs, targets, list(range(len(texts))), tokenizer.vocabulary, TextRenderer(texts),
                               "fact-queries")

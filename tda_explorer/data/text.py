@@ -120,13 +120,26 @@ def load_reviews_split(n_train: int = 600, n_test: int = 200, noise: float = 0.0
     return TextSplit(train, test, flipped, clean, tokenizer)
 
 
+def next_token_examples(texts: Sequence[str], tokenizer: WordTokenizer, max_len: int,
+                        prompt_words: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``[BOS] w1 … w_{T-1}`` and next-token targets ``w1 … w_T [EOS]`` ``[n, max_len]``, padding ``IGNORE``.
+
+    With ``prompt_words`` (one count per text) the targets of each text's first that-many words are ``IGNORE`` too,
+    and no ``[EOS]`` is scored: the loss is on the continuation (an answer) alone.
+    """
+    full = tokenizer.encode(texts, check_positive_int(max_len, "max_len") + 1, bos=True, eos=prompt_words is None)
+    inputs, targets = full[:, :-1].clone(), full[:, 1:].clone()
+    for row, n in enumerate(prompt_words or []):
+        targets[row, :n] = IGNORE  # targets[t] is token t+1 of [BOS] prompt answer
+    targets[targets == tokenizer.PAD] = IGNORE
+    return inputs, targets
+
+
 def language_model_dataset(texts: Sequence[str], tokenizer: WordTokenizer, max_len: int = 16,
                            ids: Sequence[Any] | None = None, name: str = "text-lm") -> AttributionDataset:
     """Causal language-model examples: inputs ``[BOS] w1 … w_{T-1}`` and targets ``w1 … w_T [EOS]``
     (padding positions get ``IGNORE``), so each example's loss is its mean next-token loss."""
     if not texts:
         raise TDAError("texts must hold at least one text")
-    full = tokenizer.encode(texts, check_positive_int(max_len, "max_len") + 1, bos=True, eos=True)
-    inputs, targets = full[:, :-1].clone(), full[:, 1:].clone()
-    targets[targets == tokenizer.PAD] = IGNORE
+    inputs, targets = next_token_examples(texts, tokenizer, max_len)
     return AttributionDataset(inputs, targets, ids, tokenizer.vocabulary, TextRenderer(list(texts)), name)
