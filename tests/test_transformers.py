@@ -284,3 +284,42 @@ def test_logra_at_a_checkpoint_of_a_fully_tracked_mlp_equals_exact_tracin(digits
     logra = get_method("tracin", task, projection_kind="logra", projection_dim=1000).fit(digits_experiment.split.train)
     torch.testing.assert_close(logra.attribute(digits_experiment.split.test).scores, exact.scores, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_minilm_encoder_equals_transformers_bert(minilm):
+    """The torch BERT forward written here against Hugging Face's BertModel on the same weights and ids, padded
+    rows included; and the sentence embedding is their masked mean."""
+    transformers = pytest.importorskip("transformers")
+    from tda_explorer.compute.pretrained import MiniLMEncoder, minilm_directory, minilm_embedding
+
+    model, tokenizer = minilm
+    texts = ["the hometown of vorlen tamsi is quelport.", "a short one", "plays the oboe every single day, loudly"]
+    ids = tokenizer.encode(texts, 16)
+    reference = transformers.BertModel.from_pretrained(str(minilm_directory()), local_files_only=True).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+        ours = MiniLMEncoder.from_folder()(ids)
+    real = ids != 0
+    torch.testing.assert_close(ours[real], expected[real], rtol=1e-4, atol=1e-5)
+    pooled = (expected * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True)
+    torch.testing.assert_close(minilm_embedding(batch_size=2, max_len=16)(texts), pooled, rtol=1e-4, atol=1e-5)
+    # the classifier's encoder is the same module, so its named layers are the Hugging Face names
+    assert dict(model.named_modules())["encoder.encoder.layer.5.output.dense"].weight.shape == (384, 1536)
+
+
+def test_read_safetensors_round_trip_and_errors(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from tda_explorer.compute.pretrained import BertConfig, read_safetensors
+
+    tensors = {"a": torch.randn(3, 4), "b.c": torch.arange(5, dtype=torch.int64), "h": torch.randn(2).half()}
+    safetensors_torch.save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    loaded = read_safetensors(tmp_path / "t.safetensors")
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype
+    safetensors_torch.save_file({"x": torch.zeros(2, dtype=torch.uint8)}, str(tmp_path / "u.safetensors"))
+    with pytest.raises(TDAError, match="tensor 'x' has dtype U8"):
+        read_safetensors(tmp_path / "u.safetensors")
+    (tmp_path / "config.json").write_text('{"hidden_act": "relu", "vocab_size": 5}')
+    with pytest.raises(TDAError, match="only BERT with GELU"):
+        BertConfig.from_file(tmp_path / "config.json")
