@@ -97,6 +97,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.method in GROUP_METHODS and not args.groups:
         raise TDAError(f"{args.method} scores groups of training data: pass --groups K")
+    if args.verifier != "auto" and (args.scenario != "facts" or args.method != "fasttrack"):
+        raise TDAError(f"--verifier {args.verifier} picks the stage-2 verifier of two-stage fact tracing: use it with "
+                       "--scenario facts --method fasttrack, or leave it out")
     if args.scenario == "facts":
         from tda_explorer.evaluate.facts import TRACING_METHODS, evaluate_tracing
 
@@ -104,7 +107,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise TDAError(f"--scenario facts compares fact-tracing methods: pass --method one of "
                            f"{', '.join(TRACING_METHODS)}, got {args.method}")
         return _write_result({"data": "generated facts", "model": "causal-lm",
-                              **evaluate_tracing(args.method, seed=args.seed, device=args.device)}, args.json)
+                              **evaluate_tracing(args.method, seed=args.seed, device=args.device,
+                                                 verifier=args.verifier)}, args.json)
     if args.scenario == "planted-pool":
         from tda_explorer.evaluate.selection import evaluate_selection
 
@@ -322,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "facts (--method trackstar, fasttrack, tracin or bm25): a causal LM trained on generated "
                          "fictional facts; reports precision, recall and f1 of tracing each query's supporting "
                          "documents (--data and --model are ignored)")
+    ev.add_argument("--verifier", choices=["auto", "embedding", "gradient"], default="auto",
+                    help="--scenario facts --method fasttrack: the stage-2 verifier — embedding (the MiniLM sentence "
+                         "encoder's cosine), gradient (the fact LM's answer-aligned gradient cosine) or auto "
+                         "(embedding when MiniLM is installed, else gradient)")
     ev.add_argument("--proxy", choices=["hparams", "distill", "small", "init"], default=None,
                     help="attribute a proxy of the model (limited access) and score it against the target's truth; "
                          "adds proxy, target_lds and proxy_score_spearman")

@@ -33,3 +33,5 @@ def test_bad_input_exits_with_clear_message(tmp_path, capsys):
     assert "unknown data 'cifar'; expected one of: digits" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--noise", "1.5"]) == 2
     assert "noise must be in [0, 1]" in capsys.readouterr().err
+    assert main(["evaluate", "--scenario", "facts", "--method", "tracin", "--verifier", "gradient"]) == 2
+    assert "--verifier gradient picks the stage-2 verifier of two-stage fact tracing" in capsys.readouterr().err

