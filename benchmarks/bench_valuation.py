@@ -6,8 +6,9 @@
   joins the suspicion score;
 - LESS on the planted pool (seeds 0–2): target accuracy of the selection against a random selection of the same
   size and the full pool;
-- fact tracing (seed 0): F1 of TrackStar, two-stage tracing, TracIn and BM25, and each method's seconds as a
-  ratio to TracIn's.
+- fact tracing (seeds 0–2, one trained LM per seed shared by the methods): F1 of TrackStar, two-stage tracing
+  (MiniLM verifier, and the LM's gradient verifier), TracIn and BM25, and each method's seconds as a ratio to
+  TracIn's on the same LM.
 
     python benchmarks/bench_valuation.py --json benchmarks/results/valuation_cpu.json
 """
@@ -23,10 +24,12 @@ import torch
 
 from tda_explorer.compute.lava import LAVA
 from tda_explorer.evaluate import build_experiment, mislabel_auc, recall_at
-from tda_explorer.evaluate.facts import TRACING_METHODS, evaluate_tracing
+from tda_explorer.evaluate.facts import TRACING_METHODS, build_fact_experiment, evaluate_tracing
 from tda_explorer.evaluate.harness import run_method
 from tda_explorer.evaluate.selection import evaluate_selection
 from tda_explorer.evaluate.valuation import evaluate_lava
+
+PARTS = ("lava", "less", "facts")
 
 
 def _z(t: torch.Tensor) -> torch.Tensor:
@@ -53,25 +56,55 @@ def lava_rows(seeds: list[int]) -> list[dict]:
     return rows
 
 
+def fact_rows(seeds: list[int]) -> list[dict]:
+    """Every tracing method on one trained fact LM per seed; two-stage tracing also with MiniLM in float32 and with
+    the LM's gradient verifier."""
+    rows = []
+    for seed in seeds:
+        experiment = build_fact_experiment(seed)
+        runs = [(m, "auto", "auto") for m in TRACING_METHODS] + [("fasttrack", "auto", "minilm"),
+                                                                   ("fasttrack", "gradient", "auto")]
+        facts = [evaluate_tracing(m, seed=seed, verifier=v, embedding=e, experiment=experiment) for m, v, e in runs]
+        tracin = next(r for r in facts if r["method"] == "tracin")["seconds"]
+        for row in facts:
+            row.update(seed=seed, seconds_ratio_to_tracin=row["seconds"] / tracin)
+            print(json.dumps({k: row.get(k) for k in ("seed", "method", "verifier", "f1", "precision", "recall",
+                                                      "seconds", "seconds_ratio_to_tracin", "stage1_recall")}),
+                  flush=True)
+        rows += facts
+    return rows
+
+
+def facts_summary(rows: list[dict]) -> dict[str, float]:
+    """Mean F1 and time ratio to TracIn per method (two-stage tracing per verifier) over the seeds."""
+    label = lambda r: r["method"] + (f"[{r['verifier']}]" if "verifier" in r else "")
+    return {f"facts {name} {key}": float(np.mean([r[key] for r in rows if label(r) == name]))
+            for name in dict.fromkeys(map(label, rows)) for key in ("f1", "seconds_ratio_to_tracin")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="measure only these parts; the others are kept from an existing --json file")
     args = parser.parse_args()
     seeds = list(range(args.seeds))
-    result: dict = {"lava": lava_rows(seeds)}
-    result["less"] = []
-    for seed in seeds:
-        row = evaluate_selection("less", seed=seed)
-        result["less"].append(row)
-        print(json.dumps({k: row[k] for k in ("target_acc_selected", "target_acc_random", "target_acc_full",
-                                              "selected_precision")}), flush=True)
-    facts = {m: evaluate_tracing(m) for m in TRACING_METHODS}
-    for row in facts.values():
-        row["seconds_ratio_to_tracin"] = row["seconds"] / facts["tracin"]["seconds"]
-        print(json.dumps({k: row.get(k) for k in ("method", "f1", "precision", "recall", "seconds",
-                                                  "seconds_ratio_to_tracin", "stage1_recall")}), flush=True)
-    result["facts"] = list(facts.values())
+    result: dict = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    if "lava" in args.parts:
+        result["lava"] = lava_rows(seeds)
+    if "less" in args.parts:
+        result["less"] = []
+        for seed in seeds:
+            row = evaluate_selection("less", seed=seed)
+            result["less"].append(row)
+            print(json.dumps({k: row[k] for k in ("target_acc_selected", "target_acc_random", "target_acc_full",
+                                                  "selected_precision")}), flush=True)
+    if "facts" in args.parts:
+        result["facts"] = fact_rows(seeds)
+    missing = [part for part in PARTS if part not in result]
+    if missing:
+        raise SystemExit(f"no figures for {missing}: measure them (--parts) or name a --json file holding them")
     result["summary"] = {
         "lava_auc_mean": float(np.mean([r["mislabel_auc"] for r in result["lava"]])),
         "lava_no_label_term_auc_mean": float(np.mean([r["no_label_term_mislabel_auc"] for r in result["lava"]])),
@@ -79,6 +112,7 @@ def main() -> None:
         "suspicion_plus_lava_auc_mean": float(np.mean([r["suspicion_plus_lava_auc"] for r in result["lava"]])),
         "less_minus_random_points": float(np.mean([100 * (r["target_acc_selected"] - r["target_acc_random"])
                                                    for r in result["less"]])),
+        **facts_summary(result["facts"]),
     }
     print(json.dumps(result["summary"]))
     if args.json:

