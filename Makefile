@@ -50,6 +50,7 @@ bench: bench-deps
 	$(PY) benchmarks/bench_inrun.py --json benchmarks/results/inrun_cpu.json
 	$(PY) benchmarks/bench_access.py --json benchmarks/results/access_cpu.json
 	$(PY) benchmarks/bench_valuation.py --json benchmarks/results/valuation_cpu.json
+	$(PY) benchmarks/peer_less.py --live --json benchmarks/results/less_peer_cpu.json
 
 lint: setup
 	$(VENV)/bin/ruff check tda_explorer tests benchmarks
