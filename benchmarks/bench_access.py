@@ -61,18 +61,22 @@ def curve_rows(epochs: list[int], seeds: int) -> list[dict]:
     return rows
 
 
-def ensemble_rows(cache_dir: str) -> list[dict]:
-    """TRAK ensembles on digits-MLP: independent models, dropout masks on the trained model, LoRA adapters."""
+def ensemble_rows(cache_dir: str, model: str = "mlp") -> list[dict]:
+    """TRAK ensembles on digits-``model``: independent models, dropout masks on the trained model (``mlp``: Dropout
+    added after training; ``mlp-dropout``: the recipe's model, trained with Dropout(0.1) before its last layer),
+    both combined, LoRA adapters. Training seconds beyond the attributed model, as the engine trains extra members
+    (in lock-step) and as independent runs would (members − 1 times one model's training)."""
     import time
 
     from tda_explorer import AttributionTask
     from tda_explorer.compute.lora import add_dropout
     from tda_explorer.compute.methods import get_method
     from tda_explorer.compute.methods.lora_ensemble import stored_bytes
-    from tda_explorer.compute.training import train_model
+    from tda_explorer.compute.training import has_active_dropout, train_model
     from tda_explorer.evaluate import lds
+    from tda_explorer.evaluate.harness import method_options
 
-    exp = build_experiment("mlp")
+    exp = build_experiment(model)
     train, test = exp.split.train, exp.split.test
     truth = subset_ground_truth(exp, cache_dir=cache_dir)
     started = time.perf_counter()
@@ -80,11 +84,13 @@ def ensemble_rows(cache_dir: str) -> list[dict]:
     one_model = time.perf_counter() - started
     rows = []
 
-    def add(kind, size, method, training_seconds):
+    def add(kind, size, masks, method, training_seconds):
         started = time.perf_counter()
         scores = method.fit(train).attribute(test).scores
-        row = {"ensemble": kind, "members": size, "lds": lds(scores, truth.masks, truth.measurements)[0],
-               "training_seconds": training_seconds, "attribution_seconds": time.perf_counter() - started,
+        row = {"model": model, "ensemble": kind, "members": size, "masks": masks,
+               "lds": lds(scores, truth.masks, truth.measurements)[0], "training_seconds": training_seconds,
+               "independent_runs_training_seconds": (size - 1) * one_model if kind != "lora" else None,
+               "attribution_seconds": time.perf_counter() - started,
                "stored_bytes": stored_bytes(method) if kind != "lora" else method.stored_bytes_,
                "one_model_training_seconds": one_model}
         if kind == "lora":
@@ -94,15 +100,19 @@ def ensemble_rows(cache_dir: str) -> list[dict]:
         print(json.dumps(row), flush=True)
 
     for k in (1, 2, 5, 10):
-        from tda_explorer.evaluate.harness import method_options
-
         options, extra = method_options(exp, "trak", ensemble=k)
-        add("independent", k, get_method("trak", exp.task(), **options), extra)  # k − 1 more models, lock-step
-    dropout_task = AttributionTask(add_dropout(exp.record.model, 0.1), weight_decay=exp.config.weight_decay)
+        add("independent", k, 1, get_method("trak", exp.task(), **options), extra)  # k − 1 more models, lock-step
+    trained_with_dropout = any(isinstance(m, torch.nn.Dropout) for m in exp.record.model)
+    dropout_model = exp.record.model if trained_with_dropout else add_dropout(exp.record.model, 0.1)
+    dropout_task = AttributionTask(dropout_model, weight_decay=exp.config.weight_decay)
     for m in (5, 10, 20):
-        add("dropout", m, get_method("trak", dropout_task, dropout_masks=m), 0.0)
+        add("dropout", 1, m, get_method("trak", dropout_task, dropout_masks=m), 0.0)
+    if trained_with_dropout:
+        options, extra = method_options(exp, "trak", ensemble=2)
+        add("independent+dropout", 2, 10, get_method("trak", exp.task(), dropout_masks=10, **options), extra)
     for m in (5, 10):
-        add("lora", m, get_method("lora-ensemble", exp.task(), members=m, rank=10, epochs=1), 0.0)
+        add("lora", m, 1, get_method("lora-ensemble", exp.task(), members=m, rank=10, epochs=1), 0.0)
+    assert not has_active_dropout(exp.record.model)  # the attributed model itself stays in eval mode
     return rows
 
 
@@ -144,6 +154,7 @@ def main() -> None:
     if args.only == "ensembles":
         result = json.loads(path.read_text()) if path.exists() else {}
         result["ensembles"] = ensemble_rows(args.cache_dir)
+        result["ensembles_mlp_dropout"] = ensemble_rows(args.cache_dir, "mlp-dropout")
         path.write_text(json.dumps(result, indent=2))
         return
     result = {"threads": torch.get_num_threads(), "proxies": proxy_rows(args.cache_dir)}
@@ -151,6 +162,7 @@ def main() -> None:
     draw_curve(result["further_training"], Path("assets/further_training.html"))
     result["backdoor"] = backdoor_rows()
     result["ensembles"] = ensemble_rows(args.cache_dir)
+    result["ensembles_mlp_dropout"] = ensemble_rows(args.cache_dir, "mlp-dropout")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
 

@@ -163,12 +163,16 @@ def access_tables(path: Path) -> str:
         out += [f"| {r['method']} | {fmt(r['attack_success'], 2)} | {fmt(r['backdoor_auc'])} | "
                 f"{fmt(r['backdoor_auc_dda'])} | {fmt(r['recall_at_20'], 2)} | {fmt(r['recall_at_20_dda'], 2)} |"
                 for r in data["backdoor"]]
-    if data.get("ensembles"):
-        out += ["", f"### TRAK ensembles ({path.stem}: digits-MLP; training seconds beyond the attributed model)", "",
-                "| ensemble | members | LDS | training s | attribution s | stored bytes |",
-                "| --- | --- | --- | --- | --- | --- |"]
-        out += [f"| {r['ensemble']} | {r['members']} | {fmt(r['lds'])} | {fmt(r['training_seconds'], 2)} | "
-                f"{fmt(r['attribution_seconds'], 2)} | {r['stored_bytes']:,} |" for r in data["ensembles"]]
+    rows = data.get("ensembles", []) + data.get("ensembles_mlp_dropout", [])
+    if rows:
+        out += ["", f"### TRAK ensembles ({path.stem}: digits; training seconds beyond the attributed model, in "
+                "lock-step and as independent runs)", "",
+                "| model | ensemble | members | masks | LDS | training s | independent runs s | attribution s | "
+                "stored bytes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r.get('model', 'mlp')} | {r['ensemble']} | {r['members']} | {r.get('masks', '')} | "
+                f"{fmt(r['lds'])} | {fmt(r['training_seconds'], 2)} | "
+                f"{fmt(r.get('independent_runs_training_seconds'), 2)} | {fmt(r['attribution_seconds'], 2)} | "
+                f"{r['stored_bytes']:,} |" for r in rows]
     return "\n".join(out)
 
 

@@ -77,6 +77,28 @@ def _objective(base: nn.Module, weight_decay: float) -> Callable:
     return loss
 
 
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` in its current mode draws Dropout masks (training mode and a Dropout with p > 0)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
+
+
+def _gradient_step(base: nn.Module, objective: Callable, seed: int, device: torch.device) -> Callable:
+    """``step(t, *args)``: ``vmap(grad(objective))`` over stacked models. When ``base`` has active Dropout, each model
+    draws its own masks from a stream seeded by ``seed`` and the step ``t`` (a rerun draws the same masks), and the
+    caller's global RNG state is left as it was."""
+    gradients = vmap(grad(objective), randomness="different" if has_active_dropout(base) else "error")
+    if not has_active_dropout(base):
+        return lambda t, *args: gradients(*args)
+    devices = [] if device.type == "cpu" else [device]
+
+    def step(t: int, *args):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed) * 1_000_003 + t)
+            return gradients(*args)
+
+    return step
+
+
 def _optimizer_step(params: dict, grads: dict, state: dict, t: int, config: TrainConfig) -> None:
     """One SGD or Adam step on stacked parameters, in place (``state``: Adam's moments per name)."""
     b1, b2, eps = 0.9, 0.999, 1e-8
@@ -127,7 +149,7 @@ class EnsembleTrainer:
         params, _ = stack_module_state(models)
         self.params = {k: v.detach().clone() for k, v in params.items()}
         base = copy.deepcopy(models[0]).to("meta")
-        self.step_fn = vmap(grad(_objective(base, config.weight_decay)))
+        self.step_fn = _gradient_step(base, _objective(base, config.weight_decay), seeds[0], self.dev)
         self.inputs, self.labels = inputs.to(self.dev), labels.to(self.dev)
         self.subsets = subsets.to(self.dev)
         self.gen = torch.Generator(device="cpu").manual_seed(int(seeds[0]) * 7919 + 17)
@@ -144,7 +166,7 @@ class EnsembleTrainer:
             shuffled = torch.gather(self.subsets, 1, order)
             for start in range(0, m, bs):
                 idx = shuffled[:, start : start + bs]
-                grads = self.step_fn(self.params, self.inputs[idx], self.labels[idx])
+                grads = self.step_fn(self.t, self.params, self.inputs[idx], self.labels[idx])
                 self.t += 1
                 _optimizer_step(self.params, grads, self.state, self.t, c)
         return self.params
@@ -203,7 +225,7 @@ def train_weighted(
             loss = loss + 0.5 * config.weight_decay * sum((q * q).sum() for q in p.values())
         return loss
 
-    step_fn = vmap(grad(objective))
+    step_fn = _gradient_step(base, objective, seeds[0], dev)
     inputs, labels, weights = inputs.to(dev), labels.to(dev), weights.to(dev, next(iter(params.values())).dtype)
     gens = [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
     state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
@@ -215,7 +237,7 @@ def train_weighted(
             idx = order[:, start : start + bs]
             if callback is not None:
                 callback(t, idx[0], {k: v[0] for k, v in params.items()}, config.lr)
-            grads = step_fn(params, inputs[idx], labels[idx], torch.gather(weights, 1, idx))
+            grads = step_fn(t, params, inputs[idx], labels[idx], torch.gather(weights, 1, idx))
             t += 1
             _optimizer_step(params, grads, state, t, config)
     return params

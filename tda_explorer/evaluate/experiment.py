@@ -24,6 +24,7 @@ TRAIN_CONFIGS = {
     "lr": TrainConfig(epochs=300, batch_size=1000, lr=5e-2, weight_decay=1e-2, n_checkpoints=6),
     "mlp": TrainConfig(epochs=50, batch_size=64, lr=0.1, weight_decay=1e-2, optimizer="sgd", n_checkpoints=10),
     "mlp-gelu": TrainConfig(epochs=50, batch_size=64, lr=0.1, weight_decay=1e-2, optimizer="sgd", n_checkpoints=10),
+    "mlp-dropout": TrainConfig(epochs=50, batch_size=64, lr=0.1, weight_decay=1e-2, optimizer="sgd", n_checkpoints=10),
     "transformer": TrainConfig(epochs=15, batch_size=32, lr=3e-3, weight_decay=1e-3, n_checkpoints=5),
 }
 EXPERIMENT_MODELS = tuple(TRAIN_CONFIGS)
