@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -69,24 +70,16 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from tda_explorer.compute.less import LESS, AdamCheckpoint, WarmupConfig, warmup
+from tda_explorer.compute.less import LESS, AdamCheckpoint, WarmupConfig, allocate, warmup
 from tda_explorer.compute.losses import cross_entropy
 from tda_explorer.compute.models import make_model
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.data.planted import load_planted_pool
 
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import IndexedModel  # noqa: E402
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class _Indexed(nn.Module):
-    """``net`` with an ignored ``idx`` argument, so that dattri-llm identifies samples by position."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x)
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -157,7 +150,7 @@ def dattri_llm_less_scores(model: nn.Module, model_checkpoints: Sequence[dict[st
         raise ValueError("model_checkpoints, optimizers and lrs must match one to one and not be empty")
     if path not in ("cache", "live"):
         raise ValueError(f"path must be 'cache' or 'live', got {path!r}")
-    wrapped = _Indexed(model).cpu().eval()
+    wrapped = IndexedModel(model).cpu().eval()
     config = _hook_config(projection_dim, proj_type, proj_seed)
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         # torch warns that the first layer's full backward hook sees no input gradient (its input is data)
@@ -230,20 +223,6 @@ def subtask_totals(pairs: torch.Tensor, subtasks: Sequence[Any]) -> tuple[torch.
     names = list(dict.fromkeys(subtasks))
     rows = torch.tensor([names.index(s) for s in subtasks])
     return torch.stack([pairs[rows == j].mean(0) for j in range(len(names))], 1), names
-
-
-def allocate(total: torch.Tensor, k: int, allocation: str = "per-subtask") -> list[int]:
-    """The top ``k`` pool positions by ``total`` ``[n_pool, J]``, as ``LESS.select`` fills them."""
-    if allocation == "max":
-        return torch.argsort(total.max(1).values, descending=True, stable=True)[:k].tolist()
-    orders = [iter(torch.argsort(column, descending=True, stable=True).tolist()) for column in total.T]
-    chosen, taken, j = [], set(), 0
-    while len(chosen) < k:
-        position = next(i for i in orders[j % len(orders)] if i not in taken)
-        chosen.append(position)
-        taken.add(position)
-        j += 1
-    return chosen
 
 
 def compare(a: torch.Tensor, b: torch.Tensor, subtasks: Sequence[Any], k: int, source: np.ndarray,

@@ -288,7 +288,7 @@ def kronfluence_scores(exp: Experiment, strategy: str = "ekfac", device: str = "
     return scores.detach().float().cpu(), time.perf_counter() - t0
 
 
-class _Indexed(nn.Module):
+class IndexedModel(nn.Module):
     """``net`` with an ignored ``idx`` argument, so that dattri-llm's hooks read each sample's id from it."""
 
     def __init__(self, net: nn.Module):
@@ -337,7 +337,7 @@ def dattri_llm_scores(exp: Experiment, method: str = "kfac", device: str = "cpu"
     options = {} if damping is None else {"damping": exp.config.weight_decay if damping == "wd" else damping}
     tr, te = exp.split.train, exp.split.test
     t0 = time.perf_counter()
-    model = _Indexed(copy.deepcopy(exp.record.model)).to(device).eval()  # its hooks go on a copy
+    model = IndexedModel(copy.deepcopy(exp.record.model)).to(device).eval()  # its hooks go on a copy
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         # torch warns that the first layer's full backward hook sees no input gradient (its input is data)
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)

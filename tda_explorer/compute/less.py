@@ -272,19 +272,27 @@ class LESS:
         total, names = self.subtask_scores(target, subtasks)
         k = max(1, round(fraction * len(total)))
         best, which = total.max(1)
-        if allocation == "max":
-            chosen = torch.argsort(best, descending=True, stable=True)[:k].tolist()
-        else:
-            orders = [iter(torch.argsort(column, descending=True, stable=True).tolist()) for column in total.T]
-            chosen, taken, j = [], set(), 0
-            while len(chosen) < k:
-                position = next(i for i in orders[j % len(names)] if i not in taken)
-                chosen.append(position)
-                taken.add(position)
-                j += 1
+        chosen = allocate(total, k, allocation)
         return pd.DataFrame({"rank": np.arange(1, k + 1), "train_id": [self.pool_.ids[i] for i in chosen],
                              "score": best[chosen].numpy(), "best_subtask": [names[which[i]] for i in chosen],
                              "label": [self.pool_.labels[i].tolist() for i in chosen]})
+
+
+def allocate(total: torch.Tensor, k: int, allocation: str = "per-subtask") -> list[int]:
+    """The ``k`` pool positions chosen from subtask scores ``total`` ``[n_pool, J]``: "max" — the top k by the best
+    subtask score (the paper's); "per-subtask" — the subtasks take turns, each adding its best example not yet
+    chosen."""
+    check_choice(allocation, "allocation", ALLOCATIONS)
+    if allocation == "max":
+        return torch.argsort(total.max(1).values, descending=True, stable=True)[:k].tolist()
+    orders = [iter(torch.argsort(column, descending=True, stable=True).tolist()) for column in total.T]
+    chosen, taken, j = [], set(), 0
+    while len(chosen) < k:
+        position = next(i for i in orders[j % len(orders)] if i not in taken)
+        chosen.append(position)
+        taken.add(position)
+        j += 1
+    return chosen
 
 
 def select(model: nn.Module, pool: AttributionDataset, target: AttributionDataset, fraction: float = 0.05, *,
