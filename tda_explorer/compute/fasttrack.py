@@ -60,6 +60,22 @@ def recursive_kmeans(embeddings: np.ndarray, max_cluster_size: int, seed: int = 
     return sorted(clusters, key=lambda c: int(c[0]))
 
 
+def checked_embeddings(embed: Embedder, texts: list[str], argument: str = "texts") -> torch.Tensor:
+    """``embed(texts)`` as a tensor, or a clear error unless it is ``[len(texts), d]`` and finite."""
+    vectors = torch.as_tensor(embed(texts))
+    if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+        raise TDAError(f"embed must map {len(texts)} {argument} to [n, d], got {tuple(vectors.shape)}")
+    if not torch.isfinite(vectors).all():
+        raise TDAError(f"embed returned NaN or inf for the {argument}")
+    return vectors
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64 with every row scaled to unit norm (zero rows stay zero)."""
+    x = torch.as_tensor(x).double()
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
 class CachedEmbedding:
     """An embedder that embeds each distinct text once: share one between stage 1 and an embedding verifier and the
     corpus is embedded a single time."""
@@ -72,10 +88,7 @@ class CachedEmbedding:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if missing:
-            vectors = torch.as_tensor(self.embed(missing))
-            if vectors.ndim != 2 or vectors.shape[0] != len(missing):
-                raise TDAError(f"embed must map {len(missing)} texts to [n, d], got {tuple(vectors.shape)}")
-            self.cache.update(zip(missing, vectors))
+            self.cache.update(zip(missing, checked_embeddings(self.embed, missing)))
         return torch.stack([self.cache[t] for t in texts]) if texts else torch.empty(0, 0)
 
 
@@ -92,11 +105,6 @@ def check_verifier_scores(scores: Any, n: int, verifier: str) -> np.ndarray:
         raise TDAError(f"verifier {verifier!r} returned NaN or inf scores for texts "
                        f"{np.flatnonzero(~np.isfinite(array)).tolist()}")
     return array
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x).double()
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 class TwoStageTracer:
@@ -131,12 +139,7 @@ class TwoStageTracer:
         self.texts_: list[str] | None = None
 
     def _embed(self, texts: list[str], argument: str) -> torch.Tensor:
-        emb = torch.as_tensor(self.embed(list(texts)))
-        if emb.ndim != 2 or emb.shape[0] != len(texts):
-            raise TDAError(f"embed must map the {len(texts)} {argument} to [n, d], got {tuple(emb.shape)}")
-        if not torch.isfinite(emb).all():
-            raise TDAError(f"embed returned NaN or inf for the {argument}")
-        return _unit(emb)
+        return unit_rows(checked_embeddings(self.embed, list(texts), argument))
 
     def fit(self, texts: Sequence[str], ids: Sequence[Any] | None = None) -> TwoStageTracer:
         """Embed and cluster the training ``texts``; returns ``self``."""
@@ -149,7 +152,7 @@ class TwoStageTracer:
         t0 = time.perf_counter()
         self.embeddings_ = self._embed(texts, "training texts")
         self.clusters_ = recursive_kmeans(self.embeddings_.numpy(), self.max_cluster_size, self.seed)
-        self.centroids_ = _unit(torch.stack([self.embeddings_[c].mean(0) for c in self.clusters_]))
+        self.centroids_ = unit_rows(torch.stack([self.embeddings_[c].mean(0) for c in self.clusters_]))
         self.texts_, self.ids_ = texts, ids
         self.fit_seconds_ = time.perf_counter() - t0
         return self

@@ -45,19 +45,23 @@ def minilm_directory() -> Path:
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file: an 8-byte little-endian header length, a JSON header naming each
     tensor's dtype, shape and byte range, then the raw bytes."""
-    data = Path(path).read_bytes()
+    data = bytearray(Path(path).read_bytes())  # one writable copy that every tensor views
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + size])
-    body = memoryview(data)[8 + size:]
     tensors = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
         if spec["dtype"] not in SAFETENSORS_DTYPES:
             raise TDAError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, which this reader does not handle")
+        dtype = SAFETENSORS_DTYPES[spec["dtype"]]
         start, end = spec["data_offsets"]
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=SAFETENSORS_DTYPES[spec["dtype"]])
-        tensors[name] = flat.reshape(spec["shape"])
+        count = (end - start) // dtype.itemsize
+        if count == 0:  # frombuffer refuses empty views
+            tensors[name] = torch.empty(spec["shape"], dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + start).reshape(
+                spec["shape"])
     return tensors
 
 

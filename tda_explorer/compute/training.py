@@ -86,8 +86,9 @@ def _gradient_step(base: nn.Module, objective: Callable, seed: int, device: torc
     """``step(t, *args)``: ``vmap(grad(objective))`` over stacked models. When ``base`` has active Dropout, each model
     draws its own masks from a stream seeded by ``seed`` and the step ``t`` (a rerun draws the same masks), and the
     caller's global RNG state is left as it was."""
-    gradients = vmap(grad(objective), randomness="different" if has_active_dropout(base) else "error")
-    if not has_active_dropout(base):
+    stochastic = has_active_dropout(base)
+    gradients = vmap(grad(objective), randomness="different" if stochastic else "error")
+    if not stochastic:
         return lambda t, *args: gradients(*args)
     devices = [] if device.type == "cpu" else [device]
 

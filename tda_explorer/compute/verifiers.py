@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, as_device, check_choice
-from tda_explorer.compute.fasttrack import Embedder, Query, query_text
+from tda_explorer.compute.fasttrack import Embedder, Query, checked_embeddings, query_text, unit_rows
 from tda_explorer.compute.featurize import make_projector
 from tda_explorer.compute.gradients import iter_per_sample_gradients
 from tda_explorer.compute.losses import cross_entropy
@@ -120,16 +120,11 @@ class EmbeddingVerifier:
             raise TDAError(f"embed must be a callable texts -> [n, d], got {type(embed).__name__}")
         self.embed, self.name = embed, name
 
-    def _unit(self, texts: list[str]) -> torch.Tensor:
-        vectors = torch.as_tensor(self.embed(texts)).double()
-        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise TDAError(f"embed must map {len(texts)} texts to [n, d], got {tuple(vectors.shape)}")
-        return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)
-
     def __call__(self, query: Query, texts: list[str]) -> list[float]:
         if not texts:
             return []
-        return (self._unit(list(texts)) @ self._unit([query_text(query)])[0]).tolist()
+        candidates = unit_rows(checked_embeddings(self.embed, list(texts)))
+        return (candidates @ unit_rows(checked_embeddings(self.embed, [query_text(query)], "query"))[0]).tolist()
 
 
 class HuggingFaceVerifier:
