@@ -53,7 +53,7 @@ bench: bench-deps
 	$(PY) benchmarks/peer_less.py --live --json benchmarks/results/less_peer_cpu.json
 
 lint: setup
-	$(VENV)/bin/ruff check tda_explorer tests benchmarks
+	$(VENV)/bin/ruff check tda_explorer tests benchmarks notebooks
 
 clean:
 	rm -rf $(VENV) tda_output .pytest_cache

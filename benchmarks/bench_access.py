@@ -107,9 +107,10 @@ def ensemble_rows(cache_dir: str, model: str = "mlp") -> list[dict]:
     dropout_task = AttributionTask(dropout_model, weight_decay=exp.config.weight_decay)
     for m in (5, 10, 20):
         add("dropout", 1, m, get_method("trak", dropout_task, dropout_masks=m), 0.0)
-    if trained_with_dropout:
-        options, extra = method_options(exp, "trak", ensemble=2)
-        add("independent+dropout", 2, 10, get_method("trak", exp.task(), dropout_masks=10, **options), extra)
+    if trained_with_dropout:  # the general form: K independent models × M masks each
+        for m in (5, 10):
+            options, extra = method_options(exp, "trak", ensemble=2)
+            add("independent+dropout", 2, m, get_method("trak", exp.task(), dropout_masks=m, **options), extra)
     for m in (5, 10):
         add("lora", m, 1, get_method("lora-ensemble", exp.task(), members=m, rank=10, epochs=1), 0.0)
     return rows

@@ -173,7 +173,28 @@ def access_tables(path: Path) -> str:
                 f"{fmt(r['lds'])} | {fmt(r['training_seconds'], 2)} | "
                 f"{fmt(r.get('independent_runs_training_seconds'), 2)} | {fmt(r['attribution_seconds'], 2)} | "
                 f"{r['stored_bytes']:,} |" for r in rows]
+        out += ["", "Cheap ensembles against five independent models (models trained, as a ratio to five):", ""]
+        out += [f"- {line}" for line in cheap_ensemble_summary(rows)]
     return "\n".join(out)
+
+
+def cheap_ensemble_summary(rows: list[dict]) -> list[str]:
+    """Per model: the dropout / LoRA ensembles whose LDS reaches five independent models', with the ratio of their
+    training (models trained, as independent runs) to the five models' training."""
+    lines = []
+    for model in dict.fromkeys(r.get("model", "mlp") for r in rows):
+        mine = [r for r in rows if r.get("model", "mlp") == model]
+        five = next((r for r in mine if r["ensemble"] == "independent" and r["members"] == 5), None)
+        if five is None:
+            continue
+        reached = [r for r in mine if r["ensemble"] != "independent" and r["lds"] >= five["lds"]]
+        if not reached:
+            lines.append(f"{model}: none reaches five models' LDS {fmt(five['lds'])}")
+        for r in reached:
+            ratio = (r["members"] if r["ensemble"] != "lora" else 1) / 5
+            lines.append(f"{model}: {r['ensemble']} {r['members']} × {r['masks']} masks, LDS {fmt(r['lds'])} ≥ "
+                         f"{fmt(five['lds'])} at {ratio:.1f}× the five models' training")
+    return lines
 
 
 def quanda_table(path: Path) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tda_explorer._validation import TDAError, check_finite
+from tda_explorer.compute.dropout_masks import DropoutMasks
 from tda_explorer.jobs import check_cancelled
 
 
@@ -41,19 +43,12 @@ def iter_per_sample_gradients(
     """Yield ``(rows, gradients [chunk, p])`` of ``loss_fn`` per example w.r.t. ``names``.
 
     The model is run in eval mode (BatchNorm uses running statistics, Dropout is off) so that
-    each example's gradient does not depend on the rest of its batch. With ``dropout_seed`` the
-    Dropout modules alone are switched to train mode with one mask shared by every example (the
-    same sub-network for all, re-drawn identically for each chunk): one member of a dropout
-    ensemble.
+    each example's gradient does not depend on the rest of its batch. With ``dropout_seed`` each
+    example's Dropout mask is drawn from ``(dropout_seed, row)`` (``DropoutMasks``): one member of a
+    dropout ensemble, the same whatever the chunking.
     """
     was_training = model.training
     model.eval()
-    if dropout_seed is not None:
-        dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        if not dropouts:
-            raise TDAError("dropout ensemble requested but the model has no Dropout module")
-        for m in dropouts:
-            m.train()
     try:
         all_params = {k: v.detach().to(device) for k, v in model.named_parameters()}
         if params is not None:
@@ -63,26 +58,32 @@ def iter_per_sample_gradients(
         frozen = {k: v for k, v in all_params.items() if k not in tracked}
         n_params = sum(v.numel() for v in tracked.values())
 
-        def one(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        masks: DropoutMasks | None = None
+        current: list[torch.Tensor] = []
+
+        def one(p: dict, x: torch.Tensor, y: torch.Tensor, m: list[torch.Tensor]) -> torch.Tensor:
+            current[:] = m
             out = functional_call(model, {**frozen, **p, **buffers}, (x.unsqueeze(0),))
             return loss_fn(out, y.unsqueeze(0)).sum()
 
-        per_sample = vmap(grad(one), in_dims=(None, 0, 0), randomness="same" if dropout_seed is not None else "error")
+        per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0))
         chunk = _chunk_size(n_params, max_memory, len(inputs))
         for start in range(0, len(inputs), chunk):
             check_cancelled()
             rows = slice(start, min(start + chunk, len(inputs)))
-            with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
-                if dropout_seed is not None:
-                    torch.manual_seed(dropout_seed)
-                try:
-                    g = per_sample(tracked, inputs[rows].to(device), targets[rows].to(device))
-                except (RuntimeError, IndexError) as err:  # shape / dtype / device mismatches
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise TDAError(
-                        f"{argument}: the model failed on examples {start}..{rows.stop - 1} "
-                        f"(inputs {tuple(inputs.shape[1:])} {inputs.dtype}, targets {targets.dtype}): {first}"
-                    ) from err
+            try:
+                if dropout_seed is not None and masks is None:
+                    masks = DropoutMasks(model, dropout_seed, lambda: functional_call(
+                        model, {**frozen, **tracked, **buffers}, (inputs[:1].to(device),)))
+                m = [] if masks is None else masks.rows(rows, device)
+                with masks.applied(current) if masks is not None else nullcontext():
+                    g = per_sample(tracked, inputs[rows].to(device), targets[rows].to(device), m)
+            except (RuntimeError, IndexError) as err:  # shape / dtype / device mismatches
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise TDAError(
+                    f"{argument}: the model failed on examples {start}..{rows.stop - 1} "
+                    f"(inputs {tuple(inputs.shape[1:])} {inputs.dtype}, targets {targets.dtype}): {first}"
+                ) from err
             flat = torch.cat([g[k].reshape(rows.stop - start, -1) for k in names], dim=1)
             check_finite(flat, "per-sample gradients", None if ids is None else ids[rows])
             yield rows, flat

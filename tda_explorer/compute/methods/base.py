@@ -11,6 +11,7 @@ import torch
 
 from tda_explorer._validation import TDAError, as_device, check_positive_int
 from tda_explorer.compute.attribution import Attribution
+from tda_explorer.compute.dropout_masks import mask_seed
 from tda_explorer.compute.featurize import iter_features, make_projector
 from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.store import FeatureStore
@@ -112,6 +113,8 @@ class Attributor(ABC):
             cached = self.store.get(key)
             if cached is not None:
                 return cached.to(self.device)
+        if dropout_seed is not None:
+            dropout_seed = mask_seed(dropout_seed, test)
         features = torch.cat([g for _, g in iter_features(
             self.task, data, loss_fn, self.projector, params=params, max_memory=self.max_memory, device=self.device,
             dropout_seed=dropout_seed, argument="test" if test else "train",

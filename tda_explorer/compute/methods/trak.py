@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
+from tda_explorer.compute.dropout_masks import DropoutMasks, mask_seed
 from tda_explorer.compute.losses import neg_margin
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.task import AttributionTask
@@ -40,7 +41,8 @@ class TRAK(Attributor):
     n_checkpoints : int, optional
         Ensemble over the last ``n_checkpoints`` of the task's checkpoints instead.
     dropout_masks : int, optional
-        For each member, also average over this many Dropout masks (the model needs Dropout).
+        For each member, also average over this many Dropout passes (the model needs Dropout): each pass draws
+        a mask per example, for training and test gradients and for Q (``compute.dropout_masks``).
     """
 
     name = "trak"
@@ -75,11 +77,20 @@ class TRAK(Attributor):
         seeds = [None] if self.dropout_masks is None else list(range(self.dropout_masks))
         return [(i, params, s) for i, params in enumerate(self.members) for s in seeds]
 
-    def _q(self, data: AttributionDataset, params: dict) -> torch.Tensor:
+    def _q(self, data: AttributionDataset, params: dict, dropout_seed: int | None) -> torch.Tensor:
+        """1 − correct-class probability, under the same per-example Dropout masks as the training features."""
         state = {k: v.to(self.device) for k, v in {**self.task.model.state_dict(), **params}.items()}
-        model = self.task.model
+        model = self.task.model.eval()
+        inputs = data.inputs.to(self.device)
         with torch.no_grad():
-            out = torch.func.functional_call(model.eval(), state, (data.inputs.to(self.device),))
+            if dropout_seed is None:
+                out = torch.func.functional_call(model, state, (inputs,))
+            else:
+                masks = DropoutMasks(model, mask_seed(dropout_seed, test=False),
+                                     lambda: torch.func.functional_call(model, state, (inputs[:1],)))
+                current = masks.rows(slice(0, len(inputs)), self.device)
+                with masks.applied(current):
+                    out = torch.func.functional_call(model, state, (inputs,))
             p = out.softmax(-1).gather(1, data.labels.to(self.device).unsqueeze(1)).squeeze(1)
         return 1 - p
 
@@ -109,7 +120,7 @@ class TRAK(Attributor):
             self.chol_.append(chol)
             self.dual_.append(dual)
             self.lam_.append(lam)
-            qs.append(self._q(train, params))
+            qs.append(self._q(train, params, seed))
         self.q_ = torch.stack(qs).mean(0)
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
