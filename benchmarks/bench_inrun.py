@@ -1,7 +1,7 @@
 """In-Run Data Shapley on digits with 10% flipped labels: the values as a mislabel ranking (lowest first), and
 training throughput with the recorder on as a ratio to the same run without it (both measured here): the
 step-callback form beside the engine's vmapped step, and the single-pass form in a plain torch.optim loop on the
-digits MLP and on the 20k-image CNN speed task.
+digits MLP and on the 20k-image CNN speed task, carrying the whole validation set or a rotating slice of it per step.
 
     python benchmarks/bench_inrun.py --json benchmarks/results/inrun_cpu.json
 """
@@ -39,7 +39,10 @@ def _loop(model, train, config, epochs: int, shapley=None, seed: int = 0) -> flo
     return time.perf_counter() - started
 
 
-def single_pass_rows(n_validation: int) -> list[dict]:
+def single_pass_rows(n_validation: int, validation_batches: tuple[int | None, ...], repeats: int) -> list[dict]:
+    """Single-pass recorder against plain training, in interleaved pairs (plain, recorded) so that drifts in the
+    machine's speed hit both alike: the median ratio of ``repeats`` pairs, per validation batch."""
+    import statistics
     from dataclasses import replace
 
     from tda_explorer import AttributionTask
@@ -54,20 +57,28 @@ def single_pass_rows(n_validation: int) -> list[dict]:
               lambda: exp.factory(0), exp.config, exp.config.epochs),
              ("cnn-20k", cnn_split.train, cnn_split.test, lambda: make_model("cnn", 1024, 10, seed=0), cnn_config, 1)]
     for name, train, validation, factory, config, epochs in tasks:
-        plain = min(_loop(factory(), train, config, epochs) for _ in range(2))
-        model = factory()
-        shapley = InRunShapley(AttributionTask(model), train, validation, min(config.batch_size, len(train)))
-        recorded = _loop(model, train, config, epochs, shapley)
-        row = {"model": name, "order": 1, "form": f"single pass, torch.optim loop, {len(validation)} validation",
-               "plain_seconds": plain,
-               "recorded_seconds": recorded, "throughput_ratio": plain / recorded, "steps": shapley.steps}
-        if name == "mlp":
-            suspicion = -shapley.values
-            row.update(mislabel_auc=mislabel_auc(suspicion, exp.split.flipped),
-                       recall_at_10=recall_at(suspicion, exp.split.flipped, 0.1),
-                       recall_at_20=recall_at(suspicion, exp.split.flipped, 0.2))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for validation_batch in validation_batches:
+            ratios, plains, recordeds = [], [], []
+            for _ in range(repeats):
+                plains.append(_loop(factory(), train, config, epochs))
+                model = factory()
+                shapley = InRunShapley(AttributionTask(model), train, validation, min(config.batch_size, len(train)),
+                                       validation_batch=validation_batch)
+                recordeds.append(_loop(model, train, config, epochs, shapley))
+                ratios.append(plains[-1] / recordeds[-1])
+            carried = validation_batch or len(validation)
+            row = {"model": name, "order": 1,
+                   "form": f"single pass, torch.optim loop, {carried} of {len(validation)} validation rows per step",
+                   "validation_batch": carried, "plain_seconds": statistics.median(plains),
+                   "recorded_seconds": statistics.median(recordeds), "throughput_ratio": statistics.median(ratios),
+                   "throughput_ratios": ratios, "steps": shapley.steps}
+            if name == "mlp":
+                suspicion = -shapley.values
+                row.update(mislabel_auc=mislabel_auc(suspicion, exp.split.flipped),
+                           recall_at_10=recall_at(suspicion, exp.split.flipped, 0.1),
+                           recall_at_20=recall_at(suspicion, exp.split.flipped, 0.2))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -76,8 +87,20 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     parser.add_argument("--n-validation", type=int, default=100)
     parser.add_argument("--single-pass-validation", type=int, default=32,
-                        help="validation rows carried through every training step by the single-pass form")
+                        help="the single-pass form's validation set")
+    parser.add_argument("--validation-batches", default="all,8",
+                        help="validation rows the single pass carries per step ('all' or a number), comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved plain/recorded pairs per setting")
+    parser.add_argument("--only", choices=["single-pass"], default=None)
     args = parser.parse_args()
+    batches = tuple(None if b == "all" else int(b) for b in args.validation_batches.split(","))
+    path = Path(args.json)
+    if args.only == "single-pass":
+        result = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        kept = [r for r in result["rows"] if not r["form"].startswith("single pass")]
+        rows = kept + single_pass_rows(args.single_pass_validation, batches, args.repeats)
+        path.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        return
     rows = []
     for model in ("mlp", "mlp-gelu"):
         exp = build_experiment(model, noise=0.1)
@@ -102,8 +125,7 @@ def main() -> None:
                    "recorded_seconds": recorded, "throughput_ratio": plain / recorded, "steps": shapley.steps}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    rows += single_pass_rows(args.single_pass_validation)
-    path = Path(args.json)
+    rows += single_pass_rows(args.single_pass_validation, batches, args.repeats)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
 

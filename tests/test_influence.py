@@ -349,3 +349,16 @@ def test_astra_converges_to_the_explicit_solution_on_one_layer(tiny_data):
     got = astra.attribute(test).scores
     assert ((got - explicit).abs().max() / explicit.abs().max()) < 1e-4
     assert astra.residual_ < 1e-4
+
+
+@pytest.mark.parametrize("options", [dict(padding=1), dict(padding=0, stride=2), dict(padding=2, dilation=2),
+                                     dict(padding="same"), dict(padding="valid", stride=(2, 1)),
+                                     dict(kernel_size=(3, 5), padding=(1, 2), stride=(1, 2))])
+def test_conv_patches_equal_unfold(options):
+    from tda_explorer.compute.kfac import _patches, conv_padding
+
+    options = dict(options)
+    conv = nn.Conv2d(3, 4, options.pop("kernel_size", 3), **options)
+    x = torch.randn(5, 3, 11, 13)
+    expected = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv_padding(conv), conv.stride)
+    assert torch.equal(_patches(conv, x), expected)

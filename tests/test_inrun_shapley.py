@@ -159,8 +159,21 @@ def _cnn():
                                torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 3))
 
 
-@pytest.mark.parametrize("architecture", [_mlp, _cnn])
-def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(architecture):
+def _wide_mlp():  # few validation rows against wide layers: the pairwise ghost form
+    return torch.nn.Sequential(torch.nn.Linear(36, 40), torch.nn.Tanh(), torch.nn.Linear(40, 30))
+
+
+def _sequence():  # Linear over a sequence dimension
+    return torch.nn.Sequential(torch.nn.Unflatten(1, (6, 6)), torch.nn.Linear(6, 5), torch.nn.Tanh(),
+                               torch.nn.Flatten(), torch.nn.Linear(30, 3))
+
+
+@pytest.mark.parametrize("materialise", [True, False], ids=["per-example", "applied"])
+@pytest.mark.parametrize("architecture", [_mlp, _cnn, _wide_mlp, _sequence])
+def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(architecture, materialise,
+                                                                                monkeypatch):
+    if not materialise:  # the forms for layers whose per-example gradients would be too large
+        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PER_EXAMPLE_LIMIT", 0)
     gen = torch.Generator().manual_seed(3)
     width = 6 if architecture is _mlp else 36
     x, y = torch.randn(40, width, generator=gen), torch.randint(0, 3, (40,), generator=gen)
@@ -169,8 +182,9 @@ def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(
     torch.manual_seed(0)
     model = architecture()
     twin = copy.deepcopy(model)
-    single = InRunShapley(AttributionTask(model), train, val, batch_size=8)
-    callback = InRunShapley(AttributionTask(twin), train, val, batch_size=8)
+    few = 4 if architecture is _wide_mlp else None  # a rotating slice of the validation set, in both forms alike
+    single = InRunShapley(AttributionTask(model), train, val, batch_size=8, validation_batch=few)
+    callback = InRunShapley(AttributionTask(twin), train, val, batch_size=8, validation_batch=few)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step, rows in enumerate(torch.randperm(40, generator=gen).split(8)):
         callback(step, rows, {k: v.detach() for k, v in model.named_parameters()}, 0.1)
@@ -190,3 +204,25 @@ def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(
     partial = InRunShapley(AttributionTask(frozen_free, parameters=["0", "2"]), train, val, batch_size=8)
     with pytest.raises(TDAError, match="trainable parameters outside the tracked Linear/Conv2d layers"):
         partial.backward(rows, 0.1)
+
+
+def test_validation_batches_cycle_through_the_set_and_estimate_it_without_bias():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen)
+    xv, yv = torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (9,), generator=gen)
+    train, val = AttributionDataset(x, y), AttributionDataset(xv, yv)
+    model = torch.nn.Linear(4, 3).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    whole = InRunShapley(AttributionTask(model), train, val, batch_size=4)
+    sliced = InRunShapley(AttributionTask(model), train, val, batch_size=4, validation_batch=3)
+    seen = []
+    for step in range(3):  # one cycle: every validation row once, each slice scaled by 9 / 3
+        seen += sliced._validation_positions().tolist()
+        sliced(step, torch.arange(4), params, 0.1)
+        whole(step, torch.arange(4), params, 0.1)
+    assert sorted(seen) == list(range(9))
+    torch.testing.assert_close(sliced.values, whole.values)  # same parameters: the cycle's mean is the whole set's
+    with pytest.raises(TDAError, match="validation_batch must be at most the validation set's 9 rows, got 10"):
+        InRunShapley(AttributionTask(model), train, val, batch_size=4, validation_batch=10)
+    with pytest.raises(TDAError, match="validation_batch"):
+        InRunShapley(AttributionTask(model), train, val, batch_size=4, validation_batch=0)

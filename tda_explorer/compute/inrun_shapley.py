@@ -16,12 +16,15 @@ out. Two ways to run it:
 - as the step callback of ``train_weighted`` (or of any loop, before each optimizer step, with the batch's positions,
   the current parameters and the step size): separate validation and batch passes, first or second order;
 - single pass, in your own SGD loop: ``shapley.backward(positions, lr)`` replaces ``loss.backward()``. One forward
-  and one backward run on the batch and the validation set together (the recipe's concatenation); the
-  validation rows' share of each layer's gradient, Σ_v s_v [a_v; 1]ᵀ, is the ghost products' M and is then
-  subtracted, so ``.grad`` holds the batch loss's gradient as a plain backward would (to float rounding: the
-  validation loss enters scaled by 2⁻¹⁰, an exact power of two, so its removal leaves ≈1e-7 relative error).
-  First order only; every trainable parameter must sit in a Linear/Conv2d layer and no BatchNorm may be
-  training, since either would mix the validation rows into the update.
+  and one backward run on the batch and the validation rows together (the recipe's concatenation), the backward
+  only to the tracked layers' outputs: each layer's weight gradient is then formed from the batch rows alone (so
+  ``.grad`` gets exactly the batch loss's gradient) by the same products that give the ghost dot-products — for
+  small layers the per-example gradients themselves, whose sum is the weight gradient. First order only; every
+  trainable parameter must sit in a Linear/Conv2d layer and no BatchNorm may be training, since either would mix
+  the validation rows into the update.
+Both forms take ``validation_batch``: a cycling, seeded slice of the fixed validation set per step, scaled to
+estimate the whole set's gradient without bias — the knob that trades the values' noise for throughput (the
+validation rows' forward and backward are most of the cost on a convolutional model).
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ import torch
 from torch.func import functional_call, grad, jvp
 
 from tda_explorer._validation import TDAError, as_device, check_positive_int
-from tda_explorer.compute.kfac import _output_grads, _patches, layer_activity, tracked_layers
+from tda_explorer.compute.kfac import _output_grads, _patches, conv_padding, layer_activity, tracked_layers
 from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
-VALIDATION_SCALE = 2.0**-10  # exact in floating point: the validation rows' gradient is removed without bias
+PER_EXAMPLE_LIMIT = 2**22  # per-example gradients materialised by the single pass up to this many numbers
 ALTERNATIVES = "tracin over the run's checkpoints, which takes any module"
 
 
@@ -56,21 +59,54 @@ def _layer_gradient(patches: torch.Tensor, grads: torch.Tensor, bias: bool) -> t
     return torch.cat([g, grads.sum((0, 2))[:, None]], 1) if bias else g
 
 
-def _conv_ghost(module: torch.nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, n_batch: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For a convolution: the batch rows' ⟨G_z, G_val⟩ and the validation rows' weight and bias gradients, with
-    ``conv2d_weight`` for G_val and one convolution of the batch inputs by G_val (Σ_t s_t (G_val a_t + b_val))."""
-    padding = module.padding
-    if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else tuple(
-            d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
-    g_val, s_batch = grads[n_batch:], grads[:n_batch]
-    g_weight = torch.nn.grad.conv2d_weight(inputs[n_batch:], module.weight.shape, g_val, module.stride, padding,
-                                           module.dilation, module.groups)
-    g_bias = g_val.sum((0, 2, 3)) if module.bias is not None else None
-    mapped = torch.nn.functional.conv2d(inputs[:n_batch], g_weight, g_bias, module.stride, padding, module.dilation,
-                                        module.groups)
-    return (mapped * s_batch).sum((1, 2, 3)), g_weight, g_bias
+def _single_pass_layer(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, n_batch: int
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One layer of the single pass, from its input ``x`` and output gradient ``g`` over the batch rows (first
+    ``n_batch``) and the validation rows: the batch rows' weight and bias gradients and each batch row's
+    ⟨G_z, G_val⟩. The cheapest of three exact forms, by multiply-adds:
+    - Linear on vectors: the pairwise ghost form Σ_v (a_z·a_v + 1)(s_z·s_v) when the validation rows are few,
+      else G_val = Σ_v s_v a_vᵀ applied to each a_z;
+    - per-example gradients materialised (one batched product, whose sum is the weight gradient) when small;
+    - otherwise G_val applied to the batch: one convolution by G_val for Conv2d, ghost products for Linear."""
+    bias = module.bias is not None
+    if isinstance(module, torch.nn.Linear) and x.dim() == 2:
+        a_b, a_v, s_b, s_v = x[:n_batch], x[n_batch:], g[:n_batch], g[n_batch:]
+        w_grad, b_grad = s_b.T @ a_b, s_b.sum(0) if bias else None
+        n_val, (n_out, n_in) = len(a_v), module.weight.shape
+        if n_val * (n_in + n_out) <= n_in * n_out:
+            inputs = torch.addmm(a_b.new_ones(()), a_b, a_v.T) if bias else a_b @ a_v.T
+            contribution = torch.linalg.vecdot(inputs, s_b @ s_v.T)
+        else:
+            contribution = torch.linalg.vecdot(s_b @ (s_v.T @ a_v), a_b)
+            if bias:
+                contribution = contribution + s_b @ s_v.sum(0)
+        return w_grad, b_grad, contribution
+    patches, out_grads = _patches(module, x), _output_grads(module, g)
+    small = len(x) * out_grads.shape[1] * patches.shape[1] <= PER_EXAMPLE_LIMIT
+    if not small and isinstance(module, torch.nn.Conv2d):
+        padding = conv_padding(module)
+        x_b, s_b, s_v = x[:n_batch], g[:n_batch], g[n_batch:]
+        conv_weight = lambda inputs, grads: torch.nn.grad.conv2d_weight(
+            inputs, module.weight.shape, grads, module.stride, padding, module.dilation, module.groups)
+        w_grad, val_weight = conv_weight(x_b, s_b), conv_weight(x[n_batch:], s_v)
+        b_grad, val_bias = (s_b.sum((0, 2, 3)), s_v.sum((0, 2, 3))) if bias else (None, None)
+        mapped = torch.nn.functional.conv2d(x_b, val_weight, val_bias, module.stride, padding, module.dilation,
+                                            module.groups)
+        return w_grad, b_grad, (mapped * s_b).sum((1, 2, 3))
+    if not small:  # Linear over sequences
+        batch = (patches[:n_batch], out_grads[:n_batch])
+        w_grad = _layer_gradient(*batch, bias)
+        width = module.weight[0].numel()
+        return (w_grad[:, :width].reshape(module.weight.shape), w_grad[:, width] if bias else None,
+                ghost_products(*batch, _layer_gradient(patches[n_batch:], out_grads[n_batch:], bias)))
+    per_example = torch.einsum("nop,nip->noi", out_grads, patches)  # [N, out, in·k]; faster than bmm here
+    per_bias = out_grads.sum(2) if bias else None
+    val_weight = per_example[n_batch:].sum(0)
+    contribution = per_example[:n_batch].flatten(1) @ val_weight.flatten()
+    if bias:
+        contribution = contribution + per_bias[:n_batch] @ per_bias[n_batch:].sum(0)
+    w_grad = per_example[:n_batch].sum(0).reshape(module.weight.shape)
+    return w_grad, per_bias[:n_batch].sum(0) if bias else None, contribution
 
 
 class InRunShapley:
@@ -88,17 +124,66 @@ class InRunShapley:
         The divisor of each step's summed loss.
     second_order : bool
         Add the curvature interaction term (one Hessian-vector product per step).
+    validation_batch : int, optional
+        Validation rows carried per step (default: all). Step t takes the next ``validation_batch`` rows of a
+        seeded permutation of the set, cycling, and scales their loss by |V| / ``validation_batch``: each step's
+        g_val is an unbiased estimate of the whole set's, at a fraction of the cost.
+    seed : int
+        Seeds that permutation.
     """
 
     def __init__(self, task: AttributionTask, train: AttributionDataset, validation: AttributionDataset,
-                 batch_size: int, second_order: bool = False, device: str | torch.device | None = None):
+                 batch_size: int, second_order: bool = False, device: str | torch.device | None = None,
+                 validation_batch: int | None = None, seed: int = 0):
         self.task, self.train, self.validation = task, train, validation
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        if validation_batch is not None and check_positive_int(validation_batch, "validation_batch") > len(validation):
+            raise TDAError(f"validation_batch must be at most the validation set's {len(validation)} rows, "
+                           f"got {validation_batch}")
+        self.validation_batch = validation_batch
+        self._validation_order = torch.randperm(len(validation), generator=torch.Generator().manual_seed(seed))
         self.second_order, self.device = second_order, as_device(device)
         self.layers = tracked_layers(task, "In-Run Data Shapley (ghost dot-products)", ALTERNATIVES)
         self.values = torch.zeros(len(train), dtype=torch.float64)
         self.steps = 0
         self._validation_fingerprint = validation.fingerprint()
+        self._validation_state: tuple | None = None
+        self._untracked: list[tuple[str, torch.nn.Parameter]] | None = None
+        self._batchnorms: list[torch.nn.Module] = []
+
+    def _validation_positions(self) -> torch.Tensor | None:
+        """This step's rows of the validation set (None: all of them), after checking the set is unchanged."""
+        self._check_validation_unchanged()
+        if self.validation_batch is None or self.validation_batch == len(self.validation):
+            return None
+        start = self.steps * self.validation_batch % len(self.validation)
+        return self._validation_order.roll(-start)[: self.validation_batch]
+
+    def _validation_for_step(self) -> tuple[AttributionDataset, float]:
+        """This step's validation rows and the factor that makes their summed loss estimate the whole set's."""
+        positions = self._validation_positions()
+        if positions is None:
+            return self.validation, 1.0
+        return self.validation.subset(positions.tolist()), len(self.validation) / len(positions)
+
+    def _validation_rows(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``_validation_for_step`` as bare inputs and labels (the single pass's hot path)."""
+        positions, data = self._validation_positions(), self.validation
+        if positions is None:
+            return data.inputs, data.labels, 1.0
+        return data.inputs[positions], data.labels[positions], len(data) / len(positions)
+
+    def _check_validation_unchanged(self) -> None:
+        """Refuse a validation set edited since recording started: tensor versions are checked every step (free);
+        the data are hashed again only when a tensor was replaced or written in place."""
+        data = self.validation
+        state = (id(data.inputs), data.inputs._version, id(data.labels), data.labels._version, id(data.ids))
+        if state == self._validation_state:
+            return
+        if data.fingerprint() != self._validation_fingerprint:
+            raise TDAError("validation: the validation set changed after recording started; values are only "
+                           "defined against one fixed set — start a new InRunShapley")
+        self._validation_state = state
 
     def _layer_gradients(self, data: AttributionDataset, params: dict) -> dict[str, torch.Tensor]:
         """Σ over ``data`` of each layer's loss gradient, as ``[out, in(+1)]`` matrices."""
@@ -121,16 +206,17 @@ class InRunShapley:
                 out[prefix + "bias"] = m[:, -1]
         return out
 
-    def _hvp(self, params: dict, vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """H_val · vector (tracked parameters), by forward-over-reverse on the validation loss."""
+    def _hvp(self, params: dict, vector: dict[str, torch.Tensor], validation: AttributionDataset, scale: float
+             ) -> dict[str, torch.Tensor]:
+        """H_val · vector (tracked parameters), by forward-over-reverse on the (scaled) validation loss."""
         names = list(vector)
         fixed = {**{k: v.to(self.device) for k, v in self.task.model.named_buffers()},
                  **{k: v for k, v in params.items() if k not in vector}}
-        x, y = self.validation.inputs.to(self.device), self.validation.labels.to(self.device)
+        x, y = validation.inputs.to(self.device), validation.labels.to(self.device)
 
         def loss(p: dict) -> torch.Tensor:
             out = functional_call(self.task.model, {**fixed, **p}, (x,))
-            return self.task.train_loss(out, y).sum()
+            return self.task.train_loss(out, y).sum() * scale
 
         primal = {k: params[k].detach() for k in names}
         tangent = {k: vector[k].to(primal[k]) for k in names}
@@ -138,13 +224,11 @@ class InRunShapley:
 
     def __call__(self, step: int, positions: torch.Tensor, params: dict[str, torch.Tensor], lr: float) -> None:
         """Add this step's values for the examples at ``positions`` (call before the optimizer step)."""
-        if self.validation.fingerprint() != self._validation_fingerprint:
-            raise TDAError("validation: the validation set changed after recording started; values are only "
-                           "defined against one fixed set — start a new InRunShapley")
+        validation, estimate = self._validation_for_step()
         params = {k: v.detach().to(self.device) for k, v in params.items()}
         rows = positions.cpu()
         batch = self.train.subset(rows.tolist())
-        g_val = self._layer_gradients(self.validation, params)
+        g_val = {name: g * estimate for name, g in self._layer_gradients(validation, params).items()}
         loss = lambda out, start: self.task.train_loss(out, batch.labels[start : start + len(out)].to(out.device))
         (patches, (grads,)), = layer_activity(self.task.model, self.layers, batch.inputs, [loss], len(batch),
                                               self.device, params)
@@ -153,7 +237,7 @@ class InRunShapley:
         if self.second_order:
             batch_sum = {name: _layer_gradient(patches[name].double(), grads[name].double(), module.bias is not None)
                          for name, module in self.layers}
-            hv = self._hvp(params, self._as_parameters(batch_sum))
+            hv = self._hvp(params, self._as_parameters(batch_sum), validation, estimate)
             matrices = {}
             for name, module in self.layers:
                 prefix = f"{name}." if name else ""
@@ -166,47 +250,47 @@ class InRunShapley:
         self.steps += 1
 
     def backward(self, positions: torch.Tensor, lr: float) -> torch.Tensor:
-        """Single-pass step for your own SGD loop (in place of ``loss.backward()``): leaves the batch loss
-        Σ ℓ / B's gradient in ``.grad``, adds this step's first-order values, returns the batch loss."""
+        """Single-pass step for your own SGD loop (in place of ``loss.backward()``): adds the batch loss
+        Σ ℓ / B's gradient to ``.grad``, adds this step's first-order values, returns the batch loss."""
         model = self.task.model
         self._check_single_pass(model)
         rows = torch.as_tensor(positions).cpu()
         n_batch = len(rows)
-        x = torch.cat([self.train.inputs[rows], self.validation.inputs]).to(self.device)
-        y_batch, y_val = self.train.labels[rows].to(self.device), self.validation.labels.to(self.device)
-        captured: dict[str, list] = {}
+        val_inputs, val_labels, estimate = self._validation_rows()
+        x = torch.cat([self.train.inputs[rows], val_inputs]).to(self.device)
+        y = torch.cat([self.train.labels[rows], val_labels]).to(self.device)
+        captured: dict[str, list[torch.Tensor]] = {}
         handles = []
         for name, module in self.layers:
             def hook(mod, args, out, name=name):
-                captured[name] = [args[0].detach(), None]
-                out.register_hook(lambda g, name=name: captured[name].__setitem__(1, g.detach()))
+                if name in captured:
+                    raise TDAError(f"backward(): layer {name!r} ran twice in one forward pass (shared weights); "
+                                   "use the step-callback form")
+                captured[name] = [args[0].detach(), out]
             handles.append(module.register_forward_hook(hook))
         try:
             out = model(x)
         finally:
             for h in handles:
                 h.remove()
-        batch_loss = self.task.train_loss(out[:n_batch], y_batch).sum() / self.batch_size
-        val_loss = self.task.train_loss(out[n_batch:], y_val).sum() * VALIDATION_SCALE
-        (batch_loss + val_loss).backward()
+        losses = self.task.train_loss(out, y)
+        batch_loss = losses[:n_batch].sum() / self.batch_size
+        # Gradients w.r.t. the layer outputs only: the weight gradients are formed below from the batch rows alone
+        # (so the validation rows never reach .grad) and share their work with the ghost products.
+        grads = torch.autograd.grad(batch_loss + losses[n_batch:].sum() * estimate,
+                                    [captured[n][1] for n, _ in self.layers], allow_unused=True)
         phi = 0
         with torch.no_grad():
-            for name, module in self.layers:
-                x_all, g_all = captured[name]
-                if isinstance(module, torch.nn.Conv2d):  # convolutions do the unfolding's work, far faster
-                    contribution, g_weight, g_bias = _conv_ghost(module, x_all, g_all, n_batch)
-                else:
-                    a, s = _patches(module, x_all), _output_grads(module, g_all)
-                    g_val = _layer_gradient(a[n_batch:], s[n_batch:], module.bias is not None)
-                    contribution = ghost_products(a[:n_batch], s[:n_batch], g_val)
-                    width = module.weight[0].numel()
-                    g_weight = g_val[:, :width].reshape(module.weight.shape)
-                    g_bias = g_val[:, width] if module.bias is not None else None
-                module.weight.grad -= g_weight
-                if module.bias is not None:
-                    module.bias.grad -= g_bias
+            for (name, module), g in zip(self.layers, grads):
+                if g is None:  # the layer's output does not reach the loss
+                    continue
+                w_grad, b_grad, contribution = _single_pass_layer(module, captured[name][0], g, n_batch)
+                for param, value in ((module.weight, w_grad), (module.bias, b_grad)):
+                    if param is not None and param.requires_grad:
+                        param.grad = value if param.grad is None else param.grad.add_(value)
                 phi = phi + contribution
-        self.values.index_add_(0, rows, (lr / VALIDATION_SCALE) * phi.double().cpu())
+        if torch.is_tensor(phi):
+            self.values.index_add_(0, rows, phi.cpu().double().mul_(lr))
         self.steps += 1
         return batch_loss.detach()
 
@@ -214,12 +298,15 @@ class InRunShapley:
         if self.second_order:
             raise TDAError("second_order: the single-pass backward() is first order; use the step-callback form "
                            "(train_weighted(..., callback=shapley)) for second-order values")
-        tracked = {id(p) for _, m in self.layers for p in m.parameters(recurse=False)}
-        outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tracked]
+        if self._untracked is None:  # the model's structure is read once; flags are re-checked every step
+            tracked = {id(p) for _, m in self.layers for p in m.parameters(recurse=False)}
+            self._untracked = [(n, p) for n, p in model.named_parameters() if id(p) not in tracked]
+            self._batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        outside = [n for n, p in self._untracked if p.requires_grad]
         if outside:
             raise TDAError(f"backward(): trainable parameters outside the tracked Linear/Conv2d layers ({outside[:4]}) "
                            "would also learn from the validation rows; track every trainable layer, freeze the "
                            "others, or use the step-callback form")
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        if any(m.training for m in self._batchnorms):
             raise TDAError("backward(): BatchNorm in training mode mixes the validation rows into the batch "
                            "statistics; use the step-callback form")
