@@ -90,7 +90,7 @@ def main() -> None:
                         help="the single-pass form's validation set")
     parser.add_argument("--validation-batches", default="all,8",
                         help="validation rows the single pass carries per step ('all' or a number), comma-separated")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved plain/recorded pairs per setting")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved plain/recorded pairs per setting")
     parser.add_argument("--only", choices=["single-pass"], default=None)
     args = parser.parse_args()
     batches = tuple(None if b == "all" else int(b) for b in args.validation_batches.split(","))

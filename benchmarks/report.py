@@ -128,7 +128,8 @@ def trajectory_tables(path: Path) -> str:
 
 def inrun_table(path: Path) -> str:
     data = json.loads(path.read_text())
-    out = [f"### In-Run Data Shapley ({path.stem}: digits, 10% flipped labels, 100 validation points)", "",
+    out = [f"### In-Run Data Shapley ({path.stem}: digits, 10% flipped labels; step callback: 100 validation points; "
+           "single pass: median of interleaved plain/recorded pairs)", "",
            "| model | order | form | mislabel ROC-AUC | recall@10% | recall@20% | throughput × plain training |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     out += [f"| {r['model']} | {r['order']} | {r.get('form', '')} | {fmt(r.get('mislabel_auc'))} | "

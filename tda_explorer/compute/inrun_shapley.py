@@ -149,6 +149,7 @@ class InRunShapley:
         self._validation_fingerprint = validation.fingerprint()
         self._validation_state: tuple | None = None
         self._untracked: list[tuple[str, torch.nn.Parameter]] | None = None
+        self._permuted: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batchnorms: list[torch.nn.Module] = []
 
     def _validation_positions(self) -> torch.Tensor | None:
@@ -167,11 +168,20 @@ class InRunShapley:
         return self.validation.subset(positions.tolist()), len(self.validation) / len(positions)
 
     def _validation_rows(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``_validation_for_step`` as bare inputs and labels (the single pass's hot path)."""
-        positions, data = self._validation_positions(), self.validation
-        if positions is None:
+        """``_validation_for_step`` as bare inputs and labels (the single pass's hot path: slices of a permuted
+        copy of the set, made once, instead of an index per step)."""
+        self._check_validation_unchanged()
+        data, size = self.validation, self.validation_batch
+        if size is None or size == len(data):
             return data.inputs, data.labels, 1.0
-        return data.inputs[positions], data.labels[positions], len(data) / len(positions)
+        if self._permuted is None:
+            self._permuted = (data.inputs[self._validation_order], data.labels[self._validation_order])
+        start = self.steps * size % len(data)
+        inputs, labels = (t[start: start + size] for t in self._permuted)
+        if start + size > len(data):  # the slice wraps around
+            inputs, labels = (torch.cat([head, t[: start + size - len(data)]]) for head, t in
+                              zip((inputs, labels), self._permuted))
+        return inputs, labels, len(data) / size
 
     def _check_validation_unchanged(self) -> None:
         """Refuse a validation set edited since recording started: tensor versions are checked every step (free);
