@@ -63,10 +63,11 @@ def _single_pass_layer(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One layer of the single pass, from its input ``x`` and output gradient ``g`` over the batch rows (first
     ``n_batch``) and the validation rows: the batch rows' weight and bias gradients and each batch row's
-    ⟨G_z, G_val⟩. The cheapest of three exact forms, by multiply-adds:
-    - Linear on vectors: the pairwise ghost form Σ_v (a_z·a_v + 1)(s_z·s_v) when the validation rows are few,
-      else G_val = Σ_v s_v a_vᵀ applied to each a_z;
-    - per-example gradients materialised (one batched product, whose sum is the weight gradient) when small;
+    ⟨G_z, G_val⟩, by one of three exact forms:
+    - Linear on vectors: the pairwise ghost form Σ_v (a_z·a_v + 1)(s_z·s_v) when it takes fewer multiply-adds
+      (few validation rows), else G_val = Σ_v s_v a_vᵀ applied to each a_z;
+    - per-example gradients materialised (one batched product, whose sum is the weight gradient) when they fit
+      in ``PER_EXAMPLE_LIMIT`` numbers;
     - otherwise G_val applied to the batch: one convolution by G_val for Conv2d, ghost products for Linear."""
     bias = module.bias is not None
     if isinstance(module, torch.nn.Linear) and x.dim() == 2:
