@@ -150,39 +150,29 @@ class InRunShapley:
         self._validation_fingerprint = validation.fingerprint()
         self._validation_state: tuple | None = None
         self._untracked: list[tuple[str, torch.nn.Parameter]] | None = None
-        self._permuted: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._permuted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._batchnorms: list[torch.nn.Module] = []
 
     def _validation_positions(self) -> torch.Tensor | None:
-        """This step's rows of the validation set (None: all of them), after checking the set is unchanged."""
-        self._check_validation_unchanged()
-        if self.validation_batch is None or self.validation_batch == len(self.validation):
-            return None
-        start = self.steps * self.validation_batch % len(self.validation)
-        return self._validation_order.roll(-start)[: self.validation_batch]
+        """This step's rows of the validation set (None: all of them)."""
+        return self._validation_rows()[0]
 
-    def _validation_for_step(self) -> tuple[AttributionDataset, float]:
-        """This step's validation rows and the factor that makes their summed loss estimate the whole set's."""
-        positions = self._validation_positions()
-        if positions is None:
-            return self.validation, 1.0
-        return self.validation.subset(positions.tolist()), len(self.validation) / len(positions)
-
-    def _validation_rows(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``_validation_for_step`` as bare inputs and labels (the single pass's hot path: slices of a permuted
-        copy of the set, made once, instead of an index per step)."""
+    def _validation_rows(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float]:
+        """This step's validation rows — their positions (None: all), inputs and labels — and the factor that makes
+        their summed loss estimate the whole set's; after checking the set is unchanged. Rows are slices of a
+        permuted copy of the set, made once, so no step pays for an index."""
         self._check_validation_unchanged()
         data, size = self.validation, self.validation_batch
         if size is None or size == len(data):
-            return data.inputs, data.labels, 1.0
+            return None, data.inputs, data.labels, 1.0
         if self._permuted is None:
-            self._permuted = (data.inputs[self._validation_order], data.labels[self._validation_order])
+            order = self._validation_order
+            self._permuted = (order, data.inputs[order], data.labels[order])
         start = self.steps * size % len(data)
-        inputs, labels = (t[start: start + size] for t in self._permuted)
+        sliced = [t[start: start + size] for t in self._permuted]
         if start + size > len(data):  # the slice wraps around
-            inputs, labels = (torch.cat([head, t[: start + size - len(data)]]) for head, t in
-                              zip((inputs, labels), self._permuted))
-        return inputs, labels, len(data) / size
+            sliced = [torch.cat([head, t[: start + size - len(data)]]) for head, t in zip(sliced, self._permuted)]
+        return *sliced, len(data) / size
 
     def _check_validation_unchanged(self) -> None:
         """Refuse a validation set edited since recording started: tensor versions are checked every step (free);
@@ -196,11 +186,11 @@ class InRunShapley:
                            "defined against one fixed set — start a new InRunShapley")
         self._validation_state = state
 
-    def _layer_gradients(self, data: AttributionDataset, params: dict) -> dict[str, torch.Tensor]:
-        """Σ over ``data`` of each layer's loss gradient, as ``[out, in(+1)]`` matrices."""
+    def _layer_gradients(self, inputs: torch.Tensor, labels: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
+        """Σ over the examples of each layer's loss gradient, as ``[out, in(+1)]`` matrices."""
         total: dict[str, torch.Tensor] = {}
-        loss = lambda out, start: self.task.train_loss(out, data.labels[start : start + len(out)].to(out.device))
-        for patches, (grads,) in layer_activity(self.task.model, self.layers, data.inputs, [loss], 512,
+        loss = lambda out, start: self.task.train_loss(out, labels[start : start + len(out)].to(out.device))
+        for patches, (grads,) in layer_activity(self.task.model, self.layers, inputs, [loss], 512,
                                                 self.device, params):
             for name, module in self.layers:
                 g = _layer_gradient(patches[name].double(), grads[name].double(), module.bias is not None)
@@ -217,13 +207,13 @@ class InRunShapley:
                 out[prefix + "bias"] = m[:, -1]
         return out
 
-    def _hvp(self, params: dict, vector: dict[str, torch.Tensor], validation: AttributionDataset, scale: float
-             ) -> dict[str, torch.Tensor]:
+    def _hvp(self, params: dict, vector: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor,
+             scale: float) -> dict[str, torch.Tensor]:
         """H_val · vector (tracked parameters), by forward-over-reverse on the (scaled) validation loss."""
         names = list(vector)
         fixed = {**{k: v.to(self.device) for k, v in self.task.model.named_buffers()},
                  **{k: v for k, v in params.items() if k not in vector}}
-        x, y = validation.inputs.to(self.device), validation.labels.to(self.device)
+        x, y = inputs.to(self.device), labels.to(self.device)
 
         def loss(p: dict) -> torch.Tensor:
             out = functional_call(self.task.model, {**fixed, **p}, (x,))
@@ -235,11 +225,11 @@ class InRunShapley:
 
     def __call__(self, step: int, positions: torch.Tensor, params: dict[str, torch.Tensor], lr: float) -> None:
         """Add this step's values for the examples at ``positions`` (call before the optimizer step)."""
-        validation, estimate = self._validation_for_step()
+        _, val_inputs, val_labels, estimate = self._validation_rows()
         params = {k: v.detach().to(self.device) for k, v in params.items()}
         rows = positions.cpu()
         batch = self.train.subset(rows.tolist())
-        g_val = {name: g * estimate for name, g in self._layer_gradients(validation, params).items()}
+        g_val = {name: g * estimate for name, g in self._layer_gradients(val_inputs, val_labels, params).items()}
         loss = lambda out, start: self.task.train_loss(out, batch.labels[start : start + len(out)].to(out.device))
         (patches, (grads,)), = layer_activity(self.task.model, self.layers, batch.inputs, [loss], len(batch),
                                               self.device, params)
@@ -248,7 +238,7 @@ class InRunShapley:
         if self.second_order:
             batch_sum = {name: _layer_gradient(patches[name].double(), grads[name].double(), module.bias is not None)
                          for name, module in self.layers}
-            hv = self._hvp(params, self._as_parameters(batch_sum), validation, estimate)
+            hv = self._hvp(params, self._as_parameters(batch_sum), val_inputs, val_labels, estimate)
             matrices = {}
             for name, module in self.layers:
                 prefix = f"{name}." if name else ""
@@ -267,7 +257,7 @@ class InRunShapley:
         self._check_single_pass(model)
         rows = torch.as_tensor(positions).cpu()
         n_batch = len(rows)
-        val_inputs, val_labels, estimate = self._validation_rows()
+        _, val_inputs, val_labels, estimate = self._validation_rows()
         x = torch.cat([self.train.inputs[rows], val_inputs]).to(self.device)
         y = torch.cat([self.train.labels[rows], val_labels]).to(self.device)
         captured: dict[str, list[torch.Tensor]] = {}
