@@ -15,7 +15,7 @@ from tda_explorer.widgets.detail import TrainingDetail
 from tda_explorer.widgets.mislabel import MislabelPanel
 from tda_explorer.widgets.picker import TestPicker
 from tda_explorer.widgets.selection import SelectionPanel
-from tda_explorer.widgets.state import ExplorerState
+from tda_explorer.widgets.state import ExplorerState, refill
 from tda_explorer.widgets.theme import CSS, error_html
 from tda_explorer.widgets.tracing import TracingPanel
 
@@ -115,12 +115,6 @@ class Explorer(W.VBox):
     def _methods_changed(self) -> None:
         self.selection.refresh()
         self.tracing.refresh()
-        methods = self.session.methods
         for dropdown in (self.browser.method, self.compare.a, self.compare.b):
-            value = dropdown.value
-            dropdown.options = methods
-            dropdown.value = value if value in methods else methods[0]
-        value = self.mislabels.method.value
-        self.mislabels.method.options = list(self.session.self_influences)
-        if value in self.session.self_influences:
-            self.mislabels.method.value = value
+            refill(dropdown, self.session.methods)
+        refill(self.mislabels.method, list(self.session.self_influences))

@@ -8,6 +8,7 @@ import ipywidgets as W
 
 from tda_explorer.session import Session
 from tda_explorer.widgets.cards import ExampleCard
+from tda_explorer.widgets.state import refill
 
 
 class SelectionPanel(W.VBox):
@@ -34,10 +35,7 @@ class SelectionPanel(W.VBox):
 
     def refresh(self) -> None:
         """Pick up selections added to the session since."""
-        names = list(self.session.selections)
-        current = self.choice.value
-        self.choice.options = names
-        self.choice.value = current if current in names else (names[0] if names else None)
+        refill(self.choice, list(self.session.selections))
         self.show()
 
     def show(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from traitlets import Any, HasTraits, Int, List, Unicode
 
 
@@ -19,3 +21,11 @@ class ExplorerState(HasTraits):
     selection = List()
     compare_a = Unicode("")
     compare_b = Unicode("")
+
+
+def refill(dropdown, options: Sequence) -> None:
+    """Offer ``options`` in ``dropdown``, keeping its selected value when still offered, else the first (None when
+    there are none)."""
+    current = dropdown.value
+    dropdown.options = options
+    dropdown.value = current if current in options else (options[0] if options else None)

@@ -8,6 +8,7 @@ import html
 import ipywidgets as W
 
 from tda_explorer.session import Session
+from tda_explorer.widgets.state import refill
 
 
 class TracingPanel(W.VBox):
@@ -32,10 +33,7 @@ class TracingPanel(W.VBox):
 
     def refresh(self) -> None:
         """Pick up tracing runs added to the session since."""
-        names = list(self.session.tracings)
-        current = self.run.value
-        self.run.options = names
-        self.run.value = current if current in names else (names[0] if names else None)
+        refill(self.run, list(self.session.tracings))
         self._queries()
 
     def _queries(self) -> None:
