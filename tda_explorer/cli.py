@@ -203,23 +203,17 @@ def _featurized_task(exp, projection_kind: str):
 
 def cmd_featurize(args: argparse.Namespace) -> int:
     """Sharded, resumable featurisation of a built-in task's training set (run under torchrun to shard)."""
-    from tda_explorer._validation import as_device
-    from tda_explorer.compute.sharded import featurize_sharded, init_distributed
+    from tda_explorer.compute.sharded import featurize_sharded, gather_summaries, launch_device
     from tda_explorer.evaluate import build_experiment
 
-    device = as_device(args.device)
-    init_distributed(device)
+    device = launch_device(args.device)
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train, epochs=args.epochs)
     task = _featurized_task(exp, args.projection_kind)
     result = featurize_sharded(task, exp.split.train, args.out, projection_dim=args.projection_dim,
                                projection_kind=args.projection_kind, shard_rows=args.shard_rows, device=device,
                                stop_after=args.stop_after)
-    ranks = [result]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        ranks = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(ranks, result)  # one summary, printed once (no interleaved lines)
-        torch.distributed.destroy_process_group()
-    if result["rank"] == 0:
+    ranks = gather_summaries(result)
+    if ranks is not None:  # rank 0 prints one summary (no interleaved lines)
         print(json.dumps({**result, "ranks": ranks}))
     return 0
 

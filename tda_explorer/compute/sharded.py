@@ -1,4 +1,4 @@
-"""Sharded, resumable featurisation with ``torch.distributed`` (run under ``torchrun``; one process works too).
+"""Sharded, resumable featurisation (run under ``torchrun``; one process works too).
 
 The training set is cut into fixed-size shards (independent of the world size, so a run can resume with another
 number of processes); shard i goes to rank i mod world size. Each shard's projected per-sample gradients are
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,32 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed(device: torch.device) -> bool:
-    """Join torchrun's process group (gloo on CPU, NCCL on CUDA); False when not launched by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1 or dist.is_initialized():
-        return dist.is_available() and dist.is_initialized()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
+def launch_device(device: str | torch.device | None) -> torch.device:
+    """The device of this rank: a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per rank)."""
+    device = as_device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def gather_summaries(summary: dict, timeout_s: float = 86_400.0) -> list[dict] | None:
+    """Every rank's summary in rank order on rank 0 (None on the others; ``[summary]`` in one process).
+
+    Exchanged through the launcher's key-value store (``env://`` rendezvous), not a process group: featurisation
+    needs no collective, and a gloo group's teardown can abort a process whose work is already on disk. Rank 0
+    waits up to ``timeout_s`` for the slowest rank; torchrun stops it sooner if a rank fails.
+    """
+    rank, world = _world()
+    if world == 1:
+        return [summary]
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+    prefix = f"tda_explorer/featurize/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.set(f"{prefix}/{rank}", json.dumps(summary))
+    if rank != 0:
+        return None
+    keys = [f"{prefix}/{r}" for r in range(world)]
+    store.wait(keys, timedelta(seconds=timeout_s))
+    return [json.loads(store.get(key)) for key in keys]
 
 
 def store_fingerprint(task: AttributionTask, projector: Projector | None, train: AttributionDataset) -> str:
