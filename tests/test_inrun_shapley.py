@@ -4,6 +4,7 @@ against exact per-step Shapley values (all subsets enumerated) on a tiny logisti
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
 
@@ -172,8 +173,9 @@ def _sequence():  # Linear over a sequence dimension
 @pytest.mark.parametrize("architecture", [_mlp, _cnn, _wide_mlp, _sequence])
 def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(architecture, materialise,
                                                                                 monkeypatch):
-    if not materialise:  # the forms for layers whose per-example gradients would be too large
-        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PER_EXAMPLE_LIMIT", 0)
+    if not materialise:  # the forms for layers whose per-example gradients would be too large; Linear products
+        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PER_EXAMPLE_LIMIT", 0)  # formed every step
+        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PENDING_LIMIT", 1)
     gen = torch.Generator().manual_seed(3)
     width = 6 if architecture is _mlp else 36
     x, y = torch.randn(40, width, generator=gen), torch.randint(0, 3, (40,), generator=gen)
@@ -186,7 +188,8 @@ def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(
     single = InRunShapley(AttributionTask(model), train, val, batch_size=8, validation_batch=few)
     callback = InRunShapley(AttributionTask(twin), train, val, batch_size=8, validation_batch=few)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step, rows in enumerate(torch.randperm(40, generator=gen).split(8)):
+    # uneven batches: held Linear products are formed whenever the step's shapes change
+    for step, rows in enumerate(torch.randperm(40, generator=gen).split([8, 8, 5, 8, 8, 3])):
         callback(step, rows, {k: v.detach() for k, v in model.named_parameters()}, 0.1)
         optimizer.zero_grad()
         loss = single.backward(rows, lr=0.1)
@@ -198,6 +201,11 @@ def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)  # the batch gradient, nothing else
         optimizer.step()
     torch.testing.assert_close(single.values, callback.values, rtol=1e-4, atol=1e-7)
+    hooked = lambda: sum(len(m._forward_hooks) for m in model.modules())
+    assert hooked() == len(single.layers)  # registered once, by the first backward()
+    del single
+    gc.collect()
+    assert hooked() == 0  # and removed with the recorder
     with pytest.raises(TDAError, match="second_order: the single-pass backward\\(\\) is first order"):
         InRunShapley(AttributionTask(model), train, val, batch_size=8, second_order=True).backward(rows, 0.1)
     frozen_free = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 3))

@@ -19,7 +19,10 @@ out. Two ways to run it:
   and one backward run on the batch and the validation rows together (the recipe's concatenation), the backward
   only to the tracked layers' outputs: each layer's weight gradient is then formed from the batch rows alone (so
   ``.grad`` gets exactly the batch loss's gradient) by the same products that give the ghost dot-products — for
-  small layers the per-example gradients themselves, whose sum is the weight gradient. First order only; every
+  small layers the per-example gradients themselves, whose sum is the weight gradient. A Linear layer on vectors
+  holds its inputs and output gradients for a few steps and forms their ghost products for all of them at once
+  (a batched product per layer instead of several small ones per step: on a small model the cost is per
+  operation, not arithmetic); reading ``values`` forms what is held. First order only; every
   trainable parameter must sit in a Linear/Conv2d layer and no BatchNorm may be training, since either would mix
   the validation rows into the update.
 Both forms take ``validation_batch``: a cycling, seeded slice of the fixed validation set per step, scaled to
@@ -28,6 +31,8 @@ validation rows' forward and backward are most of the cost on a convolutional mo
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch.func import functional_call, grad, jvp
@@ -38,6 +43,7 @@ from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
 PER_EXAMPLE_LIMIT = 2**22  # per-example gradients materialised by the single pass up to this many numbers
+PENDING_LIMIT = 2**19  # Linear inputs and output gradients the single pass holds before forming their products
 ALTERNATIVES = "tracin over the run's checkpoints, which takes any module"
 
 
@@ -59,29 +65,31 @@ def _layer_gradient(patches: torch.Tensor, grads: torch.Tensor, bias: bool) -> t
     return torch.cat([g, grads.sum((0, 2))[:, None]], 1) if bias else g
 
 
+def linear_ghost_products(x: torch.Tensor, g: torch.Tensor, n_batch: int, bias: bool) -> torch.Tensor:
+    """⟨G_z, G_val⟩ of a Linear layer on vectors for K steps at once: inputs ``x`` ``[K, N, in]`` and output
+    gradients ``g`` ``[K, N, out]`` whose first ``n_batch`` rows are the batch and the rest validation rows;
+    ``[K, n_batch]``. The pairwise ghost form Σ_v (a_z·a_v + 1)(s_z·s_v) when it takes fewer multiply-adds (few
+    validation rows), else G_val = Σ_v s_v a_vᵀ applied to each a_z."""
+    a_b, a_v, s_b, s_v = x[:, :n_batch], x[:, n_batch:], g[:, :n_batch], g[:, n_batch:]
+    n_val, n_in, n_out = a_v.shape[1], x.shape[2], g.shape[2]
+    if n_val * (n_in + n_out) <= n_in * n_out:
+        inputs = torch.baddbmm(a_b.new_ones(()), a_b, a_v.mT) if bias else a_b @ a_v.mT
+        return torch.linalg.vecdot(inputs, s_b @ s_v.mT)
+    contribution = torch.linalg.vecdot(s_b @ (s_v.mT @ a_v), a_b)
+    if bias:
+        contribution = contribution + (s_b @ s_v.sum(1, keepdim=True).mT).squeeze(2)
+    return contribution
+
+
 def _single_pass_layer(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, n_batch: int
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One layer of the single pass, from its input ``x`` and output gradient ``g`` over the batch rows (first
-    ``n_batch``) and the validation rows: the batch rows' weight and bias gradients and each batch row's
-    ⟨G_z, G_val⟩, by one of three exact forms:
-    - Linear on vectors: the pairwise ghost form Σ_v (a_z·a_v + 1)(s_z·s_v) when it takes fewer multiply-adds
-      (few validation rows), else G_val = Σ_v s_v a_vᵀ applied to each a_z;
+    """One convolutional or sequence layer of the single pass, from its input ``x`` and output gradient ``g`` over
+    the batch rows (first ``n_batch``) and the validation rows: the batch rows' weight and bias gradients and each
+    batch row's ⟨G_z, G_val⟩, by one of two exact forms:
     - per-example gradients materialised (one batched product, whose sum is the weight gradient) when they fit
       in ``PER_EXAMPLE_LIMIT`` numbers;
     - otherwise G_val applied to the batch: one convolution by G_val for Conv2d, ghost products for Linear."""
     bias = module.bias is not None
-    if isinstance(module, torch.nn.Linear) and x.dim() == 2:
-        a_b, a_v, s_b, s_v = x[:n_batch], x[n_batch:], g[:n_batch], g[n_batch:]
-        w_grad, b_grad = s_b.T @ a_b, s_b.sum(0) if bias else None
-        n_val, (n_out, n_in) = len(a_v), module.weight.shape
-        if n_val * (n_in + n_out) <= n_in * n_out:
-            inputs = torch.addmm(a_b.new_ones(()), a_b, a_v.T) if bias else a_b @ a_v.T
-            contribution = torch.linalg.vecdot(inputs, s_b @ s_v.T)
-        else:
-            contribution = torch.linalg.vecdot(s_b @ (s_v.T @ a_v), a_b)
-            if bias:
-                contribution = contribution + s_b @ s_v.sum(0)
-        return w_grad, b_grad, contribution
     patches, out_grads = _patches(module, x), _output_grads(module, g)
     small = len(x) * out_grads.shape[1] * patches.shape[1] <= PER_EXAMPLE_LIMIT
     if not small and isinstance(module, torch.nn.Conv2d):
@@ -108,6 +116,75 @@ def _single_pass_layer(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor
         contribution = contribution + per_bias[:n_batch] @ per_bias[n_batch:].sum(0)
     w_grad = per_example[:n_batch].sum(0).reshape(module.weight.shape)
     return w_grad, per_bias[:n_batch].sum(0) if bias else None, contribution
+
+
+class _PendingLinearProducts:
+    """Vector-Linear layers' inputs and output gradients from recent single-pass steps, whose ghost products are
+    formed together: a few batched products per layer every K steps instead of several small ones per step (on a
+    small model the cost per operation, not the arithmetic, dominates). Flushed into the values when they are
+    read, when a step's shapes differ from the held ones, and when ``limit`` numbers are held."""
+
+    def __init__(self, bias: dict[str, bool], limit: int):
+        self.bias, self.limit = bias, limit
+        self.steps: list[tuple[torch.Tensor, float, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+        self.key: tuple | None = None
+        self.numbers = 0
+
+    def add(self, rows: torch.Tensor, lr: float, n_batch: int,
+            tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], values: torch.Tensor) -> None:
+        key = (n_batch, tuple((name, a.shape, g.shape) for name, (a, g) in tensors.items()))
+        if key != self.key:
+            self.flush(values)
+            self.key = key
+        self.steps.append((rows, lr, tensors))
+        self.numbers += sum(a.numel() + g.numel() for a, g in tensors.values())
+        if self.numbers >= self.limit:
+            self.flush(values)
+
+    def flush(self, values: torch.Tensor) -> None:
+        if not self.steps:
+            return
+        n_batch = self.key[0]
+        phi = sum(linear_ghost_products(torch.stack([t[name][0] for _, _, t in self.steps]),
+                                        torch.stack([t[name][1] for _, _, t in self.steps]), n_batch, bias)
+                  for name, bias in self.bias.items() if name in self.steps[0][2])
+        lrs = torch.tensor([lr for _, lr, _ in self.steps], dtype=torch.float64)
+        values.index_add_(0, torch.cat([rows for rows, _, _ in self.steps]),
+                          phi.cpu().double().mul_(lrs[:, None]).flatten())
+        self.steps.clear()
+        self.numbers = 0
+
+
+class _LayerCapture:
+    """Forward hooks on the tracked layers, registered once and removed when the recorder is collected; they record
+    each layer's (detached input, output) only during ``run``."""
+
+    def __init__(self, layers: list[tuple[str, torch.nn.Module]]):
+        self.captured: dict | None = None
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in layers]
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            if self.captured is None:
+                return
+            if name in self.captured:
+                raise TDAError(f"backward(): layer {name!r} ran twice in one forward pass (shared weights); "
+                               "use the step-callback form")
+            self.captured[name] = (args[0].detach(), out)
+        return hook
+
+    def run(self, model: torch.nn.Module, x: torch.Tensor) -> dict:
+        """``{layer name: (input, output)}`` of one forward pass, the model's output under the key None."""
+        self.captured = {}
+        try:
+            self.captured[None] = model(x)
+            return self.captured
+        finally:
+            self.captured = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class InRunShapley:
@@ -145,13 +222,22 @@ class InRunShapley:
         self._validation_order = torch.randperm(len(validation), generator=torch.Generator().manual_seed(seed))
         self.second_order, self.device = second_order, as_device(device)
         self.layers = tracked_layers(task, "In-Run Data Shapley (ghost dot-products)", ALTERNATIVES)
-        self.values = torch.zeros(len(train), dtype=torch.float64)
+        self._values = torch.zeros(len(train), dtype=torch.float64)
+        self._pending = _PendingLinearProducts({n: m.bias is not None for n, m in self.layers}, PENDING_LIMIT)
+        self._loss_weights: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.steps = 0
         self._validation_fingerprint = validation.fingerprint()
         self._validation_state: tuple | None = None
         self._untracked: list[tuple[str, torch.nn.Parameter]] | None = None
         self._permuted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._batchnorms: list[torch.nn.Module] = []
+        self._capture: _LayerCapture | None = None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Each training example's value so far, ``[len(train)]`` float64 (positive: helpful)."""
+        self._pending.flush(self._values)
+        return self._values
 
     def _validation_positions(self) -> torch.Tensor | None:
         """This step's rows of the validation set (None: all of them)."""
@@ -160,19 +246,17 @@ class InRunShapley:
     def _validation_rows(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float]:
         """This step's validation rows — their positions (None: all), inputs and labels — and the factor that makes
         their summed loss estimate the whole set's; after checking the set is unchanged. Rows are slices of a
-        permuted copy of the set, made once, so no step pays for an index."""
+        permuted copy of the set laid twice end to end, made once, so no step pays for an index or a wrap."""
         self._check_validation_unchanged()
         data, size = self.validation, self.validation_batch
         if size is None or size == len(data):
             return None, data.inputs, data.labels, 1.0
         if self._permuted is None:
-            order = self._validation_order
+            order = self._validation_order.repeat(2)
             self._permuted = (order, data.inputs[order], data.labels[order])
         start = self.steps * size % len(data)
-        sliced = [t[start: start + size] for t in self._permuted]
-        if start + size > len(data):  # the slice wraps around
-            sliced = [torch.cat([head, t[: start + size - len(data)]]) for head, t in zip(sliced, self._permuted)]
-        return *sliced, len(data) / size
+        order, inputs, labels = self._permuted
+        return order[start: start + size], inputs[start: start + size], labels[start: start + size], len(data) / size
 
     def _check_validation_unchanged(self) -> None:
         """Refuse a validation set edited since recording started: tensor versions are checked every step (free);
@@ -247,7 +331,7 @@ class InRunShapley:
             curvature = sum(ghost_products(patches[n].double(), grads[n].double(), matrices[n])
                             for n, _ in self.layers)
             phi = phi - 0.5 * scale**2 * curvature
-        self.values.index_add_(0, rows, phi.cpu())
+        self._values.index_add_(0, rows, phi.cpu())
         self.steps += 1
 
     def backward(self, positions: torch.Tensor, lr: float) -> torch.Tensor:
@@ -260,40 +344,55 @@ class InRunShapley:
         _, val_inputs, val_labels, estimate = self._validation_rows()
         x = torch.cat([self.train.inputs[rows], val_inputs]).to(self.device)
         y = torch.cat([self.train.labels[rows], val_labels]).to(self.device)
-        captured: dict[str, list[torch.Tensor]] = {}
-        handles = []
-        for name, module in self.layers:
-            def hook(mod, args, out, name=name):
-                if name in captured:
-                    raise TDAError(f"backward(): layer {name!r} ran twice in one forward pass (shared weights); "
-                                   "use the step-callback form")
-                captured[name] = [args[0].detach(), out]
-            handles.append(module.register_forward_hook(hook))
-        try:
-            out = model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        if self._capture is None:
+            self._capture = _LayerCapture(self.layers)
+            weakref.finalize(self, self._capture.remove)
+        captured = self._capture.run(model, x)
+        out = captured.pop(None)
         losses = self.task.train_loss(out, y)
-        batch_loss = losses[:n_batch].sum() / self.batch_size
+        weights, select_total = self._weights(n_batch, len(y) - n_batch, estimate, losses)
+        totals = weights @ losses  # [the step's objective, the batch loss]
         # Gradients w.r.t. the layer outputs only: the weight gradients are formed below from the batch rows alone
-        # (so the validation rows never reach .grad) and share their work with the ghost products.
-        grads = torch.autograd.grad(batch_loss + losses[n_batch:].sum() * estimate,
-                                    [captured[n][1] for n, _ in self.layers], allow_unused=True)
-        phi = 0
+        # (so the validation rows never reach .grad) and share their inputs with the ghost products.
+        grads = torch.autograd.grad(totals, [captured[n][1] for n, _ in self.layers], select_total,
+                                    allow_unused=True)
+        phi, linear = 0, {}
         with torch.no_grad():
             for (name, module), g in zip(self.layers, grads):
                 if g is None:  # the layer's output does not reach the loss
                     continue
-                w_grad, b_grad, contribution = _single_pass_layer(module, captured[name][0], g, n_batch)
+                a = captured[name][0]
+                if isinstance(module, torch.nn.Linear) and a.dim() == 2:  # products deferred (_PendingLinearProducts)
+                    g_batch = g[:n_batch]
+                    w_grad = g_batch.T @ a[:n_batch]
+                    b_grad = g_batch.sum(0) if module.bias is not None else None
+                    linear[name] = (a, g)
+                else:
+                    w_grad, b_grad, contribution = _single_pass_layer(module, a, g, n_batch)
+                    phi = phi + contribution
                 for param, value in ((module.weight, w_grad), (module.bias, b_grad)):
                     if param is not None and param.requires_grad:
                         param.grad = value if param.grad is None else param.grad.add_(value)
-                phi = phi + contribution
-        if torch.is_tensor(phi):
-            self.values.index_add_(0, rows, phi.cpu().double().mul_(lr))
+            if torch.is_tensor(phi):
+                self._values.index_add_(0, rows, phi.cpu().double().mul_(lr))
+            if linear:
+                self._pending.add(rows, lr, n_batch, linear, self._values)
         self.steps += 1
-        return batch_loss.detach()
+        return totals[1].detach()
+
+    def _weights(self, n_batch: int, n_val: int, estimate: float, losses: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row loss weights of a single-pass step, ``[2, rows]``: the objective (1/B on the batch rows, the
+        estimate's factor on the validation rows) and the batch loss alone; and the gradient output that selects
+        the objective. Made once per shape."""
+        key = (n_batch, n_val, estimate, losses.dtype, losses.device)
+        if self._loss_weights is None or self._loss_weights[0] != key:
+            weights = torch.zeros(2, n_batch + n_val, dtype=losses.dtype, device=losses.device)
+            weights[:, :n_batch] = 1 / self.batch_size
+            weights[0, n_batch:] = estimate
+            select = torch.tensor([1.0, 0.0], dtype=losses.dtype, device=losses.device)
+            self._loss_weights = (key, (weights, select))
+        return self._loss_weights[1]
 
     def _check_single_pass(self, model: torch.nn.Module) -> None:
         if self.second_order:
