@@ -1,6 +1,6 @@
 """Scale-out figures, each against a baseline measured in the same run:
 
-- featurisation throughput of the transformer experiment with 1 and with 2 torchrun processes (one
+- featurisation throughput of the transformer experiment with 1 and with 2 torchrun processes (gloo, one
   thread each), as examples per second of the shard loop and their ratio;
 - peak resident memory of one featurisation process against n_train (the shards stream to disk, so it
   should not grow with n), dense projection and LoGra;

@@ -84,7 +84,7 @@ def scale_tables(path: Path) -> str:
     data = json.loads(path.read_text())
     out = []
     if data.get("featurize"):
-        out += [f"### Featurisation throughput ({path.stem}: transformer on generated reviews, torchrun, "
+        out += [f"### Featurisation throughput ({path.stem}: transformer on generated reviews, torchrun + gloo, "
                 "one thread per process)", "",
                 "| projection | processes | examples | examples / s | × one process |",
                 "| --- | --- | --- | --- | --- |"]

@@ -203,18 +203,26 @@ def _featurized_task(exp, projection_kind: str):
 
 def cmd_featurize(args: argparse.Namespace) -> int:
     """Sharded, resumable featurisation of a built-in task's training set (run under torchrun to shard)."""
-    from tda_explorer.compute.sharded import featurize_sharded, gather_summaries, launch_device
+    from tda_explorer.compute.sharded import (
+        close_distributed,
+        featurize_sharded,
+        gather_summaries,
+        init_distributed,
+        launch_device,
+    )
     from tda_explorer.evaluate import build_experiment
 
     device = launch_device(args.device)
+    init_distributed(device)
     exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train, epochs=args.epochs)
     task = _featurized_task(exp, args.projection_kind)
     result = featurize_sharded(task, exp.split.train, args.out, projection_dim=args.projection_dim,
                                projection_kind=args.projection_kind, shard_rows=args.shard_rows, device=device,
                                stop_after=args.stop_after)
     ranks = gather_summaries(result)
-    if ranks is not None:  # rank 0 prints one summary (no interleaved lines)
-        print(json.dumps({**result, "ranks": ranks}))
+    if ranks is not None:  # rank 0 prints one summary (no interleaved lines), before the group is left
+        print(json.dumps({**result, "ranks": ranks}), flush=True)
+    close_distributed()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Sharded featurisation: torchrun with 2 processes equals one process; a killed run resumes."""
+"""Sharded featurisation: torchrun with 2 gloo processes equals one process; a killed run resumes."""
 
 import json
 import os
@@ -29,7 +29,7 @@ def _stderr(done: subprocess.CompletedProcess) -> str:
     return done.stderr[:1500] + "\n[...]\n" + done.stderr[-1500:]
 
 
-def test_two_processes_equal_one_and_a_killed_run_resumes(tmp_path):
+def test_two_gloo_processes_equal_one_and_a_killed_run_resumes(tmp_path):
     two = _run("featurize", "--out", str(tmp_path / "two"), *ARGS, torchrun=True)
     assert two.returncode == 0, _stderr(two)
     summary = json.loads(two.stdout)

@@ -1,4 +1,4 @@
-"""Sharded, resumable featurisation (run under ``torchrun``; one process works too).
+"""Sharded, resumable featurisation with ``torch.distributed`` (run under ``torchrun``; one process works too).
 
 The training set is cut into fixed-size shards (independent of the world size, so a run can resume with another
 number of processes); shard i goes to rank i mod world size. Each shard's projected per-sample gradients are
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -43,24 +42,32 @@ def launch_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def gather_summaries(summary: dict, timeout_s: float = 86_400.0) -> list[dict] | None:
-    """Every rank's summary in rank order on rank 0 (None on the others; ``[summary]`` in one process).
+def init_distributed(device: torch.device) -> bool:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA with this rank's GPU as the current device); False
+    when not launched by torchrun."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1 or dist.is_initialized():
+        return dist.is_available() and dist.is_initialized()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
 
-    Exchanged through the launcher's key-value store (``env://`` rendezvous), not a process group: featurisation
-    needs no collective, and a gloo group's teardown can abort a process whose work is already on disk. Rank 0
-    waits up to ``timeout_s`` for the slowest rank; torchrun stops it sooner if a rank fails.
-    """
-    rank, world = _world()
-    if world == 1:
+
+def gather_summaries(summary: dict) -> list[dict] | None:
+    """Every rank's summary in rank order on rank 0, None on the others; ``[summary]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
         return [summary]
-    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
-    prefix = f"tda_explorer/featurize/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    store.set(f"{prefix}/{rank}", json.dumps(summary))
-    if rank != 0:
-        return None
-    keys = [f"{prefix}/{r}" for r in range(world)]
-    store.wait(keys, timedelta(seconds=timeout_s))
-    return [json.loads(store.get(key)) for key in keys]
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, summary)
+    return ranks if dist.get_rank() == 0 else None
+
+
+def close_distributed() -> None:
+    """Leave the process group: every rank passes a barrier first, so none closes its connections while a peer is
+    still inside a collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def store_fingerprint(task: AttributionTask, projector: Projector | None, train: AttributionDataset) -> str:
