@@ -121,27 +121,27 @@ def _single_pass_layer(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor
 class _PendingLinearProducts:
     """Vector-Linear layers' inputs and output gradients from recent single-pass steps, whose ghost products are
     formed together: a few batched products per layer every K steps instead of several small ones per step (on a
-    small model the cost per operation, not the arithmetic, dominates). Flushed into the values when they are
+    small model the cost per operation, not the arithmetic, dominates). Flushed into ``values`` when they are
     read, when a step's shapes differ from the held ones, and when ``limit`` numbers are held."""
 
-    def __init__(self, bias: dict[str, bool], limit: int):
-        self.bias, self.limit = bias, limit
+    def __init__(self, values: torch.Tensor, bias: dict[str, bool], limit: int):
+        self.values, self.bias, self.limit = values, bias, limit
         self.steps: list[tuple[torch.Tensor, float, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
         self.key: tuple | None = None
         self.numbers = 0
 
     def add(self, rows: torch.Tensor, lr: float, n_batch: int,
-            tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], values: torch.Tensor) -> None:
+            tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         key = (n_batch, tuple((name, a.shape, g.shape) for name, (a, g) in tensors.items()))
         if key != self.key:
-            self.flush(values)
+            self.flush()
             self.key = key
         self.steps.append((rows, lr, tensors))
         self.numbers += sum(a.numel() + g.numel() for a, g in tensors.values())
         if self.numbers >= self.limit:
-            self.flush(values)
+            self.flush()
 
-    def flush(self, values: torch.Tensor) -> None:
+    def flush(self) -> None:
         if not self.steps:
             return
         n_batch = self.key[0]
@@ -149,7 +149,7 @@ class _PendingLinearProducts:
                                         torch.stack([t[name][1] for _, _, t in self.steps]), n_batch, bias)
                   for name, bias in self.bias.items() if name in self.steps[0][2])
         lrs = torch.tensor([lr for _, lr, _ in self.steps], dtype=torch.float64)
-        values.index_add_(0, torch.cat([rows for rows, _, _ in self.steps]),
+        self.values.index_add_(0, torch.cat([rows for rows, _, _ in self.steps]),
                           phi.cpu().double().mul_(lrs[:, None]).flatten())
         self.steps.clear()
         self.numbers = 0
@@ -223,7 +223,8 @@ class InRunShapley:
         self.second_order, self.device = second_order, as_device(device)
         self.layers = tracked_layers(task, "In-Run Data Shapley (ghost dot-products)", ALTERNATIVES)
         self._values = torch.zeros(len(train), dtype=torch.float64)
-        self._pending = _PendingLinearProducts({n: m.bias is not None for n, m in self.layers}, PENDING_LIMIT)
+        self._pending = _PendingLinearProducts(self._values, {n: m.bias is not None for n, m in self.layers},
+                                               PENDING_LIMIT)
         self._loss_weights: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.steps = 0
         self._validation_fingerprint = validation.fingerprint()
@@ -236,7 +237,7 @@ class InRunShapley:
     @property
     def values(self) -> torch.Tensor:
         """Each training example's value so far, ``[len(train)]`` float64 (positive: helpful)."""
-        self._pending.flush(self._values)
+        self._pending.flush()
         return self._values
 
     def _validation_positions(self) -> torch.Tensor | None:
@@ -376,7 +377,7 @@ class InRunShapley:
             if torch.is_tensor(phi):
                 self._values.index_add_(0, rows, phi.cpu().double().mul_(lr))
             if linear:
-                self._pending.add(rows, lr, n_batch, linear, self._values)
+                self._pending.add(rows, lr, n_batch, linear)
         self.steps += 1
         return totals[1].detach()
 
