@@ -150,7 +150,7 @@ class _PendingLinearProducts:
                   for name, bias in self.bias.items() if name in self.steps[0][2])
         lrs = torch.tensor([lr for _, lr, _ in self.steps], dtype=torch.float64)
         self.values.index_add_(0, torch.cat([rows for rows, _, _ in self.steps]),
-                          phi.cpu().double().mul_(lrs[:, None]).flatten())
+                                   phi.cpu().double().mul_(lrs[:, None]).flatten())
         self.steps.clear()
         self.numbers = 0
 
