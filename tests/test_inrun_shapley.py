@@ -175,7 +175,7 @@ def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(
                                                                                 monkeypatch):
     if not materialise:  # the forms for layers whose per-example gradients would be too large; Linear products
         monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PER_EXAMPLE_LIMIT", 0)  # formed every step
-        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PENDING_LIMIT", 1)
+        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.HELD_LIMIT", 1)
     gen = torch.Generator().manual_seed(3)
     width = 6 if architecture is _mlp else 36
     x, y = torch.randn(40, width, generator=gen), torch.randint(0, 3, (40,), generator=gen)
@@ -201,17 +201,50 @@ def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)  # the batch gradient, nothing else
         optimizer.step()
     torch.testing.assert_close(single.values, callback.values, rtol=1e-4, atol=1e-7)
-    hooked = lambda: sum(len(m._forward_hooks) for m in model.modules())
-    assert hooked() == len(single.layers)  # registered once, by the first backward()
-    del single
-    gc.collect()
-    assert hooked() == 0  # and removed with the recorder
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the capture leaves the model as it was
     with pytest.raises(TDAError, match="second_order: the single-pass backward\\(\\) is first order"):
         InRunShapley(AttributionTask(model), train, val, batch_size=8, second_order=True).backward(rows, 0.1)
-    frozen_free = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 3))
-    partial = InRunShapley(AttributionTask(frozen_free, parameters=["0", "2"]), train, val, batch_size=8)
-    with pytest.raises(TDAError, match="trainable parameters outside the tracked Linear/Conv2d layers"):
-        partial.backward(rows, 0.1)
+
+
+def test_single_pass_takes_untracked_trainable_layers_and_refuses_what_would_mix_or_underflow():
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(24, 6, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+    xv, yv = torch.randn(10, 6, generator=gen), torch.randint(0, 3, (10,), generator=gen)
+    train, val = AttributionDataset(x, y), AttributionDataset(xv, yv)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 3))
+    plain, twin = copy.deepcopy(model), copy.deepcopy(model)
+    single = InRunShapley(AttributionTask(model, parameters=["0", "2"]), train, val, batch_size=8)
+    callback = InRunShapley(AttributionTask(twin, parameters=["0", "2"]), train, val, batch_size=8)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, plain)]
+    for step, rows in enumerate(torch.randperm(24, generator=gen).split(8)):
+        callback(step, rows, {k: v.detach() for k, v in model.named_parameters()}, 0.1)
+        for opt in optimizers:
+            opt.zero_grad()
+        single.backward(rows, lr=0.1)
+        (torch.nn.functional.cross_entropy(plain(x[rows]), y[rows], reduction="sum") / 8).backward()
+        # the LayerNorm's own gradient too: the validation rows' share is 2^-40 of theirs, below float32 rounding
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9, msg=name)
+        for opt in optimizers:
+            opt.step()
+    torch.testing.assert_close(single.values, callback.values, rtol=1e-4, atol=1e-7)
+
+    broken = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Linear(4, 3))  # fails after the capture began
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        InRunShapley(AttributionTask(broken), train, val, batch_size=8).backward(rows, 0.1)
+    assert not any("forward" in m.__dict__ for m in broken)  # restored on the way out
+    half = torch.nn.Sequential(torch.nn.Linear(6, 3)).half()
+    with pytest.raises(TDAError, match="layer '0' computes in float16"):
+        InRunShapley(AttributionTask(half), AttributionDataset(x.half(), y), AttributionDataset(xv.half(), yv),
+                     batch_size=8).backward(rows, 0.1)
+    assert half[0].weight.grad is None  # refused before any gradient was written
+    normed = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    recorder = InRunShapley(AttributionTask(normed, parameters=["0", "2"]), train, val, batch_size=8)
+    with pytest.raises(TDAError, match="BatchNorm in training mode"):
+        recorder.backward(rows, 0.1)
+    normed.eval()
+    recorder.backward(rows, 0.1)  # frozen statistics mix nothing
 
 
 def test_validation_batches_cycle_through_the_set_and_estimate_it_without_bias():

@@ -16,23 +16,26 @@ out. Two ways to run it:
 - as the step callback of ``train_weighted`` (or of any loop, before each optimizer step, with the batch's positions,
   the current parameters and the step size): separate validation and batch passes, first or second order;
 - single pass, in your own SGD loop: ``shapley.backward(positions, lr)`` replaces ``loss.backward()``. One forward
-  and one backward run on the batch and the validation rows together (the recipe's concatenation), the backward
-  only to the tracked layers' outputs: each layer's weight gradient is then formed from the batch rows alone (so
-  ``.grad`` gets exactly the batch loss's gradient) by the same products that give the ghost dot-products — for
-  small layers the per-example gradients themselves, whose sum is the weight gradient. A Linear layer on vectors
-  holds its inputs and output gradients for a few steps and forms their ghost products for all of them at once
-  (a batched product per layer instead of several small ones per step: on a small model the cost is per
-  operation, not arithmetic); reading ``values`` forms what is held. First order only; every
-  trainable parameter must sit in a Linear/Conv2d layer and no BatchNorm may be training, since either would mix
-  the validation rows into the update.
+  and one backward run on the batch and the validation rows together (the recipe's concatenation). The validation
+  rows' loss is scaled by c = 2^-17 × the loss dtype's epsilon (2^-40 in float32): their share of ``.grad`` is
+  then 2^-40 of their gradient, below float32 rounding wherever the batch's own gradient is not nearly zero, and
+  their output gradients are read back divided by c (exact: a power of two). So ``.grad`` is the batch loss's
+  gradient — untracked trainable layers (LayerNorm, embeddings) included — and vector-Linear layers' weight
+  gradients come from autograd as in a plain step. Convolutional and sequence layers stop autograd at their
+  outputs and form their weight gradients from the batch rows by the same products that give the ghost terms (for
+  small layers the per-example gradients themselves, whose sum is the weight gradient). A Linear layer on vectors
+  copies its inputs and output gradients into buffers for a few steps and forms their ghost products for all of
+  them at once (a batched product per layer instead of several small ones per step: on a small model the cost is
+  per operation, not arithmetic); reading ``values`` forms what is held. The tracked layers' inputs and outputs
+  are captured by wrapping their ``forward`` for the duration of the step only (a forward hook costs ~20 µs a
+  call on CPU). First order only; refused: BatchNorm in training mode (its batch statistics would mix the
+  validation rows into the batch's forward) and float16 activations (too little range for the scaled gradients).
 Both forms take ``validation_batch``: a cycling, seeded slice of the fixed validation set per step, scaled to
 estimate the whole set's gradient without bias — the knob that trades the values' noise for throughput (the
 validation rows' forward and backward are most of the cost on a convolutional model).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch.func import functional_call, grad, jvp
@@ -43,7 +46,8 @@ from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
 PER_EXAMPLE_LIMIT = 2**22  # per-example gradients materialised by the single pass up to this many numbers
-PENDING_LIMIT = 2**19  # Linear inputs and output gradients the single pass holds before forming their products
+HELD_LIMIT = 2**19  # Linear inputs and output gradients the single pass holds before forming their products
+VALIDATION_SCALE_BITS = 17  # the single pass scales the validation rows' loss by 2^-17 × the loss dtype's epsilon
 ALTERNATIVES = "tracin over the run's checkpoints, which takes any module"
 
 
@@ -72,9 +76,9 @@ def linear_ghost_products(x: torch.Tensor, g: torch.Tensor, n_batch: int, bias: 
     validation rows), else G_val = Σ_v s_v a_vᵀ applied to each a_z."""
     a_b, a_v, s_b, s_v = x[:, :n_batch], x[:, n_batch:], g[:, :n_batch], g[:, n_batch:]
     n_val, n_in, n_out = a_v.shape[1], x.shape[2], g.shape[2]
-    if n_val * (n_in + n_out) <= n_in * n_out:
-        inputs = torch.baddbmm(a_b.new_ones(()), a_b, a_v.mT) if bias else a_b @ a_v.mT
-        return torch.linalg.vecdot(inputs, s_b @ s_v.mT)
+    if n_val * (n_in + n_out) <= n_in * n_out:  # [K, V, B] products: twice as fast on CPU as [K, B, V]
+        inputs = torch.baddbmm(a_b.new_ones(()), a_v, a_b.mT) if bias else a_v @ a_b.mT
+        return inputs.mul_(s_v @ s_b.mT).sum(1)
     contribution = torch.linalg.vecdot(s_b @ (s_v.mT @ a_v), a_b)
     if bias:
         contribution = contribution + (s_b @ s_v.sum(1, keepdim=True).mT).squeeze(2)
@@ -118,73 +122,122 @@ def _single_pass_layer(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor
     return w_grad, per_bias[:n_batch].sum(0) if bias else None, contribution
 
 
-class _PendingLinearProducts:
-    """Vector-Linear layers' inputs and output gradients from recent single-pass steps, whose ghost products are
-    formed together: a few batched products per layer every K steps instead of several small ones per step (on a
-    small model the cost per operation, not the arithmetic, dominates). Flushed into ``values`` when they are
-    read, when a step's shapes differ from the held ones, and when ``limit`` numbers are held."""
+class _HeldLinearSteps:
+    """Vector-Linear layers' inputs and output gradients from recent single-pass steps, copied into buffers made
+    once per shape (one ``_foreach_copy_`` per step; holding each step's own tensors instead makes every step
+    allocate fresh memory, which costs a small model more than the copy), whose ghost products are then formed
+    for all held steps at once: a few batched products per layer every K steps instead of several small ones per
+    step (on a small model the cost per operation, not the arithmetic, dominates). Each step fills rows
+    ``[batch | padding | validation]`` of its slot; a batch shorter than the slot's gets zero output gradients
+    in its padding rows, so their products are zero. Formed into ``values`` when they are read, when a step's
+    shapes do not fit the buffers and when the buffers are full (``limit`` numbers)."""
 
     def __init__(self, values: torch.Tensor, bias: dict[str, bool], limit: int):
         self.values, self.bias, self.limit = values, bias, limit
-        self.steps: list[tuple[torch.Tensor, float, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
-        self.key: tuple | None = None
-        self.numbers = 0
+        self.capacity = self.n_val = 0  # batch and validation rows per slot
+        self.names: tuple[str, ...] = ()
+        self.shapes: list[torch.Size] = []
+        self.dtype: tuple[torch.dtype, torch.device] | None = None
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.slots: list[list[torch.Tensor]] = []  # per slot, views of its rows for a full batch
+        self.positions: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+        self.scales: list[float] = []
 
-    def add(self, rows: torch.Tensor, lr: float, n_batch: int,
-            tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        key = (n_batch, tuple((name, a.shape, g.shape) for name, (a, g) in tensors.items()))
-        if key != self.key:
+    def add(self, rows: torch.Tensor, scale: float, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold one step: ``tensors`` maps each layer to its input and output gradient over the batch rows (as
+        many as ``rows``) then the validation rows; ``scale`` multiplies the step's products."""
+        n_batch = rows.shape[0]
+        sources = [t for pair in tensors.values() for t in pair]
+        if n_batch > self.capacity or [t.shape[1:] for t in sources] != self.shapes or tuple(tensors) != self.names \
+                or sources[0].shape[0] - n_batch != self.n_val or (sources[0].dtype, sources[0].device) != self.dtype:
             self.flush()
-            self.key = key
-        self.steps.append((rows, lr, tensors))
-        self.numbers += sum(a.numel() + g.numel() for a, g in tensors.values())
-        if self.numbers >= self.limit:
+            self._allocate(n_batch, tensors)
+        step = len(self.positions)
+        if n_batch == self.capacity:
+            torch._foreach_copy_(self.slots[step], sources)
+        else:
+            for (a_buf, g_buf), (a, g) in zip(self.buffers.values(), tensors.values()):
+                for buf, t in ((a_buf[step], a), (g_buf[step], g)):
+                    buf[:n_batch] = t[:n_batch]
+                    buf[self.capacity:] = t[n_batch:]
+                g_buf[step, n_batch: self.capacity] = 0
+        self.positions.append(rows)
+        self.sizes.append(n_batch)
+        self.scales.append(scale)
+        if len(self.positions) == len(self.slots):
             self.flush()
+
+    def _allocate(self, n_batch: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        sources = [t for pair in tensors.values() for t in pair]
+        self.capacity, self.n_val = n_batch, sources[0].shape[0] - n_batch
+        self.names, self.shapes = tuple(tensors), [t.shape[1:] for t in sources]
+        self.dtype = sources[0].dtype, sources[0].device
+        rows = n_batch + self.n_val
+        width = max(1, self.limit // sum(rows * t[0].numel() for t in sources))
+        self.buffers = {name: tuple(t.new_zeros((width, rows, *t.shape[1:])) for t in pair)
+                        for name, pair in tensors.items()}
+        self.slots = [[buf[step] for pair in self.buffers.values() for buf in pair] for step in range(width)]
 
     def flush(self) -> None:
-        if not self.steps:
+        """Form the held steps' products into ``values``."""
+        k = len(self.positions)
+        if not k:
             return
-        n_batch = self.key[0]
-        phi = sum(linear_ghost_products(torch.stack([t[name][0] for _, _, t in self.steps]),
-                                        torch.stack([t[name][1] for _, _, t in self.steps]), n_batch, bias)
-                  for name, bias in self.bias.items() if name in self.steps[0][2])
-        lrs = torch.tensor([lr for _, lr, _ in self.steps], dtype=torch.float64)
-        self.values.index_add_(0, torch.cat([rows for rows, _, _ in self.steps]),
-                                   phi.cpu().double().mul_(lrs[:, None]).flatten())
-        self.steps.clear()
-        self.numbers = 0
+        phi = sum(linear_ghost_products(a[:k], g[:k], self.capacity, self.bias[name])
+                  for name, (a, g) in self.buffers.items())
+        phi = phi.cpu().double().mul_(torch.tensor(self.scales, dtype=torch.float64)[:, None])
+        if min(self.sizes) < self.capacity:  # short batches: their padding rows are not examples
+            phi = torch.cat([row[:size] for row, size in zip(phi, self.sizes)])
+        self.values.index_add_(0, torch.cat(self.positions), phi.flatten())
+        self.positions.clear()
+        self.sizes.clear()
+        self.scales.clear()
 
 
 class _LayerCapture:
-    """Forward hooks on the tracked layers, registered once and removed when the recorder is collected; they record
-    each layer's (detached input, output) only during ``run``."""
+    """Records each tracked layer's (input, output) during one forward pass, and keeps the output's gradient. The
+    layers' ``forward`` is wrapped only for the duration of ``run`` (an instance attribute, removed after, so copies,
+    pickles and later calls of the model never see it): a forward hook costs about 20 µs a call on CPU, the
+    wrapper one Python call."""
 
     def __init__(self, layers: list[tuple[str, torch.nn.Module]]):
-        self.captured: dict | None = None
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in layers]
+        self.layers = layers
+        self.captured: dict = {}
+        self.wrapped = {name: self._wrap(name, type(module).forward.__get__(module)) for name, module in layers}
 
-    def _hook(self, name: str):
-        def hook(module, args, out):
-            if self.captured is None:
-                return
+    def _wrap(self, name: str, forward):
+        def capturing_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
             if name in self.captured:
                 raise TDAError(f"backward(): layer {name!r} ran twice in one forward pass (shared weights); "
                                "use the step-callback form")
-            self.captured[name] = (args[0].detach(), out)
-        return hook
+            if out.dtype == torch.float16:
+                raise TDAError(f"backward(): layer {name!r} computes in float16, whose range cannot hold the scaled "
+                               "validation gradients; run the single pass in bfloat16 or float32, or use the "
+                               "step-callback form")
+            self.captured[name] = ((args[0] if args else next(iter(kwargs.values()))).detach(), out)
+            if out.requires_grad:
+                out.retain_grad()
+            return out
+        return capturing_forward
 
     def run(self, model: torch.nn.Module, x: torch.Tensor) -> dict:
         """``{layer name: (input, output)}`` of one forward pass, the model's output under the key None."""
+        own = [(module, module.__dict__.get("forward")) for _, module in self.layers]
         self.captured = {}
         try:
+            for (name, module), (_, forward) in zip(self.layers, own):
+                module.__dict__["forward"] = self.wrapped[name] if forward is None else self._wrap(name, forward)
             self.captured[None] = model(x)
             return self.captured
         finally:
-            self.captured = None
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+            for module, forward in own:
+                if forward is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.__dict__["forward"] = forward
+            self.captured = {}
 
 
 class InRunShapley:
@@ -219,25 +272,25 @@ class InRunShapley:
             raise TDAError(f"validation_batch must be at most the validation set's {len(validation)} rows, "
                            f"got {validation_batch}")
         self.validation_batch = validation_batch
+        self._n_validation = len(validation)
         self._validation_order = torch.randperm(len(validation), generator=torch.Generator().manual_seed(seed))
         self.second_order, self.device = second_order, as_device(device)
         self.layers = tracked_layers(task, "In-Run Data Shapley (ghost dot-products)", ALTERNATIVES)
         self._values = torch.zeros(len(train), dtype=torch.float64)
-        self._pending = _PendingLinearProducts(self._values, {n: m.bias is not None for n, m in self.layers},
-                                               PENDING_LIMIT)
-        self._loss_weights: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._held = _HeldLinearSteps(self._values, {n: m.bias is not None for n, m in self.layers}, HELD_LIMIT)
+        self._loss_weights: tuple[tuple, tuple[torch.Tensor, torch.Tensor, float]] | None = None
         self.steps = 0
         self._validation_fingerprint = validation.fingerprint()
         self._validation_state: tuple | None = None
-        self._untracked: list[tuple[str, torch.nn.Parameter]] | None = None
         self._permuted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._batchnorms: list[torch.nn.Module] = []
-        self._capture: _LayerCapture | None = None
+        self._validation_slices: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        self._batchnorms: list[torch.nn.Module] | None = None
+        self._capture = _LayerCapture(self.layers)
 
     @property
     def values(self) -> torch.Tensor:
         """Each training example's value so far, ``[len(train)]`` float64 (positive: helpful)."""
-        self._pending.flush()
+        self._held.flush()
         return self._values
 
     def _validation_positions(self) -> torch.Tensor | None:
@@ -247,17 +300,21 @@ class InRunShapley:
     def _validation_rows(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float]:
         """This step's validation rows — their positions (None: all), inputs and labels — and the factor that makes
         their summed loss estimate the whole set's; after checking the set is unchanged. Rows are slices of a
-        permuted copy of the set laid twice end to end, made once, so no step pays for an index or a wrap."""
+        permuted copy of the set laid twice end to end, made once, so no step pays for an index or a wrap; each
+        slice is made once too (the slices repeat with the cycle)."""
         self._check_validation_unchanged()
-        data, size = self.validation, self.validation_batch
-        if size is None or size == len(data):
+        data, size, n_val = self.validation, self.validation_batch, self._n_validation
+        if size is None or size == n_val:
             return None, data.inputs, data.labels, 1.0
-        if self._permuted is None:
-            order = self._validation_order.repeat(2)
-            self._permuted = (order, data.inputs[order], data.labels[order])
-        start = self.steps * size % len(data)
-        order, inputs, labels = self._permuted
-        return order[start: start + size], inputs[start: start + size], labels[start: start + size], len(data) / size
+        start = self.steps * size % n_val
+        rows = self._validation_slices.get(start)
+        if rows is None:
+            if self._permuted is None:
+                order = self._validation_order.repeat(2)
+                self._permuted = (order, data.inputs[order], data.labels[order])
+            rows = (*(t[start: start + size] for t in self._permuted), n_val / size)
+            self._validation_slices[start] = rows
+        return rows
 
     def _check_validation_unchanged(self) -> None:
         """Refuse a validation set edited since recording started: tensor versions are checked every step (free);
@@ -337,77 +394,77 @@ class InRunShapley:
 
     def backward(self, positions: torch.Tensor, lr: float) -> torch.Tensor:
         """Single-pass step for your own SGD loop (in place of ``loss.backward()``): adds the batch loss
-        Σ ℓ / B's gradient to ``.grad``, adds this step's first-order values, returns the batch loss."""
+        Σ ℓ / B's gradient to ``.grad`` (see the module docstring for the validation rows' share), adds this step's
+        first-order values, returns the batch loss."""
         model = self.task.model
         self._check_single_pass(model)
         rows = torch.as_tensor(positions).cpu()
-        n_batch = len(rows)
+        n_batch = rows.shape[0]
         _, val_inputs, val_labels, estimate = self._validation_rows()
-        x = torch.cat([self.train.inputs[rows], val_inputs]).to(self.device)
-        y = torch.cat([self.train.labels[rows], val_labels]).to(self.device)
-        if self._capture is None:
-            self._capture = _LayerCapture(self.layers)
-            weakref.finalize(self, self._capture.remove)
+        x = torch.cat([self.train.inputs.index_select(0, rows), val_inputs]).to(self.device)
+        y = torch.cat([self.train.labels.index_select(0, rows), val_labels]).to(self.device)
         captured = self._capture.run(model, x)
         out = captured.pop(None)
         losses = self.task.train_loss(out, y)
-        weights, select_total = self._weights(n_batch, len(y) - n_batch, estimate, losses)
+        weights, select_total, validation_scale = self._weights(n_batch, y.shape[0] - n_batch, estimate, losses)
         totals = weights @ losses  # [the step's objective, the batch loss]
-        # Gradients w.r.t. the layer outputs only: the weight gradients are formed below from the batch rows alone
-        # (so the validation rows never reach .grad) and share their inputs with the ghost products.
-        grads = torch.autograd.grad(totals, [captured[n][1] for n, _ in self.layers], select_total,
-                                    allow_unused=True)
-        phi, linear = 0, {}
-        with torch.no_grad():
-            for (name, module), g in zip(self.layers, grads):
-                if g is None:  # the layer's output does not reach the loss
-                    continue
-                a = captured[name][0]
-                if isinstance(module, torch.nn.Linear) and a.dim() == 2:  # products deferred (_PendingLinearProducts)
-                    g_batch = g[:n_batch]
-                    w_grad = g_batch.T @ a[:n_batch]
-                    b_grad = g_batch.sum(0) if module.bias is not None else None
-                    linear[name] = (a, g)
-                else:
-                    w_grad, b_grad, contribution = _single_pass_layer(module, a, g, n_batch)
-                    phi = phi + contribution
-                for param, value in ((module.weight, w_grad), (module.bias, b_grad)):
-                    if param is not None and param.requires_grad:
-                        param.grad = value if param.grad is None else param.grad.add_(value)
-            if torch.is_tensor(phi):
-                self._values.index_add_(0, rows, phi.cpu().double().mul_(lr))
-            if linear:
-                self._pending.add(rows, lr, n_batch, linear)
+        manual = [(name, module) for name, module in self.layers
+                  if not (isinstance(module, torch.nn.Linear) and captured[name][0].dim() == 2)]
+        if manual:  # their weight gradients come from the batch rows below, not from autograd
+            inputs = self._autograd_inputs(captured, manual)
+            if inputs:
+                totals.backward(select_total, inputs=inputs)
+        else:
+            totals.backward(select_total)
+        phi, linear = 0, {}  # the layer inputs are detached and the gradients need none: no graph is built below
+        for name, module in self.layers:
+            a, layer_out = captured[name]
+            g = layer_out.grad
+            if g is None:  # the layer's output does not reach the loss
+                continue
+            if isinstance(module, torch.nn.Linear) and a.dim() == 2:  # products formed later (_HeldLinearSteps)
+                linear[name] = (a, g)
+                continue
+            w_grad, b_grad, contribution = _single_pass_layer(module, a, g, n_batch)
+            phi = phi + contribution
+            for param, value in ((module.weight, w_grad), (module.bias, b_grad)):
+                if param is not None and param.requires_grad:
+                    param.grad = value if param.grad is None else param.grad.add_(value)
+        if torch.is_tensor(phi):
+            self._values.index_add_(0, rows, phi.cpu().double().mul_(lr / validation_scale))
+        if linear:
+            self._held.add(rows, lr / validation_scale, linear)
         self.steps += 1
         return totals[1].detach()
 
+    def _autograd_inputs(self, captured: dict, manual: list[tuple[str, torch.nn.Module]]) -> list[torch.Tensor]:
+        """What the backward of a step with layers whose weight gradients are formed by hand (``manual``) runs to:
+        those layers' outputs, and every other trainable parameter."""
+        skipped = {id(p) for _, module in manual for p in module.parameters(recurse=False)}
+        outputs = [captured[name][1] for name, _ in manual if captured[name][1].requires_grad]
+        return outputs + [p for p in self.task.model.parameters() if p.requires_grad and id(p) not in skipped]
+
     def _weights(self, n_batch: int, n_val: int, estimate: float, losses: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per-row loss weights of a single-pass step, ``[2, rows]``: the objective (1/B on the batch rows, the
-        estimate's factor on the validation rows) and the batch loss alone; and the gradient output that selects
-        the objective. Made once per shape."""
+        estimate's factor times the validation scale on the validation rows) and the batch loss alone; the
+        gradient output that selects the objective; and the validation scale. Made once per shape."""
         key = (n_batch, n_val, estimate, losses.dtype, losses.device)
         if self._loss_weights is None or self._loss_weights[0] != key:
+            scale = torch.finfo(losses.dtype).eps * 2.0**-VALIDATION_SCALE_BITS
             weights = torch.zeros(2, n_batch + n_val, dtype=losses.dtype, device=losses.device)
             weights[:, :n_batch] = 1 / self.batch_size
-            weights[0, n_batch:] = estimate
+            weights[0, n_batch:] = estimate * scale
             select = torch.tensor([1.0, 0.0], dtype=losses.dtype, device=losses.device)
-            self._loss_weights = (key, (weights, select))
+            self._loss_weights = (key, (weights, select, scale))
         return self._loss_weights[1]
 
     def _check_single_pass(self, model: torch.nn.Module) -> None:
         if self.second_order:
             raise TDAError("second_order: the single-pass backward() is first order; use the step-callback form "
                            "(train_weighted(..., callback=shapley)) for second-order values")
-        if self._untracked is None:  # the model's structure is read once; flags are re-checked every step
-            tracked = {id(p) for _, m in self.layers for p in m.parameters(recurse=False)}
-            self._untracked = [(n, p) for n, p in model.named_parameters() if id(p) not in tracked]
+        if self._batchnorms is None:  # the model's structure is read once; modes are re-checked every step
             self._batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        outside = [n for n, p in self._untracked if p.requires_grad]
-        if outside:
-            raise TDAError(f"backward(): trainable parameters outside the tracked Linear/Conv2d layers ({outside[:4]}) "
-                           "would also learn from the validation rows; track every trainable layer, freeze the "
-                           "others, or use the step-callback form")
         if any(m.training for m in self._batchnorms):
             raise TDAError("backward(): BatchNorm in training mode mixes the validation rows into the batch "
-                           "statistics; use the step-callback form")
+                           "statistics; use the step-callback form or put BatchNorm in eval mode")
