@@ -41,7 +41,8 @@ def _loop(model, train, config, epochs: int, shapley=None, seed: int = 0) -> flo
 
 def single_pass_rows(n_validation: int, validation_batches: tuple[int | None, ...], repeats: int) -> list[dict]:
     """Single-pass recorder against plain training, in interleaved pairs (plain, recorded) so that drifts in the
-    machine's speed hit both alike: the median ratio of ``repeats`` pairs, per validation batch."""
+    machine's speed hit both alike: the median ratio of ``repeats`` pairs (three times as many for the MLP, whose
+    runs last well under a second, where this machine's speed drifts by ±20% between runs), per validation batch."""
     import statistics
     from dataclasses import replace
 
@@ -59,7 +60,7 @@ def single_pass_rows(n_validation: int, validation_batches: tuple[int | None, ..
     for name, train, validation, factory, config, epochs in tasks:
         for validation_batch in validation_batches:
             ratios, plains, recordeds = [], [], []
-            for _ in range(repeats):
+            for _ in range(repeats * 3 if name == "mlp" else repeats):
                 plains.append(_loop(factory(), train, config, epochs))
                 model = factory()
                 shapley = InRunShapley(AttributionTask(model), train, validation, min(config.batch_size, len(train)),
