@@ -4,7 +4,6 @@ against exact per-step Shapley values (all subsets enumerated) on a tiny logisti
 from __future__ import annotations
 
 import copy
-import gc
 import itertools
 import math
 
