@@ -152,7 +152,7 @@ class _HeldLinearSteps:
         if n_batch > self.capacity or [t.shape[1:] for t in sources] != self.shapes or tuple(tensors) != self.names \
                 or sources[0].shape[0] - n_batch != self.n_val or (sources[0].dtype, sources[0].device) != self.dtype:
             self.flush()
-            self._allocate(n_batch, tensors)
+            self._allocate(n_batch, tensors, sources)
         step = len(self.positions)
         if n_batch == self.capacity:
             torch._foreach_copy_(self.slots[step], sources)
@@ -168,8 +168,8 @@ class _HeldLinearSteps:
         if len(self.positions) == len(self.slots):
             self.flush()
 
-    def _allocate(self, n_batch: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        sources = [t for pair in tensors.values() for t in pair]
+    def _allocate(self, n_batch: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  sources: list[torch.Tensor]) -> None:
         self.capacity, self.n_val = n_batch, sources[0].shape[0] - n_batch
         self.names, self.shapes = tuple(tensors), [t.shape[1:] for t in sources]
         self.dtype = sources[0].dtype, sources[0].device
@@ -285,6 +285,7 @@ class InRunShapley:
         self._permuted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._validation_slices: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
         self._batchnorms: list[torch.nn.Module] | None = None
+        self._autograd_parameters: dict[frozenset[str], list[torch.nn.Parameter]] = {}
         self._capture = _LayerCapture(self.layers)
 
     @property
@@ -408,10 +409,10 @@ class InRunShapley:
         losses = self.task.train_loss(out, y)
         weights, select_total, validation_scale = self._weights(n_batch, y.shape[0] - n_batch, estimate, losses)
         totals = weights @ losses  # [the step's objective, the batch loss]
-        manual = [(name, module) for name, module in self.layers
-                  if not (isinstance(module, torch.nn.Linear) and captured[name][0].dim() == 2)]
-        if manual:  # their weight gradients come from the batch rows below, not from autograd
-            inputs = self._autograd_inputs(captured, manual)
+        by_hand = {name for name, module in self.layers  # all but vector-Linear layers, whose products are held
+                   if not (isinstance(module, torch.nn.Linear) and captured[name][0].dim() == 2)}
+        if by_hand:  # their weight gradients come from the batch rows below, not from autograd
+            inputs = self._autograd_inputs(captured, by_hand)
             if inputs:
                 totals.backward(select_total, inputs=inputs)
         else:
@@ -422,7 +423,7 @@ class InRunShapley:
             g = layer_out.grad
             if g is None:  # the layer's output does not reach the loss
                 continue
-            if isinstance(module, torch.nn.Linear) and a.dim() == 2:  # products formed later (_HeldLinearSteps)
+            if name not in by_hand:  # products formed later (_HeldLinearSteps)
                 linear[name] = (a, g)
                 continue
             w_grad, b_grad, contribution = _single_pass_layer(module, a, g, n_batch)
@@ -437,12 +438,18 @@ class InRunShapley:
         self.steps += 1
         return totals[1].detach()
 
-    def _autograd_inputs(self, captured: dict, manual: list[tuple[str, torch.nn.Module]]) -> list[torch.Tensor]:
-        """What the backward of a step with layers whose weight gradients are formed by hand (``manual``) runs to:
-        those layers' outputs, and every other trainable parameter."""
-        skipped = {id(p) for _, module in manual for p in module.parameters(recurse=False)}
-        outputs = [captured[name][1] for name, _ in manual if captured[name][1].requires_grad]
-        return outputs + [p for p in self.task.model.parameters() if p.requires_grad and id(p) not in skipped]
+    def _autograd_inputs(self, captured: dict, by_hand: set[str]) -> list[torch.Tensor]:
+        """What the backward of a step with layers whose weight gradients are formed by hand (``by_hand``) runs to:
+        those layers' outputs, and every other trainable parameter (the candidates are read once per layer set)."""
+        key = frozenset(by_hand)
+        others = self._autograd_parameters.get(key)
+        if others is None:
+            skipped = {id(p) for name, module in self.layers if name in by_hand
+                       for p in module.parameters(recurse=False)}
+            others = [p for p in self.task.model.parameters() if id(p) not in skipped]
+            self._autograd_parameters[key] = others
+        outputs = [captured[name][1] for name, _ in self.layers if name in by_hand and captured[name][1].requires_grad]
+        return outputs + [p for p in others if p.requires_grad]
 
     def _weights(self, n_batch: int, n_val: int, estimate: float, losses: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
