@@ -175,6 +175,7 @@ def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(
     if not materialise:  # the forms for layers whose per-example gradients would be too large; Linear products
         monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PER_EXAMPLE_LIMIT", 0)  # formed every step
         monkeypatch.setattr("tda_explorer.compute.inrun_shapley.HELD_LIMIT", 1)
+        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.INPUT_BUFFER_LIMIT", 0)  # step inputs re-made
     gen = torch.Generator().manual_seed(3)
     width = 6 if architecture is _mlp else 36
     x, y = torch.randn(40, width, generator=gen), torch.randint(0, 3, (40,), generator=gen)

@@ -46,7 +46,8 @@ from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
 PER_EXAMPLE_LIMIT = 2**22  # per-example gradients materialised by the single pass up to this many numbers
-HELD_LIMIT = 2**19  # Linear inputs and output gradients the single pass holds before forming their products
+HELD_LIMIT = 2**21  # Linear inputs and output gradients the single pass holds before forming their products
+INPUT_BUFFER_LIMIT = 2**24  # numbers the single pass keeps in buffers for its steps' inputs
 VALIDATION_SCALE_BITS = 17  # the single pass scales the validation rows' loss by 2^-17 × the loss dtype's epsilon
 ALTERNATIVES = "tracin over the run's checkpoints, which takes any module"
 
@@ -128,18 +129,21 @@ class _HeldLinearSteps:
     allocate fresh memory, which costs a small model more than the copy), whose ghost products are then formed
     for all held steps at once: a few batched products per layer every K steps instead of several small ones per
     step (on a small model the cost per operation, not the arithmetic, dominates). Each step fills rows
-    ``[batch | padding | validation]`` of its slot; a batch shorter than the slot's gets zero output gradients
-    in its padding rows, so their products are zero. Formed into ``values`` when they are read, when a step's
-    shapes do not fit the buffers and when the buffers are full (``limit`` numbers)."""
+    ``[padding | batch | validation]`` of its slot, the padding empty unless the batch is shorter than the slot's;
+    padding rows get zero output gradients, so their products are zero. Formed into ``values`` when they are
+    read, when a step's rows or layers do not fit the buffers and when the buffers are full (``limit`` numbers).
+    A vector-Linear layer's feature widths are its weight's, so a step's rows, layers, dtype and device decide
+    whether it fits."""
 
     def __init__(self, values: torch.Tensor, bias: dict[str, bool], limit: int):
         self.values, self.bias, self.limit = values, bias, limit
         self.capacity = self.n_val = 0  # batch and validation rows per slot
-        self.names: tuple[str, ...] = ()
-        self.shapes: list[torch.Size] = []
-        self.dtype: tuple[torch.dtype, torch.device] | None = None
+        self.names: set[str] = set()
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.slots: list[list[torch.Tensor]] = []  # per slot, views of its rows for a full batch
+        self.short_slots: dict[int, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}  # per short size
         self.positions: list[torch.Tensor] = []
         self.sizes: list[int] = []
         self.scales: list[float] = []
@@ -149,19 +153,18 @@ class _HeldLinearSteps:
         many as ``rows``) then the validation rows; ``scale`` multiplies the step's products."""
         n_batch = rows.shape[0]
         sources = [t for pair in tensors.values() for t in pair]
-        if n_batch > self.capacity or [t.shape[1:] for t in sources] != self.shapes or tuple(tensors) != self.names \
-                or sources[0].shape[0] - n_batch != self.n_val or (sources[0].dtype, sources[0].device) != self.dtype:
+        first = sources[0]
+        if n_batch > self.capacity or first.shape[0] - n_batch != self.n_val or tensors.keys() != self.names \
+                or first.dtype != self.dtype or first.device != self.device:
             self.flush()
             self._allocate(n_batch, tensors, sources)
         step = len(self.positions)
         if n_batch == self.capacity:
             torch._foreach_copy_(self.slots[step], sources)
         else:
-            for (a_buf, g_buf), (a, g) in zip(self.buffers.values(), tensors.values()):
-                for buf, t in ((a_buf[step], a), (g_buf[step], g)):
-                    buf[:n_batch] = t[:n_batch]
-                    buf[self.capacity:] = t[n_batch:]
-                g_buf[step, n_batch: self.capacity] = 0
+            tails, padding = self._short_slot(n_batch, step)
+            torch._foreach_copy_(tails, sources)
+            torch._foreach_zero_(padding)
         self.positions.append(rows)
         self.sizes.append(n_batch)
         self.scales.append(scale)
@@ -171,13 +174,25 @@ class _HeldLinearSteps:
     def _allocate(self, n_batch: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   sources: list[torch.Tensor]) -> None:
         self.capacity, self.n_val = n_batch, sources[0].shape[0] - n_batch
-        self.names, self.shapes = tuple(tensors), [t.shape[1:] for t in sources]
-        self.dtype = sources[0].dtype, sources[0].device
+        self.names, self.dtype, self.device = set(tensors), sources[0].dtype, sources[0].device
         rows = n_batch + self.n_val
         width = max(1, self.limit // sum(rows * t[0].numel() for t in sources))
         self.buffers = {name: tuple(t.new_zeros((width, rows, *t.shape[1:])) for t in pair)
                         for name, pair in tensors.items()}
         self.slots = [[buf[step] for pair in self.buffers.values() for buf in pair] for step in range(width)]
+        self.short_slots = {}
+
+    def _short_slot(self, n_batch: int, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of slot ``step`` for a batch of ``n_batch`` rows: where its rows go (the batch region's last
+        ``n_batch`` rows and the validation rows, contiguous) and the output gradients' padding rows (made once
+        per size)."""
+        views = self.short_slots.get(n_batch)
+        if views is None:
+            start = self.capacity - n_batch
+            views = [([buf[start:] for buf in slot], [g[:start] for g in slot[1::2]])  # [a, g] per layer
+                     for slot in self.slots]
+            self.short_slots[n_batch] = views
+        return views[step]
 
     def flush(self) -> None:
         """Form the held steps' products into ``values``."""
@@ -188,7 +203,7 @@ class _HeldLinearSteps:
                   for name, (a, g) in self.buffers.items())
         phi = phi.cpu().double().mul_(torch.tensor(self.scales, dtype=torch.float64)[:, None])
         if min(self.sizes) < self.capacity:  # short batches: their padding rows are not examples
-            phi = torch.cat([row[:size] for row, size in zip(phi, self.sizes)])
+            phi = torch.cat([row[self.capacity - size:] for row, size in zip(phi, self.sizes)])
         self.values.index_add_(0, torch.cat(self.positions), phi.flatten())
         self.positions.clear()
         self.sizes.clear()
@@ -216,7 +231,8 @@ class _LayerCapture:
                 raise TDAError(f"backward(): layer {name!r} computes in float16, whose range cannot hold the scaled "
                                "validation gradients; run the single pass in bfloat16 or float32, or use the "
                                "step-callback form")
-            self.captured[name] = ((args[0] if args else next(iter(kwargs.values()))).detach(), out)
+            inputs = args[0] if args else next(iter(kwargs.values()))
+            self.captured[name] = (inputs.detach() if inputs.requires_grad else inputs, out)
             if out.requires_grad:
                 out.retain_grad()
             return out
@@ -278,12 +294,13 @@ class InRunShapley:
         self.layers = tracked_layers(task, "In-Run Data Shapley (ghost dot-products)", ALTERNATIVES)
         self._values = torch.zeros(len(train), dtype=torch.float64)
         self._held = _HeldLinearSteps(self._values, {n: m.bias is not None for n, m in self.layers}, HELD_LIMIT)
-        self._loss_weights: tuple[tuple, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+        self._loss_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.steps = 0
         self._validation_fingerprint = validation.fingerprint()
         self._validation_state: tuple | None = None
         self._permuted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._validation_slices: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        self._validation_slices: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        self._input_buffers: dict[tuple[int, int | None], tuple[torch.Tensor, ...]] = {}
         self._batchnorms: list[torch.nn.Module] | None = None
         self._autograd_parameters: dict[frozenset[str], list[torch.nn.Parameter]] = {}
         self._capture = _LayerCapture(self.layers)
@@ -296,26 +313,50 @@ class InRunShapley:
 
     def _validation_positions(self) -> torch.Tensor | None:
         """This step's rows of the validation set (None: all of them)."""
-        return self._validation_rows()[0]
+        return self._validation_rows()[1]
 
-    def _validation_rows(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float]:
-        """This step's validation rows — their positions (None: all), inputs and labels — and the factor that makes
-        their summed loss estimate the whole set's; after checking the set is unchanged. Rows are slices of a
+    def _validation_rows(self) -> tuple[int | None, torch.Tensor | None, torch.Tensor, torch.Tensor, float]:
+        """This step's validation rows — where the slice starts in the cycle and their positions (None, None: all),
+        inputs and labels — and the factor that makes their summed loss estimate the whole set's; after checking
+        the set is unchanged. Rows are slices of a
         permuted copy of the set laid twice end to end, made once, so no step pays for an index or a wrap; each
         slice is made once too (the slices repeat with the cycle)."""
         self._check_validation_unchanged()
         data, size, n_val = self.validation, self.validation_batch, self._n_validation
         if size is None or size == n_val:
-            return None, data.inputs, data.labels, 1.0
+            return None, None, data.inputs, data.labels, 1.0
         start = self.steps * size % n_val
         rows = self._validation_slices.get(start)
         if rows is None:
             if self._permuted is None:
                 order = self._validation_order.repeat(2)
                 self._permuted = (order, data.inputs[order], data.labels[order])
-            rows = (*(t[start: start + size] for t in self._permuted), n_val / size)
+            rows = (start, *(t[start: start + size] for t in self._permuted), n_val / size)
             self._validation_slices[start] = rows
         return rows
+
+    def _step_inputs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A single-pass step's inputs and labels — the batch rows, then this step's validation rows — and the
+        validation estimate's factor. They are gathered into buffers made once per batch size and validation
+        slice, the validation rows written once, so a step pays one ``index_select`` for each (the buffers are
+        reused: they are the model's input only until the step's backward)."""
+        start, _, val_inputs, val_labels, estimate = self._validation_rows()
+        n_batch = rows.shape[0]
+        buffers = self._input_buffers.get((n_batch, start))
+        if buffers is None:
+            if sum(b[0].numel() for b in self._input_buffers.values()) > INPUT_BUFFER_LIMIT:
+                self._input_buffers.clear()
+            data = self.train
+            x = data.inputs.new_empty((n_batch + len(val_inputs), *data.inputs.shape[1:]))
+            y = data.labels.new_empty((n_batch + len(val_labels), *data.labels.shape[1:]))
+            x[n_batch:], y[n_batch:] = val_inputs, val_labels
+            buffers = self._input_buffers[n_batch, start] = (x, y, x[:n_batch], y[:n_batch], estimate)
+        x, y, x_batch, y_batch, estimate = buffers
+        torch.index_select(self.train.inputs, 0, rows, out=x_batch)
+        torch.index_select(self.train.labels, 0, rows, out=y_batch)
+        if x.device != self.device:
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y, estimate
 
     def _check_validation_unchanged(self) -> None:
         """Refuse a validation set edited since recording started: tensor versions are checked every step (free);
@@ -368,7 +409,7 @@ class InRunShapley:
 
     def __call__(self, step: int, positions: torch.Tensor, params: dict[str, torch.Tensor], lr: float) -> None:
         """Add this step's values for the examples at ``positions`` (call before the optimizer step)."""
-        _, val_inputs, val_labels, estimate = self._validation_rows()
+        _, _, val_inputs, val_labels, estimate = self._validation_rows()
         params = {k: v.detach().to(self.device) for k, v in params.items()}
         rows = positions.cpu()
         batch = self.train.subset(rows.tolist())
@@ -399,11 +440,10 @@ class InRunShapley:
         first-order values, returns the batch loss."""
         model = self.task.model
         self._check_single_pass(model)
-        rows = torch.as_tensor(positions).cpu()
+        is_cpu_tensor = type(positions) is torch.Tensor and not positions.is_cuda
+        rows = positions if is_cpu_tensor else torch.as_tensor(positions).cpu()
         n_batch = rows.shape[0]
-        _, val_inputs, val_labels, estimate = self._validation_rows()
-        x = torch.cat([self.train.inputs.index_select(0, rows), val_inputs]).to(self.device)
-        y = torch.cat([self.train.labels.index_select(0, rows), val_labels]).to(self.device)
+        x, y, estimate = self._step_inputs(rows)
         captured = self._capture.run(model, x)
         out = captured.pop(None)
         losses = self.task.train_loss(out, y)
@@ -455,16 +495,18 @@ class InRunShapley:
                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per-row loss weights of a single-pass step, ``[2, rows]``: the objective (1/B on the batch rows, the
         estimate's factor times the validation scale on the validation rows) and the batch loss alone; the
-        gradient output that selects the objective; and the validation scale. Made once per shape."""
+        gradient output that selects the objective; and the validation scale. Made once per shape (a short last
+        batch and the full ones alternate every epoch)."""
         key = (n_batch, n_val, estimate, losses.dtype, losses.device)
-        if self._loss_weights is None or self._loss_weights[0] != key:
+        made = self._loss_weights.get(key)
+        if made is None:
             scale = torch.finfo(losses.dtype).eps * 2.0**-VALIDATION_SCALE_BITS
             weights = torch.zeros(2, n_batch + n_val, dtype=losses.dtype, device=losses.device)
             weights[:, :n_batch] = 1 / self.batch_size
             weights[0, n_batch:] = estimate * scale
             select = torch.tensor([1.0, 0.0], dtype=losses.dtype, device=losses.device)
-            self._loss_weights = (key, (weights, select, scale))
-        return self._loss_weights[1]
+            made = self._loss_weights[key] = (weights, select, scale)
+        return made
 
     def _check_single_pass(self, model: torch.nn.Module) -> None:
         if self.second_order:
