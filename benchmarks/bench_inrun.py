@@ -20,12 +20,13 @@ from tda_explorer.compute.training import train_weighted
 from tda_explorer.evaluate import build_experiment, mislabel_auc, recall_at
 
 
-def _loop(model, train, config, epochs: int, shapley=None, seed: int = 0) -> float:
-    """A plain torch.optim.SGD loop (the recipe's lr, weight decay and batch size); seconds."""
+def _loop(model, train, config, epochs: int, shapley=None, seed: int = 0, block: int = 16):
+    """A plain torch.optim.SGD loop (the recipe's lr, weight decay and batch size) as a generator: it yields the
+    seconds of each ``block`` steps (and of the last, shorter block), so that two runs can be interleaved."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     bs = min(config.batch_size, len(train))
-    started = time.perf_counter()
+    steps, started = 0, time.perf_counter()
     for _ in range(epochs):
         for rows in torch.randperm(len(train), generator=gen).split(bs):
             optimizer.zero_grad()
@@ -36,13 +37,27 @@ def _loop(model, train, config, epochs: int, shapley=None, seed: int = 0) -> flo
             else:
                 shapley.backward(rows, config.lr)
             optimizer.step()
-    return time.perf_counter() - started
+            steps += 1
+            if steps % block == 0:
+                yield time.perf_counter() - started
+                started = time.perf_counter()
+    if steps % block:
+        yield time.perf_counter() - started
+
+
+def _interleaved_runs(plain, recorded) -> tuple[float, float]:
+    """Seconds of two whole training runs, their blocks of steps taken in turn (plain, recorded, plain, …): the
+    machine's speed drifts by ±20% over a second here, and interleaving at ~10 ms hits both runs alike."""
+    plain_seconds = recorded_seconds = 0.0
+    for p, r in zip(plain, recorded, strict=True):
+        plain_seconds, recorded_seconds = plain_seconds + p, recorded_seconds + r
+    return plain_seconds, recorded_seconds
 
 
 def single_pass_rows(n_validation: int, validation_batches: tuple[int | None, ...], repeats: int) -> list[dict]:
-    """Single-pass recorder against plain training, in interleaved pairs (plain, recorded) so that drifts in the
-    machine's speed hit both alike: the median ratio of ``repeats`` pairs (three times as many for the MLP, whose
-    runs last well under a second, where this machine's speed drifts by ±20% between runs), per validation batch."""
+    """Single-pass recorder against plain training: pairs of whole runs (plain, recorded), each pair's runs
+    interleaved by blocks of 16 steps; the median ratio of ``repeats`` pairs per validation batch (three times as
+    many for the MLP, whose runs last about half a second)."""
     import statistics
     from dataclasses import replace
 
@@ -61,12 +76,14 @@ def single_pass_rows(n_validation: int, validation_batches: tuple[int | None, ..
         for validation_batch in validation_batches:
             ratios, plains, recordeds = [], [], []
             for _ in range(repeats * 3 if name == "mlp" else repeats):
-                plains.append(_loop(factory(), train, config, epochs))
                 model = factory()
                 shapley = InRunShapley(AttributionTask(model), train, validation, min(config.batch_size, len(train)),
                                        validation_batch=validation_batch)
-                recordeds.append(_loop(model, train, config, epochs, shapley))
-                ratios.append(plains[-1] / recordeds[-1])
+                plain, recorded = _interleaved_runs(_loop(factory(), train, config, epochs),
+                                                    _loop(model, train, config, epochs, shapley))
+                plains.append(plain)
+                recordeds.append(recorded)
+                ratios.append(plain / recorded)
             carried = validation_batch or len(validation)
             row = {"model": name, "order": 1,
                    "form": f"single pass, torch.optim loop, {carried} of {len(validation)} validation rows per step",

@@ -26,9 +26,10 @@ out. Two ways to run it:
   small layers the per-example gradients themselves, whose sum is the weight gradient). A Linear layer on vectors
   copies its inputs and output gradients into buffers for a few steps and forms their ghost products for all of
   them at once (a batched product per layer instead of several small ones per step: on a small model the cost is
-  per operation, not arithmetic); reading ``values`` forms what is held. The tracked layers' inputs and outputs
-  are captured by wrapping their ``forward`` for the duration of the step only (a forward hook costs ~20 µs a
-  call on CPU). First order only; refused: BatchNorm in training mode (its batch statistics would mix the
+  per operation, not arithmetic); reading ``values`` forms what is held. The step's input rows are gathered into
+  buffers made once per batch size and validation slice (one ``index_select`` for the inputs, one for the
+  labels). The tracked layers' inputs and outputs are captured by wrapping their ``forward`` for the duration of
+  the step only (a forward hook costs ~20 µs a call on CPU). First order only; refused: BatchNorm in training mode (its batch statistics would mix the
   validation rows into the batch's forward) and float16 activations (too little range for the scaled gradients).
 Both forms take ``validation_batch``: a cycling, seeded slice of the fixed validation set per step, scaled to
 estimate the whole set's gradient without bias — the knob that trades the values' noise for throughput (the
@@ -138,47 +139,40 @@ class _HeldLinearSteps:
     def __init__(self, values: torch.Tensor, bias: dict[str, bool], limit: int):
         self.values, self.bias, self.limit = values, bias, limit
         self.capacity = self.n_val = 0  # batch and validation rows per slot
-        self.names: set[str] = set()
+        self.names: tuple[str, ...] = ()
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.slots: list[list[torch.Tensor]] = []  # per slot, views of its rows for a full batch
         self.short_slots: dict[int, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}  # per short size
-        self.positions: list[torch.Tensor] = []
-        self.sizes: list[int] = []
-        self.scales: list[float] = []
+        self.held: list[tuple[torch.Tensor, float]] = []  # per held step, its batch positions and scale
 
-    def add(self, rows: torch.Tensor, scale: float, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Hold one step: ``tensors`` maps each layer to its input and output gradient over the batch rows (as
-        many as ``rows``) then the validation rows; ``scale`` multiplies the step's products."""
-        n_batch = rows.shape[0]
-        sources = [t for pair in tensors.values() for t in pair]
-        first = sources[0]
-        if n_batch > self.capacity or first.shape[0] - n_batch != self.n_val or tensors.keys() != self.names \
+    def add(self, rows: torch.Tensor, scale: float, names: tuple[str, ...], sources: list[torch.Tensor]) -> None:
+        """Hold one step: ``sources`` lists each layer's (of ``names``) input and output gradient, over the batch
+        rows (as many as ``rows``) then the validation rows; ``scale`` multiplies the step's products."""
+        n_batch, first = rows.shape[0], sources[0]
+        if n_batch > self.capacity or names != self.names or first.shape[0] - n_batch != self.n_val \
                 or first.dtype != self.dtype or first.device != self.device:
             self.flush()
-            self._allocate(n_batch, tensors, sources)
-        step = len(self.positions)
+            self._allocate(n_batch, names, sources)
+        step = len(self.held)
         if n_batch == self.capacity:
             torch._foreach_copy_(self.slots[step], sources)
         else:
             tails, padding = self._short_slot(n_batch, step)
             torch._foreach_copy_(tails, sources)
             torch._foreach_zero_(padding)
-        self.positions.append(rows)
-        self.sizes.append(n_batch)
-        self.scales.append(scale)
-        if len(self.positions) == len(self.slots):
+        self.held.append((rows, scale))
+        if step + 1 == len(self.slots):
             self.flush()
 
-    def _allocate(self, n_batch: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  sources: list[torch.Tensor]) -> None:
+    def _allocate(self, n_batch: int, names: tuple[str, ...], sources: list[torch.Tensor]) -> None:
         self.capacity, self.n_val = n_batch, sources[0].shape[0] - n_batch
-        self.names, self.dtype, self.device = set(tensors), sources[0].dtype, sources[0].device
+        self.names, self.dtype, self.device = names, sources[0].dtype, sources[0].device
         rows = n_batch + self.n_val
         width = max(1, self.limit // sum(rows * t[0].numel() for t in sources))
-        self.buffers = {name: tuple(t.new_zeros((width, rows, *t.shape[1:])) for t in pair)
-                        for name, pair in tensors.items()}
+        self.buffers = {name: (a.new_zeros((width, *a.shape)), g.new_zeros((width, *g.shape)))
+                        for name, a, g in zip(names, sources[::2], sources[1::2])}
         self.slots = [[buf[step] for pair in self.buffers.values() for buf in pair] for step in range(width)]
         self.short_slots = {}
 
@@ -196,18 +190,17 @@ class _HeldLinearSteps:
 
     def flush(self) -> None:
         """Form the held steps' products into ``values``."""
-        k = len(self.positions)
+        k = len(self.held)
         if not k:
             return
+        positions, scales = zip(*self.held)
         phi = sum(linear_ghost_products(a[:k], g[:k], self.capacity, self.bias[name])
                   for name, (a, g) in self.buffers.items())
-        phi = phi.cpu().double().mul_(torch.tensor(self.scales, dtype=torch.float64)[:, None])
-        if min(self.sizes) < self.capacity:  # short batches: their padding rows are not examples
-            phi = torch.cat([row[self.capacity - size:] for row, size in zip(phi, self.sizes)])
-        self.values.index_add_(0, torch.cat(self.positions), phi.flatten())
-        self.positions.clear()
-        self.sizes.clear()
-        self.scales.clear()
+        phi = phi.cpu().double().mul_(torch.tensor(scales, dtype=torch.float64)[:, None])
+        if any(rows.shape[0] < self.capacity for rows in positions):  # short batches: padding rows are no examples
+            phi = torch.cat([row[self.capacity - rows.shape[0]:] for row, rows in zip(phi, positions)])
+        self.values.index_add_(0, torch.cat(positions), phi.flatten())
+        self.held.clear()
 
 
 class _LayerCapture:
@@ -217,9 +210,9 @@ class _LayerCapture:
     wrapper one Python call."""
 
     def __init__(self, layers: list[tuple[str, torch.nn.Module]]):
-        self.layers = layers
         self.captured: dict = {}
-        self.wrapped = {name: self._wrap(name, type(module).forward.__get__(module)) for name, module in layers}
+        self.targets = [(name, module.__dict__, self._wrap(name, type(module).forward.__get__(module)))
+                        for name, module in layers]  # where each wrapper goes, and the wrapper
 
     def _wrap(self, name: str, forward):
         def capturing_forward(*args, **kwargs):
@@ -240,19 +233,19 @@ class _LayerCapture:
 
     def run(self, model: torch.nn.Module, x: torch.Tensor) -> dict:
         """``{layer name: (input, output)}`` of one forward pass, the model's output under the key None."""
-        own = [(module, module.__dict__.get("forward")) for _, module in self.layers]
+        own = [attributes.get("forward") for _, attributes, _ in self.targets]  # a forward already set on the instance
         self.captured = {}
         try:
-            for (name, module), (_, forward) in zip(self.layers, own):
-                module.__dict__["forward"] = self.wrapped[name] if forward is None else self._wrap(name, forward)
+            for (name, attributes, wrapper), forward in zip(self.targets, own):
+                attributes["forward"] = wrapper if forward is None else self._wrap(name, forward)
             self.captured[None] = model(x)
             return self.captured
         finally:
-            for module, forward in own:
+            for (_, attributes, _), forward in zip(self.targets, own):
                 if forward is None:
-                    module.__dict__.pop("forward", None)
+                    attributes.pop("forward", None)
                 else:
-                    module.__dict__["forward"] = forward
+                    attributes["forward"] = forward
             self.captured = {}
 
 
@@ -304,6 +297,7 @@ class InRunShapley:
         self._batchnorms: list[torch.nn.Module] | None = None
         self._autograd_parameters: dict[frozenset[str], list[torch.nn.Parameter]] = {}
         self._capture = _LayerCapture(self.layers)
+        self._by_hand_layers: dict[torch.Size, set[str]] = {}
 
     @property
     def values(self) -> torch.Tensor:
@@ -449,22 +443,22 @@ class InRunShapley:
         losses = self.task.train_loss(out, y)
         weights, select_total, validation_scale = self._weights(n_batch, y.shape[0] - n_batch, estimate, losses)
         totals = weights @ losses  # [the step's objective, the batch loss]
-        by_hand = {name for name, module in self.layers  # all but vector-Linear layers, whose products are held
-                   if not (isinstance(module, torch.nn.Linear) and captured[name][0].dim() == 2)}
+        by_hand = self._by_hand(captured, x.shape)
         if by_hand:  # their weight gradients come from the batch rows below, not from autograd
             inputs = self._autograd_inputs(captured, by_hand)
             if inputs:
                 totals.backward(select_total, inputs=inputs)
         else:
             totals.backward(select_total)
-        phi, linear = 0, {}  # the layer inputs are detached and the gradients need none: no graph is built below
+        phi, held, sources = 0, [], []  # the layer inputs are detached and the gradients need none: no graph below
         for name, module in self.layers:
             a, layer_out = captured[name]
             g = layer_out.grad
             if g is None:  # the layer's output does not reach the loss
                 continue
             if name not in by_hand:  # products formed later (_HeldLinearSteps)
-                linear[name] = (a, g)
+                held.append(name)
+                sources += (a, g)
                 continue
             w_grad, b_grad, contribution = _single_pass_layer(module, a, g, n_batch)
             phi = phi + contribution
@@ -473,10 +467,20 @@ class InRunShapley:
                     param.grad = value if param.grad is None else param.grad.add_(value)
         if torch.is_tensor(phi):
             self._values.index_add_(0, rows, phi.cpu().double().mul_(lr / validation_scale))
-        if linear:
-            self._held.add(rows, lr / validation_scale, linear)
+        if held:
+            self._held.add(rows, lr / validation_scale, tuple(held), sources)
         self.steps += 1
         return totals[1].detach()
+
+    def _by_hand(self, captured: dict, input_shape: torch.Size) -> set[str]:
+        """The tracked layers whose weight gradients a single-pass step forms by hand: all but Linear layers on
+        vectors, whose products are held. Read from one step's layer inputs per model input shape."""
+        by_hand = self._by_hand_layers.get(input_shape)
+        if by_hand is None:
+            by_hand = {name for name, module in self.layers
+                       if not (isinstance(module, torch.nn.Linear) and captured[name][0].dim() == 2)}
+            self._by_hand_layers[input_shape] = by_hand
+        return by_hand
 
     def _autograd_inputs(self, captured: dict, by_hand: set[str]) -> list[torch.Tensor]:
         """What the backward of a step with layers whose weight gradients are formed by hand (``by_hand``) runs to:
