@@ -29,8 +29,9 @@ out. Two ways to run it:
   per operation, not arithmetic); reading ``values`` forms what is held. The step's input rows are gathered into
   buffers made once per batch size and validation slice (one ``index_select`` for the inputs, one for the
   labels). The tracked layers' inputs and outputs are captured by wrapping their ``forward`` for the duration of
-  the step only (a forward hook costs ~20 µs a call on CPU). First order only; refused: BatchNorm in training mode (its batch statistics would mix the
-  validation rows into the batch's forward) and float16 activations (too little range for the scaled gradients).
+  the step only (a forward hook costs ~20 µs a call on CPU). First order only; refused: BatchNorm in training
+  mode (its batch statistics would mix the validation rows into the batch's forward) and float16 activations (too
+  little range for the scaled gradients).
 Both forms take ``validation_batch``: a cycling, seeded slice of the fixed validation set per step, scaled to
 estimate the whole set's gradient without bias — the knob that trades the values' noise for throughput (the
 validation rows' forward and backward are most of the cost on a convolutional model).
