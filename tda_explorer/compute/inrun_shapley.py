@@ -313,9 +313,8 @@ class InRunShapley:
     def _validation_rows(self) -> tuple[int | None, torch.Tensor | None, torch.Tensor, torch.Tensor, float]:
         """This step's validation rows — where the slice starts in the cycle and their positions (None, None: all),
         inputs and labels — and the factor that makes their summed loss estimate the whole set's; after checking
-        the set is unchanged. Rows are slices of a
-        permuted copy of the set laid twice end to end, made once, so no step pays for an index or a wrap; each
-        slice is made once too (the slices repeat with the cycle)."""
+        the set is unchanged. Rows are slices of a permuted copy of the set laid twice end to end, made once, so no
+        step pays for an index or a wrap; each slice is made once too (the slices repeat with the cycle)."""
         self._check_validation_unchanged()
         data, size, n_val = self.validation, self.validation_batch, self._n_validation
         if size is None or size == n_val:
