@@ -218,10 +218,12 @@ def test_single_pass_takes_untracked_trainable_layers_and_refuses_what_would_mix
     callback = InRunShapley(AttributionTask(twin, parameters=["0", "2"]), train, val, batch_size=8)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, plain)]
     for step, rows in enumerate(torch.randperm(24, generator=gen).split(8)):
+        if step == 2:  # training data edited in place between steps: every step reads its rows afresh
+            x.add_(0.5)
         callback(step, rows, {k: v.detach() for k, v in model.named_parameters()}, 0.1)
         for opt in optimizers:
             opt.zero_grad()
-        single.backward(rows, lr=0.1)
+        single.backward(rows.tolist() if step == 1 else rows, lr=0.1)  # positions as a list too
         (torch.nn.functional.cross_entropy(plain(x[rows]), y[rows], reduction="sum") / 8).backward()
         # the LayerNorm's own gradient too: the validation rows' share is 2^-40 of theirs, below float32 rounding
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
