@@ -294,11 +294,10 @@ class InRunShapley:
         self._validation_state: tuple | None = None
         self._permuted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._validation_slices: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
-        self._input_buffers: dict[tuple[int, int | None], tuple[torch.Tensor, ...]] = {}
+        self._input_buffers: dict[tuple[int, int | None], tuple[torch.Tensor, ...]] = {}  # x, y and their batch rows
         self._batchnorms: list[torch.nn.Module] | None = None
-        self._autograd_parameters: dict[frozenset[str], list[torch.nn.Parameter]] = {}
         self._capture = _LayerCapture(self.layers)
-        self._by_hand_layers: dict[torch.Size, set[str]] = {}
+        self._by_hand_layers: dict[torch.Size, tuple[set[str], list[torch.nn.Parameter]]] = {}
 
     @property
     def values(self) -> torch.Tensor:
@@ -344,8 +343,8 @@ class InRunShapley:
             x = data.inputs.new_empty((n_batch + len(val_inputs), *data.inputs.shape[1:]))
             y = data.labels.new_empty((n_batch + len(val_labels), *data.labels.shape[1:]))
             x[n_batch:], y[n_batch:] = val_inputs, val_labels
-            buffers = self._input_buffers[n_batch, start] = (x, y, x[:n_batch], y[:n_batch], estimate)
-        x, y, x_batch, y_batch, estimate = buffers
+            buffers = self._input_buffers[n_batch, start] = (x, y, x[:n_batch], y[:n_batch])
+        x, y, x_batch, y_batch = buffers
         torch.index_select(self.train.inputs, 0, rows, out=x_batch)
         torch.index_select(self.train.labels, 0, rows, out=y_batch)
         if x.device != self.device:
@@ -443,9 +442,11 @@ class InRunShapley:
         losses = self.task.train_loss(out, y)
         weights, select_total, validation_scale = self._weights(n_batch, y.shape[0] - n_batch, estimate, losses)
         totals = weights @ losses  # [the step's objective, the batch loss]
-        by_hand = self._by_hand(captured, x.shape)
+        by_hand, others = self._by_hand(captured, x.shape)
         if by_hand:  # their weight gradients come from the batch rows below, not from autograd
-            inputs = self._autograd_inputs(captured, by_hand)
+            inputs = [captured[name][1] for name, _ in self.layers
+                      if name in by_hand and captured[name][1].requires_grad]
+            inputs += [p for p in others if p.requires_grad]
             if inputs:
                 totals.backward(select_total, inputs=inputs)
         else:
@@ -472,28 +473,19 @@ class InRunShapley:
         self.steps += 1
         return totals[1].detach()
 
-    def _by_hand(self, captured: dict, input_shape: torch.Size) -> set[str]:
-        """The tracked layers whose weight gradients a single-pass step forms by hand: all but Linear layers on
-        vectors, whose products are held. Read from one step's layer inputs per model input shape."""
-        by_hand = self._by_hand_layers.get(input_shape)
-        if by_hand is None:
+    def _by_hand(self, captured: dict, input_shape: torch.Size) -> tuple[set[str], list[torch.nn.Parameter]]:
+        """The tracked layers whose weight gradients a single-pass step forms by hand — all but Linear layers on
+        vectors, whose products are held — and the model's parameters outside them, which the step's backward
+        (stopped at those layers' outputs) runs to. Read from one step's layer inputs per model input shape."""
+        made = self._by_hand_layers.get(input_shape)
+        if made is None:
             by_hand = {name for name, module in self.layers
                        if not (isinstance(module, torch.nn.Linear) and captured[name][0].dim() == 2)}
-            self._by_hand_layers[input_shape] = by_hand
-        return by_hand
-
-    def _autograd_inputs(self, captured: dict, by_hand: set[str]) -> list[torch.Tensor]:
-        """What the backward of a step with layers whose weight gradients are formed by hand (``by_hand``) runs to:
-        those layers' outputs, and every other trainable parameter (the candidates are read once per layer set)."""
-        key = frozenset(by_hand)
-        others = self._autograd_parameters.get(key)
-        if others is None:
             skipped = {id(p) for name, module in self.layers if name in by_hand
                        for p in module.parameters(recurse=False)}
             others = [p for p in self.task.model.parameters() if id(p) not in skipped]
-            self._autograd_parameters[key] = others
-        outputs = [captured[name][1] for name, _ in self.layers if name in by_hand and captured[name][1].requires_grad]
-        return outputs + [p for p in others if p.requires_grad]
+            made = self._by_hand_layers[input_shape] = (by_hand, others)
+        return made
 
     def _weights(self, n_batch: int, n_val: int, estimate: float, losses: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
