@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from tda_explorer.evaluate import build_experiment, subset_ground_truth
-from tda_explorer.evaluate.backdoor import evaluate_backdoor
-from tda_explorer.evaluate.further_training import further_training_cosine, further_training_truth
 from tda_explorer.evaluate.harness import run_method
 from tda_explorer.evaluate.proxies import evaluate_proxy
+from tda_explorer.experiments import build_experiment
+from tda_explorer.experiments.backdoor import evaluate_backdoor
+from tda_explorer.retraining import subset_ground_truth
+from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
 
 PROXY_METHODS = ("grad-dot", "trak", "if-ekfac")
 CURVE_METHODS = ("grad-dot", "tracin", "trak", "if-ekfac", "if-explicit")
@@ -69,10 +70,10 @@ def ensemble_rows(cache_dir: str, model: str = "mlp") -> list[dict]:
     import time
 
     from tda_explorer import AttributionTask
-    from tda_explorer.compute.lora import add_dropout
     from tda_explorer.compute.methods import get_method
     from tda_explorer.compute.methods.lora_ensemble import stored_bytes
-    from tda_explorer.compute.training import train_model
+    from tda_explorer.compute.training.lora import add_dropout
+    from tda_explorer.compute.training.train import train_model
     from tda_explorer.evaluate import lds
     from tda_explorer.evaluate.harness import method_options
 

@@ -20,14 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
-from tda_explorer.evaluate import (  # noqa: E402
-    build_experiment,
-    evaluate_method,
-    lds,
-    mislabel_auc,
-    recall_at,
-    subset_ground_truth,
-)
+from tda_explorer.evaluate import evaluate_method, lds, mislabel_auc, recall_at  # noqa: E402
+from tda_explorer.experiments import build_experiment  # noqa: E402
+from tda_explorer.retraining import subset_ground_truth  # noqa: E402
 
 LDS_METHODS = ["grad-dot", "grad-cos", "tracin", ("trak", {}), ("trak", {"projection_dim": 512}),
                ("trak", {"ensemble": 5})]

@@ -24,7 +24,9 @@ import peers  # noqa: E402
 from bench_speed import cnn_experiment, plain_epoch_seconds, timed  # noqa: E402
 
 from tda_explorer import get_method  # noqa: E402
-from tda_explorer.evaluate import build_experiment, evaluate_method, lds, subset_ground_truth  # noqa: E402
+from tda_explorer.evaluate import evaluate_method, lds  # noqa: E402
+from tda_explorer.experiments import build_experiment  # noqa: E402
+from tda_explorer.retraining import subset_ground_truth  # noqa: E402
 
 OURS = [("if-explicit", {}), ("if-explicit", {"projection_dim": 2048}), ("if-cg", {}), ("if-lissa", {}),
         ("if-arnoldi", {}), ("if-kfac", {}), ("if-ekfac", {}), ("if-astra", {}), ("if-datainf", {})]

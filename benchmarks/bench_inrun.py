@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from tda_explorer.compute.inrun_shapley import InRunShapley
-from tda_explorer.compute.training import train_weighted
-from tda_explorer.evaluate import build_experiment, mislabel_auc, recall_at
+from tda_explorer.compute.training.train import train_weighted
+from tda_explorer.compute.valuation.inrun_shapley import InRunShapley
+from tda_explorer.evaluate import mislabel_auc, recall_at
+from tda_explorer.experiments import build_experiment
 
 
 def _loop(model, train, config, epochs: int, shapley=None, seed: int = 0, block: int = 16):
@@ -62,7 +63,7 @@ def single_pass_rows(n_validation: int, validation_batches: tuple[int | None, ..
     from dataclasses import replace
 
     from tda_explorer import AttributionTask
-    from tda_explorer.compute.models import make_model
+    from tda_explorer.compute.models.reference import make_model
     from tda_explorer.data.digits import load_augmented_digits
 
     rows = []

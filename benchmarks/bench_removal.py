@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tda_explorer.evaluate import build_experiment, subset_ground_truth
 from tda_explorer.evaluate.harness import evaluate_method
+from tda_explorer.experiments import build_experiment
+from tda_explorer.retraining import subset_ground_truth
 
 RUNS = {
     "lr": [("synset-loo", {}), ("synset-loo", {"per_class": 10}), ("if-explicit", {}), ("if-ekfac", {})],

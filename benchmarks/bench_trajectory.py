@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from tda_explorer.evaluate import build_experiment, evaluate_method, removal_ground_truth, truth_ceiling
+from tda_explorer.evaluate import evaluate_method
+from tda_explorer.experiments import build_experiment
+from tda_explorer.retraining import removal_ground_truth, truth_ceiling
 
 METHODS = [("magic", {}), ("source", {}), ("if-ekfac", {}), ("tracin", {}), ("trak", {})]
 
@@ -22,7 +24,8 @@ METHODS = [("magic", {}), ("source", {}), ("if-ekfac", {}), ("tracin", {}), ("tr
 def source_rows(cache_dir: str) -> list[dict]:
     """SOURCE with L = 1, 3, 6 segments against EK-FAC influence (fresh-seed truth, half subsets), on the recipe's
     50-epoch MLP and on the same MLP trained 3 and 5 epochs (far from converged)."""
-    from tda_explorer.evaluate import evaluate_method, subset_ground_truth
+    from tda_explorer.evaluate import evaluate_method
+    from tda_explorer.retraining import subset_ground_truth
 
     rows = []
     for epochs in (None, 5, 3):

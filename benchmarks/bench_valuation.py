@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tda_explorer.compute.lava import LAVA
-from tda_explorer.evaluate import build_experiment, mislabel_auc, recall_at
-from tda_explorer.evaluate.facts import TRACING_METHODS, build_fact_experiment, evaluate_tracing
+from tda_explorer.compute.valuation.lava import LAVA
+from tda_explorer.evaluate import mislabel_auc, recall_at
 from tda_explorer.evaluate.harness import run_method
-from tda_explorer.evaluate.selection import evaluate_selection
 from tda_explorer.evaluate.valuation import evaluate_lava
+from tda_explorer.experiments import build_experiment
+from tda_explorer.experiments.facts import TRACING_METHODS, build_fact_experiment, evaluate_tracing
+from tda_explorer.experiments.planted_pool import evaluate_selection
 
 PARTS = ("lava", "less", "facts")
 

@@ -1,4 +1,4 @@
-"""Peer check of LESS: our ``tda_explorer.compute.less`` beside dattri-llm 0.1's ``LESSAttributor`` on the same
+"""Peer check of LESS: our ``compute.selection.less`` beside dattri-llm 0.1's ``LESSAttributor`` on the same
 warmup checkpoints, Adam states, pool and target (the planted pool of ``evaluate_selection``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peer_less.py [--seed 0] [--live] [--json PATH]
@@ -70,9 +70,9 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from tda_explorer.compute.less import LESS, AdamCheckpoint, WarmupConfig, allocate, warmup
-from tda_explorer.compute.losses import cross_entropy
-from tda_explorer.compute.models import make_model
+from tda_explorer.compute.engine.losses import cross_entropy
+from tda_explorer.compute.models.reference import make_model
+from tda_explorer.compute.selection.less import LESS, AdamCheckpoint, WarmupConfig, allocate, warmup
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.data.planted import load_planted_pool
 

@@ -38,8 +38,8 @@ import time
 import torch
 from torch import nn
 
-from tda_explorer.compute.training import out_of_fold_probabilities, train_ensemble, unstack
-from tda_explorer.evaluate.experiment import Experiment
+from tda_explorer.compute.training.train import out_of_fold_probabilities, train_ensemble, unstack
+from tda_explorer.experiments.digits import Experiment
 
 
 def available(name: str) -> bool:

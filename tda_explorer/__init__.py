@@ -17,9 +17,9 @@ _LAZY = {
     "AttributionDataset": "tda_explorer.data",
     "load_digits_split": "tda_explorer.data",
     "Session": "tda_explorer.session",
-    "select": "tda_explorer.compute.less",
-    "LAVA": "tda_explorer.compute.lava",
-    "TwoStageTracer": "tda_explorer.compute.fasttrack",
+    "select": "tda_explorer.compute.selection.less",
+    "LAVA": "tda_explorer.compute.valuation.lava",
+    "TwoStageTracer": "tda_explorer.compute.tracing.fasttrack",
 }
 
 __all__ = ["TDAError", "__version__", *_LAZY]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -26,8 +27,9 @@ def _progress(iterable, desc: str, total: int | None = None):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Digits with label noise → MLP with checkpoints → TracIn → mislabel ranking and proponents."""
-    from tda_explorer.evaluate import build_experiment, mislabel_auc, recall_at
-    from tda_explorer.evaluate.experiment import TEXT_MODELS
+    from tda_explorer.evaluate import mislabel_auc, recall_at
+    from tda_explorer.experiments import build_experiment
+    from tda_explorer.experiments.digits import TEXT_MODELS
     from tda_explorer.session import Session
 
     out = Path(args.out)
@@ -84,13 +86,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run one method on a built-in task; write its metrics as JSON."""
-    from tda_explorer.evaluate import (
-        build_experiment,
-        evaluate_method,
-        removal_ground_truth,
-        subset_ground_truth,
-        truth_ceiling,
-    )
+    from tda_explorer.evaluate import evaluate_method
+    from tda_explorer.experiments import build_experiment
+    from tda_explorer.retraining import removal_ground_truth, subset_ground_truth, truth_ceiling
 
     if args.data != "digits":
         raise TDAError(f"unknown data {args.data!r}; expected one of: digits")
@@ -101,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise TDAError(f"--verifier {args.verifier} picks the stage-2 verifier of two-stage fact tracing: use it with "
                        "--scenario facts --method fasttrack, or leave it out")
     if args.scenario == "facts":
-        from tda_explorer.evaluate.facts import TRACING_METHODS, evaluate_tracing
+        from tda_explorer.experiments.facts import TRACING_METHODS, evaluate_tracing
 
         if args.method not in TRACING_METHODS:
             raise TDAError(f"--scenario facts compares fact-tracing methods: pass --method one of "
@@ -110,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               **evaluate_tracing(args.method, seed=args.seed, device=args.device,
                                                  verifier=args.verifier)}, args.json)
     if args.scenario == "planted-pool":
-        from tda_explorer.evaluate.selection import evaluate_selection
+        from tda_explorer.experiments.planted_pool import evaluate_selection
 
         if args.method != "less":
             raise TDAError(f"--scenario planted-pool evaluates targeted selection: pass --method less, got "
@@ -125,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               "n_train": len(exp.split.train), "n_validation": len(exp.split.test),
                               **evaluate_lava(exp, device=args.device)}, args.json)
     if args.scenario == "backdoor":
-        from tda_explorer.evaluate.backdoor import evaluate_backdoor
+        from tda_explorer.experiments.backdoor import evaluate_backdoor
 
         if args.model != "mlp":
             raise TDAError(f"--scenario backdoor fine-tunes the digits MLP; got --model {args.model}")
@@ -140,8 +138,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _write_result(result, args.json)
     truth, others = None, {}
     if args.truth == "further-training":
-        from tda_explorer.evaluate.further_training import further_training_cosine, further_training_truth
         from tda_explorer.evaluate.harness import run_method
+        from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
 
         train = exp.split.train
         ids = [train.ids[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
@@ -196,21 +194,21 @@ def _write_result(result: dict, path: str | None) -> int:
 
 def _featurized_task(exp, projection_kind: str):
     """The experiment's task; LoGra tracks its Linear/Conv2d layers (the others have no Kronecker form)."""
-    from tda_explorer.compute.kfac import linear_layer_names
+    from tda_explorer.compute.engine.kfac import linear_layer_names
 
     return exp.task(parameters=linear_layer_names(exp.record.model) if projection_kind == "logra" else None)
 
 
 def cmd_featurize(args: argparse.Namespace) -> int:
     """Sharded, resumable featurisation of a built-in task's training set (run under torchrun to shard)."""
-    from tda_explorer.compute.sharded import (
+    from tda_explorer.compute.engine.sharded import (
         close_distributed,
         featurize_sharded,
         gather_summaries,
         init_distributed,
         launch_device,
     )
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     device = launch_device(args.device)
     init_distributed(device)
@@ -228,10 +226,10 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Grad-dot top-k proponents/opponents of test points against a sharded feature store."""
-    from tda_explorer.compute.featurize import iter_features, make_projector
-    from tda_explorer.compute.sharded import load_sharded, store_fingerprint
-    from tda_explorer.compute.topk import topk_scores
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.compute.engine.featurize import iter_features, make_projector
+    from tda_explorer.compute.engine.sharded import load_sharded, store_fingerprint
+    from tda_explorer.compute.engine.topk import topk_scores
+    from tda_explorer.experiments import build_experiment
 
     manifest = json.loads((Path(args.store) / "manifest.json").read_text())
     features = load_sharded(args.store)
@@ -261,14 +259,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks run through the CLI (``explorer``: selection latency at scale; ``topk``: streaming top-k)."""
     if args.what == "topk":
-        from tda_explorer.compute.topk_bench import bench_topk
-
-        result = bench_topk(n_train=args.n_train, dim=args.dim, k=args.k, batch=args.batch,
-                            max_memory=args.max_memory_mb * 2**20, folder=args.folder, device=args.device)
+        result = benchmark_module("bench_topk").bench_topk(
+            n_train=args.n_train, dim=args.dim, k=args.k, batch=args.batch, max_memory=args.max_memory_mb * 2**20,
+            folder=args.folder, device=args.device)
     else:
-        from tda_explorer.widgets.bench import bench_explorer
-
-        result = bench_explorer(n_train=args.n_train, n_test=args.n_test)
+        result = benchmark_module("bench_explorer").bench_explorer(n_train=args.n_train, n_test=args.n_test)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)
@@ -278,9 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_stress(args: argparse.Namespace) -> int:
     """Crash-safety stress tests (``flags``: SIGKILL during flag writes)."""
-    from tda_explorer.stress import stress_flags
-
-    result = stress_flags(trials=args.trials, writes=args.writes, seed=args.seed)
+    result = benchmark_module("stress_flags").stress_flags(trials=args.trials, writes=args.writes, seed=args.seed)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)
@@ -288,9 +281,21 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return 0 if result["lost"] == 0 and result["integrity_failures"] == 0 else 1
 
 
+def benchmark_module(name: str):
+    """A module of the source checkout's ``benchmarks/`` (benchmark and stress code is not shipped in the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        raise TDAError(f"{name} lives in benchmarks/ of a source checkout, not beside this installed package "
+                       f"({path.parent} is missing): run it from a clone of tda_explorer")
+    spec = importlib.util.spec_from_file_location(f"tda_benchmarks.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
     """The built-in digits task a sharded store belongs to (model, label noise, seed)."""
-    from tda_explorer.evaluate.experiment import EXPERIMENT_MODELS
+    from tda_explorer.experiments.digits import EXPERIMENT_MODELS
 
     parser.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
     parser.add_argument("--noise", type=float, default=0.0)
@@ -299,7 +304,7 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from tda_explorer.compute import available_methods
-    from tda_explorer.evaluate.experiment import EXPERIMENT_MODELS
+    from tda_explorer.experiments.digits import EXPERIMENT_MODELS
 
     parser = argparse.ArgumentParser(prog="tda-explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -15,11 +15,11 @@ import torch
 
 from tda_explorer._validation import TDAError
 from tda_explorer.atomic import load_tensors, save_tensors
-from tda_explorer.compute.attribution import Attribution
-from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.engine.attribution import Attribution
+from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.engine.stability import Stability, z_and_p
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import get_method
-from tda_explorer.compute.stability import Stability, z_and_p
-from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.flags import FlagStore
 from tda_explorer.jobs import BackgroundJob
@@ -69,7 +69,7 @@ class Session:
                         retrain_seeds: int = 2) -> Session:
         """A session over a built-in experiment (see ``tda_explorer.evaluate.build_experiment``), able to retrain
         without chosen examples (``what_if_removed``) with ``retrain_seeds`` paired seeds."""
-        from tda_explorer.evaluate.retrain import Retrainer
+        from tda_explorer.retraining.retrainer import Retrainer
 
         session = cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device)
         session.experiment = experiment  # supplies what some methods need (trajectory, recording, recipe)
@@ -238,7 +238,7 @@ class Session:
         """Each computed method's cosine with the further-training truth (final model only) after each number of
         further epochs; tidy ``method, epochs, cosine``, kept in ``session.further_training`` for the compare panel.
         ``lr`` defaults to a tenth of the experiment's recipe (give it for other sessions)."""
-        from tda_explorer.evaluate.further_training import further_training_cosine, further_training_truth
+        from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
 
         if lr is None:
             if self.experiment is None:

@@ -29,6 +29,6 @@ def tiny_mlp() -> nn.Module:
 @pytest.fixture(scope="session")
 def digits_experiment():
     """A small noisy digits experiment shared by the slower tests."""
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     return build_experiment("mlp", noise=0.1, n_train=300, n_test=60, epochs=20)

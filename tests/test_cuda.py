@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from tda_explorer import get_method
-from tda_explorer.evaluate import build_experiment, lds, subset_ground_truth
+from tda_explorer.cli import benchmark_module
+from tda_explorer.evaluate import lds
+from tda_explorer.experiments import build_experiment
+from tda_explorer.retraining import subset_ground_truth
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -53,7 +56,7 @@ def test_ekfac_on_a_cnn_on_cuda_matches_cpu(monkeypatch):
     # cuDNN convolutions run in TF32 by default (0.6% apart from the CPU here); compare our code, not that setting
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     from tda_explorer import AttributionTask
-    from tda_explorer.compute.models import make_model
+    from tda_explorer.compute.models.reference import make_model
     from tda_explorer.data.digits import load_augmented_digits
 
     split = load_augmented_digits(n_train=400, n_test=20)
@@ -65,7 +68,7 @@ def test_ekfac_on_a_cnn_on_cuda_matches_cpu(monkeypatch):
 
 def test_removal_estimators_and_retraining_on_cuda_match_cpu(experiments):
     from tda_explorer.compute.methods.dvemb import record_experiment_run
-    from tda_explorer.evaluate import Retrainer
+    from tda_explorer.retraining import Retrainer
 
     exp, _ = experiments
     ids = exp.split.train.ids
@@ -85,8 +88,9 @@ def test_removal_estimators_and_retraining_on_cuda_match_cpu(experiments):
 
 
 def test_streaming_topk_on_cuda_matches_cpu(tmp_path):
-    from tda_explorer.compute.topk import topk_scores
-    from tda_explorer.compute.topk_bench import write_random_store
+    write_random_store = benchmark_module("bench_topk").write_random_store
+
+    from tda_explorer.compute.engine.topk import topk_scores
 
     store = write_random_store(tmp_path / "f.npy", 5000, 64)
     queries = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
@@ -99,7 +103,7 @@ def test_streaming_topk_on_cuda_matches_cpu(tmp_path):
 
 def test_logra_on_a_transformer_on_cuda_matches_cpu():
     from tda_explorer import AttributionTask
-    from tda_explorer.compute.kfac import linear_layer_names
+    from tda_explorer.compute.engine.kfac import linear_layer_names
 
     exp = build_experiment("transformer", n_train=64, n_test=8, epochs=2)
     task = AttributionTask(exp.record.model, parameters=linear_layer_names(exp.record.model))

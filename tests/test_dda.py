@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
-from tda_explorer.compute.training import Checkpoint
+from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.errors import TDAError
 
 
@@ -71,7 +71,7 @@ def test_dda_refusals_name_the_problem(tiny):
 
 
 def test_backdoor_dda_beats_plain_and_the_explorer_shows_the_poisoned_images(tmp_path):
-    from tda_explorer.evaluate.backdoor import build_backdoor, poisoned_auc_and_recall
+    from tda_explorer.experiments.backdoor import build_backdoor, poisoned_auc_and_recall
     from tda_explorer.session import Session
     from tda_explorer.widgets import Explorer
 

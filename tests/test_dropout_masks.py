@@ -6,8 +6,8 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from tda_explorer import TDAError
-from tda_explorer.compute.dropout_masks import BLOCK, DropoutMasks, mask_seed
-from tda_explorer.compute.gradients import per_sample_gradients
+from tda_explorer.compute.engine.gradients import per_sample_gradients
+from tda_explorer.compute.training.dropout_masks import BLOCK, DropoutMasks, mask_seed
 
 
 def _model() -> nn.Sequential:

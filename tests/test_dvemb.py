@@ -5,10 +5,10 @@ import torch
 
 from tda_explorer import TDAError, get_method
 from tda_explorer.compute.methods.dvemb import record_experiment_run
-from tda_explorer.compute.training import TrainConfig
+from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.digits import load_digits_split
-from tda_explorer.evaluate.experiment import Experiment
-from tda_explorer.evaluate.retrain import Retrainer
+from tda_explorer.experiments.digits import Experiment
+from tda_explorer.retraining.retrainer import Retrainer
 
 
 def _experiment(kind, lr, epochs):

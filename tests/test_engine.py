@@ -9,9 +9,9 @@ from torch import nn
 
 from tda_explorer import AttributionTask, TDAError, get_method
 from tda_explorer.compute import GradDot
-from tda_explorer.compute.losses import neg_margin
-from tda_explorer.compute.projection import RandomProjector
-from tda_explorer.compute.store import FeatureStore
+from tda_explorer.compute.engine.losses import neg_margin
+from tda_explorer.compute.engine.projection import RandomProjector
+from tda_explorer.compute.engine.store import FeatureStore
 from tda_explorer.data import AttributionDataset
 
 
@@ -160,8 +160,8 @@ def test_dropout_ensemble_uses_consistent_masks(tiny_data):
 
 def test_config_fingerprint_is_stable_across_sessions():
     from tda_explorer.compute import TrainConfig
-    from tda_explorer.compute.fingerprint import config_fingerprint
-    from tda_explorer.evaluate.experiment import Experiment
+    from tda_explorer.compute.engine.fingerprint import config_fingerprint
+    from tda_explorer.experiments.digits import Experiment
 
     a = config_fingerprint({"model_factory": Experiment.factory, "train_config": TrainConfig(epochs=3)})
     b = config_fingerprint({"model_factory": Experiment.factory, "train_config": TrainConfig(epochs=3)})

@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from tda_explorer import AttributionTask, TDAError, get_method
-from tda_explorer.compute.training import out_of_fold_probabilities
-from tda_explorer.evaluate import (
-    brittleness,
-    compare_methods,
-    loo_correlation,
-    loo_ground_truth,
-    mislabel_auc,
-    subset_ground_truth,
-)
+from tda_explorer.compute.training.train import out_of_fold_probabilities
+from tda_explorer.evaluate import compare_methods, mislabel_auc
+from tda_explorer.retraining import brittleness, loo_correlation, loo_ground_truth, subset_ground_truth
 
 
 def test_out_of_fold_probabilities_never_see_their_example(digits_experiment):
@@ -68,7 +62,7 @@ def test_trak_ensemble_of_independent_models_through_harness(digits_experiment):
 
 
 def test_loo_ground_truth_and_correlation_on_convex_model():
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     exp = build_experiment("lr", n_train=80, n_test=15, epochs=150)
     truth = loo_ground_truth(exp, positions=range(0, 80, 4))

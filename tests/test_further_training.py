@@ -7,7 +7,7 @@ import torch
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
 from tda_explorer.errors import TDAError
-from tda_explorer.evaluate.further_training import further_training_cosine, further_training_truth
+from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,11 @@
 
 import sqlite3
 
+from tda_explorer.cli import benchmark_module
 from tda_explorer.flags import FlagStore
-from tda_explorer.stress import _audit, stress_flags
+
+_stress = benchmark_module("stress_flags")
+_audit, stress_flags = _stress._audit, _stress.stress_flags
 
 
 def test_flag_store_survives_sigkill_during_writes(tmp_path):
@@ -54,7 +57,7 @@ def test_damaged_cache_entries_are_recomputed_with_a_warning(digits_experiment, 
     import pytest
     import torch
 
-    from tda_explorer.evaluate import subset_ground_truth
+    from tda_explorer.retraining import subset_ground_truth
     from tda_explorer.session import Session
 
     truth = subset_ground_truth(digits_experiment, n_subsets=4, cache_dir=tmp_path)
@@ -85,7 +88,7 @@ def test_checkpoints_load_tensors_only_unless_explicitly_trusted(tmp_path, capsy
     import torch
 
     from tda_explorer import TDAError
-    from tda_explorer.compute.checkpoints import load_checkpoint
+    from tda_explorer.compute.training.checkpoints import load_checkpoint
 
     model = torch.nn.Linear(3, 2)
     plain = tmp_path / "plain.pt"
@@ -166,7 +169,7 @@ def test_same_seed_gives_identical_scores_on_cpu():
     import torch
 
     from tda_explorer import get_method
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     runs = []
     for _ in range(2):

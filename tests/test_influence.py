@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tda_explorer import AttributionTask, TDAError, get_method
-from tda_explorer.compute.curvature import Curvature
+from tda_explorer.compute.engine.curvature import Curvature
 
 
 def _flat_objective(model, x, y, wd):
@@ -155,7 +155,7 @@ def _cnn(seed=0):
 def test_conv_layer_gradients_from_hooks_equal_autograd_per_example_gradients():
     """Σ_t s_t a_tᵀ over unfolded patches (stride, padding, no bias) is each example's weight gradient."""
     from tda_explorer import AttributionDataset
-    from tda_explorer.compute.kfac import fit_factors, rotated_gradients
+    from tda_explorer.compute.engine.kfac import fit_factors, rotated_gradients
 
     model = _cnn()
     data = AttributionDataset(torch.randn(7, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0]))
@@ -196,7 +196,7 @@ def test_ekfac_on_a_cnn_tracks_the_exact_ggn_influence_and_reuses_stored_factors
     from scipy.stats import spearmanr
 
     from tda_explorer import AttributionDataset
-    from tda_explorer.compute.store import FeatureStore
+    from tda_explorer.compute.engine.store import FeatureStore
 
     model = _cnn(2)
     gen = torch.Generator().manual_seed(0)
@@ -223,7 +223,7 @@ def test_astra_improves_on_its_ekfac_start_towards_the_exact_solution(digits_exp
     test = exp.split.test.subset(range(6))
     v = astra._features(test, test=True).double()
     damping = astra._damping_flat()
-    from tda_explorer.compute.curvature import Curvature
+    from tda_explorer.compute.engine.curvature import Curvature
 
     full = Curvature(task, exp.split.train, "ggn")
     residual = lambda x: float(((full.matvec(x) + damping * x - v).norm(dim=1) / v.norm(dim=1)).max())
@@ -355,7 +355,7 @@ def test_astra_converges_to_the_explicit_solution_on_one_layer(tiny_data):
                                      dict(padding="same"), dict(padding="valid", stride=(2, 1)),
                                      dict(kernel_size=(3, 5), padding=(1, 2), stride=(1, 2))])
 def test_conv_patches_equal_unfold(options):
-    from tda_explorer.compute.kfac import _patches, conv_padding
+    from tda_explorer.compute.engine.kfac import _patches, conv_padding
 
     options = dict(options)
     conv = nn.Conv2d(3, 4, options.pop("kernel_size", 3), **options)

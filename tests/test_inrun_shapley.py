@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask
-from tda_explorer.compute.gradients import per_sample_gradients
-from tda_explorer.compute.inrun_shapley import InRunShapley, ghost_products
-from tda_explorer.compute.kfac import layer_activity, tracked_layers
-from tda_explorer.compute.training import TrainConfig, train_weighted
+from tda_explorer.compute.engine.gradients import per_sample_gradients
+from tda_explorer.compute.engine.kfac import layer_activity, tracked_layers
+from tda_explorer.compute.training.train import TrainConfig, train_weighted
+from tda_explorer.compute.valuation.inrun_shapley import InRunShapley, ghost_products
 from tda_explorer.errors import TDAError
 
 
@@ -173,9 +173,9 @@ def _sequence():  # Linear over a sequence dimension
 def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(architecture, materialise,
                                                                                 monkeypatch):
     if not materialise:  # the forms for layers whose per-example gradients would be too large; Linear products
-        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.PER_EXAMPLE_LIMIT", 0)  # formed every step
-        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.HELD_LIMIT", 1)
-        monkeypatch.setattr("tda_explorer.compute.inrun_shapley.INPUT_BUFFER_LIMIT", 0)  # step inputs re-made
+        monkeypatch.setattr("tda_explorer.compute.valuation.inrun_shapley.PER_EXAMPLE_LIMIT", 0)  # formed every step
+        monkeypatch.setattr("tda_explorer.compute.valuation.inrun_shapley.HELD_LIMIT", 1)
+        monkeypatch.setattr("tda_explorer.compute.valuation.inrun_shapley.INPUT_BUFFER_LIMIT", 0)  # step inputs re-made
     gen = torch.Generator().manual_seed(3)
     width = 6 if architecture is _mlp else 36
     x, y = torch.randn(40, width, generator=gen), torch.randint(0, 3, (40,), generator=gen)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
-from tda_explorer.compute.lora import adapter_names, add_dropout, add_lora, train_adapters
-from tda_explorer.compute.losses import cross_entropy
+from tda_explorer.compute.engine.losses import cross_entropy
+from tda_explorer.compute.training.lora import adapter_names, add_dropout, add_lora, train_adapters
 from tda_explorer.errors import TDAError
 
 

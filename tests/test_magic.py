@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
-from tda_explorer.compute.synset import Trajectory
-from tda_explorer.compute.training import TrainConfig, stacked_outputs, train_weighted
+from tda_explorer.compute.methods.synset import Trajectory
+from tda_explorer.compute.training.train import TrainConfig, stacked_outputs, train_weighted
 from tda_explorer.errors import TDAError
 
 CONFIG = TrainConfig(epochs=3, batch_size=8, lr=0.2, weight_decay=1e-2, optimizer="sgd", seed=3)
@@ -110,7 +110,7 @@ def test_relu_runs_warn_about_metasmoothness():
 
 
 def test_the_replayed_experiment_is_the_run_magic_differentiates_bit_for_bit():
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     original = build_experiment("mlp-gelu", n_train=120, n_test=10, epochs=3)
     exp = original.replayed()
@@ -122,7 +122,9 @@ def test_the_replayed_experiment_is_the_run_magic_differentiates_bit_for_bit():
 
 
 def test_same_seed_truth_is_the_run_itself_minus_the_subset(tmp_path):
-    from tda_explorer.evaluate import build_experiment, lds, removal_ground_truth, truth_ceiling
+    from tda_explorer.evaluate import lds
+    from tda_explorer.experiments import build_experiment
+    from tda_explorer.retraining import removal_ground_truth, truth_ceiling
 
     exp = build_experiment("mlp-gelu", n_train=120, n_test=10, epochs=3).replayed()
     same = removal_ground_truth(exp, n_subsets=6, fraction_removed=0.05, cache_dir=tmp_path)
@@ -150,7 +152,7 @@ def _final_losses_of(exp, weights):
 
 def _recorded_sgd(model, train, optimizer_factory, epochs=3, batch=8, seed=0):
     """A user's own loop with torch.optim and a schedule, recorded."""
-    from tda_explorer.compute.run_recorder import RunRecorder
+    from tda_explorer.compute.training.run_recorder import RunRecorder
 
     optimizer = optimizer_factory(model.parameters())
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)

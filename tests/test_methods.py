@@ -100,8 +100,8 @@ def _fit_logreg(x, y, wd, n_classes=3):
 
 def _recorded_run(task, train, init, config):
     """Gradient descent from ``init`` recorded step by step (for dvemb)."""
-    from tda_explorer.compute.recorder import StepRecorder
-    from tda_explorer.compute.training import train_weighted
+    from tda_explorer.compute.training.step_recorder import StepRecorder
+    from tda_explorer.compute.training.train import train_weighted
 
     def factory(_):
         model = copy.deepcopy(task.model)
@@ -137,8 +137,8 @@ def test_sign_agrees_with_actual_removal_on_convex_model():
     test = AttributionDataset(xt, yt)
     task = AttributionTask(full, checkpoints=[Checkpoint(full.state_dict(), 1.0, 100)], weight_decay=wd)
     from tda_explorer.compute import METHODS
-    from tda_explorer.compute.synset import Trajectory
-    from tda_explorer.compute.training import TrainConfig
+    from tda_explorer.compute.methods.synset import Trajectory
+    from tda_explorer.compute.training.train import TrainConfig
 
     zeros = {k: torch.zeros_like(v) for k, v in full.state_dict().items()}  # L-BFGS started at zero
     converge = TrainConfig(epochs=100, batch_size=len(x), lr=0.5, weight_decay=wd, optimizer="sgd")

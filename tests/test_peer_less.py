@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tda_explorer.compute.less import WarmupConfig, warmup
+from tda_explorer.compute.selection.less import WarmupConfig, warmup
 from tda_explorer.data import AttributionDataset
 
 pytest.importorskip("dattri_llm")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tda_explorer import AttributionTask
-from tda_explorer.compute.proxy import build_proxy, distill, query_outputs, smaller_architecture
-from tda_explorer.compute.training import TrainConfig
+from tda_explorer.compute.models.proxy import build_proxy, distill, query_outputs, smaller_architecture
+from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.errors import TDAError
 
 
@@ -43,8 +43,8 @@ def test_distillation_follows_the_teacher_beyond_the_labels():
 
 
 def test_every_proxy_kind_builds_and_a_distilled_proxy_keeps_the_targets_lds(digits_experiment, tmp_path):
-    from tda_explorer.evaluate import subset_ground_truth
     from tda_explorer.evaluate.proxies import evaluate_proxy
+    from tda_explorer.retraining import subset_ground_truth
 
     exp = digits_experiment
     train = exp.split.train
@@ -65,7 +65,7 @@ def test_every_proxy_kind_builds_and_a_distilled_proxy_keeps_the_targets_lds(dig
 
 
 def test_the_compare_panel_names_the_access_level_behind_each_method(digits_experiment, tmp_path):
-    from tda_explorer.compute.proxy import PROXY_ACCESS
+    from tda_explorer.compute.models.proxy import PROXY_ACCESS
     from tda_explorer.session import Session
     from tda_explorer.widgets import Explorer
 

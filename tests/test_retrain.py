@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from tda_explorer import TDAError
-from tda_explorer.compute.training import TrainConfig, train_weighted
+from tda_explorer.compute.training.train import TrainConfig, train_weighted
 from tda_explorer.data.digits import load_digits_split
-from tda_explorer.evaluate.experiment import Experiment
-from tda_explorer.evaluate.retrain import Retrainer
+from tda_explorer.experiments.digits import Experiment
+from tda_explorer.retraining.retrainer import Retrainer
 
 
 def _by_hand(x, y, config, seed, dropped=(), n_classes=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset
-from tda_explorer.compute.run_recorder import RunRecorder
+from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.errors import TDAError
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tda_explorer import TDAError, get_method
-from tda_explorer.compute.sharded import load_sharded
+from tda_explorer.compute.engine.sharded import load_sharded
 
 pytestmark = pytest.mark.distributed
 ARGS = ["--n-train", "200", "--projection-dim", "128", "--shard-rows", "48"]
@@ -53,7 +53,7 @@ def test_two_gloo_processes_equal_one_and_a_killed_run_resumes(tmp_path):
 
 
 def test_score_reduces_over_shards_like_grad_dot(tmp_path, digits_experiment):
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     assert _run("featurize", "--out", str(tmp_path / "s"), *ARGS).returncode == 0
     out = tmp_path / "top.json"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
-from tda_explorer.compute.training import Checkpoint
+from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.errors import TDAError
 
 

@@ -6,9 +6,9 @@ import torch
 from scipy.stats import norm
 
 from tda_explorer import TDAError
-from tda_explorer.compute.stability import stability_from_scores
-from tda_explorer.evaluate import build_experiment
+from tda_explorer.compute.engine.stability import stability_from_scores
 from tda_explorer.evaluate.stability import model_variants, score_stability
+from tda_explorer.experiments import build_experiment
 
 
 def test_statistics_match_an_independent_computation():

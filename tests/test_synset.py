@@ -5,11 +5,11 @@ import torch
 from scipy.stats import spearmanr
 
 from tda_explorer import TDAError, get_method
-from tda_explorer.compute.synset import Trajectory
-from tda_explorer.compute.training import TrainConfig, train_model
+from tda_explorer.compute.methods.synset import Trajectory
+from tda_explorer.compute.training.train import TrainConfig, train_model
 from tda_explorer.data.digits import load_digits_split
-from tda_explorer.evaluate.experiment import Experiment
-from tda_explorer.evaluate.retrain import Retrainer
+from tda_explorer.experiments.digits import Experiment
+from tda_explorer.retraining.retrainer import Retrainer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tda_explorer import TDAError
-from tda_explorer.compute.topk import topk_scores
+from tda_explorer.compute.engine.topk import topk_scores
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

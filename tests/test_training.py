@@ -3,7 +3,8 @@ import torch
 
 from tda_explorer import TDAError
 from tda_explorer.compute import TrainConfig, make_model, train_ensemble, train_model
-from tda_explorer.evaluate import build_experiment, subset_ground_truth
+from tda_explorer.experiments import build_experiment
+from tda_explorer.retraining import subset_ground_truth
 
 
 def factory(seed):

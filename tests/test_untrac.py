@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tda_explorer import AttributionDataset, AttributionTask
-from tda_explorer.compute.gradients import per_sample_gradients
-from tda_explorer.compute.untrac import UnlearnConfig, UnTrac
+from tda_explorer.compute.engine.gradients import per_sample_gradients
+from tda_explorer.compute.valuation.untrac import UnlearnConfig, UnTrac
 from tda_explorer.errors import TDAError
 from tda_explorer.evaluate.groups import class_pearson, dirichlet_groups, evaluate_groups
 
@@ -58,7 +58,7 @@ def test_class_pearson_reads_each_class_as_a_test_set(tiny):
 
 
 def test_untrac_tracks_leave_group_out_retraining_on_digits_lr(tmp_path):
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     exp = build_experiment("lr", n_train=300, n_test=100, epochs=100)
     result = evaluate_groups(exp, "untrac", 6, seeds=2, cache_dir=tmp_path)
@@ -73,7 +73,7 @@ def test_cli_asks_for_groups():
 
 
 def test_given_groups_must_partition_the_training_set(tmp_path):
-    from tda_explorer.evaluate import build_experiment
+    from tda_explorer.experiments import build_experiment
 
     exp = build_experiment("lr", n_train=60, n_test=20, epochs=5)
     ids = exp.split.train.ids

@@ -18,9 +18,9 @@ from scipy.special import logsumexp
 from torch import nn
 
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.lava import LAVA, label_distances, penultimate_features
-from tda_explorer.compute.less import LESS, AdamCheckpoint, WarmupConfig, select, warmup
-from tda_explorer.compute.models import make_model
+from tda_explorer.compute.models.reference import make_model
+from tda_explorer.compute.selection.less import LESS, AdamCheckpoint, WarmupConfig, select, warmup
+from tda_explorer.compute.valuation.lava import LAVA, label_distances, penultimate_features
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.data.digits import load_digits_split
 from tda_explorer.data.planted import load_planted_pool

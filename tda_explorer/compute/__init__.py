@@ -1,7 +1,8 @@
 """Compute layer: numbers only (no UI imports)."""
 
-from tda_explorer.compute.attribution import Attribution
-from tda_explorer.compute.gradients import iter_per_sample_gradients, per_sample_gradients
+from tda_explorer.compute.engine.attribution import Attribution
+from tda_explorer.compute.engine.gradients import iter_per_sample_gradients, per_sample_gradients
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import (
     METHODS,
     TRAK,
@@ -13,9 +14,8 @@ from tda_explorer.compute.methods import (
     available_methods,
     get_method,
 )
-from tda_explorer.compute.models import make_model
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import Checkpoint, TrainConfig, TrainingRecord, train_ensemble, train_model
+from tda_explorer.compute.models.reference import make_model
+from tda_explorer.compute.training.train import Checkpoint, TrainConfig, TrainingRecord, train_ensemble, train_model
 
 __all__ = [
     "Attribution", "AttributionTask", "Attributor", "METHODS", "TRAK", "Suspicion", "GradDot", "GradCos", "TracIn",

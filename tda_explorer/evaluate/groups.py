@@ -18,7 +18,7 @@ import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.data.dataset import AttributionDataset
-from tda_explorer.evaluate.experiment import Experiment
+from tda_explorer.experiments.digits import Experiment
 
 
 def dirichlet_groups(train: AttributionDataset, k: int, alpha: float = 0.5, seed: int = 0) -> list[list[Any]]:
@@ -58,7 +58,7 @@ def group_estimates(experiment: Experiment, method: str, groups: list[list[Any]]
     """``[n_groups, n_test]`` predicted rise of each test measurement when each group is removed."""
     train, test = experiment.split.train, experiment.split.test
     if method in ("untrac", "untrac-inv"):
-        from tda_explorer.compute.untrac import UnlearnConfig, UnTrac
+        from tda_explorer.compute.valuation.untrac import UnlearnConfig, UnTrac
 
         given = {k: v for k, v in options.items() if v is not None}
         # UnTrac-Inv's recipe: a few large-batch steps on the test set (it fails at batch 1); lr measured on digits
@@ -110,7 +110,7 @@ def evaluate_groups(experiment: Experiment, method: str, k: int = 10, seeds: int
     """``group_pearson`` of ``method`` over ``k`` Dirichlet groups (or the given partition ``groups``) against
     leave-group-out retraining averaged over ``seeds`` paired seeds, with the per-class values and the estimate's
     seconds."""
-    from tda_explorer.evaluate.retrain import Retrainer
+    from tda_explorer.retraining.retrainer import Retrainer
 
     if groups is None:
         groups = dirichlet_groups(experiment.split.train, k, seed=seed)

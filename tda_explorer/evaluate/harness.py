@@ -11,11 +11,11 @@ import torch
 
 from tda_explorer._validation import check_positive_int
 from tda_explorer.compute.methods import Attributor, get_method
-from tda_explorer.compute.training import train_ensemble, unstack
-from tda_explorer.evaluate.experiment import Experiment
-from tda_explorer.evaluate.ground_truth import SubsetGroundTruth
+from tda_explorer.compute.training.train import train_ensemble, unstack
 from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at
 from tda_explorer.evaluate.quanda_metrics import class_detection, mislabeling_detection_area, top_k_cardinality
+from tda_explorer.experiments.digits import Experiment
+from tda_explorer.retraining.ground_truth import SubsetGroundTruth
 
 
 def method_options(experiment: Experiment, method: str, ensemble: int | None = None,
@@ -97,7 +97,7 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
     if method == "dvemb":  # the same-batch single removals are the trajectory-specific leave-one-out it estimates
         if "loo_spearman" not in result:
             from tda_explorer.evaluate.removal_validation import single_removal_spearman
-            from tda_explorer.evaluate.retrain import Retrainer
+            from tda_explorer.retraining.retrainer import Retrainer
 
             retrainer = Retrainer(experiment, cache_dir=cache_dir, device=device)
             result["loo_spearman"] = single_removal_spearman(experiment, attribution, retrainer)[0]

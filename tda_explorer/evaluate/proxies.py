@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import get_method
-from tda_explorer.compute.proxy import PROXY_ACCESS, build_proxy
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.evaluate.experiment import Experiment
-from tda_explorer.evaluate.ground_truth import SubsetGroundTruth
+from tda_explorer.compute.models.proxy import PROXY_ACCESS, build_proxy
 from tda_explorer.evaluate.harness import run_method
 from tda_explorer.evaluate.metrics import _spearman_columns, lds, mislabel_auc
+from tda_explorer.experiments.digits import Experiment
+from tda_explorer.retraining.ground_truth import SubsetGroundTruth
 
 
 def score_agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from tda_explorer.compute.attribution import Attribution
+from tda_explorer.compute.engine.attribution import Attribution
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.evaluate.experiment import Experiment
-from tda_explorer.evaluate.removal import LOOGroundTruth, loo_correlation
-from tda_explorer.evaluate.retrain import Retrainer
+from tda_explorer.experiments.digits import Experiment
+from tda_explorer.retraining.removal import LOOGroundTruth, loo_correlation
+from tda_explorer.retraining.retrainer import Retrainer
 
 
 def removal_groups(experiment: Experiment, attribution: Attribution, cluster_of: torch.Tensor | None = None,

@@ -1,6 +1,6 @@
 """Stability across seeds and checkpoints on the built-in experiments: train the variants, score them all.
 
-The statistics (mean, std, z, p per pair) are in ``tda_explorer.compute.stability``.
+The statistics (mean, std, z, p per pair) are in ``tda_explorer.compute.engine.stability``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer.compute.engine.stability import Stability, stability_from_scores
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import get_method
-from tda_explorer.compute.stability import Stability, stability_from_scores
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import EnsembleTrainer, unstack
+from tda_explorer.compute.training.train import EnsembleTrainer, unstack
 from tda_explorer.data.dataset import AttributionDataset
-from tda_explorer.evaluate.experiment import Experiment
+from tda_explorer.experiments.digits import Experiment
 
 
 def model_variants(experiment: Experiment, n_seeds: int = 3, last_checkpoints: int = 1,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tda_explorer.compute.lava import LAVA
-from tda_explorer.evaluate.experiment import Experiment
+from tda_explorer.compute.valuation.lava import LAVA
 from tda_explorer.evaluate.metrics import mislabel_auc, recall_at
+from tda_explorer.experiments.digits import Experiment
 
 
 def _detection(values, flipped, prefix: str = "") -> dict[str, float]:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import get_method
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import Checkpoint
+from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.data.dataset import AttributionDataset
 
 

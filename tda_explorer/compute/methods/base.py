@@ -10,12 +10,12 @@ from typing import Any, ClassVar
 import torch
 
 from tda_explorer._validation import TDAError, as_device, check_positive_int
-from tda_explorer.compute.attribution import Attribution
-from tda_explorer.compute.dropout_masks import mask_seed
-from tda_explorer.compute.featurize import iter_features, make_projector
-from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
-from tda_explorer.compute.store import FeatureStore
-from tda_explorer.compute.task import AttributionTask
+from tda_explorer.compute.engine.attribution import Attribution
+from tda_explorer.compute.engine.featurize import iter_features, make_projector
+from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.engine.store import FeatureStore
+from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.training.dropout_masks import mask_seed
 from tda_explorer.data.dataset import AttributionDataset
 
 

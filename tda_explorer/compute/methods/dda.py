@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, check_choice
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import Checkpoint
+from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.data.dataset import AttributionDataset
 
 

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.recorder import StepRecorder
-from tda_explorer.compute.task import AttributionTask
+from tda_explorer.compute.training.step_recorder import StepRecorder
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -107,7 +107,7 @@ class DataValueEmbedding(Attributor):
 def record_experiment_run(task: AttributionTask, train: AttributionDataset, model_factory, config, seed: int,
                           projection_dim: int | None = 1024, device: str = "cpu") -> StepRecorder:
     """Train once with ``train_weighted`` (the retraining engine's batch order for ``seed``) and record it."""
-    from tda_explorer.compute.training import train_weighted
+    from tda_explorer.compute.training.train import train_weighted
 
     if config.optimizer != "sgd":
         raise TDAError(f"dvemb follows SGD steps; this recipe uses {config.optimizer!r} (train with optimizer='sgd')")

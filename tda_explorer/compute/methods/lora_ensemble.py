@@ -11,9 +11,9 @@ import time
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.compute.lora import adapter_names, add_lora, train_adapters
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.task import AttributionTask
+from tda_explorer.compute.training.lora import adapter_names, add_lora, train_adapters
 from tda_explorer.data.dataset import AttributionDataset
 
 

@@ -35,13 +35,13 @@ import torch
 from torch.func import functional_call, grad, vjp, vmap
 
 from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.compute.gradients import iter_per_sample_gradients
-from tda_explorer.compute.losses import cross_entropy
+from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
+from tda_explorer.compute.engine.losses import cross_entropy
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.run_recorder import RunRecorder
-from tda_explorer.compute.synset import Trajectory
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import train_weighted
+from tda_explorer.compute.methods.synset import Trajectory
+from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.train import train_weighted
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 

@@ -32,15 +32,15 @@ from dataclasses import replace
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.compute.kfac import (
+from tda_explorer.compute.engine.kfac import (
     LayerFactors,
     corrected_eigenvalues,
     eigenbases,
     layer_covariances,
     rotated_gradients,
 )
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
 

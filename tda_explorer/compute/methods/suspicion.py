@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import TrainConfig, out_of_fold_probabilities
+from tda_explorer.compute.training.train import TrainConfig, out_of_fold_probabilities
 from tda_explorer.data.dataset import AttributionDataset
 
 

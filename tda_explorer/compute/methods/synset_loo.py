@@ -1,6 +1,6 @@
 """Synset-based leave-one-out (``synset-loo``): removal effects estimated by replaying a distilled synset.
 
-``fit`` distils the synset (``compute/synset.py``) from the recorded trajectory, or reads it from the store;
+``fit`` distils the synset (``compute/methods/synset.py``) from the recorded trajectory, or reads it from the store;
 ``estimate_removal(ids)`` / ``estimate_removals(groups)`` replay the weighted synset with and without each
 group and return the predicted change of every test measurement; ``attribute`` is the per-example matrix:
 each training example's score is the predicted effect of removing it alone: its cluster's weight minus one.
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.compute.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.synset import Synset, Trajectory, distill, removal_weights, replay
-from tda_explorer.compute.task import AttributionTask
-from tda_explorer.compute.training import stacked_outputs
+from tda_explorer.compute.methods.synset import Synset, Trajectory, distill, removal_weights, replay
+from tda_explorer.compute.training.train import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
 
 

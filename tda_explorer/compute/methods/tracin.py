@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
 

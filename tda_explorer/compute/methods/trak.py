@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
-from tda_explorer.compute.dropout_masks import DropoutMasks, mask_seed
-from tda_explorer.compute.losses import neg_margin
+from tda_explorer.compute.engine.losses import neg_margin
+from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
-from tda_explorer.compute.task import AttributionTask
+from tda_explorer.compute.training.dropout_masks import DropoutMasks, mask_seed
 from tda_explorer.data.dataset import AttributionDataset
 
 

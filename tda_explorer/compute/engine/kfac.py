@@ -1,0 +1,344 @@
+"""Kronecker-factored curvature (K-FAC / EK-FAC) for ``nn.Linear`` and ``nn.Conv2d`` layers, fitted with hooks.
+
+Per layer, each example contributes input patches a_t (a 1 appended for the bias) and output gradients s_t at
+positions t: one position for a Linear layer on [B, in], the sequence positions of a Linear layer on [B, …, in],
+the output pixels of a convolution (a_t the unfolded kernel-sized patch, C_in·k_h·k_w values). The example's
+layer gradient is G = Σ_t s_t a_tᵀ, shaped like ``weight.view(out, -1)`` with the bias as a last column.
+Factors (KFC's spatially-uncorrelated convention, so that E[vec G vec Gᵀ] ≈ A ⊗ S):
+A = E[(1/T) Σ_t a_t a_tᵀ], S = E[Σ_t s_t s_tᵀ], eigendecomposed A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ. K-FAC takes
+Λ_S ⊗ Λ_A as the eigenvalues; EK-FAC refits them in the Kronecker eigenbasis, Λ_ij = E[((Q_Sᵀ G Q_A)_ij)²].
+By default s comes from labels *sampled from the model* (true Fisher; the empirical Fisher of a well-fit model
+is tiny and degenerates to Grad-Dot, see methods.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tda_explorer._validation import TDAError, check_choice
+from tda_explorer.compute.engine.losses import IGNORE, cross_entropy
+from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.data.dataset import AttributionDataset
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (outputs of a batch, its first row) -> per-example loss
+
+
+@dataclass
+class LayerFactors:
+    """Eigenbases and eigenvalues of one layer (weight as ``[out, in·k]`` and the bias as one more column)."""
+
+    name: str
+    q_a: torch.Tensor
+    q_s: torch.Tensor
+    eigenvalues: torch.Tensor  # [out, in·k (+1)]: EK-FAC corrected or K-FAC products
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "q_a": self.q_a, "q_s": self.q_s, "eigenvalues": self.eigenvalues}
+
+
+def _check_conv(name: str, module: nn.Conv2d, purpose: str, alternatives: str) -> None:
+    problems = []
+    if module.groups != 1:
+        problems.append(f"groups={module.groups}")
+    if module.padding_mode != "zeros":
+        problems.append(f"padding_mode={module.padding_mode!r}")
+    if isinstance(module.padding, str) and module.padding == "same" and any(
+            d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+        problems.append("padding='same' with an even kernel (asymmetric padding)")
+    if problems:
+        raise TDAError(
+            f"{purpose} cannot factor Conv2d {name!r} with {', '.join(problems)}; supported: groups=1, "
+            f"zero padding. Leave this layer out (parameters=[...]) or use {alternatives}"
+        )
+
+
+KFAC_ALTERNATIVES = "if-explicit / if-cg / if-lissa, which take any module"
+
+
+def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
+                   alternatives: str = KFAC_ALTERNATIVES) -> list[tuple[str, nn.Module]]:
+    """The ``nn.Linear`` / ``nn.Conv2d`` modules with tracked parameters; refuse other tracked modules by name,
+    saying what needs them (``purpose``) and what to use instead (``alternatives``)."""
+    tracked = set(task.tracked_names())
+    layers, unsupported = [], []
+    for name, module in task.model.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if not any(p in tracked for p in own):
+            continue
+        if not isinstance(module, SUPPORTED):
+            unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        prefix = f"{name}." if name else ""
+        if prefix + "weight" not in tracked or (module.bias is not None and prefix + "bias" not in tracked):
+            raise TDAError(f"layer {name!r}: track both its weight and bias (or neither) for {purpose}")
+        if isinstance(module, nn.Conv2d):
+            _check_conv(name, module, purpose, alternatives)
+        layers.append((name, module))
+    if unsupported:
+        raise TDAError(
+            f"{purpose} supports nn.Linear and nn.Conv2d; tracked parameters include {', '.join(unsupported)}. "
+            f"Track only those layers (parameters=[...], see linear_layer_names(model)) or use {alternatives}"
+        )
+    return layers
+
+
+def linear_layer_names(model: nn.Module, under: str = "") -> list[str]:
+    """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` (below the module ``under``), ready for
+    ``AttributionTask(parameters=...)`` when a method needs Kronecker-structured layers."""
+    prefix = f"{under}." if under else ""
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED) and (not under or n == under
+                                                                                 or n.startswith(prefix))]
+
+
+def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """A Conv2d's zero padding as two integers (``'valid'`` / symmetric ``'same'`` resolved)."""
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else tuple(
+            d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+    return padding
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input patches ``[B, in·k, T]`` of a layer (feature-major, ``unfold``'s layout; the bias's constant 1 is
+    implied, never materialised). Convolutions take windows of the padded input as a view and copy them once,
+    which equals ``unfold`` and on the CPU is 5× faster."""
+    if isinstance(module, nn.Conv2d):
+        (ph, pw), (dh, dw) = conv_padding(module), module.dilation
+        (sh, sw), (kh, kw) = module.stride, module.kernel_size
+        padded = nn.functional.pad(x, (pw, pw, ph, ph))
+        windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        return windows.permute(0, 1, 4, 5, 2, 3).reshape(len(x), -1, windows.shape[2] * windows.shape[3])
+    return x.reshape(len(x), -1, x.shape[-1]).transpose(1, 2)
+
+
+def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """Output gradients ``[B, out, T]`` of a layer."""
+    if isinstance(module, nn.Conv2d):
+        return g.flatten(2)
+    return g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
+
+
+def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: torch.Tensor,
+                   losses: list[LossFn], batch_size: int, device: torch.device | str,
+                   params: dict[str, torch.Tensor] | None = None,
+                   ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
+    """Per batch: each layer's input patches ``[B, in, T]``, and for each loss its output gradients
+    ``[B, out, T]`` (one forward, one backward per loss; parameter gradients are never accumulated).
+    With ``params`` the model runs on ``device`` with those parameters in place of its own (e.g. a
+    checkpoint's; ``{}``: its own, copied to ``device`` — the model itself is never moved)."""
+    if params is not None:
+        weights = {**dict(model.named_parameters()), **params}  # leaves that need grad keep layer outputs in the graph
+        state = {**{k: v.to(device) for k, v in model.named_buffers()},
+                 **{k: v.detach().to(device).requires_grad_(v.is_floating_point()) for k, v in weights.items()}}
+        run = lambda x: functional_call(model, state, (x,))
+    else:
+        run = model
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name, module in layers:
+        def hook(mod, args, out, name=name):
+            captured[name] = (args[0].detach(), out)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start : start + batch_size].to(device)
+            with torch.enable_grad():
+                out = run(x)
+                outputs = [captured[name][1] for name, _ in layers]
+                patches = {name: _patches(module, captured[name][0]) for name, module in layers}
+                grads = []
+                for k, loss in enumerate(losses):
+                    g = torch.autograd.grad(loss(out, start).sum(), outputs, retain_graph=k < len(losses) - 1)
+                    grads.append({name: _output_grads(m, gi.detach()) for (name, m), gi in zip(layers, g)})
+            yield patches, grads
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """Σ over examples and positions of x_t x_tᵀ for ``x`` ``[B, d, T]``, by the fastest route for the shape
+    (measured: one product for T = 1, batched products for small d, one flattened product otherwise)."""
+    batch, d, positions = x.shape
+    if positions == 1:
+        flat = x[:, :, 0]
+        return flat.T @ flat
+    if batch * d * d <= 2**24:
+        return torch.bmm(x, x.transpose(1, 2)).sum(0)
+    flat = x.permute(1, 0, 2).reshape(d, -1)
+    return flat @ flat.T
+
+
+def _patch_covariance(a: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Σ over examples and positions of [a; 1][a; 1]ᵀ (float64)."""
+    m = _gram(a).double()
+    if not bias:
+        return m
+    total = a.sum((0, 2)).double()
+    count = torch.tensor([[float(a.shape[0] * a.shape[2])]], dtype=torch.float64, device=a.device)
+    return torch.cat([torch.cat([m, total[:, None]], 1), torch.cat([total[None], count], 1)], 0)
+
+
+def _layer_gradients(a: torch.Tensor, s: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Per-example layer gradients ``[B, out, in (+1)]`` = Σ_t s_t [a_t; 1]ᵀ."""
+    g = s @ a.transpose(1, 2)
+    return torch.cat([g, s.sum(2, keepdim=True)], dim=2) if bias else g
+
+
+def sandwich(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """Per-example ``q_sᵀ (Σ_t s_t [a_t; 1]ᵀ) q_a`` ``[B, r_s, r_a]`` for patches ``a`` ``[B, in, T]`` and output
+    gradients ``s`` ``[B, out, T]``; the bias's 1 is implied when ``q_a`` has ``in + 1`` rows. Projects the
+    patches and gradients first when that is cheaper (few positions, or narrow ``q``: then the layer's full
+    gradient is never formed), else forms the gradient and multiplies it."""
+    width, positions, out = a.shape[1], a.shape[2], s.shape[1]
+    r_a, r_s = q_a.shape[1], q_s.shape[1]
+    bias = q_a.shape[0] == width + 1
+    q_a, q_s = q_a.to(a), q_s.to(a)
+    project_first = positions * (width * r_a + out * r_s + r_s * r_a)
+    gradient_first = out * width * (positions + r_s) + r_s * width * r_a
+    if project_first <= gradient_first:
+        projected = a.transpose(1, 2) @ q_a[:width]  # [B, T, r_a] as one matrix product
+        if bias:
+            projected = projected + q_a[width]
+        return (s.transpose(1, 2) @ q_s).transpose(1, 2) @ projected
+    return q_s.T @ _layer_gradients(a, s, bias) @ q_a
+
+
+def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-example layer gradients in the Kronecker eigenbasis, ``Q_Sᵀ G Q_A``."""
+    return sandwich(f.q_s, a, s, f.q_a)
+
+
+def _sampler(train: AttributionDataset, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def loss(out: torch.Tensor, start: int) -> torch.Tensor:
+        y = train.labels[start : start + len(out)].to(out.device)
+        if fisher == "true":  # labels drawn from the model; a sequence's ignored positions stay ignored
+            probs = out.detach().flatten(0, -2).softmax(-1).cpu().double()
+            drawn = torch.multinomial(probs, 1, generator=gen).view_as(y).to(out.device)
+            y = torch.where(y == IGNORE, y, drawn)
+        return cross_entropy(out, y)
+
+    return loss, gen
+
+
+def fit_factors(task: AttributionTask, train: AttributionDataset, fisher: str = "true", corrected: bool = True,
+                batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu") -> list[LayerFactors]:
+    """Fit K-FAC (``corrected=False``) or EK-FAC factors of the tracked Linear/Conv2d layers on ``train``."""
+    return fit_factors_and_gradients(task, train, fisher, corrected, batch_size, seed, device)[0]
+
+
+def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, fisher: str = "true",
+                              corrected: bool = True, batch_size: int = 256, seed: int = 0,
+                              device: torch.device | str = "cpu",
+                              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                              dtype: torch.dtype = torch.float32) -> tuple[list[LayerFactors], torch.Tensor | None]:
+    """Factors as ``fit_factors``, and with ``loss`` each training example's gradient of it in the eigenbasis
+    (as ``rotated_gradients``), taken in the EK-FAC correction pass: one forward, two backwards per batch.
+
+    Products run in the model's precision; covariances and eigenvalues accumulate in float64.
+    """
+    model = task.model
+    was = model.training
+    model.eval().to(device)
+    rotated = None
+    try:
+        factors = eigenbases(layer_covariances(task, train, fisher, batch_size, seed, device))
+        if corrected:
+            factors, rotated = corrected_eigenvalues(task, train, factors, fisher, batch_size, seed, device, loss,
+                                                     dtype)
+    finally:
+        model.train(was)
+    if loss is not None and rotated is None:
+        rotated = rotated_gradients(task, factors, train, loss, batch_size, device, dtype)
+    return factors, rotated
+
+
+def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: str = "true", batch_size: int = 256,
+                      seed: int = 0, device: torch.device | str = "cpu", params: dict | None = None,
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per tracked layer, the float64 means (A, S) of patch and output-gradient outer products (at ``params``)."""
+    check_choice(fisher, "fisher", ("true", "empirical"))
+    layers = tracked_layers(task)
+    sampled, _ = _sampler(train, fisher, seed)
+    n = len(train)
+    covs: dict[str, list] = {name: [0, 0] for name, _ in layers}
+    for patches, (grads,) in layer_activity(task.model, layers, train.inputs, [sampled], batch_size, device, params):
+        for name, module in layers:
+            a, s = patches[name], grads[name]
+            covs[name][0] = covs[name][0] + _patch_covariance(a, module.bias is not None) / (n * a.shape[2])
+            covs[name][1] = covs[name][1] + _gram(s).double() / n
+    return {name: (cov_a, cov_s) for name, (cov_a, cov_s) in covs.items()}
+
+
+def eigenbases(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[LayerFactors]:
+    """K-FAC factors: each layer's eigenbases of (A, S) with the Kronecker products of their eigenvalues."""
+    factors = []
+    for name, (cov_a, cov_s) in covariances.items():
+        ev_a, q_a = torch.linalg.eigh(cov_a)
+        ev_s, q_s = torch.linalg.eigh(cov_s)
+        factors.append(LayerFactors(name, q_a, q_s, torch.outer(ev_s.clamp_min(0), ev_a.clamp_min(0))))
+    return factors
+
+
+def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, factors: list[LayerFactors],
+                          fisher: str = "true", batch_size: int = 256, seed: int = 0,
+                          device: torch.device | str = "cpu",
+                          loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                          dtype: torch.dtype = torch.float32, params: dict | None = None,
+                          ) -> tuple[list[LayerFactors], torch.Tensor | None]:
+    """EK-FAC: the eigenvalues refitted in the factors' bases (mean over examples, at ``params``), and with ``loss``
+    each example's gradient of it in those bases, from the same forward pass."""
+    layers = tracked_layers(task)
+    sampled, gen = _sampler(train, fisher, seed)  # the same sampled labels as for the covariances
+    n = len(train)
+    lam: dict[str, torch.Tensor | int] = {f.name: 0 for f in factors}
+    losses = [sampled]
+    if loss is not None:
+        losses.append(lambda out, start: loss(out, train.labels[start : start + len(out)].to(out.device)))
+    chunks = []
+    for patches, grads in layer_activity(task.model, layers, train.inputs, losses, batch_size, device, params):
+        for f in factors:
+            r = _rotated_layer_gradients(f, patches[f.name], grads[0][f.name])
+            lam[f.name] = lam[f.name] + (r**2).sum(0).double() / n
+        if loss is not None:
+            chunks.append(_rotate_batch(factors, patches, grads[1], dtype))
+    return [LayerFactors(f.name, f.q_a, f.q_s, lam[f.name]) for f in factors], torch.cat(chunks) if chunks else None
+
+
+def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype: torch.dtype) -> torch.Tensor:
+    parts = []
+    for f in factors:
+        parts.append(_rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1).to(dtype))
+    return torch.cat(parts, dim=1)
+
+
+def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
+                      loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 256,
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      params: dict | None = None) -> torch.Tensor:
+    """Each example's gradient of ``loss`` in the Kronecker eigenbasis, ``[n, Σ out·in]`` (layers concatenated),
+    computed from hooks without materialising flat per-sample gradients (at ``params``: the model is not moved)."""
+    layers = dict(tracked_layers(task))
+    model = task.model
+    was = model.training
+    model.eval()
+    if params is None:
+        model.to(device)
+    per_example = lambda out, start: loss(out, data.labels[start : start + len(out)].to(out.device))
+    chunks = []
+    try:
+        for patches, (grads,) in layer_activity(model, list(layers.items()), data.inputs, [per_example],
+                                                batch_size, device, params):
+            chunks.append(_rotate_batch(factors, patches, grads, dtype))
+    finally:
+        model.train(was)
+    return torch.cat(chunks)

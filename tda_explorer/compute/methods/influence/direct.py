@@ -1,0 +1,210 @@
+"""Influence functions: τ(z, z′) = (1/n) ∇f(z′)ᵀ (H + λI)⁻¹ ∇ℓ(z).
+
+Convention: H is the curvature of the *mean* training objective (weight decay included), so removing z
+changes the parameters by ≈ (1/n) H⁻¹∇ℓ(z), and τ is in "change of the test loss per removed example"
+units. Positive = proponent. Solvers:
+
+* ``explicit``: the dense matrix in float64 and a Cholesky factorisation (never an inverse); the oracle on
+  tiny models. An indefinite matrix without enough damping is refused, not silently inverted. With
+  ``projection_dim=k`` it works on projected features instead: Pᵀ H P (k curvature products with the columns of
+  the seeded projection P) and projected gradients Pᵀ∇ℓ — exactly the influence function of the model whose
+  parameters may only move in the random k-dimensional subspace θ + P z, for models too large for a p×p matrix.
+* ``cg``: conjugate gradients on curvature-vector products (double backward or GGN), all test points as one
+  block of right-hand sides; a solve that does not reach ``tol`` raises with its residual.
+* ``lissa`` (``lissa.py``) and ``arnoldi`` (``arnoldi.py``) build on the same base class.
+
+Every iterative solve records ``residual_``, the largest relative residual ‖(H + λI)x − v‖ / ‖v‖ over its
+right-hand sides on the full training set, and refuses an answer that is non-finite or no better than x = 0.
+
+Damping: ``damping=None`` takes 1e-3 of the mean eigenvalue (trace / p) of the chosen curvature, a scale
+read from the spectrum rather than a fixed number; pass a float (absolute λ) to override.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
+from tda_explorer.compute.engine.curvature import Curvature
+from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.data.dataset import AttributionDataset
+
+
+class InfluenceFunction(Attributor):
+    """Influence functions: the shared part of every iHVP solver (curvature, damping, scores).
+
+    ``InfluenceFunction.create(task, solver="lissa", ...)`` builds the attributor of one solver.
+
+    Parameters
+    ----------
+    task : AttributionTask
+    curvature : {"ggn", "hessian"}
+        GGN (positive semi-definite; default) or the exact Hessian.
+    damping : float, optional
+        Absolute λ ≥ 0; default 1e-3 · trace(H)/p (a scale read from the spectrum).
+    """
+
+    name = "if"
+    solver = "base"
+
+    projectable = False
+
+    def __init__(self, task: AttributionTask, *, curvature: str = "ggn", damping: float | None = None, **kwargs):
+        super().__init__(task, **kwargs)
+        if self.projector is not None and not self.projectable:
+            raise TDAError(f"projection_dim is not supported by {self.name}; leave it None (if-explicit takes it)")
+        self.curvature_kind = curvature
+        self.damping = check_nonnegative(damping, "damping", optional=True)
+        self.residual_: float | None = None
+
+    @staticmethod
+    def create(task: AttributionTask, solver: str = "cg", **kwargs) -> Attributor:
+        """The influence-function attributor of ``solver`` (explicit, cg, lissa, arnoldi, kfac, ekfac, astra)."""
+        from tda_explorer.compute.methods import METHODS
+
+        solvers = {cls.name[3:]: cls for cls in METHODS.values() if cls.name.startswith("if-")}
+        if solver not in solvers:
+            raise TDAError(f"unknown solver {solver!r}; expected one of: {', '.join(sorted(solvers))}")
+        return solvers[solver](task, **kwargs)
+
+    def config(self) -> dict:
+        return {**super().config(), "solver": self.solver, "curvature": self.curvature_kind, "damping": self.damping}
+
+    def _fit(self, train: AttributionDataset) -> None:
+        self.curvature_ = Curvature(self.task, train, self.curvature_kind, self.device)
+        self.g_train_ = self._features(train, test=False).double()
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Solver set-up after the curvature and training gradients exist (default: the damping)."""
+        self.lam_ = self._lambda(torch.tensor(self._mean_eigenvalue()))
+
+    def _mean_eigenvalue(self) -> float:
+        """trace(H)/p by Hutchinson's estimator (8 Gaussian probes)."""
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(8, self.curvature_.dim, dtype=torch.float64, generator=gen).to(self.device)
+        return float((probe * self.curvature_.matvec(probe)).sum(1).mean()) / self.curvature_.dim
+
+    def _lambda(self, mean_eigenvalue: torch.Tensor) -> float:
+        return float(1e-3 * mean_eigenvalue) if self.damping is None else float(self.damping)
+
+    def _damped(self, v: torch.Tensor, curvature: Curvature | None = None) -> torch.Tensor:
+        """``(H + λI) v`` for each row, on ``curvature`` (default: the whole training set)."""
+        return (curvature or self.curvature_).matvec(v) + self.lam_ * v
+
+    def _relative_residual(self, x: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((self._damped(x) - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-300)).max())
+
+    def _checked(self, x: torch.Tensor, b: torch.Tensor, advice: str) -> torch.Tensor:
+        """Record the residual of an iterative solve; refuse a non-finite answer or one no better than zero."""
+        residual = self._relative_residual(x, b) if torch.isfinite(x).all() else float("inf")
+        self.residual_ = residual
+        if not residual < 1:
+            raise TDAError(
+                f"{self.name} diverged: relative residual {residual:.3g} (x = 0 has 1); {advice}"
+            )
+        return x
+
+    def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``(H + λI)⁻¹ rhs`` for each row of ``rhs`` ``[r, p]``."""
+        raise NotImplementedError
+
+    def _attribute(self, test: AttributionDataset) -> torch.Tensor:
+        g_test = self._features(test, test=True).double()
+        return (self._solve(g_test) @ self.g_train_.T / len(self.train_)).float()
+
+    def _self_influence(self) -> torch.Tensor:
+        return ((self._solve(self.g_train_) * self.g_train_).sum(1) / len(self.train_)).float()
+
+
+class ExplicitInfluence(InfluenceFunction):
+    """Influence functions with the dense damped curvature and a Cholesky solve (``if-explicit``)."""
+
+    name = "if-explicit"
+    solver = "explicit"
+    projectable = True
+
+    def _projected_dense(self, chunk: int = 256) -> torch.Tensor:
+        """Pᵀ H P ``[k, k]`` in float64 from k curvature products (symmetrised)."""
+        k = self.projector.dim_out
+        rows = []
+        for start in range(0, k, chunk):
+            directions = self.projector.columns(start, min(start + chunk, k)).double()
+            rows.append(self._project64(self.curvature_.matvec(directions)))
+        matrix = torch.cat(rows)
+        return 0.5 * (matrix + matrix.T)
+
+    def _project64(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ P`` in float64 (the projector works in float32)."""
+        k = self.projector.dim_out
+        return torch.cat([x @ self.projector.columns(s, min(s + 1024, k)).T.to(x) for s in range(0, k, 1024)], 1)
+
+    def _prepare(self) -> None:
+        matrix = self.curvature_.dense() if self.projector is None else self._projected_dense()
+        self.lam_ = self._lambda(matrix.diagonal().mean())
+        matrix.diagonal().add_(self.lam_)
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) != 0:
+            smallest = float(torch.linalg.eigvalsh(matrix)[0])
+            raise TDAError(
+                f"the damped {self.curvature_kind} is not positive definite (smallest eigenvalue {smallest:.3g} "
+                f"with damping {self.lam_:.3g}); use curvature='ggn' or raise damping above "
+                f"{self.lam_ - smallest:.3g}"
+            )
+        self.chol_ = chol
+
+    def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(rhs.T.double(), self.chol_).T
+
+    def _self_influence(self) -> torch.Tensor:
+        z = torch.linalg.solve_triangular(self.chol_, self.g_train_.T, upper=False)
+        return ((z * z).sum(0) / len(self.train_)).float()
+
+
+class CGInfluence(InfluenceFunction):
+    """Influence functions with conjugate gradients on curvature-vector products (``if-cg``).
+
+    Parameters
+    ----------
+    max_iter, tol : int, float
+        Iteration budget and relative residual target; a solve that misses ``tol`` raises with its residual.
+    """
+
+    name = "if-cg"
+    solver = "cg"
+
+    def __init__(self, task: AttributionTask, *, max_iter: int = 200, tol: float = 1e-6, **kwargs):
+        super().__init__(task, **kwargs)
+        self.max_iter = check_positive_int(max_iter, "max_iter")
+        if not 0 < float(tol) < 1:
+            raise TDAError(f"tol must be in (0, 1), got {tol}")
+        self.tol = float(tol)
+
+    def config(self) -> dict:
+        return {**super().config(), "max_iter": self.max_iter, "tol": self.tol}
+
+    def _solve(self, b: torch.Tensor) -> torch.Tensor:
+        b = b.double()
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = (r * r).sum(1)
+        b_norm = b.norm(dim=1).clamp_min(1e-300)
+        for _ in range(self.max_iter):
+            if bool(((rs.sqrt() / b_norm) <= self.tol).all()):
+                break
+            ap = self._damped(p)
+            alpha = rs / (p * ap).sum(1).clamp_min(1e-300)
+            x = x + alpha[:, None] * p
+            r = r - alpha[:, None] * ap
+            rs_new = (r * r).sum(1)
+            p = r + (rs_new / rs.clamp_min(1e-300))[:, None] * p
+            rs = rs_new
+        self.residual_ = residual = float((rs.sqrt() / b_norm).max())
+        if residual > self.tol:
+            raise TDAError(
+                f"CG did not converge in max_iter={self.max_iter} iterations: relative residual {residual:.2e} "
+                f"> tol={self.tol:g}; raise max_iter or damping (now {self.lam_:.3g})"
+            )
+        return x

@@ -1,0 +1,1 @@
+"""Targeted data selection: LESS."""

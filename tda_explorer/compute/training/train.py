@@ -1,0 +1,361 @@
+"""Training with recorded checkpoints, and batched training of many models on many subsets.
+
+One procedure serves both: training a single model is training an ensemble of one on the full
+set, so the model being attributed and the retrained ground-truth models follow the same recipe.
+Models are trained in lock-step with ``torch.func`` (``vmap`` over stacked parameters), which is
+what makes 100 retrainings for LDS cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+from tda_explorer._validation import TDAError, as_device, check_choice, check_positive_int
+from tda_explorer.compute.engine.losses import cross_entropy
+from tda_explorer.jobs import check_cancelled
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained: full objective = mean cross-entropy + weight_decay/2 · ‖θ‖²."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    optimizer: str = "adam"
+    n_checkpoints: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        check_choice(self.optimizer, "optimizer", ("adam", "sgd"))
+        if not self.lr > 0:
+            raise TDAError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise TDAError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Checkpoint:
+    """Parameters saved during training with the learning rate in force there."""
+
+    state_dict: dict[str, torch.Tensor]
+    learning_rate: float
+    step: int
+
+
+@dataclass
+class TrainingRecord:
+    """What one training run leaves behind: the final model and its checkpoints."""
+
+    model: nn.Module
+    config: TrainConfig
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def _objective(base: nn.Module, weight_decay: float) -> Callable:
+    def loss(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(base, params, (x,))
+        ce = cross_entropy(out, y).mean()
+        if weight_decay:
+            ce = ce + 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
+        return ce
+
+    return loss
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` in its current mode draws Dropout masks (training mode and a Dropout with p > 0)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
+
+
+def _gradient_step(base: nn.Module, objective: Callable, seed: int, device: torch.device) -> Callable:
+    """``step(t, *args)``: ``vmap(grad(objective))`` over stacked models. When ``base`` has active Dropout, each model
+    draws its own masks from a stream seeded by ``seed`` and the step ``t`` (a rerun draws the same masks), and the
+    caller's global RNG state is left as it was."""
+    stochastic = has_active_dropout(base)
+    gradients = vmap(grad(objective), randomness="different" if stochastic else "error")
+    if not stochastic:
+        return lambda t, *args: gradients(*args)
+    devices = [] if device.type == "cpu" else [device]
+
+    def step(t: int, *args):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed) * 1_000_003 + t)
+            return gradients(*args)
+
+    return step
+
+
+def _optimizer_step(params: dict, grads: dict, state: dict, t: int, config: TrainConfig) -> None:
+    """One SGD or Adam step on stacked parameters, in place (``state``: Adam's moments per name)."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for k, g in grads.items():
+        if config.optimizer == "sgd":
+            params[k] = params[k] - config.lr * g
+            continue
+        mom, var = state[k]
+        mom.mul_(b1).add_(g, alpha=1 - b1)
+        var.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (var / (1 - b2**t)).sqrt_().add_(eps)
+        params[k] = params[k] - config.lr * (mom / (1 - b1**t)) / denom
+
+
+class EnsembleTrainer:
+    """Trains one model per row of ``subsets`` (positions into ``inputs``) in lock-step.
+
+    Resumable: ``run(epochs)`` continues from the current parameters and optimizer state, so
+    checkpoints can be taken between segments.
+
+    Parameters
+    ----------
+    model_factory : callable seed -> nn.Module
+        Builds a freshly initialised model for a seed.
+    subsets : LongTensor [M, m]
+        Row positions each model trains on (equal sizes).
+    seeds : list of int, optional
+        Initialisation seed per model (default: ``config.seed`` for all).
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[int], nn.Module],
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        subsets: torch.Tensor,
+        config: TrainConfig,
+        seeds: list[int] | None = None,
+        device: str | torch.device | None = None,
+    ):
+        if subsets.dim() != 2 or subsets.shape[1] == 0:
+            raise TDAError(
+                f"subsets must be [n_models, subset_size] with subset_size > 0, got {tuple(subsets.shape)}"
+            )
+        self.config, self.dev = config, as_device(device)
+        seeds = seeds if seeds is not None else [config.seed] * len(subsets)
+        models = [model_factory(s).to(self.dev) for s in seeds]
+        params, _ = stack_module_state(models)
+        self.params = {k: v.detach().clone() for k, v in params.items()}
+        base = copy.deepcopy(models[0]).to("meta")
+        self.step_fn = _gradient_step(base, _objective(base, config.weight_decay), seeds[0], self.dev)
+        self.inputs, self.labels = inputs.to(self.dev), labels.to(self.dev)
+        self.subsets = subsets.to(self.dev)
+        self.gen = torch.Generator(device="cpu").manual_seed(int(seeds[0]) * 7919 + 17)
+        self.state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in self.params.items()}
+        self.t = 0
+
+    def run(self, epochs: int) -> dict[str, torch.Tensor]:
+        """Train ``epochs`` more epochs; return the stacked parameters (name -> [M, ...])."""
+        c, (n_models, m) = self.config, self.subsets.shape
+        bs = min(c.batch_size, m)
+        for _ in range(epochs):
+            check_cancelled()
+            order = torch.argsort(torch.rand(n_models, m, generator=self.gen), dim=1).to(self.dev)
+            shuffled = torch.gather(self.subsets, 1, order)
+            for start in range(0, m, bs):
+                idx = shuffled[:, start : start + bs]
+                grads = self.step_fn(self.t, self.params, self.inputs[idx], self.labels[idx])
+                self.t += 1
+                _optimizer_step(self.params, grads, self.state, self.t, c)
+        return self.params
+
+
+def train_ensemble(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    subsets: torch.Tensor,
+    config: TrainConfig,
+    seeds: list[int] | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train one model per row of ``subsets`` for ``config.epochs``; return stacked parameters."""
+    trainer = EnsembleTrainer(model_factory, inputs, labels, subsets, config, seeds, device)
+    return trainer.run(config.epochs)
+
+
+def train_weighted(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    config: TrainConfig,
+    seeds: list[int],
+    device: str | torch.device | None = None,
+    callback: Callable[[int, torch.Tensor, dict[str, torch.Tensor], float], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train one model per row of ``weights`` ``[M, n]`` in lock-step, each on its seed's batch order.
+
+    Model m starts from ``model_factory(seeds[m])`` and walks the batches of a permutation of all n examples
+    drawn from its seed, so two rows with the same seed share initialisation and batches. Example i's loss counts
+    with weight ``weights[m, i]`` and the batch mean still divides by the batch size: a weight of 0 drops exactly
+    that example's term from the steps it was in (trajectory-specific leave-one-out), a fraction down-weights it.
+    ``callback(step, batch_positions, params, lr)`` (one model only) sees every step before its update — the
+    hook a recorder uses (``StepRecorder``).
+    """
+    if weights.dim() != 2 or weights.shape[1] != len(labels):
+        raise TDAError(f"weights must be [n_models, {len(labels)}], got {tuple(weights.shape)}")
+    if len(seeds) != len(weights):
+        raise TDAError(f"seeds must have one entry per row of weights ({len(weights)}), got {len(seeds)}")
+    if callback is not None and len(weights) != 1:
+        raise TDAError(f"a step callback records one training run; got {len(weights)} models")
+    dev = as_device(device)
+    models = [model_factory(s).to(dev) for s in seeds]
+    stacked, _ = stack_module_state(models)
+    params = {k: v.detach().clone() for k, v in stacked.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+    n, bs = len(labels), min(config.batch_size, len(labels))
+
+    def objective(p: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ce = cross_entropy(functional_call(base, p, (x,)), y)
+        loss = (w * ce).sum() / bs
+        if config.weight_decay:
+            loss = loss + 0.5 * config.weight_decay * sum((q * q).sum() for q in p.values())
+        return loss
+
+    step_fn = _gradient_step(base, objective, seeds[0], dev)
+    inputs, labels, weights = inputs.to(dev), labels.to(dev), weights.to(dev, next(iter(params.values())).dtype)
+    gens = [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
+    state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    t = 0
+    for _ in range(config.epochs):
+        check_cancelled()
+        order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(dev)
+        for start in range(0, n, bs):
+            idx = order[:, start : start + bs]
+            if callback is not None:
+                callback(t, idx[0], {k: v[0] for k, v in params.items()}, config.lr)
+            grads = step_fn(t, params, inputs[idx], labels[idx], torch.gather(weights, 1, idx))
+            t += 1
+            _optimizer_step(params, grads, state, t, config)
+    return params
+
+
+def stacked_outputs(model: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+                    device: str | torch.device | None = None) -> torch.Tensor:
+    """Outputs ``[M, n, ...]`` of ``model``'s architecture under each of M stacked parameter sets (no grad)."""
+    base = copy.deepcopy(model).to("meta")
+    x = inputs.to(as_device(device))
+    with torch.no_grad():
+        return vmap(lambda p: functional_call(base, p, (x,)))(params)
+
+
+def unstack(params: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """The parameters of model ``index`` from a stacked dict."""
+    return {k: v[index].detach().clone() for k, v in params.items()}
+
+
+def _checkpoint_schedule(config: TrainConfig, n: int) -> tuple[list[int], int]:
+    """The epochs after which ``config.n_checkpoints`` evenly spaced checkpoints are taken, and steps per epoch."""
+    n_ckpt = check_positive_int(config.n_checkpoints, "n_checkpoints")
+    return sorted({round(config.epochs * (i + 1) / n_ckpt) for i in range(n_ckpt)}), -(-n // min(config.batch_size, n))
+
+
+def train_model(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> TrainingRecord:
+    """Train one model on all rows, saving ``config.n_checkpoints`` evenly spaced checkpoints.
+
+    Checkpoints are taken at the end of evenly spaced epochs (the last one is the final model),
+    each with the learning rate in force, as TracIn-CP needs.
+    """
+    epochs_at, steps_per_epoch = _checkpoint_schedule(config, len(labels))
+    all_rows = torch.arange(len(labels)).unsqueeze(0)
+    record = TrainingRecord(model=model_factory(config.seed), config=config)
+    done, params = 0, None
+    # Train segment by segment; each segment continues from the last parameters and optimizer clock.
+    trainer = EnsembleTrainer(model_factory, inputs, labels, all_rows, config, device=device)
+    bar = tqdm(total=config.epochs, desc="training", unit="epoch", leave=False, disable=not progress)
+    for epoch in epochs_at:
+        params = trainer.run(epoch - done)
+        bar.update(epoch - done)
+        done = epoch
+        record.checkpoints.append(
+            Checkpoint(unstack(params, 0), config.lr, step=done * steps_per_epoch)
+        )
+    bar.close()
+    record.model.load_state_dict(unstack(params, 0))
+    record.model.eval()
+    return record
+
+
+def replay_record(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    device: str | torch.device | None = None,
+) -> TrainingRecord:
+    """The recipe's run as the retraining engine replays it (``train_weighted`` at w = 1 for ``config.seed``), with
+    ``config.n_checkpoints`` end-of-epoch checkpoints as ``train_model`` takes them: the model that same-seed
+    removals (zeroed weights, same initialisation and batch order) perturb."""
+    epochs_at, steps_per_epoch = _checkpoint_schedule(config, len(labels))
+    record = TrainingRecord(model=model_factory(config.seed), config=config)
+    at_steps = {e * steps_per_epoch for e in epochs_at if e < config.epochs}
+
+    def take(step: int, positions: torch.Tensor, params: dict, lr: float) -> None:
+        if step in at_steps:
+            state = {k: v.detach().clone() for k, v in params.items()}
+            record.checkpoints.append(Checkpoint(state, config.lr, step=step))
+
+    final = train_weighted(model_factory, inputs, labels, torch.ones(1, len(labels)), config, [config.seed],
+                           device=device, callback=take)
+    state = unstack(final, 0)
+    record.checkpoints.append(Checkpoint(state, config.lr, step=config.epochs * steps_per_epoch))
+    record.model.load_state_dict(state)
+    record.model.eval()
+    return record
+
+
+def out_of_fold_probabilities(
+    model_factory: Callable[[int], nn.Module],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    folds: int = 5,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Class probabilities ``[n, C]`` of each example from a model that never saw it.
+
+    The ``folds`` models (one per held-out fold, same recipe) train together in lock-step; each
+    trains on all other folds (truncated to a common size, dropping at most folds−1 examples).
+    """
+    folds = check_positive_int(folds, "folds")
+    n = len(labels)
+    if folds < 2 or folds > n:
+        raise TDAError(f"folds must be between 2 and the number of examples ({n}), got {folds}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held_out = list(torch.tensor_split(perm, folds))
+    kept = [perm[~torch.isin(perm, h)] for h in held_out]
+    size = min(len(k) for k in kept)
+    subsets = torch.stack([k[:size] for k in kept])
+    params = train_ensemble(model_factory, inputs, labels, subsets, config,
+                            seeds=[config.seed + 1 + f for f in range(folds)], device=device)
+    base = model_factory(config.seed).to("meta")
+    probs = None
+    with torch.no_grad():
+        for f, rows in enumerate(held_out):
+            out = functional_call(base, unstack(params, f), (inputs[rows].to(params[next(iter(params))].device),))
+            if probs is None:
+                probs = torch.zeros(n, out.shape[1])
+            probs[rows] = out.softmax(-1).cpu().float()
+    return probs

@@ -1,0 +1,1 @@
+"""Data values and group effects: In-Run Data Shapley, LAVA, UnTrac."""

@@ -1,0 +1,238 @@
+"""The retraining engine: what actually happens to the test measurements when training examples are removed.
+
+Every removal model is *paired* with a full-data model of the same seed: same initialisation and the same
+batches, with the removed examples' terms dropped from the steps they were in (``train_weighted``). That pairing
+removes most of the seed noise from small effects. Several seeds average fresh-seed noise on top (``seeds``); with
+one seed the answer is the same-seed (trajectory-specific) truth. Groups of any size train together in lock-step
+(``vmap``), which is how one CPU retrains hundreds of models; results are cached on disk by a fingerprint of the
+experiment, the measurement, the seeds and the removed examples, so asking again is free.
+
+It is the ground truth for the removal estimators (influence functions, synset leave-one-out) and backs the
+explorer's "what if I remove these?" check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from tda_explorer._validation import TDAError, check_choice, check_positive_int
+from tda_explorer.atomic import load_tensors, save_tensors
+from tda_explorer.compute.engine.fingerprint import config_fingerprint
+from tda_explorer.compute.engine.task import MEASUREMENTS, AttributionTask
+from tda_explorer.compute.training.train import stacked_outputs, train_weighted
+from tda_explorer.experiments.digits import Experiment
+
+
+@dataclass
+class RemovalEffect:
+    """``delta[g, j]``: change of test measurement j when group g is removed (removed − full, seed-averaged).
+
+    Positive = the removal raised the (loss-oriented) measurement, i.e. the group was a proponent.
+    """
+
+    groups: list[list[Any]]
+    test_ids: list[Any]
+    delta: torch.Tensor
+    seeds: list[int]
+    seconds: float
+    full: torch.Tensor  # [n_test]: the paired full models' measurements (seed-averaged)
+    accuracy_full: float
+    accuracy_delta: torch.Tensor  # [n_groups]: test accuracy without the group minus with it
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows: ``group, group_size, test_id, delta``."""
+        g, j = torch.meshgrid(torch.arange(len(self.groups)), torch.arange(len(self.test_ids)), indexing="ij")
+        return pd.DataFrame({
+            "group": g.flatten().numpy(),
+            "group_size": [len(self.groups[i]) for i in g.flatten().tolist()],
+            "test_id": [self.test_ids[i] for i in j.flatten().tolist()],
+            "delta": self.delta.flatten().numpy(),
+        })
+
+
+class Retrainer:
+    """Retrains an experiment's model without chosen training examples.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        Data, model kind and training recipe.
+    measurement : {"loss", "margin"}
+        What is measured on each test example (loss-oriented).
+    seeds : sequence of int, optional
+        Initialisation/batch-order seeds averaged over (default: the experiment's own seed only).
+    cache_dir : str or Path, optional
+        Where results are kept between calls and sessions (None: no cache).
+    device : str
+    chunk : int
+        Models trained together in one lock-step ensemble (memory ∝ chunk).
+    warm_start_epochs : int, optional
+        Convex models only (the built-in ``lr``): start every removal model *and its control* at the full model's
+        trained parameters and train this many epochs, instead of the whole recipe from the initialisation. Both
+        converge to their optima, so the paired difference is the removal effect at a fraction of the cost.
+    processes : int
+        Worker processes sharing the chunks of a large request (each with one torch thread); 1 = in process.
+    """
+
+    def __init__(self, experiment: Experiment, measurement: str = "loss", seeds: Sequence[int] | None = None,
+                 cache_dir: str | Path | None = None, device: str = "cpu", chunk: int = 64,
+                 warm_start_epochs: int | None = None, processes: int = 1):
+        self.experiment = experiment
+        self.measurement = check_choice(measurement, "measurement", MEASUREMENTS)
+        self.seeds = [experiment.config.seed] if seeds is None else [int(s) for s in seeds]
+        if not self.seeds:
+            raise TDAError("seeds must name at least one seed")
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.device = device
+        self.chunk = check_positive_int(chunk, "chunk")
+        self.processes = check_positive_int(processes, "processes")
+        self.warm_start_epochs = None
+        if warm_start_epochs is not None:
+            if experiment.model_kind != "lr":
+                raise TDAError(
+                    f"warm_start_epochs is only valid for convex models (the built-in 'lr'), not "
+                    f"{experiment.model_kind!r}: a warm-started network stays in the full model's basin and "
+                    "understates removal effects; leave it None to retrain from the initialisation"
+                )
+            self.warm_start_epochs = check_positive_int(warm_start_epochs, "warm_start_epochs")
+        self._full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warm_init: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _measure(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test measurements and correctness ``[M, n_test]`` of stacked models."""
+        test = self.experiment.split.test
+        template = self.experiment.factory(0)
+        out = stacked_outputs(template, params, test.inputs, self.device)
+        y = test.labels.to(out.device)
+        measure = AttributionTask(template, measurement=self.measurement).test_measurement
+        values = measure(out.flatten(0, 1), y.repeat(out.shape[0])).view(out.shape[0], -1)
+        return values.double().cpu(), (out.argmax(-1) == y).double().cpu()
+
+    def _factory_and_config(self, seed: int):
+        """How each model starts and how long it trains: the recipe, or a warm start at the full optimum."""
+        if self.warm_start_epochs is None:
+            return self.experiment.factory, self.experiment.config
+        if seed not in self._warm_init:
+            train = self.experiment.split.train
+            params = train_weighted(self.experiment.factory, train.inputs, train.labels,
+                                    torch.ones(1, len(train)), self.experiment.config, [seed], device=self.device)
+            self._warm_init[seed] = {k: v[0].cpu() for k, v in params.items()}
+        init = self._warm_init[seed]
+
+        def factory(_: int) -> torch.nn.Module:
+            model = self.experiment.factory(seed)
+            model.load_state_dict(init)
+            return model
+
+        return factory, replace(self.experiment.config, epochs=self.warm_start_epochs)
+
+    def _train(self, weights: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._factory_and_config(seed)  # a warm start's full model is trained here, once, not in each worker
+        blocks = [weights[i : i + self.chunk] for i in range(0, len(weights), self.chunk)]
+        if self.processes > 1 and len(blocks) > 1:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(self.processes, len(blocks))) as pool:
+                parts = pool.starmap(_train_block, [(self, block, seed) for block in blocks])
+        else:
+            parts = [_train_block(self, block, seed) for block in blocks]
+        return torch.cat([v for v, _ in parts]), torch.cat([c for _, c in parts])
+
+    def full_measurements(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paired full-data model's test measurements and correctness ``[n_test]`` for ``seed`` (once)."""
+        if seed not in self._full:
+            values, correct = self._train(torch.ones(1, len(self.experiment.split.train)), seed)
+            self._full[seed] = (values[0], correct[0])
+        return self._full[seed]
+
+    def _weights(self, groups: Sequence[Sequence[Any]], fractions: Sequence[Sequence[float]] | None) -> torch.Tensor:
+        train = self.experiment.split.train
+        rows = train.group_positions(groups)
+        if fractions is not None and len(fractions) != len(rows):
+            raise TDAError(f"fractions must have one entry per group ({len(rows)}), got {len(fractions)}")
+        weights = torch.ones(len(rows), len(train), dtype=torch.float64)
+        for g, positions in enumerate(rows):
+            keep = torch.zeros(len(positions), dtype=torch.float64)
+            if fractions is not None:
+                keep = 1.0 - torch.as_tensor(fractions[g], dtype=torch.float64).expand(len(positions))
+                if not bool(((keep >= 0) & (keep <= 1)).all()):
+                    raise TDAError(f"fractions[{g}] must be in [0, 1] (the share of each example removed)")
+            weights[g, positions] = keep
+        return weights
+
+    def remove(self, groups: Sequence[Sequence[Any]], fractions: Sequence[Sequence[float]] | None = None
+               ) -> RemovalEffect:
+        """Retrain without each group (or with its examples down-weighted by ``fractions``).
+
+        Parameters
+        ----------
+        groups : list of lists of training ids
+        fractions : list of lists of floats in [0, 1], optional
+            Share of each listed example's weight removed (default 1: removed outright).
+
+        Returns
+        -------
+        RemovalEffect
+        """
+        weights = self._weights(groups, fractions)
+        key = None
+        groups = [list(g) for g in groups]
+        test_ids = list(self.experiment.split.test.ids)
+        if self.cache_dir is not None:
+            changed = (weights != 1).nonzero()
+            key = config_fingerprint(self.experiment.fingerprint(), self.measurement, self.seeds, len(groups),
+                                     changed.tolist(), weights[changed[:, 0], changed[:, 1]].tolist(),
+                                     self.warm_start_epochs)
+            cached = load_tensors(self.cache_dir / f"retrain-{key}.pt")
+            if cached is not None and "accuracy_delta" in cached:
+                return RemovalEffect(groups, test_ids, cached["delta"], self.seeds, float(cached["seconds"]),
+                                     cached["full"], float(cached["accuracy_full"]), cached["accuracy_delta"])
+        t0 = time.perf_counter()
+        delta = torch.zeros(len(groups), len(test_ids), dtype=torch.float64)
+        accuracy_delta = torch.zeros(len(groups), dtype=torch.float64)
+        full_values = torch.zeros(len(test_ids), dtype=torch.float64)
+        accuracy_full = 0.0
+        for seed in self.seeds:
+            values, correct = self._train(weights, seed)
+            base_values, base_correct = self.full_measurements(seed)
+            delta += values - base_values
+            accuracy_delta += correct.mean(1) - base_correct.mean()
+            full_values += base_values
+            accuracy_full += float(base_correct.mean())
+        k = len(self.seeds)
+        delta, accuracy_delta, full_values = delta / k, accuracy_delta / k, full_values / k
+        accuracy_full /= k
+        seconds = time.perf_counter() - t0
+        if key is not None:
+            save_tensors({"delta": delta, "seconds": seconds, "full": full_values, "accuracy_full": accuracy_full,
+                          "accuracy_delta": accuracy_delta}, self.cache_dir / f"retrain-{key}.pt",
+                         {"experiment": self.experiment.fingerprint(), "groups": len(groups)})
+        return RemovalEffect(groups, test_ids, delta, self.seeds, seconds, full_values, accuracy_full, accuracy_delta)
+
+
+    def train_on(self, subsets: Sequence[Sequence[Any]]) -> RemovalEffect:
+        """Retrain on each subset of training ids alone (everything else removed): the same paired effects."""
+        ids = list(self.experiment.split.train.ids)
+        groups = []
+        for g, subset in enumerate(subsets):
+            keep = set(self.experiment.split.train.positions(list(subset), f"subsets[{g}]"))
+            groups.append([ids[i] for i in range(len(ids)) if i not in keep])
+        return self.remove(groups)
+
+def _train_block(retrainer: Retrainer, block: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One lock-step ensemble of ``block``'s rows (module level, so worker processes can run it)."""
+    if torch.get_num_threads() > 1 and retrainer.processes > 1:
+        torch.set_num_threads(1)
+    train = retrainer.experiment.split.train
+    factory, config = retrainer._factory_and_config(seed)
+    params = train_weighted(factory, train.inputs, train.labels, block, config, [seed] * len(block),
+                            device=retrainer.device)
+    return retrainer._measure(params)
