@@ -1,10 +1,15 @@
-"""Attribution methods and their registry: ``get_method("tracin", task, **config)``."""
+"""Attribution methods: ``get_method("tracin", task, **options)``.
+
+Importing this package imports every method module, and each registers itself in ``compute.catalogue``;
+``METHODS`` is the catalogue's attributors (pairwise and self-influence methods with ``fit`` / ``attribute``).
+"""
 
 from __future__ import annotations
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import CATALOGUE, method_spec
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.dda import DebiasDenoise
 from tda_explorer.compute.methods.dvemb import DataValueEmbedding
 from tda_explorer.compute.methods.grad_similarity import GradCos, GradDot
@@ -24,31 +29,28 @@ from tda_explorer.compute.methods.trak import TRAK
 from tda_explorer.compute.tracing.trackstar import TrackStar
 
 METHODS: dict[str, type[Attributor]] = {
-    cls.name: cls for cls in (
-        GradDot, GradCos, TracIn, TRAK, Suspicion, ExplicitInfluence, CGInfluence, KFACInfluence, EKFACInfluence,
-        ASTRAInfluence, LiSSAInfluence, ArnoldiInfluence, DataInfInfluence, SynsetLOO,
-        DataValueEmbedding, ReplayMetagradient, SOURCE, DebiasDenoise, LoRAEnsemble, TrackStar,
-    )
+    name: spec.factory for name, spec in CATALOGUE.items()
+    if isinstance(spec.factory, type) and issubclass(spec.factory, Attributor)
 }
 
 
 def available_methods() -> list[str]:
-    """Registry names accepted by ``get_method`` and the CLI's ``--method``."""
+    """Names of the attributors accepted by ``get_method`` and the CLI's ``--method``."""
     return sorted(METHODS)
 
 
-def get_method(name: str, task: AttributionTask, **config) -> Attributor:
-    """Build the attributor registered as ``name`` for ``task`` with its ``config``."""
+def get_method(name: str, task: AttributionTask, **options) -> Attributor:
+    """Build the attributor registered as ``name`` for ``task`` with its ``options``."""
     if name not in METHODS:
-        raise TDAError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return METHODS[name](task, **config)
+        method_spec(name)  # unknown names: the catalogue's error
+        raise TDAError(f"{name!r} is a {CATALOGUE[name].family.value} method, not an attributor: build "
+                       f"{CATALOGUE[name].factory.__name__} directly; attributors are {', '.join(available_methods())}")
+    return METHODS[name](task, **options)
 
 
 __all__ = [
-    "Attributor", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
+    "Attributor", "AttributorArguments", "InfluenceFunction", "ExplicitInfluence", "CGInfluence", "GradDot", "GradCos",
     "TracIn", "TRAK", "Suspicion", "KFACInfluence", "EKFACInfluence", "ASTRAInfluence", "LiSSAInfluence",
     "ArnoldiInfluence", "DataInfInfluence", "SynsetLOO", "DataValueEmbedding", "ReplayMetagradient", "SOURCE",
-    "DebiasDenoise", "LoRAEnsemble", "TrackStar",
-    "METHODS",
-    "available_methods", "get_method",
+    "DebiasDenoise", "LoRAEnsemble", "TrackStar", "METHODS", "available_methods", "get_method",
 ]

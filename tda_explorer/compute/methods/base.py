@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from tda_explorer._validation import TDAError, as_device, check_positive_int
+from tda_explorer._validation import TDAError, as_device
+from tda_explorer.compute.catalogue import (
+    POSITIVE_INT,
+    Interval,
+    Options,
+    arguments_config,
+    build_arguments,
+    option,
+)
 from tda_explorer.compute.engine.attribution import Attribution
-from tda_explorer.compute.engine.featurize import iter_features, make_projector
+from tda_explorer.compute.engine.featurize import ALL_KINDS, iter_features, make_projector
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.engine.store import FeatureStore
 from tda_explorer.compute.engine.task import AttributionTask
@@ -19,42 +28,52 @@ from tda_explorer.compute.training.dropout_masks import mask_seed
 from tda_explorer.data.dataset import AttributionDataset
 
 
+@dataclass
+class AttributorArguments:
+    """Options every attributor takes (a method's ``Arguments`` extends these)."""
+
+    device: str | torch.device | None = option(None, "where the computation runs: 'cpu', 'cuda', 'cuda:1' (default "
+                                                     "CPU)", config=False)
+    max_memory: int | None = option(None, "budget in bytes for one chunk of per-sample gradients (default: a few "
+                                          "hundred MB)", POSITIVE_INT, config=False, cli=True)
+    projection_dim: int | None = option(None, "project gradients to this many features per example (streamed, "
+                                               "seeded); None or >= the parameter count keeps them exact; with "
+                                               "projection_kind='logra' the rank of each layer side", POSITIVE_INT)
+    projection_kind: str = option("rademacher", "random projection: dense Rademacher or Gaussian signs, or LoGra's "
+                                                "per-layer Kronecker projection", Options(ALL_KINDS))
+    projection_seed: int = option(0, "seed of the projection matrix (the same on every device)",
+                                  Interval(0, None, integer=True))
+    store: FeatureStore | str | Path | None = option(None, "cache of training features on disk (a folder or a "
+                                                           "FeatureStore); a second fit on an unchanged model is a hit",
+                                                     config=False)
+
+
 class Attributor(ABC):
     """Scores training examples for test examples.
 
-    Parameters
-    ----------
-    task : AttributionTask
-        What is attributed (model, checkpoints, measurement, tracked parameters).
-    device : str or torch.device, optional
-        Where the computation runs (default CPU).
-    max_memory : int, optional
-        Budget in bytes for one chunk of per-sample gradients.
-    projection_dim : int, optional
-        Project gradients to this many dimensions (streamed, seeded); None or ≥ p keeps them exact. With
-        ``projection_kind="logra"``, the rank each tracked layer's two sides are projected to (rank² features
-        per layer, the full gradient never formed).
-    projection_kind : {"rademacher", "gaussian", "logra"}
-    projection_seed : int
-    store : FeatureStore, str or Path, optional
-        Cache of training features on disk; a second ``fit`` on an unchanged model is a hit.
+    ``Attributor(task, **options)``: the options are the fields of the class's ``Arguments`` dataclass (see
+    ``tda-explorer methods`` or ``compute.catalogue``), checked in one place; ``self.args`` holds them.
+    Subclasses register with ``compute.catalogue.register`` and override ``_fit``, ``_attribute`` and
+    ``_self_influence`` (and ``_setup`` for what they derive from their options).
     """
 
     name: ClassVar[str] = "attributor"
+    Arguments: ClassVar[type] = AttributorArguments
 
-    def __init__(self, task: AttributionTask, *, device: str | torch.device | None = None,
-                 max_memory: int | None = None, projection_dim: int | None = None,
-                 projection_kind: str = "rademacher", projection_seed: int = 0,
-                 store: FeatureStore | str | Path | None = None):
+    def __init__(self, task: AttributionTask, **options: Any):
         if not isinstance(task, AttributionTask):
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
         self.task = task
-        self.device = as_device(device)
-        self.max_memory = None if max_memory is None else check_positive_int(max_memory, "max_memory")
+        self.args = build_arguments(type(self).Arguments, self.name, options)
+        self.device = as_device(self.args.device)
+        self.max_memory = self.args.max_memory
         self.n_params = sum(p.numel() for n, p in task.model.named_parameters() if n in task.tracked_names())
-        self.projector = make_projector(task, projection_dim, projection_kind, projection_seed, self.device)
+        self.projector = make_projector(task, self.args.projection_dim, self.args.projection_kind,
+                                        self.args.projection_seed, self.device)
+        store = self.args.store
         self.store = FeatureStore(store) if isinstance(store, (str, Path)) else store
         self.train_: AttributionDataset | None = None
+        self._setup()
 
     # -- public API -------------------------------------------------------------------------
     def fit(self, train: AttributionDataset) -> Attributor:
@@ -79,10 +98,14 @@ class Attributor(ABC):
         return self._self_influence().float().cpu()
 
     def config(self) -> dict[str, Any]:
-        """The method's configuration (JSON-able)."""
-        return {"task": self.task.config(), "projection": self.projector.config() if self.projector else None}
+        """The method's configuration (JSON-able): the task, the projection and the plain-valued options."""
+        return {"task": self.task.config(), "projection": self.projector.config() if self.projector else None,
+                **arguments_config(self.args)}
 
     # -- for subclasses ---------------------------------------------------------------------
+    def _setup(self) -> None:  # noqa: B027 - a hook: most methods derive nothing
+        """Derive state from ``self.args`` and check what the options alone cannot (default: nothing)."""
+
     @abstractmethod
     def _fit(self, train: AttributionDataset) -> None: ...
 

@@ -12,66 +12,60 @@ Sign: margins enter loss-oriented (−margin) on both sides, so positive = propo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, option, register
 from tda_explorer.compute.engine.losses import neg_margin
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.training.dropout_masks import DropoutMasks, mask_seed
 from tda_explorer.data.dataset import AttributionDataset
 
 
-class TRAK(Attributor):
-    """TRAK with ensembles.
+@dataclass
+class TRAKArguments(AttributorArguments):
+    projection_dim: int | None = option(2048, "k, the projected features per model (gradients with fewer parameters "
+                                              "than k are used exactly)", POSITIVE_INT)
+    damping: float | None = option(None, "λ RELATIVE to the mean eigenvalue of ΦᵀΦ (λ = damping · tr(ΦᵀΦ)/k); None: "
+                                         "the training objective's own L2 term n · task.weight_decay, or 1e-3 "
+                                         "relative when the task has no weight decay", NONNEGATIVE)
+    models: Sequence[dict | nn.Module] | None = option(None, "independently trained models (state dicts or modules "
+                                                             "of task.model's architecture) to ensemble over",
+                                                       config=False)
+    n_checkpoints: int | None = option(None, "ensemble over the last n_checkpoints of the task's checkpoints instead",
+                                       POSITIVE_INT)
+    dropout_masks: int | None = option(None, "for each member, also average over this many Dropout passes (the "
+                                             "model needs Dropout), one mask per example", POSITIVE_INT)
 
-    Parameters
-    ----------
-    task : AttributionTask
-    projection_dim : int
-        k (default 2048; gradients with fewer parameters than k are used exactly).
-    damping : float, optional
-        λ relative to the mean eigenvalue of ΦᵀΦ (λ = damping · tr(ΦᵀΦ)/k). Default (None): the
-        training objective's own L2 term, λ = n · ``task.weight_decay`` (the Hessian of the summed
-        loss is ≈ ΦᵀQΦ + n·wd·I), or 1e-3 relative when the task has no weight decay.
-    models : sequence of state dicts or nn.Modules, optional
-        Independently trained models (same architecture as ``task.model``) to ensemble over.
-    n_checkpoints : int, optional
-        Ensemble over the last ``n_checkpoints`` of the task's checkpoints instead.
-    dropout_masks : int, optional
-        For each member, also average over this many Dropout passes (the model needs Dropout): each pass draws
-        a mask per example, for training and test gradients and for Q (``compute.dropout_masks``).
+
+@register("trak", Family.PAIRWISE, TRAKArguments)
+class TRAK(Attributor):
+    """TRAK with ensembles: projected margin gradients through (ΦᵀΦ + λI)⁻¹, Q-weighted, averaged over members.
+
+    Fitted: ``members`` (the ensembled parameter sets).
     """
 
-    name = "trak"
-
-    def __init__(self, task: AttributionTask, *, projection_dim: int | None = 2048, damping: float | None = None,
-                 models: Sequence[dict | nn.Module] | None = None, n_checkpoints: int | None = None,
-                 dropout_masks: int | None = None, **kwargs):
-        super().__init__(task, projection_dim=projection_dim, **kwargs)
-        self.damping = check_nonnegative(damping, "damping", optional=True)
-        if models is not None and n_checkpoints is not None:
+    def _setup(self) -> None:
+        a, task = self.args, self.task
+        self.damping, self.dropout_masks = a.damping, a.dropout_masks
+        if a.models is not None and a.n_checkpoints is not None:
             raise TDAError("pass either models= or n_checkpoints=, not both")
-        if models is not None:
-            if len(models) == 0:
+        if a.models is not None:
+            if len(a.models) == 0:
                 raise TDAError("models must contain at least one model")
-            states = [m.state_dict() if isinstance(m, nn.Module) else m for m in models]
-        elif n_checkpoints is not None:
-            n_checkpoints = check_positive_int(n_checkpoints, "n_checkpoints")
-            if len(task.checkpoints) < n_checkpoints:
-                raise TDAError(f"n_checkpoints={n_checkpoints} but the task has {len(task.checkpoints)} checkpoints")
-            states = [c.state_dict for c in task.checkpoints[-n_checkpoints:]]
+            states = [m.state_dict() if isinstance(m, nn.Module) else m for m in a.models]
+        elif a.n_checkpoints is not None:
+            if len(task.checkpoints) < a.n_checkpoints:
+                raise TDAError(f"n_checkpoints={a.n_checkpoints} but the task has {len(task.checkpoints)} "
+                               "checkpoints")
+            states = [c.state_dict for c in task.checkpoints[-a.n_checkpoints:]]
         else:
             states = [task.model.state_dict()]
         names = set(task.tracked_names())
         self.members = [{k: v for k, v in s.items() if k in names} for s in states]
-        self.dropout_masks = None if dropout_masks is None else check_positive_int(dropout_masks, "dropout_masks")
-
-    def config(self) -> dict:
-        return {**super().config(), "damping": self.damping, "n_models": len(self.members),
-                "dropout_masks": self.dropout_masks}
 
     def _variants(self) -> list[tuple[int, dict, int | None]]:
         seeds = [None] if self.dropout_masks is None else list(range(self.dropout_masks))
