@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import CATALOGUE, Family, method_spec
+from tda_explorer.compute.methods import available_methods
 
-GROUP_METHODS = ("untrac", "untrac-inv")  # methods that score groups of training data, not single examples
-VALUE_METHODS = ("lava",)  # data valuation: one value per training example (tda_explorer.evaluate.valuation)
-# evaluated by their own scenarios, not as attributors
-OTHER_METHODS = GROUP_METHODS + VALUE_METHODS + ("less", "fasttrack", "bm25")
+#: Method options whose flag would clash with one of ``evaluate``'s own flags take this prefix (``--method-seed``).
+CLASHING_PREFIX = "method-"
+#: Older flag names kept as aliases of catalogue options.
+FLAG_ALIASES = {"n_checkpoints": ["--ensemble-checkpoints"]}
 
 
 def _progress(iterable, desc: str, total: int | None = None):
@@ -93,8 +95,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data != "digits":
         raise TDAError(f"unknown data {args.data!r}; expected one of: digits")
     torch.manual_seed(args.seed)
-    if args.method in GROUP_METHODS and not args.groups:
+    spec = method_spec(args.method)
+    if spec.family is Family.GROUPS and not args.groups:
         raise TDAError(f"{args.method} scores groups of training data: pass --groups K")
+    if spec.family is Family.VALUES and args.method != "lava":
+        raise TDAError(f"{args.method} runs inside your training loop, not on a trained model: see "
+                       f"{spec.factory.__module__} (benchmarks/bench_inrun.py measures it)")
     if args.verifier != "auto" and (args.scenario != "facts" or args.method != "fasttrack"):
         raise TDAError(f"--verifier {args.verifier} picks the stage-2 verifier of two-stage fact tracing: use it with "
                        "--scenario facts --method fasttrack, or leave it out")
@@ -115,7 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            f"{args.method}")
         return _write_result({"data": args.data, "model": args.model,
                               **evaluate_selection(args.method, seed=args.seed, device=args.device)}, args.json)
-    if args.method in VALUE_METHODS:
+    if spec.family is Family.VALUES:
         from tda_explorer.evaluate.valuation import evaluate_lava
 
         exp = build_experiment(args.model, noise=args.noise, seed=args.seed, device=args.device)
@@ -162,11 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif not args.no_lds:
         truth = subset_ground_truth(exp, n_subsets=args.n_subsets, fraction=1 - args.subset_fraction,
                                     cache_dir=args.cache_dir, device=args.device)
-    options = {
-        "projection_dim": args.projection_dim, "damping": args.damping, "ensemble": args.ensemble,
-        "n_checkpoints": args.ensemble_checkpoints, "dropout_masks": args.dropout_masks,
-        "base": args.base, "folds": args.folds,
-    }
+    options = {"ensemble": args.ensemble, **method_options_from(args)}
     result = {"data": args.data, "model": args.model, "noise": args.noise, "n_train": len(exp.split.train),
               "n_test": len(exp.split.test), "test_accuracy": exp.test_accuracy()}
     if args.proxy:
@@ -181,6 +183,54 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "fresh_seed" in others:
         result["truth_ceiling"] = truth_ceiling(truth, others["fresh_seed"])
     return _write_result(result, args.json)
+
+
+def method_options_from(args: argparse.Namespace) -> dict:
+    """The catalogue options of ``args.method`` given on the command line (the others keep their defaults)."""
+    return {name[len("opt_"):]: value for name, value in vars(args).items()
+            if name.startswith("opt_") and value is not None}
+
+
+def add_method_options(parser: argparse.ArgumentParser, method: str | None) -> None:
+    """The chosen method's options as flags, generated from its catalogue entry (type, default, help)."""
+    if method not in CATALOGUE:
+        parser.add_argument_group("method options", "pass --method NAME to see and set that method's options "
+                                                    "(tda-explorer methods lists every method's)")
+        return
+    group = parser.add_argument_group(f"options of {method}", CATALOGUE[method].summary)
+    taken = {s for action in parser._actions for s in action.option_strings}
+    for info in CATALOGUE[method].argument_info():
+        if not info.cli:
+            continue
+        flag = "--" + info.name.replace("_", "-")
+        if flag in taken:
+            flag = "--" + CLASHING_PREFIX + info.name.replace("_", "-")
+        constraint = f"; {info.constraint}" if info.constraint else ""
+        group.add_argument(flag, *FLAG_ALIASES.get(info.name, []), dest="opt_" + info.name, type=info.parse,
+                           default=None, metavar=info.type.upper().replace(" ", ""),
+                           help=f"{info.help} (default {info.default}{constraint})")
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print the method catalogue: each method's family, needs and options; ``--json FILE`` writes it."""
+    rows = [CATALOGUE[name].describe() for name in sorted(CATALOGUE)]
+    if args.json:
+        _checked_output(args.json).write_text(json.dumps({"methods": rows}, indent=2, default=str))
+    for row in rows:
+        needs = f"  needs: {', '.join(row['needs'])}" if row["needs"] else ""
+        print(f"{row['name']:<16} {row['family']:<34}{needs}")
+        if args.verbose:
+            for a in row["arguments"]:
+                flag = "--" + a["name"].replace("_", "-")
+                print(f"    {flag:<24} {a['type']:<16} default {a['default']!s:<10} {a['help']}")
+    return 0
+
+
+def _checked_output(path: str) -> Path:
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise TDAError(f"--json {path}: the folder {out.parent} does not exist; create it or pick another path")
+    return out
 
 
 def _write_result(result: dict, path: str | None) -> int:
@@ -302,8 +352,8 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tda_explorer.compute import available_methods
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``method`` (the ``--method`` given, if any) adds that method's options to ``evaluate``."""
     from tda_explorer.experiments.digits import EXPERIMENT_MODELS
 
     parser = argparse.ArgumentParser(prog="tda-explorer", description=__doc__)
@@ -324,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate one method on a built-in task; JSON out")
     ev.add_argument("--data", default="digits")
     ev.add_argument("--model", default="mlp", choices=EXPERIMENT_MODELS)
-    ev.add_argument("--method", required=True, choices=available_methods() + list(OTHER_METHODS))
+    ev.add_argument("--method", required=True, choices=sorted(CATALOGUE),
+                    help="a method of the catalogue (tda-explorer methods); --method NAME --help lists its options")
     ev.add_argument("--scenario", choices=["backdoor", "planted-pool", "facts"], default=None,
                     help="backdoor: a base MLP on digits 0-4 fine-tuned on all ten with 20 triggered 3s labelled 8; "
                          "reports backdoor_auc and backdoor_auc_dda (debias and denoise) for the method. "
@@ -354,17 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of the training set each LDS subset removes (0.01: small drops)")
     ev.add_argument("--cache-dir", default=".tda_cache")
     ev.add_argument("--device", default="cpu")
-    opts = ev.add_argument_group("method options (passed to the method when given)")
-    opts.add_argument("--projection-dim", type=int, default=None, help="random projection dimension k")
-    opts.add_argument("--damping", type=float, default=None, help="TRAK: relative; if-*: absolute lambda")
-    opts.add_argument("--ensemble", type=int, default=None, help="TRAK: independently trained models")
-    opts.add_argument("--ensemble-checkpoints", type=int, default=None, help="TRAK: last K checkpoints")
-    opts.add_argument("--dropout-masks", type=int, default=None, help="TRAK: dropout-ensemble masks per model")
-    opts.add_argument("--base", default=None, help="suspicion: method giving self-influence (default tracin)")
-    opts.add_argument("--folds", type=int, default=None, help="suspicion: cross-validation folds")
+    ev.add_argument("--ensemble", type=int, default=None,
+                    help="TRAK: train K-1 more models with fresh seeds and ensemble over all K")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="write the result here")
+    add_method_options(ev, method)
     ev.set_defaults(func=cmd_evaluate)
+
+    methods = sub.add_parser("methods", help="the method catalogue: families, needs and options")
+    methods.add_argument("--json", default=None, help="write the catalogue here as JSON")
+    methods.add_argument("-v", "--verbose", action="store_true", help="also list every method's options")
+    methods.set_defaults(func=cmd_methods)
 
     feat = sub.add_parser("featurize", help="sharded, resumable featurisation (torchrun -m tda_explorer featurize)")
     _task_arguments(feat)
@@ -412,7 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--method")
+    method = first.parse_known_args(argv)[0].method
+    args = build_parser(method).parse_args(argv)
     try:
         return args.func(args)
     except TDAError as err:

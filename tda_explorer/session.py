@@ -15,14 +15,19 @@ import torch
 
 from tda_explorer._validation import TDAError
 from tda_explorer.atomic import load_tensors, save_tensors
+from tda_explorer.compute.catalogue import Resources, method_spec
 from tda_explorer.compute.engine.attribution import Attribution
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.engine.stability import Stability, z_and_p
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods import get_method
+from tda_explorer.compute.methods import available_methods, get_method
+from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.evaluate.trust import model_randomization
 from tda_explorer.flags import FlagStore
 from tda_explorer.jobs import BackgroundJob
+from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
+from tda_explorer.retraining.retrainer import Retrainer
 
 
 class Session:
@@ -36,10 +41,14 @@ class Session:
         Where the flag store and cached attributions live (created if missing).
     device : str
         Where methods run.
+    resources : dict, optional
+        What this session can supply for methods' needs (``compute.catalogue.NEEDS``): need name -> a function
+        returning the options that satisfy it, e.g. ``{"recipe": lambda: {"model_factory": f, "train_config": c}}``.
+        The task's checkpoints count without being listed.
     """
 
     def __init__(self, train: AttributionDataset, test: AttributionDataset, task: AttributionTask,
-                 folder: str | Path = "tda_session", device: str = "cpu"):
+                 folder: str | Path = "tda_session", device: str = "cpu", resources: Resources | None = None):
         for name, value in (("train", train), ("test", test)):
             if not isinstance(value, AttributionDataset):
                 raise TDAError(f"{name} must be an AttributionDataset, got {type(value).__name__}")
@@ -60,19 +69,21 @@ class Session:
         self.further_training: pd.DataFrame | None = None  # method, epochs, cosine (further_training_curve)
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
-        self.retrainer: Any = None  # a ``Retrainer`` makes "what if I remove these?" answerable
-        self.experiment: Any = None
+        self.retrainer: Retrainer | None = None  # makes "what if I remove these?" answerable
+        self.recipe: TrainConfig | None = None  # the training recipe, when known (further training's defaults)
+        self.resources: Resources = dict(resources or {})
+        if task.checkpoints:
+            self.resources.setdefault("checkpoints", dict)
         self._predict()
 
     @classmethod
     def from_experiment(cls, experiment, folder: str | Path = "tda_session", device: str = "cpu",
                         retrain_seeds: int = 2) -> Session:
-        """A session over a built-in experiment (see ``tda_explorer.evaluate.build_experiment``), able to retrain
+        """A session over a built-in experiment (see ``tda_explorer.experiments.build_experiment``), able to retrain
         without chosen examples (``what_if_removed``) with ``retrain_seeds`` paired seeds."""
-        from tda_explorer.retraining.retrainer import Retrainer
-
-        session = cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device)
-        session.experiment = experiment  # supplies what some methods need (trajectory, recording, recipe)
+        session = cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device,
+                      resources=experiment.resources(device))
+        session.recipe = experiment.config
         seeds = [experiment.config.seed + i for i in range(retrain_seeds)]
         session.retrainer = Retrainer(experiment, seeds=seeds, cache_dir=session.folder / "retrain", device=device)
         return session
@@ -86,6 +97,11 @@ class Session:
         if not train_ids:
             raise TDAError("train_ids is empty: flag or select the training examples to remove first")
         return self.retrainer.remove([list(train_ids)])
+
+    def method_availability(self) -> dict[str, list[str]]:
+        """Every attributor with what this session lacks to run it (an empty list: it can run here)."""
+        provided = set(self.resources)
+        return {name: method_spec(name).missing(provided) for name in available_methods()}
 
     # -- predictions ----------------------------------------------------------------------
     def _predict(self) -> None:
@@ -120,11 +136,7 @@ class Session:
             attribution = Attribution(data["scores"], self.test.ids, self.train.ids, method, config)
             self.add(attribution, data["self_influence"])
             return attribution
-        options = dict(config)
-        if self.experiment is not None:  # a built-in experiment fills in trajectories, recordings, recipes
-            from tda_explorer.evaluate.harness import method_options
-
-            options = method_options(self.experiment, method, device=self.device, **config)[0]
+        options = method_spec(method).fill(config, self.resources)
         self.options[method] = options
         attributor = get_method(method, self.task, device=self.device, **options).fit(self.train)
         attribution = attributor.attribute(self.test)
@@ -238,13 +250,11 @@ class Session:
         """Each computed method's cosine with the further-training truth (final model only) after each number of
         further epochs; tidy ``method, epochs, cosine``, kept in ``session.further_training`` for the compare panel.
         ``lr`` defaults to a tenth of the experiment's recipe (give it for other sessions)."""
-        from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
-
         if lr is None:
-            if self.experiment is None:
+            if self.recipe is None:
                 raise TDAError("lr: give the further-training learning rate (no recipe is known for this session)")
-            lr = 0.1 * self.experiment.config.lr
-        batch_size = batch_size or (self.experiment.config.batch_size if self.experiment is not None else 64)
+            lr = 0.1 * self.recipe.lr
+        batch_size = batch_size or (self.recipe.batch_size if self.recipe is not None else 64)
         if not self.methods:
             raise TDAError("no attribution yet: compute a method first")
         gen = torch.Generator().manual_seed(0)
@@ -262,19 +272,13 @@ class Session:
     def check_trust(self, method: str, seed: int = 0) -> float:
         """Model randomization for ``method``: its scores against the same method on a re-initialised model (mean
         Spearman over test points; lower is better). Kept in ``session.trust`` and shown in the compare panel."""
-        from tda_explorer.evaluate.trust import model_randomization
-
         attribution = self.attribution(method)
         options = self.options.get(method)
         if options is None:  # loaded from the cache: its config is what compute() was given
             if "task" in attribution.config:
                 raise TDAError(f"{method!r} was added from elsewhere; check_trust reruns methods computed here "
                                "(session.compute)")
-            options = dict(attribution.config)
-            if self.experiment is not None:
-                from tda_explorer.evaluate.harness import method_options
-
-                options = method_options(self.experiment, method, device=self.device, **options)[0]
+            options = method_spec(method).fill(dict(attribution.config), self.resources)
         self.trust[method] = model_randomization(attribution.scores, method, self.task, self.train, self.test,
                                                  seed=seed, device=self.device, **options)
         return self.trust[method]

@@ -35,20 +35,36 @@ class Family(str, enum.Enum):
     TRACING = "tracing"  # the documents that support a query's fact
 
 
-NEEDS: dict[str, str] = {
-    "checkpoints": "checkpoints of the training run: AttributionTask(checkpoints=...) (train_model records them)",
-    "trajectory": "the training trajectory of a built-in recipe: trajectory=Trajectory(init_state, config, "
-                  "checkpoints) (Experiment.trajectory() gives one)",
-    "recording": "a step recording of the training run: recording=StepRecorder(...) used as the training loop's "
-                 "step callback",
-    "recipe": "a training recipe to retrain with: model_factory=seed -> nn.Module and train_config=TrainConfig",
-    "base_model": "the base model before fine-tuning: base_model=nn.Module or its state dict",
-    "validation": "a clean validation set to compare the training set with",
-    "training_loop": "your training loop, instrumented while it runs (the values accumulate during training)",
-    "groups": "a partition of the training set into groups",
-    "pool_and_target": "a pool to select from and a target set to select for",
-    "text": "text inputs: a corpus of documents and queries as strings",
+@dataclass(frozen=True)
+class Need:
+    """Something a method must be given besides the model and data: what it is and how to get it, and the options
+    that supply it directly (any one group of ``options`` given in full satisfies it)."""
+
+    help: str
+    options: tuple[tuple[str, ...], ...] = ()
+
+
+NEEDS: dict[str, Need] = {
+    "checkpoints": Need("checkpoints of the training run: AttributionTask(checkpoints=...) (train_model records them, "
+                        "or the RunRecorder / Hugging Face callback)", (("checkpoints",),)),
+    "trajectory": Need("a recorded run: trajectory=Trajectory(init_state, config, checkpoints) of a built-in recipe "
+                       "(Experiment.trajectory()), or recording=RunRecorder(...) of your own loop",
+                       (("trajectory",), ("recording",))),
+    "recording": Need("a step recording of the training run: recording=StepRecorder(...) used as the training "
+                      "loop's step callback", (("recording",),)),
+    "recipe": Need("a training recipe to retrain with: model_factory=seed -> nn.Module and train_config=TrainConfig "
+                   "(or out-of-fold probabilities from your own cross-validation)",
+                   (("model_factory", "train_config"), ("oof_probabilities",))),
+    "base_model": Need("the base model before fine-tuning: base_model=nn.Module or its state dict", (("base_model",),)),
+    "validation": Need("a clean validation set to compare the training set with"),
+    "training_loop": Need("your training loop, instrumented while it runs (values accumulate during training)"),
+    "groups": Need("a partition of the training set into groups"),
+    "pool_and_target": Need("a pool to select from and a target set to select for"),
+    "text": Need("text inputs: a corpus of documents and queries as strings"),
 }
+
+#: What a caller can supply for a need: a function returning the options that satisfy it (called only when used).
+Resources = dict[str, Callable[[], dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,25 @@ class ArgumentInfo:
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "default": self.default if _plain(self.default) else repr(self.default)}
 
+    def parse(self, text: str) -> Any:
+        """A value of this option from text (a command-line flag or a form field): "none" gives None where the type
+        allows it; the number and bool types by their names in the type."""
+        text = text.strip()
+        if text.lower() == "none" and "None" in self.type:
+            return None
+        try:
+            if "bool" in self.type:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                return text.lower() in ("true", "1", "yes")
+            if "float" in self.type:
+                return float(text)
+            if "int" in self.type:
+                return int(text)
+        except ValueError:
+            raise TDAError(f"{self.name} must be of type {self.type}, got {text!r}") from None
+        return text
+
 
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
@@ -175,10 +210,24 @@ class MethodSpec:
                                      "" if check is None else str(check), bool(f.metadata.get("cli"))))
         return rows
 
-    def missing(self, provided: Iterable[str]) -> list[str]:
-        """What this method needs that ``provided`` (names of ``NEEDS``) lacks, each as a sentence."""
-        have = set(provided)
-        return [f"needs {NEEDS[n]}" for n in self.needs if n not in have]
+    def missing(self, provided: Iterable[str], options: Iterable[str] = ()) -> list[str]:
+        """What this method needs that neither ``provided`` (names of ``NEEDS``) nor the given ``options`` supply,
+        each as a sentence ("needs a recorded run: …")."""
+        have, given = set(provided), set(options)
+        return [f"needs {NEEDS[n].help}" for n in self.needs
+                if n not in have and not any(set(group) <= given for group in NEEDS[n].options)]
+
+    def fill(self, options: dict[str, Any], resources: Resources) -> dict[str, Any]:
+        """``options`` with what ``resources`` supply for each need the options leave open; a ``TDAError`` that says
+        what is lacking when neither supplies a need."""
+        filled = dict(options)
+        for need in self.needs:
+            if any(set(group) <= set(filled) for group in NEEDS[need].options):
+                continue
+            if need not in resources:
+                raise TDAError(f"{self.name} {self.missing(resources, filled)[0]}")
+            filled.update({k: v for k, v in resources[need]().items() if k not in filled})
+        return filled
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family.value, "needs": list(self.needs), "summary": self.summary,

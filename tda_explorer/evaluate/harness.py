@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from tda_explorer._validation import check_positive_int
+from tda_explorer.compute.catalogue import method_spec
 from tda_explorer.compute.methods import Attributor, get_method
 from tda_explorer.compute.training.train import train_ensemble, unstack
 from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at
@@ -20,35 +21,22 @@ from tda_explorer.retraining.ground_truth import SubsetGroundTruth
 
 def method_options(experiment: Experiment, method: str, ensemble: int | None = None,
                    device: str = "cpu", **options: Any) -> tuple[dict, float]:
-    """Fill in what a built-in experiment can supply to ``method``; returns (config, training seconds).
+    """``options`` with what the experiment supplies for the method's declared needs (checkpoints, recipe,
+    trajectory, recording: ``Experiment.resources``); returns (options, seconds spent training for them).
 
-    ``ensemble=K`` (TRAK) trains K−1 more models with fresh seeds beside the experiment's own, in
-    lock-step; ``suspicion`` gets the experiment's training recipe for its out-of-fold models.
+    ``ensemble=K`` (TRAK) trains K−1 more models with fresh seeds beside the experiment's own, in lock-step.
     """
     config = {k: v for k, v in options.items() if v is not None}
-    seconds = 0.0
+    t0 = time.perf_counter()
     if ensemble is not None and check_positive_int(ensemble, "ensemble") > 1:
-        t0 = time.perf_counter()
         train = experiment.split.train
         rows = torch.arange(len(train)).expand(ensemble - 1, -1)
         seeds = [experiment.config.seed + 1 + i for i in range(ensemble - 1)]
         stacked = train_ensemble(experiment.factory, train.inputs, train.labels, rows, experiment.config, seeds,
                                  device=device)
         config["models"] = [experiment.record.model.state_dict()] + [unstack(stacked, i) for i in range(ensemble - 1)]
-        seconds = time.perf_counter() - t0
-    if method == "suspicion":
-        config.setdefault("model_factory", experiment.factory)
-        config.setdefault("train_config", experiment.config)
-    if method in ("synset-loo", "magic"):
-        config.setdefault("trajectory", experiment.trajectory())
-    if method == "dvemb" and "recording" not in config:
-        from tda_explorer.compute.methods.dvemb import record_experiment_run
-
-        t0 = time.perf_counter()
-        config["recording"] = record_experiment_run(experiment.task(), experiment.split.train, experiment.factory,
-                                                    experiment.config, experiment.config.seed, device=device)
-        seconds += time.perf_counter() - t0
-    return config, seconds
+    config = method_spec(method).fill(config, experiment.resources(device))
+    return config, time.perf_counter() - t0
 
 
 def run_method(experiment: Experiment, method: str, device: str = "cpu", **options: Any):

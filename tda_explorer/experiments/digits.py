@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from tda_explorer._validation import check_choice
+from tda_explorer.compute.catalogue import Resources
 from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.methods.dvemb import record_experiment_run
 from tda_explorer.compute.methods.synset import Trajectory
 from tda_explorer.compute.models.reference import make_model
 from tda_explorer.compute.models.transformer import make_transformer
@@ -55,6 +57,16 @@ class Experiment:
         """The recorded run for synset methods: initial parameters (re-created from the seed), recipe, checkpoints."""
         return Trajectory(self.factory(self.config.seed).state_dict(), self.config,
                           [c.state_dict for c in self.record.checkpoints])
+
+    def resources(self, device: str = "cpu") -> Resources:
+        """What this experiment supplies for methods' needs (``compute.catalogue.NEEDS``), each made when used."""
+        return {
+            "checkpoints": dict,
+            "recipe": lambda: {"model_factory": self.factory, "train_config": self.config},
+            "trajectory": lambda: {"trajectory": self.trajectory()},
+            "recording": lambda: {"recording": record_experiment_run(self.task(), self.split.train, self.factory,
+                                                                     self.config, self.config.seed, device=device)},
+        }
 
     def replayed(self) -> Experiment:
         """This experiment with the model trained by the retraining engine's deterministic run (same recipe and

@@ -6,7 +6,8 @@ import html
 
 import ipywidgets as W
 
-from tda_explorer.compute.methods import available_methods
+from tda_explorer.compute.catalogue import method_spec
+from tda_explorer.errors import TDAError
 from tda_explorer.jobs import BackgroundJob
 from tda_explorer.session import Session
 from tda_explorer.widgets.browser import InfluenceBrowser
@@ -20,30 +21,79 @@ from tda_explorer.widgets.theme import CSS, error_html
 from tda_explorer.widgets.tracing import TracingPanel
 
 
-class ComputeBar(W.HBox):
-    """Compute another method off the UI thread: progress, cancel, and errors shown here."""
+class ComputeBar(W.VBox):
+    """Compute another method off the UI thread: progress, cancel, and errors shown here.
+
+    It offers the methods this session can run (read from the catalogue's needs) and says for each other one what
+    it lacks; *options* opens the chosen method's options, generated from its catalogue entry (empty = default).
+    """
 
     def __init__(self, session: Session, on_done, method_config: dict | None = None):
         self.session, self.on_done = session, on_done
         self.method_config = method_config or {}
-        methods = available_methods()
-        self.choice = W.Dropdown(options=methods, value="tracin" if "tracin" in methods else methods[0],
+        availability = session.method_availability()
+        given = set(self.method_config)
+        runnable = [m for m, lacks in availability.items()
+                    if not lacks or not method_spec(m).missing(session.resources, self.method_config.get(m, {}))]
+        self.unavailable = {m: lacks for m, lacks in availability.items() if m not in runnable and m not in given}
+        self.choice = W.Dropdown(options=runnable, value="tracin" if "tracin" in runnable else runnable[0],
                                  description="compute", layout=W.Layout(width="220px"))
-        self.run_button = W.Button(description="Run", icon="play", layout=W.Layout(width="70px"))
-        self.cancel_button = W.Button(description="Cancel", layout=W.Layout(width="70px"), disabled=True)
+        self.run_button = W.Button(description="Run", icon="play", layout=W.Layout(width="auto", min_width="70px"))
+        self.cancel_button = W.Button(description="Cancel", layout=W.Layout(width="auto", min_width="80px"),
+                                      disabled=True)
+        self.options_toggle = W.ToggleButton(description="options", layout=W.Layout(width="auto", min_width="80px"))
         self.progress = W.FloatProgress(value=0, min=0, max=1, layout=W.Layout(width="160px"))
         self.message = W.HTML()
+        self.fields: dict[str, W.Text] = {}
+        self.form = W.VBox(layout=W.Layout(display="none"))
+        lacking = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape('; '.join(lacks))}</li>"
+                          for m, lacks in sorted(self.unavailable.items()))
+        self.lacking = W.HTML(f"<details class='tda-muted'><summary>{len(self.unavailable)} methods need more than "
+                              f"this session has</summary><ul>{lacking}</ul></details>" if lacking else "")
         self.job: BackgroundJob | None = None
         self.run_button.on_click(lambda _b: self.start(self.choice.value))
         self.cancel_button.on_click(lambda _b: self.job and self.job.cancel())
-        super().__init__([self.choice, self.run_button, self.cancel_button, self.progress, self.message])
+        self.choice.observe(lambda _c: self._build_form(), "value")
+        self.options_toggle.observe(self._toggle_form, "value")
+        self._build_form()
+        bar = W.HBox([self.choice, self.options_toggle, self.run_button, self.cancel_button, self.progress,
+                      self.message])
+        super().__init__([bar, self.form, self.lacking])
         self.add_class("tda-compute-bar")
+
+    def _build_form(self) -> None:
+        """One text field per command-line option of the chosen method: its default as placeholder, its help as
+        tooltip."""
+        infos = [a for a in method_spec(self.choice.value).argument_info() if a.cli]
+        self.fields = {a.name: W.Text(description=a.name, placeholder=str(a.default), tooltip=a.help,
+                                      style={"description_width": "140px"}, layout=W.Layout(width="360px"))
+                       for a in infos}
+        self.infos = {a.name: a for a in infos}
+        self.form.children = list(self.fields.values())
+
+    def _toggle_form(self, change) -> None:
+        self.form.layout.display = "flex" if change["new"] else "none"
+
+    def options(self, method: str) -> dict:
+        """The options for ``method``: the ``method_config`` given to the explorer, then the form's filled fields."""
+        options = dict(self.method_config.get(method, {}))
+        if method == self.choice.value:
+            options.update({name: self.infos[name].parse(field.value) for name, field in self.fields.items()
+                            if field.value.strip()})
+        return options
 
     def start(self, method: str) -> BackgroundJob:
         self.run_button.disabled, self.cancel_button.disabled = True, False
         self.progress.value, self.progress.bar_style = 0.05, "info"
         self.message.value = f"<span class='tda-muted'>computing {html.escape(method)}…</span>"
-        self.job = self.session.compute_async(method, on_update=self._update, **self.method_config.get(method, {}))
+        try:
+            options = self.options(method)
+        except TDAError as err:
+            self.run_button.disabled, self.cancel_button.disabled = False, True
+            self.progress.bar_style = "danger"
+            self.message.value = error_html(str(err))
+            raise
+        self.job = self.session.compute_async(method, on_update=self._update, **options)
         return self.job
 
     def _update(self, job: BackgroundJob) -> None:
