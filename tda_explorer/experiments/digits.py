@@ -20,6 +20,7 @@ from tda_explorer.compute.training.train import TrainConfig, TrainingRecord, rep
 from tda_explorer.data.dataset import DataSplit
 from tda_explorer.data.digits import load_digits_split
 from tda_explorer.data.text import load_reviews_split
+from tda_explorer.retraining.retrainer import Recipe
 
 #: Training recipes of the built-in models (full objective: mean CE + wd/2 ‖θ‖²).
 TRAIN_CONFIGS = {
@@ -57,6 +58,11 @@ class Experiment:
         """The recorded run for synset methods: initial parameters (re-created from the seed), recipe, checkpoints."""
         return Trajectory(self.factory(self.config.seed).state_dict(), self.config,
                           [c.state_dict for c in self.record.checkpoints])
+
+    def recipe(self) -> Recipe:
+        """How this experiment's model is trained: what the retraining engine needs."""
+        return Recipe(self.model_kind, self.factory, self.config, self.split.train, self.split.test,
+                      convex=self.model_kind == "lr")
 
     def resources(self, device: str = "cpu") -> Resources:
         """What this experiment supplies for methods' needs (``compute.catalogue.NEEDS``), each made when used."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,7 +13,9 @@ from tda_explorer._validation import check_fraction, check_positive_int
 from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.engine.losses import cross_entropy
 from tda_explorer.compute.training.train import stacked_outputs, train_ensemble, train_weighted
-from tda_explorer.experiments.digits import Experiment
+
+if TYPE_CHECKING:  # experiments build on retraining; only their type is named here
+    from tda_explorer.experiments.digits import Experiment
 
 
 @dataclass

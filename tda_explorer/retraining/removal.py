@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,9 @@ from scipy.stats import pearsonr, spearmanr
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.engine.attribution import Attribution
 from tda_explorer.compute.training.train import stacked_outputs, train_ensemble
-from tda_explorer.experiments.digits import Experiment
+
+if TYPE_CHECKING:  # experiments build on retraining; only their type is named here
+    from tda_explorer.experiments.digits import Experiment
 
 
 def _losses_and_predictions(experiment: Experiment, params: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:

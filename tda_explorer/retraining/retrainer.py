@@ -5,7 +5,7 @@ batches, with the removed examples' terms dropped from the steps they were in (`
 removes most of the seed noise from small effects. Several seeds average fresh-seed noise on top (``seeds``); with
 one seed the answer is the same-seed (trajectory-specific) truth. Groups of any size train together in lock-step
 (``vmap``), which is how one CPU retrains hundreds of models; results are cached on disk by a fingerprint of the
-experiment, the measurement, the seeds and the removed examples, so asking again is free.
+recipe, the measurement, the seeds and the removed examples, so asking again is free.
 
 It is the ground truth for the removal estimators (influence functions, synset leave-one-out) and backs the
 explorer's "what if I remove these?" check.
@@ -14,7 +14,7 @@ explorer's "what if I remove these?" check.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from tda_explorer._validation import TDAError, check_choice, check_positive_int
 from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.engine.fingerprint import config_fingerprint
 from tda_explorer.compute.engine.task import MEASUREMENTS, AttributionTask
-from tda_explorer.compute.training.train import stacked_outputs, train_weighted
-from tda_explorer.experiments.digits import Experiment
+from tda_explorer.compute.training.train import TrainConfig, stacked_outputs, train_weighted
+from tda_explorer.data.dataset import AttributionDataset
 
 
 @dataclass
@@ -57,13 +57,31 @@ class RemovalEffect:
         })
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained, which is all a retrainer needs: a model factory (seed -> fresh ``nn.Module``), the
+    training configuration, the training data and the test data measured. ``name`` identifies the factory in cache
+    keys (give each architecture its own); ``convex`` marks models whose optimum does not depend on the start."""
+
+    name: str
+    factory: Callable[[int], torch.nn.Module]
+    config: TrainConfig
+    train: AttributionDataset
+    test: AttributionDataset
+    convex: bool = False
+
+    def fingerprint(self) -> str:
+        """Hash of the data, the name and the configuration (not of any trained weights)."""
+        return config_fingerprint(self.name, self.config.to_dict(), self.train.fingerprint(), self.test.fingerprint())
+
+
 class Retrainer:
-    """Retrains an experiment's model without chosen training examples.
+    """Retrains a recipe's model without chosen training examples.
 
     Parameters
     ----------
-    experiment : Experiment
-        Data, model kind and training recipe.
+    recipe : Recipe, or an experiment (anything with ``recipe()``)
+        Model factory, training configuration and data.
     measurement : {"loss", "margin"}
         What is measured on each test example (loss-oriented).
     seeds : sequence of int, optional
@@ -81,12 +99,15 @@ class Retrainer:
         Worker processes sharing the chunks of a large request (each with one torch thread); 1 = in process.
     """
 
-    def __init__(self, experiment: Experiment, measurement: str = "loss", seeds: Sequence[int] | None = None,
+    def __init__(self, recipe: Recipe | Any, measurement: str = "loss", seeds: Sequence[int] | None = None,
                  cache_dir: str | Path | None = None, device: str = "cpu", chunk: int = 64,
                  warm_start_epochs: int | None = None, processes: int = 1):
-        self.experiment = experiment
+        recipe = recipe.recipe() if hasattr(recipe, "recipe") else recipe
+        if not isinstance(recipe, Recipe):
+            raise TDAError(f"recipe must be a Recipe (or an experiment with recipe()), got {type(recipe).__name__}")
+        self.recipe = recipe
         self.measurement = check_choice(measurement, "measurement", MEASUREMENTS)
-        self.seeds = [experiment.config.seed] if seeds is None else [int(s) for s in seeds]
+        self.seeds = [recipe.config.seed] if seeds is None else [int(s) for s in seeds]
         if not self.seeds:
             raise TDAError("seeds must name at least one seed")
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -95,10 +116,10 @@ class Retrainer:
         self.processes = check_positive_int(processes, "processes")
         self.warm_start_epochs = None
         if warm_start_epochs is not None:
-            if experiment.model_kind != "lr":
+            if not recipe.convex:
                 raise TDAError(
                     f"warm_start_epochs is only valid for convex models (the built-in 'lr'), not "
-                    f"{experiment.model_kind!r}: a warm-started network stays in the full model's basin and "
+                    f"{recipe.name!r}: a warm-started network stays in the full model's basin and "
                     "understates removal effects; leave it None to retrain from the initialisation"
                 )
             self.warm_start_epochs = check_positive_int(warm_start_epochs, "warm_start_epochs")
@@ -107,8 +128,8 @@ class Retrainer:
 
     def _measure(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Test measurements and correctness ``[M, n_test]`` of stacked models."""
-        test = self.experiment.split.test
-        template = self.experiment.factory(0)
+        test = self.recipe.test
+        template = self.recipe.factory(0)
         out = stacked_outputs(template, params, test.inputs, self.device)
         y = test.labels.to(out.device)
         measure = AttributionTask(template, measurement=self.measurement).test_measurement
@@ -118,20 +139,20 @@ class Retrainer:
     def _factory_and_config(self, seed: int):
         """How each model starts and how long it trains: the recipe, or a warm start at the full optimum."""
         if self.warm_start_epochs is None:
-            return self.experiment.factory, self.experiment.config
+            return self.recipe.factory, self.recipe.config
         if seed not in self._warm_init:
-            train = self.experiment.split.train
-            params = train_weighted(self.experiment.factory, train.inputs, train.labels,
-                                    torch.ones(1, len(train)), self.experiment.config, [seed], device=self.device)
+            train = self.recipe.train
+            params = train_weighted(self.recipe.factory, train.inputs, train.labels,
+                                    torch.ones(1, len(train)), self.recipe.config, [seed], device=self.device)
             self._warm_init[seed] = {k: v[0].cpu() for k, v in params.items()}
         init = self._warm_init[seed]
 
         def factory(_: int) -> torch.nn.Module:
-            model = self.experiment.factory(seed)
+            model = self.recipe.factory(seed)
             model.load_state_dict(init)
             return model
 
-        return factory, replace(self.experiment.config, epochs=self.warm_start_epochs)
+        return factory, replace(self.recipe.config, epochs=self.warm_start_epochs)
 
     def _train(self, weights: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._factory_and_config(seed)  # a warm start's full model is trained here, once, not in each worker
@@ -149,12 +170,12 @@ class Retrainer:
     def full_measurements(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The paired full-data model's test measurements and correctness ``[n_test]`` for ``seed`` (once)."""
         if seed not in self._full:
-            values, correct = self._train(torch.ones(1, len(self.experiment.split.train)), seed)
+            values, correct = self._train(torch.ones(1, len(self.recipe.train)), seed)
             self._full[seed] = (values[0], correct[0])
         return self._full[seed]
 
     def _weights(self, groups: Sequence[Sequence[Any]], fractions: Sequence[Sequence[float]] | None) -> torch.Tensor:
-        train = self.experiment.split.train
+        train = self.recipe.train
         rows = train.group_positions(groups)
         if fractions is not None and len(fractions) != len(rows):
             raise TDAError(f"fractions must have one entry per group ({len(rows)}), got {len(fractions)}")
@@ -185,10 +206,10 @@ class Retrainer:
         weights = self._weights(groups, fractions)
         key = None
         groups = [list(g) for g in groups]
-        test_ids = list(self.experiment.split.test.ids)
+        test_ids = list(self.recipe.test.ids)
         if self.cache_dir is not None:
             changed = (weights != 1).nonzero()
-            key = config_fingerprint(self.experiment.fingerprint(), self.measurement, self.seeds, len(groups),
+            key = config_fingerprint(self.recipe.fingerprint(), self.measurement, self.seeds, len(groups),
                                      changed.tolist(), weights[changed[:, 0], changed[:, 1]].tolist(),
                                      self.warm_start_epochs)
             cached = load_tensors(self.cache_dir / f"retrain-{key}.pt")
@@ -214,16 +235,16 @@ class Retrainer:
         if key is not None:
             save_tensors({"delta": delta, "seconds": seconds, "full": full_values, "accuracy_full": accuracy_full,
                           "accuracy_delta": accuracy_delta}, self.cache_dir / f"retrain-{key}.pt",
-                         {"experiment": self.experiment.fingerprint(), "groups": len(groups)})
+                         {"recipe": self.recipe.fingerprint(), "groups": len(groups)})
         return RemovalEffect(groups, test_ids, delta, self.seeds, seconds, full_values, accuracy_full, accuracy_delta)
 
 
     def train_on(self, subsets: Sequence[Sequence[Any]]) -> RemovalEffect:
         """Retrain on each subset of training ids alone (everything else removed): the same paired effects."""
-        ids = list(self.experiment.split.train.ids)
+        ids = list(self.recipe.train.ids)
         groups = []
         for g, subset in enumerate(subsets):
-            keep = set(self.experiment.split.train.positions(list(subset), f"subsets[{g}]"))
+            keep = set(self.recipe.train.positions(list(subset), f"subsets[{g}]"))
             groups.append([ids[i] for i in range(len(ids)) if i not in keep])
         return self.remove(groups)
 
@@ -231,7 +252,7 @@ def _train_block(retrainer: Retrainer, block: torch.Tensor, seed: int) -> tuple[
     """One lock-step ensemble of ``block``'s rows (module level, so worker processes can run it)."""
     if torch.get_num_threads() > 1 and retrainer.processes > 1:
         torch.set_num_threads(1)
-    train = retrainer.experiment.split.train
+    train = retrainer.recipe.train
     factory, config = retrainer._factory_and_config(seed)
     params = train_weighted(factory, train.inputs, train.labels, block, config, [seed] * len(block),
                             device=retrainer.device)
