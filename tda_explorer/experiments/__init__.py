@@ -2,5 +2,6 @@
 backdoor, fact tracing, and the planted pool for selection."""
 
 from tda_explorer.experiments.digits import EXPERIMENT_MODELS, TEXT_MODELS, TRAIN_CONFIGS, Experiment, build_experiment
+from tda_explorer.experiments.scenario import Scenario
 
-__all__ = ["EXPERIMENT_MODELS", "TEXT_MODELS", "TRAIN_CONFIGS", "Experiment", "build_experiment"]
+__all__ = ["EXPERIMENT_MODELS", "TEXT_MODELS", "TRAIN_CONFIGS", "Experiment", "Scenario", "build_experiment"]

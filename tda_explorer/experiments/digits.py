@@ -17,7 +17,7 @@ from tda_explorer.compute.methods.synset import Trajectory
 from tda_explorer.compute.models.reference import make_model
 from tda_explorer.compute.models.transformer import make_transformer
 from tda_explorer.compute.training.train import TrainConfig, TrainingRecord, replay_record, train_model
-from tda_explorer.data.dataset import DataSplit
+from tda_explorer.data.dataset import AttributionDataset, DataSplit
 from tda_explorer.data.digits import load_digits_split
 from tda_explorer.data.text import load_reviews_split
 from tda_explorer.retraining.retrainer import Recipe
@@ -42,6 +42,14 @@ class Experiment:
     model_kind: str
     config: TrainConfig
     record: TrainingRecord
+
+    @property
+    def train(self) -> AttributionDataset:
+        return self.split.train
+
+    @property
+    def test(self) -> AttributionDataset:
+        return self.split.test
 
     def factory(self, seed: int) -> torch.nn.Module:
         x = self.split.train.inputs

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tda_explorer._validation import TDAError, as_device, check_choice
+from tda_explorer.compute.catalogue import Resources
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import TracIn, TrackStar
 from tda_explorer.compute.models.transformer import TinyTransformer, make_transformer
@@ -53,8 +54,20 @@ class FactExperiment:
     def model(self) -> TinyTransformer:
         return self.record.model
 
+    @property
+    def train(self) -> AttributionDataset:
+        return self.documents
+
+    @property
+    def test(self) -> AttributionDataset:
+        return self.queries
+
     def task(self) -> AttributionTask:
         return AttributionTask(self.model, checkpoints=self.record.checkpoints)
+
+    def resources(self, device: str = "cpu") -> Resources:
+        """The run's checkpoints; its documents and queries are text."""
+        return {"checkpoints": dict, "text": dict}
 
 
 def build_fact_experiment(seed: int = 0, config: TrainConfig = FACT_TRAINING, device: str = "cpu") -> FactExperiment:
