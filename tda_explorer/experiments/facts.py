@@ -5,7 +5,7 @@ Ranking methods (TracIn, TrackStar, BM25) need a cut-off and two-stage tracing a
 by the sources, so every method is calibrated the same way, from the same choices: on the first half of the queries
 (the calibration half) the rule — the top k, or an absolute score threshold — and its cut-off that maximise mean F1
 are chosen, and the figures are reported on the other half. (A sentence encoder's cosines shift from query to
-query, so with the MiniLM verifier the top k wins over a threshold, 0.97 against 0.87 on seed 0.)
+query, so with the MiniLM verifier the top k wins over a threshold: benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def build_fact_experiment(seed: int = 0, config: TrainConfig = FACT_TRAINING, de
 def model_text_embedding(model: TinyTransformer, tokenizer: WordTokenizer, texts: list[str]):
     """``texts -> [n, d]``: the LM's own input token embeddings averaged with idf weights (idf over ``texts``, the
     training corpus), so rare words — names — dominate and clusters gather what is said about one entity. (The
-    final hidden state, tried first, clusters by sentence template: stage-1 recall 0.20 against 0.95.)"""
+    final hidden state, tried first, clusters by sentence template instead.)"""
     documents = [set(tokenizer.split(t)) for t in texts]
     counts: dict[str, int] = {}
     for words in documents:

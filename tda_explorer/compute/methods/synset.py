@@ -15,7 +15,7 @@ per epoch over the synthetic ones (SGD; Adam keeps its rate) — and *subtractin
 unperturbed weights, so the synset's own drift cancels. Many queries replay together in lock-step.
 
 Choices left open by the published description (documented here, measured in methods-synset.md's prototype):
-replay from θ_0 rather than brief fine-tuning from the trained model (ρ 0.84 vs 0.31 against retraining);
+replay from θ_0 rather than brief fine-tuning from the trained model (closer to retraining);
 cosine-only matching (β = 0; the magnitude term did not help); 4 steps per epoch; clusters per class are the
 caller's choice (``SynsetLOO`` measures and picks 5).
 """

@@ -7,8 +7,7 @@
   the query's answer tokens, and a candidate that never predicts them scores −1 (the lowest cosine). A document's
   full-loss gradient is dominated by tokens that say nothing about the fact (the entity's name after the start of
   the text costs the most), so full-loss cosines could not tell a supporting paraphrase from another sentence
-  about the same entity: on the fact corpus, with stage 1 given every document naming the entity, F1 0.47 full
-  loss against 0.78 answer-aligned.
+  about the same entity (benchmarks/README.md, "Design choices measured").
 - ``EmbeddingVerifier``: a sentence encoder as a semantic judge — the cosine between the query's embedding (prompt
   and answer as one sentence) and each text's. With the shipped MiniLM it tells "X was born in Y" from "X once
   visited Y" where the fact LM's gradients cannot, because the encoder knows English; it is the source's LLM
