@@ -88,7 +88,7 @@ def test_refusals_name_the_problem(tiny_data):
         get_method("if-explicit", task, curvature="hessian", damping=0.0).fit(train)
     with pytest.raises(TDAError, match="CG did not converge in max_iter=1 iterations: relative residual"):
         get_method("if-cg", task, max_iter=1, tol=1e-12).fit(train).attribute(train)
-    with pytest.raises(TDAError, match="damping must be a finite number >= 0"):
+    with pytest.raises(TDAError, match=r"damping must be a number in \[0, inf\), got -1.0"):
         get_method("if-cg", task, damping=-1.0)
     with pytest.raises(TDAError, match="unknown curvature 'fisher'"):
         get_method("if-explicit", task, curvature="fisher").fit(train)
@@ -229,7 +229,7 @@ def test_astra_improves_on_its_ekfac_start_towards_the_exact_solution(digits_exp
     residual = lambda x: float(((full.matvec(x) + damping * x - v).norm(dim=1) / v.norm(dim=1)).max())
     start, end = residual(astra._precondition(v)), residual(astra._solve(v))
     assert end < 0.5 * start
-    with pytest.raises(TDAError, match="momentum must be in"):
+    with pytest.raises(TDAError, match=r"momentum must be a number in \[0, 1\)"):
         get_method("if-astra", task, momentum=1.5)
 
 
@@ -246,7 +246,7 @@ def test_lissa_converges_to_explicit_and_refuses_divergence(tiny_mlp, tiny_data)
     assert ((got - explicit).norm() / explicit.norm()) < 0.1
     with pytest.raises(TDAError, match=r"if-lissa diverged: relative residual .*raise scale \(now 0.01\)"):
         get_method("if-lissa", task, damping=1.0, depth=200, scale=0.01).fit(train).attribute(test)
-    with pytest.raises(TDAError, match="scale must be a finite number > 0"):
+    with pytest.raises(TDAError, match=r"scale must be a number in \(0, inf\)"):
         get_method("if-lissa", task, scale=-1.0)
 
 
@@ -299,7 +299,7 @@ def test_datainf_is_the_per_layer_sherman_morrison_average(tiny_mlp, tiny_data):
     want = _grads(exact.task.model, test.inputs, test.labels) @ torch.linalg.solve(
         torch.outer(g[0], g[0]) + lam * torch.eye(15, dtype=torch.float64), g.T)  # Sherman–Morrison is exact
     torch.testing.assert_close(exact.attribute(test).scores.double(), want, rtol=1e-5, atol=1e-9)
-    with pytest.raises(TDAError, match="damping must be a finite number > 0"):
+    with pytest.raises(TDAError, match=r"damping must be a number in \(0, inf\), got 0.0"):
         get_method("if-datainf", task, damping=0.0)
 
 
@@ -307,10 +307,46 @@ def test_influence_function_create_picks_the_solver(tiny_mlp):
     from tda_explorer.compute.methods import InfluenceFunction
 
     task = AttributionTask(tiny_mlp)
-    assert InfluenceFunction.create(task, "lissa", depth=3).name == "if-lissa"
+    lissa = InfluenceFunction.create(task, "lissa", depth=3)
+    assert lissa.name == "if-lissa" and lissa.args.depth == 3
     assert InfluenceFunction.create(task, "ekfac").name == "if-ekfac"
-    with pytest.raises(TDAError, match="unknown solver 'newton'; expected one of: arnoldi, astra, cg, datainf"):
+    with pytest.raises(TDAError, match="unknown solver 'newton'; expected one of: arnoldi, astra, cg, datainf, "
+                                       "ekfac, explicit, kfac, lissa$"):
         InfluenceFunction.create(task, "newton")
+    with pytest.raises(TDAError, match="if-cg has no option 'depth'; its options are: .*max_iter"):
+        InfluenceFunction.create(task, "cg", depth=3)
+
+
+def test_solvers_share_the_influence_arguments_and_generate_their_config(tiny_mlp, tiny_data):
+    from tda_explorer.compute.catalogue import CATALOGUE, Family
+    from tda_explorer.compute.methods.influence.direct import InfluenceArguments
+
+    solvers = sorted(name for name in CATALOGUE if name.startswith("if"))
+    assert solvers == ["if-arnoldi", "if-astra", "if-cg", "if-datainf", "if-ekfac", "if-explicit", "if-kfac",
+                       "if-lissa"]  # the abstract base "if" is not a method
+    for name in solvers:
+        spec = CATALOGUE[name]
+        assert spec.family is Family.PAIRWISE and spec.needs == () and issubclass(spec.arguments, InfluenceArguments)
+        assert {"curvature", "damping"} <= {a.name for a in spec.argument_info()}
+    task = AttributionTask(tiny_mlp)
+    config = get_method("if-cg", task, damping=0.5, max_iter=7).config()
+    assert {k: config[k] for k in ("curvature", "damping", "max_iter", "tol")} == {
+        "curvature": "ggn", "damping": 0.5, "max_iter": 7, "tol": 1e-6}
+    astra = get_method("if-astra", task).config()
+    assert (astra["damping"], astra["weight_decay_term"], astra["iterations"]) == (0.1, True, 30)
+    ekfac = get_method("if-ekfac", task)
+    assert (ekfac.config()["damping"], ekfac.config()["weight_decay_term"]) == (0.5, False)
+    assert "batch_size" not in ekfac.config() and "chunk" not in get_method("if-datainf", task).config()
+    train, _ = tiny_data
+    assert ekfac.fit(train).with_damping(2.0).config()["damping"] == 2.0
+    with pytest.raises(TDAError, match=r"damping must be a number in \[0, inf\)"):
+        ekfac.with_damping(-1.0)
+    with pytest.raises(TDAError, match="unknown curvature 'hessian'; expected one of: fisher"):
+        get_method("if-kfac", task, curvature="hessian")
+    with pytest.raises(TDAError, match=r"iterations \(3\) must be >= rank \(5\)"):
+        get_method("if-arnoldi", task, rank=5, iterations=3)
+    with pytest.raises(TDAError, match="projection_dim is not supported by K-FAC/EK-FAC"):
+        get_method("if-ekfac", task, projection_dim=4)
 
 
 def test_astra_refuses_a_diverged_answer(digits_experiment):

@@ -161,7 +161,7 @@ def test_compute_bar_runs_in_background_and_shows_errors(explorer):
     failing = explorer.compute_bar.start("if-cg")
     failing.join(60)
     assert failing.state == "failed"
-    assert "damping must be a finite number &gt;= 0" in explorer.compute_bar.message.value
+    assert "damping must be a number in [0, inf), got -1.0" in explorer.compute_bar.message.value
     assert not explorer.compute_bar.run_button.disabled
 
 

@@ -11,11 +11,13 @@ above λ this is the explicit solve.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.influence.direct import InfluenceFunction
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, option, register
+from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -46,44 +48,40 @@ def arnoldi_eigenpairs(matvec, dim: int, iterations: int, seed: int = 0,
     return values[order], torch.stack(basis[:steps], dim=1) @ vectors[:, order]
 
 
-class ArnoldiInfluence(InfluenceFunction):
-    """Influence functions in the top-``rank`` eigenspace found by Arnoldi iteration (``if-arnoldi``).
+@dataclass
+class ArnoldiArguments(InfluenceArguments):
+    rank: int = option(100, "Ritz pairs (top eigenpairs) kept; of those, eigenvalues not above the damping are "
+                            "dropped as well", POSITIVE_INT)
+    iterations: int | None = option(None, "Arnoldi steps (curvature-vector products), at least rank; None: 2 × rank "
+                                          "(at most p)", POSITIVE_INT)
+    seed: int = option(0, "seed of the starting vector", Interval(0, None, integer=True))
 
-    Parameters
-    ----------
-    rank : int
-        Ritz pairs kept (those below the damping are dropped as well).
-    iterations : int, optional
-        Arnoldi steps (curvature-vector products); default 2 × rank, at most p.
-    seed : int
-        Seed of the starting vector.
+
+@register("if-arnoldi", Family.PAIRWISE, ArnoldiArguments)
+class ArnoldiInfluence(InfluenceFunction):
+    """Influence functions in the top-``rank`` eigenspace of the curvature, found by Arnoldi iteration.
+
+    Fitted: ``eigenvalues_`` and ``eigenvectors_`` (the kept Ritz pairs).
     """
 
-    name = "if-arnoldi"
-    solver = "arnoldi"
-
-    def __init__(self, task: AttributionTask, *, rank: int = 100, iterations: int | None = None, seed: int = 0,
-                 **kwargs):
-        super().__init__(task, **kwargs)
-        self.rank = check_positive_int(rank, "rank")
-        self.iterations = check_positive_int(iterations, "iterations") if iterations is not None else 2 * self.rank
-        if self.iterations < self.rank:
-            raise TDAError(f"iterations ({self.iterations}) must be >= rank ({self.rank})")
-        self.seed = int(seed)
-
-    def config(self) -> dict:
-        return {**super().config(), "rank": self.rank, "iterations": self.iterations, "seed": self.seed}
+    def _setup(self) -> None:
+        super()._setup()
+        a = self.args
+        if a.iterations is not None and a.iterations < a.rank:
+            raise TDAError(f"iterations ({a.iterations}) must be >= rank ({a.rank})")
 
     def _prepare(self) -> None:
         super()._prepare()
-        values, vectors = arnoldi_eigenpairs(self.curvature_.matvec, self.curvature_.dim, self.iterations, self.seed,
+        a = self.args
+        iterations = 2 * a.rank if a.iterations is None else a.iterations
+        values, vectors = arnoldi_eigenpairs(self.curvature_.matvec, self.curvature_.dim, iterations, a.seed,
                                             self.device)
-        values, vectors = values[: self.rank], vectors[:, : self.rank]
+        values, vectors = values[: a.rank], vectors[:, : a.rank]
         keep = values > self.lam_
         if not bool(keep.any()):
             raise TDAError(
-                f"no eigenvalue of the {self.curvature_kind} above the damping {self.lam_:.3g} among the top "
-                f"{self.rank}; lower damping or use curvature='ggn'"
+                f"no eigenvalue of the {a.curvature} above the damping {self.lam_:.3g} among the top "
+                f"{a.rank}; lower damping or use curvature='ggn'"
             )
         self.eigenvalues_, self.eigenvectors_ = values[keep], vectors[:, keep]
         self.train_coords_ = self._coords(self.g_train_)

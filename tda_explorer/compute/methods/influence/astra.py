@@ -8,61 +8,75 @@ the largest eigenvalue of (P + D)⁻¹(G + D), estimated by power iteration on t
 A fixed α diverged on the digits MLP, where the true-Fisher preconditioner underestimates the GGN in a few
 directions; with this scaling heavy-ball momentum μ = 0.9 (the published setting) is stable (α·λ_max < 2(1 + μ)).
 
-Defaults (measured on the digits MLP, 1,000 examples, 300 test points): the published schedule (``PUBLISHED``:
-200 iterations, momentum 0.9, step halved every 50, batch 256) reached LDS 0.756 in 76 s; 30 plain preconditioned
-steps (momentum 0, batch 256) reached 0.758 in 12 s, a tenth of LiSSA's time, so those are the defaults. Short runs
-with momentum did worse (0.747 with μ = 0.5 over 50 steps): heavy-ball momentum needs many steps to settle.
-Curvature products run in float32 (``precision``): the iterations are stochastic anyway, and the LDS was identical
-to float64 (0.7555 both) at half the cost. Every answer's residual on the full training set is recorded in
-``residual_``; a non-finite answer, or one no better than x = 0, raises.
+Defaults (measured on the digits MLP; figures in benchmarks/README.md): the published schedule (``PUBLISHED``:
+200 iterations, momentum 0.9, step halved every 50, batch 256) and 30 plain preconditioned steps (momentum 0,
+batch 256) reached the same LDS, the plain steps in far less time, so those are the defaults. Short runs
+with momentum did worse: heavy-ball momentum needs many steps to settle. Curvature products run in float32
+(``precision``): the iterations are stochastic anyway, and the LDS matched float64's at a lower cost. Every
+answer's residual on the full training set is recorded in ``residual_``; a non-finite answer, or one no better
+than x = 0, raises.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tda_explorer._validation import TDAError, check_choice, check_positive_int
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, Interval, Options, option, register
 from tda_explorer.compute.engine.curvature import Curvature, largest_eigenvalue
 from tda_explorer.compute.engine.kfac import fit_factors
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.influence.ekfac import EKFACInfluence
+from tda_explorer.compute.methods.influence.ekfac import EKFACArguments, EKFACInfluence
 from tda_explorer.data.dataset import AttributionDataset
 
 PUBLISHED = {"iterations": 200, "momentum": 0.9, "halve_every": 50, "minibatch": 256}
 
 
+@dataclass
+class ASTRAArguments(EKFACArguments):
+    curvature: str = option("ggn", "the system solved: the GGN of the mean objective (weight decay included), "
+                                   "preconditioned by EK-FAC's factored Fisher; the only choice", Options(("ggn",)))
+    damping: float = option(0.1, "RELATIVE per layer: D = λ_l I on layer l with λ_l = damping × the mean eigenvalue "
+                                 "of its EK-FAC curvature; ASTRA solves (G + D) x = v", NONNEGATIVE)
+    weight_decay_term: bool = option(True, "add the objective's weight decay to the preconditioner's eigenvalues, "
+                                           "as G includes it", Options((False, True)))
+    iterations: int = option(30, "preconditioned stochastic iterations (the published schedule: 200)", POSITIVE_INT)
+    step: float = option(1.0, "step relative to 1 / the largest eigenvalue of (P + D)⁻¹(G + D), estimated by power "
+                              "iteration", Interval(0, 2, low_open=True))
+    momentum: float = option(0.0, "heavy-ball momentum μ (published: 0.9, which needs many iterations)",
+                             Interval(0, 1, high_open=True))
+    halve_every: int = option(50, "halve the step every this many iterations", POSITIVE_INT)
+    minibatch: int = option(256, "training examples per curvature product", POSITIVE_INT)
+    seed: int = option(0, "seed of the minibatch draws", Interval(0, None, integer=True))
+    precision: str = option("float32", "dtype of the curvature products (the iterations are stochastic anyway)",
+                            Options(("float32", "float64")))
+
+
+@register("if-astra", Family.PAIRWISE, ASTRAArguments)
 class ASTRAInfluence(EKFACInfluence):
-    """Influence functions with ASTRA's EK-FAC-preconditioned stochastic iterations."""
+    """Influence functions with ASTRA's EK-FAC-preconditioned stochastic iterations, started at EK-FAC.
 
-    name = "if-astra"
-    default_damping = 0.1  # the preconditioner approximates G + wd·I, the system ASTRA solves
-    default_weight_decay_term = True
+    Fitted: ``factors_`` (the preconditioner's), ``residual_`` (the relative residual of the last solve).
+    """
 
-    def __init__(self, task: AttributionTask, *, iterations: int = 30, step: float = 1.0, momentum: float = 0.0,
-                 halve_every: int = 50, minibatch: int = 256, seed: int = 0, precision: str = "float32", **kwargs):
-        super().__init__(task, **kwargs)
-        self.precision = check_choice(precision, "precision", ("float32", "float64"))
-        self.product_dtype = torch.float32 if precision == "float32" else torch.float64
-        self.iterations = check_positive_int(iterations, "iterations")
-        self.halve_every = check_positive_int(halve_every, "halve_every")
-        self.minibatch = check_positive_int(minibatch, "minibatch")
-        if not 0 < float(step) <= 2:
-            raise TDAError(f"step must be in (0, 2], got {step}")
-        if not 0 <= float(momentum) < 1:
-            raise TDAError(f"momentum must be in [0, 1), got {momentum}")
-        self.step, self.momentum, self.seed = float(step), float(momentum), int(seed)
-
-    def config(self) -> dict:
-        return {**super().config(), "iterations": self.iterations, "step": self.step, "momentum": self.momentum,
-                "halve_every": self.halve_every, "minibatch": self.minibatch,
-                "precision": self.precision}
+    def _setup(self) -> None:
+        super()._setup()
+        self.product_dtype = torch.float32 if self.args.precision == "float32" else torch.float64
 
     def _fit(self, train: AttributionDataset) -> None:
-        self.factors_ = fit_factors(self.task, train, self.fisher, self.corrected, self.batch_size, device=self.device)
+        a = self.args
+        self.factors_ = fit_factors(self.task, train, a.fisher, self.corrected, a.batch_size, device=self.device)
         self.lambda_max_ = None
         self.curvature_ = None
         self.g_train_ = self._features(train, test=False).double()
         self.train_data_ = train
+
+    def with_damping(self, damping: float) -> ASTRAInfluence:
+        """The same fitted factors with another damping (no refit); the step's eigenvalue estimate is redone."""
+        super().with_damping(damping)
+        self.lambda_max_ = None
+        return self
 
     def _unrotate(self, coords: torch.Tensor) -> torch.Tensor:
         """Eigenbasis coordinates [r, Σ out·(in+1)] → flat gradients [r, p] (inverse of ``_rotate``)."""
@@ -83,26 +97,27 @@ class ASTRAInfluence(EKFACInfluence):
         """Per-parameter damping in the flat layout: λ_l·I on layer l is λ_l in every orthonormal basis."""
         damping = torch.zeros(self.g_train_.shape[1], dtype=torch.float64, device=self.device)
         for f, w0, _ in self._layer_slices():
-            damping[w0 : w0 + f.eigenvalues.numel()] = self.damping * float(f.eigenvalues.mean())
+            damping[w0 : w0 + f.eigenvalues.numel()] = self.args.damping * float(f.eigenvalues.mean())
         return damping
 
     def _precondition(self, v: torch.Tensor) -> torch.Tensor:
         return self._unrotate(self._rotate(v) * self._inverse_eigenvalues())
 
     def _solve(self, v: torch.Tensor) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed)
+        a = self.args
+        gen = torch.Generator().manual_seed(a.seed)
         damping = self._damping_flat()
         n = len(self.train_data_)
         x = self._precondition(v)
         velocity = torch.zeros_like(x)
-        step = self.step / self._largest_eigenvalue(damping)
+        step = a.step / self._largest_eigenvalue(damping)
         full = self._full_curvature()
-        for t in range(self.iterations):
-            if t and t % self.halve_every == 0:
+        for t in range(a.iterations):
+            if t and t % a.halve_every == 0:
                 step /= 2
-            rows = torch.randperm(n, generator=gen)[: self.minibatch].to(full.x.device)
+            rows = torch.randperm(n, generator=gen)[: a.minibatch].to(full.x.device)
             residual = full.on_rows(rows).matvec(x) + damping * x - v
-            velocity = self.momentum * velocity - step * self._precondition(residual)
+            velocity = a.momentum * velocity - step * self._precondition(residual)
             x = x + velocity
         residual = float("inf")
         if torch.isfinite(x).all():
@@ -110,7 +125,7 @@ class ASTRAInfluence(EKFACInfluence):
         self.residual_ = residual
         if not residual < 1:
             raise TDAError(f"if-astra diverged: relative residual {residual:.3g} (x = 0 has 1); lower step "
-                           f"(now {self.step:g}) or momentum (now {self.momentum:g}), or raise damping")
+                           f"(now {a.step:g}) or momentum (now {a.momentum:g}), or raise damping")
         return x
 
     def _full_curvature(self) -> Curvature:

@@ -12,37 +12,39 @@ influence functions: τ = (1/n) ∇f(z′)ᵀ (H + λ)⁻¹ ∇ℓ(z).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
-from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Options, option, register
 from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.influence.direct import InfluenceArguments
 from tda_explorer.data.dataset import AttributionDataset
 
 
-class DataInfInfluence(Attributor):
-    """DataInf influence (``if-datainf``).
+@dataclass
+class DataInfArguments(InfluenceArguments):
+    curvature: str = option("empirical-fisher", "the curvature approximated, layer by layer: the empirical Fisher "
+                                                "of the training gradients, the only choice",
+                            Options(("empirical-fisher",)))
+    damping: float = option(0.1, "RELATIVE per layer (the paper's rule): λ_l = weight decay + damping × mean_i "
+                                 "‖g_il‖² / d_l, the mean squared gradient entry of layer l; DataInf divides by it",
+                            POSITIVE)
+    chunk: int = option(1024, "training rows per block when forming self-influence (bounds memory at chunk × n)",
+                        POSITIVE_INT, config=False, cli=True)
 
-    Parameters
-    ----------
-    task : AttributionTask
-    damping : float
-        Relative damping per layer (default 0.1 of the mean squared gradient entry, as in the paper).
-    chunk : int
-        Training rows per block when forming self-influence (bounds memory at chunk × n).
+
+@register("if-datainf", Family.PAIRWISE, DataInfArguments)
+class DataInfInfluence(Attributor):
+    """DataInf influence: a closed-form per-layer inverse of the damped empirical Fisher (Sherman–Morrison).
+
+    Fitted: ``lam_`` (the damping of each layer).
     """
 
-    name = "if-datainf"
-
-    def __init__(self, task: AttributionTask, *, damping: float = 0.1, chunk: int = 1024, **kwargs):
-        super().__init__(task, **kwargs)
+    def _setup(self) -> None:
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by if-datainf (its layers are the model's); leave it None")
-        self.damping = check_nonnegative(damping, "damping", allow_zero=False)  # DataInf divides by it
-        self.chunk = check_positive_int(chunk, "chunk")
-
-    def config(self) -> dict:
-        return {**super().config(), "damping": self.damping}
 
     def _layers(self) -> list[slice]:
         """Column ranges of the flat gradient, one per module (its tracked parameters are contiguous)."""
@@ -64,7 +66,7 @@ class DataInfInfluence(Attributor):
         self.lam_, self.denominators_ = [], []
         for cols in self.slices_:
             sq = (self.g_train_[:, cols] ** 2).sum(1)  # ‖g_il‖²
-            lam = self.task.weight_decay + self.damping * float(sq.mean()) / (cols.stop - cols.start)
+            lam = self.task.weight_decay + self.args.damping * float(sq.mean()) / (cols.stop - cols.start)
             self.lam_.append(lam)
             self.denominators_.append(lam + sq)
 
@@ -86,8 +88,9 @@ class DataInfInfluence(Attributor):
 
     def _self_influence(self) -> torch.Tensor:
         out = []
-        for start in range(0, len(self.g_train_), self.chunk):
-            rows = self.g_train_[start : start + self.chunk]
+        chunk = self.args.chunk
+        for start in range(0, len(self.g_train_), chunk):
+            rows = self.g_train_[start : start + chunk]
             parts = self._inverse_times(rows)
             out.append(sum((p * rows[:, cols]).sum(1) for p, cols in zip(parts, self.slices_)))
         return (torch.cat(out) / len(self.train_)).float()

@@ -13,6 +13,9 @@ units. Positive = proponent. Solvers:
   block of right-hand sides; a solve that does not reach ``tol`` raises with its residual.
 * ``lissa`` (``lissa.py``) and ``arnoldi`` (``arnoldi.py``) build on the same base class.
 
+Every solver's options extend ``InfluenceArguments`` (curvature, damping), those of K-FAC / EK-FAC, ASTRA and
+DataInf included, whose help says where a solver gives the words another meaning (their damping is relative).
+
 Every iterative solve records ``residual_``, the largest relative residual ‖(H + λI)x − v‖ / ‖v‖ over its
 right-hand sides on the full training set, and refuses an answer that is non-finite or no better than x = 0.
 
@@ -22,57 +25,70 @@ read from the spectrum rather than a fixed number; pass a float (absolute λ) to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tda_explorer._validation import TDAError, check_nonnegative, check_positive_int
-from tda_explorer.compute.engine.curvature import Curvature
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import (
+    CATALOGUE,
+    NONNEGATIVE,
+    POSITIVE_INT,
+    Family,
+    Interval,
+    Options,
+    create,
+    option,
+    register,
+)
+from tda_explorer.compute.engine.curvature import CURVATURES, Curvature
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.data.dataset import AttributionDataset
+
+
+@dataclass
+class InfluenceArguments(AttributorArguments):
+    """Options every influence-function solver takes (each solver's ``Arguments`` extends these)."""
+
+    projection_dim: int | None = option(None, "not supported by this solver (it works on the full parameters): "
+                                              "leave None; if-explicit takes it", POSITIVE_INT, cli=False)
+    curvature: str = option("ggn", "curvature of the mean training objective (weight decay included): 'ggn', the "
+                                   "Gauss-Newton matrix (positive semi-definite), or 'hessian', the exact Hessian "
+                                   "(indefinite away from a minimum)", Options(CURVATURES))
+    damping: float | None = option(None, "absolute λ added to the curvature of the mean training objective; None: "
+                                         "1e-3 × its mean eigenvalue trace(H)/p (a scale read from the spectrum)",
+                                   NONNEGATIVE)
 
 
 class InfluenceFunction(Attributor):
     """Influence functions: the shared part of every iHVP solver (curvature, damping, scores).
 
-    ``InfluenceFunction.create(task, solver="lissa", ...)`` builds the attributor of one solver.
-
-    Parameters
-    ----------
-    task : AttributionTask
-    curvature : {"ggn", "hessian"}
-        GGN (positive semi-definite; default) or the exact Hessian.
-    damping : float, optional
-        Absolute λ ≥ 0; default 1e-3 · trace(H)/p (a scale read from the spectrum).
+    Not a method itself: ``InfluenceFunction.create(task, solver="lissa", ...)`` builds the attributor of one
+    solver (registered as ``if-<solver>``), whose options are ``InfluenceArguments`` and the solver's own.
     """
 
     name = "if"
-    solver = "base"
+    Arguments = InfluenceArguments
 
-    projectable = False
+    projectable = False  # whether the solver works on projected features (``projection_dim``)
 
-    def __init__(self, task: AttributionTask, *, curvature: str = "ggn", damping: float | None = None, **kwargs):
-        super().__init__(task, **kwargs)
+    def _setup(self) -> None:
         if self.projector is not None and not self.projectable:
             raise TDAError(f"projection_dim is not supported by {self.name}; leave it None (if-explicit takes it)")
-        self.curvature_kind = curvature
-        self.damping = check_nonnegative(damping, "damping", optional=True)
         self.residual_: float | None = None
 
     @staticmethod
-    def create(task: AttributionTask, solver: str = "cg", **kwargs) -> Attributor:
-        """The influence-function attributor of ``solver`` (explicit, cg, lissa, arnoldi, kfac, ekfac, astra)."""
-        from tda_explorer.compute.methods import METHODS
-
-        solvers = {cls.name[3:]: cls for cls in METHODS.values() if cls.name.startswith("if-")}
+    def create(task: AttributionTask, solver: str = "cg", **options) -> Attributor:
+        """The influence-function attributor of ``solver`` (the catalogue's ``if-*`` methods: explicit, cg, lissa,
+        arnoldi, kfac, ekfac, astra, datainf) with its ``options``."""
+        solvers = sorted(name[3:] for name in CATALOGUE if name.startswith("if-"))
         if solver not in solvers:
-            raise TDAError(f"unknown solver {solver!r}; expected one of: {', '.join(sorted(solvers))}")
-        return solvers[solver](task, **kwargs)
-
-    def config(self) -> dict:
-        return {**super().config(), "solver": self.solver, "curvature": self.curvature_kind, "damping": self.damping}
+            raise TDAError(f"unknown solver {solver!r}; expected one of: {', '.join(solvers)}")
+        return create(f"if-{solver}", task, **options)  # the catalogue's ``create``, not this method
 
     def _fit(self, train: AttributionDataset) -> None:
-        self.curvature_ = Curvature(self.task, train, self.curvature_kind, self.device)
+        self.curvature_ = Curvature(self.task, train, self.args.curvature, self.device)
         self.g_train_ = self._features(train, test=False).double()
         self._prepare()
 
@@ -87,7 +103,8 @@ class InfluenceFunction(Attributor):
         return float((probe * self.curvature_.matvec(probe)).sum(1).mean()) / self.curvature_.dim
 
     def _lambda(self, mean_eigenvalue: torch.Tensor) -> float:
-        return float(1e-3 * mean_eigenvalue) if self.damping is None else float(self.damping)
+        damping = self.args.damping
+        return float(1e-3 * mean_eigenvalue) if damping is None else float(damping)
 
     def _damped(self, v: torch.Tensor, curvature: Curvature | None = None) -> torch.Tensor:
         """``(H + λI) v`` for each row, on ``curvature`` (default: the whole training set)."""
@@ -118,11 +135,18 @@ class InfluenceFunction(Attributor):
         return ((self._solve(self.g_train_) * self.g_train_).sum(1) / len(self.train_)).float()
 
 
-class ExplicitInfluence(InfluenceFunction):
-    """Influence functions with the dense damped curvature and a Cholesky solve (``if-explicit``)."""
+@dataclass
+class ExplicitArguments(InfluenceArguments):
+    projection_dim: int | None = option(None, "work in a random k-dimensional subspace: Pᵀ H P from k curvature "
+                                              "products and projected gradients Pᵀ∇ℓ (streamed, seeded), for models "
+                                              "too large for a p×p matrix; None keeps the exact p×p curvature",
+                                        POSITIVE_INT)
 
-    name = "if-explicit"
-    solver = "explicit"
+
+@register("if-explicit", Family.PAIRWISE, ExplicitArguments)
+class ExplicitInfluence(InfluenceFunction):
+    """Influence functions with the dense damped curvature and a Cholesky solve (the oracle on small models)."""
+
     projectable = True
 
     def _projected_dense(self, chunk: int = 256) -> torch.Tensor:
@@ -148,7 +172,7 @@ class ExplicitInfluence(InfluenceFunction):
         if int(info) != 0:
             smallest = float(torch.linalg.eigvalsh(matrix)[0])
             raise TDAError(
-                f"the damped {self.curvature_kind} is not positive definite (smallest eigenvalue {smallest:.3g} "
+                f"the damped {self.args.curvature} is not positive definite (smallest eigenvalue {smallest:.3g} "
                 f"with damping {self.lam_:.3g}); use curvature='ggn' or raise damping above "
                 f"{self.lam_ - smallest:.3g}"
             )
@@ -162,27 +186,20 @@ class ExplicitInfluence(InfluenceFunction):
         return ((z * z).sum(0) / len(self.train_)).float()
 
 
+@dataclass
+class CGArguments(InfluenceArguments):
+    max_iter: int = option(200, "conjugate-gradient iterations at most (one curvature product over the training set "
+                                "each); a solve that misses tol raises with its residual", POSITIVE_INT)
+    tol: float = option(1e-6, "target relative residual ‖(H + λI)x − v‖ / ‖v‖ of every right-hand side",
+                        Interval(0, 1, low_open=True, high_open=True))
+
+
+@register("if-cg", Family.PAIRWISE, CGArguments)
 class CGInfluence(InfluenceFunction):
-    """Influence functions with conjugate gradients on curvature-vector products (``if-cg``).
+    """Influence functions with conjugate gradients on curvature-vector products, all test points as one block.
 
-    Parameters
-    ----------
-    max_iter, tol : int, float
-        Iteration budget and relative residual target; a solve that misses ``tol`` raises with its residual.
+    Fitted: ``residual_`` (the largest relative residual of the last solve).
     """
-
-    name = "if-cg"
-    solver = "cg"
-
-    def __init__(self, task: AttributionTask, *, max_iter: int = 200, tol: float = 1e-6, **kwargs):
-        super().__init__(task, **kwargs)
-        self.max_iter = check_positive_int(max_iter, "max_iter")
-        if not 0 < float(tol) < 1:
-            raise TDAError(f"tol must be in (0, 1), got {tol}")
-        self.tol = float(tol)
-
-    def config(self) -> dict:
-        return {**super().config(), "max_iter": self.max_iter, "tol": self.tol}
 
     def _solve(self, b: torch.Tensor) -> torch.Tensor:
         b = b.double()
@@ -191,8 +208,9 @@ class CGInfluence(InfluenceFunction):
         p = r.clone()
         rs = (r * r).sum(1)
         b_norm = b.norm(dim=1).clamp_min(1e-300)
-        for _ in range(self.max_iter):
-            if bool(((rs.sqrt() / b_norm) <= self.tol).all()):
+        max_iter, tol = self.args.max_iter, self.args.tol
+        for _ in range(max_iter):
+            if bool(((rs.sqrt() / b_norm) <= tol).all()):
                 break
             ap = self._damped(p)
             alpha = rs / (p * ap).sum(1).clamp_min(1e-300)
@@ -202,9 +220,9 @@ class CGInfluence(InfluenceFunction):
             p = r + (rs_new / rs.clamp_min(1e-300))[:, None] * p
             rs = rs_new
         self.residual_ = residual = float((rs.sqrt() / b_norm).max())
-        if residual > self.tol:
+        if residual > tol:
             raise TDAError(
-                f"CG did not converge in max_iter={self.max_iter} iterations: relative residual {residual:.2e} "
-                f"> tol={self.tol:g}; raise max_iter or damping (now {self.lam_:.3g})"
+                f"CG did not converge in max_iter={max_iter} iterations: relative residual {residual:.2e} "
+                f"> tol={tol:g}; raise max_iter or damping (now {self.lam_:.3g})"
             )
         return x

@@ -5,12 +5,12 @@ Kronecker eigenbasis (Λ the fitted eigenvalues, λ_l the damping of layer l). F
 and reused across queries and damping values (``with_damping``); self-influence is computed in the eigenbasis,
 never through an n×n matrix.
 
-Damping (measured on the digits tasks, LDS against retraining, true Fisher): λ_l = 0.5 × the mean eigenvalue of
-layer l, *instead of* the objective's weight decay. Adding the weight decay (the exact objective's curvature)
-damped every layer by at least wd, which scored worse — LR 0.923 / MLP 0.724 against 0.944 / 0.734 — the
-block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Relative factors 0.1–2
-span LR 0.95–0.88 and MLP 0.68–0.74; 0.5 is the best compromise across both (kronfluence's 0.1 heuristic gave
-0.949 / 0.714 there). ``weight_decay_term=True`` restores the exact-objective form.
+Damping (measured on the digits tasks, LDS against retraining, true Fisher; figures in benchmarks/README.md):
+λ_l = 0.5 × the mean eigenvalue of layer l, *instead of* the objective's weight decay. Adding the weight decay
+(the exact objective's curvature) damped every layer by at least wd, which scored worse on both tasks — the
+block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Of the relative factors
+0.1–2, 0.5 is the best compromise across both tasks (kronfluence's 0.1 heuristic trails on the MLP).
+``weight_decay_term=True`` restores the exact-objective form.
 Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). With a
 ``store``, the factors and the rotated training gradients are saved there, keyed by the model's fingerprint,
 and a later ``fit`` of the same model and data reads them back.
@@ -18,51 +18,57 @@ and a later ``fit`` of the same model and data reads them back.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
-from tda_explorer._validation import TDAError, check_nonnegative
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import (
+    NONNEGATIVE,
+    POSITIVE_INT,
+    Family,
+    Options,
+    check_arguments,
+    option,
+    register,
+)
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.engine.kfac import LayerFactors, fit_factors_and_gradients, rotated_gradients, tracked_layers
-from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.influence.direct import InfluenceArguments
 from tda_explorer.data.dataset import AttributionDataset
 
 
-class EKFACInfluence(Attributor):
-    """EK-FAC influence functions.
+@dataclass
+class EKFACArguments(InfluenceArguments):
+    curvature: str = option("fisher", "the curvature the Kronecker factors approximate, layer by layer: the Fisher "
+                                      "(which one: fisher), the only choice", Options(("fisher",)))
+    damping: float = option(0.5, "RELATIVE per layer: λ_l = damping × the mean eigenvalue of layer l's factored "
+                                 "curvature, added instead of the weight decay (see weight_decay_term)", NONNEGATIVE)
+    weight_decay_term: bool = option(False, "also add the objective's weight decay to the eigenvalues (the exact "
+                                            "objective's curvature); by default the relative damping replaces it",
+                                     Options((False, True)))
+    fisher: str = option("true", "'true': labels sampled from the model (the GGN in expectation); 'empirical': the "
+                                 "observed labels", Options(("true", "empirical")))
+    batch_size: int = option(256, "examples per batch while fitting the factors and the per-example gradients (memory, "
+                                  "not results)", POSITIVE_INT, config=False, cli=True)
 
-    Parameters
-    ----------
-    task : AttributionTask
-    damping : float, optional
-        Relative damping: λ_l = damping × mean eigenvalue of layer l (default 0.5).
-    weight_decay_term : bool
-        Also add the objective's weight decay to the eigenvalues (default False; see the module docstring).
-    fisher : {"true", "empirical"}
-        Labels sampled from the model (default) or the observed ones, for the curvature.
+
+@register("if-ekfac", Family.PAIRWISE, EKFACArguments)
+class EKFACInfluence(Attributor):
+    """EK-FAC influence functions: Kronecker-factored eigenbases with corrected eigenvalues, per layer.
+
+    Supports nn.Linear and nn.Conv2d layers. Fitted: ``factors_`` (per layer), ``train_rot_`` (the training
+    gradients in the eigenbasis); ``with_damping`` changes the damping without a refit.
     """
 
-    name = "if-ekfac"
     corrected = True
 
-    default_damping = 0.5
-    default_weight_decay_term = False
-
-    def __init__(self, task: AttributionTask, *, damping: float | None = None, fisher: str = "true",
-                 weight_decay_term: bool | None = None,
-                 batch_size: int = 256, **kwargs):
-        super().__init__(task, **kwargs)
+    def _setup(self) -> None:
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by K-FAC/EK-FAC; leave it None")
-        self.damping = self.default_damping if damping is None else check_nonnegative(damping, "damping")
-        self.weight_decay_term = self.default_weight_decay_term if weight_decay_term is None else bool(
-            weight_decay_term)
-        self.fisher, self.batch_size = fisher, batch_size
-        tracked_layers(task)  # refuse unsupported modules before any work
-
-    def config(self) -> dict:
-        return {**super().config(), "damping": self.damping, "fisher": self.fisher, "corrected": self.corrected,
-                "weight_decay_term": self.weight_decay_term}
+        tracked_layers(self.task)  # refuse unsupported modules before any work
 
     def _layer_slices(self) -> list[tuple[object, int, bool]]:
         """Each fitted layer with the offset of its weight in the flat gradient and whether a bias follows it."""
@@ -92,16 +98,17 @@ class EKFACInfluence(Attributor):
 
     def _inverse_eigenvalues(self) -> torch.Tensor:
         """1 / (Λ (+ wd) + λ_layer) in the concatenated eigenbasis layout (float64)."""
-        wd = self.task.weight_decay if self.weight_decay_term else 0.0
+        wd = self.task.weight_decay if self.args.weight_decay_term else 0.0
+        damping = self.args.damping
         return torch.cat([
-            1.0 / (f.eigenvalues + wd + self.damping * f.eigenvalues.mean()).flatten()
+            1.0 / (f.eigenvalues + wd + damping * f.eigenvalues.mean()).flatten()
             for f in self.factors_
         ])
 
     def _fit(self, train: AttributionDataset) -> None:
-        key = None
+        a, key = self.args, None
         if self.store is not None:
-            key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "ekfac", self.fisher,
+            key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "ekfac", a.fisher,
                                      self.corrected, train.fingerprint())
             cached = self.store.get_object(key)
             if cached is not None:
@@ -109,7 +116,7 @@ class EKFACInfluence(Attributor):
                 self.train_rot_ = cached["train"].to(self.device)
                 return
         self.factors_, self.train_rot_ = fit_factors_and_gradients(
-            self.task, train, self.fisher, self.corrected, self.batch_size, device=self.device,
+            self.task, train, a.fisher, self.corrected, a.batch_size, device=self.device,
             loss=self.task.train_loss, dtype=self._dtype())
         if key is not None:
             entry = {"factors": [f.to_dict() for f in self.factors_], "train": self.train_rot_.cpu()}
@@ -120,11 +127,12 @@ class EKFACInfluence(Attributor):
 
     def _hooked(self, data: AttributionDataset, loss) -> torch.Tensor:
         """Eigenbasis coordinates of each example's gradient of ``loss`` (float64 for float64 models)."""
-        return rotated_gradients(self.task, self.factors_, data, loss, self.batch_size, self.device, self._dtype())
+        return rotated_gradients(self.task, self.factors_, data, loss, self.args.batch_size, self.device,
+                                 self._dtype())
 
     def with_damping(self, damping: float) -> EKFACInfluence:
-        """The same fitted factors with another damping (no refit)."""
-        self.damping = check_nonnegative(damping, "damping")
+        """The same fitted factors with another damping (no refit); ``config()`` reports the new one."""
+        self.args = check_arguments(dataclasses.replace(self.args, damping=damping))
         return self
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
@@ -137,8 +145,8 @@ class EKFACInfluence(Attributor):
         return ((self.train_rot_**2 * inverse).sum(1) / len(self.train_)).float()
 
 
+@register("if-kfac", Family.PAIRWISE, EKFACArguments)
 class KFACInfluence(EKFACInfluence):
-    """K-FAC influence functions (eigenvalues Λ_S ⊗ Λ_A, no correction)."""
+    """K-FAC influence functions: Kronecker-factored curvature per layer (eigenvalues Λ_S ⊗ Λ_A, no correction)."""
 
-    name = "if-kfac"
     corrected = False

@@ -14,54 +14,44 @@ x = 0 raises instead of returning garbage.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tda_explorer._validation import check_nonnegative, check_positive_int
+from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Interval, option, register
 from tda_explorer.compute.engine.curvature import largest_eigenvalue
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.influence.direct import InfluenceFunction
+from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
 
 
+@dataclass
+class LiSSAArguments(InfluenceArguments):
+    depth: int = option(1000, "recursion depth J of each run (minibatch curvature products); a depth much below "
+                              "scale/λ truncates the series, which acts as extra damping scale/J", POSITIVE_INT)
+    scale: float | None = option(None, "s, which must exceed the largest eigenvalue of every minibatch's H̃ + λI for "
+                                       "the series to converge; None: 1.5 × the largest power-iteration estimate on "
+                                       "the full training set and on 8 random minibatches", POSITIVE)
+    repeats: int = option(1, "independent runs averaged", POSITIVE_INT)
+    minibatch: int = option(64, "training examples per curvature product", POSITIVE_INT)
+    seed: int = option(0, "seed of the minibatch draws (and of the minibatches of the scale estimate)",
+                       Interval(0, None, integer=True))
+
+
+@register("if-lissa", Family.PAIRWISE, LiSSAArguments)
 class LiSSAInfluence(InfluenceFunction):
-    """Influence functions with LiSSA (``if-lissa``).
+    """Influence functions with LiSSA, the stochastic Neumann series over minibatch curvatures.
 
-    Parameters
-    ----------
-    depth : int
-        Recursion depth J per repeat.
-    scale : float, optional
-        s > λ_max(H̃ + λI) of every minibatch; default 1.5 × the largest of power-iteration estimates.
-    repeats : int
-        Independent runs averaged.
-    minibatch : int
-        Training examples per curvature product.
-    seed : int
+    Fitted: ``scale_`` (the series' scale s), ``residual_`` (the relative residual of the last solve).
     """
-
-    name = "if-lissa"
-    solver = "lissa"
-
-    def __init__(self, task: AttributionTask, *, depth: int = 1000, scale: float | None = None, repeats: int = 1,
-                 minibatch: int = 64, seed: int = 0, **kwargs):
-        super().__init__(task, **kwargs)
-        self.depth = check_positive_int(depth, "depth")
-        self.repeats = check_positive_int(repeats, "repeats")
-        self.minibatch = check_positive_int(minibatch, "minibatch")
-        self.scale = check_nonnegative(scale, "scale", allow_zero=False, optional=True)  # s > λ_max(H + λI)
-        self.seed = int(seed)
-
-    def config(self) -> dict:
-        return {**super().config(), "depth": self.depth, "scale": self.scale, "repeats": self.repeats,
-                "minibatch": self.minibatch, "seed": self.seed}
 
     def _prepare(self) -> None:
         super()._prepare()
-        if self.scale is not None:
-            self.scale_ = float(self.scale)
+        a = self.args
+        if a.scale is not None:
+            self.scale_ = float(a.scale)
         else:
-            gen = torch.Generator().manual_seed(self.seed + 1)
+            gen = torch.Generator().manual_seed(a.seed + 1)
             views = [self.curvature_] + [
-                self.curvature_.on_rows(torch.randperm(self.curvature_.n, generator=gen)[: self.minibatch])
+                self.curvature_.on_rows(torch.randperm(self.curvature_.n, generator=gen)[: a.minibatch])
                 for _ in range(8)
             ]
             self.scale_ = 1.5 * max(
@@ -69,17 +59,18 @@ class LiSSAInfluence(InfluenceFunction):
                 for c in views)
 
     def _solve(self, v: torch.Tensor) -> torch.Tensor:
+        a = self.args
         v = v.double()
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(a.seed)
         n = self.curvature_.n
         total = torch.zeros_like(v)
-        for _ in range(self.repeats):
+        for _ in range(a.repeats):
             x = v.clone()
-            for j in range(self.depth):
-                rows = torch.randperm(n, generator=gen)[: self.minibatch].to(self.curvature_.x.device)
+            for j in range(a.depth):
+                rows = torch.randperm(n, generator=gen)[: a.minibatch].to(self.curvature_.x.device)
                 x = v + x - self._damped(x, self.curvature_.on_rows(rows)) / self.scale_
                 if j % 100 == 99 and not torch.isfinite(x).all():
                     break
             total = total + x / self.scale_
-        return self._checked(total / self.repeats, v,
+        return self._checked(total / a.repeats, v,
                              f"raise scale (now {self.scale_:.3g}) or damping (now {self.lam_:.3g})")
