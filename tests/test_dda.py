@@ -66,8 +66,10 @@ def test_dda_refusals_name_the_problem(tiny):
         get_method("dda", task, base_model=wider)
     with pytest.raises(TDAError, match="base_model: the base model has '0.weight'"):
         get_method("dda", task, base_model={"0.weight": torch.zeros(3, 4), **base.state_dict()})
-    with pytest.raises(TDAError, match="inner must be one of"):
+    with pytest.raises(TDAError, match="inner must be one of .*'grad-dot'.*, got 'dda'"):
         get_method("dda", task, base_model=base, inner="dda")
+    with pytest.raises(TDAError, match="grad-dot has no option 'nope'"):  # refused when built, not at fit
+        get_method("dda", task, base_model=base, inner_options={"nope": 1})
 
 
 def test_backdoor_dda_beats_plain_and_the_explorer_shows_the_poisoned_images(tmp_path):

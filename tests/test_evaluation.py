@@ -42,6 +42,17 @@ def test_suspicion_combines_signals_and_validates(digits_experiment):
         get_method("suspicion", task)
     with pytest.raises(TDAError, match=r"oof_probabilities must be \[n_train, n_classes\]"):
         get_method("suspicion", task, oof_probabilities=torch.ones(3, 10)).fit(train)
+    # the base method's options travel in base_options; the shared ones given to suspicion are passed on
+    on_trak = get_method("suspicion", task, oof_probabilities=probs, base="trak", base_options={"projection_dim": 64},
+                         max_memory=10**6)
+    assert on_trak.base.name == "trak" and on_trak.base.args.projection_dim == 64
+    assert on_trak.base.args.max_memory == 10**6 and on_trak.config()["base_options"] == {"projection_dim": 64}
+    with pytest.raises(TDAError, match="base must be one of .*'tracin'.*, got 'suspicion'"):
+        get_method("suspicion", task, oof_probabilities=probs, base="suspicion")
+    with pytest.raises(TDAError, match="tracin has no option 'damping'"):
+        get_method("suspicion", task, oof_probabilities=probs, base_options={"damping": 0.1})
+    with pytest.raises(TDAError, match="suspicion has no option 'damping'"):
+        get_method("suspicion", task, oof_probabilities=probs, damping=0.1)
 
 
 def test_compare_methods_is_tidy(digits_experiment, tmp_path):

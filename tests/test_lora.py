@@ -56,3 +56,5 @@ def test_lora_ensemble_averages_its_members():
     assert ensemble.stored_bytes_ > 0 and ensemble.training_seconds_ > 0
     with pytest.raises(TDAError, match="rank must be an integer"):
         get_method("lora-ensemble", task, rank=7)
+    with pytest.raises(TDAError, match="inner must be one of .*'trak'.*, got 'lora-ensemble'"):
+        get_method("lora-ensemble", task, inner="lora-ensemble")

@@ -54,6 +54,8 @@ def test_scores_self_influence_and_refusals(convex):
         method.estimate_removal(list(train.ids), exp.split.test)
     with pytest.raises(TDAError, match="needs the recorded training trajectory: pass trajectory=Trajectory"):
         get_method("synset-loo", exp.task())
+    with pytest.raises(TDAError, match="within_cluster must be one of .*'if-ekfac'.*, got 'synset-loo'"):
+        get_method("synset-loo", exp.task(), trajectory=exp.trajectory(), within_cluster="synset-loo")
     empty = Trajectory(exp.trajectory().init_state, exp.config, [])
     with pytest.raises(TDAError, match="the trajectory has no checkpoints: record some"):
         get_method("synset-loo", exp.task(), trajectory=empty).fit(train)

@@ -2,18 +2,18 @@
 attributor.
 
 The paper's formulas are not published; this is the reconstruction its abstract supports, with the open choices
-made here and measured on the planted-backdoor scenario (``evaluate --scenario backdoor``):
+made here and measured on the planted-backdoor scenario (``evaluate --scenario backdoor``; figures in
+``benchmarks/README.md``):
 - **Denoise**: scores averaged over fine-tuning checkpoints (θ_ft at several points of the fine-tuning run), each
   first normalised per test row (zero mean, unit standard deviation) so no checkpoint's scale dominates. Late
   checkpoints have fitted the examples that matter most, whose gradients then shrink; earlier ones still see
-  them. Measured: Grad-Dot AUC 0.953 → 0.989 (recall@20 0.25 → 0.61), EK-FAC 0.997 → 1.000, TRAK 0.768 → 0.855.
+  them. It raised the poisoned examples' AUC for Grad-Dot, EK-FAC and TRAK.
 - **Debias**: subtract the base model's normalised scores, weighted per query by the probability the base model
   already gave the query's measured output, z(τ_ft) − p_base(y | x)·z(τ_base). The weight is the choice made
   here: the "knowledge bias" to remove is what the base model already knew, and a base model that gives the
-  output no probability knew nothing of it. Measured: an unweighted subtraction (raw, z-scored, or regressed
-  out) dropped Grad-Dot's AUC to 0.004–0.93 and EK-FAC's to 0.0–0.58, because a base model that never saw the
-  backdoor's label scores every example with that label by the size of an unseen class's gradients;
-  ``debias_weight="one"`` keeps the unweighted form.
+  output no probability knew nothing of it. An unweighted subtraction (raw, z-scored, or regressed out) lowered
+  the AUC, down to below chance, because a base model that never saw the backdoor's label scores every example
+  with that label by the size of an unseen class's gradients; ``debias_weight="one"`` keeps the unweighted form.
 - Both together by default; ``debias=False`` or ``denoise=False`` gives each step alone.
 The base and the fine-tuned models must share parameter names and shapes (the first mismatch is named).
 """
@@ -21,14 +21,27 @@ The base and the fine-tuned models must share parameter names and shapes (the fi
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from tda_explorer._validation import TDAError, check_choice
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import (
+    CATALOGUE,
+    Family,
+    MethodSpec,
+    Options,
+    build_arguments,
+    create,
+    option,
+    register,
+)
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -52,45 +65,63 @@ def _normalised(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return centred / centred.std(dim, keepdim=True).clamp_min(1e-12)
 
 
-class DebiasDenoise(Attributor):
-    """DDA around the method ``inner`` (any registry name) with its ``inner_options``.
+def attributor_spec(name: Any, argument: str, owner: str, options: dict | None = None) -> MethodSpec:
+    """The catalogue entry of the attributor ``name`` that the method ``owner`` builds (any attributor but ``owner``
+    itself), with ``options`` checked against its arguments when given; a ``TDAError`` listing the valid names."""
+    valid = sorted(n for n, spec in CATALOGUE.items()
+                   if n != owner and isinstance(spec.factory, type) and issubclass(spec.factory, Attributor))
+    if name not in valid:
+        raise TDAError(f"{argument} must be one of {valid}, got {name!r}")
+    spec = CATALOGUE[name]
+    if options is not None:
+        if not isinstance(options, dict):
+            raise TDAError(f"{argument}_options must be a dict of {name}'s options, got {type(options).__name__}")
+        build_arguments(spec.arguments, name, options)  # unknown options and bad values refused now, not at fit
+    return spec
 
-    Parameters
-    ----------
-    task : AttributionTask
-        The fine-tuned model; its ``checkpoints`` are the fine-tuning checkpoints (denoising), else the final model.
-    base_model : nn.Module or state dict
-        The model before fine-tuning (debiasing).
-    inner : str
-        The attribution method wrapped (a registry name).
-    inner_options : dict
-        Its options.
-    debias, denoise : bool
+
+def shared_options(args: AttributorArguments) -> dict[str, Any]:
+    """The options every attributor takes (device, max_memory, projection_*, store) that ``args`` sets to other than
+    their defaults: what a method that builds another one passes on to it."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(AttributorArguments)
+            if getattr(args, f.name) != f.default}
+
+
+@dataclass
+class DebiasDenoiseArguments(AttributorArguments):
+    base_model: nn.Module | dict | None = option(None, "the model before fine-tuning (or its state dict), with the "
+                                                       "fine-tuned model's parameter names and shapes; required by "
+                                                       "debias", config=False)
+    inner: str = option("grad-dot", "the attribution method wrapped: any attributor's catalogue name but dda")
+    inner_options: dict = option(help="the inner method's options; the options every attributor takes (device, "
+                                      "max_memory, projection_*, store) given to dda are passed on unless set here",
+                                 factory=dict, cli=False)
+    debias: bool = option(True, "subtract the base model's confidence-weighted normalised scores (needs base_model)")
+    denoise: bool = option(True, "average the normalised scores over the task's fine-tuning checkpoints (those with "
+                                 "step > 0; none: the final model)")
+    debias_weight: str = option("confidence", "the weight of the base model's scores per query: p_base(y | x) "
+                                              "('confidence') or 1 ('one')", Options(("confidence", "one")))
+
+
+@register("dda", Family.PAIRWISE, DebiasDenoiseArguments, needs=("base_model",))
+class DebiasDenoise(Attributor):
+    """DDA around the method ``inner`` (any attributor's catalogue name) with its ``inner_options``.
+
+    The task is the fine-tuned model; its ``checkpoints`` are the fine-tuning checkpoints (denoising), else the final
+    model is used; ``base_model`` is the model before fine-tuning (debiasing).
     """
 
-    name = "dda"
-
-    def __init__(self, task: AttributionTask, *, base_model: nn.Module | dict | None = None, inner: str = "grad-dot",
-                 inner_options: dict | None = None, debias: bool = True, denoise: bool = True,
-                 debias_weight: str = "confidence", **kwargs):
-        super().__init__(task, **kwargs)
-        from tda_explorer.compute.methods import METHODS
-
-        if inner not in METHODS or inner == self.name:
-            raise TDAError(f"inner must be one of {sorted(m for m in METHODS if m != self.name)}, got {inner!r}")
-        if debias and base_model is None:
+    def _setup(self) -> None:
+        a = self.args
+        attributor_spec(a.inner, "inner", self.name, a.inner_options)
+        if a.debias and a.base_model is None:
             raise TDAError("debias needs base_model=<the model before fine-tuning> (or debias=False)")
         self.base_state = None
-        if base_model is not None:
-            self.base_state = base_model.state_dict() if isinstance(base_model, nn.Module) else dict(base_model)
-            check_same_parameters(self.base_state, task.model.state_dict(), "base_model")
-        self.inner, self.inner_options = inner, dict(inner_options or {})
-        self.debias, self.denoise = debias, denoise
-        self.debias_weight = check_choice(debias_weight, "debias_weight", ("confidence", "one"))
-
-    def config(self) -> dict:
-        return {**super().config(), "inner": self.inner, "inner_options": self.inner_options, "debias": self.debias,
-                "denoise": self.denoise, "debias_weight": self.debias_weight}
+        if a.base_model is not None:
+            self.base_state = a.base_model.state_dict() if isinstance(a.base_model, nn.Module) else dict(a.base_model)
+            check_same_parameters(self.base_state, self.task.model.state_dict(), "base_model")
+        self.inner, self.inner_options = a.inner, dict(a.inner_options)
+        self.debias, self.denoise, self.debias_weight = a.debias, a.denoise, a.debias_weight
 
     def _states(self) -> Sequence[dict]:
         finals = [self.task.model.state_dict()]
@@ -98,14 +129,12 @@ class DebiasDenoise(Attributor):
         return checkpoints if self.denoise and checkpoints else finals
 
     def _attributor(self, state: dict, checkpoints: list[Checkpoint]) -> Attributor:
-        from tda_explorer.compute.methods import get_method
-
         model = copy.deepcopy(self.task.model)
         model.load_state_dict(state)
         task = AttributionTask(model, checkpoints=checkpoints, measurement=self.task.measurement,
                                parameters=self.task.parameters, loss_fn=self.task.loss_fn,
                                weight_decay=self.task.weight_decay)
-        return get_method(self.inner, task, device=self.device, **self.inner_options)
+        return create(self.inner, task, **{**shared_options(self.args), **self.inner_options})
 
     def _fit(self, train: AttributionDataset) -> None:
         checkpoints = list(self.task.checkpoints)  # for methods that read them (TracIn)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.catalogue import Family, register
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.data.dataset import AttributionDataset
 
 
+@dataclass
+class GradDotArguments(AttributorArguments):
+    """Grad-Dot and Grad-Cos take only the options every attributor takes."""
+
+
+@register("grad-dot", Family.PAIRWISE, GradDotArguments)
 class GradDot(Attributor):
     """τ(z, z′) = ∇f(z′)ᵀ ∇ℓ(z) at the final parameters: one step of further training, first order."""
 
-    name = "grad-dot"
     normalize = False
 
     def _fit(self, train: AttributionDataset) -> None:
@@ -30,6 +38,7 @@ class GradDot(Attributor):
         return self.train_norms_**2
 
 
+@register("grad-cos", Family.PAIRWISE, GradDotArguments)
 class GradCos(GradDot):
     """Grad-Dot on unit-normalised gradients.
 
@@ -37,5 +46,4 @@ class GradCos(GradDot):
     gradient norm (as Grad-Dot), which is what ranks surprising examples.
     """
 
-    name = "grad-cos"
     normalize = True

@@ -7,12 +7,14 @@ trainings from scratch. ``training_seconds_`` and ``stored_bytes_`` say what it 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, create, option, register
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.methods.dda import attributor_spec, shared_options
 from tda_explorer.compute.training.lora import adapter_names, add_lora, train_adapters
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -26,44 +28,33 @@ def stored_bytes(attributor: Attributor) -> int:
     return total
 
 
+@dataclass
+class LoRAEnsembleArguments(AttributorArguments):
+    members: int = option(5, "M, the number of adapters (seeds 0 … M−1), each an ensemble member", POSITIVE_INT)
+    rank: int = option(4, "the adapters' rank (1 … the narrower side of each Linear layer)", POSITIVE_INT)
+    epochs: int = option(3, "epochs of each adapter's fine-tuning (Adam on the mean training loss)", POSITIVE_INT)
+    lr: float = option(1e-2, "Adam's learning rate for the adapters", POSITIVE)
+    batch_size: int = option(64, "mini-batch size of the adapters' fine-tuning (at most the training set)",
+                             POSITIVE_INT)
+    inner: str = option("trak", "the method run on each adapted model, over its adapter parameters: any "
+                                "attributor's catalogue name but lora-ensemble")
+    inner_options: dict = option(help="the inner method's options; the options every attributor takes (device, "
+                                      "max_memory, projection_*, store) given to lora-ensemble are passed on unless "
+                                      "set here", factory=dict, cli=False)
+
+
+@register("lora-ensemble", Family.PAIRWISE, LoRAEnsembleArguments)
 class LoRAEnsemble(Attributor):
-    """Average of ``inner`` over ``members`` LoRA-adapted copies of the task's model.
+    """Average of ``inner`` over ``members`` LoRA-adapted copies of the task's model."""
 
-    Parameters
-    ----------
-    members : int
-        M adapters (seeds 0 … M−1).
-    rank : int
-        Adapter rank (1 … the narrower side of each Linear layer).
-    epochs, lr, batch_size
-        Each adapter's fine-tuning (Adam on the mean training loss).
-    inner, inner_options
-        The method run on each adapted model (over its adapter parameters).
-    """
-
-    name = "lora-ensemble"
-
-    def __init__(self, task: AttributionTask, *, members: int = 5, rank: int = 4, epochs: int = 3, lr: float = 1e-2,
-                 batch_size: int = 64, inner: str = "trak", inner_options: dict | None = None, **kwargs):
-        super().__init__(task, **kwargs)
-        from tda_explorer.compute.methods import METHODS
-
-        if inner not in METHODS or inner == self.name:
-            raise TDAError(f"inner must be one of {sorted(m for m in METHODS if m != self.name)}, got {inner!r}")
-        self.members = check_positive_int(members, "members")
-        self.rank = rank
-        add_lora(task.model, rank)  # validates the rank against every layer now, not after training
-        self.epochs, self.lr = check_positive_int(epochs, "epochs"), float(lr)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        self.inner, self.inner_options = inner, dict(inner_options or {})
-
-    def config(self) -> dict:
-        return {**super().config(), "members": self.members, "rank": self.rank, "epochs": self.epochs, "lr": self.lr,
-                "inner": self.inner, "inner_options": self.inner_options}
+    def _setup(self) -> None:
+        a = self.args
+        attributor_spec(a.inner, "inner", self.name, a.inner_options)
+        self.members, self.rank, self.epochs, self.lr, self.batch_size = a.members, a.rank, a.epochs, a.lr, a.batch_size
+        add_lora(self.task.model, self.rank)  # validates the rank against every layer now, not after training
+        self.inner, self.inner_options = a.inner, dict(a.inner_options)
 
     def _fit(self, train: AttributionDataset) -> None:
-        from tda_explorer.compute.methods import get_method
-
         self.attributors_, self.training_seconds_ = [], 0.0
         for seed in range(self.members):
             started = time.perf_counter()
@@ -73,7 +64,8 @@ class LoRAEnsemble(Attributor):
             self.training_seconds_ += time.perf_counter() - started
             task = AttributionTask(model, parameters=adapter_names(model), measurement=self.task.measurement,
                                    loss_fn=self.task.loss_fn, access=self.task.access)
-            self.attributors_.append(get_method(self.inner, task, device=self.device, **self.inner_options).fit(train))
+            inner = create(self.inner, task, **{**shared_options(self.args), **self.inner_options})
+            self.attributors_.append(inner.fit(train))
         self.stored_bytes_ = sum(stored_bytes(a) for a in self.attributors_)
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:

@@ -8,71 +8,67 @@
   i (``folds`` folds, averaged over ``repeats`` random splits) — small when the label is implausible.
 
 The log-sum is a product of the two: an example must be both surprising and implausible to rank
-first. Measured on digits-MLP with 10% flipped labels (seeds 0–2), it beat each signal alone and
-rank averaging: ROC-AUC 0.9974–0.9988, recall after inspecting 10% 0.93–0.95 (TracIn alone
-0.9962–0.9981 / 0.89–0.96; out-of-fold alone 0.9958–0.9988 / 0.91–0.94). Adding LAVA's optimal-transport value
-as a third signal (z-scores summed) did not help on the same seeds (mean AUC 0.9970 against 0.9979, recall at 10%
-0.93 against 0.94), so it is left out (``benchmarks/bench_valuation.py`` repeats the measurement). Pairwise scores
+first. On digits-MLP with 10% flipped labels it beat each signal alone and rank averaging; adding LAVA's
+optimal-transport value as a third signal (z-scores summed) did not help, so it is left out
+(``benchmarks/bench_valuation.py`` repeats the measurement; figures in ``benchmarks/README.md``). Pairwise scores
 (``attribute``) are those of the base method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tda_explorer._validation import TDAError, check_positive_int
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, create, option, register
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.methods.dda import attributor_spec, shared_options
 from tda_explorer.compute.training.train import TrainConfig, out_of_fold_probabilities
 from tda_explorer.data.dataset import AttributionDataset
 
 
+@dataclass
+class SuspicionArguments(AttributorArguments):
+    base: str = option("tracin", "the method giving self-influence and the pairwise scores: any attributor's "
+                                 "catalogue name but suspicion")
+    base_options: dict = option(help="the base method's options; the options every attributor takes (device, "
+                                     "max_memory, projection_*, store) given to suspicion are passed on unless set "
+                                     "here", factory=dict, cli=False)
+    oof_probabilities: torch.Tensor | None = option(None, "out-of-fold class probabilities [n_train, n_classes] from "
+                                                          "your own cross-validation (instead of model_factory and "
+                                                          "train_config)", config=False)
+    model_factory: Callable[[int], nn.Module] | None = option(None, "with train_config, the training recipe of the "
+                                                                    "out-of-fold models: seed -> a fresh model",
+                                                              config=False)
+    train_config: TrainConfig | None = option(None, "with model_factory, how the out-of-fold models are trained",
+                                              config=False)
+    folds: int = option(5, "cross-validation folds of the out-of-fold models", Interval(2, None, integer=True))
+    repeats: int = option(3, "random fold splits whose out-of-fold probabilities are averaged", POSITIVE_INT)
+
+
+@register("suspicion", Family.MISLABEL, SuspicionArguments, needs=("recipe",))
 class Suspicion(Attributor):
     """Mislabel suspicion = log self-influence − log out-of-fold probability of the given label.
 
-    Parameters
-    ----------
-    task : AttributionTask
-    base : str
-        Registry name of the method giving self-influence and pairwise scores (default "tracin").
-    oof_probabilities : Tensor [n_train, C], optional
-        Out-of-fold class probabilities computed elsewhere (e.g. by your own cross-validation).
-    model_factory : callable seed -> nn.Module, optional
-        With ``train_config``: the training recipe used to compute out-of-fold probabilities here.
-    train_config : TrainConfig, optional
-    folds, repeats : int
-        Cross-validation folds and how many random fold splits are averaged.
-    **base_config
-        Passed to the base method.
+    Out-of-fold probabilities are ``oof_probabilities`` or computed here from ``model_factory`` and
+    ``train_config``; self-influence and pairwise scores come from the method ``base`` built with ``base_options``.
     """
 
-    name = "suspicion"
-
-    def __init__(self, task: AttributionTask, *, base: str = "tracin", oof_probabilities: torch.Tensor | None = None,
-                 model_factory: Callable[[int], nn.Module] | None = None, train_config: TrainConfig | None = None,
-                 folds: int = 5, repeats: int = 3, **base_config):
-        from tda_explorer.compute.methods import get_method
-
-        super().__init__(task, device=base_config.get("device"), max_memory=base_config.get("max_memory"))
-        if base == self.name:
-            raise TDAError("base must be another method than 'suspicion'")
-        self.base = get_method(base, task, **base_config)
-        if oof_probabilities is None and (model_factory is None or train_config is None):
+    def _setup(self) -> None:
+        a = self.args
+        attributor_spec(a.base, "base", self.name, a.base_options)
+        if a.oof_probabilities is None and (a.model_factory is None or a.train_config is None):
             raise TDAError(
                 "suspicion needs out-of-fold probabilities: pass oof_probabilities= (an [n_train, n_classes] "
                 "tensor from your own cross-validation) or model_factory= and train_config= to compute them"
             )
-        self.oof_probabilities = oof_probabilities
-        self.model_factory, self.train_config = model_factory, train_config
-        self.folds = check_positive_int(folds, "folds")
-        self.repeats = check_positive_int(repeats, "repeats")
-
-    def config(self) -> dict:
-        return {"base": self.base.name, "base_config": self.base.config(), "folds": self.folds,
-                "repeats": self.repeats}
+        self.base = create(a.base, self.task, **{**shared_options(a), **a.base_options})
+        self.oof_probabilities = a.oof_probabilities
+        self.model_factory, self.train_config = a.model_factory, a.train_config
+        self.folds, self.repeats = a.folds, a.repeats
 
     def _fit(self, train: AttributionDataset) -> None:
         self.base.fit(train)

@@ -6,58 +6,56 @@ group and return the predicted change of every test measurement; ``attribute`` i
 each training example's score is the predicted effect of removing it alone: its cluster's weight minus one.
 
 Open choice (documented, measured): the synset's resolution is its cluster, so on its own it gives every member
-of a cluster the same single-example score. ``within_cluster="if-ekfac"`` (default; any registered method
+of a cluster the same single-example score. ``within_cluster="if-ekfac"`` (default; any attributor's catalogue
 name works, e.g. ``"if-astra"``) adds each example's deviation from its cluster's mean score under that
 method: the replay sets the level of a cluster, a cheap per-example first-order term spreads its members.
 Group estimates (``estimate_removals``) are pure synset replays.
 
-Measured on digits (1,000 examples; ``benchmarks/bench_removal.py``), 5 clusters per class (K = 50, the
-default) against 10 (K = 100): group removals track retraining equally (Spearman 0.94 MLP, 0.99 LR, both
-sizes), all-n leave-one-out is 103× / 233× faster than retraining against 46× / 141×, and single examples
-track it at 0.26 / 0.67 against 0.31 / 0.73 — below exact influence functions either way (0.67 / 1.0): one
-synthetic example per cluster cannot resolve its members. Fewer replay steps per epoch (3 or 2, with the
-learning rate scaled up to cover the same distance) were unstable on the MLP (group ρ 0.86, 0.53).
+The defaults (5 clusters per class, 4 replay steps per recorded epoch) were chosen on digits
+(``benchmarks/bench_removal.py``; figures in ``benchmarks/README.md``): 10 clusters per class tracked group removals
+no better and single examples only a little better, at a smaller speed-up over retraining; fewer replay steps per
+epoch (with the learning rate scaled up to cover the same distance) were unstable on the MLP. One synthetic example
+per cluster cannot resolve its members: single-example estimates stay below exact influence functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, create, option, register
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.methods.dda import attributor_spec
 from tda_explorer.compute.methods.synset import Synset, Trajectory, distill, removal_weights, replay
 from tda_explorer.compute.training.train import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
 
 
+@dataclass
+class SynsetLOOArguments(AttributorArguments):
+    trajectory: Trajectory | None = option(None, "the recorded run: initial parameters, training recipe and "
+                                                 "checkpoints (required)", config=False)
+    per_class: int = option(5, "clusters (synthetic examples) per class", POSITIVE_INT)
+    distill_steps: int = option(400, "Adam steps of reversed gradient matching that distil the synset", POSITIVE_INT)
+    steps_per_epoch: int = option(4, "full-synset steps per recorded epoch in a replay", POSITIVE_INT)
+    within_cluster: str | None = option("if-ekfac", "the attributor whose per-example deviation from its cluster's "
+                                                    "mean spreads a cluster's members (any attributor's catalogue "
+                                                    "name but synset-loo); None: the cluster's score alone")
+    seed: int = option(0, "seed of the clustering and the distillation", Interval(0, None, integer=True))
+
+
+@register("synset-loo", Family.PAIRWISE, SynsetLOOArguments, needs=("trajectory",))
 class SynsetLOO(Attributor):
-    """Leave-one-out and group removal estimated on a distilled synset.
+    """Leave-one-out and group removal estimated on a distilled synset."""
 
-    Parameters
-    ----------
-    task : AttributionTask
-    trajectory : Trajectory
-        The recorded run: initial parameters, training recipe and checkpoints (required).
-    per_class : int
-        Clusters (synthetic examples) per class (default 5; see the module docstring).
-    distill_steps : int
-        Adam steps of reversed gradient matching.
-    steps_per_epoch : int
-        Full-synset steps per recorded epoch in a replay.
-    """
-
-    name = "synset-loo"
-
-    def __init__(self, task: AttributionTask, *, trajectory: Trajectory | None = None, per_class: int = 5,
-                 distill_steps: int = 400, steps_per_epoch: int = 4, within_cluster: str | None = "if-ekfac",
-                 seed: int = 0, **kwargs):
-        super().__init__(task, **kwargs)
-        if not isinstance(trajectory, Trajectory):
+    def _setup(self) -> None:
+        a = self.args
+        if not isinstance(a.trajectory, Trajectory):
             raise TDAError(
                 "synset-loo needs the recorded training trajectory: pass trajectory=Trajectory(init_state, config, "
                 "checkpoints) with the parameters saved before the first step (model.state_dict() right after "
@@ -66,22 +64,13 @@ class SynsetLOO(Attributor):
             )
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by synset-loo; leave it None")
-        self.trajectory = trajectory
-        self.per_class = check_positive_int(per_class, "per_class")
-        self.distill_steps = check_positive_int(distill_steps, "distill_steps")
-        self.steps_per_epoch = check_positive_int(steps_per_epoch, "steps_per_epoch")
-        self.seed = int(seed)
-        self.within_cluster = within_cluster or None
+        self.trajectory = a.trajectory
+        self.per_class, self.distill_steps, self.steps_per_epoch = a.per_class, a.distill_steps, a.steps_per_epoch
+        self.seed = a.seed
+        self.within_cluster = a.within_cluster or None
         if self.within_cluster:
-            from tda_explorer.compute.methods import get_method
-
-            if self.within_cluster == self.name:
-                raise TDAError("within_cluster must name another method, e.g. 'if-ekfac'")
-            self.spread_ = get_method(self.within_cluster, task, device=self.device)  # refuses bad models up front
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "per_class": self.per_class, "distill_steps": self.distill_steps,
-                "steps_per_epoch": self.steps_per_epoch, "within_cluster": self.within_cluster, "seed": self.seed}
+            attributor_spec(self.within_cluster, "within_cluster", self.name)
+            self.spread_ = create(self.within_cluster, self.task, device=self.device)  # refuses bad models up front
 
     def _fit(self, train: AttributionDataset) -> None:
         if self.within_cluster:

@@ -3,33 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.catalogue import Family, option, register
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.data.dataset import AttributionDataset
 
 
+@dataclass
+class TracInArguments(AttributorArguments):
+    checkpoints: Sequence[dict] | None = option(None, "state dicts to sum over instead of the task's checkpoints "
+                                                      "(None: the task's, each with its learning rate)", config=False)
+    learning_rates: Sequence[float] | None = option(None, "the learning rate at each of checkpoints=, one per "
+                                                          "checkpoint (required with checkpoints=, refused without)",
+                                                    cli=False)
+
+
+@register("tracin", Family.PAIRWISE, TracInArguments, needs=("checkpoints",))
 class TracIn(Attributor):
     """τ(z, z′) = Σ_k η_k ∇f(z′; θ_k)ᵀ ∇ℓ(z; θ_k) over the task's checkpoints (Pruthi et al. 2020).
 
-    Parameters
-    ----------
-    task : AttributionTask
-        Must carry ``checkpoints`` (each with its learning rate), unless ``checkpoints`` is given.
-    checkpoints : sequence of state dicts, optional
-        Overrides the task's checkpoints.
-    learning_rates : sequence of float, optional
-        One per checkpoint; required with ``checkpoints``.
+    The checkpoints are the task's (each with its learning rate), or ``checkpoints=`` with ``learning_rates=``.
     """
 
-    name = "tracin"
-
-    def __init__(self, task: AttributionTask, *, checkpoints: Sequence[dict] | None = None,
-                 learning_rates: Sequence[float] | None = None, **kwargs):
-        super().__init__(task, **kwargs)
+    def _setup(self) -> None:
+        a, task = self.args, self.task
+        checkpoints, learning_rates = a.checkpoints, a.learning_rates
         if checkpoints is None:
             if learning_rates is not None:
                 raise TDAError("learning_rates given without checkpoints; pass both or neither")
@@ -48,9 +50,6 @@ class TracIn(Attributor):
             )
         self.checkpoints = list(checkpoints)
         self.learning_rates = [float(x) for x in learning_rates]
-
-    def config(self) -> dict:
-        return {**super().config(), "n_checkpoints": len(self.checkpoints), "learning_rates": self.learning_rates}
 
     def _params(self, state: dict) -> dict:
         return {k: state[k] for k in self.task.tracked_names()}
