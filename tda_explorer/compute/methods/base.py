@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ import torch
 
 from tda_explorer._validation import TDAError, as_device
 from tda_explorer.compute.catalogue import (
+    CATALOGUE,
     POSITIVE_INT,
     Interval,
+    MethodSpec,
     Options,
     arguments_config,
     build_arguments,
@@ -145,3 +148,25 @@ class Attributor(ABC):
         if key is not None:
             features = self.store.put(key, features, {"dataset": data.name, "tag": tag}).to(self.device)
         return features
+
+
+def attributor_spec(name: Any, argument: str, owner: str, options: dict | None = None) -> MethodSpec:
+    """The catalogue entry of the attributor ``name`` that the method ``owner`` builds (any attributor but ``owner``
+    itself), with ``options`` checked against its arguments when given; a ``TDAError`` listing the valid names."""
+    valid = sorted(n for n, spec in CATALOGUE.items()
+                   if n != owner and isinstance(spec.factory, type) and issubclass(spec.factory, Attributor))
+    if name not in valid:
+        raise TDAError(f"{argument} must be one of {valid}, got {name!r}")
+    spec = CATALOGUE[name]
+    if options is not None:
+        if not isinstance(options, dict):
+            raise TDAError(f"{argument}_options must be a dict of {name}'s options, got {type(options).__name__}")
+        build_arguments(spec.arguments, name, options)  # unknown options and bad values refused now, not at fit
+    return spec
+
+
+def shared_options(args: AttributorArguments) -> dict[str, Any]:
+    """The options every attributor takes (device, max_memory, projection_*, store) that ``args`` sets to other than
+    their defaults: what a method that builds another one passes on to it."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(AttributorArguments)
+            if getattr(args, f.name) != f.default}

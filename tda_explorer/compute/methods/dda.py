@@ -21,27 +21,22 @@ The base and the fine-tuned models must share parameter names and shapes (the fi
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import (
-    CATALOGUE,
     Family,
-    MethodSpec,
     Options,
-    build_arguments,
     create,
     option,
     register,
 )
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -63,28 +58,6 @@ def _normalised(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Zero mean and unit standard deviation along ``dim`` (each test row's scores over the training set)."""
     centred = scores - scores.mean(dim, keepdim=True)
     return centred / centred.std(dim, keepdim=True).clamp_min(1e-12)
-
-
-def attributor_spec(name: Any, argument: str, owner: str, options: dict | None = None) -> MethodSpec:
-    """The catalogue entry of the attributor ``name`` that the method ``owner`` builds (any attributor but ``owner``
-    itself), with ``options`` checked against its arguments when given; a ``TDAError`` listing the valid names."""
-    valid = sorted(n for n, spec in CATALOGUE.items()
-                   if n != owner and isinstance(spec.factory, type) and issubclass(spec.factory, Attributor))
-    if name not in valid:
-        raise TDAError(f"{argument} must be one of {valid}, got {name!r}")
-    spec = CATALOGUE[name]
-    if options is not None:
-        if not isinstance(options, dict):
-            raise TDAError(f"{argument}_options must be a dict of {name}'s options, got {type(options).__name__}")
-        build_arguments(spec.arguments, name, options)  # unknown options and bad values refused now, not at fit
-    return spec
-
-
-def shared_options(args: AttributorArguments) -> dict[str, Any]:
-    """The options every attributor takes (device, max_memory, projection_*, store) that ``args`` sets to other than
-    their defaults: what a method that builds another one passes on to it."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(AttributorArguments)
-            if getattr(args, f.name) != f.default}
 
 
 @dataclass

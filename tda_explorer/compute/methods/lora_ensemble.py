@@ -13,8 +13,7 @@ import torch
 
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, create, option, register
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor, AttributorArguments
-from tda_explorer.compute.methods.dda import attributor_spec, shared_options
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.lora import adapter_names, add_lora, train_adapters
 from tda_explorer.data.dataset import AttributionDataset
 

@@ -24,8 +24,7 @@ from torch import nn
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, create, option, register
-from tda_explorer.compute.methods.base import Attributor, AttributorArguments
-from tda_explorer.compute.methods.dda import attributor_spec, shared_options
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import TrainConfig, out_of_fold_probabilities
 from tda_explorer.data.dataset import AttributionDataset
 

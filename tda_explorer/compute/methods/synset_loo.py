@@ -29,8 +29,7 @@ import torch
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, create, option, register
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
-from tda_explorer.compute.methods.base import Attributor, AttributorArguments
-from tda_explorer.compute.methods.dda import attributor_spec
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec
 from tda_explorer.compute.methods.synset import Synset, Trajectory, distill, removal_weights, replay
 from tda_explorer.compute.training.train import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
