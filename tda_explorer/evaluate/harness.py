@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tda_explorer._validation import check_positive_int
+from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.catalogue import method_spec
 from tda_explorer.compute.methods import Attributor, get_method
 from tda_explorer.compute.training.train import train_ensemble, unstack
@@ -29,6 +29,8 @@ def method_options(experiment: Experiment, method: str, ensemble: int | None = N
     config = {k: v for k, v in options.items() if v is not None}
     t0 = time.perf_counter()
     if ensemble is not None and check_positive_int(ensemble, "ensemble") > 1:
+        if "models" not in {a.name for a in method_spec(method).argument_info()}:
+            raise TDAError(f"ensemble: {method} takes no models= option to ensemble over (trak does)")
         train = experiment.split.train
         rows = torch.arange(len(train)).expand(ensemble - 1, -1)
         seeds = [experiment.config.seed + 1 + i for i in range(ensemble - 1)]
