@@ -137,7 +137,7 @@ def test_trackstar_default_second_moment_is_mean_squared_training_gradient(tiny_
     ts = TrackStar(AttributionTask(tiny_mlp), query_mix=0.0, projection_dim=None).fit(train)
     g_train = loop_gradients(tiny_mlp, train.inputs, train.labels)
     v = (g_train**2).mean(0)
-    np.testing.assert_allclose(ts.second_moment.double().numpy(), v, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(ts.second_moment_.double().numpy(), v, rtol=1e-10, atol=1e-14)
     got = ts.attribute(test).scores.double().numpy()
     g_test = loop_gradients(tiny_mlp, test.inputs, test.labels)
     np.testing.assert_allclose(got, trackstar_reference(g_train, g_test, v, None, 0.0), atol=2e-5)
@@ -217,7 +217,7 @@ def test_trackstar_ignores_query_gradient_where_training_never_moves(tiny_data):
     assert np.abs(g_loud[:, -3:]).min() > 1e-3  # the loud queries' gradient on ``extra`` (its 3 weights) is real
     for mix in (0.0, 0.5):
         ts = TrackStar(AttributionTask(model), query_mix=mix, projection_dim=None).fit(train0)
-        assert (ts.second_moment[-3:] == 0).all() and (ts.second_moment[:-3] > 0).all()
+        assert (ts.second_moment_[-3:] == 0).all() and (ts.second_moment_[:-3] > 0).all()
         quiet = ts.attribute(AttributionDataset(x_quiet, test.labels)).scores
         loud = ts.attribute(AttributionDataset(x_loud, test.labels)).scores
         torch.testing.assert_close(loud, quiet, atol=1e-5, rtol=1e-5)

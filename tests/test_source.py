@@ -72,5 +72,5 @@ def test_momentum_is_folded_into_the_effective_step(setup):
     with_momentum = get_method("source", slow, momentum=0.9).fit(train).attribute(test).scores
     torch.testing.assert_close(with_momentum, get_method("source", fast).fit(train).attribute(test).scores,
                                rtol=1e-5, atol=1e-8)  # Σ η / (1 − β) = 1 either way
-    with pytest.raises(TDAError, match="momentum must be in \\[0, 1\\)"):
+    with pytest.raises(TDAError, match="momentum must be a number in \\[0, 1\\)"):
         get_method("source", slow, momentum=1.0)

@@ -543,7 +543,7 @@ def test_less_refuses_bad_arguments(tiny_data):
     for bad in (0, 1.5):
         with pytest.raises(TDAError, match="fraction must be in"):
             WarmupConfig(fraction=bad)
-        with pytest.raises(TDAError, match="fraction must be in"):
+        with pytest.raises(TDAError, match=r"fraction must be a number in \(0, 1\]"):
             select(model, pool, target, fraction=bad)
     with pytest.raises(TDAError, match="epochs"):
         WarmupConfig(epochs=0)

@@ -58,12 +58,12 @@ def group_estimates(experiment: Experiment, method: str, groups: list[list[Any]]
     """``[n_groups, n_test]`` predicted rise of each test measurement when each group is removed."""
     train, test = experiment.split.train, experiment.split.test
     if method in ("untrac", "untrac-inv"):
-        from tda_explorer.compute.valuation.untrac import UnlearnConfig, UnTrac
+        from tda_explorer.compute.catalogue import build_arguments
+        from tda_explorer.compute.valuation.untrac import InverseUnlearnConfig, UnlearnConfig, UnTrac
 
         given = {k: v for k, v in options.items() if v is not None}
-        # UnTrac-Inv's recipe: a few large-batch steps on the test set (it fails at batch 1); lr measured on digits
-        config = UnlearnConfig(**({"lr": 1e-2, "batch_size": 256, "epochs": 5, **given} if method == "untrac-inv"
-                                  else given))
+        # UnTrac-Inv's defaults are its recipe (a few large-batch steps on the test set), as the catalogue lists
+        config = build_arguments(InverseUnlearnConfig if method == "untrac-inv" else UnlearnConfig, method, given)
         untrac = UnTrac(experiment.task(), config, device)
         if method == "untrac":
             return untrac.group_effects(train, groups, test)

@@ -6,6 +6,13 @@ Importing this package imports every method module, and each registers itself in
 
 from __future__ import annotations
 
+# the catalogue's other families (values, groups, selection, tracing): imported so that they register
+import tda_explorer.compute.selection.less  # noqa: F401
+import tda_explorer.compute.tracing.bm25  # noqa: F401
+import tda_explorer.compute.tracing.fasttrack  # noqa: F401
+import tda_explorer.compute.valuation.inrun_shapley  # noqa: F401
+import tda_explorer.compute.valuation.lava  # noqa: F401
+import tda_explorer.compute.valuation.untrac  # noqa: F401
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import CATALOGUE, method_spec
 from tda_explorer.compute.engine.task import AttributionTask

@@ -15,38 +15,44 @@ Steps must be recorded with ``StepRecorder`` during an SGD run; Adam's precondit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, option, register
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.training.step_recorder import StepRecorder
 from tda_explorer.data.dataset import AttributionDataset
 
 
+@dataclass
+class DataValueEmbeddingArguments(AttributorArguments):
+    projection_dim: int | None = option(None, "not supported by dvemb: it works in its recording's projected space "
+                                              "(set projection_dim on the StepRecorder); leave None", POSITIVE_INT,
+                                        cli=False)
+    recording: StepRecorder | None = option(None, "the finished StepRecorder of the SGD run (finish() called); its "
+                                                  "projection_dim sets the embeddings' dimension", config=False)
+    weight_decay: float | None = option(None, "the run's weight decay wd in θ ← θ − η(ĝ + wd·θ) (absolute, per "
+                                              "step); None: the task's weight_decay", NONNEGATIVE)
+    steps_per_epoch: int | None = option(None, "steps grouped into one epoch of influence_curve; None: ⌈n / the "
+                                               "recording's batch size⌉", POSITIVE_INT)
+
+
+@register("dvemb", Family.PAIRWISE, DataValueEmbeddingArguments, needs=("recording",))
 class DataValueEmbedding(Attributor):
     """Data value embedding over a recorded SGD run.
 
-    Parameters
-    ----------
-    task : AttributionTask
-        Test measurement and tracked parameters (the final parameters come from the recording).
-    recording : StepRecorder
-        The finished recording of the run (``finish`` called).
-    weight_decay : float, optional
-        The run's weight decay (default: the task's).
-    steps_per_epoch : int, optional
-        Groups steps into epochs for ``influence_curve`` (default: one epoch = ⌈n / batch size⌉ steps).
+    The task gives the test measurement and the tracked parameters; the final parameters come from the recording.
+    The embeddings live in the recording's projected space (set ``projection_dim`` on the ``StepRecorder``).
     """
 
-    name = "dvemb"
-
-    def __init__(self, task: AttributionTask, *, recording: StepRecorder | None = None,
-                 weight_decay: float | None = None, steps_per_epoch: int | None = None, **kwargs):
-        super().__init__(task, **kwargs)
+    def _setup(self) -> None:
+        a = self.args
+        recording = a.recording
         if not isinstance(recording, StepRecorder) or not recording.steps or recording.final is None:
             raise TDAError(
                 "dvemb needs a finished recording of the training run: create StepRecorder(task, train, batch_size)"
@@ -57,12 +63,8 @@ class DataValueEmbedding(Attributor):
         if self.projector is not None:
             raise TDAError("dvemb projects with its recording's projection; set projection_dim on the StepRecorder")
         self.recording = recording
-        self.wd = float(task.weight_decay if weight_decay is None else weight_decay)
-        self.steps_per_epoch = steps_per_epoch
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "weight_decay": self.wd, "steps": len(self.recording.steps),
-                "projection": self.recording.projector.config() if self.recording.projector else None}
+        self.wd = float(self.task.weight_decay if a.weight_decay is None else a.weight_decay)
+        self.steps_per_epoch = a.steps_per_epoch
 
     def _fit(self, train: AttributionDataset) -> None:
         if len(train) != len(self.recording.train):

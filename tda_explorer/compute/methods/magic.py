@@ -30,15 +30,16 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call, grad, vjp, vmap
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, option, register
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.synset import Trajectory
 from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.train import train_weighted
@@ -58,31 +59,36 @@ def metasmoothness(final: list[dict[str, torch.Tensor]]) -> float:
     return float((movement * agree).sum() / movement.sum().clamp_min(1e-300))
 
 
+@dataclass
+class ReplayMetagradientArguments(AttributorArguments):
+    projection_dim: int | None = option(None, "not supported by magic (its adjoints live in parameter space): leave "
+                                              "None", POSITIVE_INT, cli=False)
+    trajectory: Trajectory | None = option(None, "a built-in recipe's run: its initial parameters and recipe "
+                                                 "(Experiment.trajectory() gives one); the batch order is the "
+                                                 "retraining engine's for config.seed. Give this or recording",
+                                           config=False)
+    recording: RunRecorder | None = option(None, "or any loop recorded with RunRecorder on torch.optim.SGD "
+                                                 "(momentum, dampening, Nesterov, weight decay, any lr schedule), "
+                                                 "replayed exactly for the forward states", config=False)
+    checkpoint_every: int | None = option(None, "keep every k-th step's state and recompute each segment forward "
+                                                "before reversing it (memory O(T/k + k)); None: keep every state",
+                                          POSITIVE_INT)
+    query_chunk: int = option(512, "test measurements sharing one reverse pass", POSITIVE_INT)
+    smoothness_h: float = option(0.1, "step h of the metasmoothness check at fit (data weights 1, 1 + hv, 1 + 2hv, "
+                                      "v ~ N(0, I))", POSITIVE)
+
+
+@register("magic", Family.PAIRWISE, ReplayMetagradientArguments, needs=("trajectory",))
 class ReplayMetagradient(Attributor):
     """Exact metagradients of test measurements through a deterministic SGD run.
 
-    Parameters
-    ----------
-    task : AttributionTask
-        The architecture and the test measurement (its model's parameters are not used: the run's are).
-    trajectory : Trajectory, optional
-        A built-in recipe's run: its initial parameters and recipe (``Experiment.trajectory()`` supplies it); the
-        batch order is the retraining engine's for ``config.seed``.
-    recording : RunRecorder, optional
-        Or any loop recorded with ``RunRecorder`` using ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight
-        decay, any learning-rate schedule), replayed exactly for the forward states.
-    checkpoint_every : int, optional
-        Keep every k-th state and recompute segments in reverse (default: keep every state).
-    query_chunk : int
-        Test measurements sharing one reverse pass.
+    The task gives the architecture and the test measurement (its model's parameters are not used: the run's are);
+    the run is ``trajectory=`` (a built-in recipe) or ``recording=`` (your own SGD loop), exactly one of the two.
     """
 
-    name = "magic"
-
-    def __init__(self, task: AttributionTask, *, trajectory: Trajectory | None = None,
-                 recording: RunRecorder | None = None, checkpoint_every: int | None = None, query_chunk: int = 512,
-                 smoothness_h: float = 0.1, **kwargs):
-        super().__init__(task, **kwargs)
+    def _setup(self) -> None:
+        a, task = self.args, self.task
+        trajectory, recording = a.trajectory, a.recording
         if (trajectory is None) == (recording is None):
             raise TDAError("magic needs the run to differentiate: trajectory=Trajectory(init_state, config, ...) of "
                            "a built-in recipe (Experiment.trajectory() gives one) or recording=RunRecorder(...) of "
@@ -97,16 +103,9 @@ class ReplayMetagradient(Attributor):
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by magic: its adjoints live in parameter space")
         self.trajectory, self.recording = trajectory, recording
-        self.checkpoint_every = None if checkpoint_every is None else check_positive_int(checkpoint_every,
-                                                                                          "checkpoint_every")
-        self.query_chunk = check_positive_int(query_chunk, "query_chunk")
-        self.smoothness_h = float(smoothness_h)
+        self.checkpoint_every, self.query_chunk = a.checkpoint_every, a.query_chunk
+        self.smoothness_h = float(a.smoothness_h)
         self.base = copy.deepcopy(task.model).to("meta")
-
-    def config(self) -> dict:
-        seed = self.trajectory.config.seed if self.trajectory is not None else None
-        return {**super().config(), "checkpoint_every": self.checkpoint_every, "seed": seed,
-                "recorded": self.recording is not None}
 
     # -- the run ------------------------------------------------------------------------------
     def _factory(self, seed: int) -> torch.nn.Module:

@@ -19,19 +19,19 @@ Choices, from the recipe's pitfalls and our conventions:
   have none).
 - Segment ℓ's steps run from the previous segment's last checkpoint (the start of training for the first)
   to its own last checkpoint.
-- L defaults to 1, measured on digits (fresh-seed LDS, 100 half subsets): the 50-epoch MLP gives L = 1 0.751,
-  L = 3 0.730, L = 10 0.728 (EK-FAC influence 0.734); trained 5 epochs, L = 1 0.755, L = 3 0.754, L = 5 0.754
-  (EK-FAC 0.575). One segment already carries what helps here (gradients averaged over the run, curvature
-  damped by the run's length 1/c); more segments add early, seed-specific gradient directions.
+- L defaults to 1: on digits more segments did not raise fresh-seed LDS (benchmarks/README.md, design choices).
+  One segment already carries what helps here (gradients averaged over the run, curvature damped by the run's
+  length 1/c); more segments add early, seed-specific gradient directions.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, Interval, Options, option, register
 from tda_explorer.compute.engine.kfac import (
     LayerFactors,
     corrected_eigenvalues,
@@ -39,52 +39,49 @@ from tda_explorer.compute.engine.kfac import (
     layer_covariances,
     rotated_gradients,
 )
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.data.dataset import AttributionDataset
 
 
+@dataclass
+class SOURCEArguments(AttributorArguments):
+    projection_dim: int | None = option(None, "not supported by source (it works in each layer's eigenbasis): leave "
+                                              "None", POSITIVE_INT, cli=False)
+    segments: int = option(1, "L, the consecutive segments the checkpoints are split into (at most their number); "
+                              "1: one stationary segment over the whole run", POSITIVE_INT)
+    fisher: str = option("true", "'true': labels sampled from the model (the GGN in expectation); 'empirical': the "
+                                 "observed labels", Options(("true", "empirical")))
+    batch_size: int = option(256, "examples per batch while fitting the factors and the per-example gradients",
+                             POSITIVE_INT, config=False, cli=True)
+    seed: int = option(0, "seed of the labels sampled for the true Fisher", Interval(0, None, integer=True))
+    damping: float = option(0.0, "RELATIVE: added to the corrected eigenvalues as a multiple of their mean (0: the "
+                                 "weight decay and 1/c already damp)", NONNEGATIVE)
+    momentum: float = option(0.0, "the run's heavy-ball momentum β, folded into the effective step c = Σ η / (1 − β)",
+                             Interval(0, 1, high_open=True))
+
+
+@register("source", Family.PAIRWISE, SOURCEArguments, needs=("checkpoints",))
 class SOURCE(Attributor):
     """SOURCE over the task's recorded checkpoints.
 
-    Parameters
-    ----------
-    task : AttributionTask
-        Its ``checkpoints`` (with learning rates and steps) are the recorded run; tracked parameters must be
-        Linear/Conv2d layers (EK-FAC).
-    segments : int
-        L, at most the number of checkpoints (default 1, measured; see the module docstring).
-    fisher : {"true", "empirical"}
-    damping : float
-        Added to the eigenvalues as a multiple of their mean (default 0: the weight decay and 1/c damp already).
-    momentum : float
-        The run's heavy-ball momentum β: folded into the effective step, c = Σ η / (1 − β).
-    batch_size : int
+    The task's ``checkpoints`` (with learning rates and steps) are the recorded run; tracked parameters must be
+    Linear/Conv2d layers (EK-FAC).
     """
 
-    name = "source"
-
-    def __init__(self, task: AttributionTask, *, segments: int = 1, fisher: str = "true", batch_size: int = 256,
-                 seed: int = 0, damping: float = 0.0, momentum: float = 0.0, **kwargs):
-        super().__init__(task, **kwargs)
+    def _setup(self) -> None:
+        a = self.args
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by source; it works in each layer's eigenbasis")
-        checkpoints = [c for c in task.checkpoints if c.step > 0]
+        checkpoints = [c for c in self.task.checkpoints if c.step > 0]
         if not checkpoints:
             raise TDAError("source needs the task's checkpoints after training started (AttributionTask("
                            "checkpoints=...) from train_model or Experiment.task())")
-        self.segments = check_positive_int(segments, "segments")
-        if self.segments > len(checkpoints):
-            raise TDAError(f"segments={segments} exceeds the {len(checkpoints)} recorded checkpoints")
+        if a.segments > len(checkpoints):
+            raise TDAError(f"segments={a.segments} exceeds the {len(checkpoints)} recorded checkpoints")
+        self.segments = a.segments
         self.checkpoints = sorted(checkpoints, key=lambda c: c.step)
-        self.fisher, self.batch_size, self.seed = fisher, check_positive_int(batch_size, "batch_size"), seed
-        self.damping = damping
-        if not 0 <= momentum < 1:
-            raise TDAError(f"momentum must be in [0, 1), got {momentum}")
-        self.momentum = momentum
-
-    def config(self) -> dict:
-        return {**super().config(), "segments": self.segments, "fisher": self.fisher}
+        self.fisher, self.batch_size, self.seed = a.fisher, a.batch_size, a.seed
+        self.damping, self.momentum = a.damping, a.momentum
 
     def _params(self, state: dict) -> dict:
         names = dict(self.task.model.named_parameters())

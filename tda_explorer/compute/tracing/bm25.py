@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import Family, register
 from tda_explorer.data.text import WordTokenizer
 
 
+@dataclass
+class BM25Arguments:
+    """BM25 takes no options (k1 = 1.5 and b = 0.75 are rank-bm25's Okapi defaults)."""
+
+
+@register("bm25", Family.TRACING, BM25Arguments, needs=("text",))
 def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> torch.Tensor:
-    """Okapi BM25 (k1 = 1.5, b = 0.75) of every document for every query ``[n_queries, n_documents]``, on
-    lower-cased words."""
+    """Okapi BM25 lexical retrieval: every document's score for every query, on lower-cased words.
+
+    Returns ``[n_queries, n_documents]`` (k1 = 1.5, b = 0.75). ``rank-bm25`` is imported on the first call only.
+    """
     try:
         from rank_bm25 import BM25Okapi
     except ImportError as err:

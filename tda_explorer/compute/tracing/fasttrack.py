@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer._validation import TDAError
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, build_arguments, option, register
 from tda_explorer.compute.engine.kmeans import kmeans
 
 Embedder = Callable[[list[str]], torch.Tensor]
@@ -107,22 +109,28 @@ def check_verifier_scores(scores: Any, n: int, verifier: str) -> np.ndarray:
     return array
 
 
-class TwoStageTracer:
-    """Cluster, retrieve, verify (see the module docstring).
+@dataclass
+class TwoStageArguments:
+    """The two-stage tracer's options (``TwoStageTracer(embed, verifier, *, ...)``; ``embed`` and ``verifier`` are its
+    parts)."""
 
-    Parameters
-    ----------
-    embed : callable texts -> [n, d]
-        Embeds training texts and queries alike.
-    verifier : callable (query, texts) -> scores
-        Higher = more supportive. Named by ``verifier_name`` (default: its ``name`` attribute or function name).
-    max_cluster_size : int
-        Cap of the recursive k-means.
-    n_clusters : int
-        Clusters retrieved per query in stage 1.
-    threshold : float
-        Candidates scoring at least this are returned as supporting.
-    seed : int
+    max_cluster_size: int = option(24, "cap of the recursive k-means: clusters are split until none holds more texts",
+                                   POSITIVE_INT)
+    n_clusters: int = option(2, "clusters retrieved per query in stage 1 (their texts are the candidates)",
+                             POSITIVE_INT)
+    threshold: float = option(0.5, "candidates whose verifier score is at least this are returned as supporting (in "
+                                   "the verifier's units; -inf keeps every candidate)")
+    seed: int = option(0, "seed of the k-means", Interval(0, None, integer=True))
+    verifier_name: str | None = option(None, "the verifier's name in the result rows; None: its name attribute or "
+                                             "function name")
+
+
+@register("fasttrack", Family.TRACING, TwoStageArguments, needs=("text",))
+class TwoStageTracer:
+    """Two-stage fact tracing: cluster the corpus, retrieve each query's nearest clusters, verify their texts.
+
+    ``embed`` (texts -> [n, d]) embeds training texts and queries alike; ``verifier`` ((query, texts) -> scores,
+    higher = more supportive) decides support. The options are ``TwoStageArguments`` (see the module docstring).
     """
 
     def __init__(self, embed: Embedder, verifier: Verifier, *, max_cluster_size: int = 24, n_clusters: int = 2,
@@ -131,10 +139,12 @@ class TwoStageTracer:
             raise TDAError(f"embed must be a callable texts -> [n, d], got {type(embed).__name__}")
         if not callable(verifier):
             raise TDAError(f"verifier must be a callable (query, texts) -> scores, got {type(verifier).__name__}")
+        self.args = build_arguments(TwoStageArguments, "fasttrack", {
+            "max_cluster_size": max_cluster_size, "n_clusters": n_clusters, "threshold": threshold, "seed": seed,
+            "verifier_name": verifier_name})
         self.embed, self.verifier = embed, verifier
         self.verifier_name = verifier_name or getattr(verifier, "name", getattr(verifier, "__name__", "verifier"))
-        self.max_cluster_size = check_positive_int(max_cluster_size, "max_cluster_size")
-        self.n_clusters = check_positive_int(n_clusters, "n_clusters")
+        self.max_cluster_size, self.n_clusters = int(max_cluster_size), int(n_clusters)
         self.threshold, self.seed = float(threshold), seed
         self.texts_: list[str] | None = None
 

@@ -22,13 +22,15 @@ cosine with itself is always one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from tda_explorer._validation import TDAError, check_fraction
+from tda_explorer.compute.catalogue import NONNEGATIVE, Family, Options, option, register
 from tda_explorer.compute.engine.featurize import iter_features
-from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.engine.projection import PROJECTION_KINDS
+from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -51,56 +53,51 @@ def crossing_mix(r_queries: torch.Tensor, r_train: torch.Tensor, fraction: float
     return float(e_t[c]) / denominator if denominator > 0 else 0.0
 
 
-class TrackStar(Attributor):
-    """TrackStar scores (see the module docstring).
+@dataclass
+class TrackStarArguments(AttributorArguments):
+    projection_dim: int | None = option(1024, "the projected features per example (after the elementwise "
+                                              "correction), a positive integer; None keeps the corrected gradients "
+                                              "exact (checked when the projection is made)")
+    projection_kind: str = option("rademacher", "random projection: dense Rademacher or Gaussian signs (LoGra's "
+                                                "factored projection cannot follow the elementwise correction)",
+                                  Options(PROJECTION_KINDS))
+    second_moment: dict[str, torch.Tensor] | None = option(None, "the optimiser's second moment V per tracked "
+                                                                 "parameter name (e.g. Adam's exp_avg_sq); None: "
+                                                                 "mean g² over the training set at the final "
+                                                                 "parameters", config=False)
+    query_mix: float | str = option("auto", "weight λ in [0, 1] of the queries' autocorrelation in R (0: the training "
+                                            "set's only, the non-task-specific variant), or 'auto': the λ where the "
+                                            "two eigenvalue curves cross at component ⌈1.5% · d⌉", cli=False)
+    eps: float | None = option(None, "ε in √V + ε (absolute, in units of √V); None: 10⁻³ · mean √V over the "
+                                     "coordinates with V > 0 (an absolute 1e-8 lets coordinates the training set "
+                                     "barely touches dominate)", NONNEGATIVE)
 
-    Parameters
-    ----------
-    task : AttributionTask
-    second_moment : dict name -> Tensor, optional
-        The optimiser's second moment V per tracked parameter (e.g. Adam's ``exp_avg_sq``). Default: mean g² over
-        the training set at the final parameters.
-    query_mix : float in [0, 1] or "auto"
-        Weight λ of the queries' autocorrelation in R (0: the training set's only, the non-task-specific variant).
-    eps : float, optional
-        ε in √V + ε; default 10⁻³ · mean √V over the coordinates with V > 0 (an absolute 1e-8 lets coordinates the
-        training set barely touches dominate).
-    projection_dim : int, optional
-        As every attributor (default 1024 here; None keeps gradients exact).
-    **kwargs
-        ``device``, ``max_memory``, ``projection_kind`` (dense kinds only), ``projection_seed``.
+
+@register("trackstar", Family.TRACING, TrackStarArguments)
+class TrackStar(Attributor):
+    """TrackStar scores: corrected, projected, unit-normalised gradient similarity (see the module docstring).
+
+    Works on any task (text or not): the corrected gradients are the task's. Fitted: ``second_moment_`` (V as one
+    flat tensor over the tracked parameters, given or measured), ``train_features_``, ``r_train_``.
     """
 
-    name = "trackstar"
-
-    def __init__(self, task: AttributionTask, *, second_moment: dict[str, torch.Tensor] | None = None,
-                 query_mix: float | str = "auto", eps: float | None = None, projection_dim: int | None = 1024,
-                 **kwargs):
-        if kwargs.get("projection_kind") == "logra":
-            raise TDAError("trackstar corrects gradients elementwise before projecting, which LoGra's factored "
-                           "projection cannot do: use projection_kind='rademacher' or 'gaussian'")
-        super().__init__(task, projection_dim=projection_dim, **kwargs)
-        if query_mix != "auto":
-            query_mix = check_fraction(query_mix, "query_mix", inclusive_zero=True)
-        self.query_mix, self.eps = query_mix, None if eps is None else float(eps)
-        names = task.tracked_names()
-        if second_moment is not None:
-            missing = [n for n in names if n not in second_moment]
+    def _setup(self) -> None:
+        a = self.args
+        mix = a.query_mix if a.query_mix == "auto" else check_fraction(a.query_mix, "query_mix", inclusive_zero=True)
+        self.query_mix, self.eps = mix, None if a.eps is None else float(a.eps)
+        self.second_moment_ = None
+        if a.second_moment is not None:
+            names = self.task.tracked_names()
+            missing = [n for n in names if n not in a.second_moment]
             if missing:
                 raise TDAError(f"second_moment has no entry for tracked parameters {missing}")
-            self.second_moment = torch.cat([second_moment[n].reshape(-1).float() for n in names]).to(self.device)
-        else:
-            self.second_moment = None
-
-    def config(self) -> dict:
-        return {**super().config(), "query_mix": self.query_mix, "eps": self.eps,
-                "second_moment": "given" if self.second_moment is not None else "mean g² over train"}
+            self.second_moment_ = torch.cat([a.second_moment[n].reshape(-1).float() for n in names]).to(self.device)
 
     def _scale(self) -> torch.Tensor:
         """1 / (√V + ε), and 0 where V = 0: no training gradient reaches those coordinates, so they add nothing to
         any score, yet a query's gradient there (a word no document has) would be blown up by 1/ε and, once
         projected, drown every other coordinate."""
-        root = self.second_moment.sqrt()
+        root = self.second_moment_.sqrt()
         eps = self.eps if self.eps is not None else 1e-3 * float(root[root > 0].mean()) if (root > 0).any() else 1.0
         return torch.where(root > 0, 1 / (root + eps), torch.zeros_like(root))
 
@@ -115,13 +112,13 @@ class TrackStar(Attributor):
         return torch.cat(chunks)
 
     def _fit(self, train: AttributionDataset) -> None:
-        if self.second_moment is None:
+        if self.args.second_moment is None:
             total = None
             for _, g in iter_features(self.task, train, self.task.train_loss, None, max_memory=self.max_memory,
                                       device=self.device, argument="train"):
                 square = g.to(self.device).square().sum(0)
                 total = square if total is None else total + square
-            self.second_moment = total / len(train)
+            self.second_moment_ = total / len(train)
         self.train_features_ = self._corrected(train, test=False)
         self.r_train_ = self.train_features_.T.double() @ self.train_features_.double() / len(train)
 

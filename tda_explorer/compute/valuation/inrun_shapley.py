@@ -39,10 +39,13 @@ validation rows' forward and backward are most of the cost on a convolutional mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.func import functional_call, grad, jvp
 
-from tda_explorer._validation import TDAError, as_device, check_positive_int
+from tda_explorer._validation import TDAError, as_device
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Options, build_arguments, option, register
 from tda_explorer.compute.engine.kfac import _output_grads, _patches, conv_padding, layer_activity, tracked_layers
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -250,6 +253,25 @@ class _LayerCapture:
             self.captured = {}
 
 
+@dataclass
+class InRunShapleyArguments:
+    """In-Run Data Shapley's options (``InRunShapley(task, train, validation, batch_size, second_order=False,
+    device=None, validation_batch=None, seed=0)``; ``task``, ``train`` and ``validation`` are its inputs)."""
+
+    batch_size: int | None = option(None, "required: the divisor of each step's summed loss (the training loop's "
+                                          "nominal batch size)", POSITIVE_INT)
+    second_order: bool = option(False, "add the curvature interaction term (one Hessian-vector product of the "
+                                       "validation loss per step; not in the single pass)", Options((False, True)))
+    device: str | torch.device | None = option(None, "where the products run: 'cpu', 'cuda', … (default CPU)",
+                                               config=False)
+    validation_batch: int | None = option(None, "validation rows carried per step, at most the validation set's "
+                                                "size: the next rows of a seeded permutation, cycling, their loss "
+                                                "scaled by |V| / validation_batch (unbiased); None: all rows every "
+                                                "step", POSITIVE_INT)
+    seed: int = option(0, "seed of the validation rows' permutation", Interval(0, None, integer=True))
+
+
+@register("inrun-shapley", Family.VALUES, InRunShapleyArguments, needs=("training_loop", "validation"))
 class InRunShapley:
     """Accumulates In-Run Data Shapley values of ``train`` over the steps it is called for.
 
@@ -261,24 +283,21 @@ class InRunShapley:
         The data the batch positions refer to.
     validation : AttributionDataset
         Fixed before training; its summed loss is what the values reduce.
-    batch_size : int
-        The divisor of each step's summed loss.
-    second_order : bool
-        Add the curvature interaction term (one Hessian-vector product per step).
-    validation_batch : int, optional
-        Validation rows carried per step (default: all). Step t takes the next ``validation_batch`` rows of a
-        seeded permutation of the set, cycling, and scales their loss by |V| / ``validation_batch``: each step's
-        g_val is an unbiased estimate of the whole set's, at a fraction of the cost.
-    seed : int
-        Seeds that permutation.
+    batch_size, second_order, device, validation_batch, seed
+        Options: see ``InRunShapleyArguments`` (checked there).
     """
 
     def __init__(self, task: AttributionTask, train: AttributionDataset, validation: AttributionDataset,
                  batch_size: int, second_order: bool = False, device: str | torch.device | None = None,
                  validation_batch: int | None = None, seed: int = 0):
+        if batch_size is None:
+            raise TDAError("batch_size is required: the divisor of each step's summed loss")
+        self.args = build_arguments(InRunShapleyArguments, "inrun-shapley", {
+            "batch_size": batch_size, "second_order": second_order, "device": device,
+            "validation_batch": validation_batch, "seed": seed})
         self.task, self.train, self.validation = task, train, validation
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        if validation_batch is not None and check_positive_int(validation_batch, "validation_batch") > len(validation):
+        self.batch_size = int(batch_size)
+        if validation_batch is not None and validation_batch > len(validation):
             raise TDAError(f"validation_batch must be at most the validation set's {len(validation)} rows, "
                            f"got {validation_batch}")
         self.validation_batch = validation_batch

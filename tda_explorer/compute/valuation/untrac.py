@@ -21,7 +21,17 @@ from typing import Any
 
 import torch
 
-from tda_explorer._validation import TDAError, as_device, check_choice, check_positive_int
+from tda_explorer._validation import TDAError, as_device
+from tda_explorer.compute.catalogue import (
+    POSITIVE,
+    POSITIVE_INT,
+    Family,
+    Interval,
+    Options,
+    check_arguments,
+    option,
+    register,
+)
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
@@ -29,30 +39,43 @@ from tda_explorer.jobs import check_cancelled
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    """How a set is unlearned: ``epochs`` of gradient ascent in batches of ``batch_size`` with ``optimizer``."""
+    """How a set is unlearned: ``epochs`` of gradient ascent in batches of ``batch_size`` with ``optimizer`` (UnTrac's
+    options, checked when made)."""
 
-    lr: float = 1e-3
-    epochs: int = 1
-    batch_size: int = 1
-    optimizer: str = "adam"
-    seed: int = 0
+    lr: float = option(1e-3, "learning rate of the gradient ascent: the one knob that depends on the model's scale "
+                             "(default measured on the built-in digits models)", POSITIVE)
+    epochs: int = option(1, "passes of gradient ascent over the unlearned set", POSITIVE_INT)
+    batch_size: int = option(1, "examples per ascent step", POSITIVE_INT)
+    optimizer: str = option("adam", "the ascent's optimizer (the paper finds Adam and RMSProp work, SGD fails)",
+                            Options(("adam", "sgd")))
+    seed: int = option(0, "seed of the order the unlearned examples are visited in", Interval(0, None, integer=True))
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise TDAError(f"lr must be > 0, got {self.lr}")
-        check_positive_int(self.epochs, "epochs")
-        check_positive_int(self.batch_size, "batch_size")
-        check_choice(self.optimizer, "optimizer", ("adam", "sgd"))
+        check_arguments(self)
 
 
+@dataclass(frozen=True)
+class InverseUnlearnConfig(UnlearnConfig):
+    """UnTrac-Inv's recipe: a few large-batch steps on the test set (it fails at batch 1); lr measured on digits."""
+
+    lr: float = option(1e-2, "learning rate of the gradient ascent on the test set (default measured on the built-in "
+                             "digits models)", POSITIVE)
+    epochs: int = option(5, "passes of gradient ascent over the test set", POSITIVE_INT)
+    batch_size: int = option(256, "examples per ascent step (UnTrac-Inv needs large batches: it fails at 1)",
+                             POSITIVE_INT)
+
+
+@register("untrac", Family.GROUPS, UnlearnConfig, needs=("groups",))
+@register("untrac-inv", Family.GROUPS, InverseUnlearnConfig, needs=("groups",))
 class UnTrac:
-    """Group influence by unlearning.
+    """Group influence by unlearning: each group (untrac, ``group_effects``) or the test set (untrac-inv).
 
     Parameters
     ----------
     task : AttributionTask
         The trained model and its loss / test measurement.
     config : UnlearnConfig
+        The options (default ``UnlearnConfig()``; ``InverseUnlearnConfig()`` is UnTrac-Inv's recipe).
     device : str or torch.device
     """
 
@@ -60,6 +83,8 @@ class UnTrac:
                  device: str | torch.device | None = None):
         if not isinstance(task, AttributionTask):
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
+        if config is not None and not isinstance(config, UnlearnConfig):
+            raise TDAError(f"config must be an UnlearnConfig, got {type(config).__name__}")
         self.task, self.config, self.device = task, config or UnlearnConfig(), as_device(device)
 
     def _unlearned(self, data: AttributionDataset) -> torch.nn.Module:
