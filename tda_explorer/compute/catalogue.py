@@ -123,10 +123,11 @@ def option(default: Any = None, help: str = "", check: Interval | Options | None
 
 
 def check_arguments(args: Any) -> Any:
-    """Enforce every field's declared constraint (``None`` passes where it is the default); returns ``args``."""
+    """Enforce every field's declared constraint (``None`` passes where the field's type allows it); returns
+    ``args``."""
     for f in dataclasses.fields(args):
         value, check = getattr(args, f.name), f.metadata.get("check")
-        if check is None or (value is None and f.default is None):
+        if check is None or (value is None and (f.default is None or "None" in str(f.type))):
             continue
         check.check(f.name, value)
     return args
