@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, as_device, check_choice, check_fraction, check_positive_int
-from tda_explorer.compute.catalogue import FRACTION, Family, Options, build_arguments, option, register
+from tda_explorer.compute.catalogue import FRACTION, POSITIVE_INT, Family, Options, build_arguments, option, register
 from tda_explorer.compute.engine.featurize import make_projector
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
@@ -313,8 +313,7 @@ class LESSArguments:
     parameters: Sequence[str] | None = option(None, "parameter-name prefixes to train and featurise (e.g. LoRA "
                                                     "adapters); None: all trainable", cli=False)
     projection_dim: int | None = option(8192, "random projection size of the Adam-direction features (seeded "
-                                              "Rademacher), a positive integer; None: exact gradients (checked when "
-                                              "the projection is made)")
+                                              "Rademacher); None: exact gradients", POSITIVE_INT)
     subtask_aggregation: str = option("mean-cosine", "a subtask's influence: the mean of the cosines with its "
                                                      "examples, or the cosine with their mean unit feature",
                                       Options(AGGREGATIONS))

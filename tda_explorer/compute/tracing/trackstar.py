@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tda_explorer._validation import TDAError, check_fraction
-from tda_explorer.compute.catalogue import NONNEGATIVE, Family, Options, option, register
+from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, Options, option, register
 from tda_explorer.compute.engine.featurize import iter_features
 from tda_explorer.compute.engine.projection import PROJECTION_KINDS
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
@@ -56,8 +56,7 @@ def crossing_mix(r_queries: torch.Tensor, r_train: torch.Tensor, fraction: float
 @dataclass
 class TrackStarArguments(AttributorArguments):
     projection_dim: int | None = option(1024, "the projected features per example (after the elementwise "
-                                              "correction), a positive integer; None keeps the corrected gradients "
-                                              "exact (checked when the projection is made)")
+                                              "correction); None keeps the corrected gradients exact", POSITIVE_INT)
     projection_kind: str = option("rademacher", "random projection: dense Rademacher or Gaussian signs (LoGra's "
                                                 "factored projection cannot follow the elementwise correction)",
                                   Options(PROJECTION_KINDS))
