@@ -17,8 +17,12 @@ import numpy as np
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer.compute.catalogue import build_arguments
+from tda_explorer.compute.valuation.untrac import InverseUnlearnConfig, UnlearnConfig, UnTrac
 from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.evaluate.harness import run_method
 from tda_explorer.experiments.digits import Experiment
+from tda_explorer.retraining.retrainer import Retrainer
 
 
 def dirichlet_groups(train: AttributionDataset, k: int, alpha: float = 0.5, seed: int = 0) -> list[list[Any]]:
@@ -58,9 +62,6 @@ def group_estimates(experiment: Experiment, method: str, groups: list[list[Any]]
     """``[n_groups, n_test]`` predicted rise of each test measurement when each group is removed."""
     train, test = experiment.split.train, experiment.split.test
     if method in ("untrac", "untrac-inv"):
-        from tda_explorer.compute.catalogue import build_arguments
-        from tda_explorer.compute.valuation.untrac import InverseUnlearnConfig, UnlearnConfig, UnTrac
-
         given = {k: v for k, v in options.items() if v is not None}
         # UnTrac-Inv's defaults are its recipe (a few large-batch steps on the test set), as the catalogue lists
         config = build_arguments(InverseUnlearnConfig if method == "untrac-inv" else UnlearnConfig, method, given)
@@ -73,8 +74,6 @@ def group_estimates(experiment: Experiment, method: str, groups: list[list[Any]]
             cols = torch.nonzero(test.labels == c).flatten()
             out[:, cols] = untrac.inverse_group_effects(train, groups, test.subset(cols.tolist()))[:, None]
         return out
-    from tda_explorer.evaluate.harness import run_method
-
     attributor, attribution, _, _ = run_method(experiment, method, device=device, **options)
     if method == "synset-loo":
         return attributor.estimate_removals(groups, test).double()
@@ -110,8 +109,6 @@ def evaluate_groups(experiment: Experiment, method: str, k: int = 10, seeds: int
     """``group_pearson`` of ``method`` over ``k`` Dirichlet groups (or the given partition ``groups``) against
     leave-group-out retraining averaged over ``seeds`` paired seeds, with the per-class values and the estimate's
     seconds."""
-    from tda_explorer.retraining.retrainer import Retrainer
-
     if groups is None:
         groups = dirichlet_groups(experiment.split.train, k, seed=seed)
     else:

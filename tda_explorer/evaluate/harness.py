@@ -15,8 +15,10 @@ from tda_explorer.compute.methods import Attributor, get_method
 from tda_explorer.compute.training.train import train_ensemble, unstack
 from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at
 from tda_explorer.evaluate.quanda_metrics import class_detection, mislabeling_detection_area, top_k_cardinality
+from tda_explorer.evaluate.removal_validation import single_removal_spearman, validate_removals
 from tda_explorer.experiments.digits import Experiment
 from tda_explorer.retraining.ground_truth import SubsetGroundTruth
+from tda_explorer.retraining.retrainer import Retrainer
 
 
 def method_options(experiment: Experiment, method: str, ensemble: int | None = None,
@@ -81,14 +83,9 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
                       recall_at_20=recall_at(suspicion, flipped, 0.2),
                       mislabeling_detection_area=mislabeling_detection_area(suspicion, flipped))
     if validate_removal:
-        from tda_explorer.evaluate.removal_validation import validate_removals
-
         result.update(validate_removals(experiment, attributor, attribution, cache_dir=cache_dir, device=device))
     if method == "dvemb":  # the same-batch single removals are the trajectory-specific leave-one-out it estimates
         if "loo_spearman" not in result:
-            from tda_explorer.evaluate.removal_validation import single_removal_spearman
-            from tda_explorer.retraining.retrainer import Retrainer
-
             retrainer = Retrainer(experiment, cache_dir=cache_dir, device=device)
             result["loo_spearman"] = single_removal_spearman(experiment, attribution, retrainer)[0]
         result["tsloo_spearman"] = result["loo_spearman"]

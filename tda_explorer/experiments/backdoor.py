@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.methods import get_method
 from tda_explorer.compute.models.reference import make_model
 from tda_explorer.compute.training.train import TrainConfig, train_model
 from tda_explorer.data.dataset import AttributionDataset
@@ -96,8 +97,6 @@ def poisoned_auc_and_recall(scores: torch.Tensor, poisoned: torch.Tensor, k: int
 def evaluate_backdoor(method: str, seed: int = 0, device: str = "cpu", **options: Any) -> dict[str, Any]:
     """``backdoor_auc`` / ``recall_at_20`` of ``method`` on the fine-tuned model, and ``_dda`` with debias and
     denoise around it."""
-    from tda_explorer.compute.methods import get_method
-
     scenario = build_backdoor(seed)
     t0 = time.perf_counter()
     plain = get_method(method, scenario.task, device=device, **options).fit(scenario.train).attribute(scenario.queries)

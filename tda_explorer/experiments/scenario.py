@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+# what a scenario supplies for methods' declared needs
 from tda_explorer.compute.catalogue import Resources
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset

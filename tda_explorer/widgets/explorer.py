@@ -6,6 +6,7 @@ import html
 
 import ipywidgets as W
 
+# the compute bar reads each method's needs and options from the catalogue
 from tda_explorer.compute.catalogue import method_spec
 from tda_explorer.errors import TDAError
 from tda_explorer.jobs import BackgroundJob

@@ -26,6 +26,7 @@ from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, op
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.training.step_recorder import StepRecorder
+from tda_explorer.compute.training.train import train_weighted
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -109,8 +110,6 @@ class DataValueEmbedding(Attributor):
 def record_experiment_run(task: AttributionTask, train: AttributionDataset, model_factory, config, seed: int,
                           projection_dim: int | None = 1024, device: str = "cpu") -> StepRecorder:
     """Train once with ``train_weighted`` (the retraining engine's batch order for ``seed``) and record it."""
-    from tda_explorer.compute.training.train import train_weighted
-
     if config.optimizer != "sgd":
         raise TDAError(f"dvemb follows SGD steps; this recipe uses {config.optimizer!r} (train with optimizer='sgd')")
     recorder = StepRecorder(task, train, min(config.batch_size, len(train)), projection_dim, device=device)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+# the method catalogue: these methods register themselves in it
 from tda_explorer.compute.catalogue import Family, register
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.data.dataset import AttributionDataset

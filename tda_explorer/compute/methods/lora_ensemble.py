@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+# the method catalogue: this method registers itself, and builds its inner method from it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, create, option, register
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options

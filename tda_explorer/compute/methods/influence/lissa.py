@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+# the method catalogue: this solver registers itself in it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Interval, option, register
 from tda_explorer.compute.engine.curvature import largest_eigenvalue
 from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
