@@ -1,14 +1,13 @@
 """Atomic, verifiable cache files.
 
 ``save_tensors`` writes beside the target under a name unique to this process, renames it into place
-under an advisory lock, and records a manifest (size and SHA-256). ``load_tensors`` returns None —
+under a file lock (``filelock``), and records a manifest (size and SHA-256). ``load_tensors`` returns None —
 with a warning — for a file that is missing, truncated, altered or unreadable, so callers recompute
 instead of using it. Loading is always ``weights_only=True``: caches never unpickle code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -17,28 +16,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 
 def atomic_path(path: Path) -> Path:
     """A temporary sibling of ``path`` unique to this process and thread."""
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An advisory exclusive lock on ``<path>.lock`` (POSIX; a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
+def file_lock(path: Path) -> FileLock:
+    """An exclusive lock on ``<path>.lock`` across processes and threads (``filelock``: POSIX and Windows)."""
     lock = path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(lock)
 
 
 def _digest(path: Path) -> str:

@@ -1,10 +1,16 @@
-"""Long work off the UI thread: a job with stages, progress, cancellation and a captured error."""
+"""Long work off the UI thread: a job with stages, progress, cancellation and a captured error.
+
+Jobs run on one shared ``concurrent.futures.ThreadPoolExecutor``: ``start`` submits the job and keeps its
+``Future`` (what ``join`` waits on); a ``threading.Event`` carries a cancel request into the stages' loops
+(``check_cancelled``).
+"""
 
 from __future__ import annotations
 
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 
@@ -13,6 +19,22 @@ class JobCancelled(Exception):
 
 
 _current = threading.local()
+_executor = ThreadPoolExecutor(thread_name_prefix="tda-job")
+_running: set[BackgroundJob] = set()
+_running_lock = threading.Lock()
+
+
+def _cancel_running_jobs() -> None:
+    """At interpreter exit the executor waits for its running jobs (its workers are not daemon threads): ask them to
+    stop first, so exit waits for one chunk of a computation rather than all of it."""
+    with _running_lock:
+        jobs = list(_running)
+    for job in jobs:
+        job.cancel()
+
+
+# Runs before concurrent.futures' own exit hook (registered earlier, called later), which joins the workers.
+getattr(threading, "_register_atexit", lambda fn: None)(_cancel_running_jobs)
 
 
 def check_cancelled() -> None:
@@ -29,8 +51,9 @@ def check_cancelled() -> None:
 class BackgroundJob:
     """Runs ``stages`` (callables taking the previous stage's result) in a worker thread.
 
-    Progress is the share of stages done; cancellation is honoured between stages; an exception
-    is kept in ``error`` (with its traceback) instead of being lost in a log.
+    Progress is the share of stages done; cancellation is honoured between stages (and inside them where
+    they call ``check_cancelled``); an exception is kept in ``error`` (with its traceback) instead of being
+    lost in a log.
 
     Parameters
     ----------
@@ -51,19 +74,32 @@ class BackgroundJob:
         self.traceback = ""
         self.state = "pending"  # pending, running, done, failed, cancelled
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._future: Future | None = None
+
+    @property
+    def future(self) -> Future | None:
+        """The ``concurrent.futures.Future`` of the run (None before ``start``); it completes after the last
+        ``on_update``. Its result is None: the job keeps ``result``, ``error`` and ``state``."""
+        return self._future
 
     def start(self) -> BackgroundJob:
+        if self._future is not None:
+            raise RuntimeError("a job can only be started once")
         self.state = "running"
-        self._thread.start()
+        with _running_lock:
+            _running.add(self)
+        self._future = _executor.submit(self._run)
         return self
 
     def cancel(self) -> None:
-        """Ask the job to stop before its next stage."""
+        """Ask the job to stop before its next stage (or at its stage's next ``check_cancelled``)."""
         self._cancel.set()
 
     def join(self, timeout: float | None = None) -> BackgroundJob:
-        self._thread.join(timeout)
+        """Wait until the job has finished (its last ``on_update`` included), or ``timeout`` seconds."""
+        if self._future is None:
+            raise RuntimeError("cannot join a job before it is started")
+        wait([self._future], timeout)
         return self
 
     @property
@@ -94,4 +130,8 @@ class BackgroundJob:
         except Exception as err:  # shown in the panel, not lost
             self.state, self.label, self.error = "failed", f"{type(err).__name__}: {err}", err
             self.traceback = traceback.format_exc()
+        finally:
+            _current.job = None  # the worker thread runs other jobs next
+            with _running_lock:
+                _running.discard(self)
         self._notify()

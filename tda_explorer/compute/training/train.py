@@ -2,8 +2,8 @@
 
 One procedure serves both: training a single model is training an ensemble of one on the full
 set, so the model being attributed and the retrained ground-truth models follow the same recipe.
-Models are trained in lock-step with ``torch.func`` (``vmap`` over stacked parameters), which is
-what makes 100 retrainings for LDS cheap on a CPU.
+Models are trained in lock-step with ``torch.func`` (``vmap`` over stacked parameters, which one ``torch.optim``
+optimizer steps), which is what makes 100 retrainings for LDS cheap on a CPU.
 """
 
 from __future__ import annotations
@@ -100,18 +100,21 @@ def _gradient_step(base: nn.Module, objective: Callable, seed: int, device: torc
     return step
 
 
-def _optimizer_step(params: dict, grads: dict, state: dict, t: int, config: TrainConfig) -> None:
-    """One SGD or Adam step on stacked parameters, in place (``state``: Adam's moments per name)."""
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    for k, g in grads.items():
-        if config.optimizer == "sgd":
-            params[k] = params[k] - config.lr * g
-            continue
-        mom, var = state[k]
-        mom.mul_(b1).add_(g, alpha=1 - b1)
-        var.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (var / (1 - b2**t)).sqrt_().add_(eps)
-        params[k] = params[k] - config.lr * (mom / (1 - b1**t)) / denom
+def _optimizer(params: dict[str, torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    """``torch.optim``'s SGD or Adam (default betas and eps) over the stacked parameters ``[M, ...]``, updated in
+    place: their updates are elementwise, so each of the M models takes its own step, in lock-step."""
+    tensors = list(params.values())
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(tensors, lr=config.lr)
+    return torch.optim.Adam(tensors, lr=config.lr)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: dict, grads: dict) -> None:
+    """One step of ``optimizer`` on the stacked ``params`` with the stacked ``grads`` (name -> [M, ...])."""
+    for k, p in params.items():
+        p.grad = grads[k]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the parameters handed back carry no gradients
 
 
 class EnsembleTrainer:
@@ -154,7 +157,7 @@ class EnsembleTrainer:
         self.inputs, self.labels = inputs.to(self.dev), labels.to(self.dev)
         self.subsets = subsets.to(self.dev)
         self.gen = torch.Generator(device="cpu").manual_seed(int(seeds[0]) * 7919 + 17)
-        self.state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in self.params.items()}
+        self.optimizer = _optimizer(self.params, config)
         self.t = 0
 
     def run(self, epochs: int) -> dict[str, torch.Tensor]:
@@ -169,7 +172,7 @@ class EnsembleTrainer:
                 idx = shuffled[:, start : start + bs]
                 grads = self.step_fn(self.t, self.params, self.inputs[idx], self.labels[idx])
                 self.t += 1
-                _optimizer_step(self.params, grads, self.state, self.t, c)
+                _optimizer_step(self.optimizer, self.params, grads)
         return self.params
 
 
@@ -204,7 +207,8 @@ def train_weighted(
     with weight ``weights[m, i]`` and the batch mean still divides by the batch size: a weight of 0 drops exactly
     that example's term from the steps it was in (trajectory-specific leave-one-out), a fraction down-weights it.
     ``callback(step, batch_positions, params, lr)`` (one model only) sees every step before its update — the
-    hook a recorder uses (``StepRecorder``).
+    hook a recorder uses (``StepRecorder``); ``params`` are views of the parameters the step then updates in place,
+    so a callback that keeps them clones them.
     """
     if weights.dim() != 2 or weights.shape[1] != len(labels):
         raise TDAError(f"weights must be [n_models, {len(labels)}], got {tuple(weights.shape)}")
@@ -229,7 +233,7 @@ def train_weighted(
     step_fn = _gradient_step(base, objective, seeds[0], dev)
     inputs, labels, weights = inputs.to(dev), labels.to(dev), weights.to(dev, next(iter(params.values())).dtype)
     gens = [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
-    state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    optimizer = _optimizer(params, config)
     t = 0
     for _ in range(config.epochs):
         check_cancelled()
@@ -240,7 +244,7 @@ def train_weighted(
                 callback(t, idx[0], {k: v[0] for k, v in params.items()}, config.lr)
             grads = step_fn(t, params, inputs[idx], labels[idx], torch.gather(weights, 1, idx))
             t += 1
-            _optimizer_step(params, grads, state, t, config)
+            _optimizer_step(optimizer, params, grads)
     return params
 
 
