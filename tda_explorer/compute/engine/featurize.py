@@ -7,14 +7,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from tda_explorer._validation import TDAError, check_choice, check_finite, check_positive_int
-from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
+from tda_explorer._validation import TDAError, check_choice, check_positive_int
 from tda_explorer.compute.engine.logra import LoGraProjector
-from tda_explorer.compute.engine.projection import PROJECTION_KINDS, RandomProjector
+from tda_explorer.compute.engine.projection import PROJECTION_KINDS, ExactGradients, Projector, RandomProjector
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 
-Projector = RandomProjector | LoGraProjector
 ALL_KINDS = (*PROJECTION_KINDS, LoGraProjector.kind)
 
 
@@ -47,14 +45,6 @@ def iter_features(task: AttributionTask, data: AttributionDataset,
                   ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, features)``: per-example gradients of ``loss_fn`` w.r.t. the tracked parameters, projected
     by ``projector`` (LoGra from layer hooks; a dense projector after ``vmap`` gradients; none: exact)."""
-    if isinstance(projector, LoGraProjector):
-        if dropout_seed is not None:
-            raise TDAError("dropout ensembles are not supported with projection_kind='logra'; use a dense projection")
-        for rows, features in projector.iter_features(task.model, data, loss_fn, params, argument):
-            yield rows, check_finite(features, "per-sample gradients", data.ids[rows])
-        return
-    for rows, g in iter_per_sample_gradients(
-        task.model, task.tracked_names(), data.inputs, data.labels, loss_fn, params=params, max_memory=max_memory,
-        device=device, ids=data.ids, dropout_seed=dropout_seed, argument=argument,
-    ):
-        yield rows, projector.project(g) if projector is not None else g
+    source = projector if projector is not None else ExactGradients()
+    yield from source.features(task, data, loss_fn, params=params, max_memory=max_memory, device=device,
+                               dropout_seed=dropout_seed, argument=argument)

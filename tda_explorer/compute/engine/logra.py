@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from tda_explorer._validation import TDAError, as_device, check_positive_int
+from tda_explorer._validation import TDAError, as_device, check_finite, check_positive_int
 from tda_explorer.compute.engine.kfac import layer_activity, sandwich, tracked_layers
+from tda_explorer.compute.engine.projection import Projector
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
@@ -30,7 +31,7 @@ def _side(width: int, rank: int, seed: int) -> torch.Tensor:
     return torch.randn(width, rank, generator=gen) / rank**0.5
 
 
-class LoGraProjector:
+class LoGraProjector(Projector):
     """Projects each tracked Linear/Conv2d layer's per-example gradient to ``rank × rank`` features.
 
     Parameters
@@ -65,6 +66,15 @@ class LoGraProjector:
     def config(self) -> dict:
         return {"kind": self.kind, "rank": self.rank, "seed": self.seed, "dim_out": self.dim_out,
                 "layers": [name for name, _ in self.layers]}
+
+    def features(self, task, data, loss_fn, *, params=None, max_memory=None, device="cpu", dropout_seed=None,
+                 argument="inputs"):
+        """The layers' factored features, from hooks on one forward/backward per batch (no per-example gradient is
+        formed); dropout ensembles need the flat gradient, so they are refused."""
+        if dropout_seed is not None:
+            raise TDAError("dropout ensembles are not supported with projection_kind='logra'; use a dense projection")
+        for rows, features in self.iter_features(task.model, data, loss_fn, params, argument):
+            yield rows, check_finite(features, "per-sample gradients", data.ids[rows])
 
     def iter_features(self, model: torch.nn.Module, data: AttributionDataset,
                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -9,15 +9,58 @@ Scaled by 1/√k so that inner products are preserved in expectation (Johnson–
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from tda_explorer._validation import as_device, check_choice, check_positive_int
+from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
+
+if TYPE_CHECKING:
+    from tda_explorer.compute.engine.task import AttributionTask
+    from tda_explorer.data.dataset import AttributionDataset
 
 PROJECTION_KINDS = ("rademacher", "gaussian")
 _DENSE_CACHE: dict[tuple, torch.Tensor] = {}  # regenerating a seeded matrix is pure cost
 
 
-class RandomProjector:
+class Projector(ABC):
+    """How per-example gradient features are formed: the part the featurisation loop (``featurize.iter_features``)
+    is given, so a new kind of projection is one new subclass and touches nothing else.
+
+    ``features`` yields ``(rows, [chunk, dim] features)`` of ``loss_fn``'s per-example gradients of the task's
+    tracked parameters over ``data``; ``config()`` is what identifies the projection in cache keys.
+    """
+
+    kind: str = "exact"
+
+    @abstractmethod
+    def config(self) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def features(self, task: AttributionTask, data: AttributionDataset,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                 params: dict[str, torch.Tensor] | None = None, max_memory: int | None = None,
+                 device: torch.device | str = "cpu", dropout_seed: int | None = None, argument: str = "inputs",
+                 ) -> Iterator[tuple[slice, torch.Tensor]]: ...
+
+
+class ExactGradients(Projector):
+    """No projection: the per-example gradients themselves (``torch.func`` ``vmap(grad)``, chunked)."""
+
+    def config(self) -> None:
+        return None
+
+    def features(self, task, data, loss_fn, *, params=None, max_memory=None, device="cpu", dropout_seed=None,
+                 argument="inputs"):
+        yield from iter_per_sample_gradients(
+            task.model, task.tracked_names(), data.inputs, data.labels, loss_fn, params=params,
+            max_memory=max_memory, device=device, ids=data.ids, dropout_seed=dropout_seed, argument=argument)
+
+
+class RandomProjector(ExactGradients):
     """Projects ``[n, p]`` rows to ``[n, k]`` with a seeded Gaussian or Rademacher matrix.
 
     Parameters
@@ -52,6 +95,10 @@ class RandomProjector:
 
     def config(self) -> dict:
         return {"dim_in": self.dim_in, "dim_out": self.dim_out, "kind": self.kind, "seed": self.seed}
+
+    def features(self, task, data, loss_fn, **options):
+        for rows, gradients in super().features(task, data, loss_fn, **options):
+            yield rows, self.project(gradients)
 
     def _block(self, index: int) -> torch.Tensor:
         start = index * self.block_rows
