@@ -225,8 +225,8 @@ def load_minilm_classifier(n_classes: int, seed: int = 0) -> MiniLMClassifier:
 
 def quantize_linear_int8(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for CPU inference whose ``nn.Linear`` layers run in int8 (weights quantised per output
-    channel, activations per batch): about 1.7× faster for MiniLM on this CPU, its embeddings' top-4 retrieval F1
-    on the fact corpus 0.975 against 0.99 in float32 (per-tensor weights: 0.91, so per-channel it is)."""
+    channel, activations per batch; per-tensor weights lose more retrieval quality): benchmarks/README.md has the
+    speed and quality measured."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():  # torch ≥ 2.9 points to torchao for this eager-mode API, which it still runs
