@@ -24,6 +24,7 @@ from tda_explorer.compute.methods import available_methods, get_method
 from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.evaluate.trust import model_randomization
+from tda_explorer.experiments.scenario import Scenario
 from tda_explorer.flags import FlagStore
 from tda_explorer.jobs import BackgroundJob
 from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
@@ -77,15 +78,21 @@ class Session:
         self._predict()
 
     @classmethod
-    def from_experiment(cls, experiment, folder: str | Path = "tda_session", device: str = "cpu",
+    def from_experiment(cls, experiment: Scenario, folder: str | Path = "tda_session", device: str = "cpu",
                         retrain_seeds: int = 2) -> Session:
-        """A session over a built-in experiment (see ``tda_explorer.experiments.build_experiment``), able to retrain
-        without chosen examples (``what_if_removed``) with ``retrain_seeds`` paired seeds."""
-        session = cls(experiment.split.train, experiment.split.test, experiment.task(), folder, device,
+        """A session over a built-in scenario (``tda_explorer.experiments``: ``build_experiment``, the backdoor, fact
+        tracing), with what it supplies for methods' needs; one with a training recipe (``recipe()``) can also
+        retrain without chosen examples (``what_if_removed``) with ``retrain_seeds`` paired seeds."""
+        if not isinstance(experiment, Scenario):
+            raise TDAError(f"experiment must be a built-in scenario (train, test, task(), resources()), got "
+                           f"{type(experiment).__name__}")
+        session = cls(experiment.train, experiment.test, experiment.task(), folder, device,
                       resources=experiment.resources(device))
-        session.recipe = experiment.config
-        seeds = [experiment.config.seed + i for i in range(retrain_seeds)]
-        session.retrainer = Retrainer(experiment, seeds=seeds, cache_dir=session.folder / "retrain", device=device)
+        if hasattr(experiment, "recipe"):
+            recipe = experiment.recipe()
+            session.recipe = recipe.config
+            seeds = [recipe.config.seed + i for i in range(retrain_seeds)]
+            session.retrainer = Retrainer(recipe, seeds=seeds, cache_dir=session.folder / "retrain", device=device)
         return session
 
     def what_if_removed(self, train_ids: list) -> Any:

@@ -79,12 +79,12 @@ def test_backdoor_dda_beats_plain_and_the_explorer_shows_the_poisoned_images(tmp
 
     scenario = build_backdoor(seed=0)
     assert scenario.attack_success > 0.9 and int(scenario.poisoned.sum()) == 20
-    plain = get_method("grad-dot", scenario.task).fit(scenario.train).attribute(scenario.queries).scores
-    dda = get_method("dda", scenario.task, base_model=scenario.base_model, inner="grad-dot").fit(scenario.train)
+    plain = get_method("grad-dot", scenario.task()).fit(scenario.train).attribute(scenario.queries).scores
+    dda = get_method("dda", scenario.task(), base_model=scenario.base_model, inner="grad-dot").fit(scenario.train)
     scores = dda.attribute(scenario.queries).scores
     (auc, recall), (auc_dda, recall_dda) = (poisoned_auc_and_recall(s, scenario.poisoned) for s in (plain, scores))
     assert auc_dda > auc and recall_dda > recall
-    session = Session(scenario.train, scenario.queries, scenario.task, folder=tmp_path)
+    session = Session(scenario.train, scenario.queries, scenario.task(), folder=tmp_path)
     session.compute("dda", base_model=scenario.base_model, inner="if-ekfac")
     explorer = Explorer(session, k=5)
     explorer.state.test_id = scenario.queries.ids[0]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tda_explorer.compute.catalogue import Resources
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import get_method
 from tda_explorer.compute.models.reference import make_model
@@ -41,12 +42,23 @@ def add_trigger(images: torch.Tensor) -> torch.Tensor:
 class BackdoorScenario:
     """The fine-tuned model (with its fine-tuning checkpoints), the base model, the data and the positives."""
 
-    task: AttributionTask
+    fine_tuned: AttributionTask
     base_model: torch.nn.Module
     train: AttributionDataset
     queries: AttributionDataset
     poisoned: torch.Tensor  # bool [n_train]
     attack_success: float  # share of triggered held-out 3s classified as 8
+
+    @property
+    def test(self) -> AttributionDataset:
+        return self.queries
+
+    def task(self) -> AttributionTask:
+        return self.fine_tuned
+
+    def resources(self, device: str = "cpu") -> Resources:
+        """The fine-tuning checkpoints and the base model (what DDA's debias needs)."""
+        return {"checkpoints": dict, "base_model": lambda: {"base_model": self.base_model}}
 
 
 def build_backdoor(seed: int = 0, base_epochs: int = 50, fine_tune_epochs: int = 60) -> BackdoorScenario:
@@ -99,10 +111,11 @@ def evaluate_backdoor(method: str, seed: int = 0, device: str = "cpu", **options
     denoise around it."""
     scenario = build_backdoor(seed)
     t0 = time.perf_counter()
-    plain = get_method(method, scenario.task, device=device, **options).fit(scenario.train).attribute(scenario.queries)
+    attributor = get_method(method, scenario.task(), device=device, **options).fit(scenario.train)
+    plain = attributor.attribute(scenario.queries)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dda = get_method("dda", scenario.task, base_model=scenario.base_model, inner=method, inner_options=options,
+    dda = get_method("dda", scenario.task(), base_model=scenario.base_model, inner=method, inner_options=options,
                      device=device).fit(scenario.train).attribute(scenario.queries)
     dda_seconds = time.perf_counter() - t0
     auc, recall = poisoned_auc_and_recall(plain.scores, scenario.poisoned)
