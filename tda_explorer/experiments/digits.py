@@ -17,7 +17,7 @@ from tda_explorer.compute.methods.synset import Trajectory
 from tda_explorer.compute.models.reference import make_model
 from tda_explorer.compute.models.transformer import make_transformer
 from tda_explorer.compute.training.train import TrainConfig, TrainingRecord, replay_record, train_model
-from tda_explorer.data.dataset import AttributionDataset, DataSplit
+from tda_explorer.data.dataset import DataSplit
 from tda_explorer.data.digits import load_digits_split
 from tda_explorer.data.text import load_reviews_split
 from tda_explorer.retraining.retrainer import Recipe
@@ -43,13 +43,8 @@ class Experiment:
     config: TrainConfig
     record: TrainingRecord
 
-    @property
-    def train(self) -> AttributionDataset:
-        return self.split.train
-
-    @property
-    def test(self) -> AttributionDataset:
-        return self.split.test
+    train = property(lambda self: self.split.train, doc="The training set (``Scenario.train``).")
+    test = property(lambda self: self.split.test, doc="The test set (``Scenario.test``).")
 
     def factory(self, seed: int) -> torch.nn.Module:
         x = self.split.train.inputs

@@ -54,13 +54,8 @@ class FactExperiment:
     def model(self) -> TinyTransformer:
         return self.record.model
 
-    @property
-    def train(self) -> AttributionDataset:
-        return self.documents
-
-    @property
-    def test(self) -> AttributionDataset:
-        return self.queries
+    train = property(lambda self: self.documents, doc="The documents traced (``Scenario.train``).")
+    test = property(lambda self: self.queries, doc="The queries (``Scenario.test``).")
 
     def task(self) -> AttributionTask:
         return AttributionTask(self.model, checkpoints=self.record.checkpoints)
