@@ -1,10 +1,12 @@
 import json
 
 import pandas as pd
+import pytest
 
 from tda_explorer.cli import main
 
 
+@pytest.mark.slow  # trains models
 def test_demo_runs_and_writes_tables(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["demo", "--out", str(out), "--n-train", "300", "--n-test", "50", "--epochs", "15"]) == 0

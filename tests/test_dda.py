@@ -72,6 +72,7 @@ def test_dda_refusals_name_the_problem(tiny):
         get_method("dda", task, base_model=base, inner_options={"nope": 1})
 
 
+@pytest.mark.slow  # trains models
 def test_backdoor_dda_beats_plain_and_the_explorer_shows_the_poisoned_images(tmp_path):
     from tda_explorer.experiments.backdoor import build_backdoor, poisoned_auc_and_recall
     from tda_explorer.session import Session

@@ -42,6 +42,7 @@ def test_dvemb_equals_replayed_loo_on_a_linear_model_with_a_small_step(lr, max_e
     torch.testing.assert_close(torch.tensor(sums), predicted[0, :3], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow  # trains models
 def test_dvemb_tracks_replayed_loo_on_an_mlp_and_refuses_without_a_recording():
     exp = _experiment("mlp", lr=0.1, epochs=5)
     task, recording = _recorded(exp, projection_dim=None)

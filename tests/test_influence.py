@@ -118,6 +118,7 @@ def test_kronecker_factored_if_is_exact_for_one_example_on_a_linear_layer(method
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow  # trains models
 def test_ekfac_approximates_explicit_ggn_and_reuses_factors(digits_experiment):
     from scipy.stats import spearmanr
 
@@ -233,6 +234,7 @@ def test_astra_improves_on_its_ekfac_start_towards_the_exact_solution(digits_exp
         get_method("if-astra", task, momentum=1.5)
 
 
+@pytest.mark.slow  # trains models
 def test_lissa_converges_to_explicit_and_refuses_divergence(tiny_mlp, tiny_data):
     train, test = tiny_data
     task = AttributionTask(tiny_mlp, weight_decay=0.05)

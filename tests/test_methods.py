@@ -117,6 +117,7 @@ def _recorded_run(task, train, init, config):
     return recorder
 
 
+@pytest.mark.slow  # trains models
 def test_sign_agrees_with_actual_removal_on_convex_model():
     """Positive score = removal raises the test loss, checked by retraining without each example."""
     gen = torch.Generator().manual_seed(4)

@@ -92,6 +92,7 @@ def test_retrainer_refuses_bad_removals(small_experiment):
         retrainer.remove([[ids[0]]], fractions=[[1.5]])
 
 
+@pytest.mark.slow  # trains models
 def test_warm_starts_on_a_convex_model_and_worker_processes_give_the_same_answer():
     from dataclasses import replace
 

@@ -61,6 +61,7 @@ def test_session_tables_and_cache(digits_experiment, tmp_path):
         session.ranking(5, "grad-cos")
 
 
+@pytest.mark.slow  # trains models
 def test_experiment_sessions_supply_trajectories_and_recordings(digits_experiment, tmp_path):
     from tda_explorer.session import Session
 

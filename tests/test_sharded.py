@@ -29,6 +29,7 @@ def _stderr(done: subprocess.CompletedProcess) -> str:
     return done.stderr[:1500] + "\n[...]\n" + done.stderr[-1500:]
 
 
+@pytest.mark.slow  # trains models
 def test_two_gloo_processes_equal_one_and_a_killed_run_resumes(tmp_path):
     two = _run("featurize", "--out", str(tmp_path / "two"), *ARGS, torchrun=True)
     assert two.returncode == 0, _stderr(two)
@@ -52,6 +53,7 @@ def test_two_gloo_processes_equal_one_and_a_killed_run_resumes(tmp_path):
     assert other.returncode != 0 and "holds features of another run (fingerprint" in other.stderr
 
 
+@pytest.mark.slow  # trains models
 def test_score_reduces_over_shards_like_grad_dot(tmp_path, digits_experiment):
     from tda_explorer.experiments import build_experiment
 
@@ -71,6 +73,7 @@ def test_score_reduces_over_shards_like_grad_dot(tmp_path, digits_experiment):
     assert wrong.returncode == 2 and "was featurised from another model or data" in wrong.stderr
 
 
+@pytest.mark.slow  # trains models
 def test_two_processes_featurise_the_transformer_with_logra_like_one(tmp_path):
     args = ["--model", "transformer", "--n-train", "96", "--epochs", "1", "--projection-kind", "logra",
             "--projection-dim", "8", "--shard-rows", "32"]
