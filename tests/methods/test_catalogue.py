@@ -24,7 +24,7 @@ from tda_explorer.compute.catalogue import CATALOGUE, Family, build_arguments
 from tda_explorer.compute.methods import METHODS, Attributor, get_method
 from tda_explorer.errors import TDAError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _is_attributor(factory) -> bool:

@@ -17,7 +17,7 @@ pytest.importorskip("dattri_llm")
 
 
 def _peer_less():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_less.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_less.py"
     spec = importlib.util.spec_from_file_location("peer_less", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
