@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+# what the scenario supplies for methods' declared needs
 from tda_explorer.compute.catalogue import Resources
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import get_method
