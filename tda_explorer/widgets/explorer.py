@@ -49,7 +49,8 @@ class ComputeBar(W.VBox):
         self.form = W.VBox(layout=W.Layout(display="none"))
         lacking = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape('; '.join(lacks))}</li>"
                           for m, lacks in sorted(self.unavailable.items()))
-        self.lacking = W.HTML(f"<details class='tda-muted'><summary>{len(self.unavailable)} methods need more than "
+        self.lacking = W.HTML(f"<details class='tda-muted'><summary>{len(self.unavailable)} "
+                              f"{'method needs' if len(self.unavailable) == 1 else 'methods need'} more than "
                               f"this session has</summary><ul>{lacking}</ul></details>" if lacking else "")
         self.job: BackgroundJob | None = None
         self.run_button.on_click(lambda _b: self.start(self.choice.value))
