@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from tda_explorer.session import Session
 from tda_explorer.widgets.cards import ExampleCard
 from tda_explorer.widgets.state import ExplorerState
-from tda_explorer.widgets.theme import FigureView
+from tda_explorer.widgets.theme import FigureView, button_layout
 
 MAX_K = 15
 
@@ -23,9 +23,12 @@ class InfluenceBrowser(W.VBox):
 
     def __init__(self, session: Session, state: ExplorerState, interactive: bool | None = None):
         self.session, self.state = session, state
-        self.method = W.Dropdown(options=session.methods, description="method", layout=W.Layout(width="220px"))
+        # the dropdown starts on the state's method: a link copies the dropdown's value into the state first
+        start = state.method if state.method in session.methods else None
+        self.method = W.Dropdown(options=session.methods, value=start, description="method",
+                                 layout=W.Layout(width="220px"))
         self.k = W.IntSlider(value=state.k, min=1, max=MAX_K, description="k", layout=W.Layout(width="260px"))
-        self.export_button = W.Button(description="Save CSV", icon="download", layout=W.Layout(width="100px"))
+        self.export_button = W.Button(description="Save CSV", icon="download", layout=button_layout())
         self.export_button.add_class("tda-export-ranking")
         self.export_status = W.HTML()
         self.title = W.HTML()
@@ -49,7 +52,7 @@ class InfluenceBrowser(W.VBox):
         self.opponent_box = grid(self.opponents, "tda-opponents")
         self.proponent_box.add_class("tda-proponents")
         self.opponent_box.add_class("tda-opponents")
-        column = lambda title, box: W.VBox([W.HTML(title), box], layout=W.Layout(width="50%"))
+        column = lambda title, box: W.VBox([W.HTML(title), box], layout=W.Layout(width="50%", min_width="0"))
         super().__init__([
             W.HBox([self.method, self.k, self.export_button, self.export_status]),
             self.title,

@@ -21,7 +21,7 @@ def _shared(kind: str, width: int):
     if kind == "button_style":
         return W.ButtonStyle()
     if kind == "html_layout":
-        return W.Layout(max_width=f"{width * 2}px")
+        return W.Layout(width=f"{width}px")
     from ipywidgets.widgets.widget_string import HTMLStyle
 
     return HTMLStyle()
@@ -71,9 +71,11 @@ class ExampleCard(W.VBox):
                       f"{base64.b64encode(png).decode('ascii')}'/></div>")
         else:
             visual = text_html
+        lines = "".join(f"<div class='tda-caption-line' title='{html.escape(line, quote=True)}'>"
+                        f"{html.escape(line)}</div>" for line in caption.split("\n"))
         self.caption.value = (
             f"{visual}<div style='font-size:11px;line-height:1.2;text-align:center;color:var(--jp-ui-font-color1)'>"
-            f"{html.escape(caption).replace(chr(10), '<br>')}</div>{bar_html}"
+            f"{lines}</div>{bar_html}"
         )
         self.layout.display = None
 

@@ -34,7 +34,8 @@ class ComparePanel(W.VBox):
 
     def __init__(self, session: Session, state: ExplorerState, interactive: bool | None = None):
         self.session, self.state = session, state
-        self.a = W.Dropdown(options=session.methods, description="A", layout=W.Layout(width="200px"))
+        first = state.method if state.method in session.methods else None
+        self.a = W.Dropdown(options=session.methods, value=first, description="A", layout=W.Layout(width="200px"))
         self.b = W.Dropdown(options=session.methods, description="B", layout=W.Layout(width="200px"))
         W.link((self.a, "value"), (state, "compare_a"))
         W.link((self.b, "value"), (state, "compare_b"))
@@ -51,15 +52,18 @@ class ComparePanel(W.VBox):
         self.curve = FigureView(go.Figure(layout=dict(
             height=260, xaxis_title="epochs of further training", yaxis_title="cosine with further training",
             title=dict(text="agreement with further training from the final model", x=0))), interactive)
+        self.curve_note = W.HTML()
+        self.curve_box = W.Box([self.curve.widget])  # FigureWidget's own layout is plotly's: hide its box
         n = len(session.train)
         gen = torch.Generator().manual_seed(0)
         self._sample = torch.randperm(n, generator=gen)[: min(n, MAX_POINTS)]
         state.observe(lambda _c: self.refresh(), names=["test_id", "compare_a", "compare_b", "k"])
         super().__init__([W.HBox([self.a, self.b]), self.summary, W.HBox([self.scatter.widget, self.metrics]),
-                          self.stability, self.curve.widget])
+                          self.stability, self.curve_note, self.curve_box])
         self.add_class("tda-compare-panel")
-        if len(session.methods) > 1:
-            self.b.value = session.methods[1]
+        others = [m for m in session.methods if m != self.a.value]
+        if others:
+            self.b.value = others[0]
         self.refresh()
 
     def overlap(self) -> dict:
@@ -112,11 +116,16 @@ class ComparePanel(W.VBox):
     def _curve(self) -> None:
         """One line per method from ``session.further_training`` (``session.further_training_curve()``)."""
         frame = self.session.further_training
+        empty = frame is None or frame.empty
+        self.curve_box.layout.display = "none" if empty else None
+        self.curve_note.value = ("<span class='tda-muted'>agreement with further training from the final model: run "
+                                 "<code>session.further_training_curve()</code> to compare the methods with it</span>"
+                                 if empty else "")
+        if empty:
+            return
 
         def draw(fig):
             fig.data = []
-            if frame is None:
-                return
             for method, part in frame.groupby("method", sort=False):
                 fig.add_scatter(x=part["epochs"].tolist(), y=part["cosine"].tolist(), mode="lines+markers",
                                 name=html.escape(str(method)))

@@ -5,10 +5,25 @@ from __future__ import annotations
 import html
 
 import ipywidgets as W
+import torch
 
 from tda_explorer.session import Session
 from tda_explorer.widgets.cards import ExampleCard
 from tda_explorer.widgets.state import ExplorerState
+from tda_explorer.widgets.theme import button_layout
+
+
+def self_influence_rank(values: torch.Tensor, position: int) -> str:
+    """Where one example's self-influence stands in the training set, in words that mean the same for every method
+    (raw self-influence is in each method's own units): its rank and the share of examples at or above it."""
+    rank = int((values > values[position]).sum()) + 1
+    return f"(rank {rank} of {len(values)}, top {100 * rank / len(values):.0f}%)"
+
+
+def relabel_choice(label: int, predicted: int) -> int:
+    """The class the relabel control starts on: the prediction where the model disagrees with the given label, else
+    the given label itself (a correctly labelled example is not offered another class)."""
+    return int(predicted) if int(predicted) != int(label) else int(label)
 
 
 class TrainingDetail(W.VBox):
@@ -18,11 +33,11 @@ class TrainingDetail(W.VBox):
         self.session, self.state = session, state
         self.image = W.Image(format="png", layout=W.Layout(width="96px", height="96px"))
         self.info = W.HTML()
-        self.flag_button = W.Button(description="Flag", button_style="danger", layout=W.Layout(width="80px"))
-        self.unflag_button = W.Button(description="Unflag", layout=W.Layout(width="80px"))
+        self.flag_button = W.Button(description="Flag", button_style="danger", layout=button_layout())
+        self.unflag_button = W.Button(description="Unflag", layout=button_layout())
         self.relabel_to = W.Dropdown(options=[(n, c) for c, n in enumerate(session.train.class_names)],
-                                     layout=W.Layout(width="90px"))
-        self.relabel_button = W.Button(description="Relabel", button_style="warning", layout=W.Layout(width="80px"))
+                                     layout=W.Layout(width="auto", min_width="90px", flex="0 0 auto"))
+        self.relabel_button = W.Button(description="Relabel", button_style="warning", layout=button_layout())
         for b, name in ((self.flag_button, "flag"), (self.unflag_button, "unflag"), (self.relabel_button, "relabel")):
             b.add_class(f"tda-detail-{name}")
         self.flag_button.on_click(lambda _b: self.flag(True))
@@ -36,10 +51,11 @@ class TrainingDetail(W.VBox):
         super().__init__([
             W.HTML("<b>Training example</b>"),
             W.HBox([self.image, self.info]),
-            W.HBox([self.flag_button, self.unflag_button, self.relabel_to, self.relabel_button]),
+            W.HBox([self.flag_button, self.unflag_button, self.relabel_to, self.relabel_button],
+                   layout=W.Layout(flex_flow="row wrap")),
             W.HTML("<span class='tda-muted'>test examples it influences most (by |score|)</span>"),
             W.HBox(self.influenced, layout=W.Layout(flex_flow="row wrap")),
-        ])
+        ], layout=W.Layout(min_width="340px", flex="0 0 340px"))
         self.add_class("tda-training-detail")
         self.refresh()
 
@@ -59,9 +75,9 @@ class TrainingDetail(W.VBox):
         flagged = s.detail_train_id in flags.index and bool(flags.loc[s.detail_train_id, "flag"])
         relabel = flags.loc[s.detail_train_id, "relabel"] if s.detail_train_id in flags.index else None
         names = train.class_names
-        self_inf = "".join(
-            f"<br>self-influence ({html.escape(m)}): {float(v[pos]):.4g}" for m, v in session.self_influences.items()
-        )
+        self_inf = "".join(f"<br>self-influence ({html.escape(m)}): {float(v[pos]):.4g} "
+                           f"<span class='tda-muted'>{self_influence_rank(v, pos)}</span>"
+                           for m, v in session.self_influences.items())
         has_relabel = relabel is not None and str(relabel) != "<NA>"
         relabel_text = f" → relabelled {html.escape(names[int(relabel)])}" if has_relabel else ""
         text = "" if png else train.render_html(pos)
@@ -70,9 +86,7 @@ class TrainingDetail(W.VBox):
             f"predicted {html.escape(names[pred])}{relabel_text}{self_inf}<br>"
             f"{'<b>flagged</b>' if flagged else 'not flagged'}</div>"
         )
-        probs = session.train_probs[pos].clone()
-        probs[label] = -1
-        self.relabel_to.value = int(probs.argmax())
+        self.relabel_to.value = relabel_choice(label, pred)
         if s.method:
             table = session.influenced_tests(s.detail_train_id, s.method, len(self.influenced))
             for card, row in zip(self.influenced, table.itertuples()):

@@ -146,9 +146,10 @@ class Explorer(W.VBox):
         self.selection = SelectionPanel(session)
         self.tracing = TracingPanel(session)
         self.compute_bar = ComputeBar(session, self._methods_changed, method_config)
-        self.browser.method.value = self.state.method
+        self.browser.layout.flex = "1 1 auto"
+        self.browser.layout.min_width = "0"
         self.tabs = W.Tab([
-            W.VBox([self.picker, W.HBox([self.browser, self.detail])]),
+            W.VBox([self.picker, W.HBox([self.browser, self.detail], layout=W.Layout(width="100%"))]),
             W.VBox([self.mislabels, self.detail]),
             self.compare,
             self.selection,
@@ -156,9 +157,27 @@ class Explorer(W.VBox):
         ])
         for i, title in enumerate(("Browse", "Mislabels", "Compare", "Selection", "Tracing")):
             self.tabs.set_title(i, title)
+        self.tabs.observe(self._tab_changed, "selected_index")
         super().__init__([W.HTML(CSS), self.compute_bar, self.tabs])
         self.add_class("tda-explorer")
         self.state.test_id = session.test.ids[0]
+
+    def __repr__(self) -> str:
+        # What a notebook shows where the widget view is gone (reopened with the kernel still alive, or saved
+        # without widget state): how to get it back.
+        return (f"tda_explorer Explorer over {len(self.session.test)} test and {len(self.session.train)} training "
+                f"examples ({', '.join(self.session.methods)}). The interactive view is not shown here: run "
+                "display(explorer) with the variable holding it, or run this cell again.")
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = repr(self)  # whole: ipywidgets cuts the text at 110 characters
+        return bundle
+
+    def _tab_changed(self, change) -> None:
+        """On the Mislabels tab the detail panel shows the highlighted row, not what Browse opened last."""
+        if change["new"] == 1:
+            self.mislabels.refresh(follow=True)
 
     def refresh(self) -> None:
         """Show what was added to the session since (attributions, values, selections, tracing runs)."""

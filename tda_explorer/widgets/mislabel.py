@@ -12,9 +12,27 @@ import plotly.graph_objects as go
 from tda_explorer.jobs import BackgroundJob
 from tda_explorer.session import Session
 from tda_explorer.widgets.state import ExplorerState
-from tda_explorer.widgets.theme import FigureView
+from tda_explorer.widgets.theme import FigureView, button_layout
 
 PAGE = 10
+
+
+def padded_range(values: np.ndarray, pad: float = 0.05) -> list[float]:
+    """An axis range holding every value with ``pad`` of the span on each side (plotly's autorange can leave
+    points outside a figure that is later resized)."""
+    low, high = float(np.min(values)), float(np.max(values))
+    span = high - low or max(abs(high), 1.0)
+    return [low - pad * span, high + pad * span]
+
+
+def histogram_axis(scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The values a score histogram is drawn over: log10 of the scores when they are all positive and the largest is
+    over a hundred times the median (equal-width bins then put nearly every example in the first bar), else the
+    scores; and whether it is log."""
+    positive = scores[np.isfinite(scores)]
+    if len(positive) and (positive > 0).all() and positive.max() > 100 * np.median(positive):
+        return np.log10(scores), True
+    return scores, False
 
 
 class MislabelPanel(W.VBox):
@@ -28,12 +46,12 @@ class MislabelPanel(W.VBox):
         self.session, self.state = session, state
         self.method = W.Dropdown(options=list(session.self_influences), description="rank by",
                                  layout=W.Layout(width="240px"))
-        self.prev_button = W.Button(description="◀ previous", layout=W.Layout(width="100px"))
-        self.next_button = W.Button(description="next ▶", layout=W.Layout(width="100px"))
-        self.clear_button = W.Button(description="clear lasso", layout=W.Layout(width="100px"))
-        self.export_button = W.Button(description="Save CSV", icon="download", layout=W.Layout(width="100px"))
+        self.prev_button = W.Button(description="◀ previous", layout=button_layout())
+        self.next_button = W.Button(description="next ▶", layout=button_layout())
+        self.clear_button = W.Button(description="clear lasso", layout=button_layout())
+        self.export_button = W.Button(description="Save CSV", icon="download", layout=button_layout())
         self.what_if_button = W.Button(description="What if I remove the flagged?", icon="refresh",
-                                       layout=W.Layout(width="240px"),
+                                       layout=button_layout(),
                                        tooltip="retrain without the flagged examples (paired seeds) and compare")
         self.what_if = W.HTML()
         self.what_if_job = None
@@ -45,19 +63,24 @@ class MislabelPanel(W.VBox):
         self.list.add_class("tda-table")
         self.histogram = FigureView(go.Figure(
             [go.Histogram(name="all", marker_color="#7a7a7a", nbinsx=60),
-             go.Histogram(name="flagged", marker_color="#c62828", nbinsx=60)],
-            layout=dict(barmode="overlay", xaxis_title="suspicion score (method units)", yaxis_title="examples",
-                        showlegend=True, height=240),
+             go.Scatter(name="flagged", mode="markers", marker=dict(color="#c62828", symbol="triangle-up", size=9),
+                        hoverinfo="x")],
+            layout=dict(yaxis_title="examples", showlegend=True, height=260,
+                        legend=dict(orientation="h", y=1.12, x=0)),
         ), interactive)
         emb = session.embedding().numpy()
         labels = session.train.labels.numpy()
+        names = session.train.class_names
         self.scatter = FigureView(go.Figure(
             [go.Scattergl(x=emb[:, 0], y=emb[:, 1], mode="markers",
-                          marker=dict(color=labels, colorscale="Turbo", size=4, opacity=0.7),
-                          text=[html.escape(f"#{i} label {session.train.class_names[c]}")
-                                for i, c in zip(session.train.ids, labels)],
+                          marker=dict(color=labels, colorscale="Turbo", size=4, opacity=0.7, cmin=0,
+                                      cmax=max(len(names) - 1, 1), showscale=True,
+                                      colorbar=dict(title="given label", tickvals=list(range(len(names))),
+                                                    ticktext=[html.escape(str(n)) for n in names], thickness=10)),
+                          text=[html.escape(f"#{i} label {names[c]}") for i, c in zip(session.train.ids, labels)],
                           hoverinfo="text")],
-            layout=dict(dragmode="lasso", xaxis_title="PC 1", yaxis_title="PC 2", height=300,
+            layout=dict(dragmode="lasso", xaxis=dict(title="PC 1", range=padded_range(emb[:, 0])),
+                        yaxis=dict(title="PC 2", range=padded_range(emb[:, 1])), height=300,
                         title=dict(text="training inputs (PCA), coloured by given label — lasso to filter", x=0)),
         ), interactive)
         if self.scatter.interactive:
@@ -72,7 +95,8 @@ class MislabelPanel(W.VBox):
         state.observe(lambda _c: self.refresh(), names=["flags_revision"])
         super().__init__([
             W.HBox([self.method, self.prev_button, self.next_button, self.clear_button, self.export_button]),
-            self.status, self.list, W.HBox([self.histogram.widget, self.scatter.widget]),
+            self.status, self.list, W.HBox([W.Box([view.widget], layout=W.Layout(width="50%", min_width="0"))
+                                          for view in (self.histogram, self.scatter)], layout=W.Layout(width="100%")),
             W.HBox([self.what_if_button]), self.what_if,
         ])
         self.add_class("tda-mislabel-panel")
@@ -185,10 +209,13 @@ class MislabelPanel(W.VBox):
         self.list.value = ("<table><tr><th>rank</th><th></th><th>id</th><th>given</th><th>predicted</th>"
                            f"<th>suggested</th><th>score</th>{value_heads}<th>flag</th></tr>" + "".join(rows)
                            + "</table>")
-        flagged_scores = all_scores.loc[all_scores["flag"], "score"].to_numpy()
+        x, log = histogram_axis(all_scores["score"].to_numpy())
+        flagged = x[all_scores["flag"].to_numpy(dtype=bool)]
+        title = f"{self.state.mislabel_method} score" + (" (log10: the scores span decades)" if log else "")
 
         def draw(fig):
-            fig.data[0].x = all_scores["score"].to_numpy()
-            fig.data[1].x = flagged_scores
+            fig.data[0].x = x
+            fig.data[1].x, fig.data[1].y = flagged, np.zeros(len(flagged))
+            fig.layout.xaxis.title = html.escape(title)
 
         self.histogram.update(draw)

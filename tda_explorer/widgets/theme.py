@@ -20,7 +20,10 @@ CSS = """
 .tda-pos { background: var(--jp-success-color1, #2e7d32); }
 .tda-neg { background: var(--jp-error-color1, #c62828); }
 .tda-error { color: var(--jp-error-color1, #c62828); white-space: pre-wrap; font-family: var(--jp-code-font-family); }
-.tda-table table { border-collapse: collapse; font-size: 12px; color: var(--jp-ui-font-color1); }
+.tda-table { width: 100%; }
+.tda-table table { border-collapse: collapse; font-size: 12px; color: var(--jp-ui-font-color1); width: 100%; }
+.tda-caption-line { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.tda-explorer .widget-button, .tda-explorer .jupyter-button { flex-shrink: 0; }
 .tda-table td, .tda-table th { padding: 2px 6px; border-bottom: 1px solid var(--jp-border-color2); }
 .tda-table tr.tda-current-row { background: var(--jp-layout-color3); }
 </style>
@@ -32,6 +35,11 @@ LAYOUT = dict(
     margin=dict(l=50, r=10, t=30, b=40), height=260,
 )
 AXIS = dict(gridcolor="rgba(128,128,128,0.25)", zerolinecolor="rgba(128,128,128,0.6)")
+
+
+def button_layout(min_width: str = "70px") -> W.Layout:
+    """A button as wide as its label (never clipped when a neighbour grows), at least ``min_width``."""
+    return W.Layout(width="auto", min_width=min_width, flex="0 0 auto")
 
 
 def interactive_default() -> bool:
