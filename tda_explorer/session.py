@@ -57,7 +57,7 @@ class Session:
         self.train, self.test, self.task, self.device = train, test, task, device
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.flags = FlagStore(self.folder / "flags.sqlite")
+        self.flags = FlagStore(self.folder / "flags.sqlite", known_ids=train.ids)  # unknown ids are refused
         self.attributions: dict[str, Attribution] = {}
         self.self_influences: dict[str, torch.Tensor] = {}
         self.metrics: pd.DataFrame | None = None
