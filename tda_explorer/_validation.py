@@ -65,19 +65,59 @@ def check_finite(tensor: torch.Tensor, name: str, ids: Sequence[Any] | None = No
     return tensor
 
 
+def non_finite_ids(tensor: torch.Tensor, ids: Sequence[Any] | None = None, limit: int = 10) -> tuple[list, int]:
+    """The first ``limit`` ids (row positions without ``ids``) of rows of ``tensor`` with NaN or inf, and how many
+    such rows there are; ``([], 0)`` for a finite or non-floating tensor."""
+    if not tensor.is_floating_point() or tensor.dim() == 0 or len(tensor) == 0:
+        return [], 0
+    bad_rows = (~torch.isfinite(tensor.reshape(len(tensor), -1))).any(dim=1)
+    if not bad_rows.any():
+        return [], 0
+    rows = torch.nonzero(bad_rows).flatten().tolist()
+    return [rows[i] if ids is None else ids[rows[i]] for i in range(min(limit, len(rows)))], len(rows)
+
+
+def check_finite_rows(tensor: torch.Tensor, argument: str, ids: Sequence[Any] | None = None,
+                      what: str = "inputs") -> torch.Tensor:
+    """Raise naming ``argument`` and the first offending ids (row positions without ``ids``) if a row of
+    ``tensor`` (the ``what`` of ``argument``) has NaN or inf."""
+    bad, count = non_finite_ids(tensor, ids)
+    if count:
+        more = f" and {count - len(bad)} more" if count > len(bad) else ""
+        label = "ids" if ids is not None else "rows"
+        raise TDAError(f"{argument}: {what} have non-finite values (NaN or inf) for {label} {bad}{more}; "
+                       "fix or drop these examples")
+    return tensor
+
+
+def _check_accelerator(device: Any, dev: torch.device, name: str, available: bool, count: int) -> None:
+    if not available:
+        raise TDAError(f"device {device!r} requested but {name} is not available on this machine; use device='cpu'")
+    if dev.index is not None and dev.index >= count:
+        raise TDAError(f"device {device!r} does not exist: this machine has {count} {name} device(s), "
+                       f"{dev.type}:0..{dev.type}:{count - 1}")
+
+
 def as_device(device: str | torch.device | None) -> torch.device:
-    """Resolve ``device`` ('cpu', 'cuda', 'cuda:1', a torch.device or None for CPU)."""
+    """Resolve ``device`` ('cpu', 'cuda', 'cuda:1', 'mps', 'xpu', a torch.device or None for CPU), refusing an
+    accelerator this machine does not have."""
     if device is None:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise TDAError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TDAError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise TDAError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                       f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    if dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
-        raise TDAError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        available = torch.cuda.is_available()
+        _check_accelerator(device, dev, "CUDA", available, torch.cuda.device_count() if available else 0)
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        available = mps is not None and mps.is_available()
+        _check_accelerator(device, dev, "MPS (Apple GPU)", available, 1)
+    elif dev.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        available = xpu is not None and xpu.is_available()
+        _check_accelerator(device, dev, "XPU (Intel GPU)", available, xpu.device_count() if available else 0)
+    elif dev.type not in ("cpu", "meta"):
+        raise TDAError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'mps' or 'xpu'")
     return dev

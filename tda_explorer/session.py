@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tda_explorer._validation import TDAError
+from tda_explorer._validation import TDAError, as_device, check_finite_rows, check_positive_int
 from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.catalogue import Resources, method_spec
 from tda_explorer.compute.engine.attribution import Attribution
@@ -41,7 +41,7 @@ class Session:
     folder : str or Path
         Where the flag store and cached attributions live (created if missing).
     device : str
-        Where methods run.
+        Where methods run ('cpu', 'cuda', 'cuda:1', 'mps', 'xpu'); refused when this machine lacks it.
     resources : dict, optional
         What this session can supply for methods' needs (``compute.catalogue.NEEDS``): need name -> a function
         returning the options that satisfy it, e.g. ``{"recipe": lambda: {"model_factory": f, "train_config": c}}``.
@@ -54,6 +54,12 @@ class Session:
             if not isinstance(value, AttributionDataset):
                 raise TDAError(f"{name} must be an AttributionDataset, got {type(value).__name__}")
             value.check_class_labels(f"Session's {name} (labels, predictions and flags per example)")
+            check_finite_rows(value.inputs, name, value.ids)
+        if not isinstance(task, AttributionTask):
+            raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
+        as_device(device)
+        for name, value in (("train", train), ("test", test)):
+            _check_labels_fit_model(task.model, value, name)
         self.train, self.test, self.task, self.device = train, test, task, device
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -86,6 +92,7 @@ class Session:
         if not isinstance(experiment, Scenario):
             raise TDAError(f"experiment must be a built-in scenario (train, test, task(), resources()), got "
                            f"{type(experiment).__name__}")
+        as_device(device)
         session = cls(experiment.train, experiment.test, experiment.task(), folder, device,
                       resources=experiment.resources(device))
         if hasattr(experiment, "recipe"):
@@ -115,9 +122,10 @@ class Session:
         model = self.task.model
         was = model.training
         model.eval()
-        with torch.no_grad():
-            out_tr, out_te = model(self.train.inputs), model(self.test.inputs)
-        model.train(was)
+        try:
+            out_tr, out_te = _forward(model, self.train, "train"), _forward(model, self.test, "test")
+        finally:
+            model.train(was)
         self.train_probs = out_tr.softmax(1)
         self.train_predicted = out_tr.argmax(1)
         self.test_predicted = out_te.argmax(1)
@@ -181,7 +189,9 @@ class Session:
         }
 
     def ranking(self, test_id: Any, method: str, k: int = 10) -> pd.DataFrame:
-        """Top-k proponents (rank 1..k) and opponents (rank -1..-k) of ``test_id`` with labels and flags."""
+        """The top-k proponents (positive scores, rank 1..k) and top-k opponents (negative scores, rank -1..-k) of
+        ``test_id`` with labels and flags; fewer on a side when fewer training examples have that sign."""
+        k = check_positive_int(k, "k")
         self.test.positions([test_id], "test_id")
         df = self.attribution(method).to_dataframe(k=k, test_ids=[test_id])
         for col, values in self._train_columns(df["train_id"].tolist()).items():
@@ -213,7 +223,9 @@ class Session:
         return df
 
     def influenced_tests(self, train_id: Any, method: str, k: int = 5) -> pd.DataFrame:
-        """The test examples ``train_id`` supports (or opposes) most: ``test_id, score, label, predicted``."""
+        """The ``k`` test examples ``train_id`` supports (or opposes) most, by |score|: ``test_id, score, label,
+        predicted`` (the score's sign says which)."""
+        k = check_positive_int(k, "k")
         pos = self.train.positions([train_id], "train_id")[0]
         column = self.attribution(method).scores[:, pos]
         order = torch.argsort(column.abs(), descending=True)[:k]
@@ -378,3 +390,40 @@ class Session:
             "predicted": self.test_predicted.tolist(),
             "loss": self.test_loss.double().numpy(),
         })
+
+
+def _forward(model: torch.nn.Module, data: AttributionDataset, argument: str, rows: slice = slice(None),
+             ) -> torch.Tensor:
+    """The model's outputs on ``data.inputs[rows]`` (no gradients); a model failure is a TDAError naming
+    ``argument``, and the outputs must be class scores ``[n, n_outputs]``."""
+    inputs = data.inputs[rows]
+    try:
+        with torch.no_grad():
+            out = model(inputs)
+    except TDAError:
+        raise
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:  # shape / dtype / device mismatches
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TDAError(f"{argument}: the model failed on its inputs {tuple(inputs.shape[1:])} {inputs.dtype}: "
+                       f"{first}") from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or not out.is_floating_point():
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TDAError(f"task.model must return class scores [n, n_outputs] for a Session; on {argument} it "
+                       f"returned {shape}")
+    return out
+
+
+def _check_labels_fit_model(model: torch.nn.Module, data: AttributionDataset, argument: str) -> None:
+    """Refuse labels outside [0, the model's number of outputs), measured from one forward pass of a few examples."""
+    was = model.training
+    model.eval()
+    try:
+        width = _forward(model, data, argument, slice(0, 4)).shape[1]
+    finally:
+        model.train(was)
+    bad = torch.nonzero(data.labels >= width).flatten().tolist()
+    if bad:
+        ids = [data.ids[i] for i in bad[:10]]
+        more = f" and {len(bad) - len(ids)} more" if len(bad) > len(ids) else ""
+        raise TDAError(f"{argument}: labels must be class indices in [0, {width}) — the model has {width} outputs — "
+                       f"but ids {ids}{more} have labels up to {int(data.labels.max())}")

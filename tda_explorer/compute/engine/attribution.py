@@ -49,43 +49,75 @@ class Attribution:
             raise TDAError(f"test_id {test_id!r} does not exist; ids range like {self.test_ids[:3]}…")
         return self.scores[self._test_pos[test_id]]
 
-    def topk(self, test_id: Any, k: int = 10, kind: str = "proponents") -> tuple[list, torch.Tensor]:
-        """The ``k`` strongest proponents (highest scores) or opponents (lowest) of ``test_id``.
+    def topk(self, test_id: Any, k: int = 10, kind: str = "proponents", signed: bool = False,
+             ) -> tuple[list, torch.Tensor]:
+        """The ``k`` highest-scoring (``kind="proponents"``) or lowest-scoring (``"opponents"``) training examples of
+        ``test_id``, strongest first.
+
+        With ``signed=True`` only scores of the kind's sign count (proponents > 0, opponents < 0), so fewer than
+        ``k`` come back when fewer have that sign (what a ranking shows; ``to_dataframe`` ranks this way). Without
+        it, exactly ``min(k, n_train)`` come back whatever their sign (what removal experiments take out).
 
         Returns
         -------
         train_ids : list
-        scores : Tensor [k]
+        scores : Tensor [≤ k]
         """
         k = check_positive_int(k, "k")
         if kind not in ("proponents", "opponents"):
             raise TDAError(f"kind must be 'proponents' or 'opponents', got {kind!r}")
         row = self.row(test_id)
+        if signed:
+            proponents, opponents = signed_order(row, k)
+            idx = proponents if kind == "proponents" else opponents
+            return [self.train_ids[i] for i in idx.tolist()], row[idx]
         vals, idx = torch.topk(row, min(k, len(row)), largest=(kind == "proponents"))
         return [self.train_ids[i] for i in idx.tolist()], vals
 
     def to_dataframe(self, k: int | None = 10, test_ids: Sequence[Any] | None = None) -> pd.DataFrame:
         """Tidy ranking: one row per (test, train) pair with ``test_id, train_id, rank, score, method``.
 
-        ``rank`` 1 is the strongest proponent; with ``k`` only the top-k proponents and top-k
-        opponents of each test example are kept (opponents get negative ranks, -1 the strongest).
+        Proponents are the training examples with a positive score, ranked 1, 2, … from the strongest; opponents
+        those with a negative score, ranked -1, -2, … from the strongest (most negative). With ``k`` (a positive
+        integer) each test example keeps at most ``k`` of each, so fewer when fewer have that sign; with
+        ``k=None`` every pair is kept, scores of exactly 0 (or NaN) last with rank 0.
         """
+        if k is not None:
+            k = check_positive_int(k, "k")
         test_ids = self.test_ids if test_ids is None else list(test_ids)
-        frames = []
+        columns: dict[str, list] = {"test_id": [], "train_id": [], "rank": [], "score": []}
         for t in test_ids:
             row = self.row(t)
-            order = torch.argsort(row, descending=True)
-            n = len(order)
-            if k is None or 2 * k >= n:
-                pos, ranks = order, list(range(1, n + 1))
-            else:
-                pos = torch.cat([order[:k], order[-k:].flip(0)])
-                ranks = list(range(1, k + 1)) + [-r for r in range(1, k + 1)]
-            frames.append(pd.DataFrame({
-                "test_id": t,
-                "train_id": [self.train_ids[i] for i in pos.tolist()],
-                "rank": ranks,
-                "score": row[pos].cpu().double().numpy(),
-                "method": self.method,
-            }))
-        return pd.concat(frames, ignore_index=True)
+            proponents, opponents = signed_order(row, k)
+            parts = [proponents, opponents]
+            ranks = list(range(1, len(proponents) + 1)) + [-r for r in range(1, len(opponents) + 1)]
+            if k is None:
+                neutral = torch.nonzero(~((row > 0) | (row < 0))).flatten()
+                parts.append(neutral)
+                ranks += [0] * len(neutral)
+            pos = torch.cat(parts).tolist()
+            columns["test_id"] += [t] * len(pos)
+            columns["train_id"] += [self.train_ids[i] for i in pos]
+            columns["rank"] += ranks
+            columns["score"] += row[pos].cpu().double().tolist()
+        ids_dtype = None if columns["rank"] else object  # inferred as before; an empty table's are object
+        return pd.DataFrame({
+            "test_id": pd.Series(columns["test_id"], dtype=ids_dtype),
+            "train_id": pd.Series(columns["train_id"], dtype=ids_dtype),
+            "rank": pd.Series(columns["rank"], dtype="int64"),
+            "score": pd.Series(columns["score"], dtype="float64"),
+            "method": pd.Series([self.method] * len(columns["rank"]), dtype=ids_dtype),
+        })
+
+
+def signed_order(row: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the positive scores of ``row`` from the highest, and of the negative ones from the lowest (ties
+    in position order), each cut to ``k`` when given: a ranking's proponents and opponents."""
+    order = torch.argsort(row, descending=True, stable=True)
+    ranked = row[order]
+    proponents = order[ranked > 0]
+    opponents = torch.argsort(row, stable=True)
+    opponents = opponents[row[opponents] < 0]
+    if k is not None:
+        proponents, opponents = proponents[:k], opponents[:k]
+    return proponents, opponents

@@ -13,14 +13,14 @@ is tiny and degenerates to Grad-Dot, see methods.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from tda_explorer._validation import TDAError, check_choice
+from tda_explorer._validation import TDAError, check_choice, check_finite_rows
 from tda_explorer.compute.engine.losses import IGNORE, cross_entropy
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset
@@ -125,14 +125,41 @@ def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
 
 
+def _overflow(argument: str, ids: Sequence, tensors: list[torch.Tensor]) -> TDAError:
+    """The error for a batch whose per-example products overflowed: the ids of the rows (of ``ids``, the batch's)
+    with a value of ``tensors`` that is non-finite or whose square is (all of them when none stands out)."""
+    bad = torch.zeros(len(ids), dtype=torch.bool)
+    for t in tensors:
+        bad |= (~torch.isfinite(t.detach() * t.detach()).reshape(len(t), -1)).any(1).cpu()
+    rows = torch.nonzero(bad).flatten().tolist() or list(range(len(ids)))
+    named = [ids[r] for r in rows[:10]]
+    more = f" and {len(rows) - len(named)} more" if len(rows) > len(named) else ""
+    return TDAError(f"{argument}: per-sample gradients overflow (values too large for {tensors[0].dtype}) for ids "
+                    f"{named}{more}; rescale or drop these examples")
+
+
+def _batch_ids(ids: Sequence, start: int, patches: dict[str, torch.Tensor]) -> tuple[Sequence, int]:
+    """The ids of the batch whose patches are ``patches`` (it starts at row ``start``), and the next batch's start."""
+    stop = start + len(next(iter(patches.values())))
+    return ids[start:stop], stop
+
+
 def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: torch.Tensor,
                    losses: list[LossFn], batch_size: int, device: torch.device | str,
-                   params: dict[str, torch.Tensor] | None = None,
+                   params: dict[str, torch.Tensor] | None = None, *, argument: str | None = None,
+                   ids: Sequence | None = None,
                    ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
     """Per batch: each layer's input patches ``[B, in, T]``, and for each loss its output gradients
     ``[B, out, T]`` (one forward, one backward per loss; parameter gradients are never accumulated).
     With ``params`` the model runs on ``device`` with those parameters in place of its own (e.g. a
-    checkpoint's; ``{}``: its own, copied to ``device`` — the model itself is never moved)."""
+    checkpoint's; ``{}``: its own, copied to ``device`` — the model itself is never moved).
+
+    With ``argument`` (the caller's name for ``inputs``, e.g. ``"train"``) bad input is a ``TDAError`` naming it,
+    as for the gradient methods: non-finite inputs, outputs or output gradients with the first offending ``ids``
+    (row positions without them), and a model failure (shape / dtype / device mismatch) with the examples'
+    range; without it, errors propagate as raised."""
+    if argument is not None and ids is None:
+        ids = range(len(inputs))
     if params is not None:
         weights = {**dict(model.named_parameters()), **params}  # leaves that need grad keep layer outputs in the graph
         state = {**{k: v.to(device) for k, v in model.named_buffers()},
@@ -148,15 +175,31 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
         handles.append(module.register_forward_hook(hook))
     try:
         for start in range(0, len(inputs), batch_size):
-            x = inputs[start : start + batch_size].to(device)
-            with torch.enable_grad():
-                out = run(x)
-                outputs = [captured[name][1] for name, _ in layers]
-                patches = {name: _patches(module, captured[name][0]) for name, module in layers}
-                grads = []
-                for k, loss in enumerate(losses):
-                    g = torch.autograd.grad(loss(out, start).sum(), outputs, retain_graph=k < len(losses) - 1)
-                    grads.append({name: _output_grads(m, gi.detach()) for (name, m), gi in zip(layers, g)})
+            x = inputs[start : start + batch_size]
+            batch_ids = None if ids is None else ids[start : start + len(x)]
+            if argument is not None:
+                check_finite_rows(x, argument, batch_ids)
+            try:
+                x = x.to(device)
+                with torch.enable_grad():
+                    out = run(x)
+                    if argument is not None and isinstance(out, torch.Tensor):
+                        check_finite_rows(out.detach(), argument, batch_ids, "the model's outputs")
+                    outputs = [captured[name][1] for name, _ in layers]
+                    patches = {name: _patches(module, captured[name][0]) for name, module in layers}
+                    grads = []
+                    for k, loss in enumerate(losses):
+                        g = torch.autograd.grad(loss(out, start).sum(), outputs, retain_graph=k < len(losses) - 1)
+                        grads.append({name: _output_grads(m, gi.detach()) for (name, m), gi in zip(layers, g)})
+                        if argument is not None:
+                            for gi in grads[-1].values():
+                                check_finite_rows(gi, argument, batch_ids, "per-sample gradients")
+            except (RuntimeError, IndexError) as err:  # shape / dtype / device mismatches
+                if argument is None:
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise TDAError(f"{argument}: the model failed on examples {start}..{start + len(x) - 1} "
+                               f"(inputs {tuple(inputs.shape[1:])} {inputs.dtype}): {first}") from err
             yield patches, grads
     finally:
         for h in handles:
@@ -251,31 +294,38 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
     model.eval().to(device)
     rotated = None
     try:
-        factors = eigenbases(layer_covariances(task, train, fisher, batch_size, seed, device))
+        factors = eigenbases(layer_covariances(task, train, fisher, batch_size, seed, device, argument="train"))
         if corrected:
             factors, rotated = corrected_eigenvalues(task, train, factors, fisher, batch_size, seed, device, loss,
-                                                     dtype)
+                                                     dtype, argument="train")
     finally:
         model.train(was)
     if loss is not None and rotated is None:
-        rotated = rotated_gradients(task, factors, train, loss, batch_size, device, dtype)
+        rotated = rotated_gradients(task, factors, train, loss, batch_size, device, dtype, argument="train")
     return factors, rotated
 
 
 def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: str = "true", batch_size: int = 256,
                       seed: int = 0, device: torch.device | str = "cpu", params: dict | None = None,
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per tracked layer, the float64 means (A, S) of patch and output-gradient outer products (at ``params``)."""
+                      argument: str = "train") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per tracked layer, the float64 means (A, S) of patch and output-gradient outer products (at ``params``);
+    bad input is a ``TDAError`` naming ``argument`` (see ``layer_activity``)."""
     check_choice(fisher, "fisher", ("true", "empirical"))
     layers = tracked_layers(task)
     sampled, _ = _sampler(train, fisher, seed)
     n = len(train)
     covs: dict[str, list] = {name: [0, 0] for name, _ in layers}
-    for patches, (grads,) in layer_activity(task.model, layers, train.inputs, [sampled], batch_size, device, params):
+    start = 0
+    for patches, (grads,) in layer_activity(task.model, layers, train.inputs, [sampled], batch_size, device, params,
+                                            argument=argument, ids=train.ids):
+        batch_ids, start = _batch_ids(train.ids, start, patches)
         for name, module in layers:
             a, s = patches[name], grads[name]
-            covs[name][0] = covs[name][0] + _patch_covariance(a, module.bias is not None) / (n * a.shape[2])
-            covs[name][1] = covs[name][1] + _gram(s).double() / n
+            cov_a, cov_s = _patch_covariance(a, module.bias is not None), _gram(s).double()
+            if not (torch.isfinite(cov_a).all() and torch.isfinite(cov_s).all()):
+                raise _overflow(argument, batch_ids, [a, s])
+            covs[name][0] = covs[name][0] + cov_a / (n * a.shape[2])
+            covs[name][1] = covs[name][1] + cov_s / n
     return {name: (cov_a, cov_s) for name, (cov_a, cov_s) in covs.items()}
 
 
@@ -293,10 +343,11 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
                           fisher: str = "true", batch_size: int = 256, seed: int = 0,
                           device: torch.device | str = "cpu",
                           loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                          dtype: torch.dtype = torch.float32, params: dict | None = None,
+                          dtype: torch.dtype = torch.float32, params: dict | None = None, argument: str = "train",
                           ) -> tuple[list[LayerFactors], torch.Tensor | None]:
     """EK-FAC: the eigenvalues refitted in the factors' bases (mean over examples, at ``params``), and with ``loss``
-    each example's gradient of it in those bases, from the same forward pass."""
+    each example's gradient of it in those bases, from the same forward pass; bad input is a ``TDAError`` naming
+    ``argument`` (see ``layer_activity``)."""
     layers = tracked_layers(task)
     sampled, gen = _sampler(train, fisher, seed)  # the same sampled labels as for the covariances
     n = len(train)
@@ -304,29 +355,36 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
     losses = [sampled]
     if loss is not None:
         losses.append(lambda out, start: loss(out, train.labels[start : start + len(out)].to(out.device)))
-    chunks = []
-    for patches, grads in layer_activity(task.model, layers, train.inputs, losses, batch_size, device, params):
+    chunks, start = [], 0
+    for patches, grads in layer_activity(task.model, layers, train.inputs, losses, batch_size, device, params,
+                                         argument=argument, ids=train.ids):
+        batch_ids, start = _batch_ids(train.ids, start, patches)
         for f in factors:
             r = _rotated_layer_gradients(f, patches[f.name], grads[0][f.name])
-            lam[f.name] = lam[f.name] + (r**2).sum(0).double() / n
+            squares = (r**2).sum(0).double()
+            if not torch.isfinite(squares).all():
+                raise _overflow(argument, batch_ids, [r])
+            lam[f.name] = lam[f.name] + squares / n
         if loss is not None:
-            chunks.append(_rotate_batch(factors, patches, grads[1], dtype))
+            chunks.append(_rotate_batch(factors, patches, grads[1], dtype, argument, batch_ids))
     return [LayerFactors(f.name, f.q_a, f.q_s, lam[f.name]) for f in factors], torch.cat(chunks) if chunks else None
 
 
-def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype: torch.dtype) -> torch.Tensor:
+def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype: torch.dtype, argument: str,
+                  ids: Sequence) -> torch.Tensor:
     parts = []
     for f in factors:
         parts.append(_rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1).to(dtype))
-    return torch.cat(parts, dim=1)
+    return check_finite_rows(torch.cat(parts, dim=1), argument, ids, "per-sample gradients")
 
 
 def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 256,
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                      params: dict | None = None) -> torch.Tensor:
+                      params: dict | None = None, argument: str = "data") -> torch.Tensor:
     """Each example's gradient of ``loss`` in the Kronecker eigenbasis, ``[n, Σ out·in]`` (layers concatenated),
-    computed from hooks without materialising flat per-sample gradients (at ``params``: the model is not moved)."""
+    computed from hooks without materialising flat per-sample gradients (at ``params``: the model is not moved);
+    bad input is a ``TDAError`` naming ``argument`` (the caller's name for ``data``, e.g. ``"test"``)."""
     layers = dict(tracked_layers(task))
     model = task.model
     was = model.training
@@ -334,11 +392,12 @@ def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: 
     if params is None:
         model.to(device)
     per_example = lambda out, start: loss(out, data.labels[start : start + len(out)].to(out.device))
-    chunks = []
+    chunks, start = [], 0
     try:
         for patches, (grads,) in layer_activity(model, list(layers.items()), data.inputs, [per_example],
-                                                batch_size, device, params):
-            chunks.append(_rotate_batch(factors, patches, grads, dtype))
+                                                batch_size, device, params, argument=argument, ids=data.ids):
+            batch_ids, start = _batch_ids(data.ids, start, patches)
+            chunks.append(_rotate_batch(factors, patches, grads, dtype, argument, batch_ids))
     finally:
         model.train(was)
     return torch.cat(chunks)

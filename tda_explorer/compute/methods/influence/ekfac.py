@@ -125,10 +125,11 @@ class EKFACInfluence(Attributor):
     def _dtype(self) -> torch.dtype:
         return torch.float64 if next(self.task.model.parameters()).dtype == torch.float64 else torch.float32
 
-    def _hooked(self, data: AttributionDataset, loss) -> torch.Tensor:
-        """Eigenbasis coordinates of each example's gradient of ``loss`` (float64 for float64 models)."""
+    def _hooked(self, data: AttributionDataset, loss, argument: str = "test") -> torch.Tensor:
+        """Eigenbasis coordinates of each example's gradient of ``loss`` (float64 for float64 models); bad input is a
+        ``TDAError`` naming ``argument``."""
         return rotated_gradients(self.task, self.factors_, data, loss, self.args.batch_size, self.device,
-                                 self._dtype())
+                                 self._dtype(), argument=argument)
 
     def with_damping(self, damping: float) -> EKFACInfluence:
         """The same fitted factors with another damping (no refit); ``config()`` reports the new one."""
