@@ -275,7 +275,7 @@ class FlagStore:
                 for i in conflicts:
                     merged[i] = journal[i]
             elif behind:
-                damaged[str(self.path)] = (f"it lacks {len(behind)} acknowledged changes that the journal has "
+                damaged[str(self.path)] = (f"it lacks {len(behind)} changes that the journal has "
                                            f"(was {self.path.name}-wal lost?)")
             if journal_problem is None and journal is not None and len(ahead) > 1:
                 journal_problem = f"it lacks {len(ahead)} changes that the database has"
@@ -350,8 +350,9 @@ class FlagStore:
         for suffix in ("", "-wal", "-shm") if path == self.path else ("",):
             source = path.with_name(path.name + suffix)
             if source.exists():
+                empty_wal = suffix == "-wal" and source.stat().st_size == 0
                 os.replace(source, target.with_name(target.name + suffix))
-                if suffix != "-shm":
+                if suffix != "-shm" and not empty_wal:
                     kept.append(str(target.with_name(target.name + suffix)))
         _fsync_folder(path.parent)
         return kept

@@ -3,7 +3,7 @@
 import sqlite3
 
 from tda_explorer.cli import benchmark_module
-from tda_explorer.flags import FlagStore
+from tda_explorer.flags import FlagStore, journal_path
 
 _stress = benchmark_module("stress_flags")
 _audit, stress_flags = _stress._audit, _stress.stress_flags
@@ -11,8 +11,31 @@ _audit, stress_flags = _stress._audit, _stress.stress_flags
 
 def test_flag_store_survives_sigkill_during_writes(tmp_path):
     result = stress_flags(trials=3, writes=200, seed=1, folder=str(tmp_path))
-    assert result["acknowledged_writes"] > 0
+    assert result["acknowledged"] > 0 and result["acknowledged_writes"] == result["acknowledged"]
     assert result["lost"] == 0 and result["integrity_failures"] == 0
+    assert result["database_lost"] == 0 and result["journal_lost"] == 0  # each copy alone holds every write
+
+
+def test_flag_store_survives_sigkill_then_a_damaged_file(tmp_path):
+    result = stress_flags(trials=5, writes=150, seed=2, folder=str(tmp_path), damage=True)
+    assert [t["damage"] for t in result["per_trial"]] == list(_stress.DAMAGE_KINDS)
+    assert result["acknowledged"] > 0 and all(t["lost"] == 0 for t in result["per_trial"])
+    assert result["lost"] == 0 and result["integrity_failures"] == 0 and result["kept_aside_missing"] == 0
+    assert result["recovered"] >= 1 and set(result["by_damage"]) == set(_stress.DAMAGE_KINDS)
+    for trial in result["per_trial"]:
+        assert trial["recovered"] == (trial["message"] is not None) == trial["warned"]
+
+
+def test_damage_audit_sees_a_write_missing_from_the_journal(tmp_path):
+    db = tmp_path / "f.sqlite"
+    store = FlagStore(db)
+    store.flag(0)
+    store.relabel(0, 0)
+    store.close()
+    journal = journal_path(db)
+    journal.write_bytes(journal.read_bytes().splitlines(keepends=True)[0])  # the relabel is only in the database
+    assert _stress._missing(_stress._journal_rows(db), 2) == {1}
+    assert _stress._missing(_stress._db_rows(db)[0], 2) == set()
 
 
 def test_audit_counts_acknowledged_writes_that_are_missing(tmp_path):
