@@ -100,7 +100,7 @@ class InfluenceBrowser(W.VBox):
         train = session.train
         shown = {}
         for kind, cards in (("proponents", self.proponents), ("opponents", self.opponents)):
-            ids, scores = attribution.topk(s.test_id, s.k, kind)
+            ids, scores = attribution.topk(s.test_id, s.k, kind, signed=True)  # a proponent raises the loss
             shown[kind] = (ids, scores.tolist())
             scale = max(float(scores.abs().max()) if len(scores) else 1.0, 1e-12)
             for i, card in enumerate(cards):

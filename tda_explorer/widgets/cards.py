@@ -12,6 +12,26 @@ from functools import cache
 
 import ipywidgets as W
 
+CHAR_PX = 5.8  # width of one caption character at 11 px
+
+
+def shorten(text: str, chars: int) -> str:
+    """``text`` in at most ``chars`` characters, cut in the middle (ids differ at their ends: "#train-im…00054")."""
+    if len(text) <= chars:
+        return text
+    head = (chars - 1) // 2
+    return text[:head] + "…" + text[len(text) - (chars - 1 - head):]
+
+
+def fit_head(line: str, example_id, chars: int) -> list[str]:
+    """A caption's first line ("#<id> …") as the lines that show it in ``chars`` each: itself when it fits, else the
+    id on a line of its own (shortened in the middle) and the rest below it, whole."""
+    token = f"#{example_id}"
+    if len(line) <= chars or not line.startswith(token):
+        return [shorten(line, chars)]
+    rest = line[len(token):].lstrip(" ·")
+    return ["#" + shorten(str(example_id), chars - 1), shorten(rest, chars)]
+
 
 @cache
 def _shared(kind: str, width: int):
@@ -40,6 +60,7 @@ class ExampleCard(W.VBox):
 
     def __init__(self, css_class: str, buttons: tuple[str, ...] = ("select",), width: int = 96, image_px: int = 48):
         self.image_px = image_px
+        self.chars = max(8, int(width / CHAR_PX))
         self.caption = W.HTML(layout=_shared("html_layout", width), style=_shared("html_style", width))
         self.buttons = {}
         for label in buttons:
@@ -71,8 +92,10 @@ class ExampleCard(W.VBox):
                       f"{base64.b64encode(png).decode('ascii')}'/></div>")
         else:
             visual = text_html
-        lines = "".join(f"<div class='tda-caption-line' title='{html.escape(line, quote=True)}'>"
-                        f"{html.escape(line)}</div>" for line in caption.split("\n"))
+        first, *others = caption.split("\n")
+        shown = fit_head(first, example_id, self.chars) + [shorten(line, self.chars) for line in others]
+        title = html.escape(caption, quote=True)  # the whole caption on hover
+        lines = "".join(f"<div class='tda-caption-line' title='{title}'>{html.escape(text)}</div>" for text in shown)
         self.caption.value = (
             f"{visual}<div style='font-size:11px;line-height:1.2;text-align:center;color:var(--jp-ui-font-color1)'>"
             f"{lines}</div>{bar_html}"

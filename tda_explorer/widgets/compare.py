@@ -72,8 +72,9 @@ class ComparePanel(W.VBox):
         a, b = self.session.attribution(s.compare_a), self.session.attribution(s.compare_b)
         out = {}
         for kind in ("proponents", "opponents"):
-            ids_a, ids_b = set(a.topk(s.test_id, s.k, kind)[0]), set(b.topk(s.test_id, s.k, kind)[0])
-            out[kind] = len(ids_a & ids_b) / s.k
+            ids_a, ids_b = set(a.topk(s.test_id, s.k, kind, signed=True)[0]), set(b.topk(s.test_id, s.k, kind,
+                                                                                           signed=True)[0])
+            out[kind] = len(ids_a & ids_b) / max(len(ids_a), len(ids_b), 1)
         out["spearman"] = float(spearmanr(a.row(s.test_id).numpy(), b.row(s.test_id).numpy()).statistic)
         return out
 

@@ -17,7 +17,9 @@ def self_influence_rank(values: torch.Tensor, position: int) -> str:
     """Where one example's self-influence stands in the training set, in words that mean the same for every method
     (raw self-influence is in each method's own units): its rank and the share of examples at or above it."""
     rank = int((values > values[position]).sum()) + 1
-    return f"(rank {rank} of {len(values)}, top {100 * rank / len(values):.0f}%)"
+    share = 100 * rank / len(values)
+    return f"(rank {rank} of {len(values)}, top {share:.1f}%)" if share < 1 else \
+        f"(rank {rank} of {len(values)}, top {share:.0f}%)"
 
 
 def relabel_choice(label: int, predicted: int) -> int:

@@ -15,6 +15,7 @@ from tda_explorer.widgets.state import ExplorerState
 from tda_explorer.widgets.theme import FigureView, button_layout
 
 PAGE = 10
+CHART_WIDTH = 520  # px: two side by side in a notebook's width, wrapping below each other where it is narrower
 
 
 def padded_range(values: np.ndarray, pad: float = 0.05) -> list[float]:
@@ -65,7 +66,7 @@ class MislabelPanel(W.VBox):
             [go.Histogram(name="all", marker_color="#7a7a7a", nbinsx=60),
              go.Scatter(name="flagged", mode="markers", marker=dict(color="#c62828", symbol="triangle-up", size=9),
                         hoverinfo="x")],
-            layout=dict(yaxis_title="examples", showlegend=True, height=260,
+            layout=dict(yaxis_title="examples", showlegend=True, height=260, width=CHART_WIDTH,
                         legend=dict(orientation="h", y=1.12, x=0)),
         ), interactive)
         emb = session.embedding().numpy()
@@ -80,7 +81,7 @@ class MislabelPanel(W.VBox):
                           text=[html.escape(f"#{i} label {names[c]}") for i, c in zip(session.train.ids, labels)],
                           hoverinfo="text")],
             layout=dict(dragmode="lasso", xaxis=dict(title="PC 1", range=padded_range(emb[:, 0])),
-                        yaxis=dict(title="PC 2", range=padded_range(emb[:, 1])), height=300,
+                        yaxis=dict(title="PC 2", range=padded_range(emb[:, 1])), height=300, width=CHART_WIDTH,
                         title=dict(text="training inputs (PCA), coloured by given label — lasso to filter", x=0)),
         ), interactive)
         if self.scatter.interactive:
@@ -95,8 +96,8 @@ class MislabelPanel(W.VBox):
         state.observe(lambda _c: self.refresh(), names=["flags_revision"])
         super().__init__([
             W.HBox([self.method, self.prev_button, self.next_button, self.clear_button, self.export_button]),
-            self.status, self.list, W.HBox([W.Box([view.widget], layout=W.Layout(width="50%", min_width="0"))
-                                          for view in (self.histogram, self.scatter)], layout=W.Layout(width="100%")),
+            self.status, self.list,
+            W.HBox([self.histogram.widget, self.scatter.widget], layout=W.Layout(flex_flow="row wrap")),
             W.HBox([self.what_if_button]), self.what_if,
         ])
         self.add_class("tda-mislabel-panel")

@@ -27,6 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
+UX_NOTEBOOK = "newcomer.ipynb"
 ASSETS = REPO / "assets"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -47,12 +48,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: A newcomer's session: string ids, k = 10, the explorer asked to open on the second computed method.
+UX_CELLS = [
+    "from tda_explorer.data import AttributionDataset\n"
+    "from tda_explorer.experiments import build_experiment\n"
+    "from tda_explorer.session import Session\n"
+    "from tda_explorer.widgets import Explorer\n"
+    "exp = build_experiment('mlp', noise=0.1, n_train=400, n_test=60, epochs=15)\n"
+    "def named(data, prefix):\n"
+    "    return AttributionDataset(data.inputs, data.labels, [f'{prefix}-image-{i:05d}' for i in range(len(data))],\n"
+    "                              data.class_names, data.renderer, f'{prefix}-named')\n"
+    "session = Session(named(exp.split.train, 'train'), named(exp.split.test, 'test'), exp.task(), 'ux_session')\n"
+    "session.compute('grad-dot')\n"
+    "session.compute('tracin')",
+    "explorer = Explorer(session, method='tracin', k=10)\nexplorer",
+]
+
+
 @pytest.fixture
-def notebook_dir(tmp_path: Path) -> Path:
-    """A scratch folder holding a copy of the quickstart notebook (the repo stays clean)."""
+def notebook_dir(tmp_path: Path, request) -> Path:
+    """A scratch folder holding a copy of the quickstart notebook, or (``"ux"``) the newcomer's notebook above."""
     work = tmp_path / "nb"
     work.mkdir()
-    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
+    if getattr(request, "param", None) == "ux":
+        import nbformat
+
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in UX_CELLS])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+        nbformat.write(nb, work / UX_NOTEBOOK)
+    else:
+        shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
     return work
 
 
@@ -163,6 +188,37 @@ def _run_all_cells(page) -> None:
     pytest.fail("Run All Cells did not start the notebook")
 
 
+def _open_and_run(page, base: str, token: str, name: str):
+    """Open notebook ``name`` in JupyterLab, run every cell and wait for the explorer; returns its locator."""
+    page.set_default_timeout(30_000)
+    page.goto(f"{base}/lab/tree/{name}?token={token}")
+    page.wait_for_selector(".jp-Notebook")
+    # Kernel connected and idle before running everything: Run All before that clears the cells
+    # without running them. (The toolbar indicator reads "idle" before it connects; the status bar
+    # reads "No Kernel | Initializing", then "Python 3 (ipykernel) | Idle".)
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                 .some(e => /\\| Idle$/.test(e.innerText.trim()) && !/^No Kernel/.test(e.innerText.trim()))""",
+        timeout=60_000)
+    # Give the notebook the full width: close the left sidebar when it is open.
+    if page.locator("#jp-left-stack").is_visible():
+        page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()
+
+    _run_all_cells(page)
+
+    # Training + TracIn take 20-60 s on a small CPU machine; fail fast on a traceback.
+    explorer = page.locator(".tda-explorer")
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+    deadline = time.monotonic() + NOTEBOOK_TIMEOUT_S
+    while not explorer.is_visible():
+        if errors.count():
+            pytest.fail(f"the notebook raised:\n{errors.first.inner_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no .tda-explorer after {NOTEBOOK_TIMEOUT_S} s of Run All Cells")
+        time.sleep(0.5)
+    return explorer
+
+
 def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -172,32 +228,7 @@ def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Pat
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=VIEWPORT)
         try:
-            page.set_default_timeout(30_000)
-            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
-            page.wait_for_selector(".jp-Notebook")
-            # Kernel connected and idle before running everything: Run All before that clears the cells
-            # without running them. (The toolbar indicator reads "idle" before it connects; the status bar
-            # reads "No Kernel | Initializing", then "Python 3 (ipykernel) | Idle".)
-            page.wait_for_function(
-                """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
-                         .some(e => /\\| Idle$/.test(e.innerText.trim()) && !/^No Kernel/.test(e.innerText.trim()))""",
-                timeout=60_000)
-            # Give the notebook the full width: close the left sidebar when it is open.
-            if page.locator("#jp-left-stack").is_visible():
-                page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()
-
-            _run_all_cells(page)
-
-            # Training + TracIn take 20-60 s on a small CPU machine; fail fast on a traceback.
-            explorer = page.locator(".tda-explorer")
-            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
-            deadline = time.monotonic() + NOTEBOOK_TIMEOUT_S
-            while not explorer.is_visible():
-                if errors.count():
-                    pytest.fail(f"the notebook raised:\n{errors.first.inner_text()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no .tda-explorer after {NOTEBOOK_TIMEOUT_S} s of Run All Cells")
-                time.sleep(0.5)
+            explorer = _open_and_run(page, base, token, NOTEBOOK.name)
             proponents = ".tda-explorer .tda-proponents"
             page.wait_for_function(
                 "sel => [...document.querySelectorAll(sel + ' .tda-card')].some(c => c.offsetParent !== null)",
@@ -249,17 +280,113 @@ def test_explorer_select_and_flag(jupyter_lab, notebook_dir: Path, tmp_path: Pat
             page.locator(".tda-explorer .tda-mislabel-panel").first.scroll_into_view_if_needed()
             page.locator(".tda-explorer .tda-detail-flag:visible").first.click()
             assert _wait_flagged(db, current), f"train #{current} not flagged from the mislabel panel"
-            explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(ASSETS / "explorer_mislabels.png"))
 
             page.locator(".tda-explorer .lm-TabBar-tab", has_text="Compare").first.click()
             expect(page.locator(".tda-explorer .tda-compare-panel").first).to_contain_text("overlap",
                                                                                            timeout=20_000)
-            page.wait_for_timeout(800)
-            page.screenshot(path=str(ASSETS / "explorer_compare.png"))
         except BaseException:
             page.screenshot(path=str(tmp_path / "failure.png"))  # for a post-mortem; not in assets/
+            raise
+        finally:
+            browser.close()
+
+
+#: Every visible button whose label is wider than the button (clipped to "Fl…"), as "text (width < scroll)".
+CLIPPED_BUTTONS_JS = """root => [...root.querySelectorAll('button')]
+    .filter(b => b.offsetParent !== null && b.innerText.trim() && b.scrollWidth > b.clientWidth + 1)
+    .map(b => `${b.innerText.trim()} (${b.clientWidth} < ${b.scrollWidth})`)"""
+
+#: For every visible plotly chart: its x axis title, how many points it draws, the points outside its axes, and how
+#: many pixels of it lie beyond the right edge of the panel (cut off from view).
+CHARTS_JS = """root => [...root.querySelectorAll('.js-plotly-plot')].filter(g => g.offsetParent !== null).map(g => {
+    const full = g._fullLayout || {}, xr = (full.xaxis || {}).range, yr = (full.yaxis || {}).range;
+    let points = 0, outside = [];
+    for (const tr of (g._fullData || [])) {
+        const xs = tr.x ? Array.from(tr.x) : [], ys = tr.y ? Array.from(tr.y) : [];
+        points += Math.max(xs.length, ys.length);
+        if (!['scatter', 'scattergl'].includes(tr.type) || !xr || !yr) continue;
+        if ((full.xaxis || {}).type === 'category' || (full.yaxis || {}).type === 'category') continue;
+        xs.forEach((x, i) => {
+            const y = ys[i];
+            if (x < Math.min(...xr) || x > Math.max(...xr) || y < Math.min(...yr) || y > Math.max(...yr))
+                outside.push([tr.name, x, y]);
+        });
+    }
+    const title = ((full.xaxis || {}).title || {}).text || '';
+    const cut = Math.round(g.getBoundingClientRect().right - root.getBoundingClientRect().right);
+    const where = [];
+    for (let e = g; e && e !== root && where.length < 12; e = e.parentElement)
+        where.push([...e.classList].filter(c => c.startsWith('tda-') || c.startsWith('lm-mod')).join('.'));
+    const traces = (g._fullData || []).map(tr => tr.type + ':' + (tr.name || ''));
+    return {title, points, outside: outside.slice(0, 5), n_outside: outside.length, cut,
+            where: where.filter(w => w).join(' < '), traces};
+})"""
+
+
+def _check_view(page, scope: str, where: str, timeout_s: float = 15) -> list:
+    """No clipped button and no empty chart, point off its axes or chart past the panel's edge under ``scope``
+    (polled: plotly draws a figure widget some time after its tab is shown); returns the charts seen."""
+    root = page.locator(scope).first
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page.wait_for_timeout(300)
+        clipped, charts = root.evaluate(CLIPPED_BUTTONS_JS), root.evaluate(CHARTS_JS)
+        drawn = all(c["points"] > 0 and c["n_outside"] == 0 and c["cut"] <= 1 for c in charts)
+        if (drawn and not clipped) or time.monotonic() > deadline:
+            break
+    assert not clipped, f"{where}: buttons with clipped labels: {clipped}"
+    for chart in charts:
+        assert chart["points"] > 0, f"{where}: a chart is drawn empty: {chart}"
+        assert chart["n_outside"] == 0, f"{where}: points outside the axes: {chart}"
+        assert chart["cut"] <= 1, f"{where}: a chart reaches {chart['cut']} px past the panel's edge: {chart}"
+    return charts
+
+
+@pytest.mark.parametrize("notebook_dir", ["ux"], indirect=True)
+def test_string_ids_at_k10_nothing_clipped_off_axes_or_empty(jupyter_lab, notebook_dir: Path, tmp_path: Path):
+    """A newcomer's session (string ids, k = 10, method asked for): what the issue's browser trial found broken."""
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token = jupyter_lab
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        try:
+            explorer = _open_and_run(page, base, token, UX_NOTEBOOK)
+            proponents = ".tda-explorer .tda-proponents"
+            page.wait_for_function(
+                "sel => [...document.querySelectorAll(sel + ' .tda-card')].filter(c => c.offsetParent !== null)"
+                ".length === 10", arg=proponents)
+            # Explorer(method='tracin') is honoured although grad-dot was computed first.
+            method = page.locator(".tda-explorer .tda-influence-browser select").first
+            expect(method).to_have_value("tracin")
+            # Cards line up: every visible proponent card has the same height (captions never wrap).
+            heights = page.locator(f"{proponents} .tda-card").evaluate_all(
+                "cards => cards.filter(c => c.offsetParent !== null).map(c => c.offsetHeight)")
+            assert len(set(heights)) == 1, f"card heights differ: {heights}"
+            _wait_images(page, proponents)
+            _check_view(page, ".tda-explorer", "Browse")
+            explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
+            page.screenshot(path=str(ASSETS / "explorer_string_ids_k10.png"))
+
+            page.locator(".tda-explorer .lm-TabBar-tab", has_text="Mislabels").first.click()
+            panel = ".tda-explorer .tda-mislabel-panel"
+            expect(page.locator(panel).first).to_contain_text("suggested", timeout=20_000)
+            ranking = page.locator(f"{panel} select").first.input_value()
+            charts = _check_view(page, panel, "Mislabels")
+            assert len(charts) == 2, charts
+            assert any(c["title"].startswith(f"{ranking} score") for c in charts), (ranking, charts)
+            page.locator(panel).first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ASSETS / "explorer_mislabels.png"))
+
+            page.locator(".tda-explorer .lm-TabBar-tab", has_text="Compare").first.click()
+            compare = ".tda-explorer .tda-compare-panel"
+            expect(page.locator(compare).first).to_contain_text("overlap", timeout=20_000)
+            expect(page.locator(compare).first).to_contain_text("further_training_curve")  # why it has no chart
+            _check_view(page, compare, "Compare")
+            page.screenshot(path=str(ASSETS / "explorer_compare.png"))
+        except BaseException:
+            page.screenshot(path=str(tmp_path / "failure.png"))
             raise
         finally:
             browser.close()

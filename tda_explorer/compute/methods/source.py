@@ -119,7 +119,7 @@ class SOURCE(Attributor):
                     for f in self.segments_[-1][0]]
         final = self._params(self.checkpoints[-1].state_dict)
         flat = rotated_gradients(self.task, identity, test, self.task.test_measurement, self.batch_size,
-                                 self.device, torch.float64, final)
+                                 self.device, torch.float64, final, argument="test")
         out, offset = [], 0
         for f in identity:
             shape = (f.q_s.shape[0], f.q_a.shape[0])
