@@ -12,7 +12,7 @@ from functools import cache
 
 import ipywidgets as W
 
-CHAR_PX = 5.8  # width of one caption character at 11 px
+CHAR_PX = 6.4  # width of one caption character at 11 px (digits are the widest)
 
 
 def shorten(text: str, chars: int) -> str:
