@@ -6,18 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tda_explorer.session import Session
 from tda_explorer.widgets import Explorer
 from tda_explorer.widgets.detail import relabel_choice, self_influence_rank
 from tda_explorer.widgets.mislabel import histogram_axis, padded_range
 
 
 @pytest.fixture
-def session(digits_experiment, tmp_path):
-    session = Session.from_experiment(digits_experiment, folder=tmp_path)
-    session.compute("grad-dot")
-    session.compute("tracin")
-    return session
+def session(session_with):
+    return session_with("grad-dot", "tracin")
 
 
 def test_explorer_opens_on_the_method_asked_for_not_the_first_computed(session):

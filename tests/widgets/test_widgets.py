@@ -15,11 +15,8 @@ from tda_explorer.widgets import Explorer
 
 
 @pytest.fixture
-def session(digits_experiment, tmp_path):
-    session = Session.from_experiment(digits_experiment, folder=tmp_path)
-    session.compute("tracin")
-    session.compute("grad-dot")
-    return session
+def session(session_with):
+    return session_with("tracin", "grad-dot")
 
 
 @pytest.fixture
