@@ -48,6 +48,19 @@ def check_cancelled() -> None:
         raise JobCancelled(f"cancelled during {job.label!r}")
 
 
+def report_progress(fraction: float, label: str | None = None) -> None:
+    """Tell the job running on this thread how far its current stage is (0..1), and optionally what it does now;
+    its views are updated (no-op outside a job)."""
+    job = getattr(_current, "job", None)
+    if job is None:
+        return
+    stages = len(job.stages)
+    job.progress = (job._stage + min(max(float(fraction), 0.0), 1.0)) / stages
+    if label is not None:
+        job.label = label
+    job._notify()
+
+
 class BackgroundJob:
     """Runs ``stages`` (callables taking the previous stage's result) in a worker thread.
 
@@ -75,6 +88,7 @@ class BackgroundJob:
         self.state = "pending"  # pending, running, done, failed, cancelled
         self._cancel = threading.Event()
         self._future: Future | None = None
+        self._stage = 0  # index of the stage running (report_progress)
 
     @property
     def future(self) -> Future | None:
@@ -120,7 +134,7 @@ class BackgroundJob:
             for i, (label, fn) in enumerate(self.stages):
                 if self._cancel.is_set():
                     raise JobCancelled(f"cancelled before {label!r}")
-                self.label = label
+                self.label, self._stage = label, i
                 self._notify()
                 result = fn(result)
                 self.progress = (i + 1) / len(self.stages)

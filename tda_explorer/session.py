@@ -28,6 +28,7 @@ from tda_explorer.experiments.scenario import Scenario
 from tda_explorer.flags import FlagStore
 from tda_explorer.jobs import BackgroundJob
 from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
+from tda_explorer.retraining.own import FunctionRetrainer, RetrainFunction
 from tda_explorer.retraining.retrainer import Retrainer
 
 
@@ -46,10 +47,16 @@ class Session:
         What this session can supply for methods' needs (``compute.catalogue.NEEDS``): need name -> a function
         returning the options that satisfy it, e.g. ``{"recipe": lambda: {"model_factory": f, "train_config": c}}``.
         The task's checkpoints count without being listed.
+    retrain : callable (train_ids: list, seed: int) -> nn.Module, optional
+        Your own training function: makes "What if I remove the flagged?" and ``what_if_removed`` retrain your model
+        without chosen examples, paired over ``retrain_seeds`` (``retraining.own``).
+    retrain_seeds : sequence of int
+        The paired seeds (at least two: their spread is shown beside every effect).
     """
 
     def __init__(self, train: AttributionDataset, test: AttributionDataset, task: AttributionTask,
-                 folder: str | Path = "tda_session", device: str = "cpu", resources: Resources | None = None):
+                 folder: str | Path = "tda_session", device: str = "cpu", resources: Resources | None = None,
+                 retrain: RetrainFunction | None = None, retrain_seeds: Sequence[int] = (0, 1)):
         for name, value in (("train", train), ("test", test)):
             if not isinstance(value, AttributionDataset):
                 raise TDAError(f"{name} must be an AttributionDataset, got {type(value).__name__}")
@@ -76,7 +83,10 @@ class Session:
         self.further_training: pd.DataFrame | None = None  # method, epochs, cosine (further_training_curve)
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
-        self.retrainer: Retrainer | None = None  # makes "what if I remove these?" answerable
+        # makes "what if I remove these?" answerable
+        self.retrainer: Retrainer | FunctionRetrainer | None = None
+        if retrain is not None:
+            self.retrainer = FunctionRetrainer(retrain, train, test, task, retrain_seeds, device)
         self.recipe: TrainConfig | None = None  # the training recipe, when known (further training's defaults)
         self.resources: Resources = dict(resources or {})
         if task.checkpoints:
@@ -106,8 +116,8 @@ class Session:
         """Retrain without ``train_ids`` (paired with full models of the same seeds) and return the
         ``RemovalEffect``: the change of every test measurement, and of test accuracy."""
         if self.retrainer is None:
-            raise TDAError("this session cannot retrain: build it with Session.from_experiment(...) or set "
-                           "session.retrainer = Retrainer(experiment)")
+            raise TDAError("this session cannot retrain: pass Session(..., retrain=fn) with your training function "
+                           "fn(train_ids, seed) -> nn.Module, or build it with Session.from_experiment(...)")
         if not train_ids:
             raise TDAError("train_ids is empty: flag or select the training examples to remove first")
         return self.retrainer.remove([list(train_ids)])

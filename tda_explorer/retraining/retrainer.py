@@ -45,6 +45,17 @@ class RemovalEffect:
     full: torch.Tensor  # [n_test]: the paired full models' measurements (seed-averaged)
     accuracy_full: float
     accuracy_delta: torch.Tensor  # [n_groups]: test accuracy without the group minus with it
+    loss_delta_per_seed: torch.Tensor | None = None  # [n_seeds, n_groups]: mean test measurement change, per seed
+    accuracy_delta_per_seed: torch.Tensor | None = None  # [n_seeds, n_groups]: test accuracy change, per seed
+
+    def summary(self, group: int = 0) -> dict[str, float]:
+        """Group ``group``'s change of the mean test measurement and of test accuracy, each with its spread across
+        the paired seeds (NaN where the per-seed values were not kept, or with one seed)."""
+        spread = lambda per_seed: (float(per_seed[:, group].std()) if per_seed is not None and len(per_seed) > 1
+                                   else float("nan"))
+        return {"loss_delta": float(self.delta[group].mean()), "loss_delta_seed_std": spread(self.loss_delta_per_seed),
+                "accuracy_delta": float(self.accuracy_delta[group]),
+                "accuracy_delta_seed_std": spread(self.accuracy_delta_per_seed)}
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: ``group, group_size, test_id, delta``."""
@@ -215,17 +226,22 @@ class Retrainer:
             cached = load_tensors(self.cache_dir / f"retrain-{key}.pt")
             if cached is not None and "accuracy_delta" in cached:
                 return RemovalEffect(groups, test_ids, cached["delta"], self.seeds, float(cached["seconds"]),
-                                     cached["full"], float(cached["accuracy_full"]), cached["accuracy_delta"])
+                                     cached["full"], float(cached["accuracy_full"]), cached["accuracy_delta"],
+                                     cached.get("loss_delta_per_seed"), cached.get("accuracy_delta_per_seed"))
         t0 = time.perf_counter()
         delta = torch.zeros(len(groups), len(test_ids), dtype=torch.float64)
         accuracy_delta = torch.zeros(len(groups), dtype=torch.float64)
         full_values = torch.zeros(len(test_ids), dtype=torch.float64)
         accuracy_full = 0.0
-        for seed in self.seeds:
+        loss_per_seed = torch.zeros(len(self.seeds), len(groups), dtype=torch.float64)
+        accuracy_per_seed = torch.zeros(len(self.seeds), len(groups), dtype=torch.float64)
+        for s, seed in enumerate(self.seeds):
             values, correct = self._train(weights, seed)
             base_values, base_correct = self.full_measurements(seed)
+            loss_per_seed[s] = (values - base_values).mean(1)
+            accuracy_per_seed[s] = correct.mean(1) - base_correct.mean()
             delta += values - base_values
-            accuracy_delta += correct.mean(1) - base_correct.mean()
+            accuracy_delta += accuracy_per_seed[s]
             full_values += base_values
             accuracy_full += float(base_correct.mean())
         k = len(self.seeds)
@@ -234,9 +250,11 @@ class Retrainer:
         seconds = time.perf_counter() - t0
         if key is not None:
             save_tensors({"delta": delta, "seconds": seconds, "full": full_values, "accuracy_full": accuracy_full,
-                          "accuracy_delta": accuracy_delta}, self.cache_dir / f"retrain-{key}.pt",
+                          "accuracy_delta": accuracy_delta, "loss_delta_per_seed": loss_per_seed,
+                          "accuracy_delta_per_seed": accuracy_per_seed}, self.cache_dir / f"retrain-{key}.pt",
                          {"recipe": self.recipe.fingerprint(), "groups": len(groups)})
-        return RemovalEffect(groups, test_ids, delta, self.seeds, seconds, full_values, accuracy_full, accuracy_delta)
+        return RemovalEffect(groups, test_ids, delta, self.seeds, seconds, full_values, accuracy_full, accuracy_delta,
+                             loss_per_seed, accuracy_per_seed)
 
 
     def train_on(self, subsets: Sequence[Sequence[Any]]) -> RemovalEffect:

@@ -18,6 +18,11 @@ PAGE = 10
 CHART_WIDTH = 520  # px: two side by side in a notebook's width, wrapping below each other where it is narrower
 
 
+def seed_noise(std: float, unit: str = "") -> str:
+    """" ± s across seeds" for a spread that was measured (nothing for NaN): shown beside every what-if change."""
+    return "" if std != std else f" ± {std:.4g}{unit} across seeds"
+
+
 def padded_range(values: np.ndarray, pad: float = 0.05) -> list[float]:
     """An axis range holding every value with ``pad`` of the span on each side (plotly's autorange can leave
     points outside a figure that is later resized)."""
@@ -55,6 +60,9 @@ class MislabelPanel(W.VBox):
                                        layout=button_layout(),
                                        tooltip="retrain without the flagged examples (paired seeds) and compare")
         self.what_if = W.HTML()
+        self.what_if_progress = W.FloatProgress(value=0, min=0, max=1, layout=W.Layout(width="160px", display="none"))
+        self.what_if_cancel = W.Button(description="Cancel", layout=button_layout(), disabled=True)
+        self.what_if_cancel.on_click(lambda _b: self.what_if_job and self.what_if_job.cancel())
         self.what_if_job = None
         for b, name in ((self.prev_button, "prev"), (self.next_button, "next"), (self.export_button, "export"),
                         (self.what_if_button, "what-if")):
@@ -98,7 +106,7 @@ class MislabelPanel(W.VBox):
             W.HBox([self.method, self.prev_button, self.next_button, self.clear_button, self.export_button]),
             self.status, self.list,
             W.HBox([self.histogram.widget, self.scatter.widget], layout=W.Layout(flex_flow="row wrap")),
-            W.HBox([self.what_if_button]), self.what_if,
+            W.HBox([self.what_if_button, self.what_if_cancel, self.what_if_progress]), self.what_if,
         ])
         self.add_class("tda-mislabel-panel")
         if self.method.options:
@@ -134,22 +142,30 @@ class MislabelPanel(W.VBox):
         """Retrain without the flagged examples in the background; the summary appears when it is done."""
         flagged = self.session.flags.flagged_ids()
         if self.session.retrainer is None:
-            self.what_if.value = ("<span class='tda-muted'>this session cannot retrain (build it with "
-                                  "Session.from_experiment)</span>")
+            self.what_if.value = ("<span class='tda-muted'>this session cannot retrain: give it your training "
+                                  "function, Session(..., retrain=fn) with fn(train_ids, seed) -> model</span>")
             return None
         if not flagged:
             self.what_if.value = "<span class='tda-muted'>flag some training examples first</span>"
             return None
         self.what_if.value = f"<span class='tda-muted'>retraining without {len(flagged)} flagged examples…</span>"
-        self.what_if_button.disabled = True
+        self.what_if_button.disabled, self.what_if_cancel.disabled = True, False
+        self.what_if_progress.value, self.what_if_progress.layout.display = 0.02, None
         self.what_if_job = BackgroundJob([("retraining", lambda _: self.session.what_if_removed(flagged))],
                                          on_update=self._show_what_if).start()
         return self.what_if_job
 
     def _show_what_if(self, job) -> None:
+        self.what_if_progress.value = max(job.progress, 0.02)
         if not job.done:
+            if job.label.startswith("retrained"):
+                self.what_if.value = f"<span class='tda-muted'>{html.escape(job.label)}…</span>"
             return
-        self.what_if_button.disabled = False
+        self.what_if_button.disabled, self.what_if_cancel.disabled = False, True
+        self.what_if_progress.layout.display = "none"
+        if job.state == "cancelled":
+            self.what_if.value = "<span class='tda-muted'>retraining cancelled</span>"
+            return
         if job.state != "done":
             self.what_if.value = f"<span class='tda-error'>retraining failed: {html.escape(job.label)}</span>"
             return
@@ -158,13 +174,16 @@ class MislabelPanel(W.VBox):
         before, after = float(effect.full.mean()), float((effect.full + delta).mean())
         acc_before = effect.accuracy_full
         acc_after = acc_before + float(effect.accuracy_delta[0])
+        noise = effect.summary(0)
         order = delta.abs().argsort(descending=True)[:5].tolist()
         rows = "".join(f"<tr><td>#{html.escape(str(effect.test_ids[j]))}</td><td>{float(effect.full[j]):.3f} → "
                        f"{float(effect.full[j] + delta[j]):.3f}</td></tr>" for j in order)
         self.what_if.value = (
             f"<b>removing {len(effect.groups[0])} flagged examples</b> ({len(effect.seeds)} paired seeds): "
-            f"mean test loss {before:.4f} → {after:.4f} ({after - before:+.4f}), "
-            f"test accuracy {100 * acc_before:.1f}% → {100 * acc_after:.1f}%"
+            f"mean test loss {before:.4f} → {after:.4f} "
+            f"({after - before:+.4f}{seed_noise(noise['loss_delta_seed_std'])}), test accuracy "
+            f"{100 * acc_before:.1f}% → {100 * acc_after:.1f}%"
+            f"{seed_noise(100 * noise['accuracy_delta_seed_std'], ' points')}"
             f"<table><tr><th>most changed test points</th><th>loss</th></tr>{rows}</table>"
         )
 
