@@ -71,7 +71,7 @@ def ensemble_rows(cache_dir: str, model: str = "mlp") -> list[dict]:
 
     from tda_explorer import AttributionTask
     from tda_explorer.compute.methods import get_method
-    from tda_explorer.compute.methods.lora_ensemble import stored_bytes
+    from tda_explorer.compute.methods.plan import fitted_bytes as stored_bytes
     from tda_explorer.compute.training.lora import add_dropout
     from tda_explorer.compute.training.train import train_model
     from tda_explorer.evaluate import lds

@@ -21,6 +21,7 @@ from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fi
 from tda_explorer.compute.engine.stability import Stability, z_and_p
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import available_methods, get_method
+from tda_explorer.compute.methods.plan import Plan
 from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.evaluate.trust import model_randomization
@@ -169,6 +170,16 @@ class Session:
         save_tensors({"scores": attribution.scores, "self_influence": self_influence}, path)
         self.add(attribution, self_influence)
         return attribution
+
+    def plan(self, method: str, **config: Any) -> Plan:
+        """The estimated time and peak memory of ``compute(method, **config)`` on this session's data, measured by
+        running it on a few batches (``Attributor.plan``)."""
+        options = method_spec(method).fill(config, self.resources)
+        return get_method(method, self.task, device=self.device, **options).plan(self.train, self.test)
+
+    def is_cached(self, method: str, **config: Any) -> bool:
+        """Whether ``compute(method, **config)`` would load a cached result instead of computing."""
+        return self._cache_path(method, config).exists()
 
     def compute_async(self, method: str, on_update=None, **config: Any) -> BackgroundJob:
         """``compute`` in a background thread; returns the job (progress, cancel, error)."""

@@ -53,6 +53,7 @@ class ComputeBar(W.VBox):
                               f"{'method needs' if len(self.unavailable) == 1 else 'methods need'} more than "
                               f"this session has</summary><ul>{lacking}</ul></details>" if lacking else "")
         self.job: BackgroundJob | None = None
+        self.plan_ = None  # the last run's plan (Attributor.plan), shown while it computes
         self.run_button.on_click(lambda _b: self.start(self.choice.value))
         self.cancel_button.on_click(lambda _b: self.job and self.job.cancel())
         self.choice.observe(lambda _c: self._build_form(), "value")
@@ -95,17 +96,27 @@ class ComputeBar(W.VBox):
             self.progress.bar_style = "danger"
             self.message.value = error_html(str(err))
             raise
-        self.job = self.session.compute_async(method, on_update=self._update, **options)
+        self.plan_ = None
+        stages = [(f"computing {method}", lambda _: self.session.compute(method, **options))]
+        if not self.session.is_cached(method, **options):  # a plan first: time and memory, measured on a few batches
+            stages.insert(0, (f"planning {method}", lambda _: self._keep_plan(self.session.plan(method, **options))))
+        self.job = BackgroundJob(stages, self._update).start()
         return self.job
+
+    def _keep_plan(self, plan) -> None:
+        self.plan_ = plan
 
     def _update(self, job: BackgroundJob) -> None:
         self.progress.value = max(job.progress, 0.05)
         if not job.done:
+            if job.label.startswith("computing") and self.plan_ is not None:
+                self.message.value = f"<span class='tda-muted'>{html.escape(str(self.plan_))}</span>"
             return
         self.run_button.disabled, self.cancel_button.disabled = False, True
         if job.state == "done":
             self.progress.bar_style = "success"
-            self.message.value = "<span class='tda-muted'>done</span>"
+            planned = f" (planned: {html.escape(str(self.plan_))})" if self.plan_ is not None else ""
+            self.message.value = f"<span class='tda-muted'>done{planned}</span>"
             self.on_done()
         else:
             self.progress.bar_style = "danger"

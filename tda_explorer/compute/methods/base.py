@@ -27,6 +27,7 @@ from tda_explorer.compute.engine.featurize import ALL_KINDS, iter_features, make
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.engine.store import FeatureStore
 from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.methods.plan import Plan, estimate_plan
 from tda_explorer.compute.training.dropout_masks import mask_seed
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -99,6 +100,14 @@ class Attributor(ABC):
         """Self-influence ``[n_train]`` (larger = more surprising), never via an n×n matrix."""
         self._check_fitted()
         return self._self_influence().float().cpu()
+
+    def plan(self, train: AttributionDataset, test: AttributionDataset) -> Plan:
+        """Estimated time and peak memory of ``fit(train)`` + ``attribute(test)``, measured by running this method as
+        configured on a few batches (``methods.plan``), with gradient chunks sized to ``max_memory``."""
+        for name, data in (("train", train), ("test", test)):
+            if not isinstance(data, AttributionDataset):
+                raise TDAError(f"{name} must be an AttributionDataset, got {type(data).__name__}")
+        return estimate_plan(self, train, test)
 
     def config(self) -> dict[str, Any]:
         """The method's configuration (JSON-able): the task, the projection and the plain-valued options."""

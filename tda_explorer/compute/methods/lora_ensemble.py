@@ -15,17 +15,9 @@ import torch
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, create, option, register
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
+from tda_explorer.compute.methods.plan import fitted_bytes
 from tda_explorer.compute.training.lora import adapter_names, add_lora, train_adapters
 from tda_explorer.data.dataset import AttributionDataset
-
-
-def stored_bytes(attributor: Attributor) -> int:
-    """Bytes of the fitted state an attributor keeps (its tensors, and those in its lists and dicts)."""
-    total = 0
-    for value in vars(attributor).values():
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
-        total += sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
-    return total
 
 
 @dataclass
@@ -66,7 +58,7 @@ class LoRAEnsemble(Attributor):
                                    loss_fn=self.task.loss_fn, access=self.task.access)
             inner = create(self.inner, task, **{**shared_options(self.args), **self.inner_options})
             self.attributors_.append(inner.fit(train))
-        self.stored_bytes_ = sum(stored_bytes(a) for a in self.attributors_)
+        self.stored_bytes_ = sum(fitted_bytes(a) for a in self.attributors_)
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         return torch.stack([a.attribute(test).scores for a in self.attributors_]).mean(0)
