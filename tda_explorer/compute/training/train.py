@@ -49,11 +49,27 @@ class TrainConfig:
 
 @dataclass
 class Checkpoint:
-    """Parameters saved during training with the learning rate in force there."""
+    """Parameters saved during training with the learning rate in force there.
+
+    ``optimizer`` names the kind of optimizer whose steps led here ("sgd", "adam", "adamw", …: the class name in
+    lower case), and ``optimizer_state`` holds what it had accumulated, by parameter name (Adam/AdamW: ``exp_avg``,
+    ``exp_avg_sq``, ``step``, ``betas``, ``eps``; see ``compute.training.optimizer_state``). Methods that read the
+    update direction (TracIn) use them and never take an Adam run for SGD.
+    """
 
     state_dict: dict[str, torch.Tensor]
     learning_rate: float
     step: int
+    optimizer: str = "sgd"
+    optimizer_state: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, str) or not self.optimizer:
+            raise TDAError(f"optimizer must name the optimizer's kind ('sgd', 'adam', 'adamw', …), got "
+                           f"{self.optimizer!r}")
+        self.optimizer = self.optimizer.lower()
+        if self.optimizer_state is not None and not isinstance(self.optimizer_state, dict):
+            raise TDAError(f"optimizer_state must be a dict (or None), got {type(self.optimizer_state).__name__}")
 
 
 @dataclass
