@@ -9,6 +9,7 @@ lower is better (near 0: the scores depend on what the model learned).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,6 @@ import torch
 
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods import get_method
-from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.evaluate.metrics import _spearman_columns
 
@@ -30,7 +30,8 @@ def randomized_task(task: AttributionTask, seed: int = 0) -> AttributionTask:
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
     state = model.state_dict()
-    checkpoints = [Checkpoint(copy.deepcopy(state), c.learning_rate, c.step) for c in task.checkpoints]
+    # the run's optimizer kind and moments stay: only the parameters are randomised
+    checkpoints = [replace(c, state_dict=copy.deepcopy(state)) for c in task.checkpoints]
     return AttributionTask(model, checkpoints=checkpoints, measurement=task.measurement, parameters=task.parameters,
                            loss_fn=task.loss_fn, weight_decay=task.weight_decay, access=task.access)
 

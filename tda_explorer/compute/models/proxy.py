@@ -24,6 +24,7 @@ from torch import nn
 
 from tda_explorer._validation import TDAError, check_choice
 from tda_explorer.compute.engine.losses import cross_entropy
+from tda_explorer.compute.training.optimizer_state import capture_optimizer_state, optimizer_kind
 from tda_explorer.compute.training.train import (
     Checkpoint,
     TrainConfig,
@@ -80,7 +81,9 @@ def distill(student: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, teac
             optimizer.step()
         if epoch in epochs_at:
             state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            record.checkpoints.append(Checkpoint(state, config.lr, step=epoch * steps_per_epoch))
+            record.checkpoints.append(Checkpoint(state, config.lr, step=epoch * steps_per_epoch,
+                                                 optimizer=optimizer_kind(optimizer),
+                                                 optimizer_state=capture_optimizer_state(student, optimizer)))
     student.eval()
     return record
 

@@ -191,6 +191,23 @@ class EnsembleTrainer:
                 _optimizer_step(self.optimizer, self.params, grads)
         return self.params
 
+    def optimizer_state(self, member: int = 0) -> dict | None:
+        """Model ``member``'s Adam moments now, by parameter name, on the CPU (what an Adam-aware score needs at a
+        checkpoint: ``Checkpoint.optimizer_state``); None for SGD."""
+        if self.config.optimizer == "sgd":
+            return None
+        group = self.optimizer.param_groups[0]
+        moments: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
+        step = 0
+        for name, p in self.params.items():
+            held = self.optimizer.state.get(p, {})
+            for key in moments:
+                value = held.get(key)
+                moments[key][name] = (torch.zeros_like(p[member], device="cpu") if value is None
+                                      else value[member].detach().to("cpu", copy=True))
+            step = int(held["step"]) if "step" in held else step
+        return {**moments, "step": step, "betas": tuple(float(b) for b in group["betas"]), "eps": float(group["eps"])}
+
 
 def train_ensemble(
     model_factory: Callable[[int], nn.Module],
@@ -308,9 +325,8 @@ def train_model(
         params = trainer.run(epoch - done)
         bar.update(epoch - done)
         done = epoch
-        record.checkpoints.append(
-            Checkpoint(unstack(params, 0), config.lr, step=done * steps_per_epoch)
-        )
+        record.checkpoints.append(Checkpoint(unstack(params, 0), config.lr, step=done * steps_per_epoch,
+                                             optimizer=config.optimizer, optimizer_state=trainer.optimizer_state(0)))
     bar.close()
     record.model.load_state_dict(unstack(params, 0))
     record.model.eval()
