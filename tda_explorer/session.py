@@ -19,7 +19,7 @@ from tda_explorer.compute.catalogue import Resources, method_spec
 from tda_explorer.compute.engine.attribution import Attribution
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.engine.stability import Stability, z_and_p
-from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.engine.task import AttributionTask, predict
 from tda_explorer.compute.methods import available_methods, get_method
 from tda_explorer.compute.methods.plan import Plan
 from tda_explorer.compute.training.train import TrainConfig
@@ -130,13 +130,16 @@ class Session:
 
     # -- predictions ----------------------------------------------------------------------
     def _predict(self) -> None:
-        model = self.task.model
-        was = model.training
-        model.eval()
-        try:
-            out_tr, out_te = _forward(model, self.train, "train"), _forward(model, self.test, "test")
-        finally:
-            model.train(was)
+        """Predictions on both splits, batch by batch on the session's device (tensor or dict inputs, in memory or
+        read lazily); the logits must be class scores ``[n, n_outputs]``."""
+        outputs = []
+        for name, data in (("train", self.train), ("test", self.test)):
+            out = predict(self.task, data, self.device, argument=name)
+            if out.dim() != 2:
+                raise TDAError(f"task.model must return class scores [n, n_outputs] for a Session; on {name} it "
+                               f"returned {tuple(out.shape)}")
+            outputs.append(out)
+        out_tr, out_te = outputs
         self.train_probs = out_tr.softmax(1)
         self.train_predicted = out_tr.argmax(1)
         self.test_predicted = out_te.argmax(1)

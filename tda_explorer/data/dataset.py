@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import html
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from tda_explorer._validation import TDAError
+from tda_explorer.data.batching import to_device
 from tda_explorer.data.renderers import Renderer, RowRenderer
 
 IGNORE = -100  # a sequence target left out of the loss (PyTorch's ignore_index)
@@ -19,6 +21,10 @@ IGNORE = -100  # a sequence target left out of the loss (PyTorch's ignore_index)
 @dataclass
 class AttributionDataset:
     """Inputs and labels of one split, each example with a stable id.
+
+    This is the in-memory dataset (one input tensor, the fast path). ``AttributionDataset.from_torch(dataset)`` wraps
+    any map-style torch ``Dataset`` instead, read lazily in batches (tensor, tuple or dict items). The engine reads
+    both through ``batches``.
 
     Parameters
     ----------
@@ -42,25 +48,33 @@ class AttributionDataset:
     class_names: list[str] | None = None
     renderer: Renderer | None = None
     name: str = "dataset"
+    batch_size: ClassVar[int] = 512  # rows per batch of ``batches()`` when none is asked for
     _index: dict = field(default_factory=dict, init=False, repr=False)
     _thumbnails: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, torch.Tensor):
             self.inputs = torch.as_tensor(np.asarray(self.inputs), dtype=torch.float32)
+        self._setup(len(self.inputs), "inputs")
+
+    def _setup(self, n: int, what: str) -> None:
+        """Check and normalise labels, class names, ids and the renderer for ``n`` examples (``what`` names them)."""
         if not isinstance(self.labels, torch.Tensor):
-            self.labels = torch.as_tensor(np.asarray(self.labels))
+            try:
+                self.labels = torch.as_tensor(np.asarray(self.labels))
+            except (TypeError, ValueError, RuntimeError):
+                raise TDAError(f"labels must be integer class indices, got {type(self.labels).__name__} of "
+                               f"{type(next(iter(self.labels), None)).__name__}") from None
         if self.labels.dim() not in (1, 2):
             raise TDAError(
                 f"labels must be class labels [n] or sequence targets [n, T], got shape {tuple(self.labels.shape)}"
             )
-        if len(self.inputs) != len(self.labels):
+        if n != len(self.labels):
             raise TDAError(
-                f"inputs and labels must have the same length, got {len(self.inputs)} inputs and "
-                f"{len(self.labels)} labels"
+                f"{what} and labels must have the same length, got {n} {what} and {len(self.labels)} labels"
             )
-        if len(self.inputs) == 0:
-            raise TDAError(f"dataset {self.name!r} is empty: inputs has 0 examples")
+        if n == 0:
+            raise TDAError(f"dataset {self.name!r} is empty: {what} has 0 examples")
         if self.labels.is_floating_point():
             raise TDAError("labels must be integer class indices, got a floating-point tensor")
         self.labels = self.labels.long()
@@ -85,6 +99,50 @@ class AttributionDataset:
             self.renderer = RowRenderer()
         if self.renderer.kind == "text":
             self.renderer = self.renderer.bind(self.ids)
+
+    @classmethod
+    def from_torch(cls, dataset: Any, collate_fn: Callable[[list], Any] | None = None, ids: Sequence[Any] | None = None,
+                   labels: Any = None, class_names: list[str] | None = None, renderer: Renderer | None = None,
+                   batch_size: int = 64, name: str = "dataset", num_workers: int = 0) -> AttributionDataset:
+        """Any map-style ``torch.utils.data.Dataset``, read lazily in batches (see ``TorchAttributionDataset``).
+
+        Items may be tensors, tuples ``(inputs, label, ...)`` or dicts (``{"input_ids": ..., "labels": ...}``);
+        ``collate_fn`` batches them (default: torch's ``default_collate``). Labels are read once: from ``labels`` or,
+        when it is None, from the items (a tuple's second element, a dict's ``"labels"`` or ``"label"``).
+        """
+        from tda_explorer.data.torch_dataset import TorchAttributionDataset
+
+        return TorchAttributionDataset(dataset, collate_fn, ids, labels, class_names, renderer, batch_size, name,
+                                       num_workers)
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the inputs are one in-memory tensor (``inputs``), rather than items read lazily in batches."""
+        return True
+
+    def batches(self, batch_size: int | None = None, rows: Sequence[int] | None = None,
+                device: str | torch.device | None = None) -> Iterator[tuple[slice | torch.Tensor, Any, torch.Tensor]]:
+        """Yield ``(rows, inputs, labels)`` batches in order: the access rule the engine uses for every dataset.
+
+        ``rows`` is a slice (all rows, in order) or an index tensor (when ``rows`` positions are asked for);
+        ``inputs`` is a tensor or a dict of tensors, moved to ``device`` with the labels when it is given.
+        """
+        size = self.batch_size if batch_size is None else batch_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise TDAError(f"batch_size must be a positive integer, got {size!r}")
+        if rows is None:
+            for start in range(0, len(self), size):
+                index = slice(start, min(start + size, len(self)))
+                yield index, to_device(self.inputs[index], device), to_device(self.labels[index], device)
+            return
+        positions = torch.as_tensor(list(rows), dtype=torch.long)
+        for start in range(0, len(positions), size):
+            index = positions[start : start + size]
+            yield index, to_device(self.inputs[index], device), to_device(self.labels[index], device)
+
+    def example(self, position: int) -> Any:
+        """The inputs of the example at ``position``, unbatched (a tensor, or a dict of tensors)."""
+        return self.inputs[position]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -155,7 +213,11 @@ class AttributionDataset:
         """The example at ``position`` as an HTML fragment."""
         if self.renderer.kind == "text":
             return self.renderer.to_html(self.ids[position])
-        return self.renderer.to_html(self.inputs[position])
+        example = self.example(position)
+        if isinstance(example, Mapping):  # dict inputs: each key's first values
+            return "<br>".join(f"<code>{html.escape(str(k))}: {html.escape(_first_values(v))}</code>"
+                               for k, v in example.items())
+        return self.renderer.to_html(example)
 
     def thumbnail(self, position: int) -> bytes | None:
         """The example at ``position`` as PNG bytes (cached), or None for non-image data."""
@@ -166,8 +228,17 @@ class AttributionDataset:
         if png is None:
             if len(cache) >= 4096:
                 cache.pop(next(iter(cache)))
-            png = cache[position] = self.renderer.to_png(self.inputs[position])
+            png = cache[position] = self.renderer.to_png(self.example(position))
         return png
+
+
+def _first_values(value: Any, limit: int = 8) -> str:
+    """The first ``limit`` values of a tensor, as text (``101, 7, 42, …``)."""
+    if not isinstance(value, torch.Tensor):
+        return str(value)
+    flat = value.detach().cpu().flatten()
+    shown = [f"{v:.3g}" if flat.is_floating_point() else str(v) for v in flat[:limit].tolist()]
+    return ", ".join(shown) + (", …" if len(flat) > limit else "")
 
 
 @dataclass

@@ -39,12 +39,15 @@ def make_projector(task: AttributionTask, projection_dim: int | None, kind: str 
 
 
 def iter_features(task: AttributionTask, data: AttributionDataset,
-                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], projector: Projector | None = None,
+                  loss_fn: Callable[..., torch.Tensor], projector: Projector | None = None,
                   *, params: dict[str, torch.Tensor] | None = None, max_memory: int | None = None,
                   device: torch.device | str = "cpu", dropout_seed: int | None = None, argument: str = "inputs",
                   ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, features)``: per-example gradients of ``loss_fn`` w.r.t. the tracked parameters, projected
-    by ``projector`` (LoGra from layer hooks; a dense projector after ``vmap`` gradients; none: exact)."""
+    by ``projector`` (LoGra from layer hooks; a dense projector after ``vmap`` gradients; none: exact).
+
+    ``data`` is read batch by batch (``data.batches``): an in-memory tensor dataset or one from ``from_torch`` with
+    tensor or dict inputs; ``loss_fn`` is a ``(logits, targets)`` loss or the task's own (``task.train_loss``)."""
     source = projector if projector is not None else ExactGradients()
     yield from source.features(task, data, loss_fn, params=params, max_memory=max_memory, device=device,
                                dropout_seed=dropout_seed, argument=argument)

@@ -1,16 +1,21 @@
-"""Per-sample gradients with ``torch.func`` (``functional_call`` + ``vmap(grad)``), chunked."""
+"""Per-sample gradients with ``torch.func`` (``functional_call`` + ``vmap(grad)``), chunked, over tensor or dict inputs
+(in memory or read from a dataset in batches)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from tda_explorer._validation import TDAError, check_finite
+from tda_explorer.compute.engine.task import Output, apply_loss, call_model, eval_mode
 from tda_explorer.compute.training.dropout_masks import DropoutMasks
+from tda_explorer.data.batching import Batch, check_inputs, describe, n_rows, take_rows, to_device
+from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
 
@@ -27,28 +32,70 @@ def _chunk_size(n_params: int, max_memory: int | None, n: int) -> int:
     return max(1, min(n, max_memory // per_row))
 
 
+def _is_vmap_limit(err: RuntimeError) -> bool:
+    """Whether ``err`` is ``vmap`` refusing the model (data-dependent control flow, ``.item()``, an in-place op on
+    an unbatched tensor), not a mistake in the inputs."""
+    text = str(err)
+    return text.startswith("vmap") or "data-dependent control flow" in text or "Batching rule not implemented" in text
+
+
+def _unsqueeze(x: Any) -> Any:
+    return {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, Mapping) else x.unsqueeze(0)
+
+
+def _source(inputs: Any, targets: torch.Tensor | None, chunk: int, device: torch.device | str,
+            ) -> Iterator[tuple[slice | torch.Tensor, Any, torch.Tensor]]:
+    """``(rows, inputs, targets)`` chunks on ``device``: from a dataset's ``batches`` or from in-memory inputs."""
+    if isinstance(inputs, AttributionDataset):
+        for rows, x, y in inputs.batches(chunk, device=device):
+            yield rows, x, y if targets is None else targets[rows].to(device)
+        return
+    n = n_rows(inputs)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        yield rows, to_device(take_rows(inputs, rows), device), targets[rows].to(device)
+
+
 def iter_per_sample_gradients(
     model: nn.Module,
     names: list[str],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Any,
+    targets: torch.Tensor | None,
+    loss_fn: Callable[..., torch.Tensor],
     params: dict[str, torch.Tensor] | None = None,
     max_memory: int | None = None,
     device: str | torch.device = "cpu",
     ids: list | None = None,
     dropout_seed: int | None = None,
     argument: str = "inputs",
+    output: Output = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, gradients [chunk, p])`` of ``loss_fn`` per example w.r.t. ``names``.
+
+    ``inputs`` is a tensor ``[n, ...]``, a dict of such tensors (the model is called as ``model(**inputs)``) or an
+    ``AttributionDataset`` read in batches (``targets=None``: its labels; ``ids``: its ids). ``loss_fn`` is a plain
+    ``(logits, targets)`` loss, given the logits chosen by ``output``, or one marked ``takes_batch`` (the task's
+    ``train_loss`` / ``test_measurement``), given the model's outputs and the ``Batch``.
 
     The model is run in eval mode (BatchNorm uses running statistics, Dropout is off) so that
     each example's gradient does not depend on the rest of its batch. With ``dropout_seed`` each
     example's Dropout mask is drawn from ``(dropout_seed, row)`` (``DropoutMasks``): one member of a
     dropout ensemble, the same whatever the chunking.
+
+    Gradients come from ``vmap(grad)`` over the examples; a model that ``vmap`` cannot run (data-dependent control
+    flow, as in Hugging Face attention masks) gets them from one batched forward and a backward batched over the
+    examples' losses (``autograd.grad(..., is_grads_batched=True)``), which is the same per-example gradient.
     """
-    was_training = model.training
-    model.eval()
+    if isinstance(inputs, AttributionDataset):
+        ids = inputs.ids if ids is None else ids
+        n = len(inputs)
+    else:
+        inputs = check_inputs(inputs, argument)
+        n = n_rows(inputs)
+        if targets is None or len(targets) != n:
+            raise TDAError(f"{argument}: targets must have one row per example ({n}), got "
+                           f"{None if targets is None else len(targets)}")
+    restore = eval_mode(model)
     try:
         all_params = {k: v.detach().to(device) for k, v in model.named_parameters()}
         if params is not None:
@@ -61,42 +108,74 @@ def iter_per_sample_gradients(
         masks: DropoutMasks | None = None
         current: list[torch.Tensor] = []
 
-        def one(p: dict, x: torch.Tensor, y: torch.Tensor, m: list[torch.Tensor]) -> torch.Tensor:
+        def one(p: dict, x: Any, y: torch.Tensor, m: list[torch.Tensor]) -> torch.Tensor:
             current[:] = m
-            out = functional_call(model, {**frozen, **p, **buffers}, (x.unsqueeze(0),))
-            return loss_fn(out, y.unsqueeze(0)).sum()
+            xb = _unsqueeze(x)
+            out = call_model(model, xb, {**frozen, **p, **buffers})
+            return apply_loss(loss_fn, out, Batch(xb, y.unsqueeze(0)), output).sum()
+
+        def batched(x: Any, y: torch.Tensor, m: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            current[:] = m
+            leaves = {k: v.detach().requires_grad_(True) for k, v in tracked.items()}
+            with torch.enable_grad():
+                out = call_model(model, x, {**frozen, **leaves, **buffers})
+                losses = apply_loss(loss_fn, out, Batch(x, y), output)
+                if losses.shape != (len(y),):
+                    raise TDAError(f"{argument}: the loss must give one value per example, got shape "
+                                   f"{tuple(losses.shape)} for a batch of {len(y)}")
+                eye = torch.eye(len(y), dtype=losses.dtype, device=losses.device)
+                grads = torch.autograd.grad(losses, list(leaves.values()), eye, is_grads_batched=True,
+                                            allow_unused=True)
+            return {k: torch.zeros(len(y), *v.shape, dtype=v.dtype, device=v.device) if g is None else g
+                    for (k, v), g in zip(leaves.items(), grads)}
 
         per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0))
-        chunk = _chunk_size(n_params, max_memory, len(inputs))
-        for start in range(0, len(inputs), chunk):
+        use_vmap = True
+        chunk = _chunk_size(n_params, max_memory, n)
+        for rows, x, y in _source(inputs, targets, chunk, device):
             check_cancelled()
-            rows = slice(start, min(start + chunk, len(inputs)))
+            if isinstance(rows, slice):
+                count, where = rows.stop - rows.start, f"{rows.start}..{rows.stop - 1}"
+            else:
+                count, where = len(rows), f"at rows {rows[:5].tolist()}"
             try:
                 if dropout_seed is not None and masks is None:
-                    masks = DropoutMasks(model, dropout_seed, lambda: functional_call(
-                        model, {**frozen, **tracked, **buffers}, (inputs[:1].to(device),)))
+                    first = take_rows(x, slice(0, 1))
+                    masks = DropoutMasks(model, dropout_seed, lambda first=first: call_model(
+                        model, first, {**frozen, **tracked, **buffers}))
                 m = [] if masks is None else masks.rows(rows, device)
                 with masks.applied(current) if masks is not None else nullcontext():
-                    g = per_sample(tracked, inputs[rows].to(device), targets[rows].to(device), m)
-            except (RuntimeError, IndexError) as err:  # shape / dtype / device mismatches
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    if use_vmap:
+                        try:
+                            g = per_sample(tracked, x, y, m)
+                        except RuntimeError as err:
+                            if not _is_vmap_limit(err):
+                                raise
+                            use_vmap = False
+                    if not use_vmap:
+                        g = batched(x, y, m)
+            except TDAError:
+                raise
+            except (RuntimeError, IndexError, TypeError) as err:  # shape / dtype / device mismatches
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise TDAError(
-                    f"{argument}: the model failed on examples {start}..{rows.stop - 1} "
-                    f"(inputs {tuple(inputs.shape[1:])} {inputs.dtype}, targets {targets.dtype}): {first}"
+                    f"{argument}: the model failed on examples {where} "
+                    f"(inputs {describe(x)}, targets {y.dtype}): {first_line}"
                 ) from err
-            flat = torch.cat([g[k].reshape(rows.stop - start, -1) for k in names], dim=1)
-            check_finite(flat, "per-sample gradients", None if ids is None else ids[rows])
+            flat = torch.cat([g[k].reshape(count, -1) for k in names], dim=1)
+            row_ids = None if ids is None else (ids[rows] if isinstance(rows, slice) else [ids[i] for i in rows])
+            check_finite(flat, "per-sample gradients", row_ids)
             yield rows, flat
     finally:
-        model.train(was_training)
+        restore()
 
 
 def per_sample_gradients(
     model: nn.Module,
     names: list[str],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Any,
+    targets: torch.Tensor | None,
+    loss_fn: Callable[..., torch.Tensor],
     **kwargs,
 ) -> torch.Tensor:
     """All per-sample gradients as one ``[n, p]`` tensor (see ``iter_per_sample_gradients``)."""

@@ -13,20 +13,29 @@ is tiny and degenerates to Grad-Dot, see methods.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from tda_explorer._validation import TDAError, check_choice, check_finite_rows
-from tda_explorer.compute.engine.losses import IGNORE, cross_entropy
-from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.engine.losses import IGNORE, Batch, check_logits, cross_entropy, takes_batch
+from tda_explorer.compute.engine.task import (
+    AttributionTask,
+    Output,
+    apply_loss,
+    call_model,
+    eval_mode,
+    pick_output,
+)
+from tda_explorer.data.batching import describe, n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
-LossFn = Callable[[torch.Tensor, int], torch.Tensor]  # (outputs of a batch, its first row) -> per-example loss
+# (outputs of a batch, its first row) -> per-example loss; or, marked ``takes_batch``, (outputs, Batch) -> the same
+LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 @dataclass
@@ -81,9 +90,12 @@ def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
             _check_conv(name, module, purpose, alternatives)
         layers.append((name, module))
     if unsupported:
+        can = linear_layer_names(task.model)
+        shown = ", ".join(repr(n) for n in can[:12]) + (f", … ({len(can)} in all)" if len(can) > 12 else "")
         raise TDAError(
-            f"{purpose} supports nn.Linear and nn.Conv2d; tracked parameters include {', '.join(unsupported)}. "
-            f"Track only those layers (parameters=[...], see linear_layer_names(model)) or use {alternatives}"
+            f"{purpose} supports nn.Linear and nn.Conv2d; tracked parameters include {', '.join(unsupported)}, "
+            f"which it cannot track. The layers it can track in this model: [{shown or 'none'}]. Track only those "
+            f"(parameters=linear_layer_names(model)) or use {alternatives}"
         )
     return layers
 
@@ -144,29 +156,49 @@ def _batch_ids(ids: Sequence, start: int, patches: dict[str, torch.Tensor]) -> t
     return ids[start:stop], stop
 
 
-def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: torch.Tensor,
+def _check_finite_inputs(x: Any, argument: str, ids: Sequence | None) -> None:
+    for value in (x.values() if isinstance(x, Mapping) else [x]):
+        check_finite_rows(value, argument, ids)
+
+
+def _row_range(rows: slice | torch.Tensor) -> str:
+    return f"{rows.start}..{rows.stop - 1}" if isinstance(rows, slice) else f"at rows {rows[:5].tolist()}"
+
+
+def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Any,
                    losses: list[LossFn], batch_size: int, device: torch.device | str,
                    params: dict[str, torch.Tensor] | None = None, *, argument: str | None = None,
-                   ids: Sequence | None = None,
+                   ids: Sequence | None = None, output: Output = None,
                    ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]]:
     """Per batch: each layer's input patches ``[B, in, T]``, and for each loss its output gradients
     ``[B, out, T]`` (one forward, one backward per loss; parameter gradients are never accumulated).
     With ``params`` the model runs on ``device`` with those parameters in place of its own (e.g. a
     checkpoint's; ``{}``: its own, copied to ``device`` — the model itself is never moved).
 
+    ``inputs`` is a tensor, a dict of tensors (the model is called as ``model(**inputs)``) or an
+    ``AttributionDataset``, read in batches of ``batch_size``. A loss is called as ``loss(outputs, first_row)``, or,
+    when marked ``takes_batch``, as ``loss(outputs, batch)`` with the ``Batch`` (labels only from a dataset).
+
     With ``argument`` (the caller's name for ``inputs``, e.g. ``"train"``) bad input is a ``TDAError`` naming it,
     as for the gradient methods: non-finite inputs, outputs or output gradients with the first offending ``ids``
     (row positions without them), and a model failure (shape / dtype / device mismatch) with the examples'
     range; without it, errors propagate as raised."""
-    if argument is not None and ids is None:
-        ids = range(len(inputs))
+    if isinstance(inputs, AttributionDataset):
+        if argument is not None and ids is None:
+            ids = inputs.ids
+        source = inputs.batches(batch_size)
+    else:
+        n = n_rows(inputs)
+        if argument is not None and ids is None:
+            ids = range(n)
+        source = ((slice(s, min(s + batch_size, n)), take_rows(inputs, slice(s, min(s + batch_size, n))), None)
+                  for s in range(0, n, batch_size))
     if params is not None:
         weights = {**dict(model.named_parameters()), **params}  # leaves that need grad keep layer outputs in the graph
         state = {**{k: v.to(device) for k, v in model.named_buffers()},
                  **{k: v.detach().to(device).requires_grad_(v.is_floating_point()) for k, v in weights.items()}}
-        run = lambda x: functional_call(model, state, (x,))
     else:
-        run = model
+        state = None
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name, module in layers:
@@ -174,32 +206,40 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
             captured[name] = (args[0].detach(), out)
         handles.append(module.register_forward_hook(hook))
     try:
-        for start in range(0, len(inputs), batch_size):
-            x = inputs[start : start + batch_size]
-            batch_ids = None if ids is None else ids[start : start + len(x)]
+        for rows, x, y in source:
+            start = rows.start if isinstance(rows, slice) else int(rows[0])
+            batch_ids = None if ids is None else (
+                ids[rows] if isinstance(rows, slice) else [ids[i] for i in rows.tolist()])
             if argument is not None:
-                check_finite_rows(x, argument, batch_ids)
+                _check_finite_inputs(x, argument, batch_ids)
             try:
-                x = x.to(device)
+                x, y = to_device(x, device), to_device(y, device)
+                batch = Batch(x, y)
                 with torch.enable_grad():
-                    out = run(x)
-                    if argument is not None and isinstance(out, torch.Tensor):
-                        check_finite_rows(out.detach(), argument, batch_ids, "the model's outputs")
+                    out = call_model(model, x, state)
+                    if argument is not None:
+                        logits = pick_output(out, output)
+                        check_finite_rows(logits.detach(), argument, batch_ids, "the model's outputs")
                     outputs = [captured[name][1] for name, _ in layers]
                     patches = {name: _patches(module, captured[name][0]) for name, module in layers}
                     grads = []
                     for k, loss in enumerate(losses):
-                        g = torch.autograd.grad(loss(out, start).sum(), outputs, retain_graph=k < len(losses) - 1)
+                        value = loss(out, batch) if getattr(loss, "takes_batch", False) else loss(out, start)
+                        g = torch.autograd.grad(value.sum(), outputs, retain_graph=k < len(losses) - 1,
+                                                allow_unused=True)
+                        g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
                         grads.append({name: _output_grads(m, gi.detach()) for (name, m), gi in zip(layers, g)})
                         if argument is not None:
                             for gi in grads[-1].values():
                                 check_finite_rows(gi, argument, batch_ids, "per-sample gradients")
-            except (RuntimeError, IndexError) as err:  # shape / dtype / device mismatches
+            except TDAError:
+                raise
+            except (RuntimeError, IndexError, TypeError) as err:  # shape / dtype / device mismatches
                 if argument is None:
                     raise
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise TDAError(f"{argument}: the model failed on examples {start}..{start + len(x) - 1} "
-                               f"(inputs {tuple(inputs.shape[1:])} {inputs.dtype}): {first}") from err
+                raise TDAError(f"{argument}: the model failed on examples {_row_range(rows)} "
+                               f"(inputs {describe(x)}): {first}") from err
             yield patches, grads
     finally:
         for h in handles:
@@ -259,18 +299,25 @@ def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) 
     return sandwich(f.q_s, a, s, f.q_a)
 
 
-def _sampler(train: AttributionDataset, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
+def _sampler(task: AttributionTask, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def loss(out: torch.Tensor, start: int) -> torch.Tensor:
-        y = train.labels[start : start + len(out)].to(out.device)
+    @takes_batch
+    def loss(out: Any, batch: Batch) -> torch.Tensor:
+        logits, y = task.logits(out), batch.labels
         if fisher == "true":  # labels drawn from the model; a sequence's ignored positions stay ignored
-            probs = out.detach().flatten(0, -2).softmax(-1).cpu().double()
-            drawn = torch.multinomial(probs, 1, generator=gen).view_as(y).to(out.device)
+            check_logits(logits, y)
+            probs = logits.detach().flatten(0, -2).softmax(-1).cpu().double()
+            drawn = torch.multinomial(probs, 1, generator=gen).view_as(y).to(logits.device)
             y = torch.where(y == IGNORE, y, drawn)
-        return cross_entropy(out, y)
+        return cross_entropy(logits, y)
 
     return loss, gen
+
+
+def _on_batch(task: AttributionTask, loss: Callable[..., torch.Tensor]) -> LossFn:
+    """``loss`` (a ``(logits, targets)`` loss or one taking the batch) as a ``layer_activity`` loss of the batch."""
+    return takes_batch(lambda out, batch: apply_loss(loss, out, batch, task.output))
 
 
 def fit_factors(task: AttributionTask, train: AttributionDataset, fisher: str = "true", corrected: bool = True,
@@ -290,8 +337,8 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
     Products run in the model's precision; covariances and eigenvalues accumulate in float64.
     """
     model = task.model
-    was = model.training
-    model.eval().to(device)
+    restore = eval_mode(model)
+    model.to(device)
     rotated = None
     try:
         factors = eigenbases(layer_covariances(task, train, fisher, batch_size, seed, device, argument="train"))
@@ -299,7 +346,7 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
             factors, rotated = corrected_eigenvalues(task, train, factors, fisher, batch_size, seed, device, loss,
                                                      dtype, argument="train")
     finally:
-        model.train(was)
+        restore()
     if loss is not None and rotated is None:
         rotated = rotated_gradients(task, factors, train, loss, batch_size, device, dtype, argument="train")
     return factors, rotated
@@ -312,12 +359,12 @@ def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: 
     bad input is a ``TDAError`` naming ``argument`` (see ``layer_activity``)."""
     check_choice(fisher, "fisher", ("true", "empirical"))
     layers = tracked_layers(task)
-    sampled, _ = _sampler(train, fisher, seed)
+    sampled, _ = _sampler(task, fisher, seed)
     n = len(train)
     covs: dict[str, list] = {name: [0, 0] for name, _ in layers}
     start = 0
-    for patches, (grads,) in layer_activity(task.model, layers, train.inputs, [sampled], batch_size, device, params,
-                                            argument=argument, ids=train.ids):
+    for patches, (grads,) in layer_activity(task.model, layers, train, [sampled], batch_size, device, params,
+                                            argument=argument, ids=train.ids, output=task.output):
         batch_ids, start = _batch_ids(train.ids, start, patches)
         for name, module in layers:
             a, s = patches[name], grads[name]
@@ -349,15 +396,15 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
     each example's gradient of it in those bases, from the same forward pass; bad input is a ``TDAError`` naming
     ``argument`` (see ``layer_activity``)."""
     layers = tracked_layers(task)
-    sampled, gen = _sampler(train, fisher, seed)  # the same sampled labels as for the covariances
+    sampled, gen = _sampler(task, fisher, seed)  # the same sampled labels as for the covariances
     n = len(train)
     lam: dict[str, torch.Tensor | int] = {f.name: 0 for f in factors}
     losses = [sampled]
     if loss is not None:
-        losses.append(lambda out, start: loss(out, train.labels[start : start + len(out)].to(out.device)))
+        losses.append(_on_batch(task, loss))
     chunks, start = [], 0
-    for patches, grads in layer_activity(task.model, layers, train.inputs, losses, batch_size, device, params,
-                                         argument=argument, ids=train.ids):
+    for patches, grads in layer_activity(task.model, layers, train, losses, batch_size, device, params,
+                                         argument=argument, ids=train.ids, output=task.output):
         batch_ids, start = _batch_ids(train.ids, start, patches)
         for f in factors:
             r = _rotated_layer_gradients(f, patches[f.name], grads[0][f.name])
@@ -387,17 +434,16 @@ def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: 
     bad input is a ``TDAError`` naming ``argument`` (the caller's name for ``data``, e.g. ``"test"``)."""
     layers = dict(tracked_layers(task))
     model = task.model
-    was = model.training
-    model.eval()
+    restore = eval_mode(model)
     if params is None:
         model.to(device)
-    per_example = lambda out, start: loss(out, data.labels[start : start + len(out)].to(out.device))
     chunks, start = [], 0
     try:
-        for patches, (grads,) in layer_activity(model, list(layers.items()), data.inputs, [per_example],
-                                                batch_size, device, params, argument=argument, ids=data.ids):
+        for patches, (grads,) in layer_activity(model, list(layers.items()), data, [_on_batch(task, loss)],
+                                                batch_size, device, params, argument=argument, ids=data.ids,
+                                                output=task.output):
             batch_ids, start = _batch_ids(data.ids, start, patches)
             chunks.append(_rotate_batch(factors, patches, grads, dtype, argument, batch_ids))
     finally:
-        model.train(was)
+        restore()
     return torch.cat(chunks)

@@ -16,8 +16,9 @@ import torch
 
 from tda_explorer._validation import TDAError, as_device, check_finite, check_positive_int
 from tda_explorer.compute.engine.kfac import layer_activity, sandwich, tracked_layers
+from tda_explorer.compute.engine.losses import takes_batch
 from tda_explorer.compute.engine.projection import Projector
-from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.engine.task import AttributionTask, Output, apply_loss, eval_mode
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
@@ -73,21 +74,21 @@ class LoGraProjector(Projector):
         formed); dropout ensembles need the flat gradient, so they are refused."""
         if dropout_seed is not None:
             raise TDAError("dropout ensembles are not supported with projection_kind='logra'; use a dense projection")
-        for rows, features in self.iter_features(task.model, data, loss_fn, params, argument):
+        for rows, features in self.iter_features(task.model, data, loss_fn, params, argument, task.output):
             yield rows, check_finite(features, "per-sample gradients", data.ids[rows])
 
     def iter_features(self, model: torch.nn.Module, data: AttributionDataset,
-                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      loss_fn: Callable[..., torch.Tensor],
                       params: dict[str, torch.Tensor] | None = None, argument: str = "inputs",
-                      ) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield ``(rows, features [chunk, dim_out])`` of ``loss_fn``'s per-example gradients, in eval mode."""
+                      output: Output = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield ``(rows, features [chunk, dim_out])`` of ``loss_fn``'s per-example gradients, in eval mode; ``data``
+        is read in batches (``data.batches``: tensor or dict inputs, in memory or lazy), ``loss_fn`` is a
+        ``(logits, targets)`` loss (the logits chosen by ``output``) or one marked ``takes_batch``."""
         sides = {name: (p_in.to(self.device), p_out.to(self.device)) for name, (p_in, p_out) in self.sides.items()}
-        labels = data.labels
-        per_example = lambda out, start: loss_fn(out, labels[start : start + len(out)].to(out.device))
-        was_training = model.training
-        model.eval()
+        per_example = takes_batch(lambda out, batch: apply_loss(loss_fn, out, batch, output))
+        restore = eval_mode(model)
         try:
-            batches = layer_activity(model, self.layers, data.inputs, [per_example], self.batch_size, self.device,
+            batches = layer_activity(model, self.layers, data, [per_example], self.batch_size, self.device,
                                      params or {})
             start = 0
             while True:
@@ -96,7 +97,9 @@ class LoGraProjector(Projector):
                     patches, (grads,) = next(batches)
                 except StopIteration:
                     break
-                except (RuntimeError, IndexError) as err:
+                except TDAError:
+                    raise
+                except (RuntimeError, IndexError, TypeError) as err:
                     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                     raise TDAError(f"{argument}: the model failed on examples from {start}: {first}") from err
                 parts = [sandwich(sides[name][1], patches[name], grads[name], sides[name][0]).flatten(1)
@@ -106,4 +109,4 @@ class LoGraProjector(Projector):
                 start = rows.stop
                 yield rows, features
         finally:
-            model.train(was_training)
+            restore()

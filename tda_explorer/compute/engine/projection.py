@@ -31,7 +31,9 @@ class Projector(ABC):
     is given, so a new kind of projection is one new subclass and touches nothing else.
 
     ``features`` yields ``(rows, [chunk, dim] features)`` of ``loss_fn``'s per-example gradients of the task's
-    tracked parameters over ``data``; ``config()`` is what identifies the projection in cache keys.
+    tracked parameters over ``data`` (in memory or read in batches: ``data.batches``; tensor or dict inputs);
+    ``loss_fn`` is a ``(logits, targets)`` loss or one marked ``takes_batch`` (``engine.task.apply_loss``);
+    ``config()`` is what identifies the projection in cache keys.
     """
 
     kind: str = "exact"
@@ -41,7 +43,7 @@ class Projector(ABC):
 
     @abstractmethod
     def features(self, task: AttributionTask, data: AttributionDataset,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                 loss_fn: Callable[..., torch.Tensor], *,
                  params: dict[str, torch.Tensor] | None = None, max_memory: int | None = None,
                  device: torch.device | str = "cpu", dropout_seed: int | None = None, argument: str = "inputs",
                  ) -> Iterator[tuple[slice, torch.Tensor]]: ...
@@ -56,8 +58,8 @@ class ExactGradients(Projector):
     def features(self, task, data, loss_fn, *, params=None, max_memory=None, device="cpu", dropout_seed=None,
                  argument="inputs"):
         yield from iter_per_sample_gradients(
-            task.model, task.tracked_names(), data.inputs, data.labels, loss_fn, params=params,
-            max_memory=max_memory, device=device, ids=data.ids, dropout_seed=dropout_seed, argument=argument)
+            task.model, task.tracked_names(), data, None, loss_fn, params=params, max_memory=max_memory,
+            device=device, ids=data.ids, dropout_seed=dropout_seed, argument=argument, output=task.output)
 
 
 class RandomProjector(ExactGradients):

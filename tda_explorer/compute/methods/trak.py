@@ -19,9 +19,11 @@ from torch import nn
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, option, register
-from tda_explorer.compute.engine.losses import neg_margin
+from tda_explorer.compute.engine.losses import check_logits, neg_margin
+from tda_explorer.compute.engine.task import call_model
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.training.dropout_masks import DropoutMasks, mask_seed
+from tda_explorer.data.batching import take_rows
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -72,21 +74,25 @@ class TRAK(Attributor):
         return [(i, params, s) for i, params in enumerate(self.members) for s in seeds]
 
     def _q(self, data: AttributionDataset, params: dict, dropout_seed: int | None) -> torch.Tensor:
-        """1 − correct-class probability, under the same per-example Dropout masks as the training features."""
+        """1 − correct-class probability, under the same per-example Dropout masks as the training features; the
+        data is read batch by batch on the device (tensor or dict inputs, in memory or lazy)."""
         state = {k: v.to(self.device) for k, v in {**self.task.model.state_dict(), **params}.items()}
-        model = self.task.model.eval()
-        inputs = data.inputs.to(self.device)
+        model = self.task.model.eval()  # left in eval mode, as every member's features see it
+        masks, parts = None, []
         with torch.no_grad():
-            if dropout_seed is None:
-                out = torch.func.functional_call(model, state, (inputs,))
-            else:
-                masks = DropoutMasks(model, mask_seed(dropout_seed, test=False),
-                                     lambda: torch.func.functional_call(model, state, (inputs[:1],)))
-                current = masks.rows(slice(0, len(inputs)), self.device)
-                with masks.applied(current):
-                    out = torch.func.functional_call(model, state, (inputs,))
-            p = out.softmax(-1).gather(1, data.labels.to(self.device).unsqueeze(1)).squeeze(1)
-        return 1 - p
+            for rows, inputs, labels in data.batches(device=self.device):
+                if dropout_seed is None:
+                    logits = self.task.forward(inputs, state)
+                else:
+                    if masks is None:
+                        first = take_rows(inputs, slice(0, 1))
+                        masks = DropoutMasks(model, mask_seed(dropout_seed, test=False),
+                                             lambda first=first: call_model(model, first, state))
+                    with masks.applied(masks.rows(rows, self.device)):
+                        logits = self.task.forward(inputs, state)
+                check_logits(logits, labels)
+                parts.append(logits.softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1))
+        return 1 - torch.cat(parts)
 
     def _fit(self, train: AttributionDataset) -> None:
         self.phi_, self.chol_, self.dual_, self.lam_, qs = [], [], [], [], []
