@@ -62,13 +62,13 @@ class Session:
             if not isinstance(value, AttributionDataset):
                 raise TDAError(f"{name} must be an AttributionDataset, got {type(value).__name__}")
             value.check_class_labels(f"Session's {name} (labels, predictions and flags per example)")
-            check_finite_rows(value.inputs, name, value.ids)
+            if value.in_memory and isinstance(value.inputs, torch.Tensor):  # lazy data is checked batch by batch
+                check_finite_rows(value.inputs, name, value.ids)
         if not isinstance(task, AttributionTask):
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
         as_device(device)
-        for name, value in (("train", train), ("test", test)):
-            _check_labels_fit_model(task.model, value, name)
         self.train, self.test, self.task, self.device = train, test, task, device
+        self._predict()  # before anything is written: it also checks the labels against the model's outputs
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.flags = FlagStore(self.folder / "flags.sqlite", known_ids=train.ids)  # unknown ids are refused
@@ -84,6 +84,7 @@ class Session:
         self.further_training: pd.DataFrame | None = None  # method, epochs, cosine (further_training_curve)
         self.provenance: dict[str, str] = {}
         self._embedding: torch.Tensor | None = None
+        self.embedding_source = "inputs"  # what the mislabel scatter's PCA is of (embedding())
         # makes "what if I remove these?" answerable
         self.retrainer: Retrainer | FunctionRetrainer | None = None
         if retrain is not None:
@@ -92,7 +93,6 @@ class Session:
         self.resources: Resources = dict(resources or {})
         if task.checkpoints:
             self.resources.setdefault("checkpoints", dict)
-        self._predict()
 
     @classmethod
     def from_experiment(cls, experiment: Scenario, folder: str | Path = "tda_session", device: str = "cpu",
@@ -138,6 +138,7 @@ class Session:
             if out.dim() != 2:
                 raise TDAError(f"task.model must return class scores [n, n_outputs] for a Session; on {name} it "
                                f"returned {tuple(out.shape)}")
+            _check_labels_fit(data, out.shape[1], name)
             outputs.append(out)
         out_tr, out_te = outputs
         self.train_probs = out_tr.softmax(1)
@@ -276,11 +277,16 @@ class Session:
         return labels
 
     def embedding(self) -> torch.Tensor:
-        """A 2-D embedding ``[n_train, 2]`` of the training inputs (PCA), for the mislabel scatter."""
+        """A 2-D embedding ``[n_train, 2]`` for the mislabel scatter: PCA of the training inputs when they are an
+        in-memory tensor, else (inputs read lazily or as dicts, e.g. token ids) PCA of the model's predicted class
+        probabilities — ``embedding_source`` says which."""
         if self._embedding is None:
             from sklearn.decomposition import PCA
 
-            flat = self.train.inputs.reshape(len(self.train), -1).double().numpy()
+            if self.train.in_memory and isinstance(self.train.inputs, torch.Tensor):
+                flat, self.embedding_source = self.train.inputs.reshape(len(self.train), -1).double().numpy(), "inputs"
+            else:
+                flat, self.embedding_source = self.train_probs.double().numpy(), "predicted probabilities"
             if min(flat.shape) >= 2:
                 flat = PCA(n_components=2, random_state=0).fit_transform(flat)
             padded = torch.zeros(len(flat), 2, dtype=torch.float64)
@@ -416,35 +422,8 @@ class Session:
         })
 
 
-def _forward(model: torch.nn.Module, data: AttributionDataset, argument: str, rows: slice = slice(None),
-             ) -> torch.Tensor:
-    """The model's outputs on ``data.inputs[rows]`` (no gradients); a model failure is a TDAError naming
-    ``argument``, and the outputs must be class scores ``[n, n_outputs]``."""
-    inputs = data.inputs[rows]
-    try:
-        with torch.no_grad():
-            out = model(inputs)
-    except TDAError:
-        raise
-    except (RuntimeError, IndexError, TypeError, ValueError) as err:  # shape / dtype / device mismatches
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TDAError(f"{argument}: the model failed on its inputs {tuple(inputs.shape[1:])} {inputs.dtype}: "
-                       f"{first}") from err
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or not out.is_floating_point():
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TDAError(f"task.model must return class scores [n, n_outputs] for a Session; on {argument} it "
-                       f"returned {shape}")
-    return out
-
-
-def _check_labels_fit_model(model: torch.nn.Module, data: AttributionDataset, argument: str) -> None:
-    """Refuse labels outside [0, the model's number of outputs), measured from one forward pass of a few examples."""
-    was = model.training
-    model.eval()
-    try:
-        width = _forward(model, data, argument, slice(0, 4)).shape[1]
-    finally:
-        model.train(was)
+def _check_labels_fit(data: AttributionDataset, width: int, argument: str) -> None:
+    """Refuse labels outside [0, the model's number of outputs ``width``)."""
     bad = torch.nonzero(data.labels >= width).flatten().tolist()
     if bad:
         ids = [data.ids[i] for i in bad[:10]]

@@ -90,7 +90,8 @@ class MislabelPanel(W.VBox):
                           hoverinfo="text")],
             layout=dict(dragmode="lasso", xaxis=dict(title="PC 1", range=padded_range(emb[:, 0])),
                         yaxis=dict(title="PC 2", range=padded_range(emb[:, 1])), height=300, width=CHART_WIDTH,
-                        title=dict(text="training inputs (PCA), coloured by given label — lasso to filter", x=0)),
+                        title=dict(text=f"training {session.embedding_source} (PCA), coloured by given label — lasso "
+                                        "to filter", x=0)),
         ), interactive)
         if self.scatter.interactive:
             self.scatter.figure.data[0].on_selection(self._on_lasso)

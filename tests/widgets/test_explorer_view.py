@@ -95,3 +95,36 @@ def test_a_lost_view_says_how_to_show_the_explorer_again(session):
     explorer = Explorer(session, method="tracin")
     text = explorer._repr_mimebundle_()["text/plain"] if hasattr(explorer, "_repr_mimebundle_") else repr(explorer)
     assert "display(explorer)" in text and "run this cell again" in text
+
+
+def test_explorer_opens_on_a_lazily_read_torch_dataset(tmp_path):
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from tda_explorer import AttributionDataset, AttributionTask
+    from tda_explorer.session import Session
+
+    class Images(Dataset):
+        def __init__(self, n, seed):
+            gen = torch.Generator().manual_seed(seed)
+            self.x = torch.randn(n, 3, 8, 8, generator=gen)
+            self.y = (self.x.mean((1, 2, 3)) > 0).long()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    train, test = AttributionDataset.from_torch(Images(64, 0)), AttributionDataset.from_torch(Images(16, 1))
+    session = Session(train, test, AttributionTask(model), tmp_path)
+    session.compute("grad-dot")
+    explorer = Explorer(session, k=3)
+    explorer.picker.cards[1].button.click()
+    expected = session.attribution("grad-dot").topk(explorer.state.test_id, 3, signed=True)[0]
+    assert explorer.browser.shown_ids() == expected
+    assert session.embedding_source == "predicted probabilities"
+    assert "training predicted probabilities (PCA)" in explorer.mislabels.scatter.figure.layout.title.text
+    assert len(explorer.mislabels.table()) == 64
