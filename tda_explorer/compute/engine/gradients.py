@@ -18,6 +18,8 @@ from tda_explorer.data.batching import Batch, check_inputs, describe, n_rows, ta
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
+BATCHED_ROWS = 16  # examples per batched backward where vmap cannot run the model (see batched below)
+
 
 def _chunk_size(n_params: int, max_memory: int | None, n: int) -> int:
     """Rows per chunk so one chunk of gradients (plus the same again for work space) fits the budget."""
@@ -115,6 +117,13 @@ def iter_per_sample_gradients(
             return apply_loss(loss_fn, out, Batch(xb, y.unsqueeze(0)), output).sum()
 
         def batched(x: Any, y: torch.Tensor, m: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            """The fallback in slices of ``BATCHED_ROWS`` examples: a backward batched over B losses runs B backward
+            passes through the B-row graph, so its work grows as B² in one piece and linearly in slices."""
+            slices = [slice(s, min(s + BATCHED_ROWS, len(y))) for s in range(0, len(y), BATCHED_ROWS)]
+            parts = [batched_slice(take_rows(x, s), y[s], [mask[s] for mask in m]) for s in slices]
+            return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+        def batched_slice(x: Any, y: torch.Tensor, m: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             current[:] = m
             leaves = {k: v.detach().requires_grad_(True) for k, v in tracked.items()}
             with torch.enable_grad():
