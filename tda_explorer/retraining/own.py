@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, as_device
-from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.engine.task import AttributionTask, call_model, eval_mode
+from tda_explorer.data.batching import Batch
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import JobCancelled, check_cancelled, report_progress
 from tda_explorer.retraining.retrainer import RemovalEffect
@@ -77,15 +78,20 @@ class FunctionRetrainer:
         return check_architecture(model, self.task.model)
 
     def _measure(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test measurements and correctness ``[n_test]`` of ``model``."""
-        was = model.training
-        model.eval().to(self.device)
-        with torch.no_grad():
-            out = model(self.test.inputs.to(self.device))
-        model.train(was)
-        labels = self.test.labels.to(out.device)
-        values = self.task.test_measurement(out, labels).double().cpu()
-        return values, (out.argmax(-1) == labels).double().cpu()
+        """Test measurements and correctness ``[n_test]`` of ``model``, batch by batch (tensor or dict inputs, in
+        memory or read lazily; the task's ``output`` picks the logits)."""
+        restore = eval_mode(model)
+        model.to(self.device)
+        values, correct = [], []
+        try:
+            with torch.no_grad():
+                for _, inputs, labels in self.test.batches(device=self.device):
+                    outputs = call_model(model, inputs)
+                    values.append(self.task.test_measurement(outputs, Batch(inputs, labels)).double().cpu())
+                    correct.append((self.task.logits(outputs).argmax(-1) == labels).double().cpu())
+        finally:
+            restore()
+        return torch.cat(values), torch.cat(correct)
 
     def remove(self, groups: Sequence[Sequence[Any]]) -> RemovalEffect:
         """Retrain without each group for every seed (and the full set once per seed); reports progress and honours
