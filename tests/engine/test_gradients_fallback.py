@@ -40,8 +40,8 @@ def test_fallback_in_slices_equals_vmap_with_dropout_masks():
 
 
 def test_each_batched_backward_takes_a_slice_of_the_chunk(monkeypatch):
-    """A backward batched over B losses costs about B full backward passes of the B-row graph (26 ms per example at
-    300 rows against 1.4 in slices of 16, on a tiny BERT): every one is given at most BATCHED_ROWS losses."""
+    """A backward batched over B losses costs about B full backward passes of the B-row graph, so every one is given
+    at most BATCHED_ROWS losses (and the gradients still equal a per-example loop's)."""
     torch.manual_seed(0)
     model = Net(branch=True)
     names = [name for name, _ in model.named_parameters()]
