@@ -25,12 +25,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tda_explorer.errors import TDAError
+from filelock import FileLock
 
-try:  # serialises writers of one store across processes (two kernels on one session folder)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: the SQLite lock still orders the database
-    fcntl = None
+from tda_explorer.errors import TDAError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS flags (
@@ -149,7 +146,8 @@ class FlagStore:
         self._known_ids = None if known_ids is None else list(known_ids)
         self._known_keys: set | None = None
         self._lock = threading.RLock()
-        self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        # serialises writers of one store across processes (two kernels on one session folder), on POSIX and Windows
+        self._file_lock = FileLock(self.path.with_name(self.path.name + ".lock"))
         self._conn: sqlite3.Connection | None = None
         self._journal_fd: int | None = None
         self.recovery_: dict | None = None
@@ -166,14 +164,8 @@ class FlagStore:
 
     @contextlib.contextmanager
     def _locked(self):
-        with self._lock:
-            if fcntl is not None:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        with self._lock, self._file_lock:
+            yield
 
     def _read_journal(self) -> tuple[dict[int, tuple] | None, str | None]:
         """(history rows by id, what is wrong or None); (None, None) when there is no journal."""
@@ -562,11 +554,9 @@ class FlagStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            for name in ("_journal_fd", "_lock_fd"):
-                fd = getattr(self, name)
-                if fd is not None:
-                    os.close(fd)
-                    setattr(self, name, None)
+            if self._journal_fd is not None:
+                os.close(self._journal_fd)
+                self._journal_fd = None
 
     def __del__(self):
         with contextlib.suppress(Exception):

@@ -11,6 +11,9 @@ import pytest
 
 import tda_explorer
 from tda_explorer import cli
+from tda_explorer.cli import checks as checks_cli
+from tda_explorer.cli import demo as demo_cli
+from tda_explorer.cli import evaluate as evaluate_cli
 from tda_explorer.cli import main
 from tda_explorer.errors import TDAError
 
@@ -64,18 +67,18 @@ def test_proponents_are_positive_and_opponents_negative_whatever_the_ranks():
     # what Session.ranking gives when 2k >= n: every example ranked 1..n, negative scores among the "proponents"
     top = pd.DataFrame({"train_id": ["a", "b", "c", "d", "e"], "rank": [1, 2, 3, 4, 5],
                         "score": [2.0, 0.5, -0.1, -0.3, -0.9]})
-    pro, opp = cli._proponents_opponents(top, k=5)
+    pro, opp = demo_cli._proponents_opponents(top, k=5)
     assert pro["train_id"].tolist() == ["a", "b"] and pro["rank"].tolist() == [1, 2]
     assert opp["train_id"].tolist() == ["e", "d", "c"] and opp["rank"].tolist() == [-1, -2, -3]
     # k caps each side; an example listed twice (once per side) is shown once
     twice = pd.concat([top, top.assign(rank=[-5, -4, -3, -2, -1])], ignore_index=True)
-    pro, opp = cli._proponents_opponents(twice, k=2)
+    pro, opp = demo_cli._proponents_opponents(twice, k=2)
     assert pro["train_id"].tolist() == ["a", "b"] and opp["train_id"].tolist() == ["e", "d"]
 
 
 def test_an_empty_side_says_none():
     top = pd.DataFrame({"train_id": [3, 7], "rank": [1, 2], "score": [1.5, 0.25]})
-    text = cli._sides_text(top, ["rank", "train_id", "score"])
+    text = demo_cli._sides_text(top, ["rank", "train_id", "score"])
     proponents, opponents = text.split("Opponents (negative scores, strongest first):")
     assert "Proponents (positive scores, strongest first):" in proponents and "1.5" in proponents
     assert opponents.strip() == "none"
@@ -130,7 +133,7 @@ def test_json_into_a_missing_folder_is_refused_before_any_work(tmp_path, capsys,
     def no_benchmarks(name):
         raise AssertionError(f"{name} ran although --json was refused")
 
-    monkeypatch.setattr(cli, "benchmark_module", no_benchmarks)
+    monkeypatch.setattr(checks_cli, "benchmark_module", no_benchmarks)
     missing = tmp_path / "missing" / "deeper" / "x.json"
     assert main([*command, "--json", str(missing)]) == 2
     captured = capsys.readouterr()
@@ -146,12 +149,12 @@ def test_score_without_a_store_names_store(tmp_path, capsys):
 # --- demo --test-id
 
 def test_check_test_id_names_the_valid_range():
-    assert cli._check_test_id(0, 5) == 0 and cli._check_test_id(4, 5) == 4
+    assert demo_cli._check_test_id(0, 5) == 0 and demo_cli._check_test_id(4, 5) == 4
     with pytest.raises(TDAError, match=re.escape("--test-id 5 is out of range: the test set has 5 examples, so pass "
                                                  "a test id from 0 to 4")):
-        cli._check_test_id(5, 5)
+        demo_cli._check_test_id(5, 5)
     with pytest.raises(TDAError, match=re.escape("--test-id -1 is out of range")):
-        cli._check_test_id(-1, 5)
+        demo_cli._check_test_id(-1, 5)
 
 
 def test_demo_refuses_an_out_of_range_test_id_before_training(tmp_path, capsys):
@@ -174,7 +177,7 @@ def test_stress_damage_is_passed_only_when_asked(tmp_path, capsys, monkeypatch):
         calls.append(kwargs)
         return {"trials": kwargs["trials"], "acknowledged": 10, "lost": 0, "recovered": 1}
 
-    monkeypatch.setattr(cli, "benchmark_module", lambda name: types.SimpleNamespace(stress_flags=stress_flags))
+    monkeypatch.setattr(checks_cli, "benchmark_module", lambda name: types.SimpleNamespace(stress_flags=stress_flags))
     path = tmp_path / "s.json"
     assert main(["stress", "flags", "--trials", "3", "--writes", "7", "--seed", "2"]) == 0
     assert main(["stress", "flags", "--trials", "20", "--damage", "--json", str(path)]) == 0
@@ -183,7 +186,7 @@ def test_stress_damage_is_passed_only_when_asked(tmp_path, capsys, monkeypatch):
     assert json.loads(path.read_text()) == {"trials": 20, "acknowledged": 10, "lost": 0, "recovered": 1}
     capsys.readouterr()
 
-    monkeypatch.setattr(cli, "benchmark_module", lambda name: types.SimpleNamespace(
+    monkeypatch.setattr(checks_cli, "benchmark_module", lambda name: types.SimpleNamespace(
         stress_flags=lambda **kw: {"trials": 1, "lost": 1, "integrity_failures": 0}))
     assert main(["stress", "flags", "--damage"]) == 1  # a lost write fails the run
 
@@ -259,7 +262,7 @@ def test_evaluate_still_generates_the_method_flags():
     assert flags["opt_projection_dim"] == ["--projection-dim"]
     assert flags["opt_n_checkpoints"] == ["--n-checkpoints", "--ensemble-checkpoints"]
     args = cli.build_parser("trak").parse_args(["evaluate", "--method", "trak", "--projection-dim", "64"])
-    assert cli.method_options_from(args) == {"projection_dim": 64}
+    assert evaluate_cli.method_options_from(args) == {"projection_dim": 64}
 
 
 # --- progress bars only on a terminal

@@ -68,14 +68,16 @@ def test_labels_within_the_models_outputs_build_a_session(tiny_mlp, tiny_data, t
 def test_inputs_of_the_wrong_width_are_refused_naming_the_argument(tiny_mlp, tiny_data, tmp_path):
     train, test = tiny_data
     wide = AttributionDataset(torch.randn(10, 5, dtype=torch.float64), test.labels, test.ids)
-    with pytest.raises(TDAError, match=r"^test: the model failed on examples 0\.\.9 \(inputs \(5,\) torch.float64\): mat1 and mat2"):
+    with pytest.raises(TDAError, match=r"^test: the model failed on examples 0\.\.9 \(inputs \(5,\) torch.float64\): "
+                                       r"mat1 and mat2"):
         _session(tiny_mlp, train, wide, tmp_path)
 
 
 def test_a_model_without_class_scores_is_refused(tiny_data, tmp_path):
     train, test = tiny_data
     model = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0)).double()  # one number per example
-    with pytest.raises(TDAError, match=r"task.model must return class scores \[n, n_outputs\] .* on train it returned \(20,\)"):
+    with pytest.raises(TDAError, match=r"task.model must return class scores \[n, n_outputs\] .* on train it "
+                                       r"returned \(20,\)"):
         Session(train, test, AttributionTask(model), folder=tmp_path)
 
 
