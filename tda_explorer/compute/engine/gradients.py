@@ -100,9 +100,10 @@ def iter_per_sample_gradients(
     restore = eval_mode(model)
     try:
         all_params = {k: v.detach().to(device) for k, v in model.named_parameters()}
-        if params is not None:
-            all_params.update({k: v.detach().to(device) for k, v in params.items()})
         buffers = {k: v.to(device) for k, v in model.named_buffers()}
+        if params is not None:  # parameters, and buffers (BatchNorm statistics) of e.g. a checkpoint
+            for k, v in params.items():
+                (buffers if k in buffers else all_params)[k] = v.detach().to(device)
         tracked = {k: all_params[k] for k in names}
         frozen = {k: v for k, v in all_params.items() if k not in tracked}
         n_params = sum(v.numel() for v in tracked.values())

@@ -113,7 +113,11 @@ class TracIn(Attributor):
         return config
 
     def _params(self, state: dict) -> dict:
-        return {k: state[k] for k in self.task.tracked_names()}
+        """The model at a checkpoint: every parameter and buffer the checkpoint holds (untracked layers and BatchNorm
+        statistics included), the model's own where it holds none."""
+        model = self.task.model
+        known = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        return {k: v for k, v in state.items() if k in known}
 
     def _fit(self, train: AttributionDataset) -> None:
         self.train_grads_ = [
