@@ -21,3 +21,6 @@ def test_notebook_executes(path, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     assert (tmp_path / "quickstart_session" / "flags.sqlite").exists() or path.stem != "quickstart"
+    if path.stem == "your_own_model":  # the flag set in code, exported beside the store
+        flags = (tmp_path / "own_resnet_session" / "flags.csv").read_text().splitlines()
+        assert len(flags) == 2 and flags[0].startswith("train_id,flag")
