@@ -22,7 +22,7 @@ import peers  # noqa: E402
 
 from tda_explorer.compute import TrainConfig, get_method, train_model  # noqa: E402
 from tda_explorer.data import load_augmented_digits  # noqa: E402
-from tda_explorer.evaluate import build_experiment  # noqa: E402
+from tda_explorer.experiments import build_experiment  # noqa: E402
 from tda_explorer.experiments.digits import Experiment  # noqa: E402
 
 
