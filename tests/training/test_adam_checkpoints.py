@@ -57,3 +57,22 @@ def test_tracin_on_a_built_in_adam_recipe_uses_the_adam_direction():
     plain = get_method("tracin", exp.task(), checkpoints=[c.state_dict for c in sgd_view],
                        learning_rates=[c.learning_rate for c in sgd_view]).fit(exp.split.train)
     assert not torch.allclose(adam.attribute(exp.split.test).scores, plain.attribute(exp.split.test).scores)
+
+
+def test_a_replayed_adam_run_says_adam_so_tracin_refuses_rather_than_read_it_as_sgd():
+    import pytest
+
+    from tda_explorer._validation import TDAError
+    from tda_explorer.compute.training.train import replay_record
+
+    x, y = _data()
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.05, optimizer="adam", n_checkpoints=2)
+    record = replay_record(_factory, x, y, config)
+    assert [c.optimizer for c in record.checkpoints] == ["adam", "adam"]
+    sgd = replay_record(_factory, x, y, replace(config, optimizer="sgd"))
+    assert all(c.optimizer == "sgd" for c in sgd.checkpoints)
+    from tda_explorer import AttributionDataset, AttributionTask
+
+    with pytest.raises(TDAError, match="moments"):
+        get_method("tracin", AttributionTask(record.model, checkpoints=record.checkpoints)).fit(
+            AttributionDataset(x, y))

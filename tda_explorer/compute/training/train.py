@@ -350,12 +350,15 @@ def replay_record(
     def take(step: int, positions: torch.Tensor, params: dict, lr: float) -> None:
         if step in at_steps:
             state = {k: v.detach().clone() for k, v in params.items()}
-            record.checkpoints.append(Checkpoint(state, config.lr, step=step))
+            record.checkpoints.append(Checkpoint(state, config.lr, step=step, optimizer=config.optimizer))
 
     final = train_weighted(model_factory, inputs, labels, torch.ones(1, len(labels)), config, [config.seed],
                            device=device, callback=take)
     state = unstack(final, 0)
-    record.checkpoints.append(Checkpoint(state, config.lr, step=config.epochs * steps_per_epoch))
+    # the replay's optimizer kind is recorded (its Adam moments are not: an Adam-aware score then refuses, never
+    # reading the run as SGD)
+    record.checkpoints.append(Checkpoint(state, config.lr, step=config.epochs * steps_per_epoch,
+                                         optimizer=config.optimizer))
     record.model.load_state_dict(state)
     record.model.eval()
     return record
