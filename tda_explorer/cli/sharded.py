@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -34,16 +36,27 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     )
 
     device = launch_device(args.device)
-    init_distributed(device)
-    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train, epochs=args.epochs)
-    task = _featurized_task(exp, args.projection_kind)
-    result = featurize_sharded(task, exp.split.train, args.out, projection_dim=args.projection_dim,
-                               projection_kind=args.projection_kind, shard_rows=args.shard_rows, device=device,
-                               stop_after=args.stop_after)
-    ranks = gather_summaries(result)
-    if ranks is not None:  # rank 0 prints one summary (no interleaved lines), before the group is left
-        print(json.dumps({**result, "ranks": ranks}), flush=True)
+    distributed = init_distributed(device)
+    try:
+        exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train,
+                               epochs=args.epochs)
+        task = _featurized_task(exp, args.projection_kind)
+        result = featurize_sharded(task, exp.split.train, args.out, projection_dim=args.projection_dim,
+                                   projection_kind=args.projection_kind, shard_rows=args.shard_rows, device=device,
+                                   stop_after=args.stop_after)
+        ranks = gather_summaries(result)
+        if ranks is not None:  # rank 0 prints one summary (no interleaved lines), before the group is left
+            print(json.dumps({**result, "ranks": ranks}), flush=True)
+    except BaseException:
+        close_distributed(wait=False)
+        raise
     close_distributed()
+    if distributed:
+        # Gloo's worker threads can abort the interpreter's finalisation (SIGABRT, "terminate called without an
+        # active exception") after a clean run; every shard and the summary are on disk, so leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

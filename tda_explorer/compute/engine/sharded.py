@@ -62,11 +62,12 @@ def gather_summaries(summary: dict) -> list[dict] | None:
     return ranks if dist.get_rank() == 0 else None
 
 
-def close_distributed() -> None:
-    """Leave the process group: every rank passes a barrier first, so none closes its connections while a peer is
-    still inside a collective."""
+def close_distributed(wait: bool = True) -> None:
+    """Leave the process group. With ``wait`` every rank passes a barrier first, so none closes its connections while
+    a peer is still inside a collective; a failing rank leaves without it (its peers would wait forever)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
