@@ -18,19 +18,36 @@ from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.catalogue import Resources, method_spec
 from tda_explorer.compute.engine.attribution import Attribution
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.engine.score_file import ScoreFile, ScoreFileWriter
 from tda_explorer.compute.engine.stability import Stability, z_and_p
 from tda_explorer.compute.engine.task import AttributionTask, predict
 from tda_explorer.compute.methods import available_methods, get_method
 from tda_explorer.compute.methods.plan import Plan
 from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.evaluate.metrics import mislabel_auc, rank_correlation, recall_at
 from tda_explorer.evaluate.trust import model_randomization
 from tda_explorer.experiments.scenario import Scenario
 from tda_explorer.flags import FlagStore
-from tda_explorer.jobs import BackgroundJob
+from tda_explorer.jobs import BackgroundJob, check_cancelled, report_progress
 from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
 from tda_explorer.retraining.own import FunctionRetrainer, RetrainFunction
 from tda_explorer.retraining.retrainer import Retrainer
+
+#: Above this many scores (test × train) an attribution is written to disk a block of test rows at a time and read
+#: back a row at a time (``ScoreFile``); below it, it is held in memory.
+DENSE_LIMIT = 2**25
+#: Scores per block of test rows attributed at once on the way to disk.
+BLOCK_SCORES = 2**23
+
+#: The baseline ranking every session offers: training examples by the attributed model's loss at the given label
+#: (``session.train_loss``), highest first. A mislabel method that does not beat it adds nothing.
+TRAINING_LOSS = "training loss"
+#: The ranking by out-of-fold confidence in the given label, least confident first (score 1 − p_oof(given label):
+#: cleanlab's self-confidence), offered once the session has out-of-fold probabilities (``add_out_of_fold``).
+OUT_OF_FOLD = "out-of-fold confidence"
+#: A Spearman correlation with the training-loss ranking at or above this says the method adds little beyond it.
+ADDS_LITTLE = 0.95
 
 
 class Session:
@@ -83,6 +100,8 @@ class Session:
         self.trust: dict[str, float] = {}  # model-randomization correlation per method (lower is better)
         self.further_training: pd.DataFrame | None = None  # method, epochs, cosine (further_training_curve)
         self.provenance: dict[str, str] = {}
+        self.oof_probabilities: torch.Tensor | None = None  # [n_train, n_classes] (add_out_of_fold, suspicion)
+        self.flipped: torch.Tensor | None = None  # known flipped labels [n_train] (a built-in noisy experiment)
         self._embedding: torch.Tensor | None = None
         self.embedding_source = "inputs"  # what the mislabel scatter's PCA is of (embedding())
         # makes "what if I remove these?" answerable
@@ -106,6 +125,9 @@ class Session:
         as_device(device)
         session = cls(experiment.train, experiment.test, experiment.task(), folder, device,
                       resources=experiment.resources(device))
+        flipped = getattr(getattr(experiment, "split", None), "flipped", None)
+        if isinstance(flipped, torch.Tensor) and flipped.shape == (len(session.train),) and flipped.any():
+            session.flipped = flipped.bool()
         if hasattr(experiment, "recipe"):
             recipe = experiment.recipe()
             session.recipe = recipe.config
@@ -143,6 +165,8 @@ class Session:
         out_tr, out_te = outputs
         self.train_probs = out_tr.softmax(1)
         self.train_predicted = out_tr.argmax(1)
+        # the baseline beside every ranking: per-example loss at the given label, from the logits above
+        self.train_loss = torch.nn.functional.cross_entropy(out_tr.float(), self.train.labels, reduction="none")
         self.test_predicted = out_te.argmax(1)
         self.test_loss = torch.nn.functional.cross_entropy(out_te, self.test.labels, reduction="none")
 
@@ -159,21 +183,52 @@ class Session:
         return self.folder / "attributions" / f"{method}-{key}.pt"
 
     def compute(self, method: str, progress: bool = False, **config: Any) -> Attribution:
-        """Run ``method`` on the session's data (or load it from the cache) and keep the result."""
+        """Run ``method`` on the session's data (or load it from the cache) and keep the result.
+
+        Above ``DENSE_LIMIT`` scores the attribution is computed a block of test points at a time and kept on disk
+        (``ScoreFile``: each test point's top-k in memory, rows read on demand), so a session of 50,000 training
+        and 10,000 test examples holds megabytes per method, not gigabytes."""
         path = self._cache_path(method, config)
-        data = load_tensors(path)
-        if data is not None:
-            attribution = Attribution(data["scores"], self.test.ids, self.train.ids, method, config)
-            self.add(attribution, data["self_influence"])
+        large = len(self.test) * len(self.train) > DENSE_LIMIT
+        stored = self._load_cached(path, large)
+        if stored is not None:
+            attribution = Attribution(stored[0], self.test.ids, self.train.ids, method, config)
+            self.add(attribution, stored[1])
             return attribution
         options = method_spec(method).fill(config, self.resources)
         self.options[method] = options
         attributor = get_method(method, self.task, device=self.device, **options).fit(self.train)
-        attribution = attributor.attribute(self.test)
+        scores = self._attribute_to_disk(attributor, path) if large else attributor.attribute(self.test).scores
         self_influence = attributor.self_influence()
-        save_tensors({"scores": attribution.scores, "self_influence": self_influence}, path)
+        save_tensors({"scores": None if large else scores, "self_influence": self_influence}, path)
+        attribution = Attribution(scores, self.test.ids, self.train.ids, method, config)
         self.add(attribution, self_influence)
         return attribution
+
+    def _load_cached(self, path: Path, large: bool) -> tuple[torch.Tensor | ScoreFile, torch.Tensor] | None:
+        """Cached scores (in memory, or the finished score file beside ``path``) and self-influence, or None."""
+        data = load_tensors(path)
+        if data is None:
+            return None
+        scores = ScoreFile.open(path.with_suffix(".npy")) if large else data["scores"]
+        return None if scores is None else (scores, data["self_influence"])
+
+    def _attribute_to_disk(self, attributor: Any, path: Path) -> ScoreFile:
+        """The fitted ``attributor``'s scores on the test set, written a block of test rows at a time."""
+        n_test, n_train = len(self.test), len(self.train)
+        rows = max(1, BLOCK_SCORES // n_train)
+        writer = ScoreFileWriter(path.with_suffix(".npy"), (n_test, n_train))
+        try:
+            for start in range(0, n_test, rows):
+                check_cancelled()
+                block = self.test.subset(list(range(start, min(start + rows, n_test))))
+                writer.write(attributor.attribute(block).scores)
+                report_progress(min(start + rows, n_test) / n_test, f"scored {min(start + rows, n_test)} of "
+                                f"{n_test} test points")
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
 
     def plan(self, method: str, **config: Any) -> Plan:
         """The estimated time and peak memory of ``compute(method, **config)`` on this session's data, measured by
@@ -210,8 +265,64 @@ class Session:
             "label": self.train.labels[pos].tolist(),
             "predicted": self.train_predicted[pos].tolist(),
             "flag": [t in flagged for t in train_ids],
+            **self._baseline_columns(pos),
             **{f"value:{name}": values[pos].tolist() for name, values in self.values.items()},
         }
+
+    def _baseline_columns(self, pos) -> dict[str, list]:
+        """``training_loss`` (the model's loss at the given label) and, with out-of-fold probabilities,
+        ``oof_confidence`` (their probability of the given label) at training positions ``pos``."""
+        columns = {"training_loss": self.train_loss[pos].double().tolist()}
+        if self.oof_probabilities is not None:
+            columns["oof_confidence"] = self._oof_confidence()[pos].double().tolist()
+        return columns
+
+    def _oof_confidence(self) -> torch.Tensor:
+        labels = self.train.labels
+        return self.oof_probabilities[torch.arange(len(labels)), labels]
+
+    def add_out_of_fold(self, probabilities: torch.Tensor) -> None:
+        """Out-of-fold class probabilities ``[n_train, n_classes]`` (from models that never saw each example; kept
+        by ``compute("suspicion")``): an ``oof_confidence`` column in every training table and the ranking
+        ``OUT_OF_FOLD`` (least confident in the given label first: cleanlab's self-confidence)."""
+        probabilities = torch.as_tensor(probabilities).detach().cpu()
+        expected = (len(self.train), self.train_probs.shape[1])
+        if tuple(probabilities.shape) != expected:
+            raise TDAError(f"out-of-fold probabilities must be [n_train, n_classes] = {list(expected)}, got "
+                           f"{list(probabilities.shape)}")
+        if not torch.isfinite(probabilities).all() or (probabilities < 0).any():
+            raise TDAError("out-of-fold probabilities must be finite and non-negative")
+        self.oof_probabilities = probabilities.double()
+
+    @property
+    def mislabel_rankings(self) -> list[str]:
+        """Every ranking ``mislabel_ranking`` accepts: each method's self-influence (and added values), then the
+        baselines — ``TRAINING_LOSS`` always, ``OUT_OF_FOLD`` when the session has out-of-fold probabilities."""
+        return [*self.self_influences, TRAINING_LOSS, *([OUT_OF_FOLD] if self.oof_probabilities is not None else [])]
+
+    def ranking_score(self, method: str) -> torch.Tensor:
+        """The score ``[n_train]`` a mislabel ranking sorts by (higher = more suspicious)."""
+        if method in self.self_influences:
+            return self.self_influences[method]
+        if method == TRAINING_LOSS:
+            return self.train_loss
+        if method == OUT_OF_FOLD and self.oof_probabilities is not None:
+            return 1 - self._oof_confidence()
+        raise TDAError(f"no self-influence for method {method!r}; rankings: {self.mislabel_rankings}")
+
+    def baseline_comparison(self, method: str) -> dict[str, float]:
+        """``method``'s ranking against the training-loss baseline: ``spearman`` (rank correlation of the two scores
+        over the training set) and, when the flipped labels are known (``session.flipped``), ``auc``,
+        ``loss_auc``, ``auc_minus_loss``, ``recall_at_10``, ``loss_recall_at_10`` and ``recall_at_10_minus_loss``."""
+        score, loss = self.ranking_score(method), self.train_loss
+        result = {"spearman": rank_correlation(score, loss)}
+        flipped = self.flipped
+        if flipped is not None and flipped.any() and not flipped.all():
+            result.update(auc=mislabel_auc(score, flipped), loss_auc=mislabel_auc(loss, flipped),
+                          recall_at_10=recall_at(score, flipped, 0.1), loss_recall_at_10=recall_at(loss, flipped, 0.1))
+            result.update(auc_minus_loss=result["auc"] - result["loss_auc"],
+                          recall_at_10_minus_loss=result["recall_at_10"] - result["loss_recall_at_10"])
+        return result
 
     def ranking(self, test_id: Any, method: str, k: int = 10) -> pd.DataFrame:
         """The top-k proponents (positive scores, rank 1..k) and top-k opponents (negative scores, rank -1..-k) of
@@ -224,14 +335,14 @@ class Session:
         return df
 
     def mislabel_ranking(self, method: str) -> pd.DataFrame:
-        """Training examples ranked by self-influence of ``method`` (most suspicious first).
+        """Training examples ranked by self-influence of ``method`` (most suspicious first), or by a baseline
+        (``TRAINING_LOSS``, ``OUT_OF_FOLD``: ``mislabel_rankings`` lists them all).
 
-        Columns: ``train_id, rank, score, method, label, predicted, suggested, flag``; ``suggested``
-        is the model's most probable class other than the given label.
+        Columns: ``train_id, rank, score, method, label, predicted, suggested, flag, training_loss`` (the model's
+        loss at the given label), ``oof_confidence`` (with out-of-fold probabilities) and ``value:<name>`` per added
+        value; ``suggested`` is the model's most probable class other than the given label.
         """
-        if method not in self.self_influences:
-            raise TDAError(f"no self-influence for method {method!r}; computed: {list(self.self_influences)}")
-        score = self.self_influences[method]
+        score = self.ranking_score(method)
         order = torch.argsort(score, descending=True)
         ids = [self.train.ids[i] for i in order.tolist()]
         probs = self.train_probs[order].clone()
@@ -252,11 +363,10 @@ class Session:
         predicted`` (the score's sign says which)."""
         k = check_positive_int(k, "k")
         pos = self.train.positions([train_id], "train_id")[0]
-        column = self.attribution(method).scores[:, pos]
-        order = torch.argsort(column.abs(), descending=True)[:k]
+        order, scores = self.attribution(method).influenced(pos, k)
         return pd.DataFrame({
             "test_id": [self.test.ids[i] for i in order.tolist()],
-            "score": column[order].double().numpy(),
+            "score": scores.double().numpy(),
             "label": self.test.labels[order].tolist(),
             "predicted": self.test_predicted[order].tolist(),
         })
@@ -312,7 +422,7 @@ class Session:
         for e in epochs:
             truth = further_training_truth(self.task, self.train, self.test, ids, e, lr, batch_size, range(seeds),
                                            device=self.device)
-            rows += [{"method": m, "epochs": e, "cosine": further_training_cosine(self.attribution(m).scores,
+            rows += [{"method": m, "epochs": e, "cosine": further_training_cosine(self.attribution(m).matrix(),
                                                                                   self.train, truth)}
                      for m in self.methods]
         self.further_training = pd.DataFrame(rows)
@@ -328,7 +438,7 @@ class Session:
                 raise TDAError(f"{method!r} was added from elsewhere; check_trust reruns methods computed here "
                                "(session.compute)")
             options = method_spec(method).fill(dict(attribution.config), self.resources)
-        self.trust[method] = model_randomization(attribution.scores, method, self.task, self.train, self.test,
+        self.trust[method] = model_randomization(attribution.matrix(), method, self.task, self.train, self.test,
                                                  seed=seed, device=self.device, **options)
         return self.trust[method]
 
@@ -409,8 +519,16 @@ class Session:
         return path
 
     def flags_dataframe(self) -> pd.DataFrame:
-        """The flag store as a DataFrame (``train_id, flag, relabel, note, updated_at``)."""
-        return self.flags.to_dataframe()
+        """The flag store as a DataFrame (``train_id, flag, relabel, note, updated_at``) with each example's
+        ``training_loss`` and, with out-of-fold probabilities, ``oof_confidence``."""
+        df = self.flags.to_dataframe()
+        index = self.train._index
+        known = [t in index for t in df["train_id"]]  # a store kept from other data may hold ids not in it
+        columns = self._baseline_columns([index[t] for t, k in zip(df["train_id"], known) if k])
+        for column, values in columns.items():
+            it = iter(values)
+            df[column] = [next(it) if k else float("nan") for k in known]
+        return df
 
     def test_table(self) -> pd.DataFrame:
         """Every test example with its label, prediction and loss."""

@@ -43,7 +43,8 @@ def test_session_tables_and_cache(digits_experiment, tmp_path):
     attribution = session.compute("tracin")
     assert len(list((tmp_path / "attributions").glob("tracin-*.pt"))) == 1
     ranking = session.ranking(5, "tracin", k=3)
-    assert list(ranking.columns) == ["test_id", "train_id", "rank", "score", "method", "label", "predicted", "flag"]
+    assert list(ranking.columns) == ["test_id", "train_id", "rank", "score", "method", "label", "predicted", "flag",
+                                     "training_loss"]
     assert ranking.train_id.tolist()[:3] == attribution.topk(5, 3)[0]
     session.flags.flag(ranking.train_id.iloc[0])
     mis = session.mislabel_ranking("tracin")

@@ -153,7 +153,8 @@ def test_ranking_with_a_large_k_keeps_signs_apart(signed_session, k):
     assert opponents.train_id.tolist() == [17, 1, 12, 6, 0] and opponents["rank"].tolist() == [-1, -2, -3, -4, -5]
     assert opponents.score.tolist() == [-5.0, -4.0, -3.0, -2.0, -1.0]
     assert len(df) == 8  # the zero scores are neither
-    assert list(df.columns) == ["test_id", "train_id", "rank", "score", "method", "label", "predicted", "flag"]
+    assert list(df.columns) == ["test_id", "train_id", "rank", "score", "method", "label", "predicted", "flag",
+                                "training_loss"]
 
 
 def test_ranking_cuts_each_side_to_k(signed_session):

@@ -53,6 +53,15 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, measurements: torch.Tensor) -
     return float(np.nanmean(per_test)), per_test
 
 
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two scores over the same examples (ties get their mean rank); NaN when either
+    is constant."""
+    a, b = torch.as_tensor(a).double().flatten(), torch.as_tensor(b).double().flatten()
+    if a.shape != b.shape:
+        raise TDAError(f"rank_correlation: {tuple(a.shape)} and {tuple(b.shape)} differ in shape")
+    return float(_spearman_columns(a.numpy()[:, None], b.numpy()[:, None])[0])
+
+
 def mislabel_auc(suspicion: torch.Tensor, flipped: torch.Tensor) -> float:
     """ROC-AUC of ranking flipped labels first by ``suspicion`` (higher = more suspicious)."""
     from sklearn.metrics import roc_auc_score

@@ -144,7 +144,8 @@ def test_export_buttons_write_csv(explorer):
     files = sorted((explorer.session.folder / "exports").glob("*.csv"))
     assert len(files) == 2
     ranking = pd.read_csv(next(f for f in files if f.name.startswith("ranking")))
-    assert list(ranking.columns) == ["test_id", "train_id", "rank", "score", "method", "label", "predicted", "flag"]
+    assert list(ranking.columns) == ["test_id", "train_id", "rank", "score", "method", "label", "predicted", "flag",
+                                     "training_loss"]
     assert len(ranking) == 8
 
 
