@@ -182,21 +182,28 @@ class Session:
         if data is not None:
             attribution = Attribution(data["scores"], self.test.ids, self.train.ids, method, config)
             self.add(attribution, data["self_influence"])
-            if data.get("oof_probabilities") is not None:
-                self.add_out_of_fold(data["oof_probabilities"])
+            self._keep_out_of_fold(path)
             return attribution
         options = method_spec(method).fill(config, self.resources)
         self.options[method] = options
         attributor = get_method(method, self.task, device=self.device, **options).fit(self.train)
         attribution = attributor.attribute(self.test)
         self_influence = attributor.self_influence()
-        oof = getattr(attributor, "oof_", None)  # suspicion's out-of-fold probabilities: a baseline of their own
-        save_tensors({"scores": attribution.scores, "self_influence": self_influence,
-                      **({"oof_probabilities": oof} if oof is not None else {})}, path)
+        save_tensors({"scores": attribution.scores, "self_influence": self_influence}, path)
         self.add(attribution, self_influence)
-        if oof is not None:
-            self.add_out_of_fold(oof)
+        self._keep_out_of_fold(path, getattr(attributor, "oof_", None))
         return attribution
+
+    def _keep_out_of_fold(self, path: Path, probabilities: torch.Tensor | None = None) -> None:
+        """Out-of-fold probabilities a method computed (suspicion's ``oof_``: a baseline of their own), saved beside
+        its cached attribution at ``path``; without ``probabilities``, those saved there before (if any)."""
+        oof_path = path.with_name(path.stem + ".oof.pt")
+        if probabilities is not None:
+            save_tensors(probabilities.detach().cpu(), oof_path)
+        else:
+            probabilities = load_tensors(oof_path)
+        if probabilities is not None:
+            self.add_out_of_fold(probabilities)
 
     def plan(self, method: str, **config: Any) -> Plan:
         """The estimated time and peak memory of ``compute(method, **config)`` on this session's data, measured by
