@@ -199,4 +199,4 @@ class Explorer(W.VBox):
         self.tracing.refresh()
         for dropdown in (self.browser.method, self.compare.a, self.compare.b):
             refill(dropdown, self.session.methods)
-        refill(self.mislabels.method, list(self.session.self_influences))
+        refill(self.mislabels.method, self.session.mislabel_rankings)

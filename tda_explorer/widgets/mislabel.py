@@ -10,11 +10,13 @@ import numpy as np
 import plotly.graph_objects as go
 
 from tda_explorer.jobs import BackgroundJob
-from tda_explorer.session import Session
+from tda_explorer.session import ADDS_LITTLE, TRAINING_LOSS, Session
 from tda_explorer.widgets.state import ExplorerState
 from tda_explorer.widgets.theme import FigureView, button_layout
 
 PAGE = 10
+#: Table heads of the baseline columns shown beside every ranking's score.
+BASELINE_HEADS = {"training_loss": "training loss", "oof_confidence": "out-of-fold p(given)"}
 CHART_WIDTH = 520  # px: two side by side in a notebook's width, wrapping below each other where it is narrower
 
 
@@ -41,8 +43,35 @@ def histogram_axis(scores: np.ndarray) -> tuple[np.ndarray, bool]:
     return scores, False
 
 
+def baseline_text(method: str, comparison: dict[str, float]) -> str:
+    """One line (HTML) putting ``method``'s ranking beside the training-loss baseline: its Spearman correlation with
+    the loss (saying so when it adds little beyond it) and, when the flipped labels are known, its ROC-AUC and
+    recall@10% beside the loss's (``Session.baseline_comparison``)."""
+    flips = "auc" in comparison
+    if method == TRAINING_LOSS:
+        text = "the baseline: training examples by the model's loss at their given label, highest first"
+        if flips:
+            text += (f" · on the known flipped labels: ROC-AUC {comparison['auc']:.3f}, recall@10% "
+                     f"{comparison['recall_at_10']:.2f}")
+        return f"<span class='tda-muted'>{html.escape(text)}</span>"
+    rho = comparison["spearman"]
+    if rho != rho:
+        text = "rank correlation with training loss: undefined (a constant score)"
+    else:
+        text = f"rank correlation with training loss: {rho:.2f}"
+        if rho >= ADDS_LITTLE:
+            text += " — this method adds little beyond the loss"
+    if flips:
+        text += (f" · on the known flipped labels: ROC-AUC {comparison['auc']:.3f} vs {comparison['loss_auc']:.3f} "
+                 f"for the loss ({comparison['auc_minus_loss']:+.3f}), recall@10% {comparison['recall_at_10']:.2f} vs "
+                 f"{comparison['loss_recall_at_10']:.2f} ({comparison['recall_at_10_minus_loss']:+.2f})")
+    return f"<span class='tda-muted'>{html.escape(text)}</span>"
+
+
 class MislabelPanel(W.VBox):
-    """Ranks the training set by a self-influence / suspicion score of the chosen method.
+    """Ranks the training set by a self-influence / suspicion score of the chosen method, or by a baseline (the
+    training loss, always offered; the out-of-fold confidence when known), with the chosen ranking's agreement with
+    the training-loss baseline on a line of its own.
 
     The current row (next / previous) is shown in the shared training-example detail, where Flag,
     Unflag and Relabel act; a lasso on the embedding restricts the list to the selected examples.
@@ -50,7 +79,7 @@ class MislabelPanel(W.VBox):
 
     def __init__(self, session: Session, state: ExplorerState, interactive: bool | None = None):
         self.session, self.state = session, state
-        self.method = W.Dropdown(options=list(session.self_influences), description="rank by",
+        self.method = W.Dropdown(options=session.mislabel_rankings, description="rank by",
                                  layout=W.Layout(width="240px"))
         self.prev_button = W.Button(description="◀ previous", layout=button_layout())
         self.next_button = W.Button(description="next ▶", layout=button_layout())
@@ -68,6 +97,9 @@ class MislabelPanel(W.VBox):
                         (self.what_if_button, "what-if")):
             b.add_class(f"tda-mislabel-{name}")
         self.status = W.HTML()
+        self.baseline = W.HTML()  # the chosen ranking beside the training-loss baseline
+        self.baseline.add_class("tda-mislabel-baseline")
+        self._baseline_for: tuple | None = None  # (method, its score tensor) the line was computed for
         self.list = W.HTML()
         self.list.add_class("tda-table")
         self.histogram = FigureView(go.Figure(
@@ -105,7 +137,7 @@ class MislabelPanel(W.VBox):
         state.observe(lambda _c: self.refresh(), names=["flags_revision"])
         super().__init__([
             W.HBox([self.method, self.prev_button, self.next_button, self.clear_button, self.export_button]),
-            self.status, self.list,
+            self.status, self.baseline, self.list,
             W.HBox([self.histogram.widget, self.scatter.widget], layout=W.Layout(flex_flow="row wrap")),
             W.HBox([self.what_if_button, self.what_if_cancel, self.what_if_progress]), self.what_if,
         ])
@@ -188,6 +220,19 @@ class MislabelPanel(W.VBox):
             f"<table><tr><th>most changed test points</th><th>loss</th></tr>{rows}</table>"
         )
 
+    def show_baseline(self) -> None:
+        """The line comparing the chosen ranking with the training-loss baseline (recomputed only when the ranking
+        or its scores change, not on every navigation)."""
+        method = self.state.mislabel_method
+        if not method:
+            self.baseline.value, self._baseline_for = "", None
+            return
+        score = self.session.ranking_score(method)
+        if self._baseline_for is not None and self._baseline_for[0] == method and self._baseline_for[1] is score:
+            return
+        self.baseline.value = baseline_text(method, self.session.baseline_comparison(method))
+        self._baseline_for = (method, score)
+
     def export(self) -> None:
         df = self.table()
         if df is not None:
@@ -198,6 +243,7 @@ class MislabelPanel(W.VBox):
     def refresh(self, follow: bool = False) -> None:
         """Redraw; with ``follow`` (navigation moved) also show the current row in the detail panel."""
         all_scores = self.session.mislabel_ranking(self.state.mislabel_method) if self.state.mislabel_method else None
+        self.show_baseline()
         df = self.table(all_scores)
         if df is None or df.empty:
             self.list.value = "<i>no ranking: compute a method first</i>" if df is None else "<i>empty selection</i>"
@@ -209,6 +255,7 @@ class MislabelPanel(W.VBox):
         start = (index // PAGE) * PAGE
         names, train = self.session.train.class_names, self.session.train
         value_columns = [c for c in df.columns if c.startswith("value:")]
+        baseline_columns = [c for c in ("training_loss", "oof_confidence") if c in df.columns]
         rows = []
         for i in range(start, min(start + PAGE, len(df))):
             r = df.iloc[i]
@@ -221,12 +268,13 @@ class MislabelPanel(W.VBox):
                 f"<tr{cls}><td>{r['rank']}</td><td>{thumb}</td><td>#{html.escape(str(r['train_id']))}</td>"
                 f"<td>{html.escape(names[r['label']])}</td><td>{html.escape(names[r['predicted']])}</td>"
                 f"<td>{html.escape(names[r['suggested']])}</td><td>{r['score']:.4g}</td>"
-                + "".join(f"<td>{r[c]:.4g}</td>" for c in value_columns)
+                + "".join(f"<td>{r[c]:.4g}</td>" for c in baseline_columns + value_columns)
                 + f"<td>{'⚑' if r['flag'] else ''}</td></tr>"
             )
         scope = f"{len(df)} selected" if self.state.selection else f"{len(df)} training examples"
         self.status.value = f"<span class='tda-muted'>{scope} · showing {index + 1} of {len(df)}</span>"
-        value_heads = "".join(f"<th>{html.escape(c[len('value:'):])}</th>" for c in value_columns)
+        value_heads = "".join(f"<th>{BASELINE_HEADS[c]}</th>" for c in baseline_columns)
+        value_heads += "".join(f"<th>{html.escape(c[len('value:'):])}</th>" for c in value_columns)
         self.list.value = ("<table><tr><th>rank</th><th></th><th>id</th><th>given</th><th>predicted</th>"
                            f"<th>suggested</th><th>score</th>{value_heads}<th>flag</th></tr>" + "".join(rows)
                            + "</table>")
