@@ -25,17 +25,19 @@ COMMANDS = {
              "Train a small model on digits with flipped labels, attribute it, and print the training examples most "
              "likely mislabeled and one test example's proponents and opponents; the tables go to --out.",
              ("demo", "_demo_arguments")),
-    "evaluate": ("evaluate one method on a built-in task; JSON out",
+    "evaluate": ("evaluate one method on a built-in task or your own (--entry); JSON out",
                  "Run one method of the catalogue on a built-in task and print its metrics as JSON (LDS against "
-                 "retrained subsets, mislabel detection, time). Progress goes to stderr. --method NAME --help also "
-                 "lists that method's options.",
+                 "retrained subsets, mislabel detection, time), or with --entry module:function on your own model "
+                 "and data (each test point's top-k, the self-influence ranking, time, and with a retrain function "
+                 "a removal check). Progress goes to stderr. --method NAME --help also lists that method's options.",
                  ("evaluate", "_evaluate_arguments")),
     "methods": ("the method catalogue: families, needs and options",
                 "List every method of the catalogue with its family and needs (-v: and options).",
                 ("methods", "_methods_arguments")),
     "featurize": ("sharded, resumable featurisation (torchrun -m tda_explorer featurize)",
-                  "Project each training example's gradient and store the features in resumable shards; run under "
-                  "torchrun to split the work over ranks.",
+                  "Project each training example's gradient (a built-in task's, or with --entry module:function "
+                  "your own model's) and store the features in resumable shards; run under torchrun to split the "
+                  "work over ranks.",
                   ("sharded", "_featurize_arguments")),
     "score": ("top-k proponents/opponents against a sharded feature store",
               "Score test points against a feature store written by featurize and print each one's top-k proponents "

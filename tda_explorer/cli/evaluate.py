@@ -1,5 +1,6 @@
 """``tda-explorer evaluate``: one method of the catalogue on a built-in task, metrics as JSON; the chosen method's
-options become flags generated from its catalogue entry."""
+options become flags generated from its catalogue entry. With ``--entry`` it runs on your own model and data instead
+(``cli/evaluate_entry.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import torch
 
 from tda_explorer.cli.common import _checked_output, _help, _interactive, _json_argument, _plain, _say, _write_result
+from tda_explorer.cli.entry import entry_argument, refuse_with_entry
 from tda_explorer.cli.tasks import _data_name, _model_argument
 from tda_explorer.compute.catalogue import CATALOGUE, Family, method_spec
 from tda_explorer.errors import TDAError
@@ -23,6 +25,14 @@ CLASHING_PREFIX = "method-"
 #: Older flag names kept as aliases of catalogue options.
 FLAG_ALIASES = {"n_checkpoints": ["--ensemble-checkpoints"]}
 
+#: The flags that choose or score a built-in task, with their defaults: parsed with default None, so that --entry
+#: refuses the ones given and the built-in path fills the rest in.
+BUILTIN_DEFAULTS = {"data": "digits", "model": "mlp", "scenario": None, "verifier": "auto", "proxy": None,
+                    "groups": None, "noise": 0.0, "n_subsets": 100, "no_lds": None, "epochs": None,
+                    "truth": "fresh-seed", "subset_fraction": 0.5, "cache_dir": ".tda_cache", "ensemble": None}
+#: The flags only --entry uses (default None without it).
+ENTRY_ONLY = ("k", "n_test_points", "n_mislabeled", "what_if", "what_if_k", "what_if_seeds")
+
 
 def _training_line(args: argparse.Namespace) -> str:
     """evaluate's progress line before it trains the built-in model."""
@@ -31,9 +41,16 @@ def _training_line(args: argparse.Namespace) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Run one method on a built-in task; write its metrics as JSON."""
+    """Run one method on a built-in task, or on ``--entry``'s model and data; write its metrics as JSON."""
+    refuse_with_entry(args, BUILTIN_DEFAULTS)
+    if args.entry:
+        from tda_explorer.cli.evaluate_entry import evaluate_entry
 
-
+        return evaluate_entry(args)
+    given = ["--" + name.replace("_", "-") for name in ENTRY_ONLY if getattr(args, name, None) is not None]
+    if given:
+        raise TDAError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for evaluate --entry (your own model "
+                       "and data); a built-in task reports its metrics against its ground truth instead")
     if args.data != "digits":
         raise TDAError(f"unknown data {args.data!r}; expected one of: digits")
     if args.json:
@@ -178,12 +195,12 @@ def add_method_options(parser: argparse.ArgumentParser, method: str | None) -> N
 
 
 def _evaluate_arguments(ev: argparse.ArgumentParser, method: str | None = None) -> None:
-
-    ev.add_argument("--data", default="digits", help="the built-in data set (digits, the only one; default digits)")
-    _model_argument(ev)
+    ev.add_argument("--data", default=None, help="the built-in data set (digits, the only one; default digits)")
+    _model_argument(ev, default=None)
     ev.add_argument("--method", required=True, choices=sorted(CATALOGUE), metavar="METHOD",
                     help="a method of the catalogue (tda-explorer methods lists them); --method NAME --help lists "
                          "its options")
+    entry_argument(ev, "attribute the test set")
     ev.add_argument("--scenario", choices=["backdoor", "planted-pool", "facts"], default=None,
                     help="backdoor: a base MLP on digits 0-4 fine-tuned on all ten with 20 triggered 3s labelled 8; "
                          "reports backdoor_auc and backdoor_auc_dda (debias and denoise) for the method. "
@@ -192,7 +209,7 @@ def _evaluate_arguments(ev: argparse.ArgumentParser, method: str | None = None) 
                          "facts (--method trackstar, fasttrack, tracin or bm25): a causal LM trained on generated "
                          "fictional facts; reports precision, recall and f1 of tracing each query's supporting "
                          "documents (--data and --model are ignored)")
-    ev.add_argument("--verifier", choices=["auto", "embedding", "gradient"], default="auto",
+    ev.add_argument("--verifier", choices=["auto", "embedding", "gradient"], default=None,
                     help="--scenario facts --method fasttrack: the stage-2 verifier — embedding (the MiniLM sentence "
                          "encoder's cosine), gradient (the fact LM's answer-aligned gradient cosine) or auto "
                          "(embedding when MiniLM is installed, else gradient)")
@@ -201,22 +218,40 @@ def _evaluate_arguments(ev: argparse.ArgumentParser, method: str | None = None) 
                          "adds proxy, target_lds and proxy_score_spearman")
     ev.add_argument("--groups", type=int, default=None, metavar="K",
                     help="score K Dirichlet groups against leave-group-out retraining (group_pearson) instead of LDS")
-    ev.add_argument("--noise", type=float, default=0.0, help="flip this fraction of labels; adds mislabel metrics")
-    ev.add_argument("--n-subsets", type=int, default=100, help="retrained subsets for LDS (cached; default 100)")
-    ev.add_argument("--no-lds", action="store_true", help="skip LDS (no retraining)")
+    ev.add_argument("--noise", type=float, default=None,
+                    help="flip this fraction of labels; adds mislabel metrics (default 0)")
+    ev.add_argument("--n-subsets", type=int, default=None, help="retrained subsets for LDS (cached; default 100)")
+    ev.add_argument("--no-lds", action="store_true", default=None, help="skip LDS (no retraining)")
     ev.add_argument("--epochs", type=int, default=None,
                     help="with --truth further-training: epochs of further training from the final model (default 5)")
-    ev.add_argument("--truth", choices=["fresh-seed", "same-seed", "further-training"], default="fresh-seed",
-                    help="LDS truth: retraining with fresh seeds, or the recorded run itself with the subset's weights "
-                         "zeroed (then also lds_fresh_seed and truth_ceiling)")
-    ev.add_argument("--subset-fraction", type=float, default=0.5,
-                    help="fraction of the training set each LDS subset removes (0.01: small drops)")
-    ev.add_argument("--cache-dir", default=".tda_cache",
+    ev.add_argument("--truth", choices=["fresh-seed", "same-seed", "further-training"], default=None,
+                    help="LDS truth: retraining with fresh seeds (the default), or the recorded run itself with the "
+                         "subset's weights zeroed (then also lds_fresh_seed and truth_ceiling)")
+    ev.add_argument("--subset-fraction", type=float, default=None,
+                    help="fraction of the training set each LDS subset removes (default 0.5; 0.01: small drops)")
+    ev.add_argument("--cache-dir", default=None,
                     help="folder where retrained models and truths are cached (default .tda_cache)")
     ev.add_argument("--device", default="cpu", help="where to train and attribute (cpu, cuda, cuda:1; default cpu)")
     ev.add_argument("--ensemble", type=int, default=None, metavar="K",
                     help="TRAK: train K-1 more models with fresh seeds and ensemble over all K")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the data split, label noise and training")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed of the data split, label noise and training; with --entry, of the what-if check's "
+                         "random groups and its first retraining seed")
+    own = ev.add_argument_group("with --entry (your own model and data)")
+    own.add_argument("--k", type=int, default=None,
+                     help="proponents and opponents listed per test point (default 10)")
+    own.add_argument("--n-test-points", type=int, default=None,
+                     help="attribute the first N test points (default: all)")
+    own.add_argument("--n-mislabeled", type=int, default=None,
+                     help="training examples listed in the self-influence (mislabel) ranking (default 20)")
+    own.add_argument("--what-if", type=int, default=None, metavar="N",
+                     help="when the entry returns a retrain function: retrain without the top proponents, the top "
+                          "opponents and as many random examples of each of the first N test points (default 3; 0 "
+                          "skips it)")
+    own.add_argument("--what-if-k", type=int, default=None,
+                     help="training examples removed per group in the what-if check (default: --k)")
+    own.add_argument("--what-if-seeds", type=int, default=None,
+                     help="paired retraining seeds of the what-if check, at least 2 (default 2)")
     _json_argument(ev)
     add_method_options(ev, method)
     ev.set_defaults(func=cmd_evaluate)

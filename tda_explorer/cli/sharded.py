@@ -1,4 +1,5 @@
-"""``tda-explorer featurize`` and ``score``: sharded, resumable featurisation and top-k against its store."""
+"""``tda-explorer featurize`` and ``score``: sharded, resumable featurisation and top-k against its store, on a
+built-in task or on your own model and data (``--entry``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import torch
 
 from tda_explorer.cli.common import _checked_output, _json_argument, _write_result
-from tda_explorer.cli.tasks import _task_arguments
+from tda_explorer.cli.entry import entry_argument, load_entry, refuse_with_entry
+from tda_explorer.cli.tasks import TASK_DEFAULTS, _task_arguments
 from tda_explorer.compute.engine.featurize import iter_features, make_projector
 from tda_explorer.compute.engine.kfac import linear_layer_names
 from tda_explorer.compute.engine.sharded import load_sharded, store_fingerprint
@@ -19,14 +21,25 @@ from tda_explorer.compute.engine.topk import topk_scores
 from tda_explorer.errors import TDAError
 from tda_explorer.experiments import build_experiment
 
+#: featurize's built-in task flags (besides TASK_DEFAULTS) with their defaults; --entry refuses them.
+FEATURIZE_DEFAULTS = {**TASK_DEFAULTS, "n_train": 1000, "epochs": None}
+#: score's built-in task flags.
+SCORE_DEFAULTS = {**TASK_DEFAULTS, "epochs": None}
+
 
 def _featurized_task(exp, projection_kind: str):
     """The experiment's task; LoGra tracks its Linear/Conv2d layers (the others have no Kronecker form)."""
     return exp.task(parameters=linear_layer_names(exp.record.model) if projection_kind == "logra" else None)
 
 
+def _entry_task(entry, projection_kind: str):
+    """The entry's task; LoGra tracks its Linear/Conv2d layers unless the entry chose the parameters."""
+    return entry.task(linear_layer_names(entry.model) if projection_kind == "logra" else None)
+
+
 def cmd_featurize(args: argparse.Namespace) -> int:
-    """Sharded, resumable featurisation of a built-in task's training set (run under torchrun to shard)."""
+    """Sharded, resumable featurisation of a built-in task's training set or of ``--entry``'s (run under torchrun to
+    shard)."""
     from tda_explorer.compute.engine.sharded import (
         close_distributed,
         featurize_sharded,
@@ -38,10 +51,15 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     device = launch_device(args.device)
     distributed = init_distributed(device)
     try:
-        exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train,
-                               epochs=args.epochs)
-        task = _featurized_task(exp, args.projection_kind)
-        result = featurize_sharded(task, exp.split.train, args.out, projection_dim=args.projection_dim,
+        refuse_with_entry(args, FEATURIZE_DEFAULTS)
+        if args.entry:
+            entry = load_entry(args.entry)  # every rank calls it: it must return the same model and data each time
+            task, train = _entry_task(entry, args.projection_kind), entry.train
+        else:
+            exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=args.n_train,
+                                   epochs=args.epochs)
+            task, train = _featurized_task(exp, args.projection_kind), exp.split.train
+        result = featurize_sharded(task, train, args.out, projection_dim=args.projection_dim,
                                    projection_kind=args.projection_kind, shard_rows=args.shard_rows, device=device,
                                    stop_after=args.stop_after)
         ranks = gather_summaries(result)
@@ -62,38 +80,45 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Grad-dot top-k proponents/opponents of test points against a sharded feature store."""
-
-
     if args.json:
         _checked_output(args.json)
+    refuse_with_entry(args, SCORE_DEFAULTS)
     manifest_path = Path(args.store) / "manifest.json"
     if not manifest_path.is_file():
         raise TDAError(f"--store {args.store}: no feature store there ({manifest_path} is missing); pass the --out "
                        "folder of tda-explorer featurize")
     manifest = json.loads(manifest_path.read_text())
     features = load_sharded(args.store)
-    exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=manifest["n"], epochs=args.epochs)
-    test = exp.split.test.subset(list(range(min(args.n_test_points, len(exp.split.test)))))
     cfg = manifest["projection"] or {}
-    task = _featurized_task(exp, cfg.get("kind", "rademacher"))
-    projector = make_projector(task, cfg.get("rank", cfg.get("dim_out")), cfg.get("kind", "rademacher"),
-                               cfg.get("seed", 0))
-    fingerprint = store_fingerprint(task, projector, exp.split.train)
+    kind = cfg.get("kind", "rademacher")
+    if args.entry:
+        entry = load_entry(args.entry)
+        train, test, task = entry.train, entry.test, _entry_task(entry, kind)
+        same = ("pass the --entry featurize ran with; its function must return the same trained model and training "
+                "data each time it is called (seed its training)")
+    else:
+        exp = build_experiment(args.model, noise=args.noise, seed=args.seed, n_train=manifest["n"],
+                               epochs=args.epochs)
+        train, test, task = exp.split.train, exp.split.test, _featurized_task(exp, kind)
+        same = "pass the same --model, --noise, --seed and --epochs as to featurize (or its --entry)"
+    test = test.subset(list(range(min(args.n_test_points, len(test)))))
+    projector = make_projector(task, cfg.get("rank", cfg.get("dim_out")), kind, cfg.get("seed", 0))
+    fingerprint = store_fingerprint(task, projector, train)
     if fingerprint != manifest["fingerprint"]:
         raise TDAError(f"{args.store} was featurised from another model or data (fingerprint "
-                       f"{manifest['fingerprint']}); these arguments give {fingerprint}: pass the same --model, "
-                       "--noise, --seed and --epochs as to featurize")
+                       f"{manifest['fingerprint']}); these arguments give {fingerprint}: {same}")
     queries = torch.cat([g for _, g in iter_features(task, test, task.test_measurement, projector)])
     top = topk_scores(features.numpy(), queries, args.k)
-    ids = exp.split.train.ids
+    ids = train.ids
     result = {str(t): {side: [[ids[i], float(v)] for v, i in zip(top[side][0][j].tolist(), top[side][1][j].tolist())]
                        for side in top} for j, t in enumerate(test.ids)}
     return _write_result(result, args.json)
 
 
 def _featurize_arguments(feat: argparse.ArgumentParser, method: str | None = None) -> None:
+    entry_argument(feat, "featurise the training set")
     _task_arguments(feat)
-    feat.add_argument("--n-train", type=int, default=1000, help="training examples to featurise (default 1000)")
+    feat.add_argument("--n-train", type=int, default=None, help="training examples to featurise (default 1000)")
     feat.add_argument("--epochs", type=int, default=None, help="train the model this many epochs (default: recipe)")
     feat.add_argument("--out", required=True, help="folder of the sharded feature store")
     feat.add_argument("--projection-dim", type=int, default=1024,
@@ -108,6 +133,7 @@ def _featurize_arguments(feat: argparse.ArgumentParser, method: str | None = Non
 
 def _score_arguments(score: argparse.ArgumentParser, method: str | None = None) -> None:
     score.add_argument("--store", required=True, help="folder of a feature store written by featurize --out")
+    entry_argument(score, "score the test set")
     _task_arguments(score)
     score.add_argument("--epochs", type=int, default=None, help="as given to featurize")
     score.add_argument("--k", type=int, default=5, help="proponents and opponents per test point (default 5)")
