@@ -46,12 +46,13 @@ class Need:
 
 NEEDS: dict[str, Need] = {
     "checkpoints": Need("checkpoints of the training run: AttributionTask(checkpoints=...) (train_model records them, "
-                        "or the RunRecorder / Hugging Face callback)", (("checkpoints",),)),
+                        "or the Hugging Face callback), or recording=RunRecorder(...) of your own loop",
+                        (("checkpoints",), ("recording",))),
     "trajectory": Need("a recorded run: trajectory=Trajectory(init_state, config, checkpoints) of a built-in recipe "
                        "(Experiment.trajectory()), or recording=RunRecorder(...) of your own loop",
                        (("trajectory",), ("recording",))),
-    "recording": Need("a step recording of the training run: recording=StepRecorder(...) used as the training "
-                      "loop's step callback", (("recording",),)),
+    "recording": Need("a recording of the training run: recording=RunRecorder(...) around your own loop (or a "
+                      "StepRecorder used as the training loop's step callback)", (("recording",),)),
     "recipe": Need("a training recipe to retrain with: model_factory=seed -> nn.Module and train_config=TrainConfig "
                    "(or out-of-fold probabilities from your own cross-validation)",
                    (("model_factory", "train_config"), ("oof_probabilities",))),
@@ -216,7 +217,7 @@ class MethodSpec:
         each as a sentence ("needs a recorded run: …")."""
         have, given = set(provided), set(options)
         return [f"needs {NEEDS[n].help}" for n in self.needs
-                if n not in have and not any(set(group) <= given for group in NEEDS[n].options)]
+                if n not in have and not any(set(group) <= given or set(group) <= have for group in NEEDS[n].options)]
 
     def fill(self, options: dict[str, Any], resources: Resources) -> dict[str, Any]:
         """``options`` with what ``resources`` supply for each need the options leave open; a ``TDAError`` that says
@@ -225,9 +226,16 @@ class MethodSpec:
         for need in self.needs:
             if any(set(group) <= set(filled) for group in NEEDS[need].options):
                 continue
-            if need not in resources:
+            if need in resources:
+                filled.update({k: v for k, v in resources[need]().items() if k not in filled})
+                continue
+            # a resource named like one group of the need's options supplies it (a recording serves every need
+            # it can: {"recording": ...} fills the trajectory and checkpoints needs too)
+            group = next((g for g in NEEDS[need].options if set(g) <= set(resources)), None)
+            if group is None:
                 raise TDAError(f"{self.name} {self.missing(resources, filled)[0]}")
-            filled.update({k: v for k, v in resources[need]().items() if k not in filled})
+            for name in group:
+                filled.update({k: v for k, v in resources[name]().items() if k not in filled})
         return filled
 
     def describe(self) -> dict[str, Any]:

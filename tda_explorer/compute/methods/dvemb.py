@@ -9,7 +9,10 @@ over the recorded run (Φ ← I at the end; for t = T−1 … 0: e_t(z) = (η_t/
     τ(z, z′) = ∇f(z′; θ_T)ᵀ emb(z)
 is the predicted change of the test measurement when z is dropped from every step that used it (positive =
 proponent), in k projected dimensions (cost O(T·|B|·k²)). ``influence_curve`` gives the per-epoch parts e_t(z).
-Steps must be recorded with ``StepRecorder`` during an SGD run; Adam's preconditioner is not this recursion.
+Steps must be recorded with ``StepRecorder`` during an SGD run, or come from a run of your own loop recorded with
+``RunRecorder`` (``recording=``), replayed once to take each step's projected gradients (``projection_dim``).
+The recursion is that of plain SGD: Adam's preconditioner, momentum, Nesterov and per-group learning rates are
+not this recursion and are refused by name.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, option, register
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.step_recorder import StepRecorder
 from tda_explorer.compute.training.train import train_weighted
 from tda_explorer.data.dataset import AttributionDataset
@@ -32,13 +36,15 @@ from tda_explorer.data.dataset import AttributionDataset
 
 @dataclass
 class DataValueEmbeddingArguments(AttributorArguments):
-    projection_dim: int | None = option(None, "not supported by dvemb: it works in its recording's projected space "
-                                              "(set projection_dim on the StepRecorder); leave None", POSITIVE_INT,
-                                        cli=False)
-    recording: StepRecorder | None = option(None, "the finished StepRecorder of the SGD run (finish() called); its "
-                                                  "projection_dim sets the embeddings' dimension", config=False)
+    projection_dim: int | None = option(None, "with a RunRecorder: the dimension each step's gradients are projected "
+                                              "to (None: 1024); a StepRecorder sets its own (leave None)",
+                                        POSITIVE_INT, cli=False)
+    recording: StepRecorder | RunRecorder | None = option(
+        None, "the finished StepRecorder of the SGD run (finish() called; its projection_dim sets the embeddings' "
+              "dimension), or your own plain-SGD loop recorded with RunRecorder (replayed once)", config=False)
     weight_decay: float | None = option(None, "the run's weight decay wd in θ ← θ − η(ĝ + wd·θ) (absolute, per "
-                                              "step); None: the task's weight_decay", NONNEGATIVE)
+                                              "step); None: the task's weight_decay (a RunRecorder: its "
+                                              "optimizer's)", NONNEGATIVE)
     steps_per_epoch: int | None = option(None, "steps grouped into one epoch of influence_curve; None: ⌈n / the "
                                                "recording's batch size⌉", POSITIVE_INT)
 
@@ -54,12 +60,23 @@ class DataValueEmbedding(Attributor):
     def _setup(self) -> None:
         a = self.args
         recording = a.recording
+        self.run_ = None
+        if isinstance(recording, RunRecorder):
+            self.run_ = _check_run(recording)
+            self.projection_dim = 1024 if a.projection_dim is None else a.projection_dim
+            self.projector = None  # the step recorder projects; test gradients go through its projection
+            self.recording = None
+            self.wd = float(recording.groups[0].get("weight_decay", 0.0) if a.weight_decay is None
+                            else a.weight_decay)
+            self.steps_per_epoch = a.steps_per_epoch
+            return
         if not isinstance(recording, StepRecorder) or not recording.steps or recording.final is None:
             raise TDAError(
                 "dvemb needs a finished recording of the training run: create StepRecorder(task, train, batch_size)"
                 ", pass it as the step callback of the training loop (train_weighted(..., callback=recorder) or "
                 "call recorder(step, batch_positions, params, lr) before each SGD step), then "
-                "recorder.finish(final_params); the built-in experiments record one for you"
+                "recorder.finish(final_params); the built-in experiments record one for you. Or pass "
+                "recording=RunRecorder(model, optimizer, train, batch_size) wrapped around your own SGD loop"
             )
         if self.projector is not None:
             raise TDAError("dvemb projects with its recording's projection; set projection_dim on the StepRecorder")
@@ -68,6 +85,14 @@ class DataValueEmbedding(Attributor):
         self.steps_per_epoch = a.steps_per_epoch
 
     def _fit(self, train: AttributionDataset) -> None:
+        if self.run_ is not None:
+            if train.fingerprint() != self.run_.data_fingerprint:
+                raise TDAError("train: dvemb must be fitted on the data the run was recorded on")
+            recorder = StepRecorder(self.task, self.run_.train, self.run_.batch_size, self.projection_dim,
+                                    device=self.device)
+            self.run_.replay_steps(recorder)
+            recorder.finish(self.run_.final_state)
+            self.recording = recorder
         if len(train) != len(self.recording.train):
             raise TDAError(f"train has {len(train)} examples but the recording was made on "
                            f"{len(self.recording.train)}; fit on the recorded training set")
@@ -117,3 +142,19 @@ def record_experiment_run(task: AttributionTask, train: AttributionDataset, mode
                             device=device, callback=recorder)
     recorder.finish({k: v[0] for k, v in params.items()})
     return recorder
+
+
+def _check_run(recording: RunRecorder) -> RunRecorder:
+    """A finished RunRecorder of a plain SGD run (what the recursion follows), or a refusal naming what is not."""
+    if recording.final_state is None:
+        raise TDAError("recording: finish() it before attributing")
+    name = recording.optimizer_class.__name__
+    if not issubclass(recording.optimizer_class, torch.optim.SGD):
+        raise TDAError(f"dvemb follows plain SGD steps; this run used {name}, whose preconditioned steps are not its "
+                       "recursion: use tracin (Adam-aware) or synset-loo with the same recording")
+    if any(g.get("momentum", 0.0) or g.get("nesterov") for g in recording.groups):
+        raise TDAError("dvemb follows plain SGD steps; this run used SGD with momentum, which its recursion does not "
+                       "carry: use magic (momentum-exact) or source with the same recording")
+    if any(len(set(rates)) > 1 for rates in recording.learning_rates):
+        raise TDAError("dvemb takes one learning rate per step; this run's parameter groups had different rates")
+    return recording

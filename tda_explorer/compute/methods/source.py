@@ -19,6 +19,10 @@ Choices, from the recipe's pitfalls and our conventions:
   have none).
 - Segment ℓ's steps run from the previous segment's last checkpoint (the start of training for the first)
   to its own last checkpoint.
+- A run of your own loop recorded with ``RunRecorder`` (``recording=``) gives the checkpoints (one per epoch by
+  default, ``checkpoint_every``) with their mean learning rates, and its SGD momentum (unless ``momentum`` is
+  given). The stationary unrolling is that of (heavy-ball) SGD: an Adam/AdamW run (a preconditioned step, whose
+  variant here is not implemented), Nesterov and dampening are refused by name.
 - L defaults to 1: on digits more segments did not raise fresh-seed LDS (benchmarks/README.md, design choices).
   One segment already carries what helps here (gradients averaged over the run, curvature damped by the run's
   length 1/c); more segments add early, seed-specific gradient directions.
@@ -40,6 +44,8 @@ from tda_explorer.compute.engine.kfac import (
     rotated_gradients,
 )
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.methods.tracin import recording_checkpoints
+from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -56,8 +62,13 @@ class SOURCEArguments(AttributorArguments):
     seed: int = option(0, "seed of the labels sampled for the true Fisher", Interval(0, None, integer=True))
     damping: float = option(0.0, "RELATIVE: added to the corrected eigenvalues as a multiple of their mean (0: the "
                                  "weight decay and 1/c already damp)", NONNEGATIVE)
-    momentum: float = option(0.0, "the run's heavy-ball momentum β, folded into the effective step c = Σ η / (1 − β)",
-                             Interval(0, 1, high_open=True))
+    momentum: float | None = option(None, "the run's heavy-ball momentum β, folded into the effective step "
+                                          "c = Σ η / (1 − β); None: the recording's (with recording=), else 0",
+                                    Interval(0, 1, high_open=True))
+    recording: RunRecorder | None = option(None, "your own SGD loop recorded with RunRecorder: its checkpoints by "
+                                                 "replaying it, in place of the task's", config=False)
+    checkpoint_every: int | None = option(None, "with recording=: a checkpoint every this many steps and at the end "
+                                                "(None: one per epoch)", POSITIVE_INT, cli=False)
 
 
 @register("source", Family.PAIRWISE, SOURCEArguments, needs=("checkpoints",))
@@ -72,7 +83,15 @@ class SOURCE(Attributor):
         a = self.args
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by source; it works in each layer's eigenbasis")
-        checkpoints = [c for c in self.task.checkpoints if c.step > 0]
+        momentum = a.momentum
+        if a.checkpoint_every is not None and a.recording is None:
+            raise TDAError("checkpoint_every is for recording=; the task's checkpoints are taken as they are")
+        if a.recording is not None:
+            momentum = _recorded_momentum(a.recording, a.momentum)
+            source = recording_checkpoints(a.recording, a.checkpoint_every, "source")
+        else:
+            source = self.task.checkpoints
+        checkpoints = [c for c in source if c.step > 0]
         if not checkpoints:
             raise TDAError("source needs the task's checkpoints after training started (AttributionTask("
                            "checkpoints=...) from train_model or Experiment.task())")
@@ -81,7 +100,10 @@ class SOURCE(Attributor):
         self.segments = a.segments
         self.checkpoints = sorted(checkpoints, key=lambda c: c.step)
         self.fisher, self.batch_size, self.seed = a.fisher, a.batch_size, a.seed
-        self.damping, self.momentum = a.damping, a.momentum
+        self.damping, self.momentum = a.damping, float(momentum or 0.0)
+        # the objective's weight decay: the task's, else (a recording) the optimizer's own
+        self.weight_decay = self.task.weight_decay or (
+            float(a.recording.groups[0].get("weight_decay", 0.0)) if a.recording is not None else 0.0)
 
     def _params(self, state: dict) -> dict:
         names = dict(self.task.model.named_parameters())
@@ -106,7 +128,7 @@ class SOURCE(Attributor):
                                                            torch.float64, p)
                 eigen = eigen + torch.cat([f.eigenvalues.flatten() for f in corrected]) / len(params)
                 grads = grads + rotated / len(params)
-            sigma = eigen.clamp_min(0) + self.task.weight_decay + self.damping * eigen.clamp_min(0).mean()
+            sigma = eigen.clamp_min(0) + self.weight_decay + self.damping * eigen.clamp_min(0).mean()
             steps = group[-1].step - previous_step
             c = sum(ck.learning_rate for ck in group) / len(group) * steps / (1 - self.momentum)
             previous_step = group[-1].step
@@ -153,3 +175,23 @@ class SOURCE(Attributor):
                                              offset=s) for s in range(0, len(train), 256)])
         finally:
             self.task = task
+
+
+def _recorded_momentum(recording: RunRecorder, given: float | None) -> float:
+    """The recorded run's heavy-ball momentum (``given`` when set), refusing what SOURCE's SGD unrolling is not."""
+    if not isinstance(recording, RunRecorder):
+        raise TDAError(f"source: recording must be a RunRecorder, got {type(recording).__name__}")
+    if not issubclass(recording.optimizer_class, torch.optim.SGD):
+        raise TDAError(f"source unrolls SGD steps (exp(−c·H) per segment); this run used "
+                       f"{recording.optimizer_class.__name__}, whose preconditioned steps it does not model: use "
+                       "tracin (Adam-aware) or magic/synset-loo with the same recording")
+    momenta = {float(g.get("momentum", 0.0)) for g in recording.groups}
+    if any(g.get("nesterov") or g.get("dampening", 0.0) for g in recording.groups):
+        raise TDAError("source folds heavy-ball momentum into the step (c = Σ η / (1 − β)); this SGD run used "
+                       "Nesterov or dampening, which it does not model")
+    if given is not None:
+        return given
+    if len(momenta) > 1:
+        raise TDAError(f"source: the recorded parameter groups have different momenta {sorted(momenta)}; pass "
+                       "momentum=")
+    return momenta.pop()

@@ -14,6 +14,13 @@ weighted synset — E epochs of ``steps_per_epoch`` full-synset steps, the learn
 per epoch over the synthetic ones (SGD; Adam keeps its rate) — and *subtracting a control replay* with the
 unperturbed weights, so the synset's own drift cancels. Many queries replay together in lock-step.
 
+A run of your own loop recorded with ``RunRecorder`` is a trajectory too (``Trajectory.from_recording``): its
+initial state, its checkpoints (one per epoch, materialised by replaying it) and the recording itself, so a synset
+replay follows the recorded optimizer (its class and hyperparameters: momentum, Nesterov, weight decay, Adam's
+betas, …) and learning-rate schedule — each replay epoch takes the mean rate of the recorded epoch it stands for —
+and the recording's loss. The replay runs the model in eval mode: Dropout off, and BatchNorm normalising with the
+recorded final statistics (a batch statistic over a handful of synthetic examples would be no statistic of the data).
+
 Choices left open by the published description (documented here, measured in methods-synset.md's prototype):
 replay from θ_0 rather than brief fine-tuning from the trained model (closer to retraining);
 cosine-only matching (β = 0; the magnitude term did not help); 4 steps per epoch; clusters per class are the
@@ -34,17 +41,45 @@ from torch.func import functional_call, grad, vmap
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.train import TrainConfig, train_weighted
 from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.jobs import check_cancelled
 
 
 @dataclass
 class Trajectory:
-    """What a training run must record for synset methods: the initial parameters, the recipe, the checkpoints."""
+    """What a training run must record for synset methods: the initial parameters, the recipe, the checkpoints.
+
+    A built-in recipe's run gives its ``TrainConfig``; a run of your own loop gives its ``RunRecorder``
+    (``Trajectory.from_recording``), whose optimizer and learning rates the replays then follow (``config`` None)."""
 
     init_state: dict[str, torch.Tensor]
-    config: TrainConfig
+    config: TrainConfig | None
     checkpoints: list[dict[str, torch.Tensor]]
+    recording: RunRecorder | None = None
+
+    def __post_init__(self) -> None:
+        if self.config is None and self.recording is None:
+            raise TDAError("a Trajectory needs the recipe (config=TrainConfig) or the recording (recording="
+                           "RunRecorder; Trajectory.from_recording(recorder) builds one)")
+
+    @classmethod
+    def from_recording(cls, recording: RunRecorder, every: int | None = None) -> Trajectory:
+        """The trajectory of a finished ``RunRecorder``: its initial state, a checkpoint after every ``every`` steps
+        (default: each epoch) and at the end, materialised by replaying it (whole state dicts: BatchNorm statistics
+        included), and the recording itself for the replays' optimizer and schedule."""
+        if not isinstance(recording, RunRecorder):
+            raise TDAError(f"recording must be a RunRecorder, got {type(recording).__name__}")
+        if recording.final_state is None:
+            raise TDAError("recording: finish() it before deriving its trajectory")
+        checkpoints = [c.state_dict for c in recording.checkpoints(every=every)]
+        return cls({k: v.detach().clone() for k, v in recording.initial_state.items()}, None, checkpoints,
+                   recording)
+
+    def recipe_key(self) -> dict | str:
+        """The recipe (or, for a recording, the recording's fingerprint), for caches."""
+        return self.config.to_dict() if self.config is not None else self.recording.fingerprint()
 
 
 @dataclass
@@ -152,6 +187,8 @@ def distill(task: AttributionTask, train: AttributionDataset, trajectory: Trajec
 def replay(synset: Synset, weights: torch.Tensor, trajectory: Trajectory, model: nn.Module, n_train: int,
            steps_per_epoch: int = 4, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Train one model per row of ``weights`` ``[M, K]`` on the weighted synset from θ_0 (stacked parameters)."""
+    if trajectory.recording is not None:
+        return _replay_recorded(synset, weights, trajectory, model, n_train, steps_per_epoch, device)
     config = trajectory.config
     real_steps = -(-n_train // min(config.batch_size, n_train))
     s = min(check_positive_int(steps_per_epoch, "steps_per_epoch"), real_steps)
@@ -170,6 +207,52 @@ def replay(synset: Synset, weights: torch.Tensor, trajectory: Trajectory, model:
     scaled = weights.double() * (k / n_train)
     return train_weighted(factory, synset.inputs, synset.labels, scaled, replay_config, [config.seed] * len(weights),
                           device=device)
+
+
+def _replay_recorded(synset: Synset, weights: torch.Tensor, trajectory: Trajectory, model: nn.Module, n_train: int,
+                     steps_per_epoch: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``replay`` for a recorded loop: the recording's optimizer class and hyperparameters over the stacked
+    parameters ``[M, ...]`` (elementwise updates, so each model steps on its own), E recorded epochs × s
+    full-synset steps with the recorded epoch's mean learning rate per group (SGD: scaled by its steps over s, so
+    an epoch covers the same distance; adaptive optimizers keep the rate), on Σ_k w_k ℓ(s_k) / n with the
+    recording's loss. Returns the stacked parameters and the (recorded final) buffers."""
+    r = trajectory.recording
+    device = torch.device(device)
+    real = r.steps_per_epoch
+    s = min(check_positive_int(steps_per_epoch, "steps_per_epoch"), real)
+    n_models = len(weights)
+    names = [n for n, _ in model.named_parameters()]
+    buffers = {n: v.to(device) for n, v in r.final_state.items() if n not in set(names)}
+    params = {n: trajectory.init_state[n].detach().to(device).expand(n_models, *trajectory.init_state[n].shape)
+              .clone() for n in names}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[n] for n in g["params"]]}
+              for g in r.groups]
+    optimizer = r.optimizer_class(groups)
+    scale_lr = issubclass(r.optimizer_class, torch.optim.SGD)
+    base = copy.deepcopy(model).to("meta").eval()
+    x, y = synset.inputs.to(device), synset.labels.to(device)
+    w = weights.to(device, next(iter(params.values())).dtype)
+
+    def objective(p: dict[str, torch.Tensor], wm: torch.Tensor) -> torch.Tensor:
+        out = functional_call(base, {**buffers, **p}, (x,))
+        return (wm * r.loss_fn(out, y)).sum() / n_train
+
+    step = vmap(grad(objective))
+    rates = torch.tensor(r.learning_rates, dtype=torch.float64)  # [T, groups]
+    for start in range(0, r.n_steps, real):
+        epoch = rates[start : start + real]
+        lrs = epoch.mean(0) * (len(epoch) / s if scale_lr else 1.0)
+        for group, lr in zip(optimizer.param_groups, lrs.tolist()):
+            group["lr"] = lr
+        for _ in range(s):
+            check_cancelled()
+            grads = step(params, w)
+            for k, p in params.items():
+                p.grad = grads[k]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {**{k: v.detach() for k, v in params.items()},
+            **{k: v.expand(n_models, *v.shape) for k, v in buffers.items()}}
 
 
 def removal_weights(synset: Synset, groups: list[list[int]],

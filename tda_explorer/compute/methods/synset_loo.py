@@ -11,6 +11,12 @@ name works, e.g. ``"if-astra"``) adds each example's deviation from its cluster'
 method: the replay sets the level of a cluster, a cheap per-example first-order term spreads its members.
 Group estimates (``estimate_removals``) are pure synset replays.
 
+The run is a built-in recipe's (``trajectory=``) or your own loop's (``recording=RunRecorder(...)``: its checkpoints,
+one per epoch, are materialised by replaying it, and the synset replays follow its optimizer and learning rates;
+see ``compute/methods/synset.py``). Training data read lazily (``AttributionDataset.from_torch``) are read into
+memory once: the synthetic examples are input tensors fitted to them (dict inputs, such as a tokenizer's, are
+refused: tokens cannot be fitted by gradient).
+
 The defaults (5 clusters per class, 4 replay steps per recorded epoch) were chosen on digits
 (``benchmarks/bench_removal.py``; figures in ``benchmarks/README.md``): 10 clusters per class tracked group removals
 no better and single examples only a little better, at a smaller speed-up over retraining; fewer replay steps per
@@ -31,14 +37,21 @@ from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, creat
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec
 from tda_explorer.compute.methods.synset import Synset, Trajectory, distill, removal_weights, replay
+from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.train import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
 
 
 @dataclass
 class SynsetLOOArguments(AttributorArguments):
-    trajectory: Trajectory | None = option(None, "the recorded run: initial parameters, training recipe and "
-                                                 "checkpoints (required)", config=False)
+    trajectory: Trajectory | None = option(None, "the recorded run of a built-in recipe: initial parameters, "
+                                                 "training recipe and checkpoints (Experiment.trajectory()); give "
+                                                 "this or recording", config=False)
+    recording: RunRecorder | None = option(None, "or your own loop recorded with RunRecorder (any torch.optim "
+                                                 "optimizer and schedule): its replays give the checkpoints and "
+                                                 "the synset replays follow its optimizer", config=False)
+    checkpoint_every: int | None = option(None, "with recording=: a checkpoint to match every this many steps "
+                                                "(None: one per epoch)", POSITIVE_INT, cli=False)
     per_class: int = option(5, "clusters (synthetic examples) per class", POSITIVE_INT)
     distill_steps: int = option(400, "Adam steps of reversed gradient matching that distil the synset", POSITIVE_INT)
     steps_per_epoch: int = option(4, "full-synset steps per recorded epoch in a replay", POSITIVE_INT)
@@ -54,16 +67,27 @@ class SynsetLOO(Attributor):
 
     def _setup(self) -> None:
         a = self.args
-        if not isinstance(a.trajectory, Trajectory):
+        if a.trajectory is not None and a.recording is not None:
+            raise TDAError("synset-loo takes one run: trajectory= (a built-in recipe) or recording= (your own loop), "
+                           "not both")
+        if a.recording is not None:
+            if not isinstance(a.recording, RunRecorder):
+                raise TDAError(f"recording must be a RunRecorder (your loop recorded for exact replay), got "
+                               f"{type(a.recording).__name__}; a StepRecorder holds projected gradients, not the "
+                               "run's parameters")
+            if a.recording.final_state is None:
+                raise TDAError("recording: finish() it before attributing")
+        elif not isinstance(a.trajectory, Trajectory):
             raise TDAError(
                 "synset-loo needs the recorded training trajectory: pass trajectory=Trajectory(init_state, config, "
                 "checkpoints) with the parameters saved before the first step (model.state_dict() right after "
                 "initialisation), the TrainConfig used, and checkpoint state_dicts saved during training "
-                "(train_model records them; the built-in experiments supply all three)"
+                "(train_model records them; the built-in experiments supply all three), or recording="
+                "RunRecorder(model, optimizer, train, batch_size) wrapped around your own loop"
             )
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by synset-loo; leave it None")
-        self.trajectory = a.trajectory
+        self.trajectory, self.recording, self.checkpoint_every = a.trajectory, a.recording, a.checkpoint_every
         self.per_class, self.distill_steps, self.steps_per_epoch = a.per_class, a.distill_steps, a.steps_per_epoch
         self.seed = a.seed
         self.within_cluster = a.within_cluster or None
@@ -72,25 +96,29 @@ class SynsetLOO(Attributor):
             self.spread_ = create(self.within_cluster, self.task, device=self.device)  # refuses bad models up front
 
     def _fit(self, train: AttributionDataset) -> None:
+        if self.recording is not None:
+            if train.fingerprint() != self.recording.data_fingerprint:
+                raise TDAError("train: synset-loo must be fitted on the data the run was recorded on")
+            self.trajectory = Trajectory.from_recording(self.recording, self.checkpoint_every)
         if self.within_cluster:
             self.spread_.fit(train)
         key = None
         if self.store is not None:
             key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "synset",
-                                     self.trajectory.config.to_dict(), len(self.trajectory.checkpoints),
+                                     self.trajectory.recipe_key(), len(self.trajectory.checkpoints),
                                      self.per_class, self.distill_steps, self.seed, train.fingerprint())
             cached = self.store.get_object(key)
             if cached is not None:
                 self.synset_ = Synset(**cached)
                 return
-        self.synset_ = distill(self.task, train, self.trajectory, self.per_class, self.distill_steps, seed=self.seed,
-                               device=self.device)
+        self.synset_ = distill(self.task, in_memory(train, self.name), self.trajectory, self.per_class,
+                               self.distill_steps, seed=self.seed, device=self.device)
         if key is not None:
             self.store.put_object(key, self.synset_.to_dict(), {"method": self.name, "dataset": train.name})
 
     def _measure(self, params: dict[str, torch.Tensor], test: AttributionDataset) -> torch.Tensor:
         """Test measurements ``[M, n_test]`` of stacked replayed models."""
-        out = stacked_outputs(self.task.model, params, test.inputs, self.device)
+        out = stacked_outputs(self.task.model, params, in_memory(test, self.name).inputs, self.device)
         values = self.task.test_measurement(out.flatten(0, 1), test.labels.to(out.device).repeat(out.shape[0]))
         return values.view(out.shape[0], -1).double().cpu()
 
@@ -149,3 +177,21 @@ class SynsetLOO(Attributor):
                 block = self.spread_.attribute(self.train_.subset(members.tolist())).scores.double()[:, members]
                 effects[members] += block.diagonal() - block.mean(1)
         return effects.float()
+
+
+def in_memory(data: AttributionDataset, method: str) -> AttributionDataset:
+    """``data`` with its inputs in one tensor: as it is, or a lazy dataset read once through ``batches``."""
+    if data.in_memory:
+        return data
+    cached = getattr(data, "_synset_in_memory", None)
+    if cached is not None and cached[0] == data.fingerprint():
+        return cached[1]
+    parts = [inputs for _, inputs, _ in data.batches()]
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise TDAError(f"{method} fits synthetic inputs by gradient: it needs tensor inputs, and dataset "
+                       f"{data.name!r} gives dicts (a tokenizer's ids cannot be fitted); use tracin, magic or "
+                       "if-ekfac on it")
+    out = AttributionDataset(torch.cat(parts), data.labels, list(data.ids), data.class_names, data.renderer,
+                             data.name)
+    data._synset_in_memory = (data.fingerprint(), out)
+    return out

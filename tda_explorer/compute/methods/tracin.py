@@ -5,6 +5,10 @@ an example's gradient g becomes Γ(g) = m̂′ / (√v̂′ + ε), the step Adam
 next gradient, from the moments the checkpoint carries (as LESS forms it; ``compute.training.optimizer_state``).
 Γ is elementwise in parameter space, so it is formed before any dense projection. An Adam checkpoint without its
 moments is refused: TracIn never takes an Adam run for SGD.
+
+A run of your own loop recorded with ``RunRecorder`` gives its checkpoints itself (``recording=``): they are
+materialised by replaying it, one per epoch by default (``checkpoint_every``), each with the mean learning rate of
+the steps it stands for and, for Adam/AdamW, the moments — the same numbers ``capture_checkpoint`` takes in the loop.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from typing import Any
 import torch
 
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.catalogue import Family, option, register
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, option, register
 from tda_explorer.compute.engine.featurize import iter_features
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.engine.logra import LoGraProjector
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.training.optimizer_state import ADAM_KINDS, adam_direction, check_adam_state
+from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.data.dataset import AttributionDataset
 
 ADAM_DIRECTION = "adam-preconditioned: Γ(g) = m̂′/(√v̂′ + ε) with the checkpoint's moments updated by g (as LESS)"
@@ -39,6 +44,11 @@ class TracInArguments(AttributorArguments):
     learning_rates: Sequence[float] | None = option(None, "the learning rate at each of checkpoints=, one per "
                                                           "checkpoint (required with checkpoints=, refused without)",
                                                     cli=False)
+    recording: RunRecorder | None = option(None, "or your own loop recorded with RunRecorder: its checkpoints "
+                                                 "(with the optimizer's kind and Adam moments) by replaying it",
+                                           config=False)
+    checkpoint_every: int | None = option(None, "with recording=: a checkpoint every this many steps and at the end "
+                                                "(None: one per epoch)", POSITIVE_INT, cli=False)
 
 
 @register("tracin", Family.PAIRWISE, TracInArguments, needs=("checkpoints",))
@@ -56,7 +66,18 @@ class TracIn(Attributor):
         checkpoints, learning_rates = a.checkpoints, a.learning_rates
         optimizers: list[str] = ["sgd"] * (0 if checkpoints is None else len(checkpoints))
         states: list[dict | None] = [None] * len(optimizers)
-        if checkpoints is None:
+        if a.checkpoint_every is not None and a.recording is None:
+            raise TDAError("checkpoint_every is for recording=; the task's checkpoints are taken as they are")
+        if a.recording is not None:
+            if checkpoints is not None or learning_rates is not None:
+                raise TDAError("recording= gives the checkpoints itself: pass it without checkpoints= and "
+                               "learning_rates=")
+            recorded = recording_checkpoints(a.recording, a.checkpoint_every, "tracin")
+            checkpoints = [c.state_dict for c in recorded]
+            learning_rates = [c.learning_rate for c in recorded]
+            optimizers = [c.optimizer for c in recorded]
+            states = [c.optimizer_state for c in recorded]
+        elif checkpoints is None:
             if learning_rates is not None:
                 raise TDAError("learning_rates given without checkpoints; pass both or neither")
             if not task.checkpoints:
@@ -168,3 +189,14 @@ class TracIn(Attributor):
                                                           tag=f"ckpt{i}")
             total = total + lr * (plain * g).sum(dim=1)
         return total
+
+
+def recording_checkpoints(recording: Any, every: int | None, method: str) -> list:
+    """The ``Checkpoint``s of a finished ``RunRecorder`` (one per epoch, or every ``every`` steps, and at the end),
+    refusing anything else by name."""
+    if not isinstance(recording, RunRecorder):
+        raise TDAError(f"{method}: recording must be a RunRecorder (your loop recorded for exact replay), got "
+                       f"{type(recording).__name__}")
+    if recording.final_state is None:
+        raise TDAError(f"{method}: finish() the recording before attributing")
+    return recording.checkpoints(every=every)

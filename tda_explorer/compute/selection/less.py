@@ -26,6 +26,10 @@ through ε); a subtask's influence is the mean of the cosines with its examples 
 ``subtask_aggregation="mean-gradient"`` instead takes the cosine with the mean of the subtask's unit-normalised
 target features, close to the paper's average of the target gradients but with every example weighted alike).
 On the planted pool both aggregations selected only target-source examples.
+
+Your own Adam/AdamW warmup loop recorded with ``RunRecorder`` replaces step 1 (``recording=``): its checkpoints,
+one per epoch, are materialised by replaying it (``recording_adam_checkpoints``), and the pool is scored with the
+recorded final model. An SGD run is refused by name: LESS's features are Adam's update directions.
 """
 
 from __future__ import annotations
@@ -165,6 +169,36 @@ def warmup(model: nn.Module, pool: AttributionDataset, config: WarmupConfig = Wa
         checkpoints.append(AdamCheckpoint.capture(model, optimizer, float(np.mean(lrs)), names))
     model.eval()
     return model, checkpoints, chosen.tolist()
+
+
+def recording_adam_checkpoints(recording: Any, every: int | None = None, parameters: Sequence[str] | None = None
+                               ) -> list[AdamCheckpoint]:
+    """``AdamCheckpoint``s of an Adam/AdamW run of your own loop recorded with ``RunRecorder``, materialised by
+    replaying it: after every ``every`` steps (default one epoch) and at the end, each with the mean learning rate of
+    the steps since the previous one."""
+    from tda_explorer.compute.training.run_recorder import RunRecorder
+
+    if not isinstance(recording, RunRecorder):
+        raise TDAError(f"recording must be a RunRecorder (your loop recorded for exact replay), got "
+                       f"{type(recording).__name__}")
+    if recording.final_state is None:
+        raise TDAError("recording: finish() it before selecting with it")
+    if not issubclass(recording.optimizer_class, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TDAError(f"LESS forms Adam's update directions from the run's moments; this run used "
+                       f"{recording.optimizer_class.__name__}, which has none: record an Adam/AdamW warmup, or let "
+                       "LESS run its own (leave recording=None), or use tracin on this recording")
+    steps = recording.checkpoint_steps(every)
+    wanted, taken, previous = set(steps), [], [0]
+
+    def take(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        rates = [r[0] for r in recording.learning_rates[previous[0]:step]]
+        taken.append(AdamCheckpoint.capture(model, optimizer, float(np.mean(rates)), parameters))
+        previous[0] = step
+
+    model, optimizer = recording._run(recording._weights(None, None),
+                                      lambda step, rows, m, o: take(step, m, o) if step in wanted and step else None)
+    take(recording.n_steps, model, optimizer)
+    return taken
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -322,6 +356,8 @@ class LESSArguments:
                              Options(ALLOCATIONS))
     device: str | torch.device | None = option(None, "where the warmup and the gradients run: 'cpu', 'cuda', … "
                                                      "(default CPU)", config=False)
+    recording: Any = option(None, "your own Adam/AdamW warmup loop recorded with RunRecorder, in place of the "
+                                  "built-in warmup: its checkpoints (one per epoch) by replaying it", config=False)
 
 
 @register("less", Family.SELECTION, LESSArguments, needs=("pool_and_target",))
@@ -330,7 +366,7 @@ def select(model: nn.Module, pool: AttributionDataset, target: AttributionDatase
            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
            parameters: Sequence[str] | None = None, projection_dim: int | None = 8192,
            subtask_aggregation: str = "mean-cosine", allocation: str = "per-subtask",
-           device: str | torch.device | None = None) -> pd.DataFrame:
+           device: str | torch.device | None = None, recording: Any = None) -> pd.DataFrame:
     """LESS end to end: select the share of a pool whose Adam updates best align with a target task.
 
     Warms up a copy of ``model`` on a random slice of ``pool``, scores the pool for ``target`` and keeps the top
@@ -346,11 +382,20 @@ def select(model: nn.Module, pool: AttributionDataset, target: AttributionDatase
     a = build_arguments(LESSArguments, "less", {
         "fraction": fraction, "subtasks": subtasks, "warmup_config": warmup_config, "loss_fn": loss_fn,
         "parameters": parameters, "projection_dim": projection_dim, "subtask_aggregation": subtask_aggregation,
-        "allocation": allocation, "device": device})
-    warmed, checkpoints, warm_positions = warmup(model, pool, a.warmup_config, loss_fn=a.loss_fn,
-                                                 parameters=a.parameters, device=a.device)
+        "allocation": allocation, "device": device, "recording": recording})
+    if a.recording is not None:
+        checkpoints = recording_adam_checkpoints(a.recording, parameters=a.parameters)
+        warmed = copy.deepcopy(a.recording.model)
+        warmed.load_state_dict(a.recording.final_state)
+        warmed.eval()
+        warm_positions = sorted({int(i) for rows in a.recording.positions for i in rows})
+        pool_ids = a.recording.train.ids
+    else:
+        warmed, checkpoints, warm_positions = warmup(model, pool, a.warmup_config, loss_fn=a.loss_fn,
+                                                     parameters=a.parameters, device=a.device)
+        pool_ids = pool.ids
     less = LESS(warmed, checkpoints, loss_fn=a.loss_fn, projection_dim=a.projection_dim,
                 subtask_aggregation=a.subtask_aggregation, device=a.device).fit(pool)
     table = less.select(target, a.fraction, a.subtasks, a.allocation)
-    table.attrs.update(method="less", warmup_ids=[pool.ids[i] for i in warm_positions])
+    table.attrs.update(method="less", warmup_ids=[pool_ids[i] for i in warm_positions])
     return table

@@ -21,6 +21,19 @@ keeps its batch slot, so every other example sees the same steps.
         scheduler.step()
     replayed = recorder.replay(removed=[[3, 17]])  # final parameters without examples 3 and 17
 
+One recording serves every trajectory method (each derives what it needs by replaying it, and refuses by name
+only what it cannot do with the run's optimizer):
+
+- ``checkpoints(every=...)``: ``Checkpoint``s at chosen steps, with the optimizer's kind and (Adam/AdamW) moments
+  (TracIn, SOURCE, ``AttributionTask(checkpoints=...)``); ``adam_checkpoints`` for LESS;
+- ``replay_steps(callback)``: every step's (step, positions, parameters, learning rate), the step callback
+  ``StepRecorder`` (data value embedding) and ``InRunShapley`` take;
+- synset leave-one-out and MAGIC read the recording itself (``recording=``);
+- ``removal_effects(groups, test)``: the same-seed truth, the recorded run replayed without each group.
+
+The training data may be an in-memory ``AttributionDataset`` or a lazy one (``AttributionDataset.from_torch``):
+replays read each step's rows through ``batches``. Dict inputs go to the model as keyword arguments.
+
 Refused, with what to do instead: CUDA runs without ``torch.use_deterministic_algorithms(True)``, closures
 (L-BFGS), steps recorded out of order or after ``finish``, and a replay on data other than the recording's.
 """
@@ -36,6 +49,8 @@ from torch import nn
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.engine.losses import cross_entropy
+from tda_explorer.compute.engine.task import call_model
+from tda_explorer.data.batching import to_device
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
@@ -139,16 +154,36 @@ class RunRecorder:
                 w[rows] = 0
         return w
 
-    def replay(self, removed: Sequence[Sequence[Any]] | None = None, weights: torch.Tensor | None = None,
-               train: AttributionDataset | None = None, callback: Callable | None = None) -> dict[str, torch.Tensor]:
-        """Final parameters of the recorded run retrained with the ids in ``removed`` (groups, all removed
-        together) dropped, or with per-example ``weights``; nothing given: the run itself.
-        ``callback(step, positions, model, optimizer)`` sees the state before each step."""
+    def inputs(self, rows: torch.Tensor, device: torch.device | str | None = None) -> Any:
+        """The recorded training set's inputs at ``rows`` (a tensor, or a dict of tensors), read through ``batches``
+        when the data are lazy (``AttributionDataset.from_torch``)."""
+        if self.train.in_memory:
+            return to_device(self.train.inputs[rows], device)
+        (_, inputs, _), = self.train.batches(batch_size=len(rows), rows=rows.tolist(), device=device)
+        return inputs
+
+    @property
+    def n_steps(self) -> int:
+        """The optimizer steps recorded."""
+        return len(self.positions)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """⌈n / B⌉: the steps of one pass over the recorded training set."""
+        return -(-len(self.train) // min(self.batch_size, len(self.train)))
+
+    @property
+    def optimizer_kind(self) -> str:
+        """The optimizer's kind, its class name in lower case ("sgd", "adam", "adamw", …)."""
+        return self.optimizer_class.__name__.lower()
+
+    def _check_finished(self) -> None:
         if self.final_state is None:
             raise TDAError("finish() the recording before replaying it")
-        if train is not None and train.fingerprint() != self.data_fingerprint:
-            raise TDAError("train: this is not the data the run was recorded on; replay needs the same examples")
-        w = self._weights(removed, weights)
+
+    def _run(self, w: torch.Tensor, callback: Callable | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The recorded run replayed with per-example weights ``w``: the model and optimizer after its last step;
+        ``callback(step, positions, model, optimizer)`` sees the state before each step."""
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.initial_state)
         params = dict(model.named_parameters())
@@ -167,9 +202,115 @@ class RunRecorder:
                     group["lr"] = lr
                 optimizer.zero_grad()
                 torch.random.set_rng_state(rng)
-                outputs = model(self.train.inputs[rows].to(device))
+                outputs = call_model(model, self.inputs(rows, device))
                 self.loss(outputs, rows, w[rows].to(device)).backward()
                 optimizer.step()
         finally:
             torch.random.set_rng_state(state)
+        return model, optimizer
+
+    def replay(self, removed: Sequence[Sequence[Any]] | None = None, weights: torch.Tensor | None = None,
+               train: AttributionDataset | None = None, callback: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Final parameters of the recorded run retrained with the ids in ``removed`` (groups, all removed
+        together) dropped, or with per-example ``weights``; nothing given: the run itself.
+        ``callback(step, positions, model, optimizer)`` sees the state before each step."""
+        self._check_finished()
+        if train is not None and train.fingerprint() != self.data_fingerprint:
+            raise TDAError("train: this is not the data the run was recorded on; replay needs the same examples")
+        model, _ = self._run(self._weights(removed, weights), callback)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # -- what the trajectory methods derive from the recording -------------------------------------
+    def checkpoint_steps(self, every: int | None = None, at: Sequence[int] | None = None) -> list[int]:
+        """The step counts checkpoints are taken at: ``at`` as given, or every ``every`` steps (default one epoch,
+        ``steps_per_epoch``), always ending with the last step."""
+        self._check_finished()
+        if at is not None:
+            steps = sorted({int(s) for s in at})
+            if not steps or steps[0] < 0 or steps[-1] > self.n_steps:
+                raise TDAError(f"at: step counts in 0..{self.n_steps} (the steps recorded), got {list(at)}")
+            return steps
+        every = self.steps_per_epoch if every is None else check_positive_int(every, "every")
+        return sorted({*range(every, self.n_steps, every), self.n_steps})
+
+    def checkpoints(self, every: int | None = None, at: Sequence[int] | None = None, full_state: bool = True
+                    ) -> list:
+        """``Checkpoint``s of the recorded run, materialised by replaying it: after every ``every`` steps (default
+        each epoch's ``steps_per_epoch``) and at the end, or after the step counts in ``at``. Each holds the model's
+        state (``full_state``: its whole state dict, BatchNorm statistics included; else the trainable parameters),
+        the mean learning rate of the steps since the previous checkpoint (the first parameter group's), its step
+        count, the optimizer's kind and, for Adam/AdamW, its moments — what TracIn, SOURCE and
+        ``AttributionTask(checkpoints=...)`` take."""
+        from tda_explorer.compute.training.optimizer_state import capture_checkpoint
+
+        steps = self.checkpoint_steps(every, at)
+        wanted, taken = set(steps), []
+        previous = [0]
+
+        def take(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            rates = [r[0] for r in self.learning_rates[previous[0]:step]] or [self.learning_rates[min(
+                step, self.n_steps - 1)][0]]
+            taken.append(capture_checkpoint(model, optimizer, sum(rates) / len(rates), step,
+                                            trainable_only=not full_state))
+            previous[0] = step
+
+        def before(step: int, rows: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            if step in wanted:
+                take(step, model, optimizer)
+
+        model, optimizer = self._run(self._weights(None, None), before)
+        if self.n_steps in wanted:
+            take(self.n_steps, model, optimizer)
+        return taken
+
+    def replay_steps(self, callback: Callable[[int, torch.Tensor, dict[str, torch.Tensor], float], None]) -> None:
+        """Replay the run calling ``callback(step, positions, parameters, lr)`` before each step (the parameters by
+        name, the first group's learning rate): the step callback of ``StepRecorder`` and ``InRunShapley``."""
+        self._check_finished()
+        self._run(self._weights(None, None),
+                  lambda step, rows, model, optimizer: callback(step, rows, dict(model.named_parameters()),
+                                                                float(self.learning_rates[step][0])))
+
+    def removal_effects(self, groups: Sequence[Sequence[Any]], test: AttributionDataset,
+                        measurement: Callable | None = None) -> torch.Tensor:
+        """The same-seed truth: ``[n_groups, n_test]`` change of each test measurement (default the recording's
+        per-example loss) when the recorded run is replayed without each group of training ids (replayed minus
+        recorded final model; positive: the group was a proponent)."""
+        self._check_finished()
+        measure = measurement or self.loss_fn
+        model = copy.deepcopy(self.model)
+
+        def values(state: dict[str, torch.Tensor]) -> torch.Tensor:
+            model.load_state_dict(state)
+            model.eval()
+            device = next(model.parameters()).device
+            out = []
+            with torch.no_grad():
+                for _, inputs, labels in test.batches(device=device):
+                    out.append(measure(call_model(model, inputs), labels).detach().double().cpu())
+            return torch.cat(out)
+
+        base = values(self.final_state)
+        rows = self.train.group_positions([list(g) for g in groups], "groups")
+        out = []
+        for positions in rows:
+            w = torch.ones(len(self.train), dtype=torch.float64)
+            w[positions] = 0
+            out.append(values(self.replay(weights=w)) - base)
+        return torch.stack(out)
+
+    def fingerprint(self) -> str:
+        """A hash of what was recorded: data, initial state, optimizer and hyperparameters, batches and rates."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(self.data_fingerprint.encode())
+        for name, value in sorted(self.initial_state.items()):
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        h.update(repr((self.optimizer_class.__name__, self.batch_size,
+                       [{k: v for k, v in g.items() if k != "params"} for g in self.groups], self.learning_rates))
+                 .encode())
+        for rows in self.positions:
+            h.update(rows.numpy().tobytes())
+        return h.hexdigest()[:16]

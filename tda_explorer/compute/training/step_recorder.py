@@ -59,8 +59,12 @@ class StepRecorder:
         if step != len(self.steps):
             raise TDAError(f"steps must be recorded in order: expected step {len(self.steps)}, got {step}")
         rows = positions.cpu()
+        if self.train.in_memory:
+            inputs = self.train.inputs[rows]
+        else:  # a lazy dataset (AttributionDataset.from_torch): this step's rows through its batches
+            (_, inputs, _), = self.train.batches(batch_size=len(rows), rows=rows.tolist())
         chunks = [g for _, g in iter_per_sample_gradients(
-            self.task.model, self.task.tracked_names(), self.train.inputs[rows], self.train.labels[rows],
+            self.task.model, self.task.tracked_names(), inputs, self.train.labels[rows],
             self.task.train_loss, params={k: v.detach() for k, v in params.items()}, device=self.device)]
         grads = torch.cat(chunks)
         if self.projector is not None:

@@ -32,6 +32,11 @@ out. Two ways to run it:
   the step only (a forward hook costs ~20 µs a call on CPU). First order only; refused: BatchNorm in training
   mode (its batch statistics would mix the validation rows into the batch's forward) and float16 activations (too
   little range for the scaled gradients).
+- from a recording of your own SGD loop (``InRunShapley.from_recording(task, recorder, validation)``): the run
+  recorded with ``RunRecorder`` is replayed once and every step is valued as the step callback would have; with
+  heavy-ball momentum a step's value is its own gradient's first-order effect (momentum carries it into later steps,
+  which the per-step game leaves out). Adam's preconditioned step, Nesterov, dampening and per-group learning rates
+  are not the game's step and are refused by name.
 Both forms take ``validation_batch``: a cycling, seeded slice of the fixed validation set per step, scaled to
 estimate the whole set's gradient without bias — the knob that trades the values' noise for throughput (the
 validation rows' forward and backward are most of the cost on a convolutional model).
@@ -317,6 +322,33 @@ class InRunShapley:
         self._batchnorms: list[torch.nn.Module] | None = None
         self._capture = _LayerCapture(self.layers)
         self._by_hand_layers: dict[torch.Size, tuple[set[str], list[torch.nn.Parameter]]] = {}
+
+    @classmethod
+    def from_recording(cls, task: AttributionTask, recording, validation: AttributionDataset, **options
+                       ) -> InRunShapley:
+        """The values of a run of your own loop recorded with ``RunRecorder`` (finished), computed by replaying it
+        once with this as the step callback; ``options`` as ``InRunShapleyArguments`` (``batch_size`` defaults to
+        the recording's)."""
+        from tda_explorer.compute.training.run_recorder import RunRecorder
+
+        if not isinstance(recording, RunRecorder):
+            raise TDAError(f"recording must be a RunRecorder (your loop recorded for exact replay), got "
+                           f"{type(recording).__name__}")
+        if recording.final_state is None:
+            raise TDAError("recording: finish() it before valuing its steps")
+        name = recording.optimizer_class.__name__
+        if not issubclass(recording.optimizer_class, torch.optim.SGD):
+            raise TDAError(f"In-Run Data Shapley values SGD steps θ − (η/B)Σg; this run used {name}, whose "
+                           "preconditioned step is not that game: use tracin (Adam-aware) with the same recording")
+        if any(g.get("nesterov") or g.get("dampening", 0.0) for g in recording.groups):
+            raise TDAError("In-Run Data Shapley values a step's own gradient; this SGD run used Nesterov or "
+                           "dampening, which rescale it")
+        if any(len(set(rates)) > 1 for rates in recording.learning_rates):
+            raise TDAError("In-Run Data Shapley takes one learning rate per step; this run's parameter groups had "
+                           "different rates")
+        shapley = cls(task, recording.train, validation, options.pop("batch_size", recording.batch_size), **options)
+        recording.replay_steps(shapley)
+        return shapley
 
     @property
     def values(self) -> torch.Tensor:
