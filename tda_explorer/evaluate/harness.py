@@ -11,9 +11,10 @@ import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.catalogue import method_spec
+from tda_explorer.compute.engine.task import predict
 from tda_explorer.compute.methods import Attributor, get_method
 from tda_explorer.compute.training.train import train_ensemble, unstack
-from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at
+from tda_explorer.evaluate.metrics import baseline_metrics, lds, mislabel_auc, recall_at
 from tda_explorer.evaluate.quanda_metrics import class_detection, mislabeling_detection_area, top_k_cardinality
 from tda_explorer.evaluate.removal_validation import single_removal_spearman, validate_removals
 from tda_explorer.experiments.digits import Experiment
@@ -54,12 +55,30 @@ def run_method(experiment: Experiment, method: str, device: str = "cpu", **optio
     return attributor, attribution, seconds, {"extra_training_seconds": training_seconds}
 
 
+def training_loss(experiment: Experiment, device: str = "cpu") -> torch.Tensor:
+    """The attributed model's loss at each training example's given label ``[n_train]``: the baseline ranking."""
+    train = experiment.split.train
+    logits = predict(experiment.task(), train, device, argument="train").double()
+    return torch.nn.functional.cross_entropy(logits, train.labels, reduction="none")
+
+
+def mislabel_baselines(experiment: Experiment, suspicion: torch.Tensor, attributor: Any = None,
+                       device: str = "cpu") -> dict[str, float]:
+    """``suspicion`` beside the training-loss baseline and, when ``attributor`` kept out-of-fold probabilities
+    (``suspicion``'s ``oof_``), beside cleanlab's self-confidence on them (``metrics.baseline_metrics``)."""
+    train, flipped = experiment.split.train, experiment.split.flipped
+    oof = getattr(attributor, "oof_", None)
+    confidence = None if oof is None else oof.detach().cpu().double()[torch.arange(len(train)), train.labels]
+    return baseline_metrics(suspicion, flipped, training_loss(experiment, device), confidence)
+
+
 def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTruth | None = None,
                     device: str = "cpu", validate_removal: bool = False, cache_dir: str | None = None,
                     other_truths: dict[str, SubsetGroundTruth] | None = None, **options: Any) -> dict[str, Any]:
     """Metrics of one method: ``lds`` (with ``truth``; ``lds_<name>`` for each of ``other_truths``), mislabel
-    figures (when the data has noise), times, ``metasmoothness`` where the method measures it, and with
-    ``validate_removal`` its removal predictions against retraining (``validate_removals``)."""
+    figures (when the data has noise) beside the training-loss baseline's (``mislabel_baselines``), times,
+    ``metasmoothness`` where the method measures it, and with ``validate_removal`` its removal predictions against
+    retraining (``validate_removals``)."""
     attributor, attribution, seconds, info = run_method(experiment, method, device=device, **options)
     result: dict[str, Any] = {"method": method, "seconds": seconds, **info,
                               "options": {k: v for k, v in options.items() if v is not None}}
@@ -82,6 +101,7 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
         result.update(mislabel_auc=mislabel_auc(suspicion, flipped), recall_at_10=recall_at(suspicion, flipped, 0.1),
                       recall_at_20=recall_at(suspicion, flipped, 0.2),
                       mislabeling_detection_area=mislabeling_detection_area(suspicion, flipped))
+        result.update(mislabel_baselines(experiment, suspicion, attributor, device))
     if validate_removal:
         result.update(validate_removals(experiment, attributor, attribution, cache_dir=cache_dir, device=device))
     if method == "dvemb":  # the same-batch single removals are the trajectory-specific leave-one-out it estimates
@@ -94,7 +114,8 @@ def evaluate_method(experiment: Experiment, method: str, truth: SubsetGroundTrut
 
 def compare_methods(experiment: Experiment, methods: Sequence[str | tuple[str, dict]],
                     truth: SubsetGroundTruth | None = None, device: str = "cpu") -> pd.DataFrame:
-    """One tidy row per method: ``method, options, lds, mislabel_auc, recall_at_10, recall_at_20, seconds``.
+    """One tidy row per method: ``method, options, lds, mislabel_auc, recall_at_10, recall_at_20``, the training-loss
+    baseline's AUC and recall@10% with each method's difference from them, ``seconds``.
 
     Parameters
     ----------
@@ -108,7 +129,8 @@ def compare_methods(experiment: Experiment, methods: Sequence[str | tuple[str, d
         row = evaluate_method(experiment, name, truth, device=device, **options)
         row["options"] = ", ".join(f"{k}={v}" for k, v in row["options"].items())
         rows.append(row)
-    columns = ["method", "options", "lds", "mislabel_auc", "recall_at_10", "recall_at_20",
+    columns = ["method", "options", "lds", "mislabel_auc", "recall_at_10", "recall_at_20", "loss_baseline_mislabel_auc",
+               "mislabel_auc_minus_loss", "loss_baseline_recall_at_10", "recall_at_10_minus_loss", "spearman_with_loss",
                "mislabeling_detection_area", "class_detection", "top_k_cardinality", "seconds",
                "self_influence_seconds", "extra_training_seconds"]
     df = pd.DataFrame(rows)

@@ -84,3 +84,24 @@ def _check_pair(suspicion: torch.Tensor, flipped: torch.Tensor) -> None:
         raise TDAError(f"suspicion {tuple(suspicion.shape)} and flipped {tuple(flipped.shape)} differ in shape")
     if not flipped.any() or flipped.all():
         raise TDAError("flipped must contain both flipped and clean examples")
+
+
+def baseline_metrics(suspicion: torch.Tensor, flipped: torch.Tensor, loss: torch.Tensor,
+                     oof_confidence: torch.Tensor | None = None) -> dict[str, float]:
+    """A mislabel ranking beside the honest baselines, so that a method that adds nothing shows it: the ranking by
+    training ``loss`` (``loss_baseline_mislabel_auc``, ``loss_baseline_recall_at_10``, ``mislabel_auc_minus_loss``,
+    ``recall_at_10_minus_loss`` and ``spearman_with_loss``) and, given the out-of-fold probability of each given
+    label, the ranking by it ascending (cleanlab's self-confidence: ``oof_baseline_*``, ``*_minus_oof``)."""
+    auc, recall = mislabel_auc(suspicion, flipped), recall_at(suspicion, flipped, 0.1)
+    result = {"loss_baseline_mislabel_auc": mislabel_auc(loss, flipped),
+              "loss_baseline_recall_at_10": recall_at(loss, flipped, 0.1)}
+    result.update(mislabel_auc_minus_loss=auc - result["loss_baseline_mislabel_auc"],
+                  recall_at_10_minus_loss=recall - result["loss_baseline_recall_at_10"],
+                  spearman_with_loss=rank_correlation(suspicion, loss))
+    if oof_confidence is not None:
+        self_confidence = -torch.as_tensor(oof_confidence).double()
+        result.update(oof_baseline_mislabel_auc=mislabel_auc(self_confidence, flipped),
+                      oof_baseline_recall_at_10=recall_at(self_confidence, flipped, 0.1))
+        result.update(mislabel_auc_minus_oof=auc - result["oof_baseline_mislabel_auc"],
+                      recall_at_10_minus_oof=recall - result["oof_baseline_recall_at_10"])
+    return result

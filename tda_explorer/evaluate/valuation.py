@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from tda_explorer.compute.valuation.lava import LAVA
+from tda_explorer.evaluate.harness import mislabel_baselines
 from tda_explorer.evaluate.metrics import mislabel_auc, recall_at
 from tda_explorer.experiments.digits import Experiment
 
@@ -22,7 +23,8 @@ def evaluate_lava(experiment: Experiment, device: str = "cpu", lambda_label: flo
     """LAVA values of the training set against the experiment's clean test split as the validation set.
 
     Reports ``seconds`` (embedding + transport), and with label noise ``mislabel_auc``, ``recall_at_10`` and
-    ``recall_at_20``, plus the same figures for the no-label-term ablation (``no_label_term_*``, λ = 0).
+    ``recall_at_20`` beside the training-loss baseline's (``mislabel_baselines``), plus the same figures for the
+    no-label-term ablation (``no_label_term_*``, λ = 0).
     """
     train, validation = experiment.split.train, experiment.split.test
     t0 = time.perf_counter()
@@ -35,6 +37,7 @@ def evaluate_lava(experiment: Experiment, device: str = "cpu", lambda_label: flo
     flipped = experiment.split.flipped
     if flipped.any():
         result.update(_detection(lava.values_, flipped))
+        result.update(mislabel_baselines(experiment, -lava.values_, device=device))
         ablation = LAVA(model=experiment.record.model, lambda_label=0.0, epsilon=epsilon, device=device)
         result.update(_detection(ablation.fit(train, validation).values_, flipped, "no_label_term_"))
     return result
