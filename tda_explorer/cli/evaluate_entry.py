@@ -171,8 +171,15 @@ def evaluate_entry(args: argparse.Namespace) -> int:
                  for name, data in (("train", train), ("test", test))}
     _say(f"computing {args.method} attributions ({len(test)} test × {len(train)} train)…")
     t0 = time.perf_counter()
-    attributor = get_method(args.method, task, device=args.device, **options).fit(train)
-    attribution = attributor.attribute(test)
+    try:
+        attributor = get_method(args.method, task, device=args.device, **options).fit(train)
+        attribution = attributor.attribute(test)
+    except TDAError as err:
+        if "reads its items lazily" not in str(err):
+            raise
+        raise TDAError(f"--entry {args.entry}: {err}. From the entry function, return train and test as (inputs, "
+                       "labels) tensors (or AttributionDataset.from_torch(dataset).to_memory()) for this "
+                       "method") from None
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
