@@ -24,7 +24,10 @@ from tda_explorer.jobs import check_cancelled
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a model is trained: full objective = mean cross-entropy + weight_decay/2 · ‖θ‖²."""
+    """How a model is trained: full objective = mean cross-entropy + weight_decay/2 · ‖θ‖².
+
+    ``optimizer``: "sgd" (with ``momentum``, heavy ball), "adam", or "adamw", whose weight decay is decoupled (the
+    optimizer shrinks the weights by lr · weight_decay each step; the loss has no L2 term)."""
 
     epochs: int = 30
     batch_size: int = 64
@@ -33,18 +36,31 @@ class TrainConfig:
     optimizer: str = "adam"
     n_checkpoints: int = 5
     seed: int = 0
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
-        check_choice(self.optimizer, "optimizer", ("adam", "sgd"))
+        check_choice(self.optimizer, "optimizer", ("adam", "adamw", "sgd"))
         if not self.lr > 0:
             raise TDAError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise TDAError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1 or (self.momentum and self.optimizer != "sgd"):
+            raise TDAError(f"momentum must be in [0, 1) and is SGD's only (optimizer='sgd'), got {self.momentum} "
+                           f"with {self.optimizer!r}")
+
+    @property
+    def loss_weight_decay(self) -> float:
+        """The L2 term's coefficient in the loss: ``weight_decay``, except for AdamW, whose decay is decoupled
+        (applied by the optimizer step, not through the gradient)."""
+        return 0.0 if self.optimizer == "adamw" else self.weight_decay
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.momentum:  # absent at its default, so the fingerprints of earlier recipes do not change
+            d.pop("momentum")
+        return d
 
 
 @dataclass
@@ -117,11 +133,14 @@ def _gradient_step(base: nn.Module, objective: Callable, seed: int, device: torc
 
 
 def _optimizer(params: dict[str, torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
-    """``torch.optim``'s SGD or Adam (default betas and eps) over the stacked parameters ``[M, ...]``, updated in
-    place: their updates are elementwise, so each of the M models takes its own step, in lock-step."""
+    """``torch.optim``'s SGD (with ``config.momentum``), Adam or AdamW (default betas and eps) over the stacked
+    parameters ``[M, ...]``, updated in place: their updates are elementwise, so each of the M models takes its own
+    step, in lock-step."""
     tensors = list(params.values())
     if config.optimizer == "sgd":
-        return torch.optim.SGD(tensors, lr=config.lr)
+        return torch.optim.SGD(tensors, lr=config.lr, momentum=config.momentum)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(tensors, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.Adam(tensors, lr=config.lr)
 
 
@@ -169,7 +188,7 @@ class EnsembleTrainer:
         params, _ = stack_module_state(models)
         self.params = {k: v.detach().clone() for k, v in params.items()}
         base = copy.deepcopy(models[0]).to("meta")
-        self.step_fn = _gradient_step(base, _objective(base, config.weight_decay), seeds[0], self.dev)
+        self.step_fn = _gradient_step(base, _objective(base, config.loss_weight_decay), seeds[0], self.dev)
         self.inputs, self.labels = inputs.to(self.dev), labels.to(self.dev)
         self.subsets = subsets.to(self.dev)
         self.gen = torch.Generator(device="cpu").manual_seed(int(seeds[0]) * 7919 + 17)
@@ -259,8 +278,8 @@ def train_weighted(
     def objective(p: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ce = cross_entropy(functional_call(base, p, (x,)), y)
         loss = (w * ce).sum() / bs
-        if config.weight_decay:
-            loss = loss + 0.5 * config.weight_decay * sum((q * q).sum() for q in p.values())
+        if config.loss_weight_decay:
+            loss = loss + 0.5 * config.loss_weight_decay * sum((q * q).sum() for q in p.values())
         return loss
 
     step_fn = _gradient_step(base, objective, seeds[0], dev)
