@@ -26,6 +26,7 @@ def test_demo_runs_and_writes_tables(tmp_path, capsys):
     text = captured.out
     assert "Test accuracy" in text and "recall of flipped labels" in text and "top-5 proponents" in text
     assert "The 10 training examples most likely mislabeled" in text
+    assert "Beside the training-loss baseline" in text  # a method's mislabel figures never come alone
     assert "\x1b[" not in captured.err  # stderr is no terminal here: no progress bars, no cursor codes
     ranking = pd.read_csv(out / "mislabel_ranking.csv")
     assert len(ranking) == 300 and ranking["truly_flipped"].sum() == 30

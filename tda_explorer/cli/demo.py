@@ -81,6 +81,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nMislabel detection: ROC-AUC {mislabel_auc(score, flipped):.3f}; recall of flipped labels after "
               f"inspecting the top 10%: {recall_at(score, flipped, 0.1):.3f}, top 20%: "
               f"{recall_at(score, flipped, 0.2):.3f}")
+        baseline = session.baseline_comparison(args.method)
+        print(f"Beside the training-loss baseline (examples by the model's loss at their given label): ROC-AUC "
+              f"{baseline['loss_auc']:.3f} ({baseline['auc_minus_loss']:+.3f} for {args.method}), recall after the "
+              f"top 10% {baseline['loss_recall_at_10']:.3f} ({baseline['recall_at_10_minus_loss']:+.3f}); rank "
+              f"correlation of the two rankings {baseline['spearman']:.2f}")
 
     test_id = session.test.ids[_check_test_id(args.test_id, len(session.test))]
     pos = session.test.positions([test_id])[0]
