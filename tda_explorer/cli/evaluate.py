@@ -28,7 +28,7 @@ FLAG_ALIASES = {"n_checkpoints": ["--ensemble-checkpoints"]}
 #: The flags that choose or score a built-in task, with their defaults: parsed with default None, so that --entry
 #: refuses the ones given and the built-in path fills the rest in.
 BUILTIN_DEFAULTS = {"data": "digits", "model": "mlp", "scenario": None, "verifier": "auto", "proxy": None,
-                    "groups": None, "noise": 0.0, "n_subsets": 100, "no_lds": None, "epochs": None,
+                    "groups": None, "noise": 0.0, "n_subsets": 100, "no_lds": False, "epochs": None,
                     "truth": "fresh-seed", "subset_fraction": 0.5, "cache_dir": ".tda_cache", "ensemble": None}
 #: The flags only --entry uses (default None without it).
 ENTRY_ONLY = ("k", "n_test_points", "n_mislabeled", "what_if", "what_if_k", "what_if_seeds")
