@@ -243,7 +243,8 @@ def _evaluate_arguments(ev: argparse.ArgumentParser, method: str | None = None) 
     own.add_argument("--n-test-points", type=int, default=None,
                      help="attribute the first N test points (default: all)")
     own.add_argument("--n-mislabeled", type=int, default=None,
-                     help="training examples listed in the self-influence (mislabel) ranking (default 20)")
+                     help="training examples listed in the self-influence (mislabel) ranking (default 20; 0 skips "
+                          "computing self-influence)")
     own.add_argument("--what-if", type=int, default=None, metavar="N",
                      help="when the entry returns a retrain function: retrain without the top proponents, the top "
                           "opponents and as many random examples of each of the first N test points (default 3; 0 "

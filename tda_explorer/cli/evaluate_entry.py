@@ -96,9 +96,9 @@ def _what_if(args: argparse.Namespace, entry: Entry, task: AttributionTask, attr
 
     groups = ("proponents", "opponents", "random")
     retrains = len(seeds) * (1 + len(groups) * n_points)
+    points_text = f"{n_points} test point{'s' * (n_points != 1)}"
     _say(f"what-if: retraining with your retrain function {retrains} times ({len(seeds)} paired seeds; without the "
-         f"{k_remove} top proponents, top opponents and random examples of {n_points} test points; --what-if 0 "
-         "skips this)…")
+         f"{k_remove} top proponents, top opponents and random examples of {points_text}; --what-if 0 skips this)…")
     t0 = time.perf_counter()
     points = []
     for j in range(n_points):
@@ -125,6 +125,7 @@ def _what_if(args: argparse.Namespace, entry: Entry, task: AttributionTask, attr
         "test_points": n_points, "k": k_remove, "seeds": seeds, "retrains": retrains,
         "measurement": measurement,
         "mean_loss_delta": {group: float(delta[group].mean()) for group in groups},
+        "median_loss_delta": {group: float(delta[group].median()) for group in groups},
         "proponents_raise_loss": float((delta["proponents"] > 0).double().mean()),
         "opponents_lower_loss": float((delta["opponents"] < 0).double().mean()),
         "proponents_beat_random": float((delta["proponents"] > delta["random"]).double().mean()),
@@ -182,10 +183,13 @@ def evaluate_entry(args: argparse.Namespace) -> int:
                        "method") from None
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    try:
-        self_influence, why_not = attributor.self_influence(), None
-    except (TDAError, NotImplementedError) as err:
-        self_influence, why_not = None, str(err) or type(err).__name__
+    self_influence, why_not = None, "--n-mislabeled 0"
+    if args.n_mislabeled:
+        _say(f"self-influence of the {len(train)} training examples (--n-mislabeled 0 skips it)…")
+        try:
+            self_influence, why_not = attributor.self_influence(), None
+        except (TDAError, NotImplementedError) as err:
+            why_not = str(err) or type(err).__name__
     seconds_self = time.perf_counter() - t0
     k = min(args.k, len(train))
     top = {}
@@ -202,7 +206,7 @@ def evaluate_entry(args: argparse.Namespace) -> int:
         "seconds": seconds, "seconds_self_influence": seconds_self, "k": k, "top": top,
     }
     if self_influence is None:
-        result["mislabel_ranking"], result["mislabel_ranking_unavailable"] = None, why_not
+        result["mislabel_ranking"], result["mislabel_ranking_skipped"] = None, why_not
     else:
         order = torch.argsort(self_influence, descending=True, stable=True)[: args.n_mislabeled].tolist()
         result["mislabel_ranking"] = [
