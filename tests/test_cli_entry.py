@@ -102,6 +102,16 @@ ENTRY = textwrap.dedent('''
                 "task": {"output": "logits"}}
 
 
+    def build_checkpoints():
+        import copy
+
+        from tda_explorer.compute.training.train import Checkpoint
+
+        model, train_set, test_set = build()
+        checkpoints = [Checkpoint(copy.deepcopy(model.state_dict()), 0.5, 30)]
+        return {"model": model, "train": train_set, "test": test_set, "task": {"checkpoints": checkpoints}}
+
+
     def returns_two():
         model, train_set, _ = build()
         return model, train_set
@@ -238,6 +248,22 @@ def test_featurize_and_score_on_an_entry_with_dict_inputs_equal_grad_dot(entry_d
     # a store featurised from another model or data is refused
     assert main(["score", "--entry", f"{MODULE}:build", "--store", str(store)]) == 2
     assert "was featurised from another model or data" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # trains models
+def test_checkpoints_from_the_entry_supply_tracin(entry_dir, capsys):
+    assert main(["evaluate", "--entry", f"{MODULE}:build_checkpoints", "--method", "tracin", "--k", "3",
+                 "--n-test-points", "3", "--n-mislabeled", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    built = _module(entry_dir).build_checkpoints()
+    task = AttributionTask(built["model"], checkpoints=built["task"]["checkpoints"])
+    x_test, y_test = built["test"]
+    attribution = get_method("tracin", task).fit(AttributionDataset.from_torch(built["train"])).attribute(
+        AttributionDataset(x_test[:3], y_test[:3]))
+    for test_id in range(3):
+        assert [row[0] for row in result["top"][str(test_id)]["proponents"]] == list(
+            attribution.topk(test_id, 3, signed=True)[0])
+    assert result["mislabel_ranking"] is None and result["mislabel_ranking_skipped"] == "--n-mislabeled 0"
 
 
 BAD_ENTRIES = [

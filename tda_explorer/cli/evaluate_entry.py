@@ -164,7 +164,13 @@ def evaluate_entry(args: argparse.Namespace) -> int:
     task = entry.task()
     options = method_options_from(args)
     _check_needs(entry, args.method, task, options)
-    options = method_spec(args.method).fill(options, entry.resources)
+    resources = dict(entry.resources)
+    if task.checkpoints:  # as a Session does: the task's own checkpoints supply the need
+        resources.setdefault("checkpoints", dict)
+    try:
+        options = method_spec(args.method).fill(options, resources)
+    except TDAError as err:
+        raise TDAError(f"--entry {args.entry}: {err}") from None
     train, test = entry.train, entry.test
     if args.n_test_points and args.n_test_points < len(test):
         test = test.subset(list(range(args.n_test_points)))
