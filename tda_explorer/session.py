@@ -18,6 +18,7 @@ from tda_explorer.atomic import load_tensors, save_tensors
 from tda_explorer.compute.catalogue import Resources, method_spec
 from tda_explorer.compute.engine.attribution import Attribution
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
+from tda_explorer.compute.engine.score_file import ScoreFile, ScoreFileWriter
 from tda_explorer.compute.engine.stability import Stability, z_and_p
 from tda_explorer.compute.engine.task import AttributionTask, predict
 from tda_explorer.compute.methods import available_methods, get_method
@@ -28,10 +29,16 @@ from tda_explorer.evaluate.metrics import mislabel_auc, rank_correlation, recall
 from tda_explorer.evaluate.trust import model_randomization
 from tda_explorer.experiments.scenario import Scenario
 from tda_explorer.flags import FlagStore
-from tda_explorer.jobs import BackgroundJob
+from tda_explorer.jobs import BackgroundJob, check_cancelled, report_progress
 from tda_explorer.retraining.further_training import further_training_cosine, further_training_truth
 from tda_explorer.retraining.own import FunctionRetrainer, RetrainFunction
 from tda_explorer.retraining.retrainer import Retrainer
+
+#: Above this many scores (test × train) an attribution is written to disk a block of test rows at a time and read
+#: back a row at a time (``ScoreFile``); below it, it is held in memory.
+DENSE_LIMIT = 2**25
+#: Scores per block of test rows attributed at once on the way to disk.
+BLOCK_SCORES = 2**23
 
 #: The baseline ranking every session offers: training examples by the attributed model's loss at the given label
 #: (``session.train_loss``), highest first. A mislabel method that does not beat it adds nothing.
@@ -78,9 +85,12 @@ class Session:
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
         as_device(device)
         self.train, self.test, self.task, self.device = train, test, task, device
-        self._predict()  # before anything is written: it also checks the labels against the model's outputs
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        predictions = self._predictions_path()
+        computed = self._predict(predictions)  # before anything is written: it also checks the labels against the
+        self.folder.mkdir(parents=True, exist_ok=True)  # model's outputs
+        if computed is not None:
+            save_tensors(computed, predictions)
         self.flags = FlagStore(self.folder / "flags.sqlite", known_ids=train.ids)  # unknown ids are refused
         self.attributions: dict[str, Attribution] = {}
         self.self_influences: dict[str, torch.Tensor] = {}
@@ -144,12 +154,19 @@ class Session:
         return {name: method_spec(name).missing(provided) for name in available_methods()}
 
     # -- predictions ----------------------------------------------------------------------
-    def _predict(self) -> None:
+    def _predictions_path(self) -> Path:
+        key = config_fingerprint("predictions", self.task.config(), model_fingerprint(self.task.model),
+                                 self.train.fingerprint(), self.test.fingerprint())
+        return self.folder / "predictions" / f"{key}.pt"
+
+    def _predict(self, cache: Path) -> dict[str, torch.Tensor] | None:
         """Predictions on both splits, batch by batch on the session's device (tensor or dict inputs, in memory or
-        read lazily); the logits must be class scores ``[n, n_outputs]``."""
+        read lazily), or the same model's on the same data from ``cache``; the logits must be class scores
+        ``[n, n_outputs]``. Returns the logits by split when they were computed (to be cached), else None."""
+        cached = load_tensors(cache) if cache.exists() else None
         outputs = []
         for name, data in (("train", self.train), ("test", self.test)):
-            out = predict(self.task, data, self.device, argument=name)
+            out = cached[name] if cached is not None else predict(self.task, data, self.device, argument=name)
             if out.dim() != 2:
                 raise TDAError(f"task.model must return class scores [n, n_outputs] for a Session; on {name} it "
                                f"returned {tuple(out.shape)}")
@@ -162,6 +179,7 @@ class Session:
         self.train_loss = torch.nn.functional.cross_entropy(out_tr.float(), self.train.labels, reduction="none")
         self.test_predicted = out_te.argmax(1)
         self.test_loss = torch.nn.functional.cross_entropy(out_te, self.test.labels, reduction="none")
+        return None if cached is not None else {"train": out_tr, "test": out_te}
 
     # -- attributions ---------------------------------------------------------------------
     @property
@@ -176,23 +194,54 @@ class Session:
         return self.folder / "attributions" / f"{method}-{key}.pt"
 
     def compute(self, method: str, progress: bool = False, **config: Any) -> Attribution:
-        """Run ``method`` on the session's data (or load it from the cache) and keep the result."""
+        """Run ``method`` on the session's data (or load it from the cache) and keep the result.
+
+        Above ``DENSE_LIMIT`` scores the attribution is computed a block of test points at a time and kept on disk
+        (``ScoreFile``: each test point's top-k in memory, rows read on demand), so a session of 50,000 training
+        and 10,000 test examples holds megabytes per method, not gigabytes."""
         path = self._cache_path(method, config)
-        data = load_tensors(path)
-        if data is not None:
-            attribution = Attribution(data["scores"], self.test.ids, self.train.ids, method, config)
-            self.add(attribution, data["self_influence"])
+        large = len(self.test) * len(self.train) > DENSE_LIMIT
+        stored = self._load_cached(path, large)
+        if stored is not None:
+            attribution = Attribution(stored[0], self.test.ids, self.train.ids, method, config)
+            self.add(attribution, stored[1])
             self._keep_out_of_fold(path)
             return attribution
         options = method_spec(method).fill(config, self.resources)
         self.options[method] = options
         attributor = get_method(method, self.task, device=self.device, **options).fit(self.train)
-        attribution = attributor.attribute(self.test)
+        scores = self._attribute_to_disk(attributor, path) if large else attributor.attribute(self.test).scores
         self_influence = attributor.self_influence()
-        save_tensors({"scores": attribution.scores, "self_influence": self_influence}, path)
+        save_tensors({"scores": None if large else scores, "self_influence": self_influence}, path)
+        attribution = Attribution(scores, self.test.ids, self.train.ids, method, config)
         self.add(attribution, self_influence)
         self._keep_out_of_fold(path, getattr(attributor, "oof_", None))
         return attribution
+
+    def _load_cached(self, path: Path, large: bool) -> tuple[torch.Tensor | ScoreFile, torch.Tensor] | None:
+        """Cached scores (in memory, or the finished score file beside ``path``) and self-influence, or None."""
+        data = load_tensors(path)
+        if data is None:
+            return None
+        scores = ScoreFile.open(path.with_suffix(".npy")) if large else data["scores"]
+        return None if scores is None else (scores, data["self_influence"])
+
+    def _attribute_to_disk(self, attributor: Any, path: Path) -> ScoreFile:
+        """The fitted ``attributor``'s scores on the test set, written a block of test rows at a time."""
+        n_test, n_train = len(self.test), len(self.train)
+        rows = max(1, BLOCK_SCORES // n_train)
+        writer = ScoreFileWriter(path.with_suffix(".npy"), (n_test, n_train))
+        try:
+            for start in range(0, n_test, rows):
+                check_cancelled()
+                block = self.test.subset(list(range(start, min(start + rows, n_test))))
+                writer.write(attributor.attribute(block).scores)
+                report_progress(min(start + rows, n_test) / n_test, f"scored {min(start + rows, n_test)} of "
+                                f"{n_test} test points")
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
 
     def _keep_out_of_fold(self, path: Path, probabilities: torch.Tensor | None = None) -> None:
         """Out-of-fold probabilities a method computed (suspicion's ``oof_``: a baseline of their own), saved beside
@@ -338,11 +387,10 @@ class Session:
         predicted`` (the score's sign says which)."""
         k = check_positive_int(k, "k")
         pos = self.train.positions([train_id], "train_id")[0]
-        column = self.attribution(method).scores[:, pos]
-        order = torch.argsort(column.abs(), descending=True)[:k]
+        order, scores = self.attribution(method).influenced(pos, k)
         return pd.DataFrame({
             "test_id": [self.test.ids[i] for i in order.tolist()],
-            "score": column[order].double().numpy(),
+            "score": scores.double().numpy(),
             "label": self.test.labels[order].tolist(),
             "predicted": self.test_predicted[order].tolist(),
         })
@@ -398,7 +446,7 @@ class Session:
         for e in epochs:
             truth = further_training_truth(self.task, self.train, self.test, ids, e, lr, batch_size, range(seeds),
                                            device=self.device)
-            rows += [{"method": m, "epochs": e, "cosine": further_training_cosine(self.attribution(m).scores,
+            rows += [{"method": m, "epochs": e, "cosine": further_training_cosine(self.attribution(m).matrix(),
                                                                                   self.train, truth)}
                      for m in self.methods]
         self.further_training = pd.DataFrame(rows)
@@ -414,7 +462,7 @@ class Session:
                 raise TDAError(f"{method!r} was added from elsewhere; check_trust reruns methods computed here "
                                "(session.compute)")
             options = method_spec(method).fill(dict(attribution.config), self.resources)
-        self.trust[method] = model_randomization(attribution.scores, method, self.task, self.train, self.test,
+        self.trust[method] = model_randomization(attribution.matrix(), method, self.task, self.train, self.test,
                                                  seed=seed, device=self.device, **options)
         return self.trust[method]
 

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from tda_explorer._validation import TDAError, check_positive_int
+from tda_explorer.compute.engine.score_file import ScoreFile
 
 
 @dataclass
@@ -18,7 +19,9 @@ class Attribution:
 
     Parameters
     ----------
-    scores : Tensor [n_test, n_train]
+    scores : Tensor [n_test, n_train] or ScoreFile
+        In memory, or on disk (a session's large attributions): read a row at a time, rankings of up to its
+        ``top_k`` from what it stores; ``matrix()`` loads either whole.
     test_ids, train_ids : sequences of ids, one per row / column.
     method : str
         The method's registry name.
@@ -26,14 +29,14 @@ class Attribution:
         The method's configuration.
     """
 
-    scores: torch.Tensor
+    scores: torch.Tensor | ScoreFile
     test_ids: Sequence[Any]
     train_ids: Sequence[Any]
     method: str
     config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.scores.dim() != 2:
+        if len(self.scores.shape) != 2:
             raise TDAError(f"scores must be [n_test, n_train], got shape {tuple(self.scores.shape)}")
         if self.scores.shape != (len(self.test_ids), len(self.train_ids)):
             raise TDAError(
@@ -43,11 +46,45 @@ class Attribution:
         self.test_ids, self.train_ids = list(self.test_ids), list(self.train_ids)
         self._test_pos = {t: i for i, t in enumerate(self.test_ids)}
 
-    def row(self, test_id: Any) -> torch.Tensor:
-        """Scores of one test example against every training example."""
+    def _position(self, test_id: Any) -> int:
         if test_id not in self._test_pos:
             raise TDAError(f"test_id {test_id!r} does not exist; ids range like {self.test_ids[:3]}…")
-        return self.scores[self._test_pos[test_id]]
+        return self._test_pos[test_id]
+
+    def row(self, test_id: Any) -> torch.Tensor:
+        """Scores of one test example against every training example."""
+        position = self._position(test_id)
+        return self.scores.row(position) if isinstance(self.scores, ScoreFile) else self.scores[position]
+
+    def matrix(self) -> torch.Tensor:
+        """The whole ``[n_test, n_train]`` matrix in memory (loaded from disk for a ``ScoreFile``)."""
+        return self.scores.to_tensor() if isinstance(self.scores, ScoreFile) else self.scores
+
+    def column(self, train_position: int) -> torch.Tensor:
+        """Every test example's score for the training example at ``train_position`` ``[n_test]``."""
+        if isinstance(self.scores, ScoreFile):
+            return self.scores.column(train_position)
+        return self.scores[:, train_position]
+
+    def influenced(self, train_position: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and scores of the ``k`` test examples with the largest ``|score|`` for one training example."""
+        if isinstance(self.scores, ScoreFile) and k <= self.scores.top_k:
+            positions = self.scores.influenced(train_position)[:k]
+            return positions, torch.stack([self.scores.row(int(p))[train_position] for p in positions])
+        column = self.column(train_position)
+        positions = torch.argsort(column.abs(), descending=True, stable=True)[:k]
+        return positions, column[positions]
+
+    def _stored(self, position: int, k: int | None, proponents: bool, signed: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A ranking from a ``ScoreFile``'s stored top-k when it holds ``k``, else None (rank the row)."""
+        if not isinstance(self.scores, ScoreFile) or k is None or k > self.scores.top_k:
+            return None
+        positions, values = self.scores.top(position, proponents)
+        if signed:
+            keep = values > 0 if proponents else values < 0
+            positions, values = positions[keep], values[keep]
+        return positions[:k], values[:k]
 
     def topk(self, test_id: Any, k: int = 10, kind: str = "proponents", signed: bool = False,
              ) -> tuple[list, torch.Tensor]:
@@ -66,6 +103,9 @@ class Attribution:
         k = check_positive_int(k, "k")
         if kind not in ("proponents", "opponents"):
             raise TDAError(f"kind must be 'proponents' or 'opponents', got {kind!r}")
+        stored = self._stored(self._position(test_id), k, kind == "proponents", signed)
+        if stored is not None:
+            return [self.train_ids[i] for i in stored[0].tolist()], stored[1]
         row = self.row(test_id)
         if signed:
             proponents, opponents = signed_order(row, k)
@@ -87,19 +127,25 @@ class Attribution:
         test_ids = self.test_ids if test_ids is None else list(test_ids)
         columns: dict[str, list] = {"test_id": [], "train_id": [], "rank": [], "score": []}
         for t in test_ids:
-            row = self.row(t)
-            proponents, opponents = signed_order(row, k)
-            parts = [proponents, opponents]
+            position = self._position(t)
+            stored = [self._stored(position, k, side, signed=True) for side in (True, False)]
+            if stored[0] is not None:
+                (proponents, pro_scores), (opponents, opp_scores) = stored
+                parts, values = [proponents, opponents], [pro_scores, opp_scores]
+            else:
+                row = self.row(t)
+                proponents, opponents = signed_order(row, k)
+                parts = [proponents, opponents]
+                if k is None:
+                    parts.append(torch.nonzero(~((row > 0) | (row < 0))).flatten())
+                values = [row[p] for p in parts]
             ranks = list(range(1, len(proponents) + 1)) + [-r for r in range(1, len(opponents) + 1)]
-            if k is None:
-                neutral = torch.nonzero(~((row > 0) | (row < 0))).flatten()
-                parts.append(neutral)
-                ranks += [0] * len(neutral)
+            ranks += [0] * (len(parts[2]) if len(parts) > 2 else 0)
             pos = torch.cat(parts).tolist()
             columns["test_id"] += [t] * len(pos)
             columns["train_id"] += [self.train_ids[i] for i in pos]
             columns["rank"] += ranks
-            columns["score"] += row[pos].cpu().double().tolist()
+            columns["score"] += torch.cat(values).cpu().double().tolist()
         ids_dtype = None if columns["rank"] else object  # inferred as before; an empty table's are object
         return pd.DataFrame({
             "test_id": pd.Series(columns["test_id"], dtype=ids_dtype),
