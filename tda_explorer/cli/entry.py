@@ -80,8 +80,9 @@ class Entry:
 
 
 def _where(err: BaseException) -> str:
-    """`` (at file:line)`` of the innermost frame of ``err``'s traceback, or nothing."""
-    frames = traceback.extract_tb(err.__traceback__)
+    """`` (at file:line)`` of the innermost frame of ``err``'s traceback in a real file (not importlib's frozen
+    frames), or nothing."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<")]
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
