@@ -399,3 +399,13 @@ def zoo_ground_truth(exp: ZooExperiment, n_subsets: int = 100, fraction: float =
                  {"experiment": exp.fingerprint(), "task": exp.spec.name, "n_subsets": n_subsets,
                   "fraction": fraction, "n_seeds": n_seeds})
     return truth
+
+
+def zoo_markdown_table() -> str:
+    """The README's table of zoo tasks (one row per task), generated from the specs."""
+    head = ["| task | data | architecture | optimizer | lr | wd | epochs | batch | noise | classes | n_train / n_test "
+            "| training |", "|" + " --- |" * 12]
+    rows = [f"| `{t.name}` | {t.data} | {t.architecture} | {t.optimizer} | {t.lr:g} | {t.weight_decay:g} | {t.epochs} "
+            f"| {'full' if t.full_batch else t.batch_size} | {t.noise} | {t.n_classes} | {t.n_train} / {t.n_test} "
+            f"| {t.regime} |" for t in ZOO]
+    return "\n".join(head + rows)

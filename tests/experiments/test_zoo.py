@@ -123,3 +123,12 @@ def test_ground_truth_is_cached(tmp_path):
     b = zoo_ground_truth(exp, n_subsets=4, cache_dir=tmp_path)
     assert torch.equal(a.measurements, b.measurements) and a.masks.shape == (4, 130)
     assert len(list((tmp_path / "zoo").glob("wine-logreg-sgdm-*.pt"))) == 1
+
+
+def test_the_readme_documents_every_task():
+    from pathlib import Path
+
+    from tda_explorer.experiments.zoo import zoo_markdown_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert zoo_markdown_table() in readme, "regenerate the README's zoo table from zoo_markdown_table()"
