@@ -1,0 +1,348 @@
+"""Every method on every task of the zoo (``tda_explorer.experiments.zoo``), beside the peers on the same models.
+
+For each task: build it (data, model, checkpoints; deterministic), load or build its cached fresh-seed LDS ground
+truth (100 half subsets x 2 seeds), then run
+
+* our methods in three settings: ``default`` (the catalogue's defaults), ``oracle`` (the best LDS over a sweep of the
+  method's knobs: damping over >= 5 decades, true / empirical Fisher, projection dimension, ASTRA's step; the
+  default is one of the points, so regret = oracle - default >= 0) and ``calibrated`` (``method.calibrate``, when the
+  attributor has it: ``status = "not built"`` until then);
+* the peers at their defaults (dattri, kronfluence, dattri-llm, captum, cleanlab; the ``bench`` extra, ``make
+  bench-deps``), named by our catalogue's name for the same method (kronfluence's EK-FAC is ``if-ekfac``,
+  cleanlab's ranking is ``cleanlab``).
+
+A method that raises, or runs past ``--method-limit`` seconds, gives a row with ``status = "error: ..."``; the run
+goes on. Rows ``{task, library, method, setting, lds, mislabel_auc, recall_at_10, seconds, status}`` (plus
+``options`` and, for oracles, the ``sweep``) are written to ``--json`` after every row, so a partial run is useful;
+rows already in the file for other (task, library, method, setting) keys are kept, so runs can be split by task and
+library. ``partial`` is false only once every task and library asked for has finished.
+
+    python benchmarks/bench_zoo.py --json benchmarks/results/zoo_cpu.json [--task T ...] [--library L ...]
+        [--setting default oracle calibrated] [--task-limit 1800] [--method-limit 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+
+from tda_explorer.compute.methods import get_method  # noqa: E402
+from tda_explorer.evaluate import evaluate_method  # noqa: E402
+from tda_explorer.evaluate.harness import method_options  # noqa: E402
+from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at  # noqa: E402
+from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth, zoo_tasks  # noqa: E402
+
+LIBRARIES = ("tda_explorer", "dattri", "kronfluence", "dattri-llm", "captum", "cleanlab")
+SETTINGS = ("default", "oracle", "calibrated")
+INFLUENCE = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-kfac", "if-ekfac", "if-astra", "if-datainf")
+PAIRWISE = (*INFLUENCE, "trak", "tracin", "grad-dot", "grad-cos")
+DECADES = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]  # absolute damping (direct solvers), 6 decades
+RELATIVE = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]  # relative per-layer damping (Kronecker family), 6 decades
+
+
+def sweep(method: str) -> list[dict]:
+    """The oracle's grid for ``method`` (each point a dict of options; ``{}`` is the default and always included);
+    an empty list: nothing to tune."""
+    if method in ("if-explicit", "if-cg", "if-arnoldi"):
+        return [{}] + [{"damping": d, "curvature": c} for c in ("ggn", "hessian") for d in DECADES]
+    if method == "if-lissa":  # LiSSA's cost grows with depth; the damping is what moves it
+        return [{}] + [{"damping": d} for d in DECADES]
+    if method in ("if-kfac", "if-ekfac"):
+        return [{}] + [{"damping": d, "fisher": f} for f in ("true", "empirical") for d in RELATIVE]
+    if method == "if-astra":
+        return [{}] + [{"damping": d, "step": s} for s in (0.5, 1.0) for d in RELATIVE[:5]]
+    if method == "if-datainf":
+        return [{}] + [{"damping": d} for d in RELATIVE]
+    if method == "trak":
+        return [{}] + [{"projection_dim": k, "damping": d} for k in (256, 1024, 4096) for d in (None, 1e-2, 1.0)]
+    if method == "tracin":
+        return [{}] + [{"projection_dim": k} for k in (256, 1024, 4096)]
+    return []
+
+
+class MethodTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise ``MethodTimeout`` in the main thread after ``seconds`` (SIGALRM; checked between Python bytecodes, so a
+    long native call finishes first)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(signum, frame):
+        raise MethodTimeout(f"ran past {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"error: {type(err).__name__}: {(text[0] if text else '')[:160]}"
+
+
+def _finite(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+class Writer:
+    """Rows kept in memory and rewritten to ``path`` after each one (atomic replace); rows of the file for keys this
+    run does not touch are kept."""
+
+    KEY = ("task", "library", "method", "setting")
+
+    def __init__(self, path: str | None, meta: dict):
+        self.path, self.meta = (Path(path) if path else None), meta
+        self.rows: list[dict] = []
+        self.kept: list[dict] = []
+        self.tasks: dict[str, dict] = {}
+        if self.path and self.path.exists() and self.path.stat().st_size:
+            try:
+                old = json.loads(self.path.read_text())
+                self.kept = old["rows"] if isinstance(old, dict) else old
+                self.tasks = old.get("tasks", {}) if isinstance(old, dict) else {}
+            except (json.JSONDecodeError, KeyError, TypeError):
+                self.kept = []
+
+    def add(self, row: dict) -> None:
+        row = {k: _finite(v) for k, v in row.items()}
+        self.rows.append(row)
+        key = tuple(row[k] for k in self.KEY)
+        self.kept = [r for r in self.kept if tuple(r.get(k) for k in self.KEY) != key]
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "sweep"}
+        print(json.dumps(shown), flush=True)
+        self.write()
+
+    def write(self, partial: bool = True) -> None:
+        if not self.path:
+            return
+        doc = {**self.meta, "partial": partial, "tasks": self.tasks, "rows": self.kept + self.rows}
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _row(task: str, library: str, method: str, setting: str, **values) -> dict:
+    row = {"task": task, "library": library, "method": method, "setting": setting, "lds": None, "mislabel_auc": None,
+           "recall_at_10": None, "seconds": None, "status": "ok"}
+    row.update(values)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------------- ours
+
+
+def _ours(exp, truth, method: str, options: dict, device: str, limit: float | None) -> dict:
+    with time_limit(limit):
+        r = evaluate_method(exp, method, truth if method != "suspicion" else None, device=device, **options)
+    return {k: r.get(k) for k in ("lds", "mislabel_auc", "recall_at_10")} | {"seconds": r["seconds"]}
+
+
+def calibrate_hook(attributor, exp) -> None:
+    """The calibrated setting: the one place that calls ``method.calibrate`` (built by another engineer; adapt the
+    call here when its signature settles). Given the training set and the recipe (what retraining needs)."""
+    attributor.calibrate(exp.split.train, recipe=exp.recipe())
+
+
+def _calibrated(exp, truth, method: str, device: str, limit: float | None) -> dict:
+    config, _ = method_options(exp, method, device=device)
+    attributor = get_method(method, exp.task(), device=device, **config)
+    if not hasattr(attributor, "calibrate"):
+        return {"status": "not built"}
+    with time_limit(limit):
+        t0 = time.perf_counter()
+        calibrate_hook(attributor, exp)
+        attributor.fit(exp.split.train)
+        scores = attributor.attribute(exp.split.test).scores
+        out = {"lds": lds(scores, truth.masks, truth.measurements)[0], "seconds": time.perf_counter() - t0}
+        if exp.split.flipped.any():
+            s = attributor.self_influence()
+            flipped = exp.split.flipped
+            out.update(mislabel_auc=mislabel_auc(s, flipped), recall_at_10=recall_at(s, flipped, 0.1))
+    return out
+
+
+def run_ours(exp, truth, writer: Writer, settings, device: str, limit: float | None, deadline: float) -> None:
+    """Every method at its defaults first (what must reproduce), then the oracle sweeps, then the calibrated."""
+    name, noisy = exp.spec.name, bool(exp.split.flipped.any())
+    methods = list(PAIRWISE) + (["suspicion"] if noisy else [])
+    if "default" in settings:
+        for method in methods:
+            writer.add(_guarded(name, "tda_explorer", method, "default", deadline,
+                                lambda m=method: _ours(exp, truth, m, {}, device, limit) | {"options": "defaults"}))
+    if "oracle" in settings:
+        for method in [m for m in methods if sweep(m)]:
+            writer.add(_guarded(name, "tda_explorer", method, "oracle", deadline,
+                                lambda m=method: _oracle(exp, truth, m, device, limit, deadline)))
+    if "calibrated" in settings:
+        for method in [m for m in methods if m != "suspicion"]:
+            writer.add(_guarded(name, "tda_explorer", method, "calibrated", deadline,
+                                lambda m=method: _calibrated(exp, truth, m, device, limit)))
+
+
+def _oracle(exp, truth, method: str, device: str, limit: float | None, deadline: float) -> dict:
+    points, best, total = [], None, 0.0
+    for options in sweep(method):
+        if time.perf_counter() > deadline:
+            points.append({"options": options, "status": "skipped: task time limit"})
+            continue
+        try:
+            r = _ours(exp, truth, method, options, device, limit)
+        except Exception as err:  # one failing point of the sweep is a result, not the end of the sweep
+            points.append({"options": options, "status": _error(err)})
+            continue
+        total += r["seconds"]
+        points.append({"options": options, "lds": r["lds"], "seconds": r["seconds"]})
+        if r["lds"] is not None and math.isfinite(r["lds"]) and (best is None or r["lds"] > best[1]["lds"]):
+            best = (options, r)
+    if best is None:
+        return {"status": "error: no point of the sweep gave an LDS", "sweep": points}
+    options, r = best
+    return {**{k: r[k] for k in ("lds", "mislabel_auc", "recall_at_10")}, "seconds": total,
+            "options": json.dumps(options) if options else "defaults", "sweep": points}
+
+
+def _guarded(task: str, library: str, method: str, setting: str, deadline: float, run) -> dict:
+    if time.perf_counter() > deadline:
+        return _row(task, library, method, setting, status="skipped: task time limit")
+    try:
+        values = run()
+    except Exception as err:  # recorded, never fatal
+        traceback.print_exc()
+        return _row(task, library, method, setting, status=_error(err))
+    return _row(task, library, method, setting, **values)
+
+
+# -------------------------------------------------------------------------------------------------------- peers
+
+DATTRI_IF = ("explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac")
+DENSE_HESSIAN_LIMIT = 12_000  # parameters: dattri's torch.func.hessian holds p^2 floats and several p-sized passes
+
+
+def _peer_scores(exp, truth, scores: torch.Tensor, seconds: float) -> dict:
+    return {"lds": lds(scores, truth.masks, truth.measurements)[0], "seconds": seconds}
+
+
+def run_peers(exp, truth, writer: Writer, libraries, device: str, limit: float | None, deadline: float) -> None:
+    name, noisy = exp.spec.name, bool(exp.split.flipped.any())
+    n_params = sum(p.numel() for p in exp.record.model.parameters())
+
+    def add(library: str, method: str, run, options: str) -> None:
+        def go():
+            with time_limit(limit):
+                return run() | {"options": options}
+        writer.add(_guarded(name, library, method, "default", deadline, go))
+
+    if "dattri" in libraries and peers.available("dattri"):
+        for solver in DATTRI_IF:
+            if solver == "explicit" and n_params > DENSE_HESSIAN_LIMIT:
+                writer.add(_row(name, "dattri", "if-explicit", "default",
+                                status=f"skipped: dense Hessian of {n_params:,} parameters"))
+                continue
+            add("dattri", f"if-{solver}",
+                lambda s=solver: _peer_scores(exp, truth, *peers.dattri_influence_scores(exp, s, device=device)),
+                "defaults" if solver == "arnoldi" else "defaults, damping = wd")
+        for method in ("trak", "tracin", "grad-dot", "grad-cos"):
+            add("dattri", method,
+                lambda m=method: _peer_scores(exp, truth, *peers.dattri_scores(exp, m, device=device)),
+                "defaults (512-d projection)")
+    if "kronfluence" in libraries and peers.available("kronfluence"):
+        for strategy in ("kfac", "ekfac"):
+            add("kronfluence", f"if-{strategy}",
+                lambda s=strategy: _peer_scores(exp, truth, *peers.kronfluence_scores(exp, s, device=device)),
+                "defaults, true Fisher, damping = wd")
+    if "dattri-llm" in libraries and peers.available("dattri_llm"):
+        for method in ("kfac", "ekfac"):
+            add("dattri-llm", f"if-{method}",
+                lambda m=method: _peer_scores(exp, truth, *peers.dattri_llm_scores(exp, m, device=device)),
+                "defaults (damping 1e-3)")
+    if "captum" in libraries and peers.available("captum"):
+        writer.add(_row(name, "captum", "tracin", "default", status="not built: no captum adapter in peers.py"))
+    if "cleanlab" in libraries and noisy and peers.available("cleanlab"):
+        def cleanlab():
+            suspicion, seconds = peers.cleanlab_suspicion(exp)
+            flipped = exp.split.flipped
+            return {"mislabel_auc": mislabel_auc(suspicion, flipped),
+                    "recall_at_10": recall_at(suspicion, flipped, 0.1), "seconds": seconds}
+        add("cleanlab", "cleanlab", cleanlab, "defaults, out-of-fold probabilities of the same recipe (5 folds)")
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="output file (rewritten after every row)")
+    parser.add_argument("--task", nargs="*", default=None, help="zoo task names (default: all)")
+    parser.add_argument("--library", nargs="*", default=None, choices=LIBRARIES, help="default: all")
+    parser.add_argument("--setting", nargs="*", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", default=None, help="ground-truth cache (default: the retraining cache's zoo/)")
+    parser.add_argument("--task-limit", type=float, default=1800,
+                        help="seconds per task for our methods, and again for the peers; later rows are skipped")
+    parser.add_argument("--method-limit", type=float, default=600, help="seconds per method run")
+    args = parser.parse_args()
+    tasks = [t.name for t in zoo_tasks()] if not args.task else args.task
+    libraries = args.library or list(LIBRARIES)
+    missing = [lib for lib in libraries if lib != "tda_explorer" and not peers.available(lib.replace("-", "_"))]
+    meta = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "when": time.strftime("%Y-%m-%d %H:%M"), "libraries": libraries, "settings": args.setting,
+            "peers_not_installed": missing}
+    writer = Writer(args.json, meta)
+    for name in tasks:
+        t0 = time.perf_counter()
+        exp = build_zoo_task(name, device=args.device)
+        built = time.perf_counter() - t0
+        truth = zoo_ground_truth(exp, cache_dir=args.cache_dir, device=args.device, progress=True)
+        spec = exp.spec
+        writer.tasks[name] = {"data": spec.data, "architecture": spec.architecture, "optimizer": spec.optimizer,
+                              "weight_decay": spec.weight_decay, "epochs": spec.epochs,
+                              "batch_size": spec.batch_size or spec.n_train, "noise": spec.noise,
+                              "classes": spec.n_classes, "n_train": spec.n_train, "n_test": spec.n_test,
+                              "regime": spec.regime, "train_accuracy": exp.train_accuracy(),
+                              "test_accuracy": exp.test_accuracy(), "build_seconds": built,
+                              "ground_truth_seconds": time.perf_counter() - t0 - built}
+        print(f"== {name}: {writer.tasks[name]}", flush=True)
+        deadline = time.perf_counter() + args.task_limit
+        if "tda_explorer" in libraries:
+            run_ours(exp, truth, writer, args.setting, args.device, args.method_limit, deadline)
+        deadline = time.perf_counter() + args.task_limit  # the peers have their own budget
+        run_peers(exp, truth, writer, libraries, args.device, args.method_limit, deadline)
+    writer.write(partial=_incomplete(writer, missing))
+
+
+def _incomplete(writer: Writer, missing: list[str]) -> bool:
+    """Whether the file lacks a zoo task for us or for an installed influence peer (a run of part of the zoo)."""
+    rows = writer.kept + writer.rows
+    for library in ("tda_explorer", "dattri", "kronfluence", "dattri-llm"):
+        if library in missing:
+            continue
+        done = {r["task"] for r in rows if r["library"] == library and not str(r["status"]).startswith("skipped")}
+        if any(t.name not in done for t in zoo_tasks()):
+            return True
+    return False
+
+
+if __name__ == "__main__":
+    main()
