@@ -107,40 +107,54 @@ def _finite(x):
 
 
 class Writer:
-    """Rows kept in memory and rewritten to ``path`` after each one (atomic replace); rows of the file for keys this
-    run does not touch are kept."""
+    """Rows kept in memory and merged into ``path`` after each one (under a lock, atomic replace): the file's rows
+    for other (task, library, method, setting) keys are kept, so runs split by task or library, even at the same
+    time, fill one file."""
 
     KEY = ("task", "library", "method", "setting")
 
     def __init__(self, path: str | None, meta: dict):
         self.path, self.meta = (Path(path) if path else None), meta
         self.rows: list[dict] = []
-        self.kept: list[dict] = []
         self.tasks: dict[str, dict] = {}
-        if self.path and self.path.exists() and self.path.stat().st_size:
-            try:
-                old = json.loads(self.path.read_text())
-                self.kept = old["rows"] if isinstance(old, dict) else old
-                self.tasks = old.get("tasks", {}) if isinstance(old, dict) else {}
-            except (json.JSONDecodeError, KeyError, TypeError):
-                self.kept = []
+
+    def _read(self) -> dict:
+        try:
+            old = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"rows": [], "tasks": {}}
+        return old if isinstance(old, dict) else {"rows": old, "tasks": {}}
 
     def add(self, row: dict) -> None:
         row = {k: _finite(v) for k, v in row.items()}
-        self.rows.append(row)
         key = tuple(row[k] for k in self.KEY)
-        self.kept = [r for r in self.kept if tuple(r.get(k) for k in self.KEY) != key]
+        self.rows = [r for r in self.rows if tuple(r[k] for k in self.KEY) != key] + [row]
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "sweep"}
         print(json.dumps(shown), flush=True)
         self.write()
 
+    def all_rows(self) -> list[dict]:
+        mine = {tuple(r[k] for k in self.KEY) for r in self.rows}
+        kept = [r for r in self._read().get("rows", []) if tuple(r.get(k) for k in self.KEY) not in mine]
+        return kept + self.rows
+
     def write(self, partial: bool = True) -> None:
         if not self.path:
             return
-        doc = {**self.meta, "partial": partial, "tasks": self.tasks, "rows": self.kept + self.rows}
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.path)
+        import fcntl
+        import hashlib
+        import tempfile
+
+        name = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:12]
+        with open(Path(tempfile.gettempdir()) / f"bench_zoo-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = self._read()
+            rows = self.all_rows()
+            doc = {**{k: v for k, v in old.items() if k not in ("rows", "tasks")}, **self.meta, "partial": partial,
+                   "tasks": {**old.get("tasks", {}), **self.tasks}, "rows": rows}
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, self.path)
 
 
 def _row(task: str, library: str, method: str, setting: str, **values) -> dict:
@@ -329,12 +343,12 @@ def main() -> None:
             run_ours(exp, truth, writer, args.setting, args.device, args.method_limit, deadline)
         deadline = time.perf_counter() + args.task_limit  # the peers have their own budget
         run_peers(exp, truth, writer, libraries, args.device, args.method_limit, deadline)
-    writer.write(partial=_incomplete(writer, missing))
+    writer.write(partial=_incomplete(writer, missing))  # the libraries not installed are named in the file
 
 
 def _incomplete(writer: Writer, missing: list[str]) -> bool:
     """Whether the file lacks a zoo task for us or for an installed influence peer (a run of part of the zoo)."""
-    rows = writer.kept + writer.rows
+    rows = writer.all_rows() if writer.path else writer.rows
     for library in ("tda_explorer", "dattri", "kronfluence", "dattri-llm"):
         if library in missing:
             continue
