@@ -206,6 +206,71 @@ def quanda_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def _zoo_family(method: str) -> tuple[str, ...] | None:
+    """The peer methods a method of ours is compared with (the best of them per task)."""
+    if method.startswith("if-"):
+        return ("if-",)
+    return {"trak": ("trak",), "tracin": ("tracin", "grad-dot", "grad-cos"), "grad-dot": ("tracin", "grad-dot",
+            "grad-cos"), "grad-cos": ("tracin", "grad-dot", "grad-cos"), "suspicion": ("cleanlab",)}.get(method)
+
+
+def zoo_tables(path: Path) -> str:
+    """Per method of ours across the zoo: median and worst regret (oracle LDS - default LDS), wins and losses of its
+    default against the best peer of its family (LDS; mislabel ROC-AUC for suspicion against cleanlab), failures;
+    then per task the best default of ours against the best peer."""
+    import statistics
+
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    ok = lambda r, key: r["status"] == "ok" and r.get(key) is not None  # noqa: E731
+
+    def value(library, method, setting, task, key="lds"):
+        v = [r[key] for r in rows if r["library"] == library and r["method"] == method and r["setting"] == setting
+             and r["task"] == task and ok(r, key)]
+        return max(v) if v else None
+
+    tasks = sorted({r["task"] for r in rows})
+    ours = [r for r in rows if r["library"] == "tda_explorer"]
+    methods = sorted({r["method"] for r in ours}, key=lambda m: (not m.startswith("if-"), m))
+    status = "partial run" if data.get("partial", True) else "complete"
+    out = [f"### Task zoo ({path.stem}: {len(tasks)} tasks, {status}, torch {data.get('torch', '?')}, "
+           f"{data.get('threads', '?')} threads)", "",
+           "| method | tasks | median regret | worst regret | wins / losses vs best peer of its family "
+           "| default failures |", "| --- | --- | --- | --- | --- | --- |"]
+    for m in methods:
+        key = "mislabel_auc" if m == "suspicion" else "lds"
+        regret = [(value("tda_explorer", m, "oracle", t) - value("tda_explorer", m, "default", t), t) for t in tasks
+                  if value("tda_explorer", m, "oracle", t) is not None
+                  and value("tda_explorer", m, "default", t) is not None]
+        family, wins, losses = _zoo_family(m), 0, 0
+        for t in tasks:
+            mine = value("tda_explorer", m, "default", t, key)
+            peer = [r[key] for r in rows if r["library"] != "tda_explorer" and r["task"] == t and ok(r, key)
+                    and family and any(r["method"].startswith(f) for f in family)]
+            if mine is not None and peer:
+                wins, losses = wins + (mine >= max(peer)), losses + (mine < max(peer))
+        fails = [r["task"] for r in ours if r["method"] == m and r["setting"] == "default" and r["status"] != "ok"]
+        n = len({r["task"] for r in ours if r["method"] == m and r["setting"] == "default"})
+        worst = max(regret) if regret else None
+        out.append(f"| {m} | {n} | {fmt(statistics.median(x for x, _ in regret)) if regret else ''} | "
+                   f"{f'{worst[0]:.3f} ({worst[1]})' if worst else ''} | {wins} / {losses} | "
+                   f"{', '.join(fails) if fails else '0'} |")
+    out += ["", "| task | train / test accuracy | best default of ours (LDS) | best peer (LDS) | suspicion / cleanlab "
+            "(ROC-AUC) |", "| --- | --- | --- | --- | --- |"]
+    for t in tasks:
+        info = data.get("tasks", {}).get(t, {})
+        acc = (f"{info['train_accuracy']:.2f} / {info['test_accuracy']:.2f}" if "train_accuracy" in info else "")
+        mine = [(r["lds"], r["method"]) for r in ours if r["task"] == t and r["setting"] == "default" and ok(r, "lds")]
+        peer = [(r["lds"], f"{r['library']} {r['method']}") for r in rows if r["task"] == t and ok(r, "lds")
+                and r["library"] != "tda_explorer"]
+        best = lambda c: f"{max(c)[0]:.3f} {max(c)[1]}" if c else ""  # noqa: E731
+        s, c = value("tda_explorer", "suspicion", "default", t, "mislabel_auc"), value("cleanlab", "cleanlab",
+                                                                                          "default", t, "mislabel_auc")
+        out.append(f"| {t} | {acc} | {best(mine)} | {best(peer)} | "
+                   f"{fmt(s) if s is not None else ''} / {fmt(c) if c is not None else ''} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("accuracy*.json")):
         print(accuracy_tables(path), end="\n\n")
@@ -225,6 +290,8 @@ def main() -> None:
         print(quanda_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("scale*.json")):
         print(scale_tables(path), end="\n\n")
+    for path in sorted(RESULTS.glob("zoo*.json")):
+        print(zoo_tables(path), end="\n\n")
 
 
 if __name__ == "__main__":
