@@ -18,7 +18,7 @@ rows already in the file for other (task, library, method, setting) keys are kep
 library. ``partial`` is false only once every task and library asked for has finished.
 
     python benchmarks/bench_zoo.py --json benchmarks/results/zoo_cpu.json [--task T ...] [--library L ...]
-        [--setting default oracle calibrated] [--task-limit 1800] [--method-limit 600]
+        [--setting default oracle calibrated] [--task-limit 1200] [--method-limit 600]
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--setting", nargs="*", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=None, help="ground-truth cache (default: the retraining cache's zoo/)")
-    parser.add_argument("--task-limit", type=float, default=1800,
+    parser.add_argument("--task-limit", type=float, default=1200,
                         help="seconds per task for our methods, and again for the peers; later rows are skipped")
     parser.add_argument("--method-limit", type=float, default=600, help="seconds per method run")
     args = parser.parse_args()
