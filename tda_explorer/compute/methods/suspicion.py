@@ -8,10 +8,21 @@
   i (``folds`` folds, averaged over ``repeats`` random splits) — small when the label is implausible.
 
 The log-sum is a product of the two: an example must be both surprising and implausible to rank
-first. On digits-MLP with 10% flipped labels it beat each signal alone and rank averaging; adding LAVA's
-optimal-transport value as a third signal (z-scores summed) did not help, so it is left out
-(``benchmarks/bench_valuation.py`` repeats the measurement; figures in ``benchmarks/README.md``). Pairwise scores
-(``attribute``) are those of the base method.
+first. Adding LAVA's optimal-transport value as a third signal (z-scores summed) did not help, so it is left out
+(``benchmarks/bench_valuation.py``). Pairwise scores (``attribute``) are those of the base method.
+
+Where it is not better than its baselines (``benchmarks/bench_suspicion.py``; the figures are in
+``benchmarks/README.md``, table "Suspicion beside its baselines"): against cleanlab's self-confidence ranking on the
+same out-of-fold probabilities (1 − p_oof(given label), the session's "out-of-fold confidence" ranking) it is
+behind on ROC-AUC on the zoo tasks synth20-logreg-adam (class-pair confusions) and reviews-transformer-adam (10%
+uniform flips; there also on recall@10%), where TracIn's self-influence alone is a weak signal and drags the
+product down. On the built-in digits experiments with 10% flipped labels (lr, mlp, mlp-gelu, mlp-dropout; seeds
+0–2) and the other noisy zoo tasks it ties with self-confidence within one run's noise — a few ten-thousandths of
+AUC and one or two examples of recall@10% either way (behind on recall@10% on digits-lr seeds 0 and 2,
+digits-mlp-gelu seed 0, zoo digits-logreg-sgd, digits-mlp-dropout-sgd and digits-mlp-gelu-adamw) — and is ahead
+by more than 0.001 AUC only on zoo shapes16-mlp-adam and wine-logreg-sgdm. On class-pair confusions of digits
+(digits-mlp-gelu-adamw) the plain training loss beats both. So read its ranking beside the training-loss and
+out-of-fold baselines that the explorer and ``evaluate`` show with it.
 """
 
 from __future__ import annotations
