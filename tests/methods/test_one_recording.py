@@ -236,3 +236,29 @@ def test_one_recording_resource_fills_every_trajectory_need():
         assert spec.missing(resources) == [], name
         assert spec.fill({}, resources)["recording"] is recording, name
     assert "trajectory" not in method_spec("synset-loo").fill({}, resources)
+
+
+def test_synset_loo_replays_batchnorm_on_batch_statistics_as_the_recorded_run_trained():
+    """A BatchNorm network recorded in training mode: the synset replays normalise with batch statistics (the
+    recorded running statistics belong to the recorded parameters, not to a replay from θ_0) and stay finite."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(60, 1, 6, 6, generator=gen)
+    y = (x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long()
+    train, test = AttributionDataset(x[:48], y[:48]), AttributionDataset(x[48:], y[48:])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    recording = RunRecorder(model, optimizer, train, batch_size=12)
+    for _ in range(4):
+        for rows in torch.randperm(48).split(12):
+            optimizer.zero_grad()
+            recording.loss(model(train.inputs[rows]), rows).backward()
+            recording.step(rows)
+    recording.finish()
+    assert recording.checkpoints()[-1].state_dict["1.running_mean"].abs().sum() > 0  # the statistics travel
+    method = get_method("synset-loo", AttributionTask(model.eval()), recording=recording, within_cluster=None,
+                        distill_steps=20, per_class=2).fit(train)
+    effects = method.estimate_removals([[0, 1, 2], [10]], test)
+    assert effects.shape == (2, len(test)) and torch.isfinite(effects).all()
+    assert torch.isfinite(method.attribute(test).scores).all()

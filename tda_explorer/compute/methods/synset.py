@@ -18,8 +18,11 @@ A run of your own loop recorded with ``RunRecorder`` is a trajectory too (``Traj
 initial state, its checkpoints (one per epoch, materialised by replaying it) and the recording itself, so a synset
 replay follows the recorded optimizer (its class and hyperparameters: momentum, Nesterov, weight decay, Adam's
 betas, …) and learning-rate schedule — each replay epoch takes the mean rate of the recorded epoch it stands for —
-and the recording's loss. The replay runs the model in eval mode: Dropout off, and BatchNorm normalising with the
-recorded final statistics (a batch statistic over a handful of synthetic examples would be no statistic of the data).
+and the recording's loss. The replay runs the model in eval mode (Dropout off). BatchNorm that normalised with batch
+statistics in the recorded run does so in the replays too (``replay_module``): with the statistics of the synthetic
+batch while replaying and of the measured batch when the replayed models are measured. Running statistics cannot
+stand in: the recorded ones belong to the recorded parameters, and a replay that starts from θ_0 normalised by the
+final ones diverges (a ResNet on generated images: NaN within four epochs).
 
 Choices left open by the published description (documented here, measured in methods-synset.md's prototype):
 replay from θ_0 rather than brief fine-tuning from the trained model (closer to retraining);
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
@@ -209,6 +212,19 @@ def replay(synset: Synset, weights: torch.Tensor, trajectory: Trajectory, model:
                           device=device)
 
 
+def replay_module(model: nn.Module, trajectory: Trajectory) -> nn.Module:
+    """The module the synset replays run and are measured with: ``model`` in eval mode, or, when the recorded run
+    trained BatchNorm on batch statistics, a copy whose BatchNorm layers always normalise with the batch's own
+    statistics (no running statistics)."""
+    r = trajectory.recording
+    batch_norm = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if r is None or not r.training or not batch_norm:
+        return model
+    module = copy.deepcopy(model).eval()
+    replace_all_batch_norm_modules_(module)
+    return module
+
+
 def _replay_recorded(synset: Synset, weights: torch.Tensor, trajectory: Trajectory, model: nn.Module, n_train: int,
                      steps_per_epoch: int, device: torch.device | str) -> dict[str, torch.Tensor]:
     """``replay`` for a recorded loop: the recording's optimizer class and hyperparameters over the stacked
@@ -221,8 +237,10 @@ def _replay_recorded(synset: Synset, weights: torch.Tensor, trajectory: Trajecto
     real = r.steps_per_epoch
     s = min(check_positive_int(steps_per_epoch, "steps_per_epoch"), real)
     n_models = len(weights)
+    model = replay_module(model, trajectory)
     names = [n for n, _ in model.named_parameters()]
-    buffers = {n: v.to(device) for n, v in r.final_state.items() if n not in set(names)}
+    kept = {n for n, _ in model.named_buffers()}
+    buffers = {n: v.to(device) for n, v in r.final_state.items() if n in kept}
     params = {n: trajectory.init_state[n].detach().to(device).expand(n_models, *trajectory.init_state[n].shape)
               .clone() for n in names}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[n] for n in g["params"]]}

@@ -36,7 +36,7 @@ from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, create, option, register
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec
-from tda_explorer.compute.methods.synset import Synset, Trajectory, distill, removal_weights, replay
+from tda_explorer.compute.methods.synset import Synset, Trajectory, distill, removal_weights, replay, replay_module
 from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.train import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
@@ -118,9 +118,13 @@ class SynsetLOO(Attributor):
 
     def _measure(self, params: dict[str, torch.Tensor], test: AttributionDataset) -> torch.Tensor:
         """Test measurements ``[M, n_test]`` of stacked replayed models."""
-        out = stacked_outputs(self.task.model, params, in_memory(test, self.name).inputs, self.device)
-        values = self.task.test_measurement(out.flatten(0, 1), test.labels.to(out.device).repeat(out.shape[0]))
-        return values.view(out.shape[0], -1).double().cpu()
+        model, inputs = replay_module(self.task.model, self.trajectory), in_memory(test, self.name).inputs
+        rows = []
+        for start in range(0, len(test), 256):  # batches of 256 (also BatchNorm's batch statistics, if it uses them)
+            out = stacked_outputs(model, params, inputs[start : start + 256], self.device)
+            labels = test.labels[start : start + 256].to(out.device).repeat(out.shape[0])
+            rows.append(self.task.test_measurement(out.flatten(0, 1), labels).view(out.shape[0], -1).double().cpu())
+        return torch.cat(rows, 1)
 
     def _replay(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return replay(self.synset_, weights, self.trajectory, self.task.model, len(self.train_),

@@ -240,10 +240,14 @@ class RunRecorder:
         state (``full_state``: its whole state dict, BatchNorm statistics included; else the trainable parameters),
         the mean learning rate of the steps since the previous checkpoint (the first parameter group's), its step
         count, the optimizer's kind and, for Adam/AdamW, its moments — what TracIn, SOURCE and
-        ``AttributionTask(checkpoints=...)`` take."""
+        ``AttributionTask(checkpoints=...)`` take. The same steps asked again are not replayed again."""
         from tda_explorer.compute.training.optimizer_state import capture_checkpoint
 
         steps = self.checkpoint_steps(every, at)
+        key = (tuple(steps), full_state)
+        cache = self.__dict__.setdefault("_checkpoints", {})  # a finished recording never changes: replay once
+        if key in cache:
+            return list(cache[key])
         wanted, taken = set(steps), []
         previous = [0]
 
@@ -261,7 +265,8 @@ class RunRecorder:
         model, optimizer = self._run(self._weights(None, None), before)
         if self.n_steps in wanted:
             take(self.n_steps, model, optimizer)
-        return taken
+        cache[key] = taken
+        return list(taken)
 
     def replay_steps(self, callback: Callable[[int, torch.Tensor, dict[str, torch.Tensor], float], None]) -> None:
         """Replay the run calling ``callback(step, positions, parameters, lr)`` before each step (the parameters by
