@@ -7,6 +7,10 @@ cannot be trusted and inverting them returns non-finite scores (methods.md). The
     τ(z, z′) = (1/n) Σ_k (u_kᵀ∇f(z′)) (u_kᵀ∇ℓ(z)) / (μ_k + λ),
 so queries and self-influence are dot products of r-dimensional features. With ``rank`` = p and every eigenvalue
 above λ this is the explicit solve.
+
+Back-off (``backoff.py``): a kept subspace that gives non-finite features, or no eigenvalue above a default damping,
+raises the damping by decades and then falls back to EK-FAC, with a ``SolverBackoffWarning``; with an explicit
+``damping`` it raises a ``TDAError``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, option, register
+from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
 from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -58,10 +63,10 @@ class ArnoldiArguments(InfluenceArguments):
 
 
 @register("if-arnoldi", Family.PAIRWISE, ArnoldiArguments)
-class ArnoldiInfluence(InfluenceFunction):
+class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions in the top-``rank`` eigenspace of the curvature, found by Arnoldi iteration.
 
-    Fitted: ``eigenvalues_`` and ``eigenvectors_`` (the kept Ritz pairs).
+    Fitted: ``eigenvalues_`` and ``eigenvectors_`` (the kept Ritz pairs), ``solver_report_`` (the settings used).
     """
 
     def _setup(self) -> None:
@@ -76,26 +81,52 @@ class ArnoldiInfluence(InfluenceFunction):
         iterations = 2 * a.rank if a.iterations is None else a.iterations
         values, vectors = arnoldi_eigenpairs(self.curvature_.matvec, self.curvature_.dim, iterations, a.seed,
                                             self.device)
-        values, vectors = values[: a.rank], vectors[:, : a.rank]
+        self.ritz_ = values[: a.rank], vectors[:, : a.rank]
+        self._reset_backoff()
+        self.train_coords_ = self._solve_with_backoff(self.g_train_, attempt=self._keep)
+
+    def _keep(self, g_train: torch.Tensor) -> torch.Tensor:
+        """Keep the Ritz pairs above the damping; the training features in their basis (``Diverged`` if none or
+        non-finite)."""
+        a = self.args
+        values, vectors = self.ritz_
         keep = values > self.lam_
         if not bool(keep.any()):
-            raise TDAError(
-                f"no eigenvalue of the {a.curvature} above the damping {self.lam_:.3g} among the top "
-                f"{a.rank}; lower damping or use curvature='ggn'"
-            )
+            raise Diverged(float("inf"), f"no eigenvalue of the {a.curvature} above the damping {self.lam_:.3g} "
+                                         f"among the top {a.rank}; lower damping or use curvature='ggn'")
         self.eigenvalues_, self.eigenvectors_ = values[keep], vectors[:, keep]
-        self.train_coords_ = self._coords(self.g_train_)
+        coords = self._coords(g_train)
+        if not bool(torch.isfinite(coords).all()):
+            raise Diverged(float("inf"), f"{self.name}: non-finite eigenpairs at damping {self.lam_:.3g}; raise "
+                                         "damping or lower rank")
+        return coords
+
+    def _settings(self) -> dict:
+        return {"damping": self.lam_}
+
+    def _raise_damping(self, factor: float) -> str:
+        old, self.lam_ = self.lam_, self.lam_ * factor
+        return f"damping {self.lam_:.3g} (was {old:.3g})"
+
+    def _fallen_back(self) -> bool:
+        return bool(self.solver_report_["fallback"])
 
     def _coords(self, g: torch.Tensor) -> torch.Tensor:
         """Gradients in the kept eigenbasis, scaled by 1/√(μ + λ)."""
         return (g.double() @ self.eigenvectors_) / (self.eigenvalues_ + self.lam_).sqrt()
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        if self._fallen_back():
+            return self._ekfac_solve(rhs)
         return self._coords(rhs) / (self.eigenvalues_ + self.lam_).sqrt() @ self.eigenvectors_.T
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
+        if self._fallen_back():
+            return super()._attribute(test)
         coords = self._coords(self._features(test, test=True))
         return (coords @ self.train_coords_.T / len(self.train_)).float()
 
     def _self_influence(self) -> torch.Tensor:
+        if self._fallen_back():
+            return super()._self_influence()
         return ((self.train_coords_**2).sum(1) / len(self.train_)).float()

@@ -14,7 +14,9 @@ batch 256) reached the same LDS, the plain steps in far less time, so those are 
 with momentum did worse: heavy-ball momentum needs many steps to settle. Curvature products run in float32
 (``precision``): the iterations are stochastic anyway, and the LDS matched float64's at a lower cost. Every
 answer's residual on the full training set is recorded in ``residual_``; a non-finite answer, or one no better
-than x = 0, raises.
+than x = 0, is refused. With the default step, momentum and damping a refused answer backs off (``backoff.py``:
+the step halved, then the damping raised, then the EK-FAC solution with if-ekfac's defaults) with a
+``SolverBackoffWarning``; an explicit ``step``, ``momentum`` or ``damping`` raises a ``TDAError`` naming it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,19 @@ from dataclasses import dataclass
 
 import torch
 
-from tda_explorer._validation import TDAError
-from tda_explorer.compute.catalogue import NONNEGATIVE, POSITIVE_INT, Family, Interval, Options, option, register
+from tda_explorer.compute.catalogue import (
+    NONNEGATIVE,
+    POSITIVE_INT,
+    Family,
+    Interval,
+    Options,
+    create,
+    option,
+    register,
+)
 from tda_explorer.compute.engine.curvature import Curvature, largest_eigenvalue
 from tda_explorer.compute.engine.kfac import fit_factors
+from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, diverged
 from tda_explorer.compute.methods.influence.ekfac import EKFACArguments, EKFACInfluence
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -54,11 +65,15 @@ class ASTRAArguments(EKFACArguments):
 
 
 @register("if-astra", Family.PAIRWISE, ASTRAArguments)
-class ASTRAInfluence(EKFACInfluence):
+class ASTRAInfluence(BackoffSolver, EKFACInfluence):
     """Influence functions with ASTRA's EK-FAC-preconditioned stochastic iterations, started at EK-FAC.
 
-    Fitted: ``factors_`` (the preconditioner's), ``residual_`` (the relative residual of the last solve).
+    Fitted: ``factors_`` (the preconditioner's), ``residual_`` (the relative residual of the last solve),
+    ``solver_report_`` (the settings used: step, damping, fallback).
     """
+
+    step_options = ("step",)
+    control_options = ("step", "momentum", "damping")
 
     def _setup(self) -> None:
         super()._setup()
@@ -71,27 +86,41 @@ class ASTRAInfluence(EKFACInfluence):
         self.curvature_ = None
         self.g_train_ = self._features(train, test=False).double()
         self.train_data_ = train
+        self.step_, self.default_damping_ = a.step, a.damping
+        self._reset_backoff()
 
     def with_damping(self, damping: float) -> ASTRAInfluence:
-        """The same fitted factors with another damping (no refit); the step's eigenvalue estimate is redone."""
-        super().with_damping(damping)
-        self.lambda_max_ = None
+        """The same fitted factors with another damping (no refit); the step's eigenvalue estimate is redone. A damping
+        set here counts as chosen explicitly (no back-off changes it)."""
+        self._set_damping(damping)
+        self.explicit_options_ = self.explicit_options_ | {"damping"}
         return self
 
-    def _unrotate(self, coords: torch.Tensor) -> torch.Tensor:
-        """Eigenbasis coordinates [r, Σ out·(in+1)] → flat gradients [r, p] (inverse of ``_rotate``)."""
-        flat = torch.zeros(len(coords), self.g_train_.shape[1], dtype=torch.float64, device=coords.device)
-        start = 0
-        for f, w0, has_bias in self._layer_slices():
-            out_dim, width = f.q_s.shape[0], f.q_a.shape[0]
-            block = coords[:, start : start + out_dim * width].reshape(len(coords), out_dim, width)
-            start += out_dim * width
-            w = f.q_s @ block @ f.q_a.T
-            in_dim = width - (1 if has_bias else 0)
-            flat[:, w0 : w0 + out_dim * in_dim] = w[:, :, :in_dim].reshape(len(coords), -1)
-            if has_bias:
-                flat[:, w0 + out_dim * in_dim : w0 + out_dim * in_dim + out_dim] = w[:, :, in_dim]
-        return flat
+    def _set_damping(self, damping: float) -> None:
+        super().with_damping(damping)
+        self.lambda_max_ = None
+
+    def _settings(self) -> dict:
+        return {"step": getattr(self, "step_", self.args.step), "damping": self.args.damping}
+
+    def _halve_step(self) -> str:
+        old, self.step_ = self.step_, self.step_ / 2
+        return f"step {self.step_:g} (was {old:g})"
+
+    def _raise_damping(self, factor: float) -> str:
+        old = self.args.damping
+        self._set_damping(old * factor if old > 0 else 0.1)
+        return f"damping {self.args.damping:g} (was {old:g}; relative per layer)"
+
+    def _ekfac_solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """The fallback: ``if-ekfac`` with its defaults on this fit's factors (no refit); the damping ASTRA reports
+        goes back to its default (it is not used)."""
+        if self.args.damping != self.default_damping_:
+            self._set_damping(self.default_damping_)
+        if getattr(self, "fallback_", None) is None:
+            self.fallback_ = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory)
+            self.fallback_.factors_ = self.factors_
+        return self.fallback_._precondition(rhs)
 
     def _damping_flat(self) -> torch.Tensor:
         """Per-parameter damping in the flat layout: λ_l·I on layer l is λ_l in every orthonormal basis."""
@@ -100,18 +129,17 @@ class ASTRAInfluence(EKFACInfluence):
             damping[w0 : w0 + f.eigenvalues.numel()] = self.args.damping * float(f.eigenvalues.mean())
         return damping
 
-    def _precondition(self, v: torch.Tensor) -> torch.Tensor:
-        return self._unrotate(self._rotate(v) * self._inverse_eigenvalues())
-
-    def _solve(self, v: torch.Tensor) -> torch.Tensor:
+    def _attempt(self, v: torch.Tensor) -> torch.Tensor:
         a = self.args
         gen = torch.Generator().manual_seed(a.seed)
         damping = self._damping_flat()
         n = len(self.train_data_)
         x = self._precondition(v)
         velocity = torch.zeros_like(x)
-        step = a.step / self._largest_eigenvalue(damping)
+        step = self.step_ / self._largest_eigenvalue(damping)
         full = self._full_curvature()
+        advice = (f"lower step (now {self.step_:g}) or momentum (now {a.momentum:g}), or raise damping "
+                  f"(now {a.damping:g})")
         for t in range(a.iterations):
             if t and t % a.halve_every == 0:
                 step /= 2
@@ -119,13 +147,14 @@ class ASTRAInfluence(EKFACInfluence):
             residual = full.on_rows(rows).matvec(x) + damping * x - v
             velocity = a.momentum * velocity - step * self._precondition(residual)
             x = x + velocity
+            if t % 10 == 9 and not bool(torch.isfinite(x).all()):
+                break
         residual = float("inf")
         if torch.isfinite(x).all():
             residual = float(((full.matvec(x) + damping * x - v).norm(dim=1) / v.norm(dim=1).clamp_min(1e-300)).max())
         self.residual_ = residual
-        if not residual < 1:
-            raise TDAError(f"if-astra diverged: relative residual {residual:.3g} (x = 0 has 1); lower step "
-                           f"(now {a.step:g}) or momentum (now {a.momentum:g}), or raise damping")
+        if diverged(residual):
+            raise Diverged(residual, f"if-astra diverged: relative residual {residual:.3g} (x = 0 has 1); {advice}")
         return x
 
     def _full_curvature(self) -> Curvature:

@@ -9,8 +9,9 @@ units. Positive = proponent. Solvers:
   ``projection_dim=k`` it works on projected features instead: Pᵀ H P (k curvature products with the columns of
   the seeded projection P) and projected gradients Pᵀ∇ℓ — exactly the influence function of the model whose
   parameters may only move in the random k-dimensional subspace θ + P z, for models too large for a p×p matrix.
-* ``cg``: conjugate gradients on curvature-vector products (double backward or GGN), all test points as one
-  block of right-hand sides; a solve that does not reach ``tol`` raises with its residual.
+* ``cg``: conjugate gradients on curvature-vector products (double backward or GGN), all right-hand sides (test
+  points, or every training example for self-influence) as one block from which converged ones leave, by default
+  preconditioned with the Kronecker (EK-FAC) solution at the same damping.
 * ``lissa`` (``lissa.py``) and ``arnoldi`` (``arnoldi.py``) build on the same base class.
 
 Every solver's options extend ``InfluenceArguments`` (curvature, damping), those of K-FAC / EK-FAC, ASTRA and
@@ -18,6 +19,9 @@ DataInf included, whose help says where a solver gives the words another meaning
 
 Every iterative solve records ``residual_``, the largest relative residual ‖(H + λI)x − v‖ / ‖v‖ over its
 right-hand sides on the full training set, and refuses an answer that is non-finite or no better than x = 0.
+The iterative solvers (cg, lissa, arnoldi, astra) share one back-off policy (``backoff.py``): a solve that fails
+with default settings halves the step, raises the damping, then falls back to EK-FAC, each with a
+``SolverBackoffWarning``; only a setting chosen explicitly raises (a ``TDAError`` naming it).
 
 Damping: ``damping=None`` takes 1e-3 of the mean eigenvalue (trace / p) of the chosen curvature, a scale
 read from the spectrum rather than a fixed number; pass a float (absolute λ) to override.
@@ -42,9 +46,13 @@ from tda_explorer.compute.catalogue import (
     register,
 )
 from tda_explorer.compute.engine.curvature import CURVATURES, Curvature
+from tda_explorer.compute.engine.kfac import fit_factors, tracked_layers
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, diverged
 from tda_explorer.data.dataset import AttributionDataset
+
+PRECONDITIONERS = ("auto", "ekfac", "none")
 
 
 @dataclass
@@ -114,13 +122,12 @@ class InfluenceFunction(Attributor):
         return float(((self._damped(x) - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-300)).max())
 
     def _checked(self, x: torch.Tensor, b: torch.Tensor, advice: str) -> torch.Tensor:
-        """Record the residual of an iterative solve; refuse a non-finite answer or one no better than zero."""
+        """Record the residual of an iterative solve; a non-finite answer or one no better than zero is ``Diverged``
+        (the back-off policy's signal: ``backoff.py``)."""
         residual = self._relative_residual(x, b) if torch.isfinite(x).all() else float("inf")
         self.residual_ = residual
-        if not residual < 1:
-            raise TDAError(
-                f"{self.name} diverged: relative residual {residual:.3g} (x = 0 has 1); {advice}"
-            )
+        if diverged(residual):
+            raise Diverged(residual, f"{self.name} diverged: relative residual {residual:.3g} (x = 0 has 1); {advice}")
         return x
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -192,37 +199,95 @@ class CGArguments(InfluenceArguments):
                                 "each); a solve that misses tol raises with its residual", POSITIVE_INT)
     tol: float = option(1e-6, "target relative residual ‖(H + λI)x − v‖ / ‖v‖ of every right-hand side",
                         Interval(0, 1, low_open=True, high_open=True))
+    preconditioner: str = option("auto", "'ekfac': preconditioned CG with the Kronecker (EK-FAC) solution at the same "
+                                         "damping (same answer, fewer iterations); 'none': plain CG; 'auto': ekfac "
+                                         "when every tracked layer is Linear or Conv2d", Options(PRECONDITIONERS))
 
 
 @register("if-cg", Family.PAIRWISE, CGArguments)
-class CGInfluence(InfluenceFunction):
+class CGInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions with conjugate gradients on curvature-vector products, all test points as one block.
 
-    Fitted: ``residual_`` (the largest relative residual of the last solve).
+    Block CG: every right-hand side (test point, or training example for self-influence) is solved at once, each
+    with its own step, and one that reaches ``tol`` leaves the block (no more curvature products for it). With the
+    EK-FAC preconditioner (``preconditioner``) the iterations start from the Kronecker solution and need far fewer
+    curvature products. A default solve that misses ``tol`` backs off (``backoff.py``: the damping raised by
+    decades, then the EK-FAC solution), with a ``SolverBackoffWarning``.
+
+    Fitted: ``residual_`` (the largest relative residual of the last solve), ``iterations_`` (its CG iterations),
+    ``solver_report_`` (the settings used).
     """
 
-    def _solve(self, b: torch.Tensor) -> torch.Tensor:
-        b = b.double()
+    control_options = ("damping", "max_iter", "tol")
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self.preconditioner_ = None
+        choice = self.args.preconditioner
+        if choice == "ekfac" or (choice == "auto" and _kronecker_supported(self.task)):
+            ekfac = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory)
+            ekfac.factors_ = fit_factors(self.task, self.train_, "true", True, ekfac.args.batch_size,
+                                         device=self.device)
+            self.preconditioner_ = ekfac
+        self._reset_backoff()
+
+    def _settings(self) -> dict:
+        return {"damping": self.lam_}
+
+    def _raise_damping(self, factor: float) -> str:
+        old, self.lam_ = self.lam_, self.lam_ * factor
+        return f"damping {self.lam_:.3g} (was {old:.3g})"
+
+    def _precondition(self, r: torch.Tensor) -> torch.Tensor:
+        """The Kronecker solution (Q (Λ + wd + λ)⁻¹ Qᵀ) r at the solver's damping λ, or r without a preconditioner."""
+        ekfac = self.preconditioner_
+        if ekfac is None:
+            return r
+        inverse = torch.cat([1.0 / (f.eigenvalues.double() + self.task.weight_decay + self.lam_).flatten()
+                             for f in ekfac.factors_]).to(r)
+        return ekfac._unrotate(ekfac._rotate(r) * inverse)
+
+    def _attempt(self, b: torch.Tensor) -> torch.Tensor:
+        b = b.double().to(self.device)
+        max_iter, tol = self.args.max_iter, self.args.tol
         x = torch.zeros_like(b)
         r = b.clone()
-        p = r.clone()
-        rs = (r * r).sum(1)
+        z = self._precondition(r)
+        p = z.clone()
+        rz = (r * z).sum(1)
         b_norm = b.norm(dim=1).clamp_min(1e-300)
-        max_iter, tol = self.args.max_iter, self.args.tol
-        for _ in range(max_iter):
-            if bool(((rs.sqrt() / b_norm) <= tol).all()):
+        residuals = r.norm(dim=1) / b_norm
+        active = torch.nonzero(residuals > tol).flatten()
+        iterations = 0
+        while active.numel() and iterations < max_iter:
+            iterations += 1
+            p_a = p[active]
+            ap = self._damped(p_a)
+            alpha = rz[active] / (p_a * ap).sum(1).clamp_min(1e-300)
+            x[active] += alpha[:, None] * p_a
+            r_a = r[active] - alpha[:, None] * ap
+            r[active] = r_a
+            z_a = self._precondition(r_a)
+            rz_new = (r_a * z_a).sum(1)
+            p[active] = z_a + (rz_new / rz[active].clamp_min(1e-300))[:, None] * p_a
+            rz[active] = rz_new
+            residuals[active] = r_a.norm(dim=1) / b_norm[active]
+            if not bool(torch.isfinite(residuals[active]).all()):
                 break
-            ap = self._damped(p)
-            alpha = rs / (p * ap).sum(1).clamp_min(1e-300)
-            x = x + alpha[:, None] * p
-            r = r - alpha[:, None] * ap
-            rs_new = (r * r).sum(1)
-            p = r + (rs_new / rs.clamp_min(1e-300))[:, None] * p
-            rs = rs_new
-        self.residual_ = residual = float((rs.sqrt() / b_norm).max())
-        if residual > tol:
-            raise TDAError(
-                f"CG did not converge in max_iter={max_iter} iterations: relative residual {residual:.2e} "
-                f"> tol={tol:g}; raise max_iter or damping (now {self.lam_:.3g})"
-            )
+            active = active[residuals[active] > tol]
+        self.iterations_ = iterations
+        worst = float(residuals.max()) if bool(torch.isfinite(residuals).all()) else float("inf")
+        self.residual_ = worst
+        if not worst <= tol:
+            raise Diverged(worst, f"CG did not converge in max_iter={max_iter} iterations: relative residual "
+                                  f"{worst:.2e} > tol={tol:g}; raise max_iter or damping (now {self.lam_:.3g})")
         return x
+
+
+def _kronecker_supported(task: AttributionTask) -> bool:
+    """Whether EK-FAC can factor every tracked layer of ``task`` (Linear / Conv2d)."""
+    try:
+        tracked_layers(task)
+    except TDAError:
+        return False
+    return True

@@ -96,6 +96,26 @@ class EKFACInfluence(Attributor):
             parts.append((f.q_s.T @ w.double() @ f.q_a).reshape(len(g), -1))
         return torch.cat(parts, dim=1)
 
+    def _unrotate(self, coords: torch.Tensor) -> torch.Tensor:
+        """Eigenbasis coordinates [r, Σ out·(in+1)] → flat gradients [r, p] (inverse of ``_rotate``)."""
+        flat = torch.zeros(len(coords), self.n_params, dtype=torch.float64, device=coords.device)
+        start = 0
+        for f, w0, has_bias in self._layer_slices():
+            out_dim, width = f.q_s.shape[0], f.q_a.shape[0]
+            block = coords[:, start : start + out_dim * width].reshape(len(coords), out_dim, width)
+            start += out_dim * width
+            w = f.q_s @ block @ f.q_a.T
+            in_dim = width - (1 if has_bias else 0)
+            flat[:, w0 : w0 + out_dim * in_dim] = w[:, :, :in_dim].reshape(len(coords), -1)
+            if has_bias:
+                flat[:, w0 + out_dim * in_dim : w0 + out_dim * in_dim + out_dim] = w[:, :, in_dim]
+        return flat
+
+    def _precondition(self, v: torch.Tensor) -> torch.Tensor:
+        """The EK-FAC solution ``(P + D)⁻¹ v`` of flat gradients ``v`` [r, p] (float64)."""
+        v = v.double()
+        return self._unrotate(self._rotate(v) * self._inverse_eigenvalues().to(v))
+
     def _inverse_eigenvalues(self) -> torch.Tensor:
         """1 / (Λ (+ wd) + λ_layer) in the concatenated eigenbasis layout (float64)."""
         wd = self.task.weight_decay if self.args.weight_decay_term else 0.0

@@ -9,7 +9,10 @@ training set and on 8 random minibatches (a fixed scale such as dattri's 50 dive
 model; the full-set estimate alone diverged on the digits MLP with minibatches of 64). A depth J much smaller than s/λ
 truncates the series, which acts as extra damping s/J on the small eigenvalues; the residual of the answer on
 the full training set is recorded in ``residual_``, and a run whose answer is non-finite or no better than
-x = 0 raises instead of returning garbage.
+x = 0 is refused instead of returning garbage. A run stops early once its iterates grow past what a convergent
+series allows (‖x_j‖ > 2(j + 1)‖v‖: every term of a convergent series is at most ‖v‖). With the default scale
+and damping such a run backs off (``backoff.py``: the scale doubled, i.e. the step 1/s halved, then the damping
+raised, then EK-FAC) with a ``SolverBackoffWarning``; an explicit ``scale`` or ``damping`` raises.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 # the method catalogue: this solver registers itself in it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Interval, option, register
 from tda_explorer.compute.engine.curvature import largest_eigenvalue
+from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
 from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
 
 
@@ -38,11 +42,16 @@ class LiSSAArguments(InfluenceArguments):
 
 
 @register("if-lissa", Family.PAIRWISE, LiSSAArguments)
-class LiSSAInfluence(InfluenceFunction):
+class LiSSAInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions with LiSSA, the stochastic Neumann series over minibatch curvatures.
 
-    Fitted: ``scale_`` (the series' scale s), ``residual_`` (the relative residual of the last solve).
+    Fitted: ``scale_`` (the series' scale s), ``residual_`` (the relative residual of the last solve),
+    ``solver_report_`` (the settings used).
     """
+
+    step_options = ("scale",)
+    control_options = ("scale", "damping")
+    check_every = 20  # iterations between checks of the iterates
 
     def _prepare(self) -> None:
         super()._prepare()
@@ -58,20 +67,40 @@ class LiSSAInfluence(InfluenceFunction):
             self.scale_ = 1.5 * max(
                 largest_eigenvalue(lambda v, c=c: self._damped(v, c), self.curvature_.dim, device=self.device)
                 for c in views)
+        self._reset_backoff()
 
-    def _solve(self, v: torch.Tensor) -> torch.Tensor:
+    def _settings(self) -> dict:
+        return {"scale": self.scale_, "damping": self.lam_}
+
+    def _halve_step(self) -> str:
+        old, self.scale_ = self.scale_, 2 * self.scale_
+        return f"scale {self.scale_:.3g} (was {old:.3g}; the step is 1/scale)"
+
+    def _raise_damping(self, factor: float) -> str:
+        old, self.lam_ = self.lam_, self.lam_ * factor
+        self.scale_ += 1.5 * (self.lam_ - old)  # the scale keeps its margin over the largest eigenvalue of H̃ + λI
+        return f"damping {self.lam_:.3g} (was {old:.3g}), scale {self.scale_:.3g}"
+
+    def _attempt(self, v: torch.Tensor) -> torch.Tensor:
         a = self.args
         v = v.double()
         gen = torch.Generator().manual_seed(a.seed)
         n = self.curvature_.n
+        bound = 2 * v.norm(dim=1)
+        advice = f"raise scale (now {self.scale_:.3g}) or damping (now {self.lam_:.3g})"
         total = torch.zeros_like(v)
         for _ in range(a.repeats):
             x = v.clone()
             for j in range(a.depth):
                 rows = torch.randperm(n, generator=gen)[: a.minibatch].to(self.curvature_.x.device)
                 x = v + x - self._damped(x, self.curvature_.on_rows(rows)) / self.scale_
-                if j % 100 == 99 and not torch.isfinite(x).all():
-                    break
+                if j % self.check_every == self.check_every - 1:
+                    norms = x.norm(dim=1)
+                    if not bool(torch.isfinite(norms).all()) or bool((norms > (j + 2) * bound).any()):
+                        finite = bool(torch.isfinite(x).all())
+                        self.residual_ = self._relative_residual(x / self.scale_, v) if finite else float("inf")
+                        raise Diverged(self.residual_, f"{self.name} diverged: relative residual "
+                                                       f"{self.residual_:.3g} when its iterates began to grow (step "
+                                                       f"{j + 1} of {a.depth}); {advice}")
             total = total + x / self.scale_
-        return self._checked(total / a.repeats, v,
-                             f"raise scale (now {self.scale_:.3g}) or damping (now {self.lam_:.3g})")
+        return self._checked(total / a.repeats, v, advice)
