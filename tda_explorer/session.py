@@ -22,6 +22,14 @@ from tda_explorer.compute.engine.score_file import ScoreFile, ScoreFileWriter
 from tda_explorer.compute.engine.stability import Stability, z_and_p
 from tda_explorer.compute.engine.task import AttributionTask, predict
 from tda_explorer.compute.methods import available_methods, get_method
+from tda_explorer.compute.methods.calibration import (
+    CALIBRATION_TRUTHS,
+    Calibration,
+    CalibrationTruth,
+    recipe_config,
+    removal_groups,
+    removal_truth,
+)
 from tda_explorer.compute.methods.plan import Plan
 from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
@@ -100,6 +108,7 @@ class Session:
         self.selections: dict[str, pd.DataFrame] = {}  # chosen training ids with scores (add_selection)
         self.tracings: dict[str, pd.DataFrame] = {}  # traced documents per query (add_tracing)
         self.options: dict[str, dict] = {}  # the options each computed method ran with
+        self.calibrations: dict[str, Calibration] = {}  # what calibrate chose per method, and against what
         self.trust: dict[str, float] = {}  # model-randomization correlation per method (lower is better)
         self.further_training: pd.DataFrame | None = None  # method, epochs, cosine (further_training_curve)
         self.provenance: dict[str, str] = {}
@@ -217,6 +226,68 @@ class Session:
         self.add(attribution, self_influence)
         self._keep_out_of_fold(path, getattr(attributor, "oof_", None))
         return attribution
+
+    def calibrate(self, method: str, budget_s: float | None = None, truth: str = "auto", **config: Any
+                  ) -> Calibration:
+        """Calibrate ``method`` on this session's model (``Attributor.calibrate``: damping, Fisher kind, projection
+        dimension and step, as it declares them, chosen against a cheap truth within ``budget_s`` seconds), keep the
+        result in ``calibrations[method]``, then ``compute`` the method with the chosen options (cached like any
+        other configuration). ``config``: options given as to ``compute``, the starting point.
+
+        ``truth``: "replay" (a ``RunRecorder`` under the ``recording`` resource: same-seed replays of a few small
+        removals), "further-training" (the training recipe, ``session.recipe`` or the ``recipe`` resource's
+        ``train_config``: further training from the final model), "retraining" (the session's retrainer, a built-in
+        recipe's or ``Session(retrain=fn)``: paired retraining without a few small groups) or "auto": the first of
+        those the session has."""
+        if truth not in ("auto", *CALIBRATION_TRUTHS):
+            raise TDAError(f"truth must be 'auto' or one of {', '.join(CALIBRATION_TRUTHS)}, got {truth!r}")
+        options = method_spec(method).fill(config, self.resources)
+        attributor = get_method(method, self.task, device=self.device, **options)
+        result = attributor.calibrate(self.train, self.test, budget_s=budget_s, **self._calibration_truth(truth))
+        self.calibrations[method] = result
+        self.compute(method, **{**config, **result.options})
+        return result
+
+    def _calibration_truth(self, kind: str) -> dict[str, Any]:
+        """What ``calibrate`` builds its truth from: ``recording=``, ``recipe=`` or a prebuilt ``truth=``, by
+        ``kind`` ("auto": the first the session has), or a ``TDAError`` saying what the truth needs."""
+        recording = None
+        # a built-in experiment's recording resource trains a StepRecorder (dvemb's), never a RunRecorder: its recipe
+        # is the truth there
+        if (kind == "replay" or kind == "auto" and self.recipe is None) and "recording" in self.resources:
+            from tda_explorer.compute.training.run_recorder import RunRecorder
+
+            recording = self.resources["recording"]().get("recording")
+            if isinstance(recording, RunRecorder):
+                return {"recording": recording}
+        if kind == "replay":
+            raise TDAError("truth='replay' needs a RunRecorder of the training run: Session(..., resources="
+                           "{'recording': lambda: {'recording': recorder}})"
+                           + ("" if recording is None else f"; the recording resource gives a "
+                              f"{type(recording).__name__}"))
+        recipe = self.recipe
+        if recipe is None and kind in ("auto", "further-training") and "recipe" in self.resources:
+            recipe = self.resources["recipe"]().get("train_config")
+        if kind in ("auto", "further-training") and recipe is not None:
+            return {"recipe": recipe_config(recipe)}
+        if kind == "further-training":
+            raise TDAError("truth='further-training' needs the final model's training recipe: Session(..., resources="
+                           "{'recipe': lambda: {'model_factory': f, 'train_config': TrainConfig(...)}})")
+        if self.retrainer is not None:
+            return {"truth": self._retraining_truth()}
+        raise TDAError("calibrate needs a recording or a final model with a training recipe: a RunRecorder of the "
+                       "training run (resources={'recording': lambda: {'recording': recorder}}: same-seed replays), "
+                       "the recipe (resources={'recipe': lambda: {'model_factory': f, 'train_config': config}}: "
+                       "further training from the final model), or Session(..., retrain=fn) (paired retraining)")
+
+    def _retraining_truth(self, removals: int = 8) -> CalibrationTruth:
+        """The removal truth of the session's retrainer: a few small groups retrained without (paired seeds)."""
+        groups = removal_groups(self.train, removals)
+        effect = self.retrainer.remove(groups)
+        seeds = len(effect.seeds)
+        return removal_truth("retraining", self.train, self.test, groups, effect.delta, effect.seconds,
+                             f"{len(groups)} retrainings, each without {len(groups[0])} training examples, paired "
+                             f"over {seeds} seed{'s' * (seeds > 1)}, {len(self.test)} test points")
 
     def _load_cached(self, path: Path, large: bool) -> tuple[torch.Tensor | ScoreFile, torch.Tensor] | None:
         """Cached scores (in memory, or the finished score file beside ``path``) and self-influence, or None."""

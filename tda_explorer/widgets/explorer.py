@@ -8,6 +8,7 @@ import ipywidgets as W
 
 # the compute bar reads each method's needs and options from the catalogue
 from tda_explorer.compute.catalogue import method_spec
+from tda_explorer.compute.methods.calibration import Calibration
 from tda_explorer.errors import TDAError
 from tda_explorer.jobs import BackgroundJob
 from tda_explorer.session import Session
@@ -23,7 +24,8 @@ from tda_explorer.widgets.tracing import TracingPanel
 
 
 class ComputeBar(W.VBox):
-    """Compute another method off the UI thread: progress, cancel, and errors shown here.
+    """Compute another method off the UI thread: progress, cancel, and errors shown here; *Calibrate* first chooses
+    the method's damping, Fisher kind, projection and step on this model (``Session.calibrate``), then computes it.
 
     It offers the methods this session can run (read from the catalogue's needs) and says for each other one what
     it lacks; *options* opens the chosen method's options, generated from its catalogue entry (empty = default).
@@ -40,6 +42,13 @@ class ComputeBar(W.VBox):
         self.choice = W.Dropdown(options=runnable, value="tracin" if "tracin" in runnable else runnable[0],
                                  description="compute", layout=W.Layout(width="220px"))
         self.run_button = W.Button(description="Run", icon="play", layout=W.Layout(width="auto", min_width="70px"))
+        self.calibrate_button = W.Button(description="Calibrate", icon="sliders",
+                                         tooltip="choose the method's damping, Fisher kind, projection and step "
+                                                 "against a cheap truth on this model (within budget_s), then "
+                                                 "compute it with them", layout=W.Layout(width="auto",
+                                                                                           min_width="90px"))
+        self.budget_s: float | None = None  # calibration's budget in seconds (None: 20× the default's run)
+        self.calibration_ = None  # the last calibration (Session.calibrate's Calibration)
         self.cancel_button = W.Button(description="Cancel", layout=W.Layout(width="auto", min_width="80px"),
                                       disabled=True)
         self.options_toggle = W.ToggleButton(description="options", layout=W.Layout(width="auto", min_width="80px"))
@@ -55,12 +64,13 @@ class ComputeBar(W.VBox):
         self.job: BackgroundJob | None = None
         self.plan_ = None  # the last run's plan (Attributor.plan), shown while it computes
         self.run_button.on_click(lambda _b: self.start(self.choice.value))
+        self.calibrate_button.on_click(lambda _b: self.start_calibration(self.choice.value))
         self.cancel_button.on_click(lambda _b: self.job and self.job.cancel())
         self.choice.observe(lambda _c: self._build_form(), "value")
         self.options_toggle.observe(self._toggle_form, "value")
         self._build_form()
-        bar = W.HBox([self.choice, self.options_toggle, self.run_button, self.cancel_button, self.progress,
-                      self.message])
+        bar = W.HBox([self.choice, self.options_toggle, self.run_button, self.calibrate_button, self.cancel_button,
+                      self.progress, self.message])
         super().__init__([bar, self.form, self.lacking])
         self.add_class("tda-compute-bar")
 
@@ -85,22 +95,38 @@ class ComputeBar(W.VBox):
                             if field.value.strip()})
         return options
 
-    def start(self, method: str) -> BackgroundJob:
-        self.run_button.disabled, self.cancel_button.disabled = True, False
+    def _begin(self, method: str, doing: str) -> dict:
+        """Buttons and progress for a new job on ``method``; its options, or the options' error shown (and raised)."""
+        self.run_button.disabled = self.calibrate_button.disabled = True
+        self.cancel_button.disabled = False
         self.progress.value, self.progress.bar_style = 0.05, "info"
-        self.message.value = f"<span class='tda-muted'>computing {html.escape(method)}…</span>"
+        self.message.value = f"<span class='tda-muted'>{doing} {html.escape(method)}…</span>"
         try:
-            options = self.options(method)
+            return self.options(method)
         except TDAError as err:
-            self.run_button.disabled, self.cancel_button.disabled = False, True
+            self.run_button.disabled = self.calibrate_button.disabled = False
+            self.cancel_button.disabled = True
             self.progress.bar_style = "danger"
             self.message.value = error_html(str(err))
             raise
+
+    def start(self, method: str) -> BackgroundJob:
+        options = self._begin(method, "computing")
         self.plan_ = None
         stages = [(f"computing {method}", lambda _: self.session.compute(method, **options))]
         if not self.session.is_cached(method, **options):  # a plan first: time and memory, measured on a few batches
             stages.insert(0, (f"planning {method}", lambda _: self._keep_plan(self.session.plan(method, **options))))
         self.job = BackgroundJob(stages, self._update).start()
+        return self.job
+
+    def start_calibration(self, method: str) -> BackgroundJob:
+        """Calibrate ``method`` (``Session.calibrate``, the form's options as its starting point, ``budget_s``) in the
+        background, then compute it with the chosen settings; the result line says what was chosen, against which
+        truth, with its score beside the default's."""
+        options = self._begin(method, "calibrating")
+        self.plan_ = self.calibration_ = None
+        self.job = BackgroundJob([(f"calibrating {method}", lambda _: self.session.calibrate(
+            method, budget_s=self.budget_s, **options))], self._update).start()
         return self.job
 
     def _keep_plan(self, plan) -> None:
@@ -111,12 +137,19 @@ class ComputeBar(W.VBox):
         if not job.done:
             if job.label.startswith("computing") and self.plan_ is not None:
                 self.message.value = f"<span class='tda-muted'>{html.escape(str(self.plan_))}</span>"
+            elif job.label.startswith("calibrating"):
+                self.message.value = f"<span class='tda-muted'>{html.escape(job.label)}…</span>"
             return
-        self.run_button.disabled, self.cancel_button.disabled = False, True
+        self.run_button.disabled = self.calibrate_button.disabled = False
+        self.cancel_button.disabled = True
         if job.state == "done":
             self.progress.bar_style = "success"
-            planned = f" (planned: {html.escape(str(self.plan_))})" if self.plan_ is not None else ""
-            self.message.value = f"<span class='tda-muted'>done{planned}</span>"
+            if isinstance(job.result, Calibration):
+                self.calibration_ = job.result
+                self.message.value = f"<span class='tda-muted'>calibrated: {html.escape(job.result.summary())}</span>"
+            else:
+                planned = f" (planned: {html.escape(str(self.plan_))})" if self.plan_ is not None else ""
+                self.message.value = f"<span class='tda-muted'>done{planned}</span>"
             self.on_done()
         else:
             self.progress.bar_style = "danger"

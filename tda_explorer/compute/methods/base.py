@@ -68,6 +68,7 @@ class Attributor(ABC):
         if not isinstance(task, AttributionTask):
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")
         self.task = task
+        self.options_ = dict(options)  # as given: what calibrate starts from and re-applies with its choice
         self.args = build_arguments(type(self).Arguments, self.name, options)
         self.device = as_device(self.args.device)
         self.max_memory = self.args.max_memory
@@ -108,6 +109,27 @@ class Attributor(ABC):
             if not isinstance(data, AttributionDataset):
                 raise TDAError(f"{name} must be an AttributionDataset, got {type(data).__name__}")
         return estimate_plan(self, train, test)
+
+    def calibrate(self, train: AttributionDataset, test: AttributionDataset | None = None, *,
+                  budget_s: float | None = None, recording: Any = None, recipe: Any = None, truth: Any = None,
+                  **settings: Any) -> Any:
+        """Choose this method's damping, Fisher kind, projection dimension and step (those it declares) against a
+        cheap truth built on the task's model, within ``budget_s`` seconds (default: 20× the default's run), and
+        configure this attributor with the choice (a later ``fit`` uses it); returns the ``Calibration`` (chosen
+        settings, the truth used, its score beside the default's, every trial), also kept as ``calibration_``.
+
+        The truth: same-seed replays of a few small removals with ``recording=RunRecorder(...)`` of the training
+        run, or further training from the final model with ``recipe=`` its ``TrainConfig``; ``truth=`` a prebuilt
+        ``CalibrationTruth``. ``settings``: the search's sizes (``test_points``, ``removals``, ``removal_size``,
+        ``examples``, ``epochs``, ``lr``, ``seed``; ``methods.calibration.calibrate``)."""
+        from tda_explorer.compute.methods.calibration import calibrate
+
+        result = calibrate(self, train, test, budget_s=budget_s, recording=recording, recipe=recipe, truth=truth,
+                           **settings)
+        if result.options:
+            self.__init__(self.task, **{**self.options_, **result.options})
+        self.calibration_ = result
+        return result
 
     def config(self) -> dict[str, Any]:
         """The method's configuration (JSON-able): the task, the projection and the plain-valued options."""

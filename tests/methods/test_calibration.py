@@ -1,0 +1,159 @@
+"""Calibration on the user's own model (``Attributor.calibrate``, ``Session.calibrate``): settings chosen against a
+cheap truth on that model — same-seed replays of a recorded run, or further training from the final model — never
+worse than the default on it, within the budget, and refused by name when there is no truth to build."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tda_explorer import AttributionDataset, AttributionTask
+from tda_explorer.compute.methods import get_method
+from tda_explorer.compute.methods.calibration import CalibrationTruth, replay_truth, sample_test_points
+from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.train import TrainConfig
+from tda_explorer.errors import TDAError
+from tda_explorer.session import Session
+
+N, BATCH, EPOCHS, LR, WD = 90, 15, 20, 0.2, 1e-3
+NEEDS = "needs a recording or a final model with a training recipe"
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N + 30, 6, generator=gen)
+    y = (x[:, 0] - x[:, 2] > 0).long() + (x[:, 1] > 0.5).long()
+    return AttributionDataset(x[:N], y[:N], name="train"), AttributionDataset(x[N:], y[N:], name="test")
+
+
+def _model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """A tiny model trained by the user's own SGD loop, recorded: (train, test, task, recorder)."""
+    train, test = _data()
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
+    recorder = RunRecorder(model, optimizer, train, batch_size=BATCH)
+    torch.manual_seed(7)
+    for _ in range(EPOCHS):
+        order = torch.randperm(N)
+        for start in range(0, N, BATCH):
+            rows = order[start : start + BATCH]
+            optimizer.zero_grad()
+            recorder.loss(model(train.inputs[rows]), rows).backward()
+            recorder.step(rows)
+    recorder.finish()
+    return train, test, AttributionTask(model, weight_decay=WD), recorder
+
+
+def _rescore(method, task, options, train, truth: CalibrationTruth) -> float:
+    scores = get_method(method, task, **options).fit(train).attribute(truth.test).scores
+    return float(truth.per_test(scores, train).nanmean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["if-ekfac", "if-explicit"])
+def test_replay_calibration_is_never_worse_than_the_default(recorded, method):
+    train, test, task, recorder = recorded
+    attributor = get_method(method, task)
+    result = attributor.calibrate(train, test, recording=recorder)
+    assert result.truth == "replay" and "same-seed replays" in result.truth_description
+    assert result.score >= result.default_score
+    assert result.trials["stage"].iloc[0] == "default" and "damping" in set(result.trials["stage"])
+    assert result.trials["chosen"].sum() == 1
+    # the attributor now carries the choice, and the reported scores are what those settings give on the truth
+    assert attributor.calibration_ is result
+    if "damping" in result.options:
+        assert attributor.args.damping == result.options["damping"]
+    truth = replay_truth(recorder, task, train, sample_test_points(test, 64))  # the same truth (kept, not rebuilt)
+    assert _rescore(method, task, result.options, train, truth) == pytest.approx(result.score, abs=1e-6)
+    assert _rescore(method, task, {}, train, truth) == pytest.approx(result.default_score, abs=1e-6)
+    assert "score" in result.summary() and "default's" in result.summary()
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_is_refused_with_the_minimum_and_a_budget_is_kept(recorded):
+    train, test, task, recorder = recorded
+    with pytest.raises(TDAError, match=r"budget_s=0\.001 s is too small .* needs budget_s >= ") as err:
+        get_method("if-explicit", task).calibrate(train, test, recording=recorder, budget_s=0.001)
+    minimum = float(re.search(r"needs budget_s >= ([0-9.e+-]+) s", str(err.value)).group(1))
+    budget = 2 * minimum
+    result = get_method("if-explicit", task).calibrate(train, test, recording=recorder, budget_s=budget)
+    slowest = result.trials["seconds"].max()
+    assert result.seconds <= budget + slowest  # a trial starts only when the slowest so far still fits
+    assert set(result.trials["status"].str.split(":").str[0]) <= {"ok", "ok (solver backed off)", "skipped",
+                                                                   "error"}
+    assert result.score >= result.default_score
+
+
+def test_calibration_without_a_truth_says_which_it_needs():
+    train, test = _data()
+    task = AttributionTask(_model())
+    with pytest.raises(TDAError, match=NEEDS):
+        get_method("if-ekfac", task).calibrate(train, test)
+    with pytest.raises(TDAError, match="budget_s must be a positive number"):
+        get_method("if-ekfac", task).calibrate(train, test, recipe=TrainConfig(), budget_s=-1)
+    with pytest.raises(TDAError, match="test: give the test points"):
+        get_method("if-ekfac", task).calibrate(train, recipe=TrainConfig())
+
+
+def test_a_method_with_nothing_to_tune_keeps_its_defaults_at_once():
+    train, test = _data()
+    result = get_method("grad-dot", AttributionTask(_model())).calibrate(train, test)  # no truth needed either
+    assert result.options == {} and result.truth is None and result.trials.empty
+    assert "nothing to calibrate" in result.summary()
+
+
+@pytest.mark.slow
+def test_further_training_truth_when_only_the_final_model_and_recipe_exist(recorded):
+    train, test, task, _ = recorded
+    recipe = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=LR, weight_decay=WD, optimizer="sgd")
+    attributor = get_method("if-ekfac", task)
+    result = attributor.calibrate(train, test, recipe=recipe)
+    assert result.truth == "further-training" and "further training" in result.truth_description
+    assert result.score >= result.default_score
+    assert {"default", "damping", "fisher"} <= set(result.trials["stage"])
+
+
+@pytest.mark.slow
+def test_session_calibrate_computes_with_the_chosen_options(recorded, tmp_path):
+    train, test, task, recorder = recorded
+    session = Session(train, test, task, folder=tmp_path, resources={"recording": lambda: {"recording": recorder}})
+    result = session.calibrate("if-explicit")
+    assert result.truth == "replay" and session.calibrations["if-explicit"] is result
+    assert "if-explicit" in session.methods
+    assert session.options["if-explicit"] == result.options
+    expected = get_method("if-explicit", task, **result.options).fit(train).attribute(test).scores
+    assert torch.allclose(session.attribution("if-explicit").matrix(), expected, atol=1e-6)
+    bare = Session(train, test, task, folder=tmp_path / "bare")
+    with pytest.raises(TDAError, match=NEEDS):
+        bare.calibrate("if-explicit")
+    with pytest.raises(TDAError, match="truth='further-training' needs the final model's training recipe"):
+        session.calibrate("if-explicit", truth="further-training")
+
+
+@pytest.mark.slow
+def test_session_calibrate_on_the_users_retrain_function(recorded, tmp_path):
+    train, test, task, _ = recorded
+
+    def retrain(ids, seed):
+        torch.manual_seed(seed)
+        model = _model()
+        rows = train.positions(ids)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
+        for _ in range(10):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(train.inputs[rows]), train.labels[rows]).backward()
+            optimizer.step()
+        return model
+
+    session = Session(train, test, task, folder=tmp_path, retrain=retrain)
+    result = session.calibrate("if-ekfac")
+    assert result.truth == "retraining" and "paired over 2 seeds" in result.truth_description
+    assert result.score >= result.default_score and "if-ekfac" in session.methods
