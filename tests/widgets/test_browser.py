@@ -372,6 +372,8 @@ def test_string_ids_at_k10_nothing_clipped_off_axes_or_empty(jupyter_lab, notebo
             page.locator(".tda-explorer .lm-TabBar-tab", has_text="Mislabels").first.click()
             panel = ".tda-explorer .tda-mislabel-panel"
             expect(page.locator(panel).first).to_contain_text("suggested", timeout=20_000)
+            # every ranking beside the training-loss baseline
+            expect(page.locator(panel).first).to_contain_text("rank correlation with training loss")
             ranking = page.locator(f"{panel} select").first.input_value()
             charts = _check_view(page, panel, "Mislabels")
             assert len(charts) == 2, charts
