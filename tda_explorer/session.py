@@ -548,6 +548,8 @@ class Session:
             raise TDAError(f"values for {name!r} contain NaN or inf")
         if name in self.attributions:
             raise TDAError(f"{name!r} is already an attribution method's name; choose another name for the values")
+        if name in (TRAINING_LOSS, OUT_OF_FOLD):
+            raise TDAError(f"{name!r} is a baseline ranking's name; choose another name for the values")
         self.values[name] = values.double()
         self.self_influences[name] = (-values if higher_is_better else values).float()
 

@@ -106,3 +106,9 @@ def test_suspicion_keeps_its_out_of_fold_probabilities_also_from_the_cache(digit
     again = Session.from_experiment(digits_experiment, folder=tmp_path)
     again.compute("suspicion", base="grad-dot", folds=2, repeats=1)
     assert again.oof_probabilities is not None and torch.equal(again.oof_probabilities, oof)
+
+
+def test_values_cannot_take_a_baselines_name(tiny_session):
+    with pytest.raises(TDAError, match="baseline ranking's name"):
+        tiny_session.add_values(TRAINING_LOSS, torch.zeros(len(tiny_session.train)))
+    assert tiny_session.mislabel_rankings == [TRAINING_LOSS]
