@@ -268,7 +268,27 @@ def zoo_tables(path: Path) -> str:
                                                                                           "default", t, "mislabel_auc")
         out.append(f"| {t} | {acc} | {best(mine)} | {best(peer)} | "
                    f"{fmt(s) if s is not None else ''} / {fmt(c) if c is not None else ''} |")
+    out += ["", *_zoo_loss_baseline(ours)]
     return "\n".join(out)
+
+
+def _zoo_loss_baseline(ours: list[dict]) -> list[str]:
+    """Per method of ours on the noisy zoo tasks (defaults): its mislabel ROC-AUC minus the training loss's (the
+    baseline every ranking is shown beside; evaluate_method's ``mislabel_auc_minus_loss``)."""
+    import statistics
+
+    rows = [r for r in ours if r["setting"] == "default" and r["status"] == "ok"
+            and r.get("mislabel_auc_minus_loss") is not None]
+    if not rows:
+        return ["(no mislabel rows with the training-loss baseline yet: rerun bench_zoo.py on the noisy tasks)"]
+    out = ["| method | noisy tasks | median ROC-AUC − training loss's | worst (task) | tasks at or below the loss |",
+           "| --- | --- | --- | --- | --- |"]
+    for m in sorted({r["method"] for r in rows}, key=lambda m: (not m.startswith("if-"), m)):
+        d = [(r["mislabel_auc_minus_loss"], r["task"]) for r in rows if r["method"] == m]
+        worst = min(d)
+        out.append(f"| {m} | {len(d)} | {statistics.median(x for x, _ in d):+.4f} | {worst[0]:+.4f} ({worst[1]}) | "
+                   f"{sum(x <= 0 for x, _ in d)} |")
+    return out
 
 
 def main() -> None:
