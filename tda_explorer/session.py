@@ -26,7 +26,6 @@ from tda_explorer.compute.methods.calibration import (
     CALIBRATION_TRUTHS,
     Calibration,
     CalibrationTruth,
-    recipe_config,
     removal_groups,
     removal_truth,
 )
@@ -235,10 +234,10 @@ class Session:
         other configuration). ``config``: options given as to ``compute``, the starting point.
 
         ``truth``: "replay" (a ``RunRecorder`` under the ``recording`` resource: same-seed replays of a few small
-        removals), "further-training" (the training recipe, ``session.recipe`` or the ``recipe`` resource's
-        ``train_config``: further training from the final model), "retraining" (the session's retrainer, a built-in
-        recipe's or ``Session(retrain=fn)``: paired retraining without a few small groups) or "auto": the first of
-        those the session has."""
+        removals), "retraining" (the ``recipe`` resource's model factory and ``train_config``, retrained in lock-step
+        without a few small groups; else the session's retrainer, ``Session(retrain=fn)``), "further-training" (the
+        recipe's ``train_config`` or ``session.recipe`` alone: further training from the final model) or "auto": the
+        first of those the session has."""
         if truth not in ("auto", *CALIBRATION_TRUTHS):
             raise TDAError(f"truth must be 'auto' or one of {', '.join(CALIBRATION_TRUTHS)}, got {truth!r}")
         options = method_spec(method).fill(config, self.resources)
@@ -249,8 +248,9 @@ class Session:
         return result
 
     def _calibration_truth(self, kind: str) -> dict[str, Any]:
-        """What ``calibrate`` builds its truth from: ``recording=``, ``recipe=`` or a prebuilt ``truth=``, by
-        ``kind`` ("auto": the first the session has), or a ``TDAError`` saying what the truth needs."""
+        """What ``calibrate`` builds its truth from (``recording=``, ``recipe=`` or a prebuilt ``truth=``), by ``kind``
+        ("auto": the first the session has, in the order of ``calibrate``'s doc), or a ``TDAError`` saying what the
+        truth needs."""
         recording = None
         # a built-in experiment's recording resource trains a StepRecorder (dvemb's), never a RunRecorder: its recipe
         # is the truth there
@@ -265,11 +265,18 @@ class Session:
                            "{'recording': lambda: {'recording': recorder}})"
                            + ("" if recording is None else f"; the recording resource gives a "
                               f"{type(recording).__name__}"))
-        recipe = self.recipe
-        if recipe is None and kind in ("auto", "further-training") and "recipe" in self.resources:
-            recipe = self.resources["recipe"]().get("train_config")
-        if kind in ("auto", "further-training") and recipe is not None:
-            return {"recipe": recipe_config(recipe)}
+        recipe = self.resources["recipe"]() if "recipe" in self.resources else {}
+        if not isinstance(recipe.get("train_config"), TrainConfig):  # e.g. out-of-fold probabilities instead
+            recipe = {"train_config": self.recipe} if self.recipe is not None else {}
+        if kind in ("auto", "retraining") and callable(recipe.get("model_factory")):
+            return {"recipe": recipe}
+        if kind == "retraining" and self.retrainer is not None:
+            return {"truth": self._retraining_truth()}
+        if kind == "retraining":
+            raise TDAError("truth='retraining' needs the recipe's model factory (resources={'recipe': lambda: "
+                           "{'model_factory': f, 'train_config': config}}) or Session(..., retrain=fn)")
+        if kind in ("auto", "further-training") and recipe:
+            return {"recipe": recipe["train_config"], "retrain": False}
         if kind == "further-training":
             raise TDAError("truth='further-training' needs the final model's training recipe: Session(..., resources="
                            "{'recipe': lambda: {'model_factory': f, 'train_config': TrainConfig(...)}})")
@@ -278,7 +285,8 @@ class Session:
         raise TDAError("calibrate needs a recording or a final model with a training recipe: a RunRecorder of the "
                        "training run (resources={'recording': lambda: {'recording': recorder}}: same-seed replays), "
                        "the recipe (resources={'recipe': lambda: {'model_factory': f, 'train_config': config}}: "
-                       "further training from the final model), or Session(..., retrain=fn) (paired retraining)")
+                       "retraining, or further training from the final model with the config alone), or "
+                       "Session(..., retrain=fn) (paired retraining)")
 
     def _retraining_truth(self, removals: int = 8) -> CalibrationTruth:
         """The removal truth of the session's retrainer: a few small groups retrained without (paired seeds)."""

@@ -122,6 +122,18 @@ def test_further_training_truth_when_only_the_final_model_and_recipe_exist(recor
 
 
 @pytest.mark.slow
+def test_retraining_truth_from_a_recipe_with_a_model_factory(recorded):
+    train, test, task, _ = recorded
+    recipe = {"model_factory": lambda seed: _model(),
+              "train_config": TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=LR, weight_decay=WD, optimizer="sgd")}
+    result = get_method("trak", task).calibrate(train, test, recipe=recipe)
+    assert result.truth == "retraining" and "retrained 10 times, each without 4" in result.truth_description
+    assert result.score >= result.default_score
+    further = get_method("trak", task).calibrate(train, test, recipe=recipe, retrain=False)
+    assert further.truth == "further-training"
+
+
+@pytest.mark.slow
 def test_session_calibrate_computes_with_the_chosen_options(recorded, tmp_path):
     train, test, task, recorder = recorded
     session = Session(train, test, task, folder=tmp_path, resources={"recording": lambda: {"recording": recorder}})

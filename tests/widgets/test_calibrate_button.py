@@ -4,7 +4,7 @@ import pytest
 
 from tda_explorer.widgets import Explorer
 
-pytestmark = pytest.mark.slow  # trains: further training from the digits model
+pytestmark = pytest.mark.slow  # trains: the digits recipe retrained without a few groups
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def test_calibrate_click_chooses_settings_computes_and_says_so(explorer):
     job = bar.job.join(300)
     assert job.state == "done", job.label
     result = explorer.session.calibrations["if-ekfac"]
-    assert bar.calibration_ is result and result.truth == "further-training"  # a built-in recipe: its final model
+    assert bar.calibration_ is result and result.truth == "retraining"  # a built-in recipe: retrained without groups
     assert "if-ekfac" in explorer.session.methods and "if-ekfac" in explorer.browser.method.options
     assert explorer.session.options["if-ekfac"] == result.options
     assert "calibrated: if-ekfac" in bar.message.value and "the default" in bar.message.value
