@@ -47,7 +47,7 @@ class ComputeBar(W.VBox):
                                                  "against a cheap truth on this model (within budget_s), then "
                                                  "compute it with them", layout=W.Layout(width="auto",
                                                                                            min_width="90px"))
-        self.budget_s: float | None = None  # calibration's budget in seconds (None: 20× the default's run)
+        self.budget_s: float | None = None  # calibration's budget in seconds (None: 16× the default's run)
         self.calibration_ = None  # the last calibration (Session.calibrate's Calibration)
         self.cancel_button = W.Button(description="Cancel", layout=W.Layout(width="auto", min_width="80px"),
                                       disabled=True)

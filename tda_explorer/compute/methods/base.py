@@ -114,7 +114,7 @@ class Attributor(ABC):
                   budget_s: float | None = None, recording: Any = None, recipe: Any = None, truth: Any = None,
                   **settings: Any) -> Any:
         """Choose this method's damping, Fisher kind, projection dimension and step (those it declares) against a
-        cheap truth built on the task's model, within ``budget_s`` seconds (default: 20× the default's run), and
+        cheap truth built on the task's model, within ``budget_s`` seconds (default: 16× the default's run), and
         configure this attributor with the choice (a later ``fit`` uses it); returns the ``Calibration`` (chosen
         settings, the truth used, its score beside the default's, every trial), also kept as ``calibration_``.
 
