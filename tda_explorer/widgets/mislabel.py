@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+from typing import Any
 
 import ipywidgets as W
 import numpy as np
@@ -100,6 +101,7 @@ class MislabelPanel(W.VBox):
         self.baseline = W.HTML()  # the chosen ranking beside the training-loss baseline
         self.baseline.add_class("tda-mislabel-baseline")
         self._baseline_for: tuple | None = None  # (method, its score tensor) the line was computed for
+        self._ranking_for: tuple | None = None  # (key, score tensor, ranking) of the last ranking built
         self.list = W.HTML()
         self.list.add_class("tda-table")
         self.histogram = FigureView(go.Figure(
@@ -151,10 +153,25 @@ class MislabelPanel(W.VBox):
         """The ranking on screen (restricted to the lasso selection when there is one)."""
         if not self.state.mislabel_method:
             return None
-        df = self.session.mislabel_ranking(self.state.mislabel_method) if ranking is None else ranking
+        df = self.ranking()[0] if ranking is None else ranking
         if self.state.selection:
             df = df[df["train_id"].isin(set(self.state.selection))]
         return df.reset_index(drop=True)
+
+    def ranking(self) -> tuple[Any, bool]:
+        """The chosen method's whole ranking and whether it was rebuilt now: it is rebuilt only when the method, its
+        scores, the flags or the session's columns changed, so stepping through it reuses it (at 50,000 training
+        examples a rebuild costs most of a second)."""
+        method = self.state.mislabel_method
+        if not method:
+            return None, False
+        score = self.session.ranking_score(method)
+        key = (method, tuple(self.session.flags.flagged_ids()), tuple(self.session.values),
+               self.session.oof_probabilities is not None)
+        if self._ranking_for is None or self._ranking_for[0] != key or self._ranking_for[1] is not score:
+            self._ranking_for = (key, score, self.session.mislabel_ranking(method))
+            return self._ranking_for[2], True
+        return self._ranking_for[2], False
 
     def move(self, step: int) -> None:
         """Go to the next / previous example of the ranking."""
@@ -242,7 +259,9 @@ class MislabelPanel(W.VBox):
     # -- view ------------------------------------------------------------------------------------
     def refresh(self, follow: bool = False) -> None:
         """Redraw; with ``follow`` (navigation moved) also show the current row in the detail panel."""
-        all_scores = self.session.mislabel_ranking(self.state.mislabel_method) if self.state.mislabel_method else None
+        all_scores, rebuilt = self.ranking()
+        if rebuilt:  # the histogram is of the whole ranking: navigation leaves it as it is
+            self._draw_histogram(all_scores)
         self.show_baseline()
         df = self.table(all_scores)
         if df is None or df.empty:
@@ -278,6 +297,8 @@ class MislabelPanel(W.VBox):
         self.list.value = ("<table><tr><th>rank</th><th></th><th>id</th><th>given</th><th>predicted</th>"
                            f"<th>suggested</th><th>score</th>{value_heads}<th>flag</th></tr>" + "".join(rows)
                            + "</table>")
+
+    def _draw_histogram(self, all_scores) -> None:
         x, log = histogram_axis(all_scores["score"].to_numpy())
         flagged = x[all_scores["flag"].to_numpy(dtype=bool)]
         title = f"{self.state.mislabel_method} score" + (" (log10: the scores span decades)" if log else "")
