@@ -11,11 +11,11 @@ truth (100 half subsets x 2 seeds), then run
   bench-deps``), named by our catalogue's name for the same method (kronfluence's EK-FAC is ``if-ekfac``,
   cleanlab's ranking is ``cleanlab``).
 
-A method that raises, or runs past ``--method-limit`` seconds, gives a row with ``status = "error: ..."``; the run
-goes on. Rows ``{task, library, method, setting, lds, mislabel_auc, recall_at_10, seconds, status}`` (plus
-``options`` and, for oracles, the ``sweep``) are written to ``--json`` after every row, so a partial run is useful;
-rows already in the file for other (task, library, method, setting) keys are kept, so runs can be split by task and
-library. ``partial`` is false only once every task and library asked for has finished.
+A method that raises, or runs past ``--method-limit`` seconds of CPU time, gives a row with ``status = "error:
+..."``; the run goes on. Rows ``{task, library, method, setting, lds, mislabel_auc, recall_at_10, seconds,
+status}`` (plus ``options`` and, for oracles, the ``sweep``) are written to ``--json`` after every row, so a partial
+run is useful; rows already in the file for other (task, library, method, setting) keys are kept, so runs can be
+split by task and library. ``partial`` is false only once every task has rows from us and each installed peer.
 
     python benchmarks/bench_zoo.py --json benchmarks/results/zoo_cpu.json [--task T ...] [--library L ...]
         [--setting default oracle calibrated] [--task-limit 1200] [--method-limit 600]
@@ -82,22 +82,23 @@ class MethodTimeout(Exception):
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
-    """Raise ``MethodTimeout`` in the main thread after ``seconds`` (SIGALRM; checked between Python bytecodes, so a
-    long native call finishes first)."""
-    if not seconds or not hasattr(signal, "SIGALRM"):
+    """Raise ``MethodTimeout`` once this process has spent ``seconds`` of CPU time (``ITIMER_PROF``: a busy, shared
+    machine does not make a method time out; checked between Python bytecodes, so a long native call finishes
+    first)."""
+    if not seconds or not hasattr(signal, "SIGPROF"):
         yield
         return
 
     def fire(signum, frame):
-        raise MethodTimeout(f"ran past {seconds:.0f} s")
+        raise MethodTimeout(f"ran past {seconds:.0f} s of CPU time")
 
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGPROF, fire)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 def _error(err: BaseException) -> str:
@@ -318,7 +319,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="ground-truth cache (default: the retraining cache's zoo/)")
     parser.add_argument("--task-limit", type=float, default=1200,
                         help="seconds per task for our methods, and again for the peers; later rows are skipped")
-    parser.add_argument("--method-limit", type=float, default=600, help="seconds per method run")
+    parser.add_argument("--method-limit", type=float, default=600, help="CPU seconds per method run")
     args = parser.parse_args()
     tasks = [t.name for t in zoo_tasks()] if not args.task else args.task
     libraries = args.library or list(LIBRARIES)
