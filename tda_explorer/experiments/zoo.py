@@ -108,7 +108,7 @@ ZOO: tuple[ZooTask, ...] = (
       classes=2),
     T("synth200-mlp-adamw", "synth200", "mlp-relu", "adamw", 1e-3, 1e-4, 15, 128, "uniform10", 2000, 300, "fitted",
       classes=4),
-    T("shapes16-cnn-bn-sgdm", "shapes16", "cnn-bn", "sgdm", 0.05, 1e-4, 8, 32, "none", 600, 300, "fitted"),
+    T("shapes16-cnn-bn-sgdm", "shapes16", "cnn-bn", "sgdm", 0.01, 1e-2, 8, 32, "none", 300, 300, "fitted"),
     T("shapes32-cnn-sgd", "shapes32", "cnn-wide", "sgd", 0.05, 1e-2, 4, 64, "none", 500, 200, "under-trained"),
     T("shapes16-mlp-adam", "shapes16", "mlp-relu", "adam", 3e-3, 1e-2, 15, 32, "pairs", 800, 300, "fitted"),
     T("reviews-transformer-adam", "reviews", "transformer", "adam", 3e-3, 1e-3, 8, 32, "uniform10", 400, 150,
