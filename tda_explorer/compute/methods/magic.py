@@ -40,7 +40,7 @@ from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, optio
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
-from tda_explorer.compute.methods.synset import Trajectory
+from tda_explorer.compute.methods.synset import Trajectory, in_memory
 from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.train import train_weighted
 from tda_explorer.data.dataset import AttributionDataset
@@ -141,7 +141,8 @@ class ReplayMetagradient(Attributor):
         keep = self.checkpoint_every or 1
         names = [k for k, _ in self.task.model.named_parameters()]
         self.frozen_ = {k: v.to(self.device) for k, v in self.task.model.named_buffers()}
-        self.x_, self.y_ = train.inputs.to(self.device), train.labels.to(self.device)
+        data = in_memory(train, self.name)  # a lazy dataset (from_torch) read once: every step indexes its rows
+        self.x_, self.y_ = data.inputs.to(self.device), train.labels.to(self.device)
         started = time.perf_counter()
         if self.recording is not None:
             final, runs = self._fit_recorded(train, names, keep)

@@ -36,7 +36,15 @@ from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, create, option, register
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec
-from tda_explorer.compute.methods.synset import Synset, Trajectory, distill, removal_weights, replay, replay_module
+from tda_explorer.compute.methods.synset import (
+    Synset,
+    Trajectory,
+    distill,
+    in_memory,
+    removal_weights,
+    replay,
+    replay_module,
+)
 from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.train import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
@@ -182,20 +190,3 @@ class SynsetLOO(Attributor):
                 effects[members] += block.diagonal() - block.mean(1)
         return effects.float()
 
-
-def in_memory(data: AttributionDataset, method: str) -> AttributionDataset:
-    """``data`` with its inputs in one tensor: as it is, or a lazy dataset read once through ``batches``."""
-    if data.in_memory:
-        return data
-    cached = getattr(data, "_synset_in_memory", None)
-    if cached is not None and cached[0] == data.fingerprint():
-        return cached[1]
-    parts = [inputs for _, inputs, _ in data.batches()]
-    if not all(isinstance(p, torch.Tensor) for p in parts):
-        raise TDAError(f"{method} fits synthetic inputs by gradient: it needs tensor inputs, and dataset "
-                       f"{data.name!r} gives dicts (a tokenizer's ids cannot be fitted); use tracin, magic or "
-                       "if-ekfac on it")
-    out = AttributionDataset(torch.cat(parts), data.labels, list(data.ids), data.class_names, data.renderer,
-                             data.name)
-    data._synset_in_memory = (data.fingerprint(), out)
-    return out
