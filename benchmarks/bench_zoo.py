@@ -43,7 +43,7 @@ from tda_explorer.compute.methods import get_method  # noqa: E402
 from tda_explorer.evaluate import evaluate_method  # noqa: E402
 from tda_explorer.evaluate.harness import method_options  # noqa: E402
 from tda_explorer.evaluate.metrics import lds, mislabel_auc, recall_at  # noqa: E402
-from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth, zoo_tasks  # noqa: E402
+from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth, zoo_seed_agreement, zoo_tasks  # noqa: E402
 
 #: evaluate_method's training-loss baseline beside each mislabel figure (noisy tasks), kept in our rows for the report
 LOSS_BASELINE = ("loss_baseline_mislabel_auc", "mislabel_auc_minus_loss", "loss_baseline_recall_at_10",
@@ -340,7 +340,8 @@ def main() -> None:
                               "classes": spec.n_classes, "n_train": spec.n_train, "n_test": spec.n_test,
                               "regime": spec.regime, "train_accuracy": exp.train_accuracy(),
                               "test_accuracy": exp.test_accuracy(), "build_seconds": built,
-                              "ground_truth_seconds": time.perf_counter() - t0 - built}
+                              "ground_truth_seconds": time.perf_counter() - t0 - built,
+                              "seed_agreement": zoo_seed_agreement(exp, cache_dir=args.cache_dir)}
         print(f"== {name}: {writer.tasks[name]}", flush=True)
         deadline = time.perf_counter() + args.task_limit
         if "tda_explorer" in libraries:

@@ -217,7 +217,8 @@ def _zoo_family(method: str) -> tuple[str, ...] | None:
 def zoo_tables(path: Path) -> str:
     """Per method of ours across the zoo: median and worst regret (oracle LDS - default LDS), wins and losses of its
     default against the best peer of its family (LDS; mislabel ROC-AUC for suspicion against cleanlab), failures;
-    then per task the best default of ours against the best peer."""
+    then per task the best default of ours against the best peer, beside the seed agreement of its ground truth
+    (Spearman between two fresh seeds' retrained losses on the same subsets: how much of the truth is not noise)."""
     import statistics
 
     data = json.loads(path.read_text())
@@ -255,8 +256,8 @@ def zoo_tables(path: Path) -> str:
         out.append(f"| {m} | {n} | {fmt(statistics.median(x for x, _ in regret)) if regret else ''} | "
                    f"{f'{worst[0]:.3f} ({worst[1]})' if worst else ''} | {wins} / {losses} | "
                    f"{', '.join(fails) if fails else '0'} |")
-    out += ["", "| task | train / test accuracy | best default of ours (LDS) | best peer (LDS) | suspicion / cleanlab "
-            "(ROC-AUC) |", "| --- | --- | --- | --- | --- |"]
+    out += ["", "| task | train / test accuracy | seed agreement | best default of ours (LDS) | best peer (LDS) "
+            "| suspicion / cleanlab (ROC-AUC) |", "| --- | --- | --- | --- | --- | --- |"]
     for t in tasks:
         info = data.get("tasks", {}).get(t, {})
         acc = (f"{info['train_accuracy']:.2f} / {info['test_accuracy']:.2f}" if "train_accuracy" in info else "")
@@ -266,7 +267,8 @@ def zoo_tables(path: Path) -> str:
         best = lambda c: f"{max(c)[0]:.3f} {max(c)[1]}" if c else ""  # noqa: E731
         s, c = value("tda_explorer", "suspicion", "default", t, "mislabel_auc"), value("cleanlab", "cleanlab",
                                                                                           "default", t, "mislabel_auc")
-        out.append(f"| {t} | {acc} | {best(mine)} | {best(peer)} | "
+        agreement = info.get("seed_agreement")
+        out.append(f"| {t} | {acc} | {fmt(agreement) if agreement is not None else ''} | {best(mine)} | {best(peer)} | "
                    f"{fmt(s) if s is not None else ''} / {fmt(c) if c is not None else ''} |")
     out += ["", *_zoo_loss_baseline(ours)]
     return "\n".join(out)

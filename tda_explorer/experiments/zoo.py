@@ -409,3 +409,21 @@ def zoo_markdown_table() -> str:
             f"| {'full' if t.full_batch else t.batch_size} | {t.noise} | {t.n_classes} | {t.n_train} / {t.n_test} "
             f"| {t.regime} |" for t in ZOO]
     return "\n".join(head + rows)
+
+
+def zoo_seed_agreement(exp: ZooExperiment, cache_dir: str | Path | None = None, **settings) -> float | None:
+    """Mean over test points of the Spearman correlation between the first two seeds' retrained test losses of the
+    same subsets (from the cached ground truth; None when absent or one seed): how much of the truth is the subsets
+    rather than seed noise, a bound on the LDS any method reaches against one seed's truth."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    n_subsets, fraction, n_seeds = settings.get("n_subsets", 100), settings.get("fraction", 0.5), settings.get(
+        "n_seeds", 2)
+    key = hashlib.sha256(f"{exp.fingerprint()}|{n_subsets}|{fraction}|{n_seeds}".encode()).hexdigest()[:16]
+    data = load_tensors(zoo_cache_dir(cache_dir) / f"{exp.spec.name}-{key}.pt")
+    if data is None or data["per_seed"].shape[0] < 2:
+        return None
+    a, b = data["per_seed"][0].numpy(), data["per_seed"][1].numpy()
+    values = [spearmanr(a[:, j], b[:, j])[0] for j in range(a.shape[1])]
+    return float(np.nanmean(values))
