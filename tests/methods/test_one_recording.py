@@ -268,3 +268,18 @@ def test_synset_loo_replays_batchnorm_on_batch_statistics_as_the_recorded_run_tr
     effects = method.estimate_removals([[0, 1, 2], [10]], test)
     assert effects.shape == (2, len(test)) and torch.isfinite(effects).all()
     assert torch.isfinite(method.attribute(test).scores).all()
+
+
+def test_a_session_given_the_recording_computes_with_it(tmp_path):
+    from tda_explorer import Session
+
+    train, test = _data()
+    recording = _record("adam", train)
+    session = Session(train, test, AttributionTask(recording.model), folder=tmp_path / "session",
+                      resources={"recording": lambda: {"recording": recording}})
+    session.compute("tracin")
+    assert session.options["tracin"]["recording"] is recording
+    direct = get_method("tracin", AttributionTask(recording.model), recording=recording).fit(train).attribute(test)
+    torch.testing.assert_close(session.attribution("tracin").scores, direct.scores)
+    with pytest.raises(TDAError, match="magic differentiates SGD steps; this run used Adam"):
+        session.compute("magic")
