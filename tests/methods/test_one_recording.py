@@ -59,7 +59,7 @@ def _record(kind: str, train: AttributionDataset, schedule: bool = True, hand=No
         for start in range(0, len(train), BATCH):
             rows = order[start : start + BATCH]
             optimizer.zero_grad()
-            recorder.loss(model(train.inputs[rows]), rows).backward()
+            recorder.loss(model(recorder.inputs(rows)), rows).backward()  # in memory or lazy alike
             if hand is not None:
                 hand(step, rows, model, optimizer, False)
             recorder.step(rows)
@@ -182,6 +182,37 @@ def test_dvemb_and_inrun_shapley_from_the_recording_equal_their_step_callbacks_i
     torch.testing.assert_close(from_recording.scores, by_hand.scores)
     values = InRunShapley.from_recording(task, recording, test).values
     torch.testing.assert_close(values, shapley.values)
+
+
+def test_a_lazy_training_set_records_and_serves_like_the_tensors():
+    memory, test = _data()
+    lazy = AttributionDataset.from_torch(TensorDataset(memory.inputs, memory.labels), name="train")
+    in_memory, from_torch = _record("sgd", memory), _record("sgd", lazy)
+    assert all(torch.equal(in_memory.final_state[k], v) for k, v in from_torch.final_state.items())
+    task = AttributionTask(from_torch.model)
+    torch.testing.assert_close(InRunShapley.from_recording(task, from_torch, test).values,
+                               InRunShapley.from_recording(task, in_memory, test).values)
+    torch.testing.assert_close(
+        get_method("dvemb", task, recording=from_torch, projection_dim=16).fit(lazy).attribute(test).scores,
+        get_method("dvemb", task, recording=in_memory, projection_dim=16).fit(memory).attribute(test).scores)
+
+
+def test_a_lazy_recording_with_dropout_replays_bit_for_bit():
+    """Reading a lazy batch draws a DataLoader seed from the global RNG: neither the loop's randomness nor the
+    replayed Dropout masks may move because of it."""
+    memory, _ = _data()
+    lazy = AttributionDataset.from_torch(TensorDataset(memory.inputs, memory.labels), name="train")
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    recording = RunRecorder(model, optimizer, lazy, batch_size=BATCH)
+    for rows in torch.randperm(N).split(BATCH) + torch.randperm(N).split(BATCH):
+        optimizer.zero_grad()
+        recording.loss(model(recording.inputs(rows)), rows).backward()
+        recording.step(rows)
+    recording.finish()
+    replayed = recording.replay()
+    assert all(torch.equal(replayed[k], v) for k, v in recording.final_state.items())
 
 
 def test_source_from_the_recording_reads_its_momentum_and_checkpoints():

@@ -159,7 +159,9 @@ class RunRecorder:
         when the data are lazy (``AttributionDataset.from_torch``)."""
         if self.train.in_memory:
             return to_device(self.train.inputs[rows], device)
-        (_, inputs, _), = self.train.batches(batch_size=len(rows), rows=rows.tolist(), device=device)
+        with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seed from the global RNG: leave it as it was
+            (_, inputs, _), = self.train.batches(batch_size=len(torch.as_tensor(rows)),
+                                                 rows=torch.as_tensor(rows).tolist(), device=device)
         return inputs
 
     @property
@@ -201,8 +203,9 @@ class RunRecorder:
                 for group, lr in zip(optimizer.param_groups, rates):
                     group["lr"] = lr
                 optimizer.zero_grad()
-                torch.random.set_rng_state(rng)
-                outputs = call_model(model, self.inputs(rows, device))
+                inputs = self.inputs(rows, device)
+                torch.random.set_rng_state(rng)  # after reading the rows: the forward draws what it drew recorded
+                outputs = call_model(model, inputs)
                 self.loss(outputs, rows, w[rows].to(device)).backward()
                 optimizer.step()
         finally:

@@ -346,7 +346,11 @@ class InRunShapley:
         if any(len(set(rates)) > 1 for rates in recording.learning_rates):
             raise TDAError("In-Run Data Shapley takes one learning rate per step; this run's parameter groups had "
                            "different rates")
-        shapley = cls(task, recording.train, validation, options.pop("batch_size", recording.batch_size), **options)
+        from tda_explorer.compute.methods.synset import in_memory
+
+        # the recorded data in memory (a lazy dataset read once): each step's rows are gathered from it
+        shapley = cls(task, in_memory(recording.train, "inrun-shapley"), validation,
+                      options.pop("batch_size", recording.batch_size), **options)
         recording.replay_steps(shapley)
         return shapley
 
