@@ -25,7 +25,8 @@ One recording serves every trajectory method (each derives what it needs by repl
 only what it cannot do with the run's optimizer):
 
 - ``checkpoints(every=...)``: ``Checkpoint``s at chosen steps, with the optimizer's kind and (Adam/AdamW) moments
-  (TracIn, SOURCE, ``AttributionTask(checkpoints=...)``); ``adam_checkpoints`` for LESS;
+  (TracIn, SOURCE, ``AttributionTask(checkpoints=...)``), and LESS's Adam checkpoints
+  (``compute.selection.less.recording_adam_checkpoints``);
 - ``replay_steps(callback)``: every step's (step, positions, parameters, learning rate), the step callback
   ``StepRecorder`` (data value embedding) and ``InRunShapley`` take;
 - synset leave-one-out and MAGIC read the recording itself (``recording=``);
@@ -97,6 +98,7 @@ class RunRecorder:
         self.learning_rates: list[list[float]] = []
         self.rng_states: list[torch.Tensor] = []  # before each step's forward: dropout replays exactly
         self.final_state: dict[str, torch.Tensor] | None = None
+        self._checkpoint_cache: dict[tuple, list] = {}
         self._rng_before_forward: torch.Tensor | None = None
         self._hook = model.register_forward_pre_hook(self._remember_rng)
 
@@ -248,7 +250,7 @@ class RunRecorder:
 
         steps = self.checkpoint_steps(every, at)
         key = (tuple(steps), full_state)
-        cache = self.__dict__.setdefault("_checkpoints", {})  # a finished recording never changes: replay once
+        cache = self._checkpoint_cache  # a finished recording never changes: each set of steps is replayed once
         if key in cache:
             return list(cache[key])
         wanted, taken = set(steps), []
