@@ -6,6 +6,7 @@ The statistics (mean, std, z, p per pair) are in ``tda_explorer.compute.engine.s
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +48,6 @@ def score_stability(method: str, task: AttributionTask, variants: Sequence[dict[
     for params in variants:
         model = copy.deepcopy(task.model)
         model.load_state_dict(params)
-        variant = AttributionTask(model, measurement=task.measurement, parameters=task.parameters,
-                                  loss_fn=task.loss_fn, weight_decay=task.weight_decay)
+        variant = dataclasses.replace(task, model=model, checkpoints=[])
         scores.append(get_method(method, variant, **options).fit(train).attribute(test).scores)
     return stability_from_scores(method, torch.stack(scores), test.ids, train.ids)

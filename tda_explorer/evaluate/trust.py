@@ -32,8 +32,7 @@ def randomized_task(task: AttributionTask, seed: int = 0) -> AttributionTask:
     state = model.state_dict()
     # the run's optimizer kind and moments stay: only the parameters are randomised
     checkpoints = [replace(c, state_dict=copy.deepcopy(state)) for c in task.checkpoints]
-    return AttributionTask(model, checkpoints=checkpoints, measurement=task.measurement, parameters=task.parameters,
-                           loss_fn=task.loss_fn, weight_decay=task.weight_decay, access=task.access)
+    return replace(task, model=model, checkpoints=checkpoints)
 
 
 def model_randomization(scores: torch.Tensor, method: str, task: AttributionTask, train: AttributionDataset,

@@ -21,6 +21,7 @@ The base and the fine-tuned models must share parameter names and shapes (the fi
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,6 @@ from tda_explorer.compute.catalogue import (
     option,
     register,
 )
-from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import Checkpoint
 from tda_explorer.data.dataset import AttributionDataset
@@ -104,9 +104,7 @@ class DebiasDenoise(Attributor):
     def _attributor(self, state: dict, checkpoints: list[Checkpoint]) -> Attributor:
         model = copy.deepcopy(self.task.model)
         model.load_state_dict(state)
-        task = AttributionTask(model, checkpoints=checkpoints, measurement=self.task.measurement,
-                               parameters=self.task.parameters, loss_fn=self.task.loss_fn,
-                               weight_decay=self.task.weight_decay)
+        task = dataclasses.replace(self.task, model=model, checkpoints=checkpoints)  # the user's output, losses
         return create(self.inner, task, **{**shared_options(self.args), **self.inner_options})
 
     def _fit(self, train: AttributionDataset) -> None:

@@ -6,6 +6,7 @@ trainings from scratch. ``training_seconds_`` and ``stored_bytes_`` say what it 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -13,7 +14,6 @@ import torch
 
 # the method catalogue: this method registers itself, and builds its inner method from it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, create, option, register
-from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.methods.plan import fitted_bytes
 from tda_explorer.compute.training.lora import adapter_names, add_lora, train_adapters
@@ -54,8 +54,8 @@ class LoRAEnsemble(Attributor):
             train_adapters(model, train.inputs.to(self.device), train.labels.to(self.device), self.epochs, self.lr,
                            min(self.batch_size, len(train)), seed, self.task.train_loss)
             self.training_seconds_ += time.perf_counter() - started
-            task = AttributionTask(model, parameters=adapter_names(model), measurement=self.task.measurement,
-                                   loss_fn=self.task.loss_fn, access=self.task.access)
+            task = dataclasses.replace(self.task, model=model, parameters=adapter_names(model), checkpoints=[],
+                                       weight_decay=0.0)  # the adapters' own run; the user's output and losses
             inner = create(self.inner, task, **{**shared_options(self.args), **self.inner_options})
             self.attributors_.append(inner.fit(train))
         self.stored_bytes_ = sum(fitted_bytes(a) for a in self.attributors_)
