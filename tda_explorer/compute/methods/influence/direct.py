@@ -9,9 +9,9 @@ units. Positive = proponent. Solvers:
   ``projection_dim=k`` it works on projected features instead: Pᵀ H P (k curvature products with the columns of
   the seeded projection P) and projected gradients Pᵀ∇ℓ — exactly the influence function of the model whose
   parameters may only move in the random k-dimensional subspace θ + P z, for models too large for a p×p matrix.
-* ``cg``: conjugate gradients on curvature-vector products (double backward or GGN), all right-hand sides (test
-  points, or every training example for self-influence) as one block from which converged ones leave, by default
-  preconditioned with the Kronecker (EK-FAC) solution at the same damping.
+* ``cg``: block conjugate gradients on curvature-vector products (double backward or GGN): all right-hand sides
+  (test points, or every training example for self-influence) share one block of search directions, so many
+  right-hand sides converge in few iterations; optionally preconditioned with the Kronecker (EK-FAC) solution.
 * ``lissa`` (``lissa.py``) and ``arnoldi`` (``arnoldi.py``) build on the same base class.
 
 Every solver's options extend ``InfluenceArguments`` (curvature, damping), those of K-FAC / EK-FAC, ASTRA and
@@ -46,13 +46,14 @@ from tda_explorer.compute.catalogue import (
     register,
 )
 from tda_explorer.compute.engine.curvature import CURVATURES, Curvature
-from tda_explorer.compute.engine.kfac import fit_factors, tracked_layers
+from tda_explorer.compute.engine.kfac import fit_factors
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, diverged
 from tda_explorer.data.dataset import AttributionDataset
 
-PRECONDITIONERS = ("auto", "ekfac", "none")
+PRECONDITIONERS = ("none", "ekfac")
+BLOCK_ROWS = 2048  # right-hand sides per block of CG: bounds the s×s eigendecompositions (s ≤ this)
 
 
 @dataclass
@@ -195,27 +196,31 @@ class ExplicitInfluence(InfluenceFunction):
 
 @dataclass
 class CGArguments(InfluenceArguments):
-    max_iter: int = option(200, "conjugate-gradient iterations at most (one curvature product over the training set "
-                                "each); a solve that misses tol raises with its residual", POSITIVE_INT)
+    max_iter: int = option(200, "block conjugate-gradient iterations at most (each a curvature product over the "
+                                "training set per search direction); a solve that misses tol raises with its "
+                                "residual", POSITIVE_INT)
     tol: float = option(1e-6, "target relative residual ‖(H + λI)x − v‖ / ‖v‖ of every right-hand side",
                         Interval(0, 1, low_open=True, high_open=True))
-    preconditioner: str = option("auto", "'ekfac': preconditioned CG with the Kronecker (EK-FAC) solution at the same "
-                                         "damping (same answer, fewer iterations); 'none': plain CG; 'auto': ekfac "
-                                         "when every tracked layer is Linear or Conv2d", Options(PRECONDITIONERS))
+    preconditioner: str = option("none", "'ekfac': precondition with the Kronecker (EK-FAC) solution at the same "
+                                         "damping (the same answer; Linear and Conv2d layers only); on the digits MLP "
+                                         "it took more iterations than none", Options(PRECONDITIONERS))
 
 
 @register("if-cg", Family.PAIRWISE, CGArguments)
 class CGInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions with conjugate gradients on curvature-vector products, all test points as one block.
 
-    Block CG: every right-hand side (test point, or training example for self-influence) is solved at once, each
-    with its own step, and one that reaches ``tol`` leaves the block (no more curvature products for it). With the
-    EK-FAC preconditioner (``preconditioner``) the iterations start from the Kronecker solution and need far fewer
-    curvature products. A default solve that misses ``tol`` backs off (``backoff.py``: the damping raised by
-    decades, then the EK-FAC solution), with a ``SolverBackoffWarning``.
+    Breakdown-free block CG (Ji & Li 2017): the right-hand sides (test points, or every training example for
+    self-influence) share one block of orthonormalised search directions, rebuilt each iteration from the
+    residuals of those not yet at ``tol`` (directions they have in common are dropped), and every one gets the
+    Galerkin correction of the whole block. A block of r right-hand sides explores r directions per curvature
+    product, so many of them converge in few iterations: self-influence over n training examples costs a few
+    times pairwise attribution, not n / n_test times (``benchmarks/bench_cg_self_influence.py``). A default
+    solve that misses ``tol`` backs off (``backoff.py``: the damping raised by decades, then the EK-FAC solution)
+    with a ``SolverBackoffWarning``.
 
-    Fitted: ``residual_`` (the largest relative residual of the last solve), ``iterations_`` (its CG iterations),
-    ``solver_report_`` (the settings used).
+    Fitted: ``residual_`` (the largest relative residual of the last solve), ``iterations_`` (its block
+    iterations), ``solver_report_`` (the settings used).
     """
 
     control_options = ("damping", "max_iter", "tol")
@@ -224,7 +229,7 @@ class CGInfluence(BackoffSolver, InfluenceFunction):
         super()._prepare()
         self.preconditioner_ = None
         choice = self.args.preconditioner
-        if choice == "ekfac" or (choice == "auto" and _kronecker_supported(self.task)):
+        if choice == "ekfac":
             ekfac = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory)
             ekfac.factors_ = fit_factors(self.task, self.train_, "true", True, ekfac.args.batch_size,
                                          device=self.device)
@@ -248,33 +253,47 @@ class CGInfluence(BackoffSolver, InfluenceFunction):
         return ekfac._unrotate(ekfac._rotate(r) * inverse)
 
     def _attempt(self, b: torch.Tensor) -> torch.Tensor:
+        """Block CG on the rows of ``b`` in blocks of at most ``BLOCK_ROWS``; ``Diverged`` when a row misses ``tol``."""
         b = b.double().to(self.device)
+        if len(b) <= BLOCK_ROWS:
+            return self._block_cg(b)
+        parts, iterations, worst = [], 0, 0.0
+        for start in range(0, len(b), BLOCK_ROWS):
+            parts.append(self._block_cg(b[start : start + BLOCK_ROWS]))
+            iterations, worst = iterations + self.iterations_, max(worst, self.residual_)
+        self.iterations_, self.residual_ = iterations, worst
+        return torch.cat(parts)
+
+    def _block_cg(self, b: torch.Tensor) -> torch.Tensor:
+        """Breakdown-free block CG (Ji & Li 2017) on the rows of ``b``; ``Diverged`` when a row misses ``tol``."""
         max_iter, tol = self.args.max_iter, self.args.tol
         x = torch.zeros_like(b)
         r = b.clone()
-        z = self._precondition(r)
-        p = z.clone()
-        rz = (r * z).sum(1)
         b_norm = b.norm(dim=1).clamp_min(1e-300)
         residuals = r.norm(dim=1) / b_norm
-        active = torch.nonzero(residuals > tol).flatten()
+        active = residuals > tol
         iterations = 0
-        while active.numel() and iterations < max_iter:
+        p = _orthonormal_rows(self._precondition(r[active])) if bool(active.any()) else None
+        while p is not None and iterations < max_iter:
             iterations += 1
-            p_a = p[active]
-            ap = self._damped(p_a)
-            alpha = rz[active] / (p_a * ap).sum(1).clamp_min(1e-300)
-            x[active] += alpha[:, None] * p_a
-            r_a = r[active] - alpha[:, None] * ap
-            r[active] = r_a
-            z_a = self._precondition(r_a)
-            rz_new = (r_a * z_a).sum(1)
-            p[active] = z_a + (rz_new / rz[active].clamp_min(1e-300))[:, None] * p_a
-            rz[active] = rz_new
-            residuals[active] = r_a.norm(dim=1) / b_norm[active]
-            if not bool(torch.isfinite(residuals[active]).all()):
+            q = self._damped(p)
+            pq = p @ q.T
+            pq = 0.5 * (pq + pq.T)
+            chol, info = torch.linalg.cholesky_ex(pq)
+            if int(info) != 0:  # the damped curvature is not positive definite on the search directions
                 break
-            active = active[residuals[active] > tol]
+            alpha = torch.cholesky_solve(p @ r.T, chol)  # [s, r]
+            x += alpha.T @ p
+            r -= alpha.T @ q
+            residuals = r.norm(dim=1) / b_norm
+            if not bool(torch.isfinite(residuals).all()):
+                break
+            active = residuals > tol
+            if not bool(active.any()):
+                break
+            z = self._precondition(r[active])
+            beta = -torch.cholesky_solve(q @ z.T, chol)  # [s, active]
+            p = _orthonormal_rows(z + beta.T @ p)
         self.iterations_ = iterations
         worst = float(residuals.max()) if bool(torch.isfinite(residuals).all()) else float("inf")
         self.residual_ = worst
@@ -284,10 +303,12 @@ class CGInfluence(BackoffSolver, InfluenceFunction):
         return x
 
 
-def _kronecker_supported(task: AttributionTask) -> bool:
-    """Whether EK-FAC can factor every tracked layer of ``task`` (Linear / Conv2d)."""
-    try:
-        tracked_layers(task)
-    except TDAError:
-        return False
-    return True
+def _orthonormal_rows(w: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor | None:
+    """An orthonormal basis (rows) of the span of the rows of ``w``, directions below ``rtol`` (relative, on the
+    row-normalised Gram's eigenvalues) dropped; None when nothing is left."""
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    values, vectors = torch.linalg.eigh(w @ w.T)
+    keep = values > rtol * values.max().clamp_min(1e-300)
+    if not bool(keep.any()):
+        return None
+    return (vectors[:, keep] / values[keep].sqrt()).T @ w
