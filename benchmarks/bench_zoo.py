@@ -201,10 +201,12 @@ def _calibrated(exp, truth, method: str, device: str, limit: float | None) -> di
     return out
 
 
-def run_ours(exp, truth, writer: Writer, settings, device: str, limit: float | None, deadline: float) -> None:
-    """Every method at its defaults first (what must reproduce), then the oracle sweeps, then the calibrated."""
+def run_ours(exp, truth, writer: Writer, settings, device: str, limit: float | None, deadline: float,
+             only: list[str] | None = None) -> None:
+    """Every method (of ``only``, when given) at its defaults first (what must reproduce), then the oracle sweeps,
+    then the calibrated."""
     name, noisy = exp.spec.name, bool(exp.split.flipped.any())
-    methods = list(PAIRWISE) + (["suspicion"] if noisy else [])
+    methods = [m for m in list(PAIRWISE) + (["suspicion"] if noisy else []) if not only or m in only]
     if "default" in settings:
         for method in methods:
             writer.add(_guarded(name, "tda_explorer", method, "default", deadline,
@@ -315,6 +317,7 @@ def main() -> None:
     parser.add_argument("--task", nargs="*", default=None, help="zoo task names (default: all)")
     parser.add_argument("--library", nargs="*", default=None, choices=LIBRARIES, help="default: all")
     parser.add_argument("--setting", nargs="*", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--method", nargs="*", default=None, help="our methods to run (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=None, help="ground-truth cache (default: the retraining cache's zoo/)")
     parser.add_argument("--task-limit", type=float, default=1200,
@@ -345,7 +348,7 @@ def main() -> None:
         print(f"== {name}: {writer.tasks[name]}", flush=True)
         deadline = time.perf_counter() + args.task_limit
         if "tda_explorer" in libraries:
-            run_ours(exp, truth, writer, args.setting, args.device, args.method_limit, deadline)
+            run_ours(exp, truth, writer, args.setting, args.device, args.method_limit, deadline, args.method)
         deadline = time.perf_counter() + args.task_limit  # the peers have their own budget
         run_peers(exp, truth, writer, libraries, args.device, args.method_limit, deadline)
     writer.write(partial=_incomplete(writer, missing))  # the libraries not installed are named in the file
