@@ -74,3 +74,10 @@ def test_momentum_is_folded_into_the_effective_step(setup):
                                rtol=1e-5, atol=1e-8)  # Σ η / (1 − β) = 1 either way
     with pytest.raises(TDAError, match="momentum must be a number in \\[0, 1\\)"):
         get_method("source", slow, momentum=1.0)
+
+
+def test_an_adam_run_s_checkpoints_are_read_as_sgd_only_with_a_warning(setup):
+    train, _, model = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"checkpoints were taken under adam, whose preconditioned steps"):
+        get_method("source", _task(model, [Checkpoint(state, 1e-3, step=10, optimizer="adam")]))

@@ -30,6 +30,7 @@ Choices, from the recipe's pitfalls and our conventions:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -95,6 +96,11 @@ class SOURCE(Attributor):
         if not checkpoints:
             raise TDAError("source needs the task's checkpoints after training started (AttributionTask("
                            "checkpoints=...) from train_model or Experiment.task())")
+        adaptive = sorted({c.optimizer for c in checkpoints} - {"sgd"})
+        if a.recording is None and adaptive:
+            warnings.warn(f"source unrolls the run as (heavy-ball) SGD, but its checkpoints were taken under "
+                          f"{', '.join(adaptive)}, whose preconditioned steps it does not model: its segments' "
+                          "step sizes are read as SGD's (tracin is Adam-aware)", UserWarning, stacklevel=3)
         if a.segments > len(checkpoints):
             raise TDAError(f"segments={a.segments} exceeds the {len(checkpoints)} recorded checkpoints")
         self.segments = a.segments
