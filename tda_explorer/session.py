@@ -194,9 +194,14 @@ class Session:
     def methods(self) -> list[str]:
         return list(self.attributions)
 
-    def _cache_path(self, method: str, config: dict) -> Path:
+    def _cache_path(self, method: str, options: dict) -> Path:
+        """Where ``method``'s result with ``options`` (the user's, filled from the resources) is cached: keyed by
+        them (recordings, models and datasets by their contents), the task, the model, its checkpoints and the
+        data, so another recording or checkpoints of the same count never load a stale result."""
+        checkpoints = [(c.step, c.learning_rate, c.optimizer, model_fingerprint(c.state_dict))
+                       for c in self.task.checkpoints]
         key = config_fingerprint(
-            method, config, self.task.config(), model_fingerprint(self.task.model),
+            method, options, self.task.config(), model_fingerprint(self.task.model), checkpoints,
             self.train.fingerprint(), self.test.fingerprint(),
         )
         return self.folder / "attributions" / f"{method}-{key}.pt"
@@ -207,16 +212,16 @@ class Session:
         Above ``DENSE_LIMIT`` scores the attribution is computed a block of test points at a time and kept on disk
         (``ScoreFile``: each test point's top-k in memory, rows read on demand), so a session of 50,000 training
         and 10,000 test examples holds megabytes per method, not gigabytes."""
-        path = self._cache_path(method, config)
+        options = method_spec(method).fill(config, self.resources)
+        path = self._cache_path(method, options)
         large = len(self.test) * len(self.train) > DENSE_LIMIT
         stored = self._load_cached(path, large)
+        self.options[method] = options
         if stored is not None:
             attribution = Attribution(stored[0], self.test.ids, self.train.ids, method, config)
             self.add(attribution, stored[1])
             self._keep_out_of_fold(path)
             return attribution
-        options = method_spec(method).fill(config, self.resources)
-        self.options[method] = options
         attributor = get_method(method, self.task, device=self.device, **options).fit(self.train)
         scores = self._attribute_to_disk(attributor, path) if large else attributor.attribute(self.test).scores
         self_influence = attributor.self_influence()
@@ -341,7 +346,7 @@ class Session:
 
     def is_cached(self, method: str, **config: Any) -> bool:
         """Whether ``compute(method, **config)`` would load a cached result instead of computing."""
-        return self._cache_path(method, config).exists()
+        return self._cache_path(method, method_spec(method).fill(config, self.resources)).exists()
 
     def compute_async(self, method: str, on_update=None, **config: Any) -> BackgroundJob:
         """``compute`` in a background thread; returns the job (progress, cancel, error)."""

@@ -25,8 +25,14 @@ def _stable(value: Any) -> Any:
     """A session-independent stand-in for values JSON cannot hold (no memory addresses)."""
     import dataclasses
 
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"dataclass": type(value).__qualname__, **dataclasses.asdict(value)}
+    fingerprint = getattr(value, "fingerprint", None)
+    if callable(fingerprint) and not isinstance(value, type):  # datasets, recordings: a hash of their contents
+        return {"fingerprint": f"{type(value).__qualname__}:{fingerprint()}"}
+    if isinstance(value, nn.Module):
+        return {"module": model_fingerprint(value)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # fields go through this function in turn
+        return {"dataclass": type(value).__qualname__,
+                **{f.name: getattr(value, f.name) for f in dataclasses.fields(value)}}
     if isinstance(value, torch.Tensor):
         return {"tensor": hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]}
     if callable(value):
