@@ -288,10 +288,14 @@ def run_peers(exp, truth, writer: Writer, libraries, device: str, limit: float |
                 lambda m=method: _peer_scores(exp, truth, *peers.dattri_scores(exp, m, device=device)),
                 "defaults (512-d projection)")
     if "kronfluence" in libraries and peers.available("kronfluence"):
+        # the adapter passes the weight decay as damping; with none (wd = 0) that is an undamped singular Fisher, so
+        # kronfluence's own heuristic (0.1 x the mean eigenvalue) is used there instead
+        damping, said = ("wd", "damping = wd") if exp.config.weight_decay else (None, "its heuristic damping (wd = 0)")
         for strategy in ("kfac", "ekfac"):
             add("kronfluence", f"if-{strategy}",
-                lambda s=strategy: _peer_scores(exp, truth, *peers.kronfluence_scores(exp, s, device=device)),
-                "defaults, true Fisher, damping = wd")
+                lambda s=strategy: _peer_scores(exp, truth, *peers.kronfluence_scores(exp, s, device=device,
+                                                                                      damping=damping)),
+                f"defaults, true Fisher, {said}")
     if "dattri-llm" in libraries and peers.available("dattri_llm"):
         for method in ("kfac", "ekfac"):
             add("dattri-llm", f"if-{method}",
