@@ -17,8 +17,7 @@ from torch import nn
 
 from tda_explorer import AttributionDataset, AttributionTask, TDAError, get_method
 from tda_explorer.compute.engine.curvature import Curvature
-from tda_explorer.compute.methods.influence.backoff import DAMPING_RAISES, Diverged, SolverBackoffWarning
-from tda_explorer.compute.methods.influence.direct import CGInfluence
+from tda_explorer.compute.methods.influence.backoff import DAMPING_RAISES, HALVINGS, Diverged, SolverBackoffWarning
 
 
 def _tabular(n_train: int, n_test: int, outlier: int | None = None, factor: float = 10.0):
@@ -130,29 +129,34 @@ def test_astra_halves_a_default_step_that_diverges_and_tracks_the_exact_influenc
         get_method("if-astra", task, minibatch=16, iterations=150, step=1.0).fit(train).attribute(test)
 
 
-def test_every_stage_failing_falls_back_to_ekfac(tiny_mlp, tiny_data, monkeypatch):
+@pytest.mark.parametrize(("method", "attempt", "halvings"), [
+    ("if-cg", "_attempt", 0), ("if-lissa", "_attempt", HALVINGS), ("if-astra", "_attempt", HALVINGS),
+    ("if-arnoldi", "_keep", 0)])
+def test_every_stage_failing_falls_back_to_ekfac(tiny_mlp, tiny_data, monkeypatch, method, attempt, halvings):
     train, test = tiny_data
     task = AttributionTask(tiny_mlp, weight_decay=0.05)
 
     def never(self, rhs):
-        raise Diverged(float("inf"), "if-cg diverged (patched)")
+        raise Diverged(float("inf"), f"{method} diverged (patched)")
 
-    monkeypatch.setattr(CGInfluence, "_attempt", never)
-    cg = get_method("if-cg", task).fit(train)
+    solver = get_method(method, task, **({"depth": 5} if method == "if-lissa" else {}))
+    monkeypatch.setattr(type(solver), attempt, never)
     with pytest.warns(SolverBackoffWarning) as caught:
-        scores = cg.attribute(test).scores
-    said = [str(w.message) for w in caught]
-    assert len(said) == DAMPING_RAISES + 1 and "fell back to the EK-FAC solution" in said[-1]
+        solver.fit(train)
+        scores = solver.attribute(test).scores
+    said = _backoff_warnings(caught)
+    assert len(said) == halvings + DAMPING_RAISES + 1 and "fell back to the EK-FAC solution" in said[-1], said
+    assert all("halved it" in s for s in said[:halvings]) and "raised the damping" in said[halvings]
     ekfac = get_method("if-ekfac", task).fit(train)
     torch.testing.assert_close(scores, ekfac.attribute(test).scores, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(cg.self_influence(), ekfac.self_influence(), rtol=1e-4, atol=1e-7)
-    assert cg.config()["solver_backoff"]["fallback"] == "if-ekfac"
-    # a model EK-FAC cannot factor: the failure is a TDAError that says so
-    odd = AttributionTask(nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SolverBackoffWarning)
-        with pytest.raises(TDAError, match="EK-FAC fallback is unavailable too: .*nn.Linear and nn.Conv2d"):
-            get_method("if-cg", odd).fit(train).attribute(test)
+    torch.testing.assert_close(solver.self_influence(), ekfac.self_influence(), rtol=1e-4, atol=1e-7)
+    assert solver.config()["solver_backoff"]["fallback"] == "if-ekfac"
+    if method == "if-cg":  # a model EK-FAC cannot factor: the failure is a TDAError that says so
+        odd = AttributionTask(nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SolverBackoffWarning)
+            with pytest.raises(TDAError, match="EK-FAC fallback is unavailable too: .*nn.Linear and nn.Conv2d"):
+                get_method("if-cg", odd).fit(train).attribute(test)
 
 
 @pytest.mark.parametrize("preconditioner", ["none", "ekfac"])
