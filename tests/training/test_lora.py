@@ -58,3 +58,13 @@ def test_lora_ensemble_averages_its_members():
         get_method("lora-ensemble", task, rank=7)
     with pytest.raises(TDAError, match="inner must be one of .*'trak'.*, got 'lora-ensemble'"):
         get_method("lora-ensemble", task, inner="lora-ensemble")
+
+
+def test_the_default_rank_is_capped_at_each_layer_s_narrower_side():
+    adapted = add_lora(_mlp(), rank=None)  # 6 → 12 takes 4, 12 → 3 takes 3 (a chosen rank=4 is refused above)
+    assert adapted[0].lora_a.shape == (4, 6) and adapted[2].lora_a.shape == (3, 12)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    ensemble = get_method("lora-ensemble", AttributionTask(_mlp()), members=1, epochs=1, inner="grad-dot")
+    assert torch.isfinite(ensemble.fit(AttributionDataset(x[:20], y[:20])).attribute(
+        AttributionDataset(x[20:], y[20:])).scores).all()

@@ -23,7 +23,8 @@ from tda_explorer.data.dataset import AttributionDataset
 @dataclass
 class LoRAEnsembleArguments(AttributorArguments):
     members: int = option(5, "M, the number of adapters (seeds 0 … M−1), each an ensemble member", POSITIVE_INT)
-    rank: int = option(4, "the adapters' rank (1 … the narrower side of each Linear layer)", POSITIVE_INT)
+    rank: int | None = option(None, "the adapters' rank (1 … the narrower side of each Linear layer); None: 4, or a "
+                                    "layer's narrower side where that is smaller", POSITIVE_INT)
     epochs: int = option(3, "epochs of each adapter's fine-tuning (Adam on the mean training loss)", POSITIVE_INT)
     lr: float = option(1e-2, "Adam's learning rate for the adapters", POSITIVE)
     batch_size: int = option(64, "mini-batch size of the adapters' fine-tuning (at most the training set)",

@@ -40,20 +40,30 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
 
 
-def add_lora(model: nn.Module, rank: int, seed: int = 0, alpha: float = 1.0) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` adapted (base weights frozen, adapters seeded per layer)."""
+#: The adapters' rank when none is chosen (capped at each layer's narrower side).
+DEFAULT_RANK = 4
+
+
+def _rank(rank: int | None, layer: nn.Linear) -> int:
+    """The chosen rank as it is (checked by the layer), or the default capped at the layer's narrower side."""
+    return min(DEFAULT_RANK, layer.in_features, layer.out_features) if rank is None else rank
+
+
+def add_lora(model: nn.Module, rank: int | None, seed: int = 0, alpha: float = 1.0) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` adapted (base weights frozen, adapters seeded per layer); with
+    ``rank=None`` each layer gets ``DEFAULT_RANK`` or its narrower side when smaller."""
     adapted = copy.deepcopy(model)
     for p in adapted.parameters():
         p.requires_grad_(False)
     if isinstance(adapted, nn.Linear):  # the model is one layer: it becomes the adapted layer
-        return LoRALinear(adapted, rank, alpha, seed * 1_000_003, "model")
+        return LoRALinear(adapted, _rank(rank, adapted), alpha, seed * 1_000_003, "model")
     linears = [(name, m) for name, m in adapted.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise TDAError("add_lora adapts nn.Linear layers; the model has none")
     for index, (name, module) in enumerate(linears):
         parent_name, _, child = name.rpartition(".")
         parent = adapted.get_submodule(parent_name) if parent_name else adapted
-        setattr(parent, child, LoRALinear(module, rank, alpha, seed * 1_000_003 + index, name))
+        setattr(parent, child, LoRALinear(module, _rank(rank, module), alpha, seed * 1_000_003 + index, name))
     return adapted
 
 
