@@ -28,7 +28,8 @@ from tda_explorer.data.batching import LABEL_KEYS, check_inputs, describe, take_
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.data.renderers import Renderer
 
-STREAMING_METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "if-ekfac", "if-kfac")  # and any LoGra projection
+STREAMING_METHODS = ("grad-dot", "grad-cos", "tracin", "trak", "if-ekfac", "if-kfac", "if-explicit", "if-cg",
+                     "if-lissa", "if-arnoldi", "if-astra", "if-datainf")  # and any LoGra projection
 _FINGERPRINT_ITEMS = 8  # items whose contents enter a lazy dataset's fingerprint
 
 

@@ -8,12 +8,17 @@ cross-entropy), so G + wd·I is positive definite — the default for influence 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Mapping
+from functools import partial
+from typing import Any
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from tda_explorer._validation import check_choice
-from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.engine.losses import Batch
+from tda_explorer.compute.engine.task import AttributionTask, call_model
+from tda_explorer.data.batching import take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
 
 CURVATURES = ("ggn", "hessian")
@@ -21,6 +26,10 @@ CURVATURES = ("ggn", "hessian")
 
 class Curvature:
     """Products with the curvature of the mean training objective at the model's parameters.
+
+    Training data held in memory (tensors or dicts of tensors) enter every product at once; data read lazily
+    (``AttributionDataset.from_torch``) is streamed in batches of ``batch_size`` and the products summed, so nothing
+    needs the whole input tensor.
 
     Parameters
     ----------
@@ -30,10 +39,13 @@ class Curvature:
     device : torch.device
     dtype : torch.dtype
         Float64 by default: these products feed solvers that need the precision.
+    batch_size : int, optional
+        Rows per streamed batch of lazy data (default: the dataset's own).
     """
 
     def __init__(self, task: AttributionTask, train: AttributionDataset, kind: str = "ggn",
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+                 batch_size: int | None = None):
         self.kind = check_choice(kind, "curvature", CURVATURES)
         self.task, self.device, self.dtype = task, torch.device(device), dtype
         self.names = task.tracked_names()
@@ -43,16 +55,38 @@ class Curvature:
         self.shapes = [(k, state[k].shape) for k in self.names]
         self.theta = torch.cat([state[k].flatten() for k in self.names])
         self.frozen = {k: v for k, v in state.items() if k not in self.names}
-        self.x = train.inputs.to(device, dtype) if train.inputs.is_floating_point() else train.inputs.to(device)
-        self.y = train.labels.to(device)
+        self.train, self.batch_size, self.rows = train, batch_size, None
+        self.held = [(self._cast(to_device(train.inputs, device)), train.labels.to(device))] if train.in_memory \
+            else None
         self.n = len(train)
         self.wd = float(task.weight_decay)
         self.model = model
 
+    def _cast(self, inputs: Any) -> Any:
+        """Floating inputs in the products' precision (token ids and masks stay integers)."""
+        if isinstance(inputs, Mapping):
+            return {k: self._cast(v) for k, v in inputs.items()}
+        return inputs.to(self.dtype) if inputs.is_floating_point() else inputs
+
+    def _batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        """``(inputs, labels)`` of the rows the products run over: held in memory, or read batch by batch."""
+        if self.held is not None:
+            yield from self.held
+            return
+        for _, x, y in self.train.batches(self.batch_size, rows=self.rows, device=self.device):
+            yield self._cast(x), y
+
     def on_rows(self, rows: torch.Tensor) -> Curvature:
         """The same curvature over a subset of the training rows (a minibatch), sharing everything else."""
         view = copy.copy(self)
-        view.x, view.y, view.n = self.x[rows], self.y[rows], len(rows)
+        rows = rows.cpu()
+        if self.held is not None:
+            x, y = self.held[0]
+            on = rows.to(y.device)
+            view.held = [(take_rows(x, on), y[on])]
+        else:
+            view.rows = rows if self.rows is None else self.rows[rows]
+        view.n = len(rows)
         return view
 
     @property
@@ -67,26 +101,33 @@ class Curvature:
             start += size
         return out
 
-    def _logits(self, flat: torch.Tensor) -> torch.Tensor:
+    def _logits(self, flat: torch.Tensor, x: Any) -> torch.Tensor:
         params = {**self.frozen, **self._unflatten(flat), **self.buffers}
-        return functional_call(self.model, params, (self.x,))
+        return self.task.logits(call_model(self.model, x, params))
 
-    def _objective(self, flat: torch.Tensor) -> torch.Tensor:
-        loss = self.task.train_loss(self._logits(flat), self.y).mean()
-        return loss + 0.5 * self.wd * (flat * flat).sum()
+    def _loss_sum(self, flat: torch.Tensor, x: Any, y: torch.Tensor) -> torch.Tensor:
+        """Σ ℓ over one batch, divided by the n rows of the objective (the batches' terms add up to its mean)."""
+        return self.task.train_loss(self._logits(flat, x), Batch(x, y)).sum() / self.n
 
-    def _one(self, v: torch.Tensor) -> torch.Tensor:
+    def _term(self, v: torch.Tensor, x: Any, y: torch.Tensor) -> torch.Tensor:
+        """One batch's term of ``(curvature) @ v`` (the weight decay's is added once, in ``matvec``)."""
         if self.kind == "hessian":
-            return jvp(grad(self._objective), (self.theta,), (v,))[1]
-        logits, jv = jvp(self._logits, (self.theta,), (v,))
+            return jvp(grad(partial(self._loss_sum, x=x, y=y)), (self.theta,), (v,))[1]
+        logits_of = partial(self._logits, x=x)
+        logits, jv = jvp(logits_of, (self.theta,), (v,))
         p = logits.softmax(-1)
         h_jv = p * jv - p * (p * jv).sum(-1, keepdim=True)  # Hessian of cross-entropy w.r.t. logits, times Jv
-        _, pullback = vjp(self._logits, self.theta)
-        return pullback(h_jv / self.n)[0] + self.wd * v
+        _, pullback = vjp(logits_of, self.theta)
+        return pullback(h_jv / self.n)[0]
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(curvature) @ v`` for each row of ``vectors`` ``[r, p]``."""
-        return vmap(self._one)(vectors.to(self.device, self.dtype))
+        """``(curvature) @ v`` for each row of ``vectors`` ``[r, p]``: the batches' terms summed (each batch read
+        once per product, outside ``vmap``)."""
+        vectors = vectors.to(self.device, self.dtype)
+        out = self.wd * vectors
+        for x, y in self._batches():
+            out = out + vmap(partial(self._term, x=x, y=y))(vectors)
+        return out
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
         """The ``[p, p]`` matrix (symmetrised), built from products with the identity in chunks."""

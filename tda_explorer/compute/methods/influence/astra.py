@@ -143,7 +143,7 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         for t in range(a.iterations):
             if t and t % a.halve_every == 0:
                 step /= 2
-            rows = torch.randperm(n, generator=gen)[: a.minibatch].to(full.x.device)
+            rows = torch.randperm(n, generator=gen)[: a.minibatch]
             residual = full.on_rows(rows).matvec(x) + damping * x - v
             velocity = a.momentum * velocity - step * self._precondition(residual)
             x = x + velocity

@@ -92,7 +92,7 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
         for _ in range(a.repeats):
             x = v.clone()
             for j in range(a.depth):
-                rows = torch.randperm(n, generator=gen)[: a.minibatch].to(self.curvature_.x.device)
+                rows = torch.randperm(n, generator=gen)[: a.minibatch]
                 x = v + x - self._damped(x, self.curvature_.on_rows(rows)) / self.scale_
                 if j % self.check_every == self.check_every - 1:
                     norms = x.norm(dim=1)
