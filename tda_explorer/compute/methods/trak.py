@@ -26,6 +26,9 @@ from tda_explorer.compute.training.dropout_masks import DropoutMasks, mask_seed
 from tda_explorer.data.batching import take_rows
 from tda_explorer.data.dataset import AttributionDataset
 
+#: Training rows per float64 block of the kernel and the leverages (a float64 copy of all of Φ is never made).
+ROWS_PER_BLOCK = 4096
+
 
 @dataclass
 class TRAKArguments(AttributorArguments):
@@ -99,11 +102,14 @@ class TRAK(Attributor):
         for i, params, seed in self._variants():
             phi = self._features(train, test=False, params=params, loss_fn=neg_margin,
                                  tag=f"trak-m{i}-d{seed}", dropout_seed=seed)
-            phi64 = phi.double()
             # With fewer training examples than features, solve the n×n dual system: by the push-through
             # identity φ′ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ = φ′ᵀΦᵀ(ΦΦᵀ + λI)⁻¹, which is cheaper and identical.
             dual = len(phi) < phi.shape[1]
-            gram = phi64 @ phi64.T if dual else phi64.T @ phi64
+            if dual:
+                phi64 = phi.double()
+                gram = phi64 @ phi64.T
+            else:  # ΦᵀΦ in float64 a block of rows at a time: no float64 copy of Φ
+                gram = sum(block.double().T @ block.double() for block in phi.split(ROWS_PER_BLOCK))
             if self.damping is None and self.task.weight_decay > 0:
                 lam = len(train) * self.task.weight_decay
             else:
@@ -139,7 +145,8 @@ class TRAK(Attributor):
         for phi, chol, dual, lam in zip(self.phi_, self.chol_, self.dual_, self.lam_):
             if dual:  # diag(ΦΦᵀ(ΦΦᵀ + λI)⁻¹) = 1 − λ·diag((ΦΦᵀ + λI)⁻¹)
                 leverage = leverage + (1 - lam * torch.cholesky_inverse(chol).diagonal())
-            else:  # φᵢᵀ(ΦᵀΦ + λI)⁻¹φᵢ = ‖L⁻¹φᵢ‖²
-                z = torch.linalg.solve_triangular(chol, phi.double().T, upper=False)
-                leverage = leverage + (z * z).sum(0)
+            else:  # φᵢᵀ(ΦᵀΦ + λI)⁻¹φᵢ = ‖L⁻¹φᵢ‖², a block of rows at a time
+                leverage = leverage + torch.cat([
+                    torch.linalg.solve_triangular(chol, block.double().T, upper=False).square().sum(0)
+                    for block in phi.split(ROWS_PER_BLOCK)])
         return (leverage / len(self.phi_)).to(self.q_.dtype) * self.q_
