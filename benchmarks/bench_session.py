@@ -129,17 +129,20 @@ def bench_session(n_train: int = 50_000, n_test: int = 10_000, device: str = "cp
     trained_on = min(n_train, TRAIN_ROWS)
     epoch_s = train_one_epoch(model, Subset(images_train, range(trained_on)), device) * n_train / trained_on
     say(f"one training epoch over {n_train} images: {epoch_s:.1f} s (timed over {trained_on})")
+    peaks = {"training": peak_rss_mb()}  # the process's peak after each phase: which one set it
     train, test = datasets()
     t0 = time.perf_counter()
     task = AttributionTask(model, parameters=tracked_parameters(model))
     session = Session(train, test, task, folder=folder, device=device)
     predict_s = time.perf_counter() - t0
+    peaks["predictions"] = peak_rss_mb()
     seconds = {}
     for method in METHODS:
         t0 = time.perf_counter()
         session.compute(method, **OPTIONS, store=f"{folder}/features")
         seconds[method] = time.perf_counter() - t0
-        say(f"{method}: {seconds[method]:.1f} s")
+        peaks[method] = peak_rss_mb()
+        say(f"{method}: {seconds[method]:.1f} s, peak {peaks[method]:.0f} MB")
     del session
     gc.collect()
 
@@ -162,7 +165,7 @@ def bench_session(n_train: int = 50_000, n_test: int = 10_000, device: str = "cp
                                      if n in tracked_parameters(model)),
         "options": OPTIONS, "epoch_s": epoch_s, "predict_s": predict_s,
         "method_s": seconds, "method_epochs": {m: s / epoch_s for m, s in seconds.items()},
-        "first_panel_s": first_panel_s, "peak_rss_mb": peak_rss_mb(),
+        "first_panel_s": first_panel_s, "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_after": peaks,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
     }
 
