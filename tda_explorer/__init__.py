@@ -20,6 +20,7 @@ _LAZY = {
     "select": "tda_explorer.compute.selection.less",
     "LAVA": "tda_explorer.compute.valuation.lava",
     "TwoStageTracer": "tda_explorer.compute.tracing.fasttrack",
+    "SolverBackoffWarning": "tda_explorer.compute.methods.influence.backoff",
 }
 
 __all__ = ["TDAError", "__version__", *_LAZY]
