@@ -237,7 +237,8 @@ def _oracle(exp, truth, method: str, device: str, limit: float | None, deadline:
         if r["lds"] is not None and math.isfinite(r["lds"]) and (best is None or r["lds"] > best[1]["lds"]):
             best = (options, r)
     if best is None:
-        return {"status": "error: no point of the sweep gave an LDS", "sweep": points}
+        first = next((p["status"] for p in points if p.get("status", "").startswith("error")), "")
+        return {"status": f"error: no point of the sweep gave an LDS ({first[len('error: '):]})"[:240], "sweep": points}
     options, r = best
     return {**{k: r[k] for k in ("lds", "mislabel_auc", "recall_at_10")}, "seconds": total,
             "options": json.dumps(options) if options else "defaults", "sweep": points}
