@@ -314,3 +314,24 @@ def test_a_session_given_the_recording_computes_with_it(tmp_path):
     torch.testing.assert_close(session.attribution("tracin").scores, direct.scores)
     with pytest.raises(TDAError, match="magic differentiates SGD steps; this run used Adam"):
         session.compute("magic")
+
+
+def test_a_trainer_callback_s_checkpoints_serve_tracin_and_the_replaying_methods_say_what_instead():
+    """The Hugging Face callback records checkpoints (with AdamW's moments), not a replayable run: given as
+    ``recording=`` it feeds TracIn like the same checkpoints on the task; the methods that replay refuse it by name
+    with the way out."""
+    pytest.importorskip("transformers")
+    from tda_explorer.integrations.huggingface import RecordingCallback
+
+    train, test = _data()
+    recording, captured = _captured("adam", train)
+    callback = RecordingCallback()
+    callback.checkpoints.extend(captured)  # what the callback takes at each epoch's end
+    model = recording.model
+    via_callback = get_method("tracin", AttributionTask(model), recording=callback).fit(train).attribute(test)
+    via_task = get_method("tracin", AttributionTask(model, checkpoints=captured)).fit(train).attribute(test)
+    torch.testing.assert_close(via_callback.scores, via_task.scores)
+    for method in ("synset-loo", "magic", "source"):
+        with pytest.raises(TDAError, match=r"replays the run step by step, and a RecordingCallback holds its "
+                                           r"checkpoints.*RunRecorder.*tracin, source and less"):
+            get_method(method, AttributionTask(model), recording=callback).fit(train)

@@ -60,7 +60,7 @@ from tda_explorer.compute.training.further_training import (
     further_training_cosines,
     further_training_truth,
 )
-from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import TrainConfig, stacked_outputs, train_weighted
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import JobCancelled, check_cancelled, report_progress
@@ -198,11 +198,7 @@ def replay_truth(recording: RunRecorder, task: AttributionTask, train: Attributi
                  removals: int = 10, removal_size: int | None = None, seed: int = 0) -> CalibrationTruth:
     """The same-seed truth of a recorded run: ``recording.removal_effects`` for ``removal_groups`` on ``test``,
     measured with the task's test measurement."""
-    if not isinstance(recording, RunRecorder):
-        raise TDAError(f"recording must be a RunRecorder of the training run (replayed without a few small groups), "
-                       f"got {type(recording).__name__}")
-    if recording.final_state is None:
-        raise TDAError("recording: finish() it before calibrating on it")
+    finished_recording(recording, "calibrating on the same-seed truth (replays without a few small groups)")
     if recording.data_fingerprint != train.fingerprint():
         raise TDAError("recording: it was recorded on other training data than the train given to calibrate")
     groups = removal_groups(train, removals, removal_size, seed)

@@ -41,7 +41,7 @@ from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.synset import Trajectory, in_memory
-from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import train_weighted
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
@@ -280,10 +280,7 @@ class ReplayMetagradient(Attributor):
 
 def _check_recording(recording: RunRecorder) -> None:
     """Refuse what the metagradient cannot differentiate exactly, naming it."""
-    if not isinstance(recording, RunRecorder):
-        raise TDAError(f"recording must be a RunRecorder, got {type(recording).__name__}")
-    if recording.final_state is None:
-        raise TDAError("recording: finish() it before attributing")
+    finished_recording(recording, "magic (it differentiates through the replayed steps)")
     if recording.optimizer_class is not torch.optim.SGD:
         raise TDAError(f"magic differentiates SGD steps; this run used {recording.optimizer_class.__name__}. "
                        f"Supported: {SUPPORTED}")

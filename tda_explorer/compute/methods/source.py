@@ -46,7 +46,7 @@ from tda_explorer.compute.engine.kfac import (
 )
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.tracin import recording_checkpoints
-from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.data.dataset import AttributionDataset
 
 
@@ -185,8 +185,7 @@ class SOURCE(Attributor):
 
 def _recorded_momentum(recording: RunRecorder, given: float | None) -> float:
     """The recorded run's heavy-ball momentum (``given`` when set), refusing what SOURCE's SGD unrolling is not."""
-    if not isinstance(recording, RunRecorder):
-        raise TDAError(f"source: recording must be a RunRecorder, got {type(recording).__name__}")
+    finished_recording(recording, "source (it reads the recorded optimizer and rates)")
     if not issubclass(recording.optimizer_class, torch.optim.SGD):
         raise TDAError(f"source unrolls SGD steps (exp(−c·H) per segment); this run used "
                        f"{recording.optimizer_class.__name__}, whose preconditioned steps it does not model: use "

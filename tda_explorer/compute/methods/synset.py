@@ -44,7 +44,7 @@ from torch.func import functional_call, grad, replace_all_batch_norm_modules_, v
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.task import AttributionTask
-from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import TrainConfig, train_weighted
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
@@ -72,10 +72,7 @@ class Trajectory:
         """The trajectory of a finished ``RunRecorder``: its initial state, a checkpoint after every ``every`` steps
         (default: each epoch) and at the end, materialised by replaying it (whole state dicts: BatchNorm statistics
         included), and the recording itself for the replays' optimizer and schedule."""
-        if not isinstance(recording, RunRecorder):
-            raise TDAError(f"recording must be a RunRecorder, got {type(recording).__name__}")
-        if recording.final_state is None:
-            raise TDAError("recording: finish() it before deriving its trajectory")
+        finished_recording(recording, "deriving its trajectory (synset methods)")
         checkpoints = [c.state_dict for c in recording.checkpoints(every=every)]
         return cls({k: v.detach().clone() for k, v in recording.initial_state.items()}, None, checkpoints,
                    recording)

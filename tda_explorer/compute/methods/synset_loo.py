@@ -45,7 +45,7 @@ from tda_explorer.compute.methods.synset import (
     replay,
     replay_module,
 )
-from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import stacked_outputs
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -79,12 +79,7 @@ class SynsetLOO(Attributor):
             raise TDAError("synset-loo takes one run: trajectory= (a built-in recipe) or recording= (your own loop), "
                            "not both")
         if a.recording is not None:
-            if not isinstance(a.recording, RunRecorder):
-                raise TDAError(f"recording must be a RunRecorder (your loop recorded for exact replay), got "
-                               f"{type(a.recording).__name__}; a StepRecorder holds projected gradients, not the "
-                               "run's parameters")
-            if a.recording.final_state is None:
-                raise TDAError("recording: finish() it before attributing")
+            finished_recording(a.recording, "synset-loo")
         elif not isinstance(a.trajectory, Trajectory):
             raise TDAError(
                 "synset-loo needs the recorded training trajectory: pass trajectory=Trajectory(init_state, config, "

@@ -26,7 +26,7 @@ from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fi
 from tda_explorer.compute.engine.logra import LoGraProjector
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.training.optimizer_state import ADAM_KINDS, adam_direction, check_adam_state
-from tda_explorer.compute.training.run_recorder import RunRecorder
+from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.data.dataset import AttributionDataset
 
 ADAM_DIRECTION = "adam-preconditioned: Γ(g) = m̂′/(√v̂′ + ε) with the checkpoint's moments updated by g (as LESS)"
@@ -193,10 +193,11 @@ class TracIn(Attributor):
 
 def recording_checkpoints(recording: Any, every: int | None, method: str) -> list:
     """The ``Checkpoint``s of a finished ``RunRecorder`` (one per epoch, or every ``every`` steps, and at the end),
-    refusing anything else by name."""
-    if not isinstance(recording, RunRecorder):
-        raise TDAError(f"{method}: recording must be a RunRecorder (your loop recorded for exact replay), got "
-                       f"{type(recording).__name__}")
-    if recording.final_state is None:
-        raise TDAError(f"{method}: finish() the recording before attributing")
-    return recording.checkpoints(every=every)
+    or those a record of checkpoints took (the Hugging Face ``RecordingCallback``); anything else refused by name."""
+    if not isinstance(recording, RunRecorder) and hasattr(recording, "checkpoints") and \
+            not hasattr(recording, "replay"):
+        if every is not None:
+            raise TDAError(f"{method}: checkpoint_every needs a RunRecorder to replay; a "
+                           f"{type(recording).__name__} gives the checkpoints it took")
+        return list(recording.checkpoints)
+    return finished_recording(recording, method).checkpoints(every=every)

@@ -50,6 +50,7 @@ from tda_explorer.compute.engine.featurize import make_projector
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
 from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.data.dataset import AttributionDataset
 
 AGGREGATIONS = ("mean-cosine", "mean-gradient")
@@ -176,13 +177,9 @@ def recording_adam_checkpoints(recording: Any, every: int | None = None, paramet
     """``AdamCheckpoint``s of an Adam/AdamW run of your own loop recorded with ``RunRecorder``, materialised by
     replaying it: after every ``every`` steps (default one epoch) and at the end, each with the mean learning rate of
     the steps since the previous one."""
-    from tda_explorer.compute.training.run_recorder import RunRecorder
-
-    if not isinstance(recording, RunRecorder):
-        raise TDAError(f"recording must be a RunRecorder (your loop recorded for exact replay), got "
-                       f"{type(recording).__name__}")
-    if recording.final_state is None:
-        raise TDAError("recording: finish() it before selecting with it")
+    if not isinstance(recording, RunRecorder) and hasattr(recording, "checkpoints"):
+        return list(recording.checkpoints)  # a record of checkpoints with Adam's moments (the Trainer callback)
+    finished_recording(recording, "less")
     if not issubclass(recording.optimizer_class, (torch.optim.Adam, torch.optim.AdamW)):
         raise TDAError(f"LESS forms Adam's update directions from the run's moments; this run used "
                        f"{recording.optimizer_class.__name__}, which has none: record an Adam/AdamW warmup, or let "

@@ -324,3 +324,22 @@ class RunRecorder:
         for rows in self.positions:
             h.update(rows.numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def finished_recording(recording: Any, purpose: str) -> RunRecorder:
+    """``recording`` when it is a finished ``RunRecorder``; else a ``TDAError`` saying what ``purpose`` needs and,
+    for a record of checkpoints only (the Hugging Face ``RecordingCallback``), what that record does serve."""
+    if not isinstance(recording, RunRecorder):
+        got = type(recording).__name__
+        if hasattr(recording, "checkpoints") and not hasattr(recording, "replay"):
+            raise TDAError(f"recording: {purpose} replays the run step by step, and a {got} holds its checkpoints, "
+                           "not a replayable run (a Trainer's clipping, accumulation and loss are not recorded): "
+                           "record your own loop with RunRecorder, or give the checkpoints to the task "
+                           "(AttributionTask(model, checkpoints=recorder.checkpoints)) for tracin, source and less")
+        raise TDAError(f"recording must be a RunRecorder (your loop recorded for exact replay) for {purpose}, got "
+                       f"{got}" + ("; a StepRecorder holds projected gradients, not the run's parameters"
+                                   if got == "StepRecorder" else ""))
+    if recording.final_state is None:
+        raise TDAError(f"recording: finish() it before {purpose}")
+    return recording
+

@@ -53,6 +53,7 @@ from tda_explorer._validation import TDAError, as_device
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Options, build_arguments, option, register
 from tda_explorer.compute.engine.kfac import _output_grads, _patches, conv_padding, layer_activity, tracked_layers
 from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.training.run_recorder import finished_recording
 from tda_explorer.data.dataset import AttributionDataset
 
 PER_EXAMPLE_LIMIT = 2**22  # per-example gradients materialised by the single pass up to this many numbers
@@ -329,13 +330,7 @@ class InRunShapley:
         """The values of a run of your own loop recorded with ``RunRecorder`` (finished), computed by replaying it
         once with this as the step callback; ``options`` as ``InRunShapleyArguments`` (``batch_size`` defaults to
         the recording's)."""
-        from tda_explorer.compute.training.run_recorder import RunRecorder
-
-        if not isinstance(recording, RunRecorder):
-            raise TDAError(f"recording must be a RunRecorder (your loop recorded for exact replay), got "
-                           f"{type(recording).__name__}")
-        if recording.final_state is None:
-            raise TDAError("recording: finish() it before valuing its steps")
+        finished_recording(recording, "valuing its steps (In-Run Shapley)")
         name = recording.optimizer_class.__name__
         if not issubclass(recording.optimizer_class, torch.optim.SGD):
             raise TDAError(f"In-Run Data Shapley values SGD steps θ − (η/B)Σg; this run used {name}, whose "
