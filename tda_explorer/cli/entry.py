@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+# the catalogue's needs: what an entry's resources supply
 from tda_explorer.compute.catalogue import NEEDS, Resources
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.data.dataset import AttributionDataset

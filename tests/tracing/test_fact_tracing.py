@@ -16,7 +16,6 @@ from torch import nn
 
 from tda_explorer import AttributionTask
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.engine.kmeans import kmeans
 from tda_explorer.compute.methods import GradCos
 from tda_explorer.compute.models.transformer import make_transformer
 from tda_explorer.compute.tracing import trackstar as trackstar_module
@@ -28,6 +27,7 @@ from tda_explorer.compute.tracing.fasttrack import (
     query_text,
     recursive_kmeans,
 )
+from tda_explorer.compute.tracing.kmeans import kmeans
 from tda_explorer.compute.tracing.trackstar import TrackStar, crossing_mix, inverse_sqrt
 from tda_explorer.compute.tracing.verifiers import EmbeddingVerifier, GradientVerifier, HuggingFaceVerifier
 from tda_explorer.data import AttributionDataset

@@ -30,7 +30,7 @@ import torch
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, build_arguments, option, register
-from tda_explorer.compute.engine.kmeans import kmeans
+from tda_explorer.compute.tracing.kmeans import kmeans
 
 Embedder = Callable[[list[str]], torch.Tensor]
 Query = str | tuple[str, str]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+# the method catalogue: this method registers itself in it
 from tda_explorer.compute.catalogue import (
     NONNEGATIVE,
     POSITIVE_INT,
