@@ -12,6 +12,7 @@ from tda_explorer.compute import GradDot
 from tda_explorer.compute.engine.losses import neg_margin
 from tda_explorer.compute.engine.projection import RandomProjector
 from tda_explorer.compute.engine.store import FeatureStore
+from tda_explorer.compute.methods.trak import DEFAULT_DAMPING
 from tda_explorer.data import AttributionDataset
 
 
@@ -113,7 +114,8 @@ def test_trak_matches_closed_form_on_linear_model():
         return torch.stack(rows)
 
     phi, phi_test = margin_grads(train.inputs, train.labels), margin_grads(test.inputs, test.labels)
-    lam = 20 * 0.01
+    # the default λ: DEFAULT_DAMPING × the mean diagonal of ΦᵀΦ (12 parameters < 20 examples); weight decay ignored
+    lam = DEFAULT_DAMPING * float(phi.square().sum()) / 12
     kernel = phi_test @ torch.linalg.solve(phi.T @ phi + lam * torch.eye(12, dtype=torch.float64), phi.T)
     with torch.no_grad():
         q = 1 - model(train.inputs).softmax(1)[torch.arange(20), train.labels]

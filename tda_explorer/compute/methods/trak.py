@@ -28,15 +28,18 @@ from tda_explorer.data.dataset import AttributionDataset
 
 #: Training rows per float64 block of the kernel and the leverages (a float64 copy of all of Φ is never made).
 ROWS_PER_BLOCK = 4096
+#: The default relative damping, the zoo's least median regret: benchmarks/README.md "TRAK defaults across the zoo".
+DEFAULT_DAMPING = 2.0
 
 
 @dataclass
 class TRAKArguments(AttributorArguments):
     projection_dim: int | None = option(2048, "k, the projected features per model (gradients with fewer parameters "
                                               "than k are used exactly)", POSITIVE_INT)
-    damping: float | None = option(None, "λ RELATIVE to the mean eigenvalue of ΦᵀΦ (λ = damping · tr(ΦᵀΦ)/k); None: "
-                                         "the training objective's own L2 term n · task.weight_decay, or 1e-3 "
-                                         "relative when the task has no weight decay", NONNEGATIVE)
+    damping: float | None = option(DEFAULT_DAMPING, "λ RELATIVE to the mean diagonal of the kernel: λ = damping · "
+                                                    "tr(ΦᵀΦ)/min(n, k) for n training examples and k features, the "
+                                                    "mean non-zero eigenvalue of ΦᵀΦ at full rank (the task's weight "
+                                                    "decay does not enter); None: the default", NONNEGATIVE)
     models: Sequence[dict | nn.Module] | None = option(None, "independently trained models (state dicts or modules "
                                                              "of task.model's architecture) to ensemble over",
                                                        config=False)
@@ -56,6 +59,7 @@ class TRAK(Attributor):
     def _setup(self) -> None:
         a, task = self.args, self.task
         self.damping, self.dropout_masks = a.damping, a.dropout_masks
+        self.relative_damping = DEFAULT_DAMPING if a.damping is None else float(a.damping)
         if a.models is not None and a.n_checkpoints is not None:
             raise TDAError("pass either models= or n_checkpoints=, not both")
         if a.models is not None:
@@ -110,17 +114,15 @@ class TRAK(Attributor):
                 gram = phi64 @ phi64.T
             else:  # ΦᵀΦ in float64 a block of rows at a time: no float64 copy of Φ
                 gram = sum(block.double().T @ block.double() for block in phi.split(ROWS_PER_BLOCK))
-            if self.damping is None and self.task.weight_decay > 0:
-                lam = len(train) * self.task.weight_decay
-            else:
-                lam = float((1e-3 if self.damping is None else self.damping) * gram.diagonal().mean())
+            # the mean diagonal of the kernel built (ΦᵀΦ or ΦΦᵀ) is tr(ΦᵀΦ)/min(n, k) either way
+            lam = float(self.relative_damping * gram.diagonal().mean())
             gram.diagonal().add_(lam)
             try:
                 chol = torch.linalg.cholesky(gram)
             except RuntimeError:
                 raise TDAError(
                     "ΦᵀΦ + λI is not positive definite; raise damping (now "
-                    f"{self.damping}) or lower projection_dim"
+                    f"{self.relative_damping}) or lower projection_dim"
                 ) from None
             self.phi_.append(phi)
             self.chol_.append(chol)
