@@ -359,12 +359,13 @@ def _allowed(field: dataclasses.Field, value: Any) -> bool:
 
 def _damping_values(attributor: Any, field: dataclasses.Field, current: Any, fitted: Any) -> list[float]:
     """Damping candidates over six decades around ``current`` (nearest first), a ``None`` default read off the fitted
-    default (``lam_``) where the damping is absolute, or taken as 1e-3 where it is relative (TRAK's None)."""
+    default (``lam_``) where the damping is absolute, or the field's own default where it is relative (TRAK's None
+    means its default level)."""
     relative = "RELATIVE" in field.metadata.get("help", "")
     if current is None:
         resolved = getattr(fitted, "lam_", None)
         if relative:
-            current = 1e-3
+            current = field.default if isinstance(field.default, (int, float)) else 1e-3
         elif isinstance(resolved, (int, float)) and math.isfinite(resolved) and resolved > 0:
             current = float(resolved)
         else:
