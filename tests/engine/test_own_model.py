@@ -193,7 +193,12 @@ def test_modules_the_kronecker_methods_cannot_track_are_refused_by_name(bert, sp
     with pytest.raises(TDAError, match=r"supports nn.Linear and nn.Conv2d; tracked parameters include "
                                        r"bert.embeddings.word_embeddings \(Embedding\).*LayerNorm.*can track in this "
                                        r"model: \['bert.encoder.layer.0.attention.self.query'.*linear_layer_names"):
-        get_method("if-ekfac", AttributionTask(bert))
+        get_method("if-ekfac", AttributionTask(bert, parameters=["bert"]))
+    from tda_explorer.compute.methods.influence.ekfac import UntrackedModulesWarning
+
+    with pytest.warns(UntrackedModulesWarning, match=r"skips bert.embeddings.word_embeddings \(Embedding\)"):
+        default = get_method("if-ekfac", AttributionTask(bert))  # the default parameters: Linear layers only
+    assert default.task.parameters == linear_layer_names(bert)
     with pytest.raises(TDAError, match=r"LoGra projection supports nn.Linear.*\(Embedding\).*can track"):
         get_method("grad-dot", AttributionTask(bert), projection_kind="logra", projection_dim=4)
 

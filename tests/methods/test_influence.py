@@ -138,13 +138,20 @@ def test_ekfac_approximates_explicit_ggn_and_reuses_factors(digits_experiment):
 
 
 def test_kronecker_factored_if_refuses_unsupported_modules():
+    """Chosen parameters with a module K-FAC cannot factor raise; the default parameters skip it with a warning."""
+    from tda_explorer.compute.methods.influence.ekfac import UntrackedModulesWarning
+
     norm = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Linear(4, 3))
     with pytest.raises(TDAError, match=r"supports nn.Linear and nn.Conv2d.*1 \(LayerNorm\).*if-explicit / if-cg"):
-        get_method("if-ekfac", AttributionTask(norm))
+        get_method("if-ekfac", AttributionTask(norm, parameters=["0", "1", "2"]))
+    with pytest.warns(UntrackedModulesWarning, match=r"skips 1 \(LayerNorm\)"):
+        assert get_method("if-ekfac", AttributionTask(norm)).task.parameters == ["0", "2"]
     assert get_method("if-ekfac", AttributionTask(norm, parameters=["0", "2"])).name == "if-ekfac"
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2, 3))
     with pytest.raises(TDAError, match="cannot factor Conv2d '0' with groups=2"):
-        get_method("if-ekfac", AttributionTask(grouped))
+        get_method("if-ekfac", AttributionTask(grouped, parameters=["0", "2"]))
+    with pytest.warns(UntrackedModulesWarning, match=r"skips 0 \(Conv2d\)"):
+        assert get_method("if-ekfac", AttributionTask(grouped)).task.parameters == ["2"]
 
 
 def _cnn(seed=0):

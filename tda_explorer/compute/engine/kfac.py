@@ -7,8 +7,11 @@ layer gradient is G = Σ_t s_t a_tᵀ, shaped like ``weight.view(out, -1)`` with
 Factors (KFC's spatially-uncorrelated convention, so that E[vec G vec Gᵀ] ≈ A ⊗ S):
 A = E[(1/T) Σ_t a_t a_tᵀ], S = E[Σ_t s_t s_tᵀ], eigendecomposed A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ. K-FAC takes
 Λ_S ⊗ Λ_A as the eigenvalues; EK-FAC refits them in the Kronecker eigenbasis, Λ_ij = E[((Q_Sᵀ G Q_A)_ij)²].
-By default s comes from labels *sampled from the model* (true Fisher; the empirical Fisher of a well-fit model
-is tiny and degenerates to Grad-Dot, see methods.md).
+Fisher kinds (``fisher``): ``"expected"`` takes the exact expectation over the model's predicted distribution,
+S = E[Σ_c p_c s_c s_cᵀ] with s_c the output gradient of the loss at label c (C backward passes per batch, one per
+class; classification outputs ``[B, C]`` with C ≤ ``EXPECTED_MAX_CLASSES``, otherwise one sampled label as
+``"true"``); ``"true"`` samples one label per example from the model (the same expectation, estimated: noisy, and
+on a near-certain model it is the observed label); ``"empirical"`` takes the observed labels.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from tda_explorer.data.batching import describe, n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
+FISHERS = ("expected", "true", "empirical")
+EXPECTED_MAX_CLASSES = 64  # the expected Fisher costs one backward pass per class; above this, one sampled label
 # (outputs of a batch, its first row) -> per-example loss; or, marked ``takes_batch``, (outputs, Batch) -> the same
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -100,6 +105,26 @@ def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
     return layers
 
 
+def default_layers(task: AttributionTask) -> tuple[list[str], list[str]]:
+    """For a task that tracks every parameter (``parameters=None``): the ``nn.Linear`` / ``nn.Conv2d`` modules a
+    Kronecker method can factor (``parameters=`` names), and the other modules with trainable parameters it skips
+    (each as ``"name (Type)"``; a Conv2d it cannot factor, e.g. grouped, is skipped too)."""
+    keep, skipped = [], []
+    for name, module in task.model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if isinstance(module, SUPPORTED):
+            try:
+                if isinstance(module, nn.Conv2d):
+                    _check_conv(name, module, "", "")
+                keep.append(name)
+                continue
+            except TDAError:
+                pass
+        skipped.append(f"{name or '<root>'} ({type(module).__name__})")
+    return keep, skipped
+
+
 def linear_layer_names(model: nn.Module, under: str = "") -> list[str]:
     """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` (below the module ``under``), ready for
     ``AttributionTask(parameters=...)`` when a method needs Kronecker-structured layers."""
@@ -141,8 +166,9 @@ def _overflow(argument: str, ids: Sequence, tensors: list[torch.Tensor]) -> TDAE
     """The error for a batch whose per-example products overflowed: the ids of the rows (of ``ids``, the batch's)
     with a value of ``tensors`` that is non-finite or whose square is (all of them when none stands out)."""
     bad = torch.zeros(len(ids), dtype=torch.bool)
-    for t in tensors:
-        bad |= (~torch.isfinite(t.detach() * t.detach()).reshape(len(t), -1)).any(1).cpu()
+    for t in tensors:  # a tensor with a block of rows per class (the expected Fisher) folds onto the batch's rows
+        rows_bad = (~torch.isfinite(t.detach() * t.detach()).reshape(len(t), -1)).any(1).cpu()
+        bad |= rows_bad.reshape(-1, len(ids)).any(0)
     rows = torch.nonzero(bad).flatten().tolist() or list(range(len(ids)))
     named = [ids[r] for r in rows[:10]]
     more = f" and {len(rows) - len(named)} more" if len(rows) > len(named) else ""
@@ -223,10 +249,13 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
                     outputs = [captured[name][1] for name, _ in layers]
                     patches = {name: _patches(module, captured[name][0]) for name, module in layers}
                     grads = []
-                    for k, loss in enumerate(losses):
+                    for loss in losses:
+                        if getattr(loss, "expected_fisher", False):
+                            grads.append(_expected_output_grads(loss, out, batch, outputs, layers, argument,
+                                                                batch_ids))
+                            continue
                         value = loss(out, batch) if getattr(loss, "takes_batch", False) else loss(out, start)
-                        g = torch.autograd.grad(value.sum(), outputs, retain_graph=k < len(losses) - 1,
-                                                allow_unused=True)
+                        g = torch.autograd.grad(value.sum(), outputs, retain_graph=True, allow_unused=True)
                         g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
                         grads.append({name: _output_grads(m, gi.detach()) for (name, m), gi in zip(layers, g)})
                         if argument is not None:
@@ -244,6 +273,40 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
     finally:
         for h in handles:
             h.remove()
+
+
+def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torch.Tensor],
+                           layers: list[tuple[str, nn.Module]], argument: str | None,
+                           batch_ids: Sequence | None) -> dict[str, torch.Tensor]:
+    """The expected Fisher's output gradients: for each class c, √p_c · (the output gradient of the cross-entropy at
+    label c), stacked class-major ``[C·B, out, T]`` so that Σ over rows of s sᵀ is Σ_c p_c s_c s_cᵀ. The gradient of
+    the cross-entropy at label c with respect to the logits is p − e_c (closed form), so each class is one
+    vector-Jacobian product. Outputs that are not ``[B, C]`` logits with C ≤ ``EXPECTED_MAX_CLASSES`` (sequences,
+    large vocabularies) take one label sampled from the model instead (``loss.sampled``)."""
+    logits, labels = loss(out, batch)
+    if logits.dim() != 2 or logits.shape[-1] > EXPECTED_MAX_CLASSES:
+        value = loss.sampled(out, batch)
+        g = torch.autograd.grad(value.sum(), outputs, retain_graph=True, allow_unused=True)
+        g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
+        per_class = [[_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)]]
+    else:
+        probs = logits.detach().softmax(-1)
+        scored = (labels != IGNORE).to(probs.dtype)[:, None] if labels is not None else 1.0
+        per_class = []
+        for c in range(logits.shape[-1]):
+            v = probs[:, c:c + 1].sqrt() * (probs - nn.functional.one_hot(
+                torch.full_like(labels if labels is not None else probs[:, 0].long(), c), logits.shape[-1]
+            ).to(probs)) * scored
+            g = torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
+            g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
+            per_class.append([_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)])
+    result = {}
+    for i, (name, _) in enumerate(layers):
+        if argument is not None:
+            for grads in per_class:
+                check_finite_rows(grads[i], argument, batch_ids, "per-sample gradients")
+        result[name] = torch.cat([grads[i] for grads in per_class]) if len(per_class) > 1 else per_class[0][i]
+    return result
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -300,18 +363,30 @@ def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) 
 
 
 def _sampler(task: AttributionTask, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
+    """The loss whose output gradients make the Fisher of kind ``fisher`` (``FISHERS``); for ``"expected"`` a
+    marked callable giving ``(logits, labels)``, expanded over the classes by ``layer_activity``, with ``sampled``
+    (the ``"true"`` loss) for outputs it does not expand."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     @takes_batch
     def loss(out: Any, batch: Batch) -> torch.Tensor:
         logits, y = task.logits(out), batch.labels
-        if fisher == "true":  # labels drawn from the model; a sequence's ignored positions stay ignored
+        if fisher != "empirical":  # labels drawn from the model; a sequence's ignored positions stay ignored
             check_logits(logits, y)
             probs = logits.detach().flatten(0, -2).softmax(-1).cpu().double()
             drawn = torch.multinomial(probs, 1, generator=gen).view_as(y).to(logits.device)
             y = torch.where(y == IGNORE, y, drawn)
         return cross_entropy(logits, y)
 
+    if fisher == "expected":
+        def expected(out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = task.logits(out)
+            check_logits(logits, batch.labels)
+            return logits, batch.labels
+
+        expected.expected_fisher = True
+        expected.sampled = loss
+        return expected, gen
     return loss, gen
 
 
@@ -320,13 +395,13 @@ def _on_batch(task: AttributionTask, loss: Callable[..., torch.Tensor]) -> LossF
     return takes_batch(lambda out, batch: apply_loss(loss, out, batch, task.output))
 
 
-def fit_factors(task: AttributionTask, train: AttributionDataset, fisher: str = "true", corrected: bool = True,
+def fit_factors(task: AttributionTask, train: AttributionDataset, fisher: str = "expected", corrected: bool = True,
                 batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu") -> list[LayerFactors]:
     """Fit K-FAC (``corrected=False``) or EK-FAC factors of the tracked Linear/Conv2d layers on ``train``."""
     return fit_factors_and_gradients(task, train, fisher, corrected, batch_size, seed, device)[0]
 
 
-def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, fisher: str = "true",
+def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, fisher: str = "expected",
                               corrected: bool = True, batch_size: int = 256, seed: int = 0,
                               device: torch.device | str = "cpu",
                               loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -352,12 +427,12 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
     return factors, rotated
 
 
-def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: str = "true", batch_size: int = 256,
+def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: str = "expected", batch_size: int = 256,
                       seed: int = 0, device: torch.device | str = "cpu", params: dict | None = None,
                       argument: str = "train") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per tracked layer, the float64 means (A, S) of patch and output-gradient outer products (at ``params``);
     bad input is a ``TDAError`` naming ``argument`` (see ``layer_activity``)."""
-    check_choice(fisher, "fisher", ("true", "empirical"))
+    check_choice(fisher, "fisher", FISHERS)
     layers = tracked_layers(task)
     sampled, _ = _sampler(task, fisher, seed)
     n = len(train)
@@ -387,7 +462,7 @@ def eigenbases(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> lis
 
 
 def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, factors: list[LayerFactors],
-                          fisher: str = "true", batch_size: int = 256, seed: int = 0,
+                          fisher: str = "expected", batch_size: int = 256, seed: int = 0,
                           device: torch.device | str = "cpu",
                           loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                           dtype: torch.dtype = torch.float32, params: dict | None = None, argument: str = "train",
@@ -407,7 +482,10 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
                                          argument=argument, ids=train.ids, output=task.output):
         batch_ids, start = _batch_ids(train.ids, start, patches)
         for f in factors:
-            r = _rotated_layer_gradients(f, patches[f.name], grads[0][f.name])
+            a, s = patches[f.name], grads[0][f.name]
+            if len(s) != len(a):  # the expected Fisher: one block of rows per class
+                a = a.repeat(len(s) // len(a), 1, 1)
+            r = _rotated_layer_gradients(f, a, s)
             squares = (r**2).sum(0).double()
             if not torch.isfinite(squares).all():
                 raise _overflow(argument, batch_ids, [r])

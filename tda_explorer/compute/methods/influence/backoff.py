@@ -31,7 +31,7 @@ import torch
 
 from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import create
-from tda_explorer.compute.engine.kfac import fit_factors
+from tda_explorer.compute.engine.kfac import fit_factors, tracked_layers
 from tda_explorer.compute.engine.task import AttributionTask
 
 HALVINGS = 3  # step halvings at most, per fit
@@ -90,6 +90,7 @@ class BackoffSolver:
     def _ekfac_solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """``(P + D)⁻¹ rhs`` with ``if-ekfac``'s defaults fitted on the training set (factors only, once)."""
         if getattr(self, "fallback_", None) is None:
+            tracked_layers(self.task)  # every tracked module must be factored: no default restriction here
             ekfac = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory)
             ekfac.factors_ = fit_factors(self.task, self._backoff_train(), ekfac.args.fisher, True,
                                          ekfac.args.batch_size, device=self.device)

@@ -11,6 +11,11 @@ Damping (measured on the digits tasks, LDS against retraining, true Fisher; figu
 block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Of the relative factors
 0.1–2, 0.5 is the best compromise across both tasks (kronfluence's 0.1 heuristic trails on the MLP).
 ``weight_decay_term=True`` restores the exact-objective form.
+Defaults across the zoo (13 tasks, benchmarks/README.md "Kronecker defaults across the zoo"): the expected Fisher
+(Σ_c p_c g_c g_cᵀ, exact over classes) at 0.5 has the least median regret of the Fisher kinds and relative dampings
+tried; the sampled true Fisher trailed where the model is near-certain. With ``parameters`` left at the default, the
+modules K-FAC cannot factor are skipped with an ``UntrackedModulesWarning`` (only Linear / Conv2d layers tracked);
+chosen parameters that include one are a ``TDAError``.
 Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). With a
 ``store``, the factors and the rotated training gradients are saved there, keyed by the model's fingerprint,
 and a later ``fit`` of the same model and data reads them back.
@@ -19,6 +24,7 @@ and a later ``fit`` of the same model and data reads them back.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +40,15 @@ from tda_explorer.compute.catalogue import (
     register,
 )
 from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fingerprint
-from tda_explorer.compute.engine.kfac import LayerFactors, fit_factors_and_gradients, rotated_gradients, tracked_layers
+from tda_explorer.compute.engine.kfac import (
+    LayerFactors,
+    default_layers,
+    fit_factors_and_gradients,
+    rotated_gradients,
+    tracked_layers,
+)
 from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
 from tda_explorer.compute.methods.influence.direct import InfluenceArguments
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -44,15 +57,48 @@ from tda_explorer.data.dataset import AttributionDataset
 class EKFACArguments(InfluenceArguments):
     curvature: str = option("fisher", "the curvature the Kronecker factors approximate, layer by layer: the Fisher "
                                       "(which one: fisher), the only choice", Options(("fisher",)))
+    # 0.5: the least median regret over the zoo (0.3 / 1.0 and a global-mean level trail), same table
     damping: float = option(0.5, "RELATIVE per layer: λ_l = damping × the mean eigenvalue of layer l's factored "
                                  "curvature, added instead of the weight decay (see weight_decay_term)", NONNEGATIVE)
     weight_decay_term: bool = option(False, "also add the objective's weight decay to the eigenvalues (the exact "
                                             "objective's curvature); by default the relative damping replaces it",
                                      Options((False, True)))
-    fisher: str = option("true", "'true': labels sampled from the model (the GGN in expectation); 'empirical': the "
-                                 "observed labels", Options(("true", "empirical")))
+    # median regret over the zoo's 13 tasks, benchmarks/README.md "Kronecker defaults across the zoo"
+    fisher: str = option("expected", "'expected': the exact expectation over the model's predicted classes "
+                                 "(Σ_c p_c g_c g_cᵀ, one backward pass per class; sequences or > 64 classes: one "
+                                 "sampled label); "
+                                 "'true': one label sampled from the model (the same expectation, estimated); "
+                                 "'empirical': the observed labels", Options(("true", "expected", "empirical")))
     batch_size: int = option(256, "examples per batch while fitting the factors and the per-example gradients (memory, "
                                   "not results)", POSITIVE_INT, config=False, cli=True)
+
+
+class UntrackedModulesWarning(SolverBackoffWarning):
+    """A Kronecker method (K-FAC / EK-FAC) left at the default ``parameters`` skipped the modules it cannot factor
+    (anything but nn.Linear / nn.Conv2d: BatchNorm, LayerNorm, embeddings, …) and tracks the rest."""
+
+
+def kronecker_default_task(attributor) -> list[str]:
+    """When ``attributor.task`` tracks every parameter (``parameters=None``, the default) and some modules are not
+    Linear / Conv2d, restrict the task to the Linear / Conv2d layers (``parameters=[...]``, recorded in
+    ``config()``), warn with ``UntrackedModulesWarning`` naming the modules skipped and return them; parameters the
+    user chose are left alone (an unsupported module among them is a ``TDAError`` naming it)."""
+    task = attributor.task
+    if task.parameters is not None:
+        return []
+    keep, skipped = default_layers(task)
+    if not skipped:
+        return []
+    if not keep:
+        tracked_layers(task)  # nothing to factor: the error lists what is trackable (none)
+    attributor.task = dataclasses.replace(task, parameters=keep)
+    attributor.n_params = sum(p.numel() for n, p in task.model.named_parameters()
+                              if n in attributor.task.tracked_names())
+    shown = ", ".join(skipped[:12]) + (f", … ({len(skipped)} in all)" if len(skipped) > 12 else "")
+    warnings.warn(f"{attributor.name}: K-FAC/EK-FAC factors nn.Linear and nn.Conv2d layers only; with the default "
+                  f"parameters it skips {shown} and tracks {len(keep)} layers (pass parameters=[...] to choose; "
+                  "if-explicit / if-cg / if-lissa take any module)", UntrackedModulesWarning, stacklevel=4)
+    return skipped
 
 
 @register("if-ekfac", Family.PAIRWISE, EKFACArguments)
@@ -68,7 +114,8 @@ class EKFACInfluence(Attributor):
     def _setup(self) -> None:
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by K-FAC/EK-FAC; leave it None")
-        tracked_layers(self.task)  # refuse unsupported modules before any work
+        self.skipped_modules_ = kronecker_default_task(self)
+        tracked_layers(self.task)  # refuse unsupported modules the user chose (parameters=[...]) before any work
 
     def _layer_slices(self) -> list[tuple[object, int, bool]]:
         """Each fitted layer with the offset of its weight in the flat gradient and whether a bias follows it."""

@@ -1,0 +1,125 @@
+"""K-FAC / EK-FAC defaults (issue #27): the expected Fisher against loops over classes, the default's handling of
+modules it cannot factor, and the documented default-selection rule."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from tda_explorer import AttributionTask, TDAError, get_method
+from tda_explorer.compute.engine.kfac import EXPECTED_MAX_CLASSES, corrected_eigenvalues, eigenbases, layer_covariances
+from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
+from tda_explorer.compute.methods.influence.ekfac import UntrackedModulesWarning
+from tda_explorer.data.dataset import AttributionDataset
+
+
+def _per_class_layer_grads(model, x, layer_names):
+    """Per example i and class c: p_ic and each layer's [weight | bias] gradient of CE(model(x_i), c), by loops."""
+    modules = dict(model.named_modules())
+    out = []
+    for i in range(len(x)):
+        logits = model(x[i:i + 1])
+        p = logits.softmax(-1)[0].detach()
+        rows = []
+        for c in range(logits.shape[-1]):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 1]), torch.tensor([c])).backward()
+            rows.append([torch.cat([modules[n].weight.grad, modules[n].bias.grad[:, None]], 1).clone()
+                         for n in layer_names])
+        out.append((p, rows))
+    return out
+
+
+def test_expected_fisher_equals_sum_over_classes_by_loops(tiny_mlp, tiny_data):
+    train, _ = tiny_data
+    task = AttributionTask(tiny_mlp)
+    names = ["0", "2"]
+    covs = layer_covariances(task, train, "expected", batch_size=7)
+    per = _per_class_layer_grads(tiny_mlp, train.inputs, names)
+    n = len(train)
+    for k, name in enumerate(names):
+        a = torch.cat([tiny_mlp[0](train.inputs).tanh() if name == "2" else train.inputs,
+                       torch.ones(n, 1, dtype=torch.float64)], 1)
+        cov_a = a.T @ a / n
+        cov_s = sum(p[c] * torch.outer(g[k][:, -1], g[k][:, -1]) for p, rows in per
+                    for c, g in enumerate(rows)) / n  # the bias column of G is s
+        torch.testing.assert_close(covs[name][0], cov_a)
+        torch.testing.assert_close(covs[name][1], cov_s)
+    # EK-FAC's refit eigenvalues: E_i Σ_c p_ic (Q_Sᵀ G_ic Q_A)², by loops
+    factors, _ = corrected_eigenvalues(task, train, eigenbases(covs), "expected", batch_size=7)
+    for k, f in enumerate(factors):
+        want = sum(p[c] * (f.q_s.T @ g[k] @ f.q_a) ** 2 for p, rows in per for c, g in enumerate(rows)) / n
+        torch.testing.assert_close(f.eigenvalues, want)
+
+
+def test_expected_fisher_is_the_mean_of_sampled_fishers(tiny_mlp, tiny_data):
+    """The sampled true Fisher estimates the expected one: their difference shrinks as samples are averaged."""
+    train, _ = tiny_data
+    task = AttributionTask(tiny_mlp)
+    exact = layer_covariances(task, train, "expected")["2"][1]
+    sampled = torch.stack([layer_covariances(task, train, "true", seed=s)["2"][1] for s in range(200)]).mean(0)
+    assert (sampled - exact).norm() < 0.1 * exact.norm()
+
+
+def test_expected_fisher_falls_back_to_a_sampled_label_for_sequences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7)).double()
+    x = torch.randint(0, 7, (6, 5))
+    data = AttributionDataset(x, torch.randint(0, 7, (6, 5)))
+    task = AttributionTask(model, parameters=["1"])
+    torch.testing.assert_close(layer_covariances(task, data, "expected")["1"][1],
+                               layer_covariances(task, data, "true")["1"][1])
+    assert EXPECTED_MAX_CLASSES >= 10
+
+
+def _cnn_bn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 6 * 6, 3)).double().eval()
+
+
+@pytest.mark.parametrize("method", ["if-kfac", "if-ekfac"])
+def test_default_parameters_skip_batchnorm_with_a_warning(method):
+    model = _cnn_bn()
+    gen = torch.Generator().manual_seed(1)
+    train = AttributionDataset(torch.randn(12, 1, 6, 6, generator=gen, dtype=torch.float64), torch.arange(12) % 3)
+    test = AttributionDataset(torch.randn(4, 1, 6, 6, generator=gen, dtype=torch.float64), torch.arange(4) % 3)
+    with pytest.warns(UntrackedModulesWarning, match=r"skips 1 \(BatchNorm2d\)"):
+        attributor = get_method(method, AttributionTask(model))
+    assert issubclass(UntrackedModulesWarning, SolverBackoffWarning)
+    assert attributor.skipped_modules_ == ["1 (BatchNorm2d)"]
+    assert attributor.config()["task"]["parameters"] == ["0", "4"]
+    scores = attributor.fit(train).attribute(test).scores
+    assert scores.shape == (4, 12) and torch.isfinite(scores).all()
+    assert torch.isfinite(attributor.self_influence()).all()
+
+
+def test_explicit_untrackable_parameters_raise_naming_them():
+    model = _cnn_bn()
+    with pytest.raises(TDAError, match=r"1 \(BatchNorm2d\).*can track in this model: \['0', '4'\]"):
+        get_method("if-ekfac", AttributionTask(model, parameters=["0", "1", "4"]))
+
+
+def test_no_warning_when_every_module_is_trackable(tiny_mlp):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_method("if-ekfac", AttributionTask(tiny_mlp))
+
+
+def test_default_rule_expected_fisher_and_its_documented_fallbacks(tiny_mlp, tiny_data):
+    """The default Fisher is the expected one (chosen across the zoo); beyond EXPECTED_MAX_CLASSES classes it takes
+    one sampled label per example, as fisher='true'."""
+    from tda_explorer.compute.methods.influence.ekfac import EKFACArguments
+
+    assert EKFACArguments().fisher == "expected" and EKFACArguments().damping == 0.5
+    train, test = tiny_data
+    default = get_method("if-ekfac", AttributionTask(tiny_mlp)).fit(train)
+    explicit = get_method("if-ekfac", AttributionTask(tiny_mlp), fisher="expected").fit(train)
+    torch.testing.assert_close(default.attribute(test).scores, explicit.attribute(test).scores)
+    torch.manual_seed(0)
+    wide = nn.Linear(3, EXPECTED_MAX_CLASSES + 1).double()
+    data = AttributionDataset(torch.randn(8, 3, dtype=torch.float64), torch.arange(8))
+    task = AttributionTask(wide)
+    torch.testing.assert_close(layer_covariances(task, data, "expected")[""][1],
+                               layer_covariances(task, data, "true")[""][1])
