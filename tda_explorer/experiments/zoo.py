@@ -31,7 +31,7 @@ from tda_explorer.data.dataset import AttributionDataset, DataSplit
 from tda_explorer.data.noise import confuse_pairs, flip_labels
 from tda_explorer.data.renderers import ImageRenderer
 from tda_explorer.experiments.digits import Experiment
-from tda_explorer.retraining.ground_truth import SubsetGroundTruth, _test_losses, default_cache_dir
+from tda_explorer.retraining.ground_truth import SubsetGroundTruth, _test_losses, default_cache_dir, random_subsets
 
 DATA = ("digits", "wine", "synth20", "synth200", "shapes16", "shapes32", "reviews")
 ARCHITECTURES = ("logreg", "mlp-relu", "mlp-gelu", "mlp-tanh", "mlp-dropout", "cnn-bn", "cnn-wide", "transformer")
@@ -375,12 +375,7 @@ def zoo_ground_truth(exp: ZooExperiment, n_subsets: int = 100, fraction: float =
     if data is not None:
         return SubsetGroundTruth(data["masks"], data["measurements"])
     train = exp.split.train
-    n = len(train)
-    size = max(1, int(round(fraction * n)))
-    gen = torch.Generator().manual_seed(exp.spec.seed)
-    subsets = torch.stack([torch.randperm(n, generator=gen)[:size] for _ in range(n_subsets)])
-    masks = torch.zeros(n_subsets, n, dtype=torch.bool)
-    masks.scatter_(1, subsets, True)
+    subsets, masks = random_subsets(len(train), n_subsets, fraction, exp.spec.seed)
     per_seed = []
     for s in range(n_seeds):
         losses = []

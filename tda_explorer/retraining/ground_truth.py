@@ -53,12 +53,7 @@ def subset_ground_truth(
     if data is not None:
         return SubsetGroundTruth(data["masks"], data["measurements"])
     train = experiment.split.train
-    n = len(train)
-    size = max(1, int(round(fraction * n)))
-    gen = torch.Generator().manual_seed(seed)
-    subsets = torch.stack([torch.randperm(n, generator=gen)[:size] for _ in range(n_subsets)])
-    masks = torch.zeros(n_subsets, n, dtype=torch.bool)
-    masks.scatter_(1, subsets, True)
+    subsets, masks = random_subsets(len(train), n_subsets, fraction, seed)
     measurements = []
     for start in range(0, n_subsets, chunk):
         rows = subsets[start : start + chunk]
@@ -70,6 +65,17 @@ def subset_ground_truth(
     save_tensors({"masks": truth.masks, "measurements": truth.measurements}, path,
                  {"experiment": experiment.fingerprint(), "n_subsets": n_subsets, "fraction": fraction, "seed": seed})
     return truth
+
+
+def random_subsets(n: int, n_subsets: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_subsets`` random ``fraction``-subsets of ``n`` training rows (seeded): their positions
+    ``[n_subsets, size]`` and membership masks ``[n_subsets, n]``."""
+    size = max(1, int(round(fraction * n)))
+    gen = torch.Generator().manual_seed(seed)
+    subsets = torch.stack([torch.randperm(n, generator=gen)[:size] for _ in range(n_subsets)])
+    masks = torch.zeros(n_subsets, n, dtype=torch.bool)
+    masks.scatter_(1, subsets, True)
+    return subsets, masks
 
 
 def _removal_masks(n: int, n_subsets: int, fraction_removed: float, seed: int) -> torch.Tensor:
