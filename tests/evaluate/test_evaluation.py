@@ -78,8 +78,10 @@ def test_loo_ground_truth_and_correlation_on_convex_model():
     exp = build_experiment("lr", n_train=80, n_test=15, epochs=150)
     truth = loo_ground_truth(exp, positions=range(0, 80, 4))
     assert truth.delta.shape == (20, 15)
-    attribution = get_method("trak", exp.task()).fit(exp.split.train).attribute(exp.split.test)
-    assert loo_correlation(attribution, truth) > 0.5
+    # the exact influence function is what leave-one-out is the truth for on a convex model (TRAK's default damping,
+    # chosen across the zoo for LDS, is 0.40 here)
+    attribution = get_method("if-explicit", exp.task()).fit(exp.split.train).attribute(exp.split.test)
+    assert loo_correlation(attribution, truth) > 0.8
     shuffled = attribution.scores[:, torch.randperm(80, generator=torch.Generator().manual_seed(0))]
     from tda_explorer import Attribution
 
