@@ -4,8 +4,12 @@
 
     python benchmarks/bench_kronecker_damping_rules.py OUT.json
 """
-import json, sys, warnings
+import json
+import sys
+import warnings
+
 import torch
+
 from tda_explorer.compute.methods import get_method
 from tda_explorer.evaluate.harness import method_options
 from tda_explorer.evaluate.metrics import lds

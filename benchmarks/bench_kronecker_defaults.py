@@ -3,8 +3,11 @@ empirical) at 12 relative dampings (per-layer mean eigenvalue; factors fitted on
 
     python benchmarks/bench_kronecker_defaults.py OUT.json [fishers=expected,true,empirical] [tasks=all]
 """
-import json, sys, time, warnings
-import torch
+import json
+import sys
+import time
+import warnings
+
 from tda_explorer.compute.methods import get_method
 from tda_explorer.evaluate.harness import method_options
 from tda_explorer.evaluate.metrics import lds
