@@ -201,6 +201,7 @@ class MethodSpec:
     arguments: type
     needs: tuple[str, ...] = ()
     summary: str = ""
+    uses: tuple[str, ...] = ()  # what it takes when a caller has it (NEEDS' names), never required
 
     def argument_info(self) -> list[ArgumentInfo]:
         hints = get_type_hints(self.arguments)
@@ -220,8 +221,9 @@ class MethodSpec:
                 if n not in have and not any(set(group) <= given or set(group) <= have for group in NEEDS[n].options)]
 
     def fill(self, options: dict[str, Any], resources: Resources) -> dict[str, Any]:
-        """``options`` with what ``resources`` supply for each need the options leave open; a ``TDAError`` that says
-        what is lacking when neither supplies a need."""
+        """``options`` with what ``resources`` supply for each need the options leave open (and, for what the method
+        ``uses``, the options it has a field for); a ``TDAError`` that says what is lacking when neither supplies a
+        need."""
         filled = dict(options)
         for need in self.needs:
             if any(set(group) <= set(filled) for group in NEEDS[need].options):
@@ -236,19 +238,26 @@ class MethodSpec:
                 raise TDAError(f"{self.name} {self.missing(resources, filled)[0]}")
             for name in group:
                 filled.update({k: v for k, v in resources[name]().items() if k not in filled})
+        names = {f.name for f in dataclasses.fields(self.arguments)}
+        for use in self.uses:
+            if use in resources:
+                filled.update({k: v for k, v in resources[use]().items() if k in names and k not in filled})
         return filled
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family.value, "needs": list(self.needs), "summary": self.summary,
+        return {"name": self.name, "family": self.family.value, "needs": list(self.needs), "uses": list(self.uses),
+                "summary": self.summary,
                 "arguments": [a.as_dict() for a in self.argument_info()]}
 
 
 CATALOGUE: dict[str, MethodSpec] = {}
 
 
-def register(name: str, family: Family, arguments: type, needs: tuple[str, ...] = ()) -> Callable[[type], type]:
-    """Class decorator: enter ``name`` in the catalogue (the class keeps ``name`` and ``Arguments``)."""
-    unknown = [n for n in needs if n not in NEEDS]
+def register(name: str, family: Family, arguments: type, needs: tuple[str, ...] = (),
+             uses: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Class decorator: enter ``name`` in the catalogue (the class keeps ``name`` and ``Arguments``). ``uses``: what
+    the method takes when a caller has it (names of ``NEEDS``; ``fill`` passes on the options it has a field for)."""
+    unknown = [n for n in (*needs, *uses) if n not in NEEDS]
     if unknown:
         raise TDAError(f"{name}: unknown needs {unknown}; declared needs are {sorted(NEEDS)}")
     missing_help = [f.name for f in dataclasses.fields(arguments) if not f.metadata.get("help")]
@@ -259,7 +268,7 @@ def register(name: str, family: Family, arguments: type, needs: tuple[str, ...] 
         if name in CATALOGUE and CATALOGUE[name].factory is not cls:
             raise TDAError(f"method {name!r} is registered twice")
         doc = inspect.getdoc(cls) or ""
-        CATALOGUE[name] = MethodSpec(name, family, cls, arguments, tuple(needs), doc.split("\n")[0])
+        CATALOGUE[name] = MethodSpec(name, family, cls, arguments, tuple(needs), doc.split("\n")[0], tuple(uses))
         cls.Arguments = arguments
         if isinstance(cls, type) and hasattr(cls, "name"):
             cls.name = name

@@ -56,6 +56,16 @@ class TrainConfig:
         (applied by the optimizer step, not through the gradient)."""
         return 0.0 if self.optimizer == "adamw" else self.weight_decay
 
+    def implicit_damping(self, n_train: int) -> float | None:
+        """The ridge λ that this run's gradient steps amount to, ``(1 − momentum) / (lr · steps)``: T steps of
+        gradient descent at rate η from the initial weights fit about what the objective + λ/2 ‖θ − θ₀‖² with
+        λ = 1 / (ηT) does (heavy-ball momentum μ: rate η / (1 − μ)). None for Adam / AdamW, whose per-parameter rates
+        the recipe does not give."""
+        if self.optimizer != "sgd":
+            return None
+        steps = self.epochs * -(-check_positive_int(n_train, "n_train") // self.batch_size)
+        return (1.0 - self.momentum) / (self.lr * steps)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if not self.momentum:  # absent at its default, so the fingerprints of earlier recipes do not change

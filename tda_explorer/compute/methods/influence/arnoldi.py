@@ -62,7 +62,7 @@ class ArnoldiArguments(InfluenceArguments):
     seed: int = option(0, "seed of the starting vector", Interval(0, None, integer=True))
 
 
-@register("if-arnoldi", Family.PAIRWISE, ArnoldiArguments)
+@register("if-arnoldi", Family.PAIRWISE, ArnoldiArguments, uses=("recipe",))
 class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions in the top-``rank`` eigenspace of the curvature, found by Arnoldi iteration.
 

@@ -23,9 +23,13 @@ The iterative solvers (cg, lissa, arnoldi, astra) share one back-off policy (``b
 with default settings halves the step, raises the damping, then falls back to EK-FAC, each with a
 ``SolverBackoffWarning``; only a setting chosen explicitly raises (a ``TDAError`` naming it).
 
-Damping: ``damping=None`` takes ``DAMPING_LEVEL`` (0.01) × the largest eigenvalue of the chosen curvature (power
-iteration; its magnitude for an indefinite Hessian), a scale read from the spectrum rather than a fixed number, the
-same rule for every solver here (explicit, cg, lissa, arnoldi); pass a float (absolute λ) to override.
+Damping: ``damping=None`` is read from the training run when its recipe is known (``train_config=``, which the
+explorer and ``evaluate`` pass on from a ``recipe`` resource) and its optimizer is SGD, with or without momentum: the
+ridge that the run's T steps at rate η amount to, λ = (1 − momentum) / (η T) (``TrainConfig.implicit_damping``).
+Otherwise (Adam, AdamW, no recipe) it is ``DAMPING_LEVEL`` (0.01) × the largest eigenvalue of the chosen curvature
+(power iteration; its magnitude for an indefinite Hessian), a scale read from the spectrum. The same rules serve every
+solver here (explicit, cg, lissa, arnoldi); ``damping_rule_`` says which one was taken; pass a float (absolute λ) to
+override.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from tda_explorer.compute.engine.kfac import fit_factors
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, diverged
+from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
 
 PRECONDITIONERS = ("none", "ekfac")
@@ -70,8 +75,26 @@ class InfluenceArguments(AttributorArguments):
                                    "Gauss-Newton matrix (positive semi-definite), or 'hessian', the exact Hessian "
                                    "(indefinite away from a minimum)", Options(CURVATURES))
     damping: float | None = option(None, "absolute λ added to the curvature of the mean training objective; None: "
-                                         "0.01 × its largest eigenvalue (a scale read from the spectrum)",
+                                         "with an SGD train_config the ridge its steps amount to, (1 − momentum) / "
+                                         "(lr · steps), else 0.01 × the curvature's largest eigenvalue",
                                    NONNEGATIVE)
+    # with SGD, λ = 1 / (lr_eff · steps): the zoo's SGD tasks, benchmarks/README.md "Damping from the training run"
+    train_config: TrainConfig | None = option(None, "the attributed model's training recipe (lr, epochs, batch size, "
+                                                    "optimizer); with SGD it sets the default damping (used by "
+                                                    "if-explicit, if-cg, if-lissa, if-arnoldi, if-kfac, if-ekfac)",
+                                              config=False, cli=False)
+
+
+def recipe_damping(train_config: TrainConfig | None, train: AttributionDataset | None) -> float | None:
+    """The default damping read from the recipe of the run that trained on ``train`` (``TrainConfig.implicit_damping``;
+    None: no recipe or no training set, or an optimizer whose steps it cannot read); a ``train_config`` of another type
+    is a ``TDAError`` naming it."""
+    if train_config is None or train is None:
+        return None
+    if not isinstance(train_config, TrainConfig):
+        raise TDAError(f"train_config must be a TrainConfig (the attributed model's training recipe) or None, got "
+                       f"{type(train_config).__name__}")
+    return train_config.implicit_damping(len(train))
 
 
 class InfluenceFunction(Attributor):
@@ -110,11 +133,16 @@ class InfluenceFunction(Attributor):
         self.lam_ = self._lambda(self.curvature_.matvec, self.curvature_.dim)
 
     def _lambda(self, matvec, dim: int) -> float:
-        """The damping: as given, or ``DAMPING_LEVEL`` × the largest eigenvalue of ``matvec`` (power iteration, run only
-        for the default)."""
-        damping = self.args.damping
-        if damping is not None:
-            return float(damping)
+        """The damping: as given, the SGD recipe's implicit ridge, or ``DAMPING_LEVEL`` × the largest eigenvalue of
+        ``matvec`` (power iteration, run only for that default); ``damping_rule_`` names the one taken."""
+        if self.args.damping is not None:
+            self.damping_rule_ = "given"
+            return float(self.args.damping)
+        implicit = recipe_damping(self.args.train_config, self.train_)
+        if implicit is not None:
+            self.damping_rule_ = "recipe"
+            return implicit
+        self.damping_rule_ = "spectrum"
         return DAMPING_LEVEL * largest_eigenvalue(matvec, dim, device=self.device)
 
     def _damped(self, v: torch.Tensor, curvature: Curvature | None = None) -> torch.Tensor:
@@ -153,7 +181,7 @@ class ExplicitArguments(InfluenceArguments):
                                         POSITIVE_INT)
 
 
-@register("if-explicit", Family.PAIRWISE, ExplicitArguments)
+@register("if-explicit", Family.PAIRWISE, ExplicitArguments, uses=("recipe",))
 class ExplicitInfluence(InfluenceFunction):
     """Influence functions with the dense damped curvature and a Cholesky solve (the oracle on small models)."""
 
@@ -208,7 +236,7 @@ class CGArguments(InfluenceArguments):
                                          "it took more iterations than none", Options(PRECONDITIONERS))
 
 
-@register("if-cg", Family.PAIRWISE, CGArguments)
+@register("if-cg", Family.PAIRWISE, CGArguments, uses=("recipe",))
 class CGInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions with conjugate gradients on curvature-vector products, all test points as one block.
 

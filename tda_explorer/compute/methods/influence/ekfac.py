@@ -5,10 +5,13 @@ Kronecker eigenbasis (Λ the fitted eigenvalues, λ_l the damping of layer l). F
 and reused across queries and damping values (``with_damping``); self-influence is computed in the eigenbasis,
 never through an n×n matrix.
 
-Damping (measured on the digits tasks, LDS against retraining, true Fisher; figures in benchmarks/README.md):
-λ_l = 0.5 × the mean eigenvalue of layer l, *instead of* the objective's weight decay. Adding the weight decay
-(the exact objective's curvature) damped every layer by at least wd, which scored worse on both tasks — the
-block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Of the relative factors
+Damping: by default, when the training recipe is known (``train_config=``) and its optimizer is SGD (with or without
+momentum), the ridge the run's steps amount to, λ = (1 − momentum) / (lr · steps), on every layer (as the direct
+solvers do, ``direct.py``). Otherwise (measured on the digits tasks, LDS against retraining, true Fisher; figures in
+benchmarks/README.md) λ_l = 0.5 × the mean eigenvalue of layer l, *instead of* the objective's weight decay.
+Adding the weight decay (the exact objective's curvature) damped every layer by at least wd, which scored worse on
+both tasks — the block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Of the
+relative factors
 0.1–2, 0.5 is the best compromise across both tasks (kronfluence's 0.1 heuristic trails on the MLP).
 ``weight_decay_term=True`` restores the exact-objective form.
 Defaults across the zoo (13 tasks, benchmarks/README.md "Kronecker defaults across the zoo"): the expected Fisher
@@ -49,17 +52,23 @@ from tda_explorer.compute.engine.kfac import (
 )
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
-from tda_explorer.compute.methods.influence.direct import InfluenceArguments
+from tda_explorer.compute.methods.influence.direct import InfluenceArguments, recipe_damping
 from tda_explorer.data.dataset import AttributionDataset
+
+RELATIVE_DAMPING = 0.5  # λ_l / layer l's mean eigenvalue without an SGD recipe
 
 
 @dataclass
 class EKFACArguments(InfluenceArguments):
     curvature: str = option("fisher", "the curvature the Kronecker factors approximate, layer by layer: the Fisher "
                                       "(which one: fisher), the only choice", Options(("fisher",)))
-    # 0.5: the least median regret over the zoo (0.3 / 1.0 and a global-mean level trail), same table
-    damping: float = option(0.5, "RELATIVE per layer: λ_l = damping × the mean eigenvalue of layer l's factored "
-                                 "curvature, added instead of the weight decay (see weight_decay_term)", NONNEGATIVE)
+    # None: the SGD recipe's ridge, absolute (benchmarks/README.md "Damping from the training run"), else 0.5 relative
+    # (RELATIVE_DAMPING: the least median regret over the zoo, "Kronecker defaults across the zoo")
+    damping: float | None = option(None, "RELATIVE per layer: λ_l = damping × the mean eigenvalue of layer l's "
+                                         "factored curvature, added instead of the weight decay (see "
+                                         "weight_decay_term); None: with an SGD train_config the ridge its steps "
+                                         "amount to, (1 − momentum) / (lr · steps), on every layer, else 0.5",
+                                   NONNEGATIVE)
     weight_decay_term: bool = option(False, "also add the objective's weight decay to the eigenvalues (the exact "
                                             "objective's curvature); by default the relative damping replaces it",
                                      Options((False, True)))
@@ -101,7 +110,7 @@ def kronecker_default_task(attributor) -> list[str]:
     return skipped
 
 
-@register("if-ekfac", Family.PAIRWISE, EKFACArguments)
+@register("if-ekfac", Family.PAIRWISE, EKFACArguments, uses=("recipe",))
 class EKFACInfluence(Attributor):
     """EK-FAC influence functions: Kronecker-factored eigenbases with corrected eigenvalues, per layer.
 
@@ -163,13 +172,24 @@ class EKFACInfluence(Attributor):
         v = v.double()
         return self._unrotate(self._rotate(v) * self._inverse_eigenvalues().to(v))
 
+    def _layer_damping(self) -> list[float]:
+        """λ_l of each fitted layer: ``damping`` × its mean eigenvalue, or by default the SGD recipe's ridge on every
+        layer (else ``RELATIVE_DAMPING``); ``damping_rule_`` names the rule taken."""
+        relative = self.args.damping
+        if relative is None:
+            absolute = recipe_damping(self.args.train_config, self.train_)
+            if absolute is not None:
+                self.damping_rule_ = "recipe"
+                return [absolute] * len(self.factors_)
+            relative = RELATIVE_DAMPING
+        self.damping_rule_ = "given" if self.args.damping is not None else "spectrum"
+        return [relative * float(f.eigenvalues.mean()) for f in self.factors_]
+
     def _inverse_eigenvalues(self) -> torch.Tensor:
         """1 / (Λ (+ wd) + λ_layer) in the concatenated eigenbasis layout (float64)."""
         wd = self.task.weight_decay if self.args.weight_decay_term else 0.0
-        damping = self.args.damping
         return torch.cat([
-            1.0 / (f.eigenvalues + wd + damping * f.eigenvalues.mean()).flatten()
-            for f in self.factors_
+            1.0 / (f.eigenvalues + wd + lam).flatten() for f, lam in zip(self.factors_, self._layer_damping())
         ])
 
     def _fit(self, train: AttributionDataset) -> None:
@@ -213,7 +233,7 @@ class EKFACInfluence(Attributor):
         return ((self.train_rot_**2 * inverse).sum(1) / len(self.train_)).float()
 
 
-@register("if-kfac", Family.PAIRWISE, EKFACArguments)
+@register("if-kfac", Family.PAIRWISE, EKFACArguments, uses=("recipe",))
 class KFACInfluence(EKFACInfluence):
     """K-FAC influence functions: Kronecker-factored curvature per layer (eigenvalues Λ_S ⊗ Λ_A, no correction)."""
 

@@ -41,7 +41,7 @@ class LiSSAArguments(InfluenceArguments):
                        Interval(0, None, integer=True))
 
 
-@register("if-lissa", Family.PAIRWISE, LiSSAArguments)
+@register("if-lissa", Family.PAIRWISE, LiSSAArguments, uses=("recipe",))
 class LiSSAInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions with LiSSA, the stochastic Neumann series over minibatch curvatures.
 
