@@ -119,7 +119,8 @@ def render() -> str:
         "| --- | --- | --- | --- |",
     ]
     for spec in specs:
-        need_cell = ", ".join(f"[`{n}`](#needs)" for n in spec.needs) or "—"
+        need_cell = ", ".join([f"[`{n}`](#needs)" for n in spec.needs]
+                              + [f"[`{n}`](#needs) if given" for n in getattr(spec, "uses", ())]) or "—"
         link = f"[`{spec.name}`](#{slug(spec.name)})"
         out.append(f"| {link} | {spec.family.value} | {need_cell} | {_cell(spec.summary)} |")
 
@@ -131,7 +132,9 @@ def render() -> str:
     out += ["", "## Needs", "",
             "What a method must be given besides the model and data. A `Session` supplies the needs it has "
             "resources for (`Session(..., resources=...)`; a task's checkpoints count); the options listed supply a "
-            "need directly (any one group in full).", "",
+            "need directly (any one group in full). A need marked \"if given\" is optional: the method takes what it "
+            "has an option for when the session has the resource (the influence solvers read their default damping "
+            "from an SGD recipe's `train_config`).", "",
             "| need | what it is and how to get it | options that supply it |", "| --- | --- | --- |"]
     for name in sorted(needs):
         groups = " or ".join(" + ".join(f"`{o}`" for o in group) for group in needs[name].options) or "—"
