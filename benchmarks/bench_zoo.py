@@ -276,15 +276,32 @@ def refresh_oracles(writer: Writer) -> int:
     return changed
 
 
+def _reset_peak_rss() -> None:
+    """Reset this process's peak resident set (Linux: ``clear_refs`` 5), so the next ``_peak_rss_mb`` is one row's."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident set since the last reset, in MB (None where ``/proc`` does not say): what the
+    process already held (the task's data, the model) plus the row's own peak, the same baseline for us and a peer."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
 def _guarded(task: str, library: str, method: str, setting: str, deadline: float, run) -> dict:
     if time.perf_counter() > deadline:
         return _row(task, library, method, setting, status="skipped: task time limit")
+    _reset_peak_rss()
     try:
         values = run()
     except Exception as err:  # recorded, never fatal
         traceback.print_exc()
         return _row(task, library, method, setting, status=_error(err))
-    return _row(task, library, method, setting, **values)
+    return _row(task, library, method, setting, **values, peak_rss_mb=_peak_rss_mb())
 
 
 # -------------------------------------------------------------------------------------------------------- peers
