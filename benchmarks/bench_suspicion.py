@@ -1,7 +1,8 @@
 """``suspicion`` beside its baselines on every noisy task, in the same run on the same models:
 
-- ``suspicion`` (log TracIn self-influence − log out-of-fold probability of the given label, the catalogue's defaults:
-  5 folds × 3 repeats);
+- ``suspicion`` at the catalogue's defaults (−log out-of-fold probability of the given label − log the model's own,
+  ``signal="loss"``; 5 folds × 3 repeats) and with ``signal="self-influence"`` (+ log TracIn self-influence instead of
+  the model's loss; the old default), on the same out-of-fold probabilities;
 - cleanlab's self-confidence ranking on the *same* out-of-fold probabilities (1 − p_oof(given label); cleanlab's
   ``get_label_quality_scores`` default, computed here so cleanlab need not be installed);
 - the training loss of the attributed model at the given label (the baseline every ranking is shown beside);
@@ -39,9 +40,10 @@ def rankings(experiment) -> tuple[dict[str, torch.Tensor], float]:
     seconds = time.perf_counter() - t0
     labels = experiment.split.train.labels
     p_given = attributor.oof_.double().cpu()[torch.arange(len(labels)), labels]
-    return {"suspicion": suspicion, "self-confidence": 1 - p_given,
-            "training loss": training_loss(experiment).double(),
-            "tracin self-influence": attributor.base.self_influence().double()}, seconds
+    tracin = attributor.base.self_influence().double()
+    return {"suspicion": suspicion, "suspicion (self-influence)": tracin.clamp_min(1e-30).log() - p_given.log(),
+            "self-confidence": 1 - p_given, "training loss": training_loss(experiment).double(),
+            "tracin self-influence": tracin}, seconds
 
 
 def task_rows(name: str, seed: int, experiment) -> list[dict]:
@@ -68,7 +70,7 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-RANKINGS = ("suspicion", "self-confidence", "training loss", "tracin self-influence")
+RANKINGS = ("suspicion", "suspicion (self-influence)", "self-confidence", "training loss", "tracin self-influence")
 
 
 def table(result: dict) -> str:

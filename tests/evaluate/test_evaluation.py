@@ -30,14 +30,22 @@ def test_suspicion_combines_signals_and_validates(digits_experiment):
     train, flipped = exp.split.train, exp.split.flipped
     task = exp.task()
     probs = torch.full((len(train), 10), 0.1)
-    method = get_method("suspicion", task, oof_probabilities=probs).fit(train)
+    method = get_method("suspicion", task, oof_probabilities=probs, signal="self-influence").fit(train)
     tracin = get_method("tracin", task).fit(train)
     # with uninformative out-of-fold probabilities the ranking is TracIn's
     torch.testing.assert_close(method.self_influence().double(), tracin.self_influence().double().log() - np.log(0.1),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(method.attribute(exp.split.test).scores, tracin.attribute(exp.split.test).scores)
+    # the default signal: the model's own −log p(given label), from its softmax, plus −log p_oof
+    default = get_method("suspicion", task, oof_probabilities=probs).fit(train)
+    with torch.no_grad():
+        p_model = exp.record.model(train.inputs).double().softmax(-1)[torch.arange(len(train)), train.labels]
+    torch.testing.assert_close(default.self_influence().double(), -p_model.log() - np.log(0.1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(default.attribute(exp.split.test).scores, tracin.attribute(exp.split.test).scores)
     real = get_method("suspicion", task, model_factory=exp.factory, train_config=exp.config, repeats=1).fit(train)
     assert mislabel_auc(real.self_influence(), flipped) >= mislabel_auc(tracin.self_influence(), flipped) - 0.01
+    with pytest.raises(TDAError, match="signal"):
+        get_method("suspicion", task, oof_probabilities=probs, signal="margin")
     with pytest.raises(TDAError, match="needs out-of-fold probabilities"):
         get_method("suspicion", task)
     with pytest.raises(TDAError, match=r"oof_probabilities must be \[n_train, n_classes\]"):

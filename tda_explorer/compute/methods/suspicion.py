@@ -1,28 +1,24 @@
-"""``suspicion``: a mislabel score that combines two independent signals.
+"""``suspicion``: a mislabel score that asks both the models that never saw an example and the model that did.
 
-    suspicion(i) = log self_influence(i) − log p_oof(y_i | x_i)
+    suspicion(i) = −log p_oof(y_i | x_i) − log p_model(y_i | x_i)                        (signal="loss", default)
+    suspicion(i) = −log p_oof(y_i | x_i) + log self_influence(i)                          (signal="self-influence")
 
-* **self-influence** of a base method (TracIn by default): how surprising example i is to the
-  trained model along its training run — large for examples the model had to bend to fit;
-* **out-of-fold disagreement**: the probability of the *given* label under models that never saw
-  i (``folds`` folds, averaged over ``repeats`` random splits) — small when the label is implausible.
+* **out-of-fold disagreement**: the probability of the *given* label under models that never saw i (``folds`` folds,
+  averaged over ``repeats`` random splits) — small when the label is implausible from the rest of the data;
+* **in-sample**: by default the attributed model's own training loss at the given label (−log p_model, in the same
+  units), so the sum is the negative log of the product of the two probabilities: an example must be implausible to
+  both to rank first. ``signal="self-influence"`` takes the base method's self-influence (TracIn by default) instead,
+  an unscaled quantity that also grows with the example's gradient norm (on a linear model ‖x‖²), which is not about
+  its label.
 
-The log-sum is a product of the two: an example must be both surprising and implausible to rank
-first. Adding LAVA's optimal-transport value as a third signal (z-scores summed) did not help, so it is left out
-(``benchmarks/bench_valuation.py``). Pairwise scores (``attribute``) are those of the base method.
-
-Where it is not better than its baselines (``benchmarks/bench_suspicion.py``; the figures are in
-``benchmarks/README.md``, table "Suspicion beside its baselines"): against cleanlab's self-confidence ranking on the
-same out-of-fold probabilities (1 − p_oof(given label), the session's "out-of-fold confidence" ranking) it is
-behind on ROC-AUC on the zoo tasks synth20-logreg-adam (class-pair confusions) and reviews-transformer-adam (10%
-uniform flips; there also on recall@10%), where TracIn's self-influence alone is a weak signal and drags the
-product down. On the built-in digits experiments with 10% flipped labels (lr, mlp, mlp-gelu, mlp-dropout; seeds
-0–2) and the other noisy zoo tasks it ties with self-confidence within one run's noise — a few ten-thousandths of
-AUC and one or two examples of recall@10% either way (behind on recall@10% on digits-lr seeds 0 and 2,
-digits-mlp-gelu seed 0, zoo digits-logreg-sgd, digits-mlp-dropout-sgd and digits-mlp-gelu-adamw) — and is ahead
-by more than 0.001 AUC only on zoo shapes16-mlp-adam and wine-logreg-sgdm. On class-pair confusions of digits
-(digits-mlp-gelu-adamw) the plain training loss beats both. So read its ranking beside the training-loss and
-out-of-fold baselines that the explorer and ``evaluate`` show with it.
+The default was chosen on the zoo's eight noisy tasks beside cleanlab's self-confidence ranking on its own out-of-fold
+probabilities (benchmarks/README.md, "Suspicion beside its baselines"): the loss signal is at or above cleanlab on
+all eight, where the self-influence signal was behind on synth20-logreg-adam (class-pair confusions; TracIn's
+self-influence alone is weak there) and even on reviews-transformer-adam. It is built from the two baselines the
+explorer shows beside every ranking (the training loss and the out-of-fold confidence), so read it beside them: on
+wine-logreg-sgdm and shapes16-mlp-adam the self-influence signal ranks a little better, and on digits class-pair
+confusions (digits-mlp-gelu-adamw) the training loss alone still edges it. Pairwise scores (``attribute``) are those of
+the base method.
 """
 
 from __future__ import annotations
@@ -34,7 +30,8 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, create, option, register
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Options, create, option, register
+from tda_explorer.compute.engine.task import predict
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import TrainConfig, out_of_fold_probabilities
 from tda_explorer.data.dataset import AttributionDataset
@@ -57,11 +54,16 @@ class SuspicionArguments(AttributorArguments):
                                               config=False)
     folds: int = option(5, "cross-validation folds of the out-of-fold models", Interval(2, None, integer=True))
     repeats: int = option(3, "random fold splits whose out-of-fold probabilities are averaged", POSITIVE_INT)
+    # "loss": at or above cleanlab on every noisy zoo task (benchmarks/README.md "Suspicion beside its baselines")
+    signal: str = option("loss", "the in-sample signal beside the out-of-fold probability: 'loss', the attributed "
+                                 "model's own training loss at the given label (−log p_model), or 'self-influence', "
+                                 "the base method's (log self-influence)", Options(("loss", "self-influence")))
 
 
 @register("suspicion", Family.MISLABEL, SuspicionArguments, needs=("recipe",))
 class Suspicion(Attributor):
-    """Mislabel suspicion = log self-influence − log out-of-fold probability of the given label.
+    """Mislabel suspicion = −log out-of-fold probability of the given label − log the model's own (or + log
+    self-influence).
 
     Out-of-fold probabilities are ``oof_probabilities`` or computed here from ``model_factory`` and
     ``train_config``; self-influence and pairwise scores come from the method ``base`` built with ``base_options``.
@@ -95,12 +97,17 @@ class Suspicion(Attributor):
                 f"got {tuple(probs.shape)}"
             )
         self.oof_ = probs.float()
+        if self.args.signal == "loss":
+            logits = predict(self.task, train, self.device, argument="train")
+            self.model_loss_ = self.task.train_loss(logits, train.labels).double().cpu()
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         return self.base._attribute(test)
 
     def _self_influence(self) -> torch.Tensor:
         labels = self.train_.labels
-        p_given = self.oof_.cpu()[torch.arange(len(labels)), labels].clamp_min(1e-12)
+        p_given = self.oof_.cpu()[torch.arange(len(labels)), labels].clamp_min(1e-12).double()
+        if self.args.signal == "loss":
+            return self.model_loss_ - p_given.log()
         surprise = self.base._self_influence().double().cpu().clamp_min(1e-30)
-        return surprise.log() - p_given.double().log()
+        return surprise.log() - p_given.log()
