@@ -270,8 +270,48 @@ def zoo_tables(path: Path) -> str:
         agreement = info.get("seed_agreement")
         out.append(f"| {t} | {acc} | {fmt(agreement) if agreement is not None else ''} | {best(mine)} | {best(peer)} | "
                    f"{fmt(s) if s is not None else ''} / {fmt(c) if c is not None else ''} |")
-    out += ["", *_zoo_loss_baseline(ours)]
+    out += ["", *_zoo_loss_baseline(ours), "", *_zoo_calibrated(ours), "", *_zoo_cost(rows)]
     return "\n".join(out)
+
+
+def _zoo_calibrated(ours: list[dict]) -> list[str]:
+    """Per method: on how many tasks the calibrated LDS is at or above the default's, the median and worst change, and
+    the calibrated run's time (calibration + fit + attribution) as a multiple of the default's."""
+    import statistics
+
+    by = {(r["task"], r["method"], r["setting"]): r for r in ours if r["status"] == "ok" and r.get("lds") is not None}
+    out = ["| method | tasks calibrated | at or above the default | median LDS change | worst (task) | median time "
+           "/ default's | worst time ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m in sorted({r["method"] for r in ours if r["setting"] == "calibrated"}):
+        pairs = [(by[t, m, "calibrated"], by[t, m, "default"]) for (t, mm, s) in by if mm == m and s == "calibrated"
+                 and (t, m, "default") in by]
+        if not pairs:
+            continue
+        d = [(c["lds"] - r["lds"], c["task"]) for c, r in pairs]
+        ratio = [c["seconds"] / max(r["seconds"], 1e-9) for c, r in pairs if c.get("seconds") and r.get("seconds")]
+        worst = min(d)
+        out.append(f"| {m} | {len(d)} | {sum(x >= -1e-9 for x, _ in d)} | {statistics.median(x for x, _ in d):+.3f} | "
+                   f"{worst[0]:+.3f} ({worst[1]}) | {statistics.median(ratio):.1f}× | {max(ratio):.1f}× |")
+    return out
+
+
+def _zoo_cost(rows: list[dict]) -> list[str]:
+    """Per task: our EK-FAC beside kronfluence's (seconds, peak resident memory of the row in the same process)."""
+    def get(library: str, task: str) -> dict | None:
+        return next((r for r in rows if r["library"] == library and r["method"] == "if-ekfac" and r["task"] == task
+                     and r["setting"] == "default" and r["status"] == "ok"), None)
+
+    out = ["| task | EK-FAC seconds: ours / kronfluence | time ratio | peak RSS MB: ours / kronfluence |",
+           "| --- | --- | --- | --- |"]
+    for t in sorted({r["task"] for r in rows}):
+        mine, peer = get("tda_explorer", t), get("kronfluence", t)
+        if mine is None or peer is None:
+            continue
+        mem = (f"{mine['peak_rss_mb']:.0f} / {peer['peak_rss_mb']:.0f}"
+               if mine.get("peak_rss_mb") and peer.get("peak_rss_mb") else "")
+        out.append(f"| {t} | {mine['seconds']:.2f} / {peer['seconds']:.2f} | "
+                   f"{mine['seconds'] / max(peer['seconds'], 1e-9):.2f} | {mem} |")
+    return out
 
 
 def _zoo_loss_baseline(ours: list[dict]) -> list[str]:
