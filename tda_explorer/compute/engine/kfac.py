@@ -339,21 +339,25 @@ def _layer_gradients(a: torch.Tensor, s: torch.Tensor, bias: bool) -> torch.Tens
 
 
 def sandwich(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
-    """Per-example ``q_sᵀ (Σ_t s_t [a_t; 1]ᵀ) q_a`` ``[B, r_s, r_a]`` for patches ``a`` ``[B, in, T]`` and output
-    gradients ``s`` ``[B, out, T]``; the bias's 1 is implied when ``q_a`` has ``in + 1`` rows. Projects the
-    patches and gradients first when that is cheaper (few positions, or narrow ``q``: then the layer's full
-    gradient is never formed), else forms the gradient and multiplies it."""
+    """Per-example ``q_sᵀ (Σ_t s_t [a_t; 1]ᵀ) q_a`` ``[len(s), r_s, r_a]`` for patches ``a`` ``[B, in, T]`` and output
+    gradients ``s`` ``[k·B, out, T]`` (k blocks of rows sharing the patches: the expected Fisher's one per class);
+    the bias's 1 is implied when ``q_a`` has ``in + 1`` rows. Projects the patches (once for the k blocks) and the
+    gradients first when that is cheaper (few positions, or narrow ``q``: then the layer's full gradient is never
+    formed), else forms the gradient and multiplies it."""
     width, positions, out = a.shape[1], a.shape[2], s.shape[1]
-    r_a, r_s = q_a.shape[1], q_s.shape[1]
+    r_a, r_s, blocks = q_a.shape[1], q_s.shape[1], len(s) // len(a)
     bias = q_a.shape[0] == width + 1
     q_a, q_s = q_a.to(a), q_s.to(a)
-    project_first = positions * (width * r_a + out * r_s + r_s * r_a)
+    project_first = positions * (width * r_a / blocks + out * r_s + r_s * r_a)
     gradient_first = out * width * (positions + r_s) + r_s * width * r_a
     if project_first <= gradient_first:
         projected = a.transpose(1, 2) @ q_a[:width]  # [B, T, r_a] as one matrix product
         if bias:
             projected = projected + q_a[width]
+        if blocks > 1:
+            projected = projected.repeat(blocks, 1, 1)
         return (s.transpose(1, 2) @ q_s).transpose(1, 2) @ projected
+    a = a.repeat(blocks, 1, 1) if blocks > 1 else a
     return q_s.T @ _layer_gradients(a, s, bias) @ q_a
 
 
@@ -482,9 +486,7 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
                                          argument=argument, ids=train.ids, output=task.output):
         batch_ids, start = _batch_ids(train.ids, start, patches)
         for f in factors:
-            a, s = patches[f.name], grads[0][f.name]
-            if len(s) != len(a):  # the expected Fisher: one block of rows per class
-                a = a.repeat(len(s) // len(a), 1, 1)
+            a, s = patches[f.name], grads[0][f.name]  # the expected Fisher: s has one block of rows per class
             r = _rotated_layer_gradients(f, a, s)
             squares = (r**2).sum(0).double()
             if not torch.isfinite(squares).all():
