@@ -123,3 +123,26 @@ def test_default_rule_expected_fisher_and_its_documented_fallbacks(tiny_mlp, tin
     task = AttributionTask(wide)
     torch.testing.assert_close(layer_covariances(task, data, "expected")[""][1],
                                layer_covariances(task, data, "true")[""][1])
+
+
+@pytest.mark.parametrize("method", ["if-kfac", "if-ekfac"])
+def test_thin_basis_of_a_wide_layer_equals_the_full_eigendecomposition(method, monkeypatch):
+    """A layer with fewer training patches than half its width is factored in the span of its patches (the Gram
+    matrix's N×N eigenproblem): scores, self-influence and the preconditioner equal those of the full basis."""
+    from tda_explorer.compute.engine import kfac
+
+    torch.manual_seed(0)
+    train = AttributionDataset(torch.randn(40, 100, dtype=torch.float64), torch.randint(0, 3, (40,)))
+    test = AttributionDataset(torch.randn(7, 100, dtype=torch.float64), torch.randint(0, 3, (7,)))
+    model = nn.Sequential(nn.Linear(100, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    thin = get_method(method, AttributionTask(model), damping=0.01).fit(train)
+    assert [f.width for f in thin.factors_] == [101, None] and thin.factors_[0].q_a.shape == (101, 40)
+    full_bases = kfac.eigenbases
+    monkeypatch.setattr(kfac, "eigenbases", lambda covariances, rows=None: full_bases(covariances))
+    full = get_method(method, AttributionTask(model), damping=0.01).fit(train)
+    assert full.factors_[0].q_a.shape == (101, 101)
+    assert thin.factors_[0].mean_eigenvalue() == pytest.approx(full.factors_[0].mean_eigenvalue(), rel=1e-9)
+    torch.testing.assert_close(thin.attribute(test).scores, full.attribute(test).scores, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(thin.self_influence(), full.self_influence(), rtol=1e-5, atol=1e-7)
+    v = torch.randn(3, thin.n_params, dtype=torch.float64)
+    torch.testing.assert_close(thin._precondition(v), full._precondition(v), rtol=1e-9, atol=1e-9)

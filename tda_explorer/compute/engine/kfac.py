@@ -50,10 +50,18 @@ class LayerFactors:
     name: str
     q_a: torch.Tensor
     q_s: torch.Tensor
-    eigenvalues: torch.Tensor  # [out, in·k (+1)]: EK-FAC corrected or K-FAC products
+    eigenvalues: torch.Tensor  # [out, r_a]: EK-FAC corrected or K-FAC products
+    # the patch side's full dimension in·k (+1) when q_a is thin (the span of the training patches: every training
+    # gradient lies in it, the rest of the basis has eigenvalue 0); None: q_a is square
+    width: int | None = None
+
+    def mean_eigenvalue(self) -> float:
+        """The mean over the layer's full Kronecker basis (a thin basis's missing directions count as zeros)."""
+        return float(self.eigenvalues.sum()) / (self.q_s.shape[1] * (self.width or self.q_a.shape[1]))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "q_a": self.q_a, "q_s": self.q_s, "eigenvalues": self.eigenvalues}
+        return {"name": self.name, "q_a": self.q_a, "q_s": self.q_s, "eigenvalues": self.eigenvalues,
+                "width": self.width}
 
 
 def _check_conv(name: str, module: nn.Conv2d, purpose: str, alternatives: str) -> None:
@@ -420,7 +428,9 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
     model.to(device)
     rotated = None
     try:
-        factors = eigenbases(layer_covariances(task, train, fisher, batch_size, seed, device, argument="train"))
+        rows: dict[str, list] = {}
+        factors = eigenbases(layer_covariances(task, train, fisher, batch_size, seed, device, argument="train",
+                                               rows=rows), rows)
         if corrected:
             factors, rotated = corrected_eigenvalues(task, train, factors, fisher, batch_size, seed, device, loss,
                                                      dtype, argument="train")
@@ -433,9 +443,12 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
 
 def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: str = "expected", batch_size: int = 256,
                       seed: int = 0, device: torch.device | str = "cpu", params: dict | None = None,
-                      argument: str = "train") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                      argument: str = "train", rows: dict[str, list] | None = None,
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per tracked layer, the float64 means (A, S) of patch and output-gradient outer products (at ``params``);
-    bad input is a ``TDAError`` naming ``argument`` (see ``layer_activity``)."""
+    bad input is a ``TDAError`` naming ``argument`` (see ``layer_activity``). With ``rows`` (a dict), the patch
+    rows [a; 1] of each layer whose patches number at most half its width are kept there too (no more memory than
+    its covariance): ``eigenbases`` then factors their Gram matrix instead of the wide covariance."""
     check_choice(fisher, "fisher", FISHERS)
     layers = tracked_layers(task)
     sampled, _ = _sampler(task, fisher, seed)
@@ -450,18 +463,35 @@ def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: 
             cov_a, cov_s = _patch_covariance(a, module.bias is not None), _gram(s).double()
             if not (torch.isfinite(cov_a).all() and torch.isfinite(cov_s).all()):
                 raise _overflow(argument, batch_ids, [a, s])
+            if rows is not None and 2 * n * a.shape[2] <= len(cov_a):
+                patch = a.transpose(1, 2).reshape(-1, a.shape[1]).double()
+                ones = torch.ones(len(patch), 1, dtype=torch.float64, device=patch.device)
+                rows.setdefault(name, []).append(torch.cat([patch, ones], 1) if module.bias is not None else patch)
             covs[name][0] = covs[name][0] + cov_a / (n * a.shape[2])
             covs[name][1] = covs[name][1] + cov_s / n
     return {name: (cov_a, cov_s) for name, (cov_a, cov_s) in covs.items()}
 
 
-def eigenbases(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[LayerFactors]:
-    """K-FAC factors: each layer's eigenbases of (A, S) with the Kronecker products of their eigenvalues."""
+def eigenbases(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               rows: dict[str, list] | None = None) -> list[LayerFactors]:
+    """K-FAC factors: each layer's eigenbases of (A, S) with the Kronecker products of their eigenvalues. A layer
+    with its patch ``rows`` (``layer_covariances``) gets the thin basis of their span from their Gram matrix: with
+    A = XᵀX / c and XXᵀ / c = V Λ Vᵀ, the eigenvectors are Xᵀ V Λ^(-1/2) / √c (an N×N eigenproblem for N patches
+    instead of the width's)."""
     factors = []
     for name, (cov_a, cov_s) in covariances.items():
-        ev_a, q_a = torch.linalg.eigh(cov_a)
         ev_s, q_s = torch.linalg.eigh(cov_s)
-        factors.append(LayerFactors(name, q_a, q_s, torch.outer(ev_s.clamp_min(0), ev_a.clamp_min(0))))
+        if rows and name in rows:
+            x = torch.cat(rows[name])
+            count = len(x)
+            ev_a, v = torch.linalg.eigh(x @ x.T / count)
+            keep = ev_a > ev_a.max().clamp_min(1e-300) * 1e-10
+            ev_a, q_a = ev_a[keep], x.T @ v[:, keep] / (count * ev_a[keep]).sqrt()
+            width = len(cov_a)
+        else:
+            ev_a, q_a = torch.linalg.eigh(cov_a)
+            width = None
+        factors.append(LayerFactors(name, q_a, q_s, torch.outer(ev_s.clamp_min(0), ev_a.clamp_min(0)), width))
     return factors
 
 
@@ -494,7 +524,8 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
             lam[f.name] = lam[f.name] + squares / n
         if loss is not None:
             chunks.append(_rotate_batch(factors, patches, grads[1], dtype, argument, batch_ids))
-    return [LayerFactors(f.name, f.q_a, f.q_s, lam[f.name]) for f in factors], torch.cat(chunks) if chunks else None
+    return ([LayerFactors(f.name, f.q_a, f.q_s, lam[f.name], f.width) for f in factors],
+            torch.cat(chunks) if chunks else None)
 
 
 def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype: torch.dtype, argument: str,

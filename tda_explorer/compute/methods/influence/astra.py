@@ -127,7 +127,7 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         """Per-parameter damping in the flat layout: λ_l·I on layer l is λ_l in every orthonormal basis."""
         damping = torch.zeros(self.g_train_.shape[1], dtype=torch.float64, device=self.device)
         for f, w0, _ in self._layer_slices():
-            damping[w0 : w0 + f.eigenvalues.numel()] = self.args.damping * float(f.eigenvalues.mean())
+            damping[w0 : w0 + f.eigenvalues.numel()] = self.args.damping * f.mean_eigenvalue()
         return damping
 
     def _attempt(self, v: torch.Tensor) -> torch.Tensor:

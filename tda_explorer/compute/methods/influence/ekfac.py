@@ -153,13 +153,13 @@ class EKFACInfluence(Attributor):
         return torch.cat(parts, dim=1)
 
     def _unrotate(self, coords: torch.Tensor) -> torch.Tensor:
-        """Eigenbasis coordinates [r, Σ out·(in+1)] → flat gradients [r, p] (inverse of ``_rotate``)."""
+        """Eigenbasis coordinates [r, Σ out·r_a] → flat gradients [r, p] (inverse of ``_rotate`` on the bases' span)."""
         flat = torch.zeros(len(coords), self.n_params, dtype=torch.float64, device=coords.device)
         start = 0
         for f, w0, has_bias in self._layer_slices():
-            out_dim, width = f.q_s.shape[0], f.q_a.shape[0]
-            block = coords[:, start : start + out_dim * width].reshape(len(coords), out_dim, width)
-            start += out_dim * width
+            out_dim, width, rank = f.q_s.shape[0], f.q_a.shape[0], f.q_a.shape[1]
+            block = coords[:, start : start + out_dim * rank].reshape(len(coords), out_dim, rank)
+            start += out_dim * rank
             w = f.q_s @ block @ f.q_a.T
             in_dim = width - (1 if has_bias else 0)
             flat[:, w0 : w0 + out_dim * in_dim] = w[:, :, :in_dim].reshape(len(coords), -1)
@@ -168,9 +168,22 @@ class EKFACInfluence(Attributor):
         return flat
 
     def _precondition(self, v: torch.Tensor) -> torch.Tensor:
-        """The EK-FAC solution ``(P + D)⁻¹ v`` of flat gradients ``v`` [r, p] (float64)."""
+        """The EK-FAC solution ``(P + D)⁻¹ v`` of flat gradients ``v`` [r, p] (float64); outside a thin basis the
+        curvature is 0, so there the solution is the part of ``v`` divided by the layer's damping (and weight decay)."""
         v = v.double()
-        return self._unrotate(self._rotate(v) * self._inverse_eigenvalues().to(v))
+        rotated = self._rotate(v)
+        x = self._unrotate(rotated * self._inverse_eigenvalues().to(v))
+        if any(f.width for f in self.factors_):
+            x = x + (v - self._unrotate(rotated)) * self._complement_inverse().to(v)
+        return x
+
+    def _complement_inverse(self) -> torch.Tensor:
+        """1 / (wd + λ_l) on each tracked parameter of layer l, in the flat layout (the eigenvalue-0 directions)."""
+        wd = self.task.weight_decay if self.args.weight_decay_term else 0.0
+        inverse = torch.zeros(self.n_params, dtype=torch.float64)
+        for (f, w0, _), lam in zip(self._layer_slices(), self._layer_damping()):
+            inverse[w0 : w0 + f.q_s.shape[0] * f.q_a.shape[0]] = 1.0 / max(wd + lam, 1e-300)
+        return inverse
 
     def _layer_damping(self) -> list[float]:
         """λ_l of each fitted layer: ``damping`` × its mean eigenvalue, or by default the SGD recipe's ridge on every
@@ -183,7 +196,7 @@ class EKFACInfluence(Attributor):
                 return [absolute] * len(self.factors_)
             relative = RELATIVE_DAMPING
         self.damping_rule_ = "given" if self.args.damping is not None else "spectrum"
-        return [relative * float(f.eigenvalues.mean()) for f in self.factors_]
+        return [relative * f.mean_eigenvalue() for f in self.factors_]
 
     def _inverse_eigenvalues(self) -> torch.Tensor:
         """1 / (Λ (+ wd) + λ_layer) in the concatenated eigenbasis layout (float64)."""
