@@ -74,3 +74,24 @@ def test_a_train_config_of_another_type_is_refused_by_name(tiny_mlp, tiny_data):
     train, _ = tiny_data
     with pytest.raises(TDAError, match="train_config must be a TrainConfig"):
         get_method("if-cg", AttributionTask(tiny_mlp), train_config={"lr": 0.1}).fit(train)
+
+
+def test_astra_solves_with_the_recipes_ridge_and_raises_it_on_back_off(tiny_mlp, tiny_data):
+    """ASTRA solves the direct solvers' system (GGN + D): with an SGD recipe D is its ridge on every layer, and the
+    back-off's raise multiplies that, as it multiplies the relative default without one."""
+    train, test = tiny_data
+    task = AttributionTask(tiny_mlp, weight_decay=0.01)
+    lam = SGDM.implicit_damping(len(train))
+    astra = get_method("if-astra", task, train_config=SGDM).fit(train)
+    torch.testing.assert_close(astra._damping_flat(), torch.full((astra.n_params,), lam, dtype=torch.float64))
+    assert astra.damping_rule_ == "recipe"
+    cg = get_method("if-cg", task, train_config=SGDM).fit(train).attribute(test).scores
+    got = astra.attribute(test).scores
+    assert torch.corrcoef(torch.stack([got.flatten(), cg.flatten()]))[0, 1] > 0.99
+    words = astra._raise_damping(10.0)
+    torch.testing.assert_close(astra._damping_flat(), torch.full((astra.n_params,), 10 * lam, dtype=torch.float64))
+    assert "recipe rule × 10" in words
+    plain = get_method("if-astra", task).fit(train)
+    mean = [f.mean_eigenvalue() for f in plain.factors_]
+    torch.testing.assert_close(torch.tensor(plain._layer_damping()), 0.1 * torch.tensor(mean))
+    assert plain.damping_rule_ == "spectrum"

@@ -17,6 +17,8 @@ answer's residual on the full training set is recorded in ``residual_``; a non-f
 than x = 0, is refused. With the default step, momentum and damping a refused answer backs off (``backoff.py``:
 the step halved, then the damping raised, then the EK-FAC solution with if-ekfac's defaults) with a
 ``SolverBackoffWarning``; an explicit ``step``, ``momentum`` or ``damping`` raises a ``TDAError`` naming it.
+Damping: by default the SGD recipe's ridge on every layer when ``train_config`` is given (the rule of the direct
+solvers, which solve the same system), else 0.1 × each layer's mean EK-FAC eigenvalue (``ekfac.py``).
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ PUBLISHED = {"iterations": 200, "momentum": 0.9, "halve_every": 50, "minibatch":
 class ASTRAArguments(EKFACArguments):
     curvature: str = option("ggn", "the system solved: the GGN of the mean objective (weight decay included), "
                                    "preconditioned by EK-FAC's factored Fisher; the only choice", Options(("ggn",)))
-    damping: float = option(0.1, "RELATIVE per layer: D = λ_l I on layer l with λ_l = damping × the mean eigenvalue "
-                                 "of its EK-FAC curvature; ASTRA solves (G + D) x = v", NONNEGATIVE)
+    damping: float | None = option(None, "RELATIVE per layer: D = λ_l I on layer l with λ_l = damping × the mean "
+                                         "eigenvalue of its EK-FAC curvature; ASTRA solves (G + D) x = v. None: with "
+                                         "an SGD train_config the ridge its steps amount to, (1 − momentum) / (lr · "
+                                         "steps), on every layer (the direct solvers' rule for the same system), "
+                                         "else 0.1", NONNEGATIVE)
     weight_decay_term: bool = option(True, "add the objective's weight decay to the preconditioner's eigenvalues, "
                                            "as G includes it", Options((False, True)))
     iterations: int = option(30, "preconditioned stochastic iterations (the published schedule: 200)", POSITIVE_INT)
@@ -65,7 +70,7 @@ class ASTRAArguments(EKFACArguments):
                             Options(("float32", "float64")))
 
 
-@register("if-astra", Family.PAIRWISE, ASTRAArguments)
+@register("if-astra", Family.PAIRWISE, ASTRAArguments, uses=("recipe",))
 class ASTRAInfluence(BackoffSolver, EKFACInfluence):
     """Influence functions with ASTRA's EK-FAC-preconditioned stochastic iterations, started at EK-FAC.
 
@@ -75,6 +80,7 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
 
     step_options = ("step",)
     control_options = ("step", "momentum", "damping")
+    default_relative = 0.1
 
     def _setup(self) -> None:
         super()._setup()
@@ -87,7 +93,7 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         self.curvature_ = None
         self.g_train_ = self._features(train, test=False).double()
         self.train_data_ = train
-        self.step_, self.default_damping_ = a.step, a.damping
+        self.step_, self.default_damping_, self.damping_scale_ = a.step, a.damping, 1.0
         self._reset_backoff()
 
     def with_damping(self, damping: float) -> ASTRAInfluence:
@@ -97,26 +103,36 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         self.explicit_options_ = self.explicit_options_ | {"damping"}
         return self
 
-    def _set_damping(self, damping: float) -> None:
+    def _set_damping(self, damping: float | None) -> None:
         super().with_damping(damping)
-        self.lambda_max_ = None
+        self.lambda_max_, self.damping_scale_ = None, 1.0
+
+    def _layer_damping(self) -> list[float]:
+        """The EK-FAC rule's λ_l (ASTRA's relative default: 0.1), times the back-off's raises."""
+        return [lam * getattr(self, "damping_scale_", 1.0) for lam in super()._layer_damping()]
+
+    def _damping_words(self) -> str:
+        lams = ", ".join(f"{lam:.3g}" for lam in self._layer_damping())
+        return f"λ per layer {lams} ({self.damping_rule_} rule × {self.damping_scale_:g})"
 
     def _settings(self) -> dict:
-        return {"step": getattr(self, "step_", self.args.step), "damping": self.args.damping}
+        return {"step": getattr(self, "step_", self.args.step), "damping": self.args.damping,
+                "damping_scale": getattr(self, "damping_scale_", 1.0)}
 
     def _halve_step(self) -> str:
         old, self.step_ = self.step_, self.step_ / 2
         return f"step {self.step_:g} (was {old:g})"
 
     def _raise_damping(self, factor: float) -> str:
-        old = self.args.damping
-        self._set_damping(old * factor if old > 0 else 0.1)
-        return f"damping {self.args.damping:g} (was {old:g}; relative per layer)"
+        old = self._damping_words()
+        self.damping_scale_ *= factor
+        self.lambda_max_ = None
+        return f"{self._damping_words()} (was {old})"
 
     def _ekfac_solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """The fallback: ``if-ekfac`` with its defaults on this fit's factors (no refit); the damping ASTRA reports
         goes back to its default (it is not used)."""
-        if self.args.damping != self.default_damping_:
+        if self.args.damping != self.default_damping_ or self.damping_scale_ != 1.0:
             self._set_damping(self.default_damping_)
         if getattr(self, "fallback_", None) is None:
             self.fallback_ = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory)
@@ -126,8 +142,8 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
     def _damping_flat(self) -> torch.Tensor:
         """Per-parameter damping in the flat layout: λ_l·I on layer l is λ_l in every orthonormal basis."""
         damping = torch.zeros(self.g_train_.shape[1], dtype=torch.float64, device=self.device)
-        for f, w0, _ in self._layer_slices():
-            damping[w0 : w0 + f.eigenvalues.numel()] = self.args.damping * f.mean_eigenvalue()
+        for (f, w0, _), lam in zip(self._layer_slices(), self._layer_damping()):
+            damping[w0 : w0 + f.eigenvalues.numel()] = lam
         return damping
 
     def _attempt(self, v: torch.Tensor) -> torch.Tensor:
@@ -140,7 +156,7 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         step = self.step_ / self._largest_eigenvalue(damping)
         full = self._full_curvature()
         advice = (f"lower step (now {self.step_:g}) or momentum (now {a.momentum:g}), or raise damping "
-                  f"(now {a.damping:g})")
+                  f"(now {self._damping_words()})")
         for t in range(a.iterations):
             if t and t % a.halve_every == 0:
                 step /= 2

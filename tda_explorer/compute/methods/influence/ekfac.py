@@ -119,6 +119,7 @@ class EKFACInfluence(Attributor):
     """
 
     corrected = True
+    default_relative = RELATIVE_DAMPING  # the relative damping when neither an option nor a recipe sets it
 
     def _setup(self) -> None:
         if self.projector is not None:
@@ -187,14 +188,14 @@ class EKFACInfluence(Attributor):
 
     def _layer_damping(self) -> list[float]:
         """λ_l of each fitted layer: ``damping`` × its mean eigenvalue, or by default the SGD recipe's ridge on every
-        layer (else ``RELATIVE_DAMPING``); ``damping_rule_`` names the rule taken."""
+        layer (else ``default_relative`` × its mean eigenvalue); ``damping_rule_`` names the rule taken."""
         relative = self.args.damping
         if relative is None:
             absolute = recipe_damping(self.args.train_config, self.train_)
             if absolute is not None:
                 self.damping_rule_ = "recipe"
                 return [absolute] * len(self.factors_)
-            relative = RELATIVE_DAMPING
+            relative = self.default_relative
         self.damping_rule_ = "given" if self.args.damping is not None else "spectrum"
         return [relative * f.mean_eigenvalue() for f in self.factors_]
 
