@@ -220,14 +220,15 @@ def run_ours(exp, truth, writer: Writer, settings, device: str, limit: float | N
         for method in methods:
             writer.add(_guarded(name, "tda_explorer", method, "default", deadline,
                                 lambda m=method: _ours(exp, truth, m, {}, device, limit) | {"options": "defaults"}))
-    if "oracle" in settings:  # cheapest default first, so a task time limit cuts the costliest sweeps
-        cost = {r["method"]: r.get("seconds") or math.inf for r in (writer.all_rows() if writer.path else writer.rows)
-                if r["task"] == name and r["library"] == "tda_explorer" and r["setting"] == "default"}
+    # oracles and calibrations: cheapest default first, so a task time limit cuts the costliest
+    cost = {r["method"]: r.get("seconds") or math.inf for r in (writer.all_rows() if writer.path else writer.rows)
+            if r["task"] == name and r["library"] == "tda_explorer" and r["setting"] == "default"}
+    if "oracle" in settings:
         for method in sorted([m for m in methods if sweep(m)], key=lambda m: cost.get(m, math.inf)):
             writer.add(_guarded(name, "tda_explorer", method, "oracle", deadline,
                                 lambda m=method: _oracle(exp, truth, m, device, limit, deadline)))
     if "calibrated" in settings:
-        for method in [m for m in methods if m != "suspicion"]:
+        for method in sorted([m for m in methods if m != "suspicion"], key=lambda m: cost.get(m, math.inf)):
             writer.add(_guarded(name, "tda_explorer", method, "calibrated", deadline,
                                 lambda m=method: _calibrated(exp, truth, m, device, limit)))
 
