@@ -132,6 +132,9 @@ class Writer:
     def add(self, row: dict) -> None:
         row = {k: _finite(v) for k, v in row.items()}
         key = tuple(row[k] for k in self.KEY)
+        if str(row["status"]).startswith("skipped") and any(
+                tuple(r.get(k) for k in self.KEY) == key and r.get("status") == "ok" for r in self.all_rows()):
+            return  # a row not attempted this time leaves the measured one in place
         self.rows = [r for r in self.rows if tuple(r[k] for k in self.KEY) != key] + [row]
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "sweep"}
         print(json.dumps(shown), flush=True)
