@@ -22,7 +22,8 @@ def test_calibrate_click_chooses_settings_computes_and_says_so(explorer):
     result = explorer.session.calibrations["if-ekfac"]
     assert bar.calibration_ is result and result.truth == "retraining"  # a built-in recipe: retrained without groups
     assert "if-ekfac" in explorer.session.methods and "if-ekfac" in explorer.browser.method.options
-    assert explorer.session.options["if-ekfac"] == result.options
+    recipe = explorer.session.resources["recipe"]()["train_config"]  # a "use" of if-ekfac, filled by the session
+    assert explorer.session.options["if-ekfac"] == {**result.options, "train_config": recipe}
     assert "calibrated: if-ekfac" in bar.message.value and "the default" in bar.message.value
     assert f"{result.default_score:.3f}" in bar.message.value
     assert bar.progress.bar_style == "success" and not bar.run_button.disabled and bar.cancel_button.disabled
