@@ -169,3 +169,29 @@ def test_session_calibrate_on_the_users_retrain_function(recorded, tmp_path):
     result = session.calibrate("if-ekfac")
     assert result.truth == "retraining" and "paired over 2 seeds" in result.truth_description
     assert result.score >= result.default_score and "if-ekfac" in session.methods
+
+
+def test_retraining_truth_on_a_model_with_buffers():
+    """A model with buffers (the zoo's BatchNorm: running statistics outside the parameters) retrains in lock-step
+    and is evaluated with the attributed model's statistics: calibrate builds its truth instead of failing on the
+    buffers."""
+    from torch import nn
+
+    from tda_explorer import AttributionDataset, AttributionTask, get_method
+    from tda_explorer.compute.training.train import TrainConfig, train_model
+    from tda_explorer.experiments.zoo import BatchNorm2d, calibrate_batchnorm
+
+    def factory(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(4 * 6 * 6, 3))
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 1, 6, 6, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    train, test = AttributionDataset(x[:48], y[:48]), AttributionDataset(x[48:], y[48:])
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.05, weight_decay=0.0, optimizer="sgd", n_checkpoints=1)
+    model = calibrate_batchnorm(train_model(factory, train.inputs, train.labels, config).model, train.inputs)
+    attributor = get_method("if-ekfac", AttributionTask(model), train_config=config)
+    result = attributor.calibrate(train, test, recipe={"model_factory": factory, "train_config": config},
+                                  removals=3, test_points=8)
+    assert result.truth == "retraining" and result.score is not None and len(result.trials) >= 2

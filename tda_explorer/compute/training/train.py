@@ -312,11 +312,14 @@ def train_weighted(
 
 def stacked_outputs(model: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
                     device: str | torch.device | None = None) -> torch.Tensor:
-    """Outputs ``[M, n, ...]`` of ``model``'s architecture under each of M stacked parameter sets (no grad)."""
-    base = copy.deepcopy(model).to("meta")
+    """Outputs ``[M, n, ...]`` of ``model``'s architecture under each of M stacked parameter sets (no grad), in
+    evaluation mode. Buffers the stack does not hold (BatchNorm's running statistics) are ``model``'s own, shared by
+    the M models: the functional training steps the parameters only."""
+    base = copy.deepcopy(model).to("meta").eval()
     x = inputs.to(as_device(device))
+    buffers = {k: v.to(x.device) for k, v in model.named_buffers() if k not in params}
     with torch.no_grad():
-        return vmap(lambda p: functional_call(base, p, (x,)))(params)
+        return vmap(lambda p: functional_call(base, {**buffers, **p}, (x,)))(params)
 
 
 def unstack(params: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
