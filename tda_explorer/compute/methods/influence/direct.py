@@ -81,7 +81,8 @@ class InfluenceArguments(AttributorArguments):
     # with SGD, λ = 1 / (lr_eff · steps): the zoo's SGD tasks, benchmarks/README.md "Damping from the training run"
     train_config: TrainConfig | None = option(None, "the attributed model's training recipe (lr, epochs, batch size, "
                                                     "optimizer); with SGD it sets the default damping (used by "
-                                                    "if-explicit, if-cg, if-lissa, if-arnoldi, if-kfac, if-ekfac)",
+                                                    "if-explicit, if-cg, if-lissa, if-arnoldi, if-astra, if-kfac, "
+                                                    "if-ekfac)",
                                               config=False, cli=False)
 
 

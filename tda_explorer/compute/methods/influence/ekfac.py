@@ -11,8 +11,7 @@ solvers do, ``direct.py``). Otherwise (measured on the digits tasks, LDS against
 benchmarks/README.md) λ_l = 0.5 × the mean eigenvalue of layer l, *instead of* the objective's weight decay.
 Adding the weight decay (the exact objective's curvature) damped every layer by at least wd, which scored worse on
 both tasks — the block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Of the
-relative factors
-0.1–2, 0.5 is the best compromise across both tasks (kronfluence's 0.1 heuristic trails on the MLP).
+relative factors 0.1–2, 0.5 is the best compromise across both tasks (kronfluence's 0.1 heuristic trails on the MLP).
 ``weight_decay_term=True`` restores the exact-objective form.
 Defaults across the zoo (13 tasks, benchmarks/README.md "Kronecker defaults across the zoo"): the expected Fisher
 (Σ_c p_c g_c g_cᵀ, exact over classes) at 0.5 has the least median regret of the Fisher kinds and relative dampings
