@@ -248,8 +248,7 @@ def _oracle(exp, truth, method: str, device: str, limit: float | None, deadline:
             points.append({"options": options, "status": _error(err)})
             continue
         total += r["seconds"]
-        points.append({"options": options, "seconds": r["seconds"]}
-                      | {k: r[k] for k in ("lds", "mislabel_auc", "recall_at_10") if r.get(k) is not None})
+        points.append({"options": options, "lds": r["lds"], "seconds": r["seconds"]})
         if r["lds"] is not None and math.isfinite(r["lds"]) and (best is None or r["lds"] > best[1]["lds"]):
             best = (options, r)
     if best is None:
@@ -274,11 +273,9 @@ def refresh_oracles(writer: Writer) -> int:
         best = max(points, key=lambda p: p["lds"], default=None)
         if default is not None and (best is None or default["lds"] >= best["lds"]):
             values = {k: default.get(k) for k in ("lds", "mislabel_auc", "recall_at_10")} | {"options": "defaults"}
-        elif best is not None:
-            options = json.dumps(best["options"])
-            values = {"lds": best["lds"], "options": options}
-            if row.get("options") != options:
-                values |= {k: best.get(k) for k in ("mislabel_auc", "recall_at_10")}
+        elif best is not None:  # sweep points are LDS only
+            values = {"lds": best["lds"], "options": json.dumps(best["options"]), "mislabel_auc": None,
+                      "recall_at_10": None}
         else:
             continue
         if any(row.get(k) != v for k, v in values.items()):
