@@ -195,3 +195,30 @@ def test_retraining_truth_on_a_model_with_buffers():
     result = attributor.calibrate(train, test, recipe={"model_factory": factory, "train_config": config},
                                   removals=3, test_points=8)
     assert result.truth == "retraining" and result.score is not None and len(result.trials) >= 2
+
+
+def _removal_truth(n_groups: int, n_test: int = 40) -> CalibrationTruth:
+    effects = torch.randn(n_groups, n_test, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    test = AttributionDataset(torch.zeros(n_test, 1), torch.zeros(n_test, dtype=torch.long), name="t")
+    return CalibrationTruth("retraining", "synthetic", test, 0.0,
+                            [[g] for g in range(n_groups)], effects)
+
+
+def test_a_gain_carried_by_one_pair_of_groups_does_not_move_the_choice():
+    """The candidate predicts every group exactly; the default swaps two of five groups. The candidate wins on every
+    test point (the per-test-point standard error alone would choose it), but only on the resamples of the truth that
+    hold both groups: the default is kept. The same kind of gain spread over many groups is taken."""
+    from tda_explorer.compute.methods.calibration import _better
+
+    truth = _removal_truth(5)
+    exact = truth.effects.clone()
+    swapped = exact[[1, 0, 2, 3, 4]]
+    diff = truth.agreement(exact) - truth.agreement(swapped)
+    assert bool((diff > 0).all())  # every test point prefers the candidate
+    assert not _better(exact, swapped, truth)
+
+    truth = _removal_truth(40)
+    noisy = truth.effects + 0.8 * torch.randn(truth.effects.shape, dtype=torch.float64,
+                                              generator=torch.Generator().manual_seed(2))
+    assert _better(truth.effects.clone(), noisy, truth)
+    assert not _better(noisy, truth.effects.clone(), truth)

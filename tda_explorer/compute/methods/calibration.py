@@ -26,8 +26,10 @@ first; a ``None`` default is read off the fitted default where the method resolv
 functions' ``lam_``), the other Fisher / curvature kinds (``fisher``, ``curvature``), ASTRA's ``step``, then the
 projection dimension (halved, doubled, ...; only where the method projects by default: an exact default is what a
 projection approximates). A candidate replaces the best so far only when its mean score is higher by more than two
-standard errors of the paired per-test-point difference, so the chosen setting is never worse than the default on
-the truth (ties keep the default) and noise rarely moves it.
+standard errors of the paired per-test-point difference *and* it stays higher in 95% of bootstrap resamples of the
+truth's groups (or examples): every test point is scored on the same few removals, so their noise is shared and the
+per-test-point error alone let a cheap truth's noise move the choice. The chosen setting is never worse than the
+default on the truth (ties keep the default), and a truth too coarse to separate two settings keeps the default.
 
 Every trial is timed. Without ``budget_s`` the trials stop at 16× the default's own run (calibrating and computing
 with the choice then stay within 20× of computing the default); with it, the whole
@@ -57,7 +59,6 @@ from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fi
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.training.further_training import (
     FurtherTrainingTruth,
-    further_training_cosines,
     further_training_truth,
 )
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
@@ -72,6 +73,9 @@ DEFAULT_BUDGET_FACTOR = 16.0
 #: A candidate replaces the best setting so far only when it is better by more than this many standard errors of the
 #: paired per-test-point difference.
 MARGIN_SE = 2.0
+#: ... and wins in at least this share of ``BOOTSTRAPS`` resamples (with replacement) of the truth's groups or examples.
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAPS = 200
 #: Decades tried around the default damping, nearest first (six decades in all with the default's).
 DAMPING_DECADES = (-1, 1, -2, 2, -3, 3)
 #: Kinds of curvature / Fisher a method may declare.
@@ -105,29 +109,44 @@ class CalibrationTruth:
     effects: torch.Tensor | None = None
     further: FurtherTrainingTruth | None = None
 
+    @property
+    def units(self) -> int:
+        """How many independent measurements the truth rests on: its removal groups, or its left-out examples."""
+        return len(self.further.ids) if self.further is not None else len(self.groups)
+
+    def predicted(self, scores: torch.Tensor, train: AttributionDataset) -> torch.Tensor:
+        """What scores ``[n_test, n_train]`` predict for each of the truth's units ``[units, n_test]``: the change when
+        a group is removed (the sum of its scores), or the (centred) scores of each left-out example."""
+        scores = scores.double()
+        if self.further is not None:
+            columns = scores[:, train.positions(self.further.ids, "ids")]
+            if self.further.centred:
+                columns = columns - columns.mean(1, keepdim=True)
+            return columns.T
+        return torch.stack([scores[:, g].sum(1) for g in self.groups])
+
+    def agreement(self, predicted: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
+        """Per test point ``[n_test]``: the agreement of ``predicted`` (``predicted``'s output) with the truth over its
+        units, or over the units ``units`` (indices, repeats allowed: a bootstrap resample)."""
+        actual = self.further.effects.T.double() if self.further is not None else self.effects.double()
+        if units is not None:
+            predicted, actual = predicted[units], actual[units]
+        if self.further is not None:
+            return torch.nn.functional.cosine_similarity(predicted, actual, dim=0)
+        return _spearman_columns(predicted, actual)
+
     def per_test(self, scores: torch.Tensor, train: AttributionDataset) -> torch.Tensor:
         """Agreement ``[n_test]`` of scores ``[n_test, n_train]`` with this truth, per test point: the Spearman
         correlation across groups of the predicted change with the actual one (removal truths), or the cosine with
         the further-training effects (NaN where undefined, e.g. constant scores)."""
-        if self.further is not None:
-            return further_training_cosines(scores, train, self.further)
-        scores = scores.double()
-        predicted = torch.stack([scores[:, g].sum(1) for g in self.groups])  # [n_groups, n_test]
-        return _spearman_columns(predicted, self.effects.double())
+        return self.agreement(self.predicted(scores, train))
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks along dim 0, ties given their mean rank."""
-    out = torch.empty_like(x, dtype=torch.float64)
-    for j in range(x.shape[1]):
-        values, inverse = torch.unique(x[:, j], return_inverse=True)
-        order = torch.argsort(x[:, j], stable=True)
-        rank = torch.empty(len(x), dtype=torch.float64)
-        rank[order] = torch.arange(len(x), dtype=torch.float64)
-        mean = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, rank)
-        mean /= torch.bincount(inverse, minlength=len(values)).double()
-        out[:, j] = mean[inverse]
-    return out
+    """Ranks along dim 0 (from 0), ties given their mean rank."""
+    below = (x.unsqueeze(0) < x.unsqueeze(1)).sum(1)
+    equal = (x.unsqueeze(0) == x.unsqueeze(1)).sum(1)
+    return (below + 0.5 * (equal - 1)).double()
 
 
 def _spearman_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -419,28 +438,39 @@ def stages(attributor: Any) -> list[str]:
 # -- the search ----------------------------------------------------------------------------------------------------
 def _run_trial(attributor: Any, options: dict[str, Any], train: AttributionDataset, truth: CalibrationTruth
                ) -> tuple[Any, torch.Tensor, str]:
-    """Fit the method with ``options`` and score it on the truth: the fitted attributor, the per-test agreement and a
-    status ("ok", or "ok (solver backed off)")."""
+    """Fit the method with ``options`` and score it on the truth: the fitted attributor, what it predicts for each of
+    the truth's units (``CalibrationTruth.predicted``) and a status ("ok", or "ok (solver backed off)")."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         candidate = type(attributor)(attributor.task, **options)
         candidate.fit(train)
         scores = candidate.attribute(truth.test).scores
     backed_off = any(w.category.__name__ == "SolverBackoffWarning" for w in caught)  # influence.backoff's
-    per_test = truth.per_test(scores, train)
-    if not torch.isfinite(per_test).any():
+    predicted = truth.predicted(scores, train)
+    if not torch.isfinite(truth.agreement(predicted)).any():
         raise TDAError("its scores agree with the truth nowhere (constant or non-finite scores)")
-    return candidate, per_test, "ok (solver backed off)" if backed_off else "ok"
+    return candidate, predicted, "ok (solver backed off)" if backed_off else "ok"
 
 
-def _better(candidate: torch.Tensor, best: torch.Tensor) -> bool:
-    """Whether ``candidate`` beats ``best`` (per-test agreements) by more than ``MARGIN_SE`` standard errors of the
-    paired difference, and in mean."""
-    both = torch.isfinite(candidate) & torch.isfinite(best)
-    if int(both.sum()) < 2 or not float(candidate.nanmean()) > float(best.nanmean()):
+def _better(candidate: torch.Tensor, best: torch.Tensor, truth: CalibrationTruth, seed: int = 0) -> bool:
+    """Whether the setting that predicts ``candidate`` beats the one that predicts ``best`` (``_run_trial``'s
+    predictions) on ``truth``: higher in mean agreement by more than ``MARGIN_SE`` standard errors of the paired
+    per-test-point difference, and in at least ``BOOTSTRAP_LEVEL`` of ``BOOTSTRAPS`` resamples of the truth's units
+    (every test point shares the same few groups or examples, so their noise is common to all test points and the
+    standard error alone overstates a difference)."""
+    a, b = truth.agreement(candidate), truth.agreement(best)
+    both = torch.isfinite(a) & torch.isfinite(b)
+    if int(both.sum()) < 2 or not float(a.nanmean()) > float(b.nanmean()):
         return False
-    diff = (candidate - best)[both]
-    return float(diff.mean()) > MARGIN_SE * float(diff.std() / math.sqrt(len(diff)))
+    diff = (a - b)[both]
+    if not float(diff.mean()) > MARGIN_SE * float(diff.std() / math.sqrt(len(diff))):
+        return False
+    gen = torch.Generator().manual_seed(seed)
+    wins = 0
+    for _ in range(BOOTSTRAPS):
+        units = torch.randint(truth.units, (truth.units,), generator=gen)
+        wins += float((truth.agreement(candidate, units) - truth.agreement(best, units)).nanmean()) > 0
+    return wins >= BOOTSTRAP_LEVEL * BOOTSTRAPS
 
 
 def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDataset | None = None, *,
@@ -502,14 +532,14 @@ def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDatas
     rows: list[dict] = []
     t0 = time.perf_counter()
     try:
-        fitted, best_scores, status = _run_trial(attributor, base, train, truth)
+        fitted, best_predicted, status = _run_trial(attributor, base, train, truth)
     except JobCancelled:
         raise
     except Exception as err:
         raise TDAError(f"calibrate: {name} fails at its configured default, so there is nothing to compare "
                        f"settings with: {type(err).__name__}: {err}") from err
     default_seconds = time.perf_counter() - t0
-    default_score = float(best_scores.nanmean())
+    default_score = float(truth.agreement(best_predicted).nanmean())
     rows.append({"stage": "default", "options": {}, "score": default_score, "seconds": default_seconds,
                  "status": status})
     elapsed = time.perf_counter() - t_start
@@ -539,7 +569,7 @@ def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDatas
             report_progress(min(now / limit, 1.0), f"calibrating {name}: {len(rows)} settings tried")
             t0 = time.perf_counter()
             try:
-                _, scores, status = _run_trial(attributor, {**base, **options}, train, truth)
+                _, predicted, status = _run_trial(attributor, {**base, **options}, train, truth)
             except JobCancelled:
                 raise
             except Exception as err:  # a setting that fails is a result of the search, not its end
@@ -550,12 +580,14 @@ def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDatas
                 continue
             seconds = time.perf_counter() - t0
             slowest = max(slowest, seconds)
-            rows.append({**row, "score": float(scores.nanmean()), "seconds": seconds, "status": status})
-            if _better(scores, best_scores):
-                best, best_scores = options, scores
+            rows.append({**row, "score": float(truth.agreement(predicted).nanmean()), "seconds": seconds,
+                         "status": status})
+            if _better(predicted, best_predicted, truth, seed):
+                best, best_predicted = options, predicted
     chosen = {k: v for k, v in best.items() if v != configured.get(k)}
     trials = pd.DataFrame(rows, columns=columns[:-1])
     trials["chosen"] = [r["options"] == best and r["status"].startswith("ok") for r in rows]
     trials["options"] = [json.dumps(r["options"], sort_keys=True) if r["options"] else "default" for r in rows]
-    return Calibration(name, chosen, configured, truth.kind, truth.description, float(best_scores.nanmean()),
+    return Calibration(name, chosen, configured, truth.kind, truth.description,
+                       float(truth.agreement(best_predicted).nanmean()),
                        default_score, time.perf_counter() - t_start, truth_seconds, budget_s, trials)
