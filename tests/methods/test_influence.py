@@ -407,3 +407,60 @@ def test_conv_patches_equal_unfold(options):
     x = torch.randn(5, 3, 11, 13)
     expected = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv_padding(conv), conv.stride)
     assert torch.equal(_patches(conv, x), expected)
+
+
+def _wide_mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def _ggn_from_jacobians(model, train, wd):
+    """The GGN of the mean objective plus wd·I, from each example's explicit logit Jacobian."""
+    curvature = Curvature(AttributionTask(model, weight_decay=wd), train, "ggn")
+    p = curvature.dim
+    ggn = torch.zeros(p, p, dtype=torch.float64)
+    for i in range(len(train)):
+        x_i = train.inputs[i : i + 1]
+        jac = torch.autograd.functional.jacobian(
+            lambda flat, x_i=x_i: torch.func.functional_call(model, curvature._unflatten(flat), (x_i,))[0],
+            curvature.theta)
+        prob = model(x_i).softmax(-1)[0].detach()
+        ggn += jac.T @ (torch.diag(prob) - torch.outer(prob, prob)) @ jac
+    return ggn / len(train) + wd * torch.eye(p, dtype=torch.float64)
+
+
+def test_explicit_on_a_model_wider_than_its_data_solves_through_the_kernel_exactly(tiny_data):
+    """n·C = 60 outputs over the training set, p = 131 parameters: the Woodbury form (an n·C × n·C matrix) gives
+    the p × p solve's scores, self-influence and default damping."""
+    train, test = tiny_data
+    model, wd, lam = _wide_mlp(), 0.02, 0.3
+    task = AttributionTask(model, weight_decay=wd)
+    method = get_method("if-explicit", task, damping=lam).fit(train)
+    assert method.form_ == "kernel" and method.n_params > 3 * len(train)
+    matrix = _ggn_from_jacobians(model, train, wd) + lam * torch.eye(method.n_params, dtype=torch.float64)
+    g_tr, g_te = _grads(model, train.inputs, train.labels), _grads(model, test.inputs, test.labels)
+    want = g_te @ torch.linalg.solve(matrix, g_tr.T) / len(train)
+    torch.testing.assert_close(method.attribute(test).scores.double(), want, rtol=1e-4, atol=1e-7)
+    want_self = (g_tr * torch.linalg.solve(matrix, g_tr.T).T).sum(1) / len(train)
+    torch.testing.assert_close(method.self_influence().double(), want_self, rtol=1e-4, atol=1e-7)
+
+    default = get_method("if-explicit", task).fit(train)  # 0.01 × the largest eigenvalue of GGN + wd·I
+    largest = float(torch.linalg.eigvalsh(_ggn_from_jacobians(model, train, wd))[-1])
+    assert default.form_ == "kernel" and default.damping_rule_ == "spectrum"
+    assert default.lam_ == pytest.approx(0.01 * largest, rel=1e-3)
+
+
+def test_explicit_too_large_for_memory_backs_off_to_a_subspace_unless_exact_was_chosen(tiny_data, monkeypatch):
+    from tda_explorer.compute.methods.influence import direct
+    from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
+
+    train, test = tiny_data
+    task = AttributionTask(_wide_mlp(), weight_decay=0.01)
+    monkeypatch.setattr(direct, "MEMORY_SHARE", 1e-9)
+    monkeypatch.setattr(direct, "BACKOFF_PROJECTION", 32)
+    with pytest.warns(SolverBackoffWarning, match="projection_dim=32"):
+        method = get_method("if-explicit", task).fit(train)
+    assert method.form_ == "projected" and method.projector.dim_out == 32
+    assert method.attribute(test).scores.isfinite().all()
+    with pytest.raises(TDAError, match="projection_dim=None was chosen explicitly"):
+        get_method("if-explicit", task, projection_dim=None).fit(train)

@@ -13,12 +13,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from tda_explorer._validation import check_choice
 from tda_explorer.compute.engine.losses import Batch
 from tda_explorer.compute.engine.task import AttributionTask, call_model
-from tda_explorer.data.batching import take_rows, to_device
+from tda_explorer.data.batching import n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
 
 CURVATURES = ("ggn", "hessian")
@@ -128,6 +129,37 @@ class Curvature:
         for x, y in self._batches():
             out = out + vmap(partial(self._term, x=x, y=y))(vectors)
         return out
+
+    def outputs(self) -> int | None:
+        """Outputs per example of the model's logits (classes), or None when an example has more than one prediction
+        (a sequence): what the GGN's factor has per example (``ggn_factor``)."""
+        x, _ = next(self._batches())
+        logits = self._logits(self.theta, take_rows(x, slice(0, 1)))
+        return int(logits.shape[-1]) if logits.dim() == 2 else None
+
+    def ggn_factor(self, chunk: int = 32) -> torch.Tensor:
+        """``A`` ``[n·C, p]`` with ``AᵀA`` the GGN of the mean objective (the weight decay left out): the rows of
+        example i are (1/√n) F_i J_i, with J_i ``[C, p]`` its logits' Jacobian and F_i = diag(√p_i)(I − 1p_iᵀ), so that
+        F_iᵀF_i = diag(p_i) − p_i p_iᵀ, the cross-entropy's Hessian in the logits. For a model whose n·C is below p,
+        (AᵀA + μI)⁻¹ comes from the n·C × n·C matrix AAᵀ (Woodbury) instead of the p × p one."""
+        if self.kind != "ggn":
+            raise ValueError("the factor exists for the GGN only")
+
+        def logits_one(flat: torch.Tensor, x: Any) -> torch.Tensor:
+            return self._logits(flat, tree_map(lambda t: t.unsqueeze(0), x))[0]
+
+        jacobian = vmap(jacrev(logits_one), in_dims=(None, 0))
+        parts = []
+        for x, _ in self._batches():
+            for start in range(0, n_rows(x), chunk):
+                rows = take_rows(x, slice(start, start + chunk))
+                probs = self._logits(self.theta, rows).softmax(-1)  # [b, C]
+                jac = jacobian(self.theta, rows)  # [b, C, p]
+                c = probs.shape[1]
+                factor = probs.sqrt().unsqueeze(2) * (torch.eye(c, dtype=probs.dtype, device=probs.device)
+                                                      - probs.unsqueeze(1))  # diag(√p)(I − 1pᵀ)
+                parts.append((factor @ jac).reshape(-1, jac.shape[-1]) / self.n ** 0.5)
+        return torch.cat(parts)
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
         """The ``[p, p]`` matrix (symmetrised), built from products with the identity in chunks."""

@@ -34,6 +34,9 @@ override.
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +54,11 @@ from tda_explorer.compute.catalogue import (
     register,
 )
 from tda_explorer.compute.engine.curvature import CURVATURES, Curvature, largest_eigenvalue
+from tda_explorer.compute.engine.featurize import make_projector
 from tda_explorer.compute.engine.kfac import fit_factors
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
-from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, diverged
+from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, SolverBackoffWarning, diverged
 from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -63,6 +67,8 @@ PRECONDITIONERS = ("none", "ekfac")
 # 0.644); benchmarks/README.md, "Influence-function damping across the zoo"
 DAMPING_LEVEL = 0.01
 BLOCK_ROWS = 2048  # right-hand sides per block of CG: bounds the s×s eigendecompositions (s ≤ this)
+MEMORY_SHARE = 0.25  # if-explicit's exact forms may take this share of the machine's memory ...
+BACKOFF_PROJECTION = 2048  # ... else it backs off to a subspace of this dimension (TRAK's default projection)
 
 
 @dataclass
@@ -184,9 +190,57 @@ class ExplicitArguments(InfluenceArguments):
 
 @register("if-explicit", Family.PAIRWISE, ExplicitArguments, uses=("recipe",))
 class ExplicitInfluence(InfluenceFunction):
-    """Influence functions with the dense damped curvature and a Cholesky solve (the oracle on small models)."""
+    """Influence functions with the dense damped curvature and a Cholesky solve (the oracle on small models).
+
+    Three forms of the same solve; ``form_`` says which one a fit took:
+
+    * ``dense``: the p × p curvature (float64), Cholesky-factored;
+    * ``kernel``: for the GGN of a model with fewer outputs over the training set than parameters (n·C < p: large
+      models on small data), the exact same solve through the n·C × n·C matrix AAᵀ + μI, where AᵀA is the GGN
+      (``Curvature.ggn_factor``) and μ the damping plus the weight decay (Woodbury):
+      (AᵀA + μI)⁻¹v = (v − Aᵀ(AAᵀ + μI)⁻¹Av) / μ;
+    * ``projected``: ``projection_dim=k`` (Pᵀ H P, projected gradients). When neither exact form fits in
+      ``MEMORY_SHARE`` of the machine's memory and ``projection_dim`` was left unset, the fit backs off to
+      ``BACKOFF_PROJECTION`` with a ``SolverBackoffWarning``; an explicit ``projection_dim=None`` raises instead.
+    """
 
     projectable = True
+
+    def __init__(self, task: AttributionTask, **options):
+        self.explicit_options_ = frozenset(options)
+        super().__init__(task, **options)
+
+    def _fit(self, train: AttributionDataset) -> None:
+        self.form_ = "projected" if self.projector is not None else None
+        if self.form_ is None:
+            self.form_ = self._exact_form(train)
+        super()._fit(train)
+
+    def _exact_form(self, train: AttributionDataset) -> str:
+        """"kernel" or "dense", the one needing less memory, or "projected" after a back-off when neither fits."""
+        p = self.n_params
+        dense_bytes, kernel_bytes = 16 * p * p, math.inf  # the matrix and its Cholesky factor, in float64
+        ridge = self.args.damping is None or self.args.damping > 0 or self.task.weight_decay > 0
+        if self.args.curvature == "ggn" and ridge:
+            outputs = Curvature(self.task, train.subset([0]), "ggn", self.device).outputs()
+            if outputs is not None:
+                rows = len(train) * outputs
+                kernel_bytes = 8 * rows * (p + 2 * rows)  # the factor A, AAᵀ + μI and its Cholesky factor
+        form, need = ("kernel", kernel_bytes) if kernel_bytes < dense_bytes else ("dense", dense_bytes)
+        budget = MEMORY_SHARE * _physical_memory()
+        if need <= budget:
+            return form
+        text = (f"the exact solve needs {need / 2**30:.1f} GiB (p = {p} parameters, {len(train)} training examples), "
+                f"more than {MEMORY_SHARE:.0%} of this machine's memory")
+        if "projection_dim" in self.explicit_options_:
+            raise TDAError(f"{text}; projection_dim=None was chosen explicitly: give projection_dim=k to work in a "
+                           f"random k-dimensional subspace, or use if-cg / if-ekfac")
+        k = min(BACKOFF_PROJECTION, p)
+        warnings.warn(f"{self.name}: {text}; backed off to a random {k}-dimensional subspace (projection_dim={k}; pass "
+                      "projection_dim to choose)", SolverBackoffWarning, stacklevel=4)
+        self.projector = make_projector(self.task, k, self.args.projection_kind, self.args.projection_seed,
+                                        self.device)
+        return "projected"
 
     def _projected_dense(self, chunk: int = 256) -> torch.Tensor:
         """Pᵀ H P ``[k, k]`` in float64 from k curvature products (symmetrised)."""
@@ -204,25 +258,57 @@ class ExplicitInfluence(InfluenceFunction):
         return torch.cat([x @ self.projector.columns(s, min(s + 1024, k)).T.to(x) for s in range(0, k, 1024)], 1)
 
     def _prepare(self) -> None:
+        if self.form_ == "kernel":
+            self._prepare_kernel()
+            return
         matrix = self.curvature_.dense() if self.projector is None else self._projected_dense()
         self.lam_ = self._lambda(lambda v: v @ matrix, matrix.shape[0])
         matrix.diagonal().add_(self.lam_)
+        self.chol_ = self._cholesky(matrix, self.lam_)
+
+    def _prepare_kernel(self) -> None:
+        """The Woodbury form: A (``ggn_factor``), μ = λ + wd and the Cholesky factor of AAᵀ + μI."""
+        a = self.curvature_.ggn_factor()
+        wd = self.curvature_.wd
+        self.lam_ = self._lambda(lambda v: (v @ a.T) @ a + wd * v, a.shape[1])
+        self.mu_ = self.lam_ + wd
+        kernel = a @ a.T
+        kernel = 0.5 * (kernel + kernel.T)
+        kernel.diagonal().add_(self.mu_)
+        self.factor_, self.chol_ = a, self._cholesky(kernel, self.lam_)
+
+    def _cholesky(self, matrix: torch.Tensor, lam: float) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(matrix)
         if int(info) != 0:
             smallest = float(torch.linalg.eigvalsh(matrix)[0])
             raise TDAError(
                 f"the damped {self.args.curvature} is not positive definite (smallest eigenvalue {smallest:.3g} "
-                f"with damping {self.lam_:.3g}); use curvature='ggn' or raise damping above "
-                f"{self.lam_ - smallest:.3g}"
+                f"with damping {lam:.3g}); use curvature='ggn' or raise damping above {lam - smallest:.3g}"
             )
-        self.chol_ = chol
+        return chol
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        if self.form_ == "kernel":
+            rhs = rhs.double()
+            inner = torch.cholesky_solve(self.factor_ @ rhs.T, self.chol_)  # (AAᵀ + μI)⁻¹ A rhsᵀ
+            return (rhs - inner.T @ self.factor_) / self.mu_
         return torch.cholesky_solve(rhs.T.double(), self.chol_).T
 
     def _self_influence(self) -> torch.Tensor:
+        if self.form_ == "kernel":
+            z = torch.linalg.solve_triangular(self.chol_, self.factor_ @ self.g_train_.T, upper=False)
+            quad = ((self.g_train_ ** 2).sum(1) - (z * z).sum(0)) / self.mu_
+            return (quad / len(self.train_)).float()
         z = torch.linalg.solve_triangular(self.chol_, self.g_train_.T, upper=False)
         return ((z * z).sum(0) / len(self.train_)).float()
+
+
+def _physical_memory() -> int:
+    """This machine's memory in bytes (8 GiB where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 8 * 2**30
 
 
 @dataclass
