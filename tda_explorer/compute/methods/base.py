@@ -39,7 +39,8 @@ class AttributorArguments:
     device: str | torch.device | None = option(None, "where the computation runs: 'cpu', 'cuda', 'cuda:1' (default "
                                                      "CPU)", config=False)
     max_memory: int | None = option(None, "budget in bytes for one chunk of per-sample gradients (default: a few "
-                                          "hundred MB)", POSITIVE_INT, config=False, cli=True)
+                                          "hundred MB) and for one vectorised curvature product (default 1 GiB)",
+                                    POSITIVE_INT, config=False, cli=True)
     projection_dim: int | None = option(None, "project gradients to this many features per example (streamed, "
                                                "seeded); None or >= the parameter count keeps them exact; with "
                                                "projection_kind='logra' the rank of each layer side", POSITIVE_INT)

@@ -177,7 +177,8 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
     def _full_curvature(self) -> Curvature:
         """The GGN over the whole training set, built once per fit; minibatches are row views of it."""
         if getattr(self, "curvature_", None) is None:
-            self.curvature_ = Curvature(self.task, self.train_data_, "ggn", self.device, dtype=self.product_dtype)
+            self.curvature_ = Curvature(self.task, self.train_data_, "ggn", self.device, dtype=self.product_dtype,
+                                        max_memory=self.max_memory)
         return self.curvature_
 
     def _largest_eigenvalue(self, damping: torch.Tensor, iterations: int = 20) -> float:

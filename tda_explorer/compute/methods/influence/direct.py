@@ -131,7 +131,7 @@ class InfluenceFunction(Attributor):
         return create(f"if-{solver}", task, **options)  # the catalogue's ``create``, not this method
 
     def _fit(self, train: AttributionDataset) -> None:
-        self.curvature_ = Curvature(self.task, train, self.args.curvature, self.device)
+        self.curvature_ = Curvature(self.task, train, self.args.curvature, self.device, max_memory=self.max_memory)
         self.g_train_ = self._features(train, test=False).double()
         self._prepare()
 

@@ -1,0 +1,37 @@
+"""Curvature products bounded in memory: the (direction, row) pairs of one vectorised call follow ``max_memory``, and
+products split over directions and rows equal the products made in one call."""
+
+import pytest
+import torch
+from torch import nn
+
+from tda_explorer import AttributionDataset, AttributionTask
+from tda_explorer.compute.engine.curvature import Curvature
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+def test_products_split_to_the_memory_budget_equal_one_call(tiny_data, kind):
+    train, _ = tiny_data
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    task = AttributionTask(model, weight_decay=0.01)
+    roomy = Curvature(task, train, kind)
+    vectors = torch.randn(7, roomy.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert roomy.pairs_per_call() >= 7 * len(train)  # one call holds them all
+    want = roomy.matvec(vectors)
+    for budget in (1, 3 * 8 * 64, 20 * 8 * 64):  # a pair at a time; part of the rows; several directions, every row
+        tight = Curvature(task, train, kind, max_memory=budget)
+        assert tight.pairs_per_call() < 7 * len(train)
+        torch.testing.assert_close(tight.matvec(vectors), want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_pair_estimate_grows_with_the_activations_and_the_kind():
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 2, (10,))
+    data = AttributionDataset(x, y)
+    small = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    wide = nn.Sequential(nn.Linear(8, 400), nn.ReLU(), nn.Linear(400, 2)).double()
+    pairs = {(name, kind): Curvature(AttributionTask(m), data, kind).pairs_per_call()
+             for name, m in (("small", small), ("wide", wide)) for kind in ("ggn", "hessian")}
+    assert pairs["wide", "ggn"] < pairs["small", "ggn"] / 20  # ~100× the activations
+    assert pairs["small", "hessian"] < pairs["small", "ggn"]
