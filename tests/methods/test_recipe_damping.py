@@ -78,7 +78,7 @@ def test_a_train_config_of_another_type_is_refused_by_name(tiny_mlp, tiny_data):
 
 def test_astra_solves_with_the_recipes_ridge_and_raises_it_on_back_off(tiny_mlp, tiny_data):
     """ASTRA solves the direct solvers' system (GGN + D): with an SGD recipe D is its ridge on every layer, and the
-    back-off's raise multiplies that, as it multiplies the relative default without one."""
+    back-off's raise multiplies that; without one D is the direct solvers' spectrum rule."""
     train, test = tiny_data
     task = AttributionTask(tiny_mlp, weight_decay=0.01)
     lam = SGDM.implicit_damping(len(train))
@@ -91,7 +91,13 @@ def test_astra_solves_with_the_recipes_ridge_and_raises_it_on_back_off(tiny_mlp,
     words = astra._raise_damping(10.0)
     torch.testing.assert_close(astra._damping_flat(), torch.full((astra.n_params,), 10 * lam, dtype=torch.float64))
     assert "recipe rule × 10" in words
+    # without a recipe: the direct solvers' spectrum rule, the same λ as if-cg's on every layer, and the same answer
     plain = get_method("if-astra", task).fit(train)
-    mean = [f.mean_eigenvalue() for f in plain.factors_]
-    torch.testing.assert_close(torch.tensor(plain._layer_damping()), 0.1 * torch.tensor(mean))
-    assert plain.damping_rule_ == "spectrum"
+    cg = get_method("if-cg", task, tol=1e-10).fit(train)
+    assert plain._layer_damping() == pytest.approx([cg.lam_] * len(plain.factors_), rel=1e-3)
+    assert plain.damping_rule_ == "spectrum" and cg.damping_rule_ == "spectrum"
+    got, want = plain.attribute(test).scores, cg.attribute(test).scores
+    assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.99
+    relative = get_method("if-astra", task, damping=0.1).fit(train)  # a damping given stays relative per layer
+    mean = [f.mean_eigenvalue() for f in relative.factors_]
+    torch.testing.assert_close(torch.tensor(relative._layer_damping()), 0.1 * torch.tensor(mean))

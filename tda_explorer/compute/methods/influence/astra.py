@@ -17,8 +17,10 @@ answer's residual on the full training set is recorded in ``residual_``; a non-f
 than x = 0, is refused. With the default step, momentum and damping a refused answer backs off (``backoff.py``:
 the step halved, then the damping raised, then the EK-FAC solution with if-ekfac's defaults) with a
 ``SolverBackoffWarning``; an explicit ``step``, ``momentum`` or ``damping`` raises a ``TDAError`` naming it.
-Damping: by default the SGD recipe's ridge on every layer when ``train_config`` is given (the rule of the direct
-solvers, which solve the same system), else 0.1 × each layer's mean EK-FAC eigenvalue (``ekfac.py``).
+Damping: by default the direct solvers' rule, since ASTRA solves the same system (``direct.py``): the SGD recipe's
+ridge on every layer when ``train_config`` is given, else ``DAMPING_LEVEL`` (0.01) × the largest eigenvalue of the GGN
+on every layer. Until #27 it was 0.1 × each layer's mean EK-FAC eigenvalue, which trailed the direct solvers on the
+zoo's Adam tasks (benchmarks/README.md, "Task zoo"). A ``damping`` given is relative per layer.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from tda_explorer.compute.catalogue import (
 from tda_explorer.compute.engine.curvature import Curvature, largest_eigenvalue
 from tda_explorer.compute.engine.kfac import fit_factors
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, diverged
+from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL, recipe_damping
 from tda_explorer.compute.methods.influence.ekfac import EKFACArguments, EKFACInfluence
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -54,8 +57,8 @@ class ASTRAArguments(EKFACArguments):
     damping: float | None = option(None, "RELATIVE per layer: D = λ_l I on layer l with λ_l = damping × the mean "
                                          "eigenvalue of its EK-FAC curvature; ASTRA solves (G + D) x = v. None: with "
                                          "an SGD train_config the ridge its steps amount to, (1 − momentum) / (lr · "
-                                         "steps), on every layer (the direct solvers' rule for the same system), "
-                                         "else 0.1", NONNEGATIVE)
+                                         "steps), on every layer, else 0.01 × the GGN's largest eigenvalue on every "
+                                         "layer (the direct solvers' rules for the same system)", NONNEGATIVE)
     weight_decay_term: bool = option(True, "add the objective's weight decay to the preconditioner's eigenvalues, "
                                            "as G includes it", Options((False, True)))
     iterations: int = option(30, "preconditioned stochastic iterations (the published schedule: 200)", POSITIVE_INT)
@@ -80,7 +83,6 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
 
     step_options = ("step",)
     control_options = ("step", "momentum", "damping")
-    default_relative = 0.1
 
     def _setup(self) -> None:
         super()._setup()
@@ -91,6 +93,7 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         self.factors_ = fit_factors(self.task, train, a.fisher, self.corrected, a.batch_size, device=self.device)
         self.lambda_max_ = None
         self.curvature_ = None
+        self.spectrum_lam_ = None
         self.g_train_ = self._features(train, test=False).double()
         self.train_data_ = train
         self.step_, self.default_damping_, self.damping_scale_ = a.step, a.damping, 1.0
@@ -108,8 +111,17 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         self.lambda_max_, self.damping_scale_ = None, 1.0
 
     def _layer_damping(self) -> list[float]:
-        """The EK-FAC rule's λ_l (ASTRA's relative default: 0.1), times the back-off's raises."""
-        return [lam * getattr(self, "damping_scale_", 1.0) for lam in super()._layer_damping()]
+        """λ_l of each layer, times the back-off's raises: ``damping`` × the layer's mean EK-FAC eigenvalue when given,
+        else the direct solvers' rule for the same system on every layer (the SGD recipe's ridge, or
+        ``DAMPING_LEVEL`` × the largest eigenvalue of the GGN, by power iteration once per fit)."""
+        scale = getattr(self, "damping_scale_", 1.0)
+        if self.args.damping is not None or recipe_damping(self.args.train_config, self.train_) is not None:
+            return [lam * scale for lam in super()._layer_damping()]
+        if getattr(self, "spectrum_lam_", None) is None:
+            full = self._full_curvature()
+            self.spectrum_lam_ = DAMPING_LEVEL * largest_eigenvalue(full.matvec, full.dim, device=self.device)
+        self.damping_rule_ = "spectrum"
+        return [self.spectrum_lam_ * scale] * len(self.factors_)
 
     def _damping_words(self) -> str:
         lams = ", ".join(f"{lam:.3g}" for lam in self._layer_damping())
