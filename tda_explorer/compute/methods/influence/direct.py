@@ -67,7 +67,7 @@ PRECONDITIONERS = ("none", "ekfac")
 # 0.644); benchmarks/README.md, "Influence-function damping across the zoo"
 DAMPING_LEVEL = 0.01
 BLOCK_ROWS = 2048  # right-hand sides per block of CG: bounds the s×s eigendecompositions (s ≤ this)
-MEMORY_SHARE = 0.25  # if-explicit's exact forms may take this share of the machine's memory ...
+MEMORY_SHARE = 0.25  # if-explicit's exact forms may take this share of the device's memory ...
 BACKOFF_PROJECTION = 2048  # ... else it backs off to a subspace of this dimension (TRAK's default projection)
 
 
@@ -200,7 +200,7 @@ class ExplicitInfluence(InfluenceFunction):
       (``Curvature.ggn_factor``) and μ the damping plus the weight decay (Woodbury):
       (AᵀA + μI)⁻¹v = (v − Aᵀ(AAᵀ + μI)⁻¹Av) / μ;
     * ``projected``: ``projection_dim=k`` (Pᵀ H P, projected gradients). When neither exact form fits in
-      ``MEMORY_SHARE`` of the machine's memory and ``projection_dim`` was left unset, the fit backs off to
+      ``MEMORY_SHARE`` of the device's memory and ``projection_dim`` was left unset, the fit backs off to
       ``BACKOFF_PROJECTION`` with a ``SolverBackoffWarning``; an explicit ``projection_dim=None`` raises instead.
     """
 
@@ -217,7 +217,8 @@ class ExplicitInfluence(InfluenceFunction):
         super()._fit(train)
 
     def _exact_form(self, train: AttributionDataset) -> str:
-        """"kernel" or "dense", the one needing less memory, or "projected" after a back-off when neither fits."""
+        """The exact form needing less memory ("kernel" or "dense"), or "projected" after a back-off when neither fits
+        in ``MEMORY_SHARE`` of the device's memory."""
         p = self.n_params
         dense_bytes, kernel_bytes = 16 * p * p, math.inf  # the matrix and its Cholesky factor, in float64
         ridge = self.args.damping is None or self.args.damping > 0 or self.task.weight_decay > 0
@@ -227,11 +228,11 @@ class ExplicitInfluence(InfluenceFunction):
                 rows = len(train) * outputs
                 kernel_bytes = 8 * rows * (p + 2 * rows)  # the factor A, AAᵀ + μI and its Cholesky factor
         form, need = ("kernel", kernel_bytes) if kernel_bytes < dense_bytes else ("dense", dense_bytes)
-        budget = MEMORY_SHARE * _physical_memory()
+        budget = MEMORY_SHARE * _device_memory(self.device)
         if need <= budget:
             return form
         text = (f"the exact solve needs {need / 2**30:.1f} GiB (p = {p} parameters, {len(train)} training examples), "
-                f"more than {MEMORY_SHARE:.0%} of this machine's memory")
+                f"more than {MEMORY_SHARE:.0%} of the {self.device.type} memory")
         if "projection_dim" in self.explicit_options_:
             raise TDAError(f"{text}; projection_dim=None was chosen explicitly: give projection_dim=k to work in a "
                            f"random k-dimensional subspace, or use if-cg / if-ekfac")
@@ -303,8 +304,10 @@ class ExplicitInfluence(InfluenceFunction):
         return ((z * z).sum(0) / len(self.train_)).float()
 
 
-def _physical_memory() -> int:
-    """This machine's memory in bytes (8 GiB where the system does not say)."""
+def _device_memory(device: torch.device) -> int:
+    """Bytes of memory on ``device``: a GPU's own, else this machine's (8 GiB where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
