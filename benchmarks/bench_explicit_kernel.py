@@ -20,7 +20,7 @@ from tda_explorer.evaluate.harness import method_options
 from tda_explorer.evaluate.metrics import lds
 from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth
 
-TASKS = ("wine-mlp-adam", "shapes16-cnn-bn-sgdm", "shapes16-mlp-adam")
+TASKS = ("wine-mlp-adam", "shapes16-cnn-bn-sgdm")
 
 
 def _run(exp, truth, form: str, damping: float | None) -> dict:

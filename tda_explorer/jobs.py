@@ -2,20 +2,27 @@
 
 Jobs run on one shared ``concurrent.futures.ThreadPoolExecutor``: ``start`` submits the job and keeps its
 ``Future`` (what ``join`` waits on); a ``threading.Event`` carries a cancel request into the stages' loops
-(``check_cancelled``).
+(``check_cancelled``). The same check enforces a time limit set on the running thread (``time_limit``), so a
+computation that calls it stops within one chunk of its deadline.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 
 
 class JobCancelled(Exception):
     """Raised inside a job's stage when the user cancelled it."""
+
+
+class TimeLimitExceeded(Exception):
+    """Raised by ``check_cancelled`` when the thread's ``time_limit`` has passed."""
 
 
 _current = threading.local()
@@ -38,14 +45,31 @@ getattr(threading, "_register_atexit", lambda fn: None)(_cancel_running_jobs)
 
 
 def check_cancelled() -> None:
-    """Raise ``JobCancelled`` if the job running on this thread was cancelled (no-op elsewhere).
+    """Raise ``JobCancelled`` if the job running on this thread was cancelled, or ``TimeLimitExceeded`` once the
+    thread's ``time_limit`` has passed (no-op elsewhere).
 
-    Long loops (per-sample gradient chunks, training epochs) call this, so a cancel takes effect
-    within one chunk rather than at the end of a stage.
+    Long loops (per-sample gradient chunks, training epochs, curvature products) call this, so a cancel or a
+    deadline takes effect within one chunk rather than at the end of a stage.
     """
     job = getattr(_current, "job", None)
     if job is not None and job._cancel.is_set():
         raise JobCancelled(f"cancelled during {job.label!r}")
+    deadline = getattr(_current, "deadline", None)
+    if deadline is not None and time.perf_counter() > deadline:
+        raise TimeLimitExceeded("ran past its time limit")
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Within this block, ``check_cancelled`` on this thread raises ``TimeLimitExceeded`` after ``seconds`` (an outer
+    limit that ends sooner still holds)."""
+    previous = getattr(_current, "deadline", None)
+    deadline = time.perf_counter() + seconds
+    _current.deadline = deadline if previous is None else min(previous, deadline)
+    try:
+        yield
+    finally:
+        _current.deadline = previous
 
 
 def report_progress(fraction: float, label: str | None = None) -> None:

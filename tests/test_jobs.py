@@ -83,3 +83,17 @@ def test_jobs_run_concurrently_and_the_interpreter_exits_while_one_runs():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and time.perf_counter() - t0 < 30
     assert done.stdout.split() == ["running", "cancelled"]
+
+
+def test_a_time_limit_stops_the_loops_that_check_within_one_chunk():
+    from tda_explorer.jobs import TimeLimitExceeded, check_cancelled, time_limit
+
+    check_cancelled()  # no limit, no job: nothing happens
+    with time_limit(0.05):
+        check_cancelled()  # before the deadline
+        time.sleep(0.06)
+        with pytest.raises(TimeLimitExceeded):
+            check_cancelled()
+        with time_limit(10.0), pytest.raises(TimeLimitExceeded):  # an outer limit that ends sooner still holds
+            check_cancelled()
+    check_cancelled()  # the limit ended with its block

@@ -88,7 +88,7 @@ def test_a_budget_too_small_is_refused_with_the_minimum_and_a_budget_is_kept(rec
     slowest = result.trials["seconds"].max()
     assert result.seconds <= budget + slowest  # a trial starts only when the slowest so far still fits
     assert set(result.trials["status"].str.split(":").str[0]) <= {"ok", "ok (solver backed off)", "skipped",
-                                                                   "error"}
+                                                                   "stopped", "error"}
     assert result.score >= result.default_score
 
 
@@ -222,3 +222,29 @@ def test_a_gain_carried_by_one_pair_of_groups_does_not_move_the_choice():
                                               generator=torch.Generator().manual_seed(2))
     assert _better(truth.effects.clone(), noisy, truth)
     assert not _better(noisy, truth.effects.clone(), truth)
+
+
+def test_a_candidate_far_slower_than_the_default_is_stopped_at_the_budget(recorded, monkeypatch):
+    """Every candidate that sets a damping runs forever (checking its deadline as the long loops do): calibration
+    stops each at the end of the budget (16× the default's run), records it, and keeps the default."""
+    import time
+
+    from tda_explorer.compute.methods.influence.direct import CGInfluence
+    from tda_explorer.jobs import check_cancelled
+
+    train, test, task, recorder = recorded
+    original = CGInfluence._attempt
+
+    def slow_unless_default(self, b):
+        while "damping" in self.explicit_options_:
+            time.sleep(0.01)
+            check_cancelled()
+        return original(self, b)
+
+    monkeypatch.setattr(CGInfluence, "_attempt", slow_unless_default)
+    result = get_method("if-cg", task).calibrate(train, test, recording=recorder)
+    trials = result.trials.set_index("stage")
+    default_seconds = float(trials.loc["default", "seconds"])
+    stopped = result.trials[result.trials["status"] == "stopped: budget"]
+    assert len(stopped) >= 1 and result.options == {}
+    assert result.seconds - result.truth_seconds < 16 * default_seconds + 1.0

@@ -21,6 +21,7 @@ from tda_explorer.compute.engine.losses import Batch
 from tda_explorer.compute.engine.task import AttributionTask, call_model
 from tda_explorer.data.batching import n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.jobs import check_cancelled
 
 CURVATURES = ("ggn", "hessian")
 #: Bytes one vectorised curvature product may keep alive by default.
@@ -169,8 +170,11 @@ class Curvature:
             for start in range(0, rows, step):
                 part = (x, y) if step >= rows else (take_rows(x, slice(start, start + step)), y[start : start + step])
                 term = partial(self._term, x=part[0], y=part[1])
-                out = out + torch.cat([vmap(term)(vectors[d : d + directions])
-                                       for d in range(0, len(vectors), directions)])
+                chunks = []
+                for d in range(0, len(vectors), directions):
+                    check_cancelled()
+                    chunks.append(vmap(term)(vectors[d : d + directions]))
+                out = out + torch.cat(chunks)
         return out
 
     def outputs(self) -> int | None:
@@ -195,6 +199,7 @@ class Curvature:
         parts = []
         for x, _ in self._batches():
             for start in range(0, n_rows(x), chunk):
+                check_cancelled()
                 rows = take_rows(x, slice(start, start + chunk))
                 probs = self._logits(self.theta, rows).softmax(-1)  # [b, C]
                 jac = jacobian(self.theta, rows)  # [b, C, p]

@@ -35,6 +35,7 @@ from tda_explorer.compute.engine.task import (
 )
 from tda_explorer.data.batching import describe, n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.jobs import check_cancelled
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 FISHERS = ("expected", "true", "empirical")
@@ -241,6 +242,7 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
         handles.append(module.register_forward_hook(hook))
     try:
         for rows, x, y in source:
+            check_cancelled()
             start = rows.start if isinstance(rows, slice) else int(rows[0])
             batch_ids = None if ids is None else (
                 ids[rows] if isinstance(rows, slice) else [ids[i] for i in rows.tolist()])

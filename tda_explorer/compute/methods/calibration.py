@@ -34,8 +34,10 @@ default on the truth (ties keep the default), and a truth too coarse to separate
 Every trial is timed. Without ``budget_s`` the trials stop at 16× the default's own run (calibrating and computing
 with the choice then stay within 20× of computing the default); with it, the whole
 calibration (truth, default and candidates) stays within ``budget_s``: a candidate starts only when the slowest trial
-so far still fits, and a budget that cannot hold the default and one more setting is refused, naming the minimum
-measured from the default's run. Methods with nothing to tune return at once with their defaults.
+so far still fits, a candidate far slower than the default (another curvature kind can be) is stopped at the
+budget's end (``jobs.time_limit``: the long loops check it) and recorded as "stopped: budget", and a budget that
+cannot hold the default and one more setting is refused, naming the minimum measured from the default's run.
+Methods with nothing to tune return at once with their defaults.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from tda_explorer.compute.training.further_training import (
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import TrainConfig, stacked_outputs, train_weighted
 from tda_explorer.data.dataset import AttributionDataset
-from tda_explorer.jobs import JobCancelled, check_cancelled, report_progress
+from tda_explorer.jobs import JobCancelled, TimeLimitExceeded, check_cancelled, report_progress, time_limit
 
 #: Without ``budget_s``, the trials (the default's included) stop at this many times the default's own run, so that
 #: calibrating and then computing with the choice stay within 20× of computing the default (the truth aside: it is
@@ -569,20 +571,27 @@ def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDatas
             report_progress(min(now / limit, 1.0), f"calibrating {name}: {len(rows)} settings tried")
             t0 = time.perf_counter()
             try:
-                _, predicted, status = _run_trial(attributor, {**base, **options}, train, truth)
+                with time_limit(limit - now):
+                    _, predicted, status = _run_trial(attributor, {**base, **options}, train, truth)
             except JobCancelled:
                 raise
+            except TimeLimitExceeded:  # slower than the default by more than the budget left: stopped at it
+                seconds = time.perf_counter() - t0
+                slowest = max(slowest, seconds)
+                rows.append({**row, "seconds": seconds, "status": "stopped: budget"})
+                continue
             except Exception as err:  # a setting that fails is a result of the search, not its end
                 seconds = time.perf_counter() - t0
                 slowest = max(slowest, seconds)
                 text = (str(err).strip().splitlines() or [""])[0][:200]
                 rows.append({**row, "seconds": seconds, "status": f"error: {type(err).__name__}: {text}"})
                 continue
-            seconds = time.perf_counter() - t0
+            better = _better(predicted, best_predicted, truth, seed)
+            seconds = time.perf_counter() - t0  # the comparison with the best so far included
             slowest = max(slowest, seconds)
             rows.append({**row, "score": float(truth.agreement(predicted).nanmean()), "seconds": seconds,
                          "status": status})
-            if _better(predicted, best_predicted, truth, seed):
+            if better:
                 best, best_predicted = options, predicted
     chosen = {k: v for k, v in best.items() if v != configured.get(k)}
     trials = pd.DataFrame(rows, columns=columns[:-1])
