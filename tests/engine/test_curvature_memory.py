@@ -35,3 +35,31 @@ def test_the_pair_estimate_grows_with_the_activations_and_the_kind():
              for name, m in (("small", small), ("wide", wide)) for kind in ("ggn", "hessian")}
     assert pairs["wide", "ggn"] < pairs["small", "ggn"] / 20  # ~100× the activations
     assert pairs["small", "hessian"] < pairs["small", "ggn"]
+
+
+def _tiny_cnn_task():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (1, 6, 6)), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 36, 3)).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 36, generator=gen, dtype=torch.float64)
+    return AttributionTask(model, weight_decay=0.01), AttributionDataset(x, torch.randint(0, 3, (24,), generator=gen))
+
+
+def test_products_through_the_ggn_factor_equal_the_vectorised_ones_on_minibatches_too():
+    """A convolution's forward costs more than 4·C·p per example, so its GGN products go through the factor A
+    ((VAᵀ)A): equal to the vectorised products over the whole set, a minibatch and a minibatch of a minibatch."""
+    task, train = _tiny_cnn_task()
+    factored = Curvature(task, train, "ggn")
+    plain = Curvature(task, train, "ggn")
+    plain._factor["a"] = None  # the vectorised path
+    vectors = torch.randn(5, factored.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(factored.matvec(vectors), plain.matvec(vectors), rtol=1e-10, atol=1e-12)
+    assert factored._factor["a"] is not None and factored._factor["a"].shape == (24 * 3, factored.dim)
+    rows, inner = torch.tensor([3, 7, 8, 20, 21, 0]), torch.tensor([1, 4])
+    for a, b in ((factored.on_rows(rows), plain.on_rows(rows)),
+                 (factored.on_rows(rows).on_rows(inner), plain.on_rows(rows).on_rows(inner))):
+        torch.testing.assert_close(a.matvec(vectors), b.matvec(vectors), rtol=1e-10, atol=1e-12)
+    assert Curvature(task, train, "hessian")._factor_of_rows() is None  # the Hessian has no such factor
+    mlp = AttributionTask(nn.Sequential(nn.Linear(36, 3)).double())
+    assert Curvature(mlp, train, "ggn")._factor_of_rows() is None  # a linear model: the vectorised products are cheaper

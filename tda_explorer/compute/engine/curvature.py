@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer._validation import check_choice
 from tda_explorer.compute.engine.losses import Batch
@@ -30,6 +31,10 @@ PRODUCT_MEMORY = 1 << 30
 #: measured on the zoo's transformer at ~1.3× (GGN: a forward tangent and the pullback) and ~7× (Hessian: double
 #: backward), rounded up.
 MEMORY_PER_ACTIVATION = {"ggn": 2, "hessian": 8}
+#: The GGN's factor A (n·C × p) is kept for products when it takes at most this many bytes ...
+FACTOR_MEMORY = 1 << 30
+#: ... and multiplies this many directions at a time.
+FACTOR_DIRECTIONS = 256
 
 
 class Curvature:
@@ -76,6 +81,9 @@ class Curvature:
         self.model = model
         self.max_memory = PRODUCT_MEMORY if max_memory is None else int(max_memory)
         self._pairs: int | None = None
+        self._factor: dict = {}  # the GGN's factor over the whole training set, once decided (shared with views)
+        self._factor_rows: torch.Tensor | None = None  # a view's rows of it
+        self._root = self  # the curvature over the whole training set, which views derive from
 
     def _cast(self, inputs: Any) -> Any:
         """Floating inputs in the products' precision (token ids and masks stay integers)."""
@@ -99,6 +107,7 @@ class Curvature:
             x, y = self.held[0]
             on = rows.to(y.device)
             view.held = [(take_rows(x, on), y[on])]
+            view._factor_rows = rows if self._factor_rows is None else self._factor_rows[rows]
         else:
             view.rows = rows if self.rows is None else self.rows[rows]
         view.n = len(rows)
@@ -162,6 +171,13 @@ class Curvature:
         once per product, outside ``vmap``), in calls of at most ``pairs_per_call`` (direction, row) pairs."""
         vectors = vectors.to(self.device, self.dtype)
         out = self.wd * vectors
+        factor = self._factor_of_rows()
+        if factor is not None:
+            for d in range(0, len(vectors), FACTOR_DIRECTIONS):
+                check_cancelled()
+                block = vectors[d : d + FACTOR_DIRECTIONS]
+                out[d : d + FACTOR_DIRECTIONS] += (block @ factor.T) @ factor
+            return out
         pairs = self.pairs_per_call()
         for x, y in self._batches():
             rows = n_rows(x)
@@ -176,6 +192,35 @@ class Curvature:
                     chunks.append(vmap(term)(vectors[d : d + directions]))
                 out = out + torch.cat(chunks)
         return out
+
+    def _factor_of_rows(self) -> torch.Tensor | None:
+        """The GGN's factor A over this curvature's rows (``ggn_factor``, built once over the whole training set and
+        shared with minibatch views), when products through it, (VAᵀ)A, are cheaper than the vectorised ones: GGN, data
+        in memory, one prediction per example, A within ``FACTOR_MEMORY``, and 4·C·p multiply-adds per example and
+        direction below 3× the model's forward flops for one example (``FlopCounterMode``). None: use ``_term``."""
+        if self.kind != "ggn" or self.held is None:
+            return None
+        if "a" not in self._factor:
+            self._factor["a"] = self._root._decide_factor()
+        full = self._factor["a"]
+        if full is None or self._factor_rows is None:
+            return full
+        total = self._factor["n"]
+        c = full.shape[0] // total
+        rows = full.view(total, c, -1)[self._factor_rows.to(full.device)].reshape(-1, full.shape[1])
+        return rows * (total / len(self._factor_rows)) ** 0.5  # the minibatch's mean, not the whole set's
+
+    def _decide_factor(self) -> torch.Tensor | None:
+        outputs = self.outputs()
+        if outputs is None or self.n * outputs * self.dim * self.theta.element_size() > FACTOR_MEMORY:
+            return None
+        x, _ = next(self._batches())
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            self._logits(self.theta, take_rows(x, slice(0, 1)))
+        if not 4 * outputs * self.dim < 3 * counter.get_total_flops():
+            return None
+        self._factor["n"] = self.n
+        return self.ggn_factor()
 
     def outputs(self) -> int | None:
         """Outputs per example of the model's logits (classes), or None when an example has more than one prediction
