@@ -63,8 +63,8 @@ from tda_explorer.compute.training.train import TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
 
 PRECONDITIONERS = ("none", "ekfac")
-# default λ = this × the curvature's largest eigenvalue: zoo regret median 0.020, worst 0.074 (1e-3 × trace/p: 0.085,
-# 0.644); benchmarks/README.md, "Influence-function damping across the zoo"
+# default λ without an SGD recipe = this × the curvature's largest eigenvalue: the best worst-case regret of the levels
+# over the 13 zoo tasks; benchmarks/README.md, "Influence-function damping across the zoo"
 DAMPING_LEVEL = 0.01
 BLOCK_ROWS = 2048  # right-hand sides per block of CG: bounds the s×s eigendecompositions (s ≤ this)
 MEMORY_SHARE = 0.25  # if-explicit's exact forms may take this share of the device's memory ...

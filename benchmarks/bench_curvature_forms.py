@@ -1,0 +1,103 @@
+"""The curvature's forms, each against the other in this process (benchmarks/README.md, "if-explicit through the
+kernel, and curvature products within memory"):
+
+* ``explicit``: if-explicit's two exact forms on the zoo tasks whose training set has fewer outputs than the model has
+  parameters (n·C < p): the p × p curvature (dense) against the n·C × n·C kernel (Woodbury, the default there) at the
+  same damping; time of fit + attribution + self-influence as a ratio, the largest relative difference of their
+  scores, and LDS of each;
+* ``products``: GGN products of 64 random directions over the whole training set through the factor A, (VAᵀ)A,
+  against the vectorised products (``Curvature._term``), with the factor's build time, and which one the rule picks.
+
+    python benchmarks/bench_curvature_forms.py --json benchmarks/results/curvature_forms_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+
+from tda_explorer.compute.engine.curvature import Curvature
+from tda_explorer.compute.methods import get_method
+from tda_explorer.evaluate.harness import method_options
+from tda_explorer.evaluate.metrics import lds
+from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth
+
+TASKS = ("wine-mlp-adam", "shapes16-cnn-bn-sgdm")
+PRODUCT_TASKS = ("digits-mlp-gelu-adamw", "shapes16-cnn-bn-sgdm", "reviews-transformer-adam")
+
+
+def _run(exp, truth, form: str, damping: float | None) -> dict:
+    config, _ = method_options(exp, "if-explicit", device="cpu")
+    if damping is not None:
+        config["damping"] = damping
+    attributor = get_method("if-explicit", exp.task(), **config)
+    attributor._exact_form = lambda train: form  # the form under test, whatever the default's choice
+    t0 = time.perf_counter()
+    attributor.fit(exp.split.train)
+    scores = attributor.attribute(exp.split.test).scores
+    attributor.self_influence()
+    seconds = time.perf_counter() - t0
+    return {"attributor": attributor, "scores": scores, "seconds": seconds,
+            "lds": float(lds(scores, truth.masks, truth.measurements)[0])}
+
+
+def _products(name: str, directions: int = 64) -> dict:
+    exp = build_zoo_task(name)
+    factored = Curvature(exp.task(), exp.split.train, "ggn")
+    plain = Curvature(exp.task(), exp.split.train, "ggn")
+    plain._factor["a"] = None  # the vectorised products
+    vectors = torch.randn(directions, factored.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    want = plain.matvec(vectors)
+    vectorised = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    factor = factored.ggn_factor()
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = (vectors @ factor.T) @ factor + factored.wd * vectors
+    through = time.perf_counter() - t0
+    return {"task": name, "p": factored.dim, "n_outputs": factor.shape[0], "factor_mb": factor.numel() * 8 / 2**20,
+            "directions": directions, "vectorised_seconds": vectorised, "factor_build_seconds": build,
+            "factor_product_seconds": through, "vectorised_over_factor": vectorised / through,
+            "max_relative_difference": float((got - want).norm() / want.norm()),
+            "rule_picks_factor": factored._factor_of_rows() is not None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--task", nargs="*", default=list(TASKS))
+    parser.add_argument("--product-task", nargs="*", default=list(PRODUCT_TASKS))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    out = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "when": time.strftime("%Y-%m-%d %H:%M"), "explicit": [], "products": []}
+
+    def save(part: str, row: dict) -> None:
+        out[part].append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+    for name in args.product_task:
+        save("products", _products(name))
+    for name in args.task:
+        exp = build_zoo_task(name)
+        truth = zoo_ground_truth(exp)
+        kernel = _run(exp, truth, "kernel", None)
+        dense = _run(exp, truth, "dense", kernel["attributor"].lam_)  # the same damping for both forms
+        a, b = kernel["scores"].double(), dense["scores"].double()
+        p, n = kernel["attributor"].n_params, len(exp.split.train)
+        save("explicit", {"task": name, "p": p, "n_outputs": n * exp.spec.n_classes,
+                          "damping": kernel["attributor"].lam_, "kernel_seconds": kernel["seconds"],
+                          "dense_seconds": dense["seconds"], "dense_over_kernel": dense["seconds"] / kernel["seconds"],
+                          "max_relative_difference": float((a - b).abs().max() / b.abs().max()),
+                          "kernel_lds": kernel["lds"], "dense_lds": dense["lds"]})
+
+
+if __name__ == "__main__":
+    main()
