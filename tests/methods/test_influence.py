@@ -44,22 +44,26 @@ def test_explicit_hessian_if_equals_closed_form(tiny_mlp, tiny_data):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
-def test_ggn_products_equal_explicit_jacobians(tiny_mlp, tiny_data):
-    train, _ = tiny_data
-    wd = 0.01
-    curvature = Curvature(AttributionTask(tiny_mlp, weight_decay=wd), train, "ggn")
-    dense = curvature.dense()
+def _ggn_from_jacobians(model, train, wd):
+    """The GGN of the mean objective plus wd·I, from each example's explicit logit Jacobian."""
+    curvature = Curvature(AttributionTask(model, weight_decay=wd), train, "ggn")
     p = curvature.dim
     ggn = torch.zeros(p, p, dtype=torch.float64)
     for i in range(len(train)):
         x_i = train.inputs[i : i + 1]
         jac = torch.autograd.functional.jacobian(
-            lambda flat, x_i=x_i: torch.func.functional_call(tiny_mlp, curvature._unflatten(flat), (x_i,))[0],
+            lambda flat, x_i=x_i: torch.func.functional_call(model, curvature._unflatten(flat), (x_i,))[0],
             curvature.theta)
-        prob = tiny_mlp(train.inputs[i : i + 1]).softmax(-1)[0].detach()
+        prob = model(x_i).softmax(-1)[0].detach()
         ggn += jac.T @ (torch.diag(prob) - torch.outer(prob, prob)) @ jac
-    ggn = ggn / len(train) + wd * torch.eye(p, dtype=torch.float64)
-    torch.testing.assert_close(dense, ggn, rtol=1e-6, atol=1e-9)
+    return ggn / len(train) + wd * torch.eye(p, dtype=torch.float64)
+
+
+def test_ggn_products_equal_explicit_jacobians(tiny_mlp, tiny_data):
+    train, _ = tiny_data
+    wd = 0.01
+    dense = Curvature(AttributionTask(tiny_mlp, weight_decay=wd), train, "ggn").dense()
+    torch.testing.assert_close(dense, _ggn_from_jacobians(tiny_mlp, train, wd), rtol=1e-6, atol=1e-9)
     assert torch.linalg.eigvalsh(dense)[0] > 0  # PSD + wd·I
 
 
@@ -412,21 +416,6 @@ def test_conv_patches_equal_unfold(options):
 def _wide_mlp() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-
-
-def _ggn_from_jacobians(model, train, wd):
-    """The GGN of the mean objective plus wd·I, from each example's explicit logit Jacobian."""
-    curvature = Curvature(AttributionTask(model, weight_decay=wd), train, "ggn")
-    p = curvature.dim
-    ggn = torch.zeros(p, p, dtype=torch.float64)
-    for i in range(len(train)):
-        x_i = train.inputs[i : i + 1]
-        jac = torch.autograd.functional.jacobian(
-            lambda flat, x_i=x_i: torch.func.functional_call(model, curvature._unflatten(flat), (x_i,))[0],
-            curvature.theta)
-        prob = model(x_i).softmax(-1)[0].detach()
-        ggn += jac.T @ (torch.diag(prob) - torch.outer(prob, prob)) @ jac
-    return ggn / len(train) + wd * torch.eye(p, dtype=torch.float64)
 
 
 def test_explicit_on_a_model_wider_than_its_data_solves_through_the_kernel_exactly(tiny_data):
