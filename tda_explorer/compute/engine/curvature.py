@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer._validation import check_choice
+from tda_explorer.compute.engine.gradients import is_vmap_limit
 from tda_explorer.compute.engine.losses import Batch
 from tda_explorer.compute.engine.task import AttributionTask, call_model
 from tda_explorer.data.batching import n_rows, take_rows, to_device
@@ -240,14 +241,24 @@ class Curvature:
         def logits_one(flat: torch.Tensor, x: Any) -> torch.Tensor:
             return self._logits(flat, tree_map(lambda t: t.unsqueeze(0), x))[0]
 
-        jacobian = vmap(jacrev(logits_one), in_dims=(None, 0))
-        parts = []
+        batched = vmap(jacrev(logits_one), in_dims=(None, 0))
+        one = jacrev(logits_one)
+        parts, use_vmap = [], True
         for x, _ in self._batches():
             for start in range(0, n_rows(x), chunk):
                 check_cancelled()
                 rows = take_rows(x, slice(start, start + chunk))
                 probs = self._logits(self.theta, rows).softmax(-1)  # [b, C]
-                jac = jacobian(self.theta, rows)  # [b, C, p]
+                jac = None
+                if use_vmap:
+                    try:
+                        jac = batched(self.theta, rows)  # [b, C, p]
+                    except RuntimeError as err:
+                        if not is_vmap_limit(err):
+                            raise
+                        use_vmap = False  # data-dependent control flow on the inputs (e.g. a mask): one at a time
+                if jac is None:
+                    jac = torch.stack([one(self.theta, take_rows(rows, i)) for i in range(len(probs))])
                 c = probs.shape[1]
                 factor = probs.sqrt().unsqueeze(2) * (torch.eye(c, dtype=probs.dtype, device=probs.device)
                                                       - probs.unsqueeze(1))  # diag(√p)(I − 1pᵀ)

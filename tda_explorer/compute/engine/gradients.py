@@ -34,7 +34,7 @@ def _chunk_size(n_params: int, max_memory: int | None, n: int) -> int:
     return max(1, min(n, max_memory // per_row))
 
 
-def _is_vmap_limit(err: RuntimeError) -> bool:
+def is_vmap_limit(err: RuntimeError) -> bool:
     """Whether ``err`` is ``vmap`` refusing the model (data-dependent control flow, ``.item()``, an in-place op on
     an unbatched tensor), not a mistake in the inputs."""
     text = str(err)
@@ -159,7 +159,7 @@ def iter_per_sample_gradients(
                         try:
                             g = per_sample(tracked, x, y, m)
                         except RuntimeError as err:
-                            if not _is_vmap_limit(err):
+                            if not is_vmap_limit(err):
                                 raise
                             use_vmap = False
                     if not use_vmap:
