@@ -49,7 +49,7 @@ def _products(name: str, directions: int = 64) -> dict:
     exp = build_zoo_task(name)
     factored = Curvature(exp.task(), exp.split.train, "ggn")
     plain = Curvature(exp.task(), exp.split.train, "ggn")
-    plain._factor["a"] = None  # the vectorised products
+    plain._shared["a"] = None  # the vectorised products
     vectors = torch.randn(directions, factored.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     want = plain.matvec(vectors)

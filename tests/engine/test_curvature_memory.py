@@ -52,10 +52,10 @@ def test_products_through_the_ggn_factor_equal_the_vectorised_ones_on_minibatche
     task, train = _tiny_cnn_task()
     factored = Curvature(task, train, "ggn")
     plain = Curvature(task, train, "ggn")
-    plain._factor["a"] = None  # the vectorised path
+    plain._shared["a"] = None  # the vectorised path
     vectors = torch.randn(5, factored.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(factored.matvec(vectors), plain.matvec(vectors), rtol=1e-10, atol=1e-12)
-    assert factored._factor["a"] is not None and factored._factor["a"].shape == (24 * 3, factored.dim)
+    assert factored._shared["a"] is not None and factored._shared["a"].shape == (24 * 3, factored.dim)
     rows, inner = torch.tensor([3, 7, 8, 20, 21, 0]), torch.tensor([1, 4])
     for a, b in ((factored.on_rows(rows), plain.on_rows(rows)),
                  (factored.on_rows(rows).on_rows(inner), plain.on_rows(rows).on_rows(inner))):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer._validation import check_choice
@@ -81,8 +81,8 @@ class Curvature:
         self.wd = float(task.weight_decay)
         self.model = model
         self.max_memory = PRODUCT_MEMORY if max_memory is None else int(max_memory)
-        self._pairs: int | None = None
-        self._factor: dict = {}  # the GGN's factor over the whole training set, once decided (shared with views)
+        self._shared: dict = {}  # the GGN's factor over the whole training set and the pairs per call, once decided
+        # (shared with minibatch views, which are shallow copies)
         self._factor_rows: torch.Tensor | None = None  # a view's rows of it
         self._root = self  # the curvature over the whole training set, which views derive from
 
@@ -149,12 +149,12 @@ class Curvature:
         """(direction, row) pairs one vectorised product may hold: ``max_memory`` over the estimated bytes of one pair,
         ``MEMORY_PER_ACTIVATION[kind]`` × the activations the model keeps for one example (counted once, on the first
         training row, by forward hooks) in the products' precision; at least 1."""
-        if self._pairs is None:
-            x, _ = next(self._batches())
+        if "pairs" not in self._shared:
+            x, _ = next(self._root._batches())
             count = [0]
 
             def hook(module, inputs, output):
-                count[0] += sum(t.numel() for t in torch.utils._pytree.tree_leaves(output) if torch.is_tensor(t))
+                count[0] += sum(t.numel() for t in tree_leaves(output) if torch.is_tensor(t))
 
             handles = [m.register_forward_hook(hook) for m in self.model.modules()]
             try:
@@ -164,8 +164,8 @@ class Curvature:
                 for handle in handles:
                     handle.remove()
             per_pair = MEMORY_PER_ACTIVATION[self.kind] * max(count[0], 1) * self.theta.element_size()
-            self._pairs = max(1, self.max_memory // per_pair)
-        return self._pairs
+            self._shared["pairs"] = max(1, self.max_memory // per_pair)
+        return self._shared["pairs"]
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(curvature) @ v`` for each row of ``vectors`` ``[r, p]``: the batches' terms summed (each batch read
@@ -201,12 +201,12 @@ class Curvature:
         direction below 3× the model's forward flops for one example (``FlopCounterMode``). None: use ``_term``."""
         if self.kind != "ggn" or self.held is None:
             return None
-        if "a" not in self._factor:
-            self._factor["a"] = self._root._decide_factor()
-        full = self._factor["a"]
+        if "a" not in self._shared:
+            self._shared["a"] = self._root._decide_factor()
+        full = self._shared["a"]
         if full is None or self._factor_rows is None:
             return full
-        total = self._factor["n"]
+        total = self._shared["n"]
         c = full.shape[0] // total
         rows = full.view(total, c, -1)[self._factor_rows.to(full.device)].reshape(-1, full.shape[1])
         return rows * (total / len(self._factor_rows)) ** 0.5  # the minibatch's mean, not the whole set's
@@ -220,7 +220,7 @@ class Curvature:
             self._logits(self.theta, take_rows(x, slice(0, 1)))
         if not 4 * outputs * self.dim < 3 * counter.get_total_flops():
             return None
-        self._factor["n"] = self.n
+        self._shared["n"] = self.n
         return self.ggn_factor()
 
     def outputs(self) -> int | None:
