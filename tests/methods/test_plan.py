@@ -42,7 +42,9 @@ def test_plan_memory_is_what_the_fit_keeps_and_time_is_the_right_order(task, met
     kept = fitted_bytes(attributor)
     assert kept / 1.05 <= plan.fitted_bytes <= kept * factor
     assert plan.scores_bytes == 4 * 1200 * 40
-    assert seconds / 20 < plan.seconds < seconds * 20  # an order-of-magnitude estimate on a busy CPU
+    # an order-of-magnitude estimate on a busy CPU; the run takes ~10 ms, so a second of slack on the upper side keeps
+    # another process's burst from failing it (a plan under a second says "fast" either way)
+    assert seconds / 20 < plan.seconds < max(seconds * 20, 1.0)
     assert "estimated from runs on 32 and 96 training and 8 test examples" in str(plan)
 
 
