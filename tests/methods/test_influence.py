@@ -254,6 +254,11 @@ def test_lissa_converges_to_explicit_and_refuses_divergence(tiny_mlp, tiny_data)
     got = full_batch.attribute(test).scores
     assert ((got - explicit).abs().max() / explicit.abs().max()) < 1e-4
     assert full_batch.residual_ < 1e-4
+    # the minibatch products run in float32 by default; float64 products give the same answer to float32's precision
+    assert full_batch.products_.dtype == torch.float32 and full_batch.curvature_.dtype == torch.float64
+    exact = get_method("if-lissa", task, damping=1.0, depth=300, minibatch=20, precision="float64").fit(train)
+    assert exact.products_ is exact.curvature_
+    assert ((exact.attribute(test).scores - got).abs().max() / got.abs().max()) < 1e-5
     stochastic = get_method("if-lissa", task, damping=1.0, depth=400, minibatch=5, repeats=4).fit(train)
     got = stochastic.attribute(test).scores
     assert ((got - explicit).norm() / explicit.norm()) < 0.1

@@ -43,7 +43,12 @@ from tda_explorer.compute.catalogue import (
 from tda_explorer.compute.engine.curvature import Curvature, largest_eigenvalue
 from tda_explorer.compute.engine.kfac import fit_factors
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, diverged
-from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL, recipe_damping
+from tda_explorer.compute.methods.influence.direct import (
+    DAMPING_LEVEL,
+    PRODUCT_DTYPES,
+    precision_option,
+    recipe_damping,
+)
 from tda_explorer.compute.methods.influence.ekfac import EKFACArguments, EKFACInfluence
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -69,8 +74,7 @@ class ASTRAArguments(EKFACArguments):
     halve_every: int = option(50, "halve the step every this many iterations", POSITIVE_INT)
     minibatch: int = option(256, "training examples per curvature product", POSITIVE_INT)
     seed: int = option(0, "seed of the minibatch draws", Interval(0, None, integer=True))
-    precision: str = option("float32", "dtype of the curvature products (the iterations are stochastic anyway)",
-                            Options(("float32", "float64")))
+    precision: str = precision_option()
 
 
 @register("if-astra", Family.PAIRWISE, ASTRAArguments, uses=("recipe",))
@@ -86,7 +90,7 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
 
     def _setup(self) -> None:
         super()._setup()
-        self.product_dtype = torch.float32 if self.args.precision == "float32" else torch.float64
+        self.product_dtype = PRODUCT_DTYPES[self.args.precision]
 
     def _fit(self, train: AttributionDataset) -> None:
         a = self.args

@@ -69,6 +69,13 @@ DAMPING_LEVEL = 0.01
 BLOCK_ROWS = 2048  # right-hand sides per block of CG: bounds the s×s eigendecompositions (s ≤ this)
 MEMORY_SHARE = 0.25  # if-explicit's exact forms may take this share of the device's memory ...
 BACKOFF_PROJECTION = 2048  # ... else it backs off to a subspace of this dimension (TRAK's default projection)
+PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the stochastic solvers' ``precision``
+
+
+def precision_option():
+    """The stochastic solvers' (LiSSA's, ASTRA's) ``precision``: the dtype of their minibatch curvature products."""
+    return option("float32", "dtype of the minibatch curvature products (the iterations are stochastic anyway; "
+                             "iterates and the final residual stay float64)", Options(tuple(PRODUCT_DTYPES)))
 
 
 @dataclass

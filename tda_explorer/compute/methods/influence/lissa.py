@@ -13,6 +13,9 @@ x = 0 is refused instead of returning garbage. A run stops early once its iterat
 series allows (‖x_j‖ > 2(j + 1)‖v‖: every term of a convergent series is at most ‖v‖). With the default scale
 and damping such a run backs off (``backoff.py``: the scale doubled, i.e. the step 1/s halved, then the damping
 raised, then EK-FAC) with a ``SolverBackoffWarning``; an explicit ``scale`` or ``damping`` raises.
+The minibatch products run in float32 by default (``precision``; ASTRA's choice): the series is stochastic anyway,
+they cost a fraction of float64's on a CPU, and the iterates and the final residual stay float64
+(benchmarks/README.md, "LiSSA's precision").
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ import torch
 
 # the method catalogue: this solver registers itself in it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Interval, option, register
-from tda_explorer.compute.engine.curvature import largest_eigenvalue
+from tda_explorer.compute.engine.curvature import Curvature, largest_eigenvalue
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
-from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
+from tda_explorer.compute.methods.influence.direct import (
+    PRODUCT_DTYPES,
+    InfluenceArguments,
+    InfluenceFunction,
+    precision_option,
+)
 
 
 @dataclass
@@ -39,6 +47,7 @@ class LiSSAArguments(InfluenceArguments):
     minibatch: int = option(64, "training examples per curvature product", POSITIVE_INT)
     seed: int = option(0, "seed of the minibatch draws (and of the minibatches of the scale estimate)",
                        Interval(0, None, integer=True))
+    precision: str = precision_option()
 
 
 @register("if-lissa", Family.PAIRWISE, LiSSAArguments, uses=("recipe",))
@@ -46,7 +55,8 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions with LiSSA, the stochastic Neumann series over minibatch curvatures.
 
     Fitted: ``scale_`` (the series' scale s), ``residual_`` (the relative residual of the last solve),
-    ``solver_report_`` (the settings used).
+    ``solver_report_`` (the settings used), ``products_`` (the curvature the minibatch products run on, in
+    ``precision``).
     """
 
     step_options = ("scale",)
@@ -56,12 +66,15 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
     def _prepare(self) -> None:
         super()._prepare()
         a = self.args
+        dtype = PRODUCT_DTYPES[a.precision]
+        self.products_ = self.curvature_ if dtype == self.curvature_.dtype else Curvature(
+            self.task, self.train_, a.curvature, self.device, dtype=dtype, max_memory=self.max_memory)
         if a.scale is not None:
             self.scale_ = float(a.scale)
         else:
             gen = torch.Generator().manual_seed(a.seed + 1)
-            views = [self.curvature_] + [
-                self.curvature_.on_rows(torch.randperm(self.curvature_.n, generator=gen)[: a.minibatch])
+            views = [self.products_] + [
+                self.products_.on_rows(torch.randperm(self.products_.n, generator=gen)[: a.minibatch])
                 for _ in range(8)
             ]
             self.scale_ = 1.5 * max(
@@ -85,7 +98,7 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
         a = self.args
         v = v.double()
         gen = torch.Generator().manual_seed(a.seed)
-        n = self.curvature_.n
+        n = self.products_.n
         bound = 2 * v.norm(dim=1)
         advice = f"raise scale (now {self.scale_:.3g}) or damping (now {self.lam_:.3g})"
         total = torch.zeros_like(v)
@@ -93,7 +106,7 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
             x = v.clone()
             for j in range(a.depth):
                 rows = torch.randperm(n, generator=gen)[: a.minibatch]
-                x = v + x - self._damped(x, self.curvature_.on_rows(rows)) / self.scale_
+                x = v + x - self._damped(x, self.products_.on_rows(rows)) / self.scale_
                 if j % self.check_every == self.check_every - 1:
                     norms = x.norm(dim=1)
                     if not bool(torch.isfinite(norms).all()) or bool((norms > (j + 2) * bound).any()):
