@@ -39,6 +39,7 @@ from tda_explorer.jobs import check_cancelled
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 FISHERS = ("expected", "true", "empirical")
+SQUARES_CHUNK_BYTES = 32 << 20  # rows of rotated gradients squared at once when refitting EK-FAC's eigenvalues
 EXPECTED_MAX_CLASSES = 64  # the expected Fisher costs one backward pass per class; above this, one sampled label
 # (outputs of a batch, its first row) -> per-example loss; or, marked ``takes_batch``, (outputs, Batch) -> the same
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -371,6 +372,28 @@ def sandwich(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Ten
     return q_s.T @ _layer_gradients(a, s, bias) @ q_a
 
 
+def sandwich_squares(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """``Σ_i sandwich(q_s, a, s, q_a)_i²`` ``[r_s, r_a]`` in float64 without holding every row's ``[r_s, r_a]`` at once:
+    with one position, each rotated gradient is the outer product of the projected output gradient and patch, so the
+    sum is one product of their squares; otherwise rows are taken ``SQUARES_CHUNK_BYTES`` at a time."""
+    width, positions, batch = a.shape[1], a.shape[2], len(a)
+    if positions == 1:
+        projected = a[:, :, 0] @ q_a[:width].to(a)
+        if q_a.shape[0] == width + 1:
+            projected = projected + q_a[width].to(a)
+        a_sq = projected.double() ** 2
+        s_sq = (s[:, :, 0] @ q_s.to(s)).double() ** 2
+        return sum(s_sq[b : b + batch].T @ a_sq for b in range(0, len(s), batch))
+    per_row = q_s.shape[1] * q_a.shape[1] * a.element_size()
+    rows = max(1, SQUARES_CHUNK_BYTES // per_row)
+    total = 0
+    for b in range(0, len(s), batch):  # the expected Fisher's blocks of rows, one per class, share the patches
+        for i in range(0, batch, rows):
+            part = sandwich(q_s, a[i : i + rows], s[b + i : b + min(i + rows, batch)], q_a)
+            total = total + (part.double() ** 2).sum(0)
+    return total
+
+
 def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Per-example layer gradients in the Kronecker eigenbasis, ``Q_Sᵀ G Q_A``."""
     return sandwich(f.q_s, a, s, f.q_a)
@@ -513,29 +536,42 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
     losses = [sampled]
     if loss is not None:
         losses.append(_on_batch(task, loss))
-    chunks, start = [], 0
+    rotated, start = _RotatedRows(factors, n, dtype) if loss is not None else None, 0
     for patches, grads in layer_activity(task.model, layers, train, losses, batch_size, device, params,
                                          argument=argument, ids=train.ids, output=task.output):
         batch_ids, start = _batch_ids(train.ids, start, patches)
         for f in factors:
             a, s = patches[f.name], grads[0][f.name]  # the expected Fisher: s has one block of rows per class
-            r = _rotated_layer_gradients(f, a, s)
-            squares = (r**2).sum(0).double()
-            if not torch.isfinite(squares).all():
-                raise _overflow(argument, batch_ids, [r])
+            squares = sandwich_squares(f.q_s, a, s, f.q_a)
+            if not torch.isfinite(squares).all() or float(squares.max()) > torch.finfo(a.dtype).max:
+                raise _overflow(argument, batch_ids, [_rotated_layer_gradients(f, a, s)])
             lam[f.name] = lam[f.name] + squares / n
         if loss is not None:
-            chunks.append(_rotate_batch(factors, patches, grads[1], dtype, argument, batch_ids))
+            rotated.add(patches, grads[1], argument, batch_ids)
     return ([LayerFactors(f.name, f.q_a, f.q_s, lam[f.name], f.width) for f in factors],
-            torch.cat(chunks) if chunks else None)
+            rotated.rows if rotated is not None else None)
 
 
-def _rotate_batch(factors: list[LayerFactors], patches: dict, grads: dict, dtype: torch.dtype, argument: str,
-                  ids: Sequence) -> torch.Tensor:
-    parts = []
-    for f in factors:
-        parts.append(_rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1).to(dtype))
-    return check_finite_rows(torch.cat(parts, dim=1), argument, ids, "per-sample gradients")
+class _RotatedRows:
+    """Each example's gradient in the Kronecker eigenbases (``Q_Sᵀ G Q_A``, layers side by side) written batch by batch
+    and layer by layer into one ``[n, Σ widths]`` tensor: no batch of concatenated layers and no concatenation of the
+    batches, either of which would hold a second copy of the rows."""
+
+    def __init__(self, factors: list[LayerFactors], n: int, dtype: torch.dtype):
+        self.factors, self.filled = factors, 0
+        self.rows = torch.empty(n, sum(f.eigenvalues.numel() for f in factors), dtype=dtype,
+                                device=factors[0].q_s.device)
+
+    def add(self, patches: dict, grads: dict, argument: str, ids: Sequence) -> None:
+        block, offset = None, 0
+        for f in self.factors:
+            part = _rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1)
+            if block is None:
+                block = self.rows[self.filled : self.filled + len(part)]
+            block[:, offset : offset + part.shape[1]] = part
+            offset += part.shape[1]
+        check_finite_rows(block, argument, ids, "per-sample gradients")
+        self.filled += len(block)
 
 
 def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
@@ -550,13 +586,13 @@ def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: 
     restore = eval_mode(model)
     if params is None:
         model.to(device)
-    chunks, start = [], 0
+    rotated, start = _RotatedRows(factors, len(data), dtype), 0
     try:
         for patches, (grads,) in layer_activity(model, list(layers.items()), data, [_on_batch(task, loss)],
                                                 batch_size, device, params, argument=argument, ids=data.ids,
                                                 output=task.output):
             batch_ids, start = _batch_ids(data.ids, start, patches)
-            chunks.append(_rotate_batch(factors, patches, grads, dtype, argument, batch_ids))
+            rotated.add(patches, grads, argument, batch_ids)
     finally:
         restore()
-    return torch.cat(chunks)
+    return rotated.rows
