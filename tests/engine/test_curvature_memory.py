@@ -61,5 +61,9 @@ def test_products_through_the_ggn_factor_equal_the_vectorised_ones_on_minibatche
                  (factored.on_rows(rows).on_rows(inner), plain.on_rows(rows).on_rows(inner))):
         torch.testing.assert_close(a.matvec(vectors), b.matvec(vectors), rtol=1e-10, atol=1e-12)
     assert Curvature(task, train, "hessian")._factor_of_rows() is None  # the Hessian has no such factor
-    mlp = AttributionTask(nn.Sequential(nn.Linear(36, 3)).double())
-    assert Curvature(mlp, train, "ggn")._factor_of_rows() is None  # a linear model: the vectorised products are cheaper
+    # a linear model's forward is 2p flops: with 10 classes A's 40p multiply-adds exceed FACTOR_EFFICIENCY × 2p, so the
+    # vectorised products are used; with 3, A's 12p are below it
+    wide = AttributionTask(nn.Sequential(nn.Linear(36, 10)).double())
+    assert Curvature(wide, train, "ggn")._factor_of_rows() is None
+    narrow = AttributionTask(nn.Sequential(nn.Linear(36, 3)).double())
+    assert Curvature(narrow, train, "ggn")._factor_of_rows() is not None

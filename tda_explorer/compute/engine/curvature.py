@@ -36,6 +36,11 @@ MEMORY_PER_ACTIVATION = {"ggn": 2, "hessian": 8}
 FACTOR_MEMORY = 1 << 30
 #: ... and multiplies this many directions at a time.
 FACTOR_DIRECTIONS = 256
+#: Products go through A where its multiply-adds per example and direction are below this many times the model's
+#: forward flops: a vectorised product costs about 3 forward passes per (direction, row) pair, and dense matrix
+#: products run closer to the hardware's peak (the break-even measured on the zoo's MLPs, float32 and float64:
+#: benchmarks/README.md, "Curvature forms")
+FACTOR_EFFICIENCY = 9.0
 
 
 class Curvature:
@@ -168,17 +173,17 @@ class Curvature:
         return self._shared["pairs"]
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(curvature) @ v`` for each row of ``vectors`` ``[r, p]``: the batches' terms summed (each batch read
-        once per product, outside ``vmap``), in calls of at most ``pairs_per_call`` (direction, row) pairs."""
+        """``(curvature) @ v`` for each row of ``vectors`` ``[r, p]``: through the GGN's factor where that was found
+        cheaper (``_factor_of_rows``), else the batches' vectorised terms summed."""
         vectors = vectors.to(self.device, self.dtype)
-        out = self.wd * vectors
         factor = self._factor_of_rows()
-        if factor is not None:
-            for d in range(0, len(vectors), FACTOR_DIRECTIONS):
-                check_cancelled()
-                block = vectors[d : d + FACTOR_DIRECTIONS]
-                out[d : d + FACTOR_DIRECTIONS] += (block @ factor.T) @ factor
-            return out
+        products = self._vectorised(vectors) if factor is None else _through_factor(vectors, factor)
+        return self.wd * vectors + products
+
+    def _vectorised(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The batches' terms summed (each batch read once per product, outside ``vmap``), in calls of at most
+        ``pairs_per_call`` (direction, row) pairs; the weight decay's term left out."""
+        out = torch.zeros_like(vectors)
         pairs = self.pairs_per_call()
         for x, y in self._batches():
             rows = n_rows(x)
@@ -196,9 +201,8 @@ class Curvature:
 
     def _factor_of_rows(self) -> torch.Tensor | None:
         """The GGN's factor A over this curvature's rows (``ggn_factor``, built once over the whole training set and
-        shared with minibatch views), when products through it, (VAᵀ)A, are cheaper than the vectorised ones: GGN, data
-        in memory, one prediction per example, A within ``FACTOR_MEMORY``, and 4·C·p multiply-adds per example and
-        direction below 3× the model's forward flops for one example (``FlopCounterMode``). None: use ``_term``."""
+        shared with minibatch views), when products through it, (VAᵀ)A, are cheaper than the vectorised ones
+        (``_decide_factor``). None: use the vectorised terms."""
         if self.kind != "ggn" or self.held is None:
             return None
         if "a" not in self._shared:
@@ -212,13 +216,16 @@ class Curvature:
         return rows * (total / len(self._factor_rows)) ** 0.5  # the minibatch's mean, not the whole set's
 
     def _decide_factor(self) -> torch.Tensor | None:
+        """A, when products through it are the cheaper: for the GGN of data in memory with one prediction per example,
+        A within ``FACTOR_MEMORY``, and its 4·C·p multiply-adds per example and direction below ``FACTOR_EFFICIENCY`` ×
+        the model's forward flops for one example (``FlopCounterMode``)."""
         outputs = self.outputs()
         if outputs is None or self.n * outputs * self.dim * self.theta.element_size() > FACTOR_MEMORY:
             return None
         x, _ = next(self._batches())
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             self._logits(self.theta, take_rows(x, slice(0, 1)))
-        if not 4 * outputs * self.dim < 3 * counter.get_total_flops():
+        if not 4 * outputs * self.dim < FACTOR_EFFICIENCY * counter.get_total_flops():
             return None
         self._shared["n"] = self.n
         return self.ggn_factor()
@@ -282,3 +289,13 @@ def largest_eigenvalue(matvec, dim: int, iterations: int = 30, seed: int = 1,
         estimate = float(y.norm() / z.norm())
         z = y / y.norm().clamp_min(1e-300)
     return estimate
+
+
+def _through_factor(vectors: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``(V Aᵀ) A`` for the rows V of ``vectors``, ``FACTOR_DIRECTIONS`` at a time."""
+    out = torch.empty_like(vectors)
+    for d in range(0, len(vectors), FACTOR_DIRECTIONS):
+        check_cancelled()
+        out[d : d + FACTOR_DIRECTIONS] = (vectors[d : d + FACTOR_DIRECTIONS] @ factor.T) @ factor
+    return out
+
