@@ -74,8 +74,9 @@ PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the sto
 
 def precision_option():
     """The stochastic solvers' (LiSSA's, ASTRA's) ``precision``: the dtype of their minibatch curvature products."""
-    return option("float32", "dtype of the minibatch curvature products (the iterations are stochastic anyway; "
-                             "iterates and the final residual stay float64)", Options(tuple(PRODUCT_DTYPES)))
+    return option("float32", "dtype of the minibatch curvature products (the iterations are stochastic anyway; the "
+                             "answer's residual on the whole training set is checked in float64)",
+                  Options(tuple(PRODUCT_DTYPES)))
 
 
 @dataclass

@@ -13,9 +13,9 @@ x = 0 is refused instead of returning garbage. A run stops early once its iterat
 series allows (‖x_j‖ > 2(j + 1)‖v‖: every term of a convergent series is at most ‖v‖). With the default scale
 and damping such a run backs off (``backoff.py``: the scale doubled, i.e. the step 1/s halved, then the damping
 raised, then EK-FAC) with a ``SolverBackoffWarning``; an explicit ``scale`` or ``damping`` raises.
-The minibatch products run in float32 by default (``precision``; ASTRA's choice): the series is stochastic anyway,
-they cost a fraction of float64's on a CPU, and the iterates and the final residual stay float64
-(benchmarks/README.md, "LiSSA's precision").
+The minibatch products and the iterates run in float32 by default (``precision``; ASTRA's choice): the series is
+stochastic anyway and they cost a fraction of float64's on a CPU; the answer is accumulated and its residual on the
+whole training set checked in float64 (benchmarks/README.md, "LiSSA's precision").
 """
 
 from __future__ import annotations
@@ -97,23 +97,26 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
     def _attempt(self, v: torch.Tensor) -> torch.Tensor:
         a = self.args
         v = v.double()
+        b = v.to(self.products_.dtype)  # the iterates in the products' precision, updated in place
         gen = torch.Generator().manual_seed(a.seed)
         n = self.products_.n
         bound = 2 * v.norm(dim=1)
         advice = f"raise scale (now {self.scale_:.3g}) or damping (now {self.lam_:.3g})"
         total = torch.zeros_like(v)
         for _ in range(a.repeats):
-            x = v.clone()
+            x = b.clone()
             for j in range(a.depth):
                 rows = torch.randperm(n, generator=gen)[: a.minibatch]
-                x = v + x - self._damped(x, self.products_.on_rows(rows)) / self.scale_
+                curved = self.products_.on_rows(rows).matvec(x)
+                x.mul_(1 - self.lam_ / self.scale_).add_(b).sub_(curved, alpha=1 / self.scale_)
                 if j % self.check_every == self.check_every - 1:
-                    norms = x.norm(dim=1)
+                    norms = x.norm(dim=1).double()
                     if not bool(torch.isfinite(norms).all()) or bool((norms > (j + 2) * bound).any()):
                         finite = bool(torch.isfinite(x).all())
-                        self.residual_ = self._relative_residual(x / self.scale_, v) if finite else float("inf")
+                        self.residual_ = self._relative_residual(x.double() / self.scale_, v) if finite \
+                            else float("inf")
                         raise Diverged(self.residual_, f"{self.name} diverged: relative residual "
                                                        f"{self.residual_:.3g} when its iterates began to grow (step "
                                                        f"{j + 1} of {a.depth}); {advice}")
-            total = total + x / self.scale_
+            total = total + x.double() / self.scale_
         return self._checked(total / a.repeats, v, advice)
