@@ -3,10 +3,15 @@
 An Arnoldi iteration (full re-orthogonalisation; Lanczos in exact arithmetic, since H is symmetric) builds an
 orthonormal Krylov basis Q and the projected matrix T = QᵀHQ; its eigenpairs (μ, w) give Ritz pairs (μ, Qw).
 The ``rank`` largest are kept, and of those only eigenvalues above the damping λ: near-zero or negative ones
-cannot be trusted and inverting them returns non-finite scores (methods.md). Then
-    τ(z, z′) = (1/n) Σ_k (u_kᵀ∇f(z′)) (u_kᵀ∇ℓ(z)) / (μ_k + λ),
-so queries and self-influence are dot products of r-dimensional features. With ``rank`` = p and every eigenvalue
-above λ this is the explicit solve.
+cannot be trusted and inverting them returns non-finite scores (methods.md). Then, with P = I − UUᵀ the projection
+onto the rest of the parameter space,
+    τ(z, z′) = (1/n) [Σ_k (u_kᵀ∇f(z′)) (u_kᵀ∇ℓ(z)) / (μ_k + λ) + (P∇f(z′))ᵀ(P∇ℓ(z)) / (wd + λ)],
+the second term (``complement``, on by default) taking the curvature outside the kept eigenspace as the weight decay
+alone (the network's part as zero): exact where it vanishes there (a GGN's rank is at most n·C), and at most a factor
+(μ + λ)/(wd + λ) too large in a direction of eigenvalue μ below the kept ones, where dropping the term (Schioppa et
+al.'s form, ``complement=False``) weighs it zero. Measured
+on the zoo (benchmarks/README.md, "Arnoldi's complement"). With ``rank`` = p and every eigenvalue above λ both are the
+explicit solve.
 
 Back-off (``backoff.py``): a kept subspace that gives non-finite features, or no eigenvalue above a default damping,
 raises the damping by decades and then falls back to EK-FAC, with a ``SolverBackoffWarning``; with an explicit
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from tda_explorer._validation import TDAError
-from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, option, register
+from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Options, option, register
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
 from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
 from tda_explorer.data.dataset import AttributionDataset
@@ -60,6 +65,10 @@ class ArnoldiArguments(InfluenceArguments):
     iterations: int | None = option(None, "Arnoldi steps (curvature-vector products), at least rank; None: 2 × rank "
                                           "(at most p)", POSITIVE_INT)
     seed: int = option(0, "seed of the starting vector", Interval(0, None, integer=True))
+    complement: bool = option(True, "add the gradients' part outside the kept eigenspace divided by the damping plus "
+                                    "the weight decay (the network's curvature taken as zero there); False drops it "
+                                    "(Schioppa et al.)",
+                              Options((False, True)))
 
 
 @register("if-arnoldi", Family.PAIRWISE, ArnoldiArguments, uses=("recipe",))
@@ -115,18 +124,35 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
         """Gradients in the kept eigenbasis, scaled by 1/√(μ + λ)."""
         return (g.double() @ self.eigenvectors_) / (self.eigenvalues_ + self.lam_).sqrt()
 
+    def _outside(self, g: torch.Tensor) -> torch.Tensor:
+        """The part of each gradient outside the kept eigenspace, scaled by 1/√(wd + λ) (no columns without
+        ``complement``)."""
+        if not self.args.complement:
+            return g.new_zeros(len(g), 0, dtype=torch.float64)
+        g = g.double()
+        return (g - (g @ self.eigenvectors_) @ self.eigenvectors_.T) / self._floor() ** 0.5
+
+    def _floor(self) -> float:
+        """The curvature's eigenvalue taken outside the kept eigenspace, plus the damping: wd + λ."""
+        return self.curvature_.wd + self.lam_
+
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         if self._fallen_back():
             return self._ekfac_solve(rhs)
-        return self._coords(rhs) / (self.eigenvalues_ + self.lam_).sqrt() @ self.eigenvectors_.T
+        inside = self._coords(rhs) / (self.eigenvalues_ + self.lam_).sqrt() @ self.eigenvectors_.T
+        return inside + self._outside(rhs) / self._floor() ** 0.5 if self.args.complement else inside
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         if self._fallen_back():
             return super()._attribute(test)
-        coords = self._coords(self._features(test, test=True))
-        return (coords @ self.train_coords_.T / len(self.train_)).float()
+        g_test = self._features(test, test=True)
+        scores = self._coords(g_test) @ self.train_coords_.T
+        if self.args.complement:
+            scores = scores + self._outside(g_test) @ self._outside(self.g_train_).T
+        return (scores / len(self.train_)).float()
 
     def _self_influence(self) -> torch.Tensor:
         if self._fallen_back():
             return super()._self_influence()
-        return ((self.train_coords_**2).sum(1) / len(self.train_)).float()
+        return (((self.train_coords_**2).sum(1) + (self._outside(self.g_train_) ** 2).sum(1))
+                / len(self.train_)).float()
