@@ -59,8 +59,11 @@ RELATIVE = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]  # relative per-layer damping (Kr
 def sweep(method: str) -> list[dict]:
     """The oracle's grid for ``method`` (each point a dict of options; ``{}`` is the default and always included);
     an empty list: nothing to tune."""
-    if method in ("if-explicit", "if-cg", "if-arnoldi"):
+    if method in ("if-explicit", "if-cg"):
         return [{}] + [{"damping": d, "curvature": c} for c in ("ggn", "hessian") for d in DECADES]
+    if method == "if-arnoldi":  # and Schioppa et al.'s form, without the complement term
+        return [{}, {"complement": False}] + [{"damping": d, "curvature": c} for c in ("ggn", "hessian")
+                                              for d in DECADES]
     if method == "if-lissa":  # LiSSA's cost grows with depth; the damping is what moves it
         return [{}] + [{"damping": d} for d in DECADES]
     if method in ("if-kfac", "if-ekfac"):
