@@ -6,7 +6,9 @@ kernel, and curvature products within memory"):
   same damping; time of fit + attribution + self-influence as a ratio, the largest relative difference of their
   scores, and LDS of each;
 * ``products``: GGN products of 64 random directions over the whole training set through the factor A, (VAᵀ)A,
-  against the vectorised products (``Curvature._term``), with the factor's build time, and which one the rule picks.
+  against the vectorised products (``Curvature._term``), with the factor's build time, the ratio of A's multiply-adds
+  to the model's forward flops and which form the rule picks; and on the MLPs around the rule's threshold, 1,024
+  directions over a minibatch of 64 rows (the stochastic solvers' workload) in float32 and float64.
 
     python benchmarks/bench_curvature_forms.py --json benchmarks/results/curvature_forms_cpu.json
 """
@@ -19,15 +21,20 @@ import time
 import warnings
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer.compute.engine.curvature import Curvature
 from tda_explorer.compute.methods import get_method
+from tda_explorer.data.batching import take_rows
 from tda_explorer.evaluate.harness import method_options
 from tda_explorer.evaluate.metrics import lds
 from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth
 
 TASKS = ("wine-mlp-adam", "shapes16-cnn-bn-sgdm")
 PRODUCT_TASKS = ("digits-mlp-gelu-adamw", "shapes16-cnn-bn-sgdm", "reviews-transformer-adam")
+#: the MLPs around the rule's threshold, on the stochastic solvers' workload (a minibatch, many right-hand sides)
+MINIBATCH_TASKS = ("wine-mlp-adam", "synth200-mlp-adamw", "shapes16-mlp-adam", "digits-mlp-gelu-adamw",
+                   "digits-mlp-sgdm")
 
 
 def _run(exp, truth, form: str, damping: float | None) -> dict:
@@ -45,22 +52,34 @@ def _run(exp, truth, form: str, damping: float | None) -> dict:
             "lds": float(lds(scores, truth.masks, truth.measurements)[0])}
 
 
-def _products(name: str, directions: int = 64) -> dict:
+def _products(name: str, directions: int = 64, rows: int | None = None, dtype: torch.dtype = torch.float64) -> dict:
+    """GGN products of ``directions`` random directions over the whole training set (``rows`` None) or a minibatch of
+    its first ``rows`` (LiSSA's and ASTRA's workload), vectorised against through A, in ``dtype``."""
     exp = build_zoo_task(name)
-    factored = Curvature(exp.task(), exp.split.train, "ggn")
-    plain = Curvature(exp.task(), exp.split.train, "ggn")
+    factored = Curvature(exp.task(), exp.split.train, "ggn", dtype=dtype)
+    plain = Curvature(exp.task(), exp.split.train, "ggn", dtype=dtype)
     plain._shared["a"] = None  # the vectorised products
-    vectors = torch.randn(directions, factored.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    outputs = factored.outputs()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        factored._logits(factored.theta, take_rows(next(factored._batches())[0], slice(0, 1)))
+    vectors = torch.randn(directions, factored.dim, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    factor = factored.ggn_factor()
+    build = time.perf_counter() - t0
+    if rows is not None:
+        subset = torch.arange(rows)
+        plain = plain.on_rows(subset)
+        factor = factor.view(factored.n, outputs, -1)[subset].reshape(-1, factored.dim) * (factored.n / rows) ** 0.5
+    plain.matvec(vectors[:2])  # one untimed call (the activation count, first-call overheads)
     t0 = time.perf_counter()
     want = plain.matvec(vectors)
     vectorised = time.perf_counter() - t0
     t0 = time.perf_counter()
-    factor = factored.ggn_factor()
-    build = time.perf_counter() - t0
-    t0 = time.perf_counter()
     got = (vectors @ factor.T) @ factor + factored.wd * vectors
     through = time.perf_counter() - t0
-    return {"task": name, "p": factored.dim, "n_outputs": factor.shape[0], "factor_mb": factor.numel() * 8 / 2**20,
+    return {"task": name, "dtype": str(dtype).removeprefix("torch."), "rows": rows or factored.n, "p": factored.dim,
+            "n_outputs": factored.n * outputs, "factor_mb": factor.numel() * factor.element_size() / 2**20,
+            "flop_ratio": 4 * outputs * factored.dim / counter.get_total_flops(),
             "directions": directions, "vectorised_seconds": vectorised, "factor_build_seconds": build,
             "factor_product_seconds": through, "vectorised_over_factor": vectorised / through,
             "max_relative_difference": float((got - want).norm() / want.norm()),
@@ -72,6 +91,7 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     parser.add_argument("--task", nargs="*", default=list(TASKS))
     parser.add_argument("--product-task", nargs="*", default=list(PRODUCT_TASKS))
+    parser.add_argument("--minibatch-task", nargs="*", default=list(MINIBATCH_TASKS))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     out = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -85,6 +105,9 @@ def main() -> None:
 
     for name in args.product_task:
         save("products", _products(name))
+    for name in args.minibatch_task:
+        for dtype in (torch.float32, torch.float64):
+            save("products", _products(name, directions=1024, rows=64, dtype=dtype))
     for name in args.task:
         exp = build_zoo_task(name)
         truth = zoo_ground_truth(exp)

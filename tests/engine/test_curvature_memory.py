@@ -67,3 +67,18 @@ def test_products_through_the_ggn_factor_equal_the_vectorised_ones_on_minibatche
     assert Curvature(wide, train, "ggn")._factor_of_rows() is None
     narrow = AttributionTask(nn.Sequential(nn.Linear(36, 3)).double())
     assert Curvature(narrow, train, "ggn")._factor_of_rows() is not None
+
+
+def test_a_curvature_in_another_precision_shares_the_factor_already_built():
+    """LiSSA's float32 products reuse the float64 curvature's factor, cast, instead of building it again."""
+    task, train = _tiny_cnn_task()
+    root = Curvature(task, train, "ggn")
+    vectors = torch.randn(5, root.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([2, 5, 11, 17])
+    want = root.on_rows(rows).matvec(vectors)  # builds A (float64)
+    single = root.in_precision(torch.float32)
+    assert single.dtype == torch.float32 and single._shared["a"].dtype == torch.float32
+    torch.testing.assert_close(single._shared["a"].double(), root._shared["a"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(single.on_rows(rows).matvec(vectors).double(), want, rtol=1e-4, atol=1e-6)
+    fresh = Curvature(task, train, "ggn").in_precision(torch.float32)  # nothing built yet: it decides for itself
+    assert "a" not in fresh._shared and fresh._factor_of_rows() is not None

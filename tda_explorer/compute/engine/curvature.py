@@ -119,6 +119,16 @@ class Curvature:
         view.n = len(rows)
         return view
 
+    def in_precision(self, dtype: torch.dtype) -> Curvature:
+        """The same curvature over the whole training set with products in ``dtype``; a GGN factor this one has
+        already built is shared, cast, instead of built again."""
+        other = Curvature(self.task, self._root.train, self.kind, self.device, dtype=dtype,
+                          batch_size=self.batch_size, max_memory=self.max_memory)
+        factor = self._root._shared.get("a")
+        if factor is not None:
+            other._shared.update(a=factor.to(dtype), n=self._root._shared["n"])
+        return other
+
     @property
     def dim(self) -> int:
         return self.theta.numel()

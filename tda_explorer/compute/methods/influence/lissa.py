@@ -26,7 +26,7 @@ import torch
 
 # the method catalogue: this solver registers itself in it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Interval, option, register
-from tda_explorer.compute.engine.curvature import Curvature, largest_eigenvalue
+from tda_explorer.compute.engine.curvature import largest_eigenvalue
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
 from tda_explorer.compute.methods.influence.direct import (
     PRODUCT_DTYPES,
@@ -67,8 +67,7 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
         super()._prepare()
         a = self.args
         dtype = PRODUCT_DTYPES[a.precision]
-        self.products_ = self.curvature_ if dtype == self.curvature_.dtype else Curvature(
-            self.task, self.train_, a.curvature, self.device, dtype=dtype, max_memory=self.max_memory)
+        self.products_ = self.curvature_ if dtype == self.curvature_.dtype else self.curvature_.in_precision(dtype)
         if a.scale is not None:
             self.scale_ = float(a.scale)
         else:

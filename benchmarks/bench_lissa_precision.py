@@ -1,0 +1,51 @@
+"""if-lissa's precision: float32 minibatch products and iterates (the default) against float64, in one process, on zoo
+tasks (benchmarks/README.md, "LiSSA's precision"): LDS of each against the cached truth, the largest relative
+difference of their scores, and the time of fit + attribution as a ratio.
+
+    python benchmarks/bench_lissa_precision.py --json benchmarks/results/lissa_precision_cpu.json [--task T ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+
+from tda_explorer.evaluate.harness import run_method
+from tda_explorer.evaluate.metrics import lds
+from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth
+
+TASKS = ("wine-mlp-adam", "digits-logreg-sgd", "synth20-mlp-tanh-sgd", "digits-mlp-sgdm")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--task", nargs="*", default=list(TASKS))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    out = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "when": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    for name in args.task:
+        exp = build_zoo_task(name)
+        truth = zoo_ground_truth(exp)
+        runs = {}
+        for precision in ("float32", "float64"):
+            _, attribution, seconds, _ = run_method(exp, "if-lissa", device="cpu", precision=precision)
+            runs[precision] = (attribution.scores.double(), seconds,
+                               float(lds(attribution.scores, truth.masks, truth.measurements)[0]))
+        (a, fast, lds32), (b, slow, lds64) = runs["float32"], runs["float64"]
+        row = {"task": name, "float32_seconds": fast, "float64_seconds": slow, "float64_over_float32": slow / fast,
+               "float32_lds": lds32, "float64_lds": lds64,
+               "max_relative_difference": float((a - b).abs().max() / b.abs().max())}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
