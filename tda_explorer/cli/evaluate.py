@@ -17,6 +17,7 @@ from tda_explorer.errors import TDAError
 from tda_explorer.evaluate import evaluate_method
 from tda_explorer.experiments import build_experiment
 from tda_explorer.retraining import removal_ground_truth, subset_ground_truth, truth_ceiling
+from tda_explorer.retraining.ground_truth import default_cache_dir
 
 #: Method options whose flag would clash with one of ``evaluate``'s own flags take this prefix (``--method-seed``).
 CLASHING_PREFIX = "method-"
@@ -29,7 +30,7 @@ FLAG_ALIASES = {"n_checkpoints": ["--ensemble-checkpoints"]}
 #: refuses the ones given and the built-in path fills the rest in.
 BUILTIN_DEFAULTS = {"data": "digits", "model": "mlp", "scenario": None, "verifier": "auto", "proxy": None,
                     "groups": None, "noise": 0.0, "n_subsets": 100, "no_lds": False, "epochs": None,
-                    "truth": "fresh-seed", "subset_fraction": 0.5, "cache_dir": ".tda_cache", "ensemble": None}
+                    "truth": "fresh-seed", "subset_fraction": 0.5, "cache_dir": None, "ensemble": None}
 #: The flags only --entry uses (default None without it).
 ENTRY_ONLY = ("k", "n_test_points", "n_mislabeled", "what_if", "what_if_k", "what_if_seeds")
 
@@ -113,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from tda_explorer.evaluate.groups import evaluate_groups
 
         _say(f"scoring {args.groups} groups with {args.method} and retraining without each group "
-             f"(cached in {args.cache_dir})…")
+             f"(cached in {args.cache_dir or default_cache_dir()})…")
         return finish({"data": args.data, "model": args.model, "n_train": len(exp.split.train),
                        **evaluate_groups(exp, args.method, args.groups, cache_dir=args.cache_dir,
                                          device=args.device)})
@@ -139,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         exp = exp.replayed()  # attribute the very run the same-seed removals perturb
     if not args.no_lds:
         _say(f"LDS truth ({args.truth}): retraining {args.n_subsets} models without {args.subset_fraction:.0%} of "
-             f"the training set each (cached in {args.cache_dir}; --no-lds skips this)…")
+             f"the training set each (cached in {args.cache_dir or default_cache_dir()}; --no-lds skips this)…")
     if not args.no_lds and args.truth == "same-seed":
         truth = removal_ground_truth(exp, args.n_subsets, args.subset_fraction, same_seed=True,
                                      cache_dir=args.cache_dir, device=args.device)
@@ -230,7 +231,8 @@ def _evaluate_arguments(ev: argparse.ArgumentParser, method: str | None = None) 
     ev.add_argument("--subset-fraction", type=float, default=None,
                     help="fraction of the training set each LDS subset removes (default 0.5; 0.01: small drops)")
     ev.add_argument("--cache-dir", default=None,
-                    help="folder where retrained models and truths are cached (default .tda_cache)")
+                    help="folder where retrained models and truths are cached (default: $TDA_EXPLORER_CACHE, else "
+                         ".tda_cache under the working directory)")
     ev.add_argument("--device", default="cpu", help="where to train and attribute (cpu, cuda, cuda:1; default cpu)")
     ev.add_argument("--ensemble", type=int, default=None, metavar="K",
                     help="TRAK: train K-1 more models with fresh seeds and ensemble over all K")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,8 +27,14 @@ class SubsetGroundTruth:
     measurements: torch.Tensor
 
 
+CACHE_VARIABLE = "TDA_EXPLORER_CACHE"
+
+
 def default_cache_dir() -> Path:
-    return Path(".tda_cache")
+    """Where retraining truths are cached unless a ``cache_dir`` is given: the directory named by the environment
+    variable ``TDA_EXPLORER_CACHE`` (so runs from any working directory share one cache), else ``.tda_cache`` under the
+    working directory."""
+    return Path(os.environ.get(CACHE_VARIABLE) or ".tda_cache").expanduser()
 
 
 def subset_ground_truth(

@@ -1,5 +1,7 @@
 """The retraining engine against hand-written training loops."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -120,3 +122,12 @@ def test_training_on_a_subset_is_removing_its_complement(small_experiment):
     torch.testing.assert_close(on.delta, retrainer.remove([list(ids[100:])]).delta)
     with pytest.raises(TDAError, match="removes the whole training set"):
         retrainer.train_on([[]])
+
+
+def test_the_default_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    from tda_explorer.retraining.ground_truth import default_cache_dir
+
+    monkeypatch.delenv("TDA_EXPLORER_CACHE", raising=False)
+    assert default_cache_dir() == Path(".tda_cache")
+    monkeypatch.setenv("TDA_EXPLORER_CACHE", str(tmp_path / "truths"))
+    assert default_cache_dir() == tmp_path / "truths"
