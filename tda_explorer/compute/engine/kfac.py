@@ -469,11 +469,11 @@ def fit_factors_and_gradients(task: AttributionTask, train: AttributionDataset, 
 def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: str = "expected", batch_size: int = 256,
                       seed: int = 0, device: torch.device | str = "cpu", params: dict | None = None,
                       argument: str = "train", rows: dict[str, list] | None = None,
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                      ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
     """Per tracked layer, the float64 means (A, S) of patch and output-gradient outer products (at ``params``);
     bad input is a ``TDAError`` naming ``argument`` (see ``layer_activity``). With ``rows`` (a dict), the patch
-    rows [a; 1] of each layer whose patches number at most half its width are kept there too (no more memory than
-    its covariance): ``eigenbases`` then factors their Gram matrix instead of the wide covariance."""
+    rows [a; 1] of each layer whose patches number at most half its width are kept there instead of its A (None):
+    less memory than the wide covariance, whose place their Gram matrix takes in ``eigenbases``."""
     check_choice(fisher, "fisher", FISHERS)
     layers = tracked_layers(task)
     sampled, _ = _sampler(task, fisher, seed)
@@ -485,19 +485,25 @@ def layer_covariances(task: AttributionTask, train: AttributionDataset, fisher: 
         batch_ids, start = _batch_ids(train.ids, start, patches)
         for name, module in layers:
             a, s = patches[name], grads[name]
-            cov_a, cov_s = _patch_covariance(a, module.bias is not None), _gram(s).double()
-            if not (torch.isfinite(cov_a).all() and torch.isfinite(cov_s).all()):
-                raise _overflow(argument, batch_ids, [a, s])
-            if rows is not None and 2 * n * a.shape[2] <= len(cov_a):
+            cov_s = _gram(s).double()
+            if rows is not None and 2 * n * a.shape[2] <= a.shape[1] + (module.bias is not None):
                 patch = a.transpose(1, 2).reshape(-1, a.shape[1]).double()
                 ones = torch.ones(len(patch), 1, dtype=torch.float64, device=patch.device)
-                rows.setdefault(name, []).append(torch.cat([patch, ones], 1) if module.bias is not None else patch)
-            covs[name][0] = covs[name][0] + cov_a / (n * a.shape[2])
+                patch = torch.cat([patch, ones], 1) if module.bias is not None else patch
+                if not (float(a.abs().max()) ** 2 <= torch.finfo(a.dtype).max and torch.isfinite(cov_s).all()):
+                    raise _overflow(argument, batch_ids, [a, s])
+                rows.setdefault(name, []).append(patch)
+                covs[name][0] = None  # the rows stand in for the wide covariance (``eigenbases``)
+            else:
+                cov_a = _patch_covariance(a, module.bias is not None)
+                if not (torch.isfinite(cov_a).all() and torch.isfinite(cov_s).all()):
+                    raise _overflow(argument, batch_ids, [a, s])
+                covs[name][0] = covs[name][0] + cov_a / (n * a.shape[2])
             covs[name][1] = covs[name][1] + cov_s / n
     return {name: (cov_a, cov_s) for name, (cov_a, cov_s) in covs.items()}
 
 
-def eigenbases(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]],
+def eigenbases(covariances: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
                rows: dict[str, list] | None = None) -> list[LayerFactors]:
     """K-FAC factors: each layer's eigenbases of (A, S) with the Kronecker products of their eigenvalues. A layer
     with its patch ``rows`` (``layer_covariances``) gets the thin basis of their span from their Gram matrix: with
@@ -512,7 +518,7 @@ def eigenbases(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]],
             ev_a, v = torch.linalg.eigh(x @ x.T / count)
             keep = ev_a > ev_a.max().clamp_min(1e-300) * 1e-10
             ev_a, q_a = ev_a[keep], x.T @ v[:, keep] / (count * ev_a[keep]).sqrt()
-            width = len(cov_a)
+            width = x.shape[1]
         else:
             ev_a, q_a = torch.linalg.eigh(cov_a)
             width = None
@@ -559,7 +565,7 @@ class _RotatedRows:
 
     def __init__(self, factors: list[LayerFactors], n: int, dtype: torch.dtype):
         self.factors, self.filled = factors, 0
-        self.rows = torch.empty(n, sum(f.eigenvalues.numel() for f in factors), dtype=dtype,
+        self.rows = torch.empty(n, sum(f.q_s.shape[1] * f.q_a.shape[1] for f in factors), dtype=dtype,
                                 device=factors[0].q_s.device)
 
     def add(self, patches: dict, grads: dict, argument: str, ids: Sequence) -> None:
