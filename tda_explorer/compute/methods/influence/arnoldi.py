@@ -5,11 +5,11 @@ orthonormal Krylov basis Q and the projected matrix T = QᵀHQ; its eigenpairs (
 The ``rank`` largest are kept, and of those only eigenvalues above the damping λ: near-zero or negative ones
 cannot be trusted and inverting them returns non-finite scores (methods.md). Then, with P = I − UUᵀ the projection
 onto the rest of the parameter space,
-    τ(z, z′) = (1/n) [Σ_k (u_kᵀ∇f(z′)) (u_kᵀ∇ℓ(z)) / (μ_k + λ) + (P∇f(z′))ᵀ(P∇ℓ(z)) / (wd + λ)],
-the second term (``complement``, on by default) taking the curvature outside the kept eigenspace as the weight decay
-alone (the network's part as zero): exact where it vanishes there (a GGN's rank is at most n·C), and at most a factor
-(μ + λ)/(wd + λ) too large in a direction of eigenvalue μ below the kept ones, where dropping the term (Schioppa et
-al.'s form, ``complement=False``) weighs it zero. Measured
+    τ(z, z′) = (1/n) [Σ_k (u_kᵀ∇f(z′)) (u_kᵀ∇ℓ(z)) / (μ_k + λ) + (P∇f(z′))ᵀ(P∇ℓ(z)) / (μ_c + λ)],
+the second term (``complement``, on by default) taking the curvature outside the kept eigenspace as its mean
+eigenvalue μ_c = tr(PHP) / (p − k) (Hutchinson's estimator on 16 projected probes; at least the weight decay): exact
+where the curvature is flat there (the weight decay alone: a GGN's rank is at most n·C), where dropping the term
+(Schioppa et al.'s form, ``complement=False``) weighs those directions zero. Measured
 on the zoo (benchmarks/README.md, "Arnoldi's complement"). With ``rank`` = p and every eigenvalue above λ both are the
 explicit solve.
 
@@ -66,7 +66,7 @@ class ArnoldiArguments(InfluenceArguments):
                                           "(at most p)", POSITIVE_INT)
     seed: int = option(0, "seed of the starting vector", Interval(0, None, integer=True))
     complement: bool = option(True, "add the gradients' part outside the kept eigenspace divided by the damping plus "
-                                    "the weight decay (the network's curvature taken as zero there); False drops it "
+                                    "the curvature's mean eigenvalue there (Hutchinson's estimate); False drops it "
                                     "(Schioppa et al.)",
                               Options((False, True)))
 
@@ -75,7 +75,8 @@ class ArnoldiArguments(InfluenceArguments):
 class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
     """Influence functions in the top-``rank`` eigenspace of the curvature, found by Arnoldi iteration.
 
-    Fitted: ``eigenvalues_`` and ``eigenvectors_`` (the kept Ritz pairs), ``solver_report_`` (the settings used).
+    Fitted: ``eigenvalues_`` and ``eigenvectors_`` (the kept Ritz pairs), ``complement_eigenvalue_`` (μ_c, None without
+    ``complement``), ``solver_report_`` (the settings used).
     """
 
     def _setup(self) -> None:
@@ -104,6 +105,7 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
             raise Diverged(float("inf"), f"no eigenvalue of the {a.curvature} above the damping {self.lam_:.3g} "
                                          f"among the top {a.rank}; lower damping or use curvature='ggn'")
         self.eigenvalues_, self.eigenvectors_ = values[keep], vectors[:, keep]
+        self.complement_eigenvalue_ = self._complement_eigenvalue() if a.complement else None
         coords = self._coords(g_train)
         if not bool(torch.isfinite(coords).all()):
             raise Diverged(float("inf"), f"{self.name}: non-finite eigenpairs at damping {self.lam_:.3g}; raise "
@@ -125,7 +127,7 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
         return (g.double() @ self.eigenvectors_) / (self.eigenvalues_ + self.lam_).sqrt()
 
     def _outside(self, g: torch.Tensor) -> torch.Tensor:
-        """The part of each gradient outside the kept eigenspace, scaled by 1/√(wd + λ) (no columns without
+        """The part of each gradient outside the kept eigenspace, scaled by 1/√(μ_c + λ) (no columns without
         ``complement``)."""
         if not self.args.complement:
             return g.new_zeros(len(g), 0, dtype=torch.float64)
@@ -133,8 +135,18 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
         return (g - (g @ self.eigenvectors_) @ self.eigenvectors_.T) / self._floor() ** 0.5
 
     def _floor(self) -> float:
-        """The curvature's eigenvalue taken outside the kept eigenspace, plus the damping: wd + λ."""
-        return self.curvature_.wd + self.lam_
+        """The curvature's eigenvalue taken outside the kept eigenspace, plus the damping: μ_c + λ."""
+        return self.complement_eigenvalue_ + self.lam_
+
+    def _complement_eigenvalue(self, probes: int = 16) -> float:
+        """The mean eigenvalue of the curvature outside the kept eigenspace, tr(PHP) / (p − k), by Hutchinson's
+        estimator on ``probes`` Rademacher vectors projected onto it; at least the weight decay."""
+        u = self.eigenvectors_
+        gen = torch.Generator().manual_seed(self.args.seed + 1)
+        z = (torch.randint(0, 2, (probes, len(u)), generator=gen, dtype=torch.float64) * 2 - 1).to(u.device)
+        z = z - (z @ u) @ u.T
+        trace = float((self.curvature_.matvec(z) * z).sum(1).mean())
+        return max(trace / max(len(u) - u.shape[1], 1), self.curvature_.wd)
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         if self._fallen_back():
