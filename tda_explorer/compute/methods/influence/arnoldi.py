@@ -9,9 +9,8 @@ onto the rest of the parameter space,
 the second term (``complement``, on by default) taking the curvature outside the kept eigenspace as its mean
 eigenvalue μ_c = tr(PHP) / (p − k) (Hutchinson's estimator on 16 projected probes; at least the weight decay): exact
 where the curvature is flat there (the weight decay alone: a GGN's rank is at most n·C), where dropping the term
-(Schioppa et al.'s form, ``complement=False``) weighs those directions zero. Measured
-on the zoo (benchmarks/README.md, "Arnoldi's complement"). With ``rank`` = p and every eigenvalue above λ both are the
-explicit solve.
+(Schioppa et al.'s form, ``complement=False``) weighs those directions zero. Measured on the zoo against that form
+(benchmarks/README.md, "Task zoo"). With ``rank`` = p and every eigenvalue above λ both are the explicit solve.
 
 Back-off (``backoff.py``): a kept subspace that gives non-finite features, or no eigenvalue above a default damping,
 raises the damping by decades and then falls back to EK-FAC, with a ``SolverBackoffWarning``; with an explicit
