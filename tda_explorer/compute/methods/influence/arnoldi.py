@@ -126,12 +126,9 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
         return (g.double() @ self.eigenvectors_) / (self.eigenvalues_ + self.lam_).sqrt()
 
     def _outside(self, g: torch.Tensor) -> torch.Tensor:
-        """The part of each gradient outside the kept eigenspace, scaled by 1/√(μ_c + λ) (no columns without
-        ``complement``)."""
-        if not self.args.complement:
-            return g.new_zeros(len(g), 0, dtype=torch.float64)
+        """The part of each gradient outside the kept eigenspace, P g."""
         g = g.double()
-        return (g - (g @ self.eigenvectors_) @ self.eigenvectors_.T) / self._floor() ** 0.5
+        return g - (g @ self.eigenvectors_) @ self.eigenvectors_.T
 
     def _floor(self) -> float:
         """The curvature's eigenvalue taken outside the kept eigenspace, plus the damping: μ_c + λ."""
@@ -151,19 +148,22 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
         if self._fallen_back():
             return self._ekfac_solve(rhs)
         inside = self._coords(rhs) / (self.eigenvalues_ + self.lam_).sqrt() @ self.eigenvectors_.T
-        return inside + self._outside(rhs) / self._floor() ** 0.5 if self.args.complement else inside
+        return inside + self._outside(rhs) / self._floor() if self.args.complement else inside
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         if self._fallen_back():
             return super()._attribute(test)
         g_test = self._features(test, test=True)
         scores = self._coords(g_test) @ self.train_coords_.T
-        if self.args.complement:
-            scores = scores + self._outside(g_test) @ self._outside(self.g_train_).T
+        if self.args.complement:  # (P g′)ᵀ(P g) = (P g′)ᵀ g: the training gradients need no projection
+            scores = scores + self._outside(g_test) @ self.g_train_.double().T / self._floor()
         return (scores / len(self.train_)).float()
 
     def _self_influence(self) -> torch.Tensor:
         if self._fallen_back():
             return super()._self_influence()
-        return (((self.train_coords_**2).sum(1) + (self._outside(self.g_train_) ** 2).sum(1))
-                / len(self.train_)).float()
+        inside = (self.train_coords_**2).sum(1)
+        if self.args.complement:  # ‖P g‖² = ‖g‖² − ‖Uᵀg‖², with Uᵀg = train_coords_ · √(μ + λ)
+            kept = ((self.train_coords_ * (self.eigenvalues_ + self.lam_).sqrt()) ** 2).sum(1)
+            inside = inside + ((self.g_train_.double() ** 2).sum(1) - kept).clamp_min(0) / self._floor()
+        return (inside / len(self.train_)).float()
