@@ -362,9 +362,7 @@ def sandwich(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Ten
     project_first = positions * (width * r_a / blocks + out * r_s + r_s * r_a)
     gradient_first = out * width * (positions + r_s) + r_s * width * r_a
     if project_first <= gradient_first:
-        projected = a.transpose(1, 2) @ q_a[:width]  # [B, T, r_a] as one matrix product
-        if bias:
-            projected = projected + q_a[width]
+        projected = _projected_patches(a, q_a)
         if blocks > 1:
             projected = projected.repeat(blocks, 1, 1)
         return (s.transpose(1, 2) @ q_s).transpose(1, 2) @ projected
@@ -372,16 +370,21 @@ def sandwich(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Ten
     return q_s.T @ _layer_gradients(a, s, bias) @ q_a
 
 
+def _projected_patches(a: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """Patches ``a`` ``[B, in, T]`` in the basis ``q_a`` (``in`` or ``in + 1`` rows: the bias's 1 implied),
+    ``[B, T, r_a]`` as one matrix product."""
+    width = a.shape[1]
+    projected = a.transpose(1, 2) @ q_a[:width].to(a)
+    return projected + q_a[width].to(a) if q_a.shape[0] == width + 1 else projected
+
+
 def sandwich_squares(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
     """``Σ_i sandwich(q_s, a, s, q_a)_i²`` ``[r_s, r_a]`` in float64 without holding every row's ``[r_s, r_a]`` at once:
     with one position, each rotated gradient is the outer product of the projected output gradient and patch, so the
     sum is one product of their squares; otherwise rows are taken ``SQUARES_CHUNK_BYTES`` at a time."""
-    width, positions, batch = a.shape[1], a.shape[2], len(a)
+    positions, batch = a.shape[2], len(a)
     if positions == 1:
-        projected = a[:, :, 0] @ q_a[:width].to(a)
-        if q_a.shape[0] == width + 1:
-            projected = projected + q_a[width].to(a)
-        a_sq = projected.double() ** 2
+        a_sq = _projected_patches(a, q_a)[:, 0].double() ** 2
         s_sq = (s[:, :, 0] @ q_s.to(s)).double() ** 2
         return sum(s_sq[b : b + batch].T @ a_sq for b in range(0, len(s), batch))
     per_row = q_s.shape[1] * q_a.shape[1] * a.element_size()
