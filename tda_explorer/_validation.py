@@ -54,9 +54,15 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating ``tensor`` has no NaN or inf: its sum is finite (one read, no mask the tensor's size), else,
+    since a sum of finite values can overflow, every element checked."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_finite(tensor: torch.Tensor, name: str, ids: Sequence[Any] | None = None) -> torch.Tensor:
     """Raise if ``tensor`` has NaN or inf; with ``ids`` (one per row) name the offending rows."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if tensor.is_floating_point() and not all_finite(tensor):
         if ids is not None and tensor.dim() >= 1:
             bad_rows = (~torch.isfinite(tensor.reshape(len(tensor), -1))).any(dim=1)
             bad = [ids[i] for i in torch.nonzero(bad_rows).flatten().tolist()[:10]]
@@ -68,7 +74,7 @@ def check_finite(tensor: torch.Tensor, name: str, ids: Sequence[Any] | None = No
 def non_finite_ids(tensor: torch.Tensor, ids: Sequence[Any] | None = None, limit: int = 10) -> tuple[list, int]:
     """The first ``limit`` ids (row positions without ``ids``) of rows of ``tensor`` with NaN or inf, and how many
     such rows there are; ``([], 0)`` for a finite or non-floating tensor."""
-    if not tensor.is_floating_point() or tensor.dim() == 0 or len(tensor) == 0:
+    if not tensor.is_floating_point() or tensor.dim() == 0 or len(tensor) == 0 or all_finite(tensor):
         return [], 0
     bad_rows = (~torch.isfinite(tensor.reshape(len(tensor), -1))).any(dim=1)
     if not bad_rows.any():

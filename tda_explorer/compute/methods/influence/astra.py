@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tda_explorer._validation import all_finite
+
 # the method catalogue: this method registers itself in it
 from tda_explorer.compute.catalogue import (
     NONNEGATIVE,
@@ -180,10 +182,10 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
             residual = full.on_rows(rows).matvec(x) + damping * x - v
             velocity = a.momentum * velocity - step * self._precondition(residual)
             x = x + velocity
-            if t % 10 == 9 and not bool(torch.isfinite(x).all()):
+            if t % 10 == 9 and not all_finite(x):
                 break
         residual = float("inf")
-        if torch.isfinite(x).all():
+        if all_finite(x):
             residual = float(((full.matvec(x) + damping * x - v).norm(dim=1) / v.norm(dim=1).clamp_min(1e-300)).max())
         self.residual_ = residual
         if diverged(residual):

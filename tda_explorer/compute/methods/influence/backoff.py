@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from tda_explorer._validation import TDAError
+from tda_explorer._validation import TDAError, all_finite
 from tda_explorer.compute.catalogue import create
 from tda_explorer.compute.engine.kfac import fit_factors, tracked_layers
 from tda_explorer.compute.engine.task import AttributionTask
@@ -156,7 +156,7 @@ class BackoffSolver:
                 raise TDAError(f"{failure.message}; after {report['halvings']} step halvings and "
                                f"{report['damping_raises']} damping raises the EK-FAC fallback is unavailable too: "
                                f"{err}") from None
-            if not torch.isfinite(x).all():
+            if not all_finite(x):
                 raise TDAError(f"{failure.message}; the EK-FAC fallback is non-finite as well (a non-finite model "
                                "or data?)")
             report["fallback"] = "if-ekfac"

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tda_explorer._validation import TDAError
+from tda_explorer._validation import TDAError, all_finite
 from tda_explorer.compute.catalogue import (
     CATALOGUE,
     NONNEGATIVE,
@@ -170,7 +170,7 @@ class InfluenceFunction(Attributor):
     def _checked(self, x: torch.Tensor, b: torch.Tensor, advice: str) -> torch.Tensor:
         """Record the residual of an iterative solve; a non-finite answer or one no better than zero is ``Diverged``
         (the back-off policy's signal: ``backoff.py``)."""
-        residual = self._relative_residual(x, b) if torch.isfinite(x).all() else float("inf")
+        residual = self._relative_residual(x, b) if all_finite(x) else float("inf")
         self.residual_ = residual
         if diverged(residual):
             raise Diverged(residual, f"{self.name} diverged: relative residual {residual:.3g} (x = 0 has 1); {advice}")
