@@ -6,11 +6,13 @@ The ``rank`` largest are kept, and of those only eigenvalues above the damping �
 cannot be trusted and inverting them returns non-finite scores (methods.md). Then, with P = I − UUᵀ the projection
 onto the rest of the parameter space,
     τ(z, z′) = (1/n) [Σ_k (u_kᵀ∇f(z′)) (u_kᵀ∇ℓ(z)) / (μ_k + λ) + (P∇f(z′))ᵀ(P∇ℓ(z)) / (μ_c + λ)],
-the second term (``complement``, on by default) taking the curvature outside the kept eigenspace as its mean
-eigenvalue μ_c = tr(PHP) / (p − k) (Hutchinson's estimator on 16 projected probes; at least the weight decay): exact
-where the curvature is flat there (the weight decay alone: a GGN's rank is at most n·C), where dropping the term
-(Schioppa et al.'s form, ``complement=False``) weighs those directions zero. Measured on the zoo against that form
-(benchmarks/README.md, "Task zoo"). With ``rank`` = p and every eigenvalue above λ both are the explicit solve.
+the second term (``complement``, on by default) taking the curvature outside the kept eigenspace as the one the
+training gradients see there: μ_c = Σ_i (Pg_i)ᵀH(Pg_i) / Σ_i ‖Pg_i‖², the Rayleigh quotient of their parts outside
+it (on at most 64 of them, seeded; at least the weight decay). Exact where the curvature is flat there (the weight
+decay alone: a GGN's rank is at most n·C), where dropping the term (Schioppa et al.'s form, ``complement=False``)
+weighs those directions zero. The mean eigenvalue there, tr(PHP) / (p − k), is smaller: most of those directions
+carry no gradient, so it over-weighs the term. Measured on the zoo against both (benchmarks/README.md, "Task zoo").
+With ``rank`` = p and every eigenvalue above λ all three are the explicit solve.
 
 Back-off (``backoff.py``): a kept subspace that gives non-finite features, or no eigenvalue above a default damping,
 raises the damping by decades and then falls back to EK-FAC, with a ``SolverBackoffWarning``; with an explicit
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tda_explorer._validation import TDAError
+from tda_explorer._validation import TDAError, all_finite
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Options, option, register
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
 from tda_explorer.compute.methods.influence.direct import InfluenceArguments, InfluenceFunction
@@ -57,6 +59,9 @@ def arnoldi_eigenpairs(matvec, dim: int, iterations: int, seed: int = 0,
     return values[order], torch.stack(basis[:steps], dim=1) @ vectors[:, order]
 
 
+COMPLEMENT_SAMPLES = 64  # training gradients whose Rayleigh quotient sets the complement's curvature
+
+
 @dataclass
 class ArnoldiArguments(InfluenceArguments):
     rank: int = option(100, "Ritz pairs (top eigenpairs) kept; of those, eigenvalues not above the damping are "
@@ -65,8 +70,8 @@ class ArnoldiArguments(InfluenceArguments):
                                           "(at most p)", POSITIVE_INT)
     seed: int = option(0, "seed of the starting vector", Interval(0, None, integer=True))
     complement: bool = option(True, "add the gradients' part outside the kept eigenspace divided by the damping plus "
-                                    "the curvature's mean eigenvalue there (Hutchinson's estimate); False drops it "
-                                    "(Schioppa et al.)",
+                                    "the curvature the training gradients see there (the Rayleigh quotient of their "
+                                    "parts outside it); False drops it (Schioppa et al.)",
                               Options((False, True)))
 
 
@@ -106,7 +111,7 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
         self.eigenvalues_, self.eigenvectors_ = values[keep], vectors[:, keep]
         self.complement_eigenvalue_ = self._complement_eigenvalue() if a.complement else None
         coords = self._coords(g_train)
-        if not bool(torch.isfinite(coords).all()):
+        if not all_finite(coords):
             raise Diverged(float("inf"), f"{self.name}: non-finite eigenpairs at damping {self.lam_:.3g}; raise "
                                          "damping or lower rank")
         return coords
@@ -134,15 +139,14 @@ class ArnoldiInfluence(BackoffSolver, InfluenceFunction):
         """The curvature's eigenvalue taken outside the kept eigenspace, plus the damping: μ_c + λ."""
         return self.complement_eigenvalue_ + self.lam_
 
-    def _complement_eigenvalue(self, probes: int = 16) -> float:
-        """The mean eigenvalue of the curvature outside the kept eigenspace, tr(PHP) / (p − k), by Hutchinson's
-        estimator on ``probes`` Rademacher vectors projected onto it; at least the weight decay."""
-        u = self.eigenvectors_
+    def _complement_eigenvalue(self, samples: int = COMPLEMENT_SAMPLES) -> float:
+        """The curvature the training gradients see outside the kept eigenspace: Σ_i (Pg_i)ᵀH(Pg_i) / Σ_i ‖Pg_i‖² over
+        at most ``samples`` of them (seeded); at least the weight decay."""
         gen = torch.Generator().manual_seed(self.args.seed + 1)
-        z = (torch.randint(0, 2, (probes, len(u)), generator=gen, dtype=torch.float64) * 2 - 1).to(u.device)
-        z = z - (z @ u) @ u.T
-        trace = float((self.curvature_.matvec(z) * z).sum(1).mean())
-        return max(trace / max(len(u) - u.shape[1], 1), self.curvature_.wd)
+        rows = torch.randperm(len(self.g_train_), generator=gen)[:samples].to(self.g_train_.device)
+        z = self._outside(self.g_train_[rows])
+        quotient = float((self.curvature_.matvec(z).double() * z).sum() / (z * z).sum().clamp_min(1e-300))
+        return max(quotient, self.curvature_.wd)
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         if self._fallen_back():
