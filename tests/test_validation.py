@@ -1,4 +1,4 @@
-"""The finiteness checks: a sum's fast path must neither pass a NaN / inf nor refuse finite values whose sum overflows."""
+"""Finiteness checks: the fast path (one sum) neither passes a NaN / inf nor refuses finite values that overflow it."""
 
 import pytest
 import torch
