@@ -146,3 +146,53 @@ def test_thin_basis_of_a_wide_layer_equals_the_full_eigendecomposition(method, m
     torch.testing.assert_close(thin.self_influence(), full.self_influence(), rtol=1e-5, atol=1e-7)
     v = torch.randn(3, thin.n_params, dtype=torch.float64)
     torch.testing.assert_close(thin._precondition(v), full._precondition(v), rtol=1e-9, atol=1e-9)
+
+
+def _cnn_data():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 1, 6, 6, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (50,), generator=gen)
+    return model, AttributionDataset(x[:37], y[:37], name="cnn-train"), AttributionDataset(x[37:], y[37:])
+
+
+@pytest.mark.parametrize("method", ["if-ekfac", "if-kfac"])
+def test_recomputed_training_gradients_give_the_held_ones_scores(method):
+    """keep_gradients=False holds no [n, width] matrix and recomputes the training gradients a batch at a time at every
+    query: the same scores and self-influence as holding them, over batches that do not divide n, and the model's
+    training mode is given back."""
+    model, train, test = _cnn_data()
+    task = AttributionTask(model, weight_decay=1e-2)
+    held = get_method(method, task, batch_size=8, keep_gradients=True).fit(train)
+    model.train()
+    streamed = get_method(method, task, batch_size=8, keep_gradients=False).fit(train)
+    assert held.train_rot_.shape[0] == len(train) and streamed.train_rot_ is None
+    torch.testing.assert_close(streamed.attribute(test).scores, held.attribute(test).scores)
+    torch.testing.assert_close(streamed.self_influence(), held.self_influence())
+    assert model.training
+
+
+def test_by_default_the_training_gradients_are_held_only_within_max_memory():
+    model, train, test = _cnn_data()
+    task = AttributionTask(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert get_method("if-ekfac", task).fit(train).train_rot_ is not None  # a few kB: held
+    tight = get_method("if-ekfac", task, max_memory=8 * n_params * len(train) - 1).fit(train)
+    roomy = get_method("if-ekfac", task, max_memory=8 * n_params * len(train)).fit(train)
+    assert tight.train_rot_ is None and roomy.train_rot_ is not None
+    torch.testing.assert_close(tight.attribute(test).scores, roomy.attribute(test).scores)
+
+
+def test_a_streamed_fit_stores_and_reads_back_its_factors_only(tmp_path):
+    from tda_explorer.compute.engine.store import FeatureStore
+
+    model, train, test = _cnn_data()
+    task = AttributionTask(model)
+    store = FeatureStore(tmp_path)
+    first = get_method("if-ekfac", task, store=store, keep_gradients=False).fit(train)
+    again = get_method("if-ekfac", task, store=store, keep_gradients=False).fit(train)
+    assert store.hits == 1 and again.train_rot_ is None
+    torch.testing.assert_close(again.attribute(test).scores, first.attribute(test).scores)
+    held = get_method("if-ekfac", task, store=store).fit(train)  # a held fit is another entry, with its rows
+    assert store.hits == 1 and held.train_rot_ is not None

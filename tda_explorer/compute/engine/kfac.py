@@ -583,6 +583,28 @@ class _RotatedRows:
         self.filled += len(block)
 
 
+def _loss_activity(task: AttributionTask, data: AttributionDataset,
+                   loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
+                   device: torch.device | str, params: dict | None, argument: str,
+                   ) -> Iterator[tuple[dict, dict, Sequence]]:
+    """Each batch's layer inputs (patches), output gradients of ``loss`` and ids, the model in eval mode (and moved to
+    ``device`` when ``params`` is None) until the last batch."""
+    layers = dict(tracked_layers(task))
+    model = task.model
+    restore = eval_mode(model)
+    if params is None:
+        model.to(device)
+    start = 0
+    try:
+        for patches, (grads,) in layer_activity(model, list(layers.items()), data, [_on_batch(task, loss)],
+                                                batch_size, device, params, argument=argument, ids=data.ids,
+                                                output=task.output):
+            batch_ids, start = _batch_ids(data.ids, start, patches)
+            yield patches, grads, batch_ids
+    finally:
+        restore()
+
+
 def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 256,
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -590,18 +612,18 @@ def rotated_gradients(task: AttributionTask, factors: list[LayerFactors], data: 
     """Each example's gradient of ``loss`` in the Kronecker eigenbasis, ``[n, Σ out·in]`` (layers concatenated),
     computed from hooks without materialising flat per-sample gradients (at ``params``: the model is not moved);
     bad input is a ``TDAError`` naming ``argument`` (the caller's name for ``data``, e.g. ``"test"``)."""
-    layers = dict(tracked_layers(task))
-    model = task.model
-    restore = eval_mode(model)
-    if params is None:
-        model.to(device)
-    rotated, start = _RotatedRows(factors, len(data), dtype), 0
-    try:
-        for patches, (grads,) in layer_activity(model, list(layers.items()), data, [_on_batch(task, loss)],
-                                                batch_size, device, params, argument=argument, ids=data.ids,
-                                                output=task.output):
-            batch_ids, start = _batch_ids(data.ids, start, patches)
-            rotated.add(patches, grads, argument, batch_ids)
-    finally:
-        restore()
+    rotated = _RotatedRows(factors, len(data), dtype)
+    for patches, grads, batch_ids in _loss_activity(task, data, loss, batch_size, device, params, argument):
+        rotated.add(patches, grads, argument, batch_ids)
     return rotated.rows
+
+
+def rotated_gradient_batches(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
+                             loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 256,
+                             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                             argument: str = "data") -> Iterator[torch.Tensor]:
+    """``rotated_gradients`` one batch of rows at a time, in order: the memory of one batch, not of ``data``."""
+    for patches, grads, batch_ids in _loss_activity(task, data, loss, batch_size, device, None, argument):
+        rows = _RotatedRows(factors, len(batch_ids), dtype)
+        rows.add(patches, grads, argument, batch_ids)
+        yield rows.rows

@@ -39,7 +39,9 @@ class AttributorArguments:
     device: str | torch.device | None = option(None, "where the computation runs: 'cpu', 'cuda', 'cuda:1' (default "
                                                      "CPU)", config=False)
     max_memory: int | None = option(None, "budget in bytes for one chunk of per-sample gradients (default: a few "
-                                          "hundred MB) and for one vectorised curvature product (default 1 GiB)",
+                                          "hundred MB), for one vectorised curvature product (default 1 GiB) and "
+                                          "for the training gradients K-FAC / EK-FAC hold between queries (default: "
+                                          "a quarter of the memory)",
                                     POSITIVE_INT, config=False, cli=True)
     projection_dim: int | None = option(None, "project gradients to this many features per example (streamed, "
                                                "seeded); None or >= the parameter count keeps them exact; with "

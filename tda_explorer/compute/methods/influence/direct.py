@@ -236,7 +236,7 @@ class ExplicitInfluence(InfluenceFunction):
                 rows = len(train) * outputs
                 kernel_bytes = 8 * rows * (p + 2 * rows)  # the factor A, AAᵀ + μI and its Cholesky factor
         form, need = ("kernel", kernel_bytes) if kernel_bytes < dense_bytes else ("dense", dense_bytes)
-        budget = MEMORY_SHARE * _device_memory(self.device)
+        budget = MEMORY_SHARE * device_memory(self.device)
         if need <= budget:
             return form
         text = (f"the exact solve needs {need / 2**30:.1f} GiB (p = {p} parameters, {len(train)} training examples), "
@@ -312,7 +312,7 @@ class ExplicitInfluence(InfluenceFunction):
         return ((z * z).sum(0) / len(self.train_)).float()
 
 
-def _device_memory(device: torch.device) -> int:
+def device_memory(device: torch.device) -> int:
     """Bytes of memory on ``device``: a GPU's own, else this machine's (8 GiB where the system does not say)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory

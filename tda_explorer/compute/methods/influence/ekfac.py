@@ -18,9 +18,13 @@ Defaults across the zoo (13 tasks, benchmarks/README.md "Kronecker defaults acro
 tried; the sampled true Fisher trailed where the model is near-certain. With ``parameters`` left at the default, the
 modules K-FAC cannot factor are skipped with an ``UntrackedModulesWarning`` (only Linear / Conv2d layers tracked);
 chosen parameters that include one are a ``TDAError``.
-Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). With a
-``store``, the factors and the rotated training gradients are saved there, keyed by the model's fingerprint,
-and a later ``fit`` of the same model and data reads them back.
+Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). The training
+gradients' coordinates are held after ``fit`` when n × the tracked parameters fit in ``max_memory`` (default: a
+quarter of the machine's or GPU's memory), so a query is one product; otherwise (or with ``keep_gradients=False``)
+each query and self-influence recomputes them a batch at a time, in the memory of one batch (one forward and backward
+pass over the training set each, as kronfluence does). With a ``store``, the factors (and the held training
+gradients) are saved there, keyed by the model's fingerprint, and a later ``fit`` of the same model and data reads
+them back.
 """
 
 from __future__ import annotations
@@ -46,15 +50,17 @@ from tda_explorer.compute.engine.kfac import (
     LayerFactors,
     default_layers,
     fit_factors_and_gradients,
+    rotated_gradient_batches,
     rotated_gradients,
     tracked_layers,
 )
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
-from tda_explorer.compute.methods.influence.direct import InfluenceArguments, recipe_damping
+from tda_explorer.compute.methods.influence.direct import InfluenceArguments, device_memory, recipe_damping
 from tda_explorer.data.dataset import AttributionDataset
 
 RELATIVE_DAMPING = 0.5  # λ_l / layer l's mean eigenvalue without an SGD recipe
+HOLD_SHARE = 0.25  # by default the training gradients are held between queries when they take at most this share
 
 
 @dataclass
@@ -79,6 +85,19 @@ class EKFACArguments(InfluenceArguments):
                                  "'empirical': the observed labels", Options(("true", "expected", "empirical")))
     batch_size: int = option(256, "examples per batch while fitting the factors and the per-example gradients (memory, "
                                   "not results)", POSITIVE_INT, config=False, cli=True)
+
+
+@dataclass
+class KroneckerArguments(EKFACArguments):
+    """``if-ekfac``'s and ``if-kfac``'s options: EK-FAC's, and whether the training gradients stay in memory."""
+
+    keep_gradients: bool | None = option(None, "hold the training gradients' eigenbasis coordinates after fit (a query "
+                                               "is then one product) or recompute them from the training data, a "
+                                               "batch at a time, at every query and self-influence (the memory of one "
+                                               "batch; one forward and backward pass over the training set each); "
+                                               "None: hold them when n × the tracked parameters fit in max_memory, "
+                                               "else in a quarter of the machine's (or GPU's) memory",
+                                         Options((False, True)), config=False, cli=False)
 
 
 class UntrackedModulesWarning(SolverBackoffWarning):
@@ -109,12 +128,13 @@ def kronecker_default_task(attributor) -> list[str]:
     return skipped
 
 
-@register("if-ekfac", Family.PAIRWISE, EKFACArguments, uses=("recipe",))
+@register("if-ekfac", Family.PAIRWISE, KroneckerArguments, uses=("recipe",))
 class EKFACInfluence(Attributor):
     """EK-FAC influence functions: Kronecker-factored eigenbases with corrected eigenvalues, per layer.
 
     Supports nn.Linear and nn.Conv2d layers. Fitted: ``factors_`` (per layer), ``train_rot_`` (the training
-    gradients in the eigenbasis); ``with_damping`` changes the damping without a refit.
+    gradients in the eigenbasis; None when they are recomputed per query, ``keep_gradients``); ``with_damping``
+    changes the damping without a refit.
     """
 
     corrected = True
@@ -207,20 +227,38 @@ class EKFACInfluence(Attributor):
 
     def _fit(self, train: AttributionDataset) -> None:
         a, key = self.args, None
+        keep = self._keeps_gradients(train)
         if self.store is not None:
             key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "ekfac", a.fisher,
-                                     self.corrected, train.fingerprint())
+                                     self.corrected, train.fingerprint(), *(() if keep else ("factors only",)))
             cached = self.store.get_object(key)
             if cached is not None:
                 self.factors_ = [LayerFactors(**f) for f in cached["factors"]]
-                self.train_rot_ = cached["train"].to(self.device)
+                self.train_rot_ = None if cached["train"] is None else cached["train"].to(self.device)
                 return
         self.factors_, self.train_rot_ = fit_factors_and_gradients(
             self.task, train, a.fisher, self.corrected, a.batch_size, device=self.device,
-            loss=self.task.train_loss, dtype=self._dtype())
+            loss=self.task.train_loss if keep else None, dtype=self._dtype())
         if key is not None:
-            entry = {"factors": [f.to_dict() for f in self.factors_], "train": self.train_rot_.cpu()}
+            entry = {"factors": [f.to_dict() for f in self.factors_],
+                     "train": None if self.train_rot_ is None else self.train_rot_.cpu()}
             self.store.put_object(key, entry, {"method": self.name, "dataset": train.name})
+
+    def _keeps_gradients(self, train: AttributionDataset) -> bool:
+        """``keep_gradients``, or by default whether n × the tracked parameters (an upper bound on the eigenbasis
+        coordinates) fit in ``max_memory``, else in ``HOLD_SHARE`` of the device's memory."""
+        chosen = getattr(self.args, "keep_gradients", True)
+        if chosen is not None:
+            return chosen
+        budget = self.max_memory or HOLD_SHARE * device_memory(torch.device(self.device))
+        return len(train) * self.n_params * torch.finfo(self._dtype()).bits // 8 <= budget
+
+    def _train_batches(self):
+        """The training gradients' eigenbasis coordinates, a batch of rows at a time (held, or recomputed)."""
+        if self.train_rot_ is not None:
+            return self.train_rot_.split(self.args.batch_size)
+        return rotated_gradient_batches(self.task, self.factors_, self.train_, self.task.train_loss,
+                                        self.args.batch_size, self.device, self._dtype(), argument="train")
 
     def _dtype(self) -> torch.dtype:
         return torch.float64 if next(self.task.model.parameters()).dtype == torch.float64 else torch.float32
@@ -238,15 +276,22 @@ class EKFACInfluence(Attributor):
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
         test_rot = self._hooked(test, self.task.test_measurement)
-        inverse = self._inverse_eigenvalues().to(self.train_rot_)
-        return ((test_rot * inverse) @ self.train_rot_.T / len(self.train_)).float()
+        test_rot.mul_(self._inverse_eigenvalues().to(test_rot))
+        if self.train_rot_ is not None:
+            return (test_rot @ self.train_rot_.T / len(self.train_)).float()
+        scores, start = torch.empty(len(test_rot), len(self.train_), dtype=test_rot.dtype, device=test_rot.device), 0
+        for rows in self._train_batches():
+            scores[:, start : start + len(rows)] = test_rot @ rows.T
+            start += len(rows)
+        return (scores / len(self.train_)).float()
 
     def _self_influence(self) -> torch.Tensor:
-        inverse = self._inverse_eigenvalues().to(self.train_rot_)
-        return ((self.train_rot_**2 * inverse).sum(1) / len(self.train_)).float()
+        inverse = self._inverse_eigenvalues()
+        return (torch.cat([(rows**2 * inverse.to(rows)).sum(1) for rows in self._train_batches()])
+                / len(self.train_)).float()
 
 
-@register("if-kfac", Family.PAIRWISE, EKFACArguments, uses=("recipe",))
+@register("if-kfac", Family.PAIRWISE, KroneckerArguments, uses=("recipe",))
 class KFACInfluence(EKFACInfluence):
     """K-FAC influence functions: Kronecker-factored curvature per layer (eigenvalues Λ_S ⊗ Λ_A, no correction)."""
 
