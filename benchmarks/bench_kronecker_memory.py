@@ -4,7 +4,9 @@
 A process keeps the heap it freed, so rows measured one after another in one process start from different baselines;
 here every (task, library, method) runs in its own process: build the task (the trained model and data, cached), then
 reset the peak resident set (``/proc/self/clear_refs``) and run the method: fit and pairwise scores of the test set,
-defaults (kronfluence as in ``bench_zoo``: true Fisher, damping = the weight decay, or its heuristic where that is 0).
+defaults (kronfluence as in ``bench_zoo``: true Fisher, damping = the weight decay, or its heuristic where that is 0);
+ours twice: holding the training gradients between queries (``"gradients": "held"``, the default at these sizes) and
+recomputing them at each query (``"recomputed"``, ``keep_gradients=False``, as kronfluence does).
 The row's figure is its own growth: peak resident set minus the resident set it started from. Linux only.
 
     python benchmarks/bench_kronecker_memory.py --json benchmarks/results/kronecker_memory_cpu.json [--task T ...]
@@ -30,6 +32,9 @@ from tda_explorer.evaluate.harness import run_method  # noqa: E402
 from tda_explorer.experiments.zoo import build_zoo_task, zoo_tasks  # noqa: E402
 
 METHODS = ("if-kfac", "if-ekfac")
+#: ours holding the training gradients between queries (the default at these sizes) and recomputing them per query
+#: (``keep_gradients=False``, what kronfluence does), then kronfluence
+LIBRARIES = ("tda_explorer", "tda_explorer:recomputed", "kronfluence")
 
 
 def _status_mb(key: str) -> float:
@@ -47,13 +52,17 @@ def measure(task: str, library: str, method: str) -> dict:
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_mb("VmRSS:")
     t0 = time.perf_counter()
-    if library == "tda_explorer":
-        run_method(exp, method, device="cpu")
+    gradients = None
+    if library.startswith("tda_explorer"):
+        gradients = "recomputed" if library.endswith(":recomputed") else "held"
+        library = "tda_explorer"
+        run_method(exp, method, device="cpu", keep_gradients=gradients == "held")
     else:
         damping = "wd" if exp.config.weight_decay else None
         peers.kronfluence_scores(exp, method.removeprefix("if-"), device="cpu", damping=damping)
-    return {"task": task, "library": library, "method": method, "before_mb": before,
-            "growth_mb": _status_mb("VmHWM:") - before, "seconds": time.perf_counter() - t0}
+    row = {"task": task, "library": library, "method": method, "before_mb": before,
+           "growth_mb": _status_mb("VmHWM:") - before, "seconds": time.perf_counter() - t0}
+    return row if gradients is None else row | {"gradients": gradients}
 
 
 def main() -> None:
@@ -70,7 +79,7 @@ def main() -> None:
     out = {"device": "cpu", "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
     for task in args.task:
         for method in METHODS:
-            for library in ("tda_explorer", "kronfluence"):
+            for library in LIBRARIES:
                 done = subprocess.run([sys.executable, __file__, "--row", task, library, method],
                                       capture_output=True, text=True)
                 lines = done.stdout.strip().splitlines()
