@@ -83,7 +83,9 @@ class EKFACArguments(InfluenceArguments):
                                  "sampled label); "
                                  "'true': one label sampled from the model (the same expectation, estimated); "
                                  "'empirical': the observed labels", Options(("true", "expected", "empirical")))
-    batch_size: int = option(256, "examples per batch while fitting the factors and the per-example gradients (memory, "
+    # 64: less memory than 256 on every zoo task (a third on the wide CNN) at about the same time;
+    # benchmarks/README.md "Kronecker methods: memory beside kronfluence"
+    batch_size: int = option(64, "examples per batch while fitting the factors and the per-example gradients (memory, "
                                   "not results)", POSITIVE_INT, config=False, cli=True)
 
 
