@@ -188,7 +188,7 @@ class Curvature:
         vectors = vectors.to(self.device, self.dtype)
         factor = self._factor_of_rows()
         products = self._vectorised(vectors) if factor is None else _through_factor(vectors, factor)
-        return self.wd * vectors + products
+        return products.add_(vectors, alpha=self.wd) if self.wd else products
 
     def _vectorised(self, vectors: torch.Tensor) -> torch.Tensor:
         """The batches' terms summed (each batch read once per product, outside ``vmap``), in calls of at most
@@ -206,7 +206,7 @@ class Curvature:
                 for d in range(0, len(vectors), directions):
                     check_cancelled()
                     chunks.append(vmap(term)(vectors[d : d + directions]))
-                out = out + torch.cat(chunks)
+                out.add_(torch.cat(chunks))
         return out
 
     def _factor_of_rows(self) -> torch.Tensor | None:
@@ -306,6 +306,6 @@ def _through_factor(vectors: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
     out = torch.empty_like(vectors)
     for d in range(0, len(vectors), FACTOR_DIRECTIONS):
         check_cancelled()
-        out[d : d + FACTOR_DIRECTIONS] = (vectors[d : d + FACTOR_DIRECTIONS] @ factor.T) @ factor
+        torch.mm(vectors[d : d + FACTOR_DIRECTIONS] @ factor.T, factor, out=out[d : d + FACTOR_DIRECTIONS])
     return out
 
