@@ -249,9 +249,8 @@ class EKFACInfluence(Attributor):
     def _keeps_gradients(self, train: AttributionDataset) -> bool:
         """``keep_gradients``, or by default whether n × the tracked parameters (an upper bound on the eigenbasis
         coordinates) fit in ``max_memory``, else in ``HOLD_SHARE`` of the device's memory."""
-        chosen = getattr(self.args, "keep_gradients", True)
-        if chosen is not None:
-            return chosen
+        if self.args.keep_gradients is not None:
+            return self.args.keep_gradients
         budget = self.max_memory or HOLD_SHARE * device_memory(torch.device(self.device))
         return len(train) * self.n_params * torch.finfo(self._dtype()).bits // 8 <= budget
 
