@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import math
 import os
@@ -288,7 +290,13 @@ def refresh_oracles(writer: Writer) -> int:
 
 
 def _reset_peak_rss() -> None:
-    """Reset this process's peak resident set (Linux: ``clear_refs`` 5), so the next ``_peak_rss_mb`` is one row's."""
+    """Reset this process's peak resident set (Linux: ``clear_refs`` 5), so the next ``_peak_rss_mb`` is one row's,
+    after handing back to the system the heap that earlier rows freed and the allocator kept (glibc's
+    ``malloc_trim``): without it a process's resident set grew by gigabytes over a zoo run, with no reference held
+    (after a trim it returns to the same level task after task), and later rows' peaks included it."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
