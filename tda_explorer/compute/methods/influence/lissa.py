@@ -5,8 +5,8 @@ the second half of the run, x̄ / s (Polyak–Ruppert averaging, ``average``; Ag
 averaged over ``repeats`` independent runs; all right-hand sides (test points) share each minibatch product. The
 average removes most of the minibatch noise the last iterate carries, at no extra product: measured on the zoo
 (benchmarks/README.md, "LiSSA's iterates averaged"), the answers' residuals fell 5–10× and the LDS rose on the six
-tasks of that bench (within 0.003 of the last iterate's on the zoo's others), and a self-influence solve whose last iterates were refused on a few noisy right-hand sides (and so ran
-twice, with the step halved) passes at once.
+tasks of that bench (within 0.003 of the last iterate's on the zoo's others), and a self-influence solve whose last
+iterates were refused on a few noisy right-hand sides (and so ran twice, with the step halved) passes at once.
 
 Choices (documented, measured on digits): the scale s must exceed the largest eigenvalue of every minibatch's
 H̃ + λI for the series to converge, so by default s = 1.5 × the largest of power-iteration estimates on the full
