@@ -23,10 +23,9 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
+from rowfile import RowFile  # noqa: E402
 
 from tda_explorer.evaluate.harness import run_method  # noqa: E402
 from tda_explorer.experiments.zoo import build_zoo_task, zoo_tasks  # noqa: E402
@@ -76,7 +75,7 @@ def main() -> None:
         return
     if not peers.available("kronfluence"):
         sys.exit("kronfluence is not installed: make bench-deps")
-    out = {"device": "cpu", "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    out = RowFile(args.json)
     for task in args.task:
         for method in METHODS:
             for library in LIBRARIES:
@@ -86,10 +85,7 @@ def main() -> None:
                 row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
                     "task": task, "library": library, "method": method,
                     "status": f"error: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}"}
-                out["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(out, indent=1))
+                out.add(row)
 
 
 if __name__ == "__main__":

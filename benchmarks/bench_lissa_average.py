@@ -10,16 +10,17 @@ task's truth, the answer's largest relative residual on the whole training set, 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from rowfile import RowFile  # noqa: E402
 
-from tda_explorer.evaluate.harness import run_method
-from tda_explorer.evaluate.metrics import lds
-from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth
+from tda_explorer.evaluate.harness import run_method  # noqa: E402
+from tda_explorer.evaluate.metrics import lds  # noqa: E402
+from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth  # noqa: E402
 
 TASKS = ("wine-mlp-adam", "wine-logreg-sgdm", "synth20-logreg-adam", "synth20-mlp-tanh-sgd", "digits-logreg-sgd",
          "digits-mlp-gelu-adamw")
@@ -44,15 +45,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--task", nargs="*", default=list(TASKS))
     args = parser.parse_args()
-    out = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "when": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    out = RowFile(args.json)
     for task in args.task:
         for average in (True, False):
-            row = measure(task, average)
-            out["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(out, indent=1))
+            out.add(measure(task, average))
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ difference of their scores, and the time of fit + attribution as a ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import sys
 import warnings
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from rowfile import RowFile  # noqa: E402
 
-from tda_explorer.evaluate.harness import run_method
-from tda_explorer.evaluate.metrics import lds
-from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth
+from tda_explorer.evaluate.harness import run_method  # noqa: E402
+from tda_explorer.evaluate.metrics import lds  # noqa: E402
+from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth  # noqa: E402
 
 TASKS = ("wine-mlp-adam", "digits-logreg-sgd", "synth20-mlp-tanh-sgd", "digits-mlp-sgdm")
 
@@ -27,8 +28,7 @@ def main() -> None:
     parser.add_argument("--task", nargs="*", default=list(TASKS))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    out = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "when": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    out = RowFile(args.json)
     for name in args.task:
         exp = build_zoo_task(name)
         truth = zoo_ground_truth(exp)
@@ -38,13 +38,9 @@ def main() -> None:
             runs[precision] = (attribution.scores.double(), seconds,
                                float(lds(attribution.scores, truth.masks, truth.measurements)[0]))
         (a, fast, lds32), (b, slow, lds64) = runs["float32"], runs["float64"]
-        row = {"task": name, "float32_seconds": fast, "float64_seconds": slow, "float64_over_float32": slow / fast,
-               "float32_lds": lds32, "float64_lds": lds64,
-               "max_relative_difference": float((a - b).abs().max() / b.abs().max())}
-        out["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        out.add({"task": name, "float32_seconds": fast, "float64_seconds": slow,
+                 "float64_over_float32": slow / fast, "float32_lds": lds32, "float64_lds": lds64,
+                 "max_relative_difference": float((a - b).abs().max() / b.abs().max())})
 
 
 if __name__ == "__main__":
