@@ -60,13 +60,13 @@ def test_products_through_the_ggn_factor_equal_the_vectorised_ones_on_minibatche
     for a, b in ((factored.on_rows(rows), plain.on_rows(rows)),
                  (factored.on_rows(rows).on_rows(inner), plain.on_rows(rows).on_rows(inner))):
         torch.testing.assert_close(a.matvec(vectors), b.matvec(vectors), rtol=1e-10, atol=1e-12)
-    assert Curvature(task, train, "hessian")._factor_of_rows() is None  # the Hessian has no such factor
+    assert Curvature(task, train, "hessian").factor() is None  # the Hessian has no such factor
     # a linear model's forward is 2p flops: with 10 classes A's 40p multiply-adds exceed FACTOR_EFFICIENCY × 2p, so the
     # vectorised products are used; with 3, A's 12p are below it
     wide = AttributionTask(nn.Sequential(nn.Linear(36, 10)).double())
-    assert Curvature(wide, train, "ggn")._factor_of_rows() is None
+    assert Curvature(wide, train, "ggn").factor() is None
     narrow = AttributionTask(nn.Sequential(nn.Linear(36, 3)).double())
-    assert Curvature(narrow, train, "ggn")._factor_of_rows() is not None
+    assert Curvature(narrow, train, "ggn").factor() is not None
 
 
 def test_a_curvature_in_another_precision_shares_the_factor_already_built():
@@ -81,4 +81,4 @@ def test_a_curvature_in_another_precision_shares_the_factor_already_built():
     torch.testing.assert_close(single._shared["a"].double(), root._shared["a"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(single.on_rows(rows).matvec(vectors).double(), want, rtol=1e-4, atol=1e-6)
     fresh = Curvature(task, train, "ggn").in_precision(torch.float32)  # nothing built yet: it decides for itself
-    assert "a" not in fresh._shared and fresh._factor_of_rows() is not None
+    assert "a" not in fresh._shared and fresh.factor() is not None

@@ -89,6 +89,7 @@ class Curvature:
         self._shared: dict = {}  # the GGN's factor over the whole training set and the pairs per call, once decided
         # (shared with minibatch views, which are shallow copies)
         self._factor_rows: torch.Tensor | None = None  # a view's rows of it
+        self._view_factor: torch.Tensor | None = None  # those rows, gathered and scaled once per view
         self._root = self  # the curvature over the whole training set, which views derive from
 
     def _cast(self, inputs: Any) -> Any:
@@ -114,6 +115,7 @@ class Curvature:
             on = rows.to(y.device)
             view.held = [(take_rows(x, on), y[on])]
             view._factor_rows = rows if self._factor_rows is None else self._factor_rows[rows]
+            view._view_factor = None
         else:
             view.rows = rows if self.rows is None else self.rows[rows]
         view.n = len(rows)
@@ -184,9 +186,9 @@ class Curvature:
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(curvature) @ v`` for each row of ``vectors`` ``[r, p]``: through the GGN's factor where that was found
-        cheaper (``_factor_of_rows``), else the batches' vectorised terms summed."""
+        cheaper (``factor``), else the batches' vectorised terms summed."""
         vectors = vectors.to(self.device, self.dtype)
-        factor = self._factor_of_rows()
+        factor = self.factor()
         products = self._vectorised(vectors) if factor is None else _through_factor(vectors, factor)
         return products.add_(vectors, alpha=self.wd) if self.wd else products
 
@@ -209,10 +211,11 @@ class Curvature:
                 out.add_(torch.cat(chunks))
         return out
 
-    def _factor_of_rows(self) -> torch.Tensor | None:
-        """The GGN's factor A over this curvature's rows (``ggn_factor``, built once over the whole training set and
-        shared with minibatch views), when products through it, (VAᵀ)A, are cheaper than the vectorised ones
-        (``_decide_factor``). None: use the vectorised terms."""
+    def factor(self) -> torch.Tensor | None:
+        """The GGN's factor A over this curvature's rows, AᵀA its curvature less the weight decay (``ggn_factor``: built
+        once over the whole training set and shared with minibatch views, whose rows are gathered once per view), when
+        products through it, (VAᵀ)A, are cheaper than the vectorised ones (``_decide_factor``). None: use the
+        vectorised terms. Example i's rows are i·C … i·C + C − 1 (C classes)."""
         if self.kind != "ggn" or self.held is None:
             return None
         if "a" not in self._shared:
@@ -220,10 +223,12 @@ class Curvature:
         full = self._shared["a"]
         if full is None or self._factor_rows is None:
             return full
-        total = self._shared["n"]
-        c = full.shape[0] // total
-        rows = full.view(total, c, -1)[self._factor_rows.to(full.device)].reshape(-1, full.shape[1])
-        return rows * (total / len(self._factor_rows)) ** 0.5  # the minibatch's mean, not the whole set's
+        if self._view_factor is None:
+            total = self._shared["n"]
+            c = full.shape[0] // total
+            rows = full.view(total, c, -1)[self._factor_rows.to(full.device)].reshape(-1, full.shape[1])
+            self._view_factor = rows.mul_((total / len(self._factor_rows)) ** 0.5)  # the minibatch's mean
+        return self._view_factor
 
     def _decide_factor(self) -> torch.Tensor | None:
         """A, when products through it are the cheaper: for the GGN of data in memory with one prediction per example,

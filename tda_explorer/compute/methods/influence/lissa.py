@@ -21,6 +21,11 @@ raised, then EK-FAC) with a ``SolverBackoffWarning``; an explicit ``scale`` or `
 The minibatch products and the iterates run in float32 by default (``precision``; ASTRA's choice): the series is
 stochastic anyway and they cost a fraction of float64's on a CPU; the answer is accumulated and its residual on the
 whole training set checked in float64 (benchmarks/README.md, "LiSSA's precision").
+Where the GGN's products go through its factor A (``Curvature.factor``: n·C rows), every iterate is b's multiple plus a
+combination of A's rows, so a run can be held as those coefficients and stepped through the Gram matrix AAᵀ (built once
+per fit): the same iterates at N·m·C multiply-adds per step instead of 2·p·m·C. It is taken where that costs less over
+the whole run (a model with many more parameters than its training set has outputs, the zoo's transformer;
+benchmarks/README.md, "LiSSA in the factor's row space").
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tda_explorer._validation import all_finite
+
 # the method catalogue: this solver registers itself in it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Interval, Options, option, register
-from tda_explorer.compute.engine.curvature import largest_eigenvalue
+from tda_explorer.compute.engine.curvature import FACTOR_MEMORY, largest_eigenvalue
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
 from tda_explorer.compute.methods.influence.direct import (
     PRODUCT_DTYPES,
@@ -76,6 +83,7 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
         a = self.args
         dtype = PRODUCT_DTYPES[a.precision]
         self.products_ = self.curvature_ if dtype == self.curvature_.dtype else self.curvature_.in_precision(dtype)
+        self._gram: torch.Tensor | None = None  # AAᵀ of the GGN's factor, for runs in its row space (``_series``)
         if a.scale is not None:
             self.scale_ = float(a.scale)
         else:
@@ -104,29 +112,114 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
     def _attempt(self, v: torch.Tensor) -> torch.Tensor:
         a = self.args
         v = v.double()
-        b = v.to(self.products_.dtype)  # the iterates in the products' precision, updated in place
+        b = v.to(self.products_.dtype)  # the iterates in the products' precision
         gen = torch.Generator().manual_seed(a.seed)
         n = self.products_.n
         bound = 2 * v.norm(dim=1)
         advice = f"raise scale (now {self.scale_:.3g}) or damping (now {self.lam_:.3g})"
         total = torch.zeros_like(v)
         tail = a.depth - a.depth // 2 if a.average else 1  # the iterates averaged: the last ``tail`` of each run
+        keep, step = 1 - self.lam_ / self.scale_, 1 / self.scale_
         for _ in range(a.repeats):
-            x, iterates = b.clone(), torch.zeros_like(b)
+            series = self._series(b)
             for j in range(a.depth):
-                rows = torch.randperm(n, generator=gen)[: a.minibatch]
-                curved = self.products_.on_rows(rows).matvec(x)
-                x.mul_(1 - self.lam_ / self.scale_).add_(b).sub_(curved, alpha=1 / self.scale_)
+                series.step(torch.randperm(n, generator=gen)[: a.minibatch], keep, step)
                 if j % self.check_every == self.check_every - 1:
-                    norms = x.norm(dim=1).double()
+                    norms = series.norms().double()
                     if not bool(torch.isfinite(norms).all()) or bool((norms > (j + 2) * bound).any()):
-                        finite = bool(torch.isfinite(x).all())
-                        self.residual_ = self._relative_residual(x.double() / self.scale_, v) if finite \
+                        x = series.current()
+                        self.residual_ = self._relative_residual(x.double() / self.scale_, v) if all_finite(x) \
                             else float("inf")
                         raise Diverged(self.residual_, f"{self.name} diverged: relative residual "
                                                        f"{self.residual_:.3g} when its iterates began to grow (step "
                                                        f"{j + 1} of {a.depth}); {advice}")
                 if j >= a.depth - tail:
-                    iterates.add_(x)
-            total = total + iterates.double() / (tail * self.scale_)
+                    series.accumulate()
+            total = total + series.total().double() / (tail * self.scale_)
         return self._checked(total / a.repeats, v, advice)
+
+    def _series(self, b: torch.Tensor) -> ParameterSeries | RowSpaceSeries:
+        """The iterates of one run from ``b``: in the row space of the GGN's factor where that costs fewer multiply-adds
+        over the whole run (its Gram matrix built once per fit, within ``FACTOR_MEMORY``), else in parameter space."""
+        factor = self.products_.factor()
+        if factor is None:
+            return ParameterSeries(self.products_, b)
+        a = self.args
+        rows, dim = factor.shape
+        per_example = rows // self.products_.n
+        batch_rows = min(a.minibatch, self.products_.n) * per_example
+        steps = a.depth * a.repeats
+        gram_cost = 0 if self._gram is not None else rows * rows * dim
+        row_space = gram_cost + 2 * len(b) * rows * dim + steps * len(b) * (batch_rows * rows
+                                                                             + rows * rows / self.check_every)
+        parameter = steps * len(b) * 2 * batch_rows * dim
+        if row_space >= parameter or rows * rows * factor.element_size() > FACTOR_MEMORY:
+            return ParameterSeries(self.products_, b)
+        if self._gram is None:
+            self._gram = factor @ factor.T
+        return RowSpaceSeries(factor, self._gram, b, per_example, self.products_.wd)
+
+
+class ParameterSeries:
+    """LiSSA's iterates x_j ``[r, p]`` held as they are: x ← keep·x + b − step·(H̃ + wd·I)x with H̃ the minibatch's
+    curvature (``Curvature.on_rows``), plus the sum of the iterates averaged."""
+
+    def __init__(self, products, b: torch.Tensor):
+        self.products, self.b = products, b
+        self.x, self.sum = b.clone(), torch.zeros_like(b)
+
+    def step(self, rows: torch.Tensor, keep: float, step: float) -> None:
+        curved = self.products.on_rows(rows).matvec(self.x)
+        self.x.mul_(keep).add_(self.b).sub_(curved, alpha=step)
+
+    def norms(self) -> torch.Tensor:
+        return self.x.norm(dim=1)
+
+    def current(self) -> torch.Tensor:
+        return self.x
+
+    def accumulate(self) -> None:
+        self.sum.add_(self.x)
+
+    def total(self) -> torch.Tensor:
+        return self.sum
+
+
+class RowSpaceSeries:
+    """The same iterates held as x_j = c_j·b + Aᵀw_j, with A ``[N, p]`` the GGN's factor over the whole training set
+    (``Curvature.factor``: a minibatch's curvature is (n/m)·A_bᵀA_b over its m examples' rows b): every term the
+    series adds lies in that span, so a step updates the scalar c and the minibatch's entries of w ``[r, N]`` through
+    the Gram matrix K = AAᵀ, at N·m·C multiply-adds per right-hand side instead of the factor's 2·p·m·C. The same
+    minibatches give the same iterates (to rounding); p-dimensional vectors are formed only for the answer."""
+
+    def __init__(self, factor: torch.Tensor, gram: torch.Tensor, b: torch.Tensor, per_example: int, wd: float):
+        self.factor, self.gram, self.b, self.per_example, self.wd = factor, gram, b, per_example, wd
+        self.n = factor.shape[0] // per_example
+        self.ab = b @ factor.T  # Ab for each right-hand side, [r, N]
+        self.bb = (b * b).sum(dim=1)
+        self.c, self.w = torch.ones((), dtype=b.dtype, device=b.device), torch.zeros_like(self.ab)  # c: as x overflows
+        self.c_sum, self.w_sum = torch.zeros_like(self.c), torch.zeros_like(self.ab)
+
+    def step(self, rows: torch.Tensor, keep: float, step: float) -> None:
+        rows = rows.to(self.w.device)
+        idx = (rows.unsqueeze(1) * self.per_example + torch.arange(self.per_example, device=rows.device)).flatten()
+        ax = torch.addmm(self.ab[:, idx].mul_(self.c), self.w, self.gram[idx].T)  # A_b x_j, [r, m·C]
+        shrink = keep - step * self.wd  # the weight decay's term of (H̃ + wd·I)x
+        self.w.mul_(shrink).index_add_(1, idx, ax, alpha=-step * self.n / len(rows))
+        self.c = self.c * shrink + 1.0
+
+    def norms(self) -> torch.Tensor:
+        """‖x_j‖ per right-hand side, from c, w and K alone."""
+        squares = self.c ** 2 * self.bb + 2 * self.c * (self.ab * self.w).sum(dim=1) + ((self.w @ self.gram)
+                                                                                         * self.w).sum(dim=1)
+        return squares.clamp_min(0).sqrt()
+
+    def current(self) -> torch.Tensor:
+        return (self.w @ self.factor).add_(self.b * self.c)
+
+    def accumulate(self) -> None:
+        self.c_sum.add_(self.c)
+        self.w_sum.add_(self.w)
+
+    def total(self) -> torch.Tensor:
+        return (self.w_sum @ self.factor).add_(self.b * self.c_sum)
