@@ -46,6 +46,7 @@ from tda_explorer.compute.methods.influence.direct import (
     InfluenceFunction,
     precision_option,
 )
+from tda_explorer.jobs import check_cancelled
 
 
 @dataclass
@@ -201,6 +202,7 @@ class RowSpaceSeries:
         self.c_sum, self.w_sum = torch.zeros_like(self.c), torch.zeros_like(self.ab)
 
     def step(self, rows: torch.Tensor, keep: float, step: float) -> None:
+        check_cancelled()  # the parameter-space products check it; these steps never reach them
         rows = rows.to(self.w.device)
         idx = (rows.unsqueeze(1) * self.per_example + torch.arange(self.per_example, device=rows.device)).flatten()
         ax = torch.addmm(self.ab[:, idx].mul_(self.c), self.w, self.gram[idx].T)  # A_b x_j, [r, m·C]
