@@ -82,3 +82,21 @@ def test_a_curvature_in_another_precision_shares_the_factor_already_built():
     torch.testing.assert_close(single.on_rows(rows).matvec(vectors).double(), want, rtol=1e-4, atol=1e-6)
     fresh = Curvature(task, train, "ggn").in_precision(torch.float32)  # nothing built yet: it decides for itself
     assert "a" not in fresh._shared and fresh.factor() is not None
+
+
+
+def test_the_ggn_factor_is_the_same_whichever_vectorised_form_builds_it():
+    """By default the first chunk is built both ways and the faster builds the rest; either form gives the factor
+    whose AᵀA is the GGN's product (less the weight decay), over chunks that do not divide the rows."""
+    task, train = _tiny_cnn_task()
+    curvature = Curvature(task, train, "ggn")
+    plain = Curvature(task, train, "ggn")
+    plain._shared["a"] = None  # the vectorised products
+    vectors = torch.randn(3, curvature.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    want = plain.matvec(vectors) - curvature.wd * vectors
+    factors = {form: curvature.ggn_factor(chunk=5, form=form) for form in ("jacobian", "per class", None)}
+    for factor in factors.values():
+        torch.testing.assert_close((vectors @ factor.T) @ factor, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(factors["jacobian"], factors["per class"], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="form must be one of"):
+        curvature.ggn_factor(form="hessian")

@@ -8,6 +8,7 @@ cross-entropy), so G + wd·I is positive definite — the default for influence 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
@@ -252,11 +253,14 @@ class Curvature:
         logits = self._logits(self.theta, take_rows(x, slice(0, 1)))
         return int(logits.shape[-1]) if logits.dim() == 2 else None
 
-    def ggn_factor(self, chunk: int = 32) -> torch.Tensor:
+    def ggn_factor(self, chunk: int = 32, form: str | None = None) -> torch.Tensor:
         """``A`` ``[n·C, p]`` with ``AᵀA`` the GGN of the mean objective (the weight decay left out): the rows of
         example i are (1/√n) F_i J_i, with J_i ``[C, p]`` its logits' Jacobian and F_i = diag(√p_i)(I − 1p_iᵀ), so that
         F_iᵀF_i = diag(p_i) − p_i p_iᵀ, the cross-entropy's Hessian in the logits. For a model whose n·C is below p,
-        (AᵀA + μI)⁻¹ comes from the n·C × n·C matrix AAᵀ (Woodbury) instead of the p × p one."""
+        (AᵀA + μI)⁻¹ comes from the n·C × n·C matrix AAᵀ (Woodbury) instead of the p × p one. The Jacobians come from
+        a vectorised ``jacrev`` or from one vectorised gradient per class, whichever built the first chunk faster (the
+        same numbers; which is faster depends on the model: benchmarks/README.md, "LiSSA in the factor's row space"), or
+        from ``form`` ("jacobian" or "per class") when given."""
         if self.kind != "ggn":
             raise ValueError("the factor exists for the GGN only")
 
@@ -267,13 +271,13 @@ class Curvature:
             return logits_one(flat, x)[c]
 
         per_class = vmap(grad(logit_one), in_dims=(None, 0, None))  # one logit's gradient per example
-
-        def batched(flat: torch.Tensor, rows: Any, classes: int) -> torch.Tensor:
-            """[b, C, p]: a vectorised gradient per class (about twice as fast as a vectorised ``jacrev`` on the zoo's
-            models, whose C is at most 10: benchmarks/README.md, "LiSSA in the factor's row space")."""
-            return torch.stack([per_class(flat, rows, c) for c in range(classes)], dim=1)
-
+        whole = vmap(jacrev(logits_one), in_dims=(None, 0))
+        forms = {"jacobian": lambda rows, classes: whole(self.theta, rows),
+                 "per class": lambda rows, classes: torch.stack([per_class(self.theta, rows, c)
+                                                                 for c in range(classes)], dim=1)}
         one = jacrev(logits_one)
+        if form is not None and form not in forms:
+            raise ValueError(f"form must be one of {sorted(forms)} or None, got {form!r}")
         parts, use_vmap = [], True
         for x, _ in self._batches():
             for start in range(0, n_rows(x), chunk):
@@ -283,7 +287,17 @@ class Curvature:
                 jac = None
                 if use_vmap:
                     try:
-                        jac = batched(self.theta, rows, probs.shape[1])  # [b, C, p]
+                        if form is None:  # the first chunk by both vectorised forms: the faster builds the rest
+                            seconds = {}
+                            for name, build in forms.items():
+                                t0 = time.perf_counter()
+                                jac = build(rows, probs.shape[1])  # [b, C, p]
+                                if jac.is_cuda:
+                                    torch.cuda.synchronize(jac.device)  # its kernels run asynchronously
+                                seconds[name] = time.perf_counter() - t0
+                            form = min(seconds, key=seconds.get)
+                        else:
+                            jac = forms[form](rows, probs.shape[1])
                     except RuntimeError as err:
                         if not is_vmap_limit(err):
                             raise
