@@ -9,14 +9,12 @@ two calls) on the zoo tasks whose products take the factor, and the largest diff
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rowfile import RowFile  # noqa: E402
+from rowfile import run_over_tasks  # noqa: E402
 
 from tda_explorer.compute.engine.curvature import Curvature  # noqa: E402
 from tda_explorer.experiments.zoo import build_zoo_task  # noqa: E402
@@ -42,15 +40,7 @@ def measure(task: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--task", nargs="*", default=list(TASKS))
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    out = RowFile(args.json)
-    for task in args.task:
-        out.add(measure(task))
-
+    run_over_tasks(__doc__, TASKS, lambda task: [measure(task)])
 
 if __name__ == "__main__":
     main()

@@ -9,14 +9,13 @@ task's truth, the answer's largest relative residual on the whole training set, 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rowfile import RowFile  # noqa: E402
+from rowfile import run_over_tasks  # noqa: E402
 
 from tda_explorer.evaluate.harness import run_method  # noqa: E402
 from tda_explorer.evaluate.metrics import lds  # noqa: E402
@@ -41,15 +40,7 @@ def measure(task: str, average: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--task", nargs="*", default=list(TASKS))
-    args = parser.parse_args()
-    out = RowFile(args.json)
-    for task in args.task:
-        for average in (True, False):
-            out.add(measure(task, average))
-
+    run_over_tasks(__doc__, TASKS, lambda task: [measure(task, average) for average in (True, False)])
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,6 @@ self-influence, LDS against the task's truth, and the relative difference of the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -19,7 +18,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rowfile import RowFile  # noqa: E402
+from rowfile import run_over_tasks  # noqa: E402
 
 from tda_explorer.compute.methods import get_method  # noqa: E402
 from tda_explorer.compute.methods.influence import lissa  # noqa: E402
@@ -57,19 +56,16 @@ def measure(task: str, form: str) -> tuple[dict, torch.Tensor]:
             "fit_s": t1 - t0, "attribute_s": t2 - t1, "self_influence_s": t3 - t2}, scores
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--task", nargs="*", default=list(TASKS))
-    args = parser.parse_args()
-    out = RowFile(args.json)
-    for task in args.task:
-        rows, default = measure(task, "default")
-        params, reference = measure(task, "parameter")
-        params["score_difference"] = rows["score_difference"] = float((default - reference).norm() / reference.norm())
-        out.add(rows)
-        out.add(params)
+def rows(task: str) -> list[dict]:
+    """The task's two rows, each with the relative difference of the two forms' scores."""
+    shipped, default = measure(task, "default")
+    params, reference = measure(task, "parameter")
+    params["score_difference"] = shipped["score_difference"] = float((default - reference).norm() / reference.norm())
+    return [shipped, params]
 
+
+def main() -> None:
+    run_over_tasks(__doc__, TASKS, rows)
 
 if __name__ == "__main__":
     main()
