@@ -126,6 +126,21 @@ def check_adam_state(state: Any, names: Sequence[str], shapes: dict[str, torch.S
             raise TDAError(f"{where}: optimizer_state betas must lie in [0, 1) and eps be >= 0 (parameter {name!r})")
 
 
+def adam_step_scale(state: dict) -> float | None:
+    """The mean over every recorded parameter of √v̂ + ε, Adam's per-parameter divisor of the step (v̂ = v / (1 − β₂ᵗ),
+    the second moment bias-corrected at its step t): the run's steps are lr / that, parameter by parameter. None when
+    no parameter has taken a step."""
+    total, count = 0.0, 0
+    for name, v in state["exp_avg_sq"].items():
+        b2 = _per_name(state["betas"], name, "betas")[1]
+        t = int(_per_name(state["step"], name, "step"))
+        if t == 0:
+            continue  # not stepped yet: no moment to read
+        total += float(((v.double() / (1.0 - b2 ** t)).sqrt() + _per_name(state["eps"], name, "eps")).sum())
+        count += v.numel()
+    return total / count if count else None
+
+
 def adam_direction(grads: torch.Tensor, names: Sequence[str], shapes: dict[str, torch.Size], state: dict
                    ) -> torch.Tensor:
     """Γ(g) = m̂′ / (√v̂′ + ε) for per-example gradients ``[n, p]`` flattened in ``names`` order: the update Adam

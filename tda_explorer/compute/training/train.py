@@ -63,8 +63,11 @@ class TrainConfig:
         the recipe does not give."""
         if self.optimizer != "sgd":
             return None
-        steps = self.epochs * -(-check_positive_int(n_train, "n_train") // self.batch_size)
-        return (1.0 - self.momentum) / (self.lr * steps)
+        return (1.0 - self.momentum) / (self.lr * self.steps(n_train))
+
+    def steps(self, n_train: int) -> int:
+        """The optimizer steps this recipe takes on ``n_train`` examples: ``epochs`` × ⌈n_train / batch_size⌉."""
+        return self.epochs * -(-check_positive_int(n_train, "n_train") // self.batch_size)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -48,6 +48,7 @@ from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverg
 from tda_explorer.compute.methods.influence.direct import (
     DAMPING_LEVEL,
     PRODUCT_DTYPES,
+    adam_damping,
     precision_option,
     recipe_damping,
 )
@@ -118,11 +119,15 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
 
     def _layer_damping(self) -> list[float]:
         """λ_l of each layer, times the back-off's raises: ``damping`` × the layer's mean EK-FAC eigenvalue when given,
-        else the direct solvers' rule for the same system on every layer (the SGD recipe's ridge, or
+        else the direct solvers' rule for the same system on every layer (the SGD recipe's ridge, the Adam run's, or
         ``DAMPING_LEVEL`` × the largest eigenvalue of the GGN, by power iteration once per fit)."""
         scale = getattr(self, "damping_scale_", 1.0)
         if self.args.damping is not None or recipe_damping(self.args.train_config, self.train_) is not None:
             return [lam * scale for lam in super()._layer_damping()]
+        adam = adam_damping(self.args.train_config, self.train_, self.task.checkpoints)
+        if adam is not None:
+            self.damping_rule_ = "adam"
+            return [adam * scale] * len(self.factors_)
         if getattr(self, "spectrum_lam_", None) is None:
             full = self._full_curvature()
             self.spectrum_lam_ = DAMPING_LEVEL * largest_eigenvalue(full.matvec, full.dim, device=self.device)

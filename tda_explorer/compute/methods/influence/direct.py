@@ -26,10 +26,13 @@ with default settings halves the step, raises the damping, then falls back to EK
 Damping: ``damping=None`` is read from the training run when its recipe is known (``train_config=``, which the
 explorer and ``evaluate`` pass on from a ``recipe`` resource) and its optimizer is SGD, with or without momentum: the
 ridge that the run's T steps at rate η amount to, λ = (1 − momentum) / (η T) (``TrainConfig.implicit_damping``).
-Otherwise (Adam, AdamW, no recipe) it is ``DAMPING_LEVEL`` (0.01) × the largest eigenvalue of the chosen curvature
-(power iteration; its magnitude for an indefinite Hessian), a scale read from the spectrum. The same rules serve every
-solver here (explicit, cg, lissa, arnoldi); ``damping_rule_`` says which one was taken; pass a float (absolute λ) to
-override.
+With an Adam / AdamW recipe and the run's optimizer state on the task's last checkpoint (``train_model``,
+``RunRecorder``, ``capture_checkpoint`` and the Hugging Face callback record it), the same ridge in the metric Adam
+steps in: λ = ``ADAM_RIDGE`` (3) × mean(√v̂ + ε) / (η T), with √v̂ + ε Adam's per-parameter divisor of the step
+(``adam_damping``). Otherwise (no recipe, or an Adam run without its state) it is ``DAMPING_LEVEL`` (0.01) × the
+largest eigenvalue of the chosen curvature (power iteration; its magnitude for an indefinite Hessian), a scale read
+from the spectrum. The same rules serve every solver here (explicit, cg, lissa, arnoldi, and ASTRA's λ);
+``damping_rule_`` says which one was taken ("recipe", "adam", "spectrum"; "given" for a float, the absolute λ).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +63,17 @@ from tda_explorer.compute.engine.kfac import fit_factors
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, SolverBackoffWarning, diverged
-from tda_explorer.compute.training.train import TrainConfig
+from tda_explorer.compute.training.optimizer_state import ADAM_KINDS, adam_step_scale
+from tda_explorer.compute.training.train import Checkpoint, TrainConfig
 from tda_explorer.data.dataset import AttributionDataset
 
 PRECONDITIONERS = ("none", "ekfac")
 # default λ without an SGD recipe = this × the curvature's largest eigenvalue: the best worst-case regret of the levels
 # over the 13 zoo tasks; benchmarks/README.md, "Influence-function damping across the zoo"
 DAMPING_LEVEL = 0.01
+# an Adam / AdamW run with its optimizer state recorded: λ = this × mean(√v̂ + ε) / (lr · steps), the least worst-case
+# regret over the zoo's six Adam runs; benchmarks/README.md, "Damping from an Adam run"
+ADAM_RIDGE = 3.0
 BLOCK_ROWS = 2048  # right-hand sides per block of CG: bounds the s×s eigendecompositions (s ≤ this)
 MEMORY_SHARE = 0.25  # if-explicit's exact forms may take this share of the device's memory ...
 BACKOFF_PROJECTION = 2048  # ... else it backs off to a subspace of this dimension (TRAK's default projection)
@@ -90,14 +98,33 @@ class InfluenceArguments(AttributorArguments):
                                    "(indefinite away from a minimum)", Options(CURVATURES))
     damping: float | None = option(None, "absolute λ added to the curvature of the mean training objective; None: "
                                          "with an SGD train_config the ridge its steps amount to, (1 − momentum) / "
-                                         "(lr · steps), else 0.01 × the curvature's largest eigenvalue",
+                                         "(lr · steps); with an Adam one and its optimizer state on the task's last "
+                                         "checkpoint 3 × mean(√v̂ + ε) / (lr · steps); else 0.01 × the curvature's "
+                                         "largest eigenvalue",
                                    NONNEGATIVE)
-    # with SGD, λ = 1 / (lr_eff · steps): the zoo's SGD tasks, benchmarks/README.md "Damping from the training run"
+    # with SGD, λ = 1 / (lr_eff · steps): the zoo's SGD tasks, benchmarks/README.md "Damping from the training run";
+    # with Adam, ADAM_RIDGE: the zoo's Adam tasks, benchmarks/README.md "Damping from an Adam run"
     train_config: TrainConfig | None = option(None, "the attributed model's training recipe (lr, epochs, batch size, "
                                                     "optimizer); with SGD it sets the default damping (used by "
                                                     "if-explicit, if-cg, if-lissa, if-arnoldi, if-astra, if-kfac, "
-                                                    "if-ekfac)",
+                                                    "if-ekfac), with Adam and the run's recorded optimizer state "
+                                                    "that of the direct solvers and if-astra",
                                               config=False, cli=False)
+
+
+def adam_damping(train_config: TrainConfig | None, train: AttributionDataset | None,
+                 checkpoints: Sequence[Checkpoint]) -> float | None:
+    """The default damping of an Adam / AdamW run whose optimizer state was recorded: ``ADAM_RIDGE`` × mean(√v̂ + ε) /
+    (lr · steps), the ridge of the recipe's steps in the metric Adam steps in (its per-parameter divisor √v̂ + ε, read
+    from the last checkpoint's ``optimizer_state``). None without an Adam / AdamW recipe and a last checkpoint of an
+    Adam kind that carries its state with at least one step taken."""
+    if train_config is None or train is None or train_config.optimizer not in ADAM_KINDS or not checkpoints:
+        return None
+    last = checkpoints[-1]
+    if last.optimizer not in ADAM_KINDS or last.optimizer_state is None:
+        return None
+    scale = adam_step_scale(last.optimizer_state)
+    return None if scale is None else ADAM_RIDGE * scale / (train_config.lr * train_config.steps(len(train)))
 
 
 def recipe_damping(train_config: TrainConfig | None, train: AttributionDataset | None) -> float | None:
@@ -148,8 +175,9 @@ class InfluenceFunction(Attributor):
         self.lam_ = self._lambda(self.curvature_.matvec, self.curvature_.dim)
 
     def _lambda(self, matvec, dim: int) -> float:
-        """The damping: as given, the SGD recipe's implicit ridge, or ``DAMPING_LEVEL`` × the largest eigenvalue of
-        ``matvec`` (power iteration, run only for that default); ``damping_rule_`` names the one taken."""
+        """The damping: as given, the SGD recipe's implicit ridge, the Adam run's (``adam_damping``), or
+        ``DAMPING_LEVEL`` × the largest eigenvalue of ``matvec`` (power iteration, run only for that default);
+        ``damping_rule_`` names the one taken."""
         if self.args.damping is not None:
             self.damping_rule_ = "given"
             return float(self.args.damping)
@@ -157,6 +185,10 @@ class InfluenceFunction(Attributor):
         if implicit is not None:
             self.damping_rule_ = "recipe"
             return implicit
+        adam = adam_damping(self.args.train_config, self.train_, self.task.checkpoints)
+        if adam is not None:
+            self.damping_rule_ = "adam"
+            return adam
         self.damping_rule_ = "spectrum"
         return DAMPING_LEVEL * largest_eigenvalue(matvec, dim, device=self.device)
 
