@@ -3,8 +3,9 @@
 curvature H (weight decay included) is eigendecomposed once and for each λ the scores
 (g′Q) diag(1/(Λ + λ)) (gQ)ᵀ / n come from it: in the dense form H = QΛQᵀ read back from the Cholesky factor, in the
 kernel form (n·C < p) AAᵀ = UΣUᵀ, so that on the span of Aᵀ the eigenvalues are Σ + wd and elsewhere wd. λ is relative
-to the mean eigenvalue trace(H)/p and to the largest eigenvalue (the default rule's scale), and the zoo's recipe rule
-is reported beside them.
+to the mean eigenvalue trace(H)/p and to the largest eigenvalue (the spectrum rule's scale), and on the Adam / AdamW
+runs to the run's ridge mean(√v̂ + ε) / (lr · steps) (``adam_damping`` over ``ADAM_RIDGE``: "Damping from an Adam run");
+the default (the recipe's rule where it has one) is reported beside them.
 
     python benchmarks/bench_if_damping.py --json benchmarks/results/if_damping_cpu.json [--task T ...]
 """
@@ -17,12 +18,14 @@ import json
 import torch
 
 from tda_explorer.compute.methods import get_method
+from tda_explorer.compute.methods.influence.direct import ADAM_RIDGE, adam_damping
 from tda_explorer.evaluate.harness import method_options
 from tda_explorer.evaluate.metrics import lds
 from tda_explorer.experiments.zoo import build_zoo_task, zoo_ground_truth, zoo_tasks
 
 RELATIVE = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0]
 TOP = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3]  # the same, relative to the largest eigenvalue
+ADAM = [0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0]  # multiples of an Adam run's ridge
 
 
 def _solver(att) -> tuple:
@@ -71,6 +74,10 @@ def sweep_task(name: str, relative) -> dict:
            "default": lds(att.attribute(exp.split.test).scores, truth.masks, truth.measurements)[0],
            **{f"rel{c:g}": score(c * base) for c in relative},
            **{f"top{c:g}": score(c * top) for c in TOP}}
+    adam = adam_damping(exp.config, exp.split.train, exp.task().checkpoints)
+    if adam is not None:
+        row["adam_ridge"] = adam / ADAM_RIDGE
+        row.update({f"adam{c:g}": score(c * row["adam_ridge"]) for c in ADAM})
     print(name, json.dumps({a: round(b, 4) if isinstance(b, float) else b for a, b in row.items()}), flush=True)
     return row
 
