@@ -38,7 +38,7 @@ from tda_explorer._validation import all_finite
 
 # the method catalogue: this solver registers itself in it
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, Interval, Options, option, register
-from tda_explorer.compute.engine.curvature import FACTOR_MEMORY, largest_eigenvalue
+from tda_explorer.compute.engine.curvature import FACTOR_MEMORY, Curvature, largest_eigenvalue
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged
 from tda_explorer.compute.methods.influence.direct import (
     PRODUCT_DTYPES,
@@ -165,7 +165,7 @@ class ParameterSeries:
     """LiSSA's iterates x_j ``[r, p]`` held as they are: x ← keep·x + b − step·(H̃ + wd·I)x with H̃ the minibatch's
     curvature (``Curvature.on_rows``), plus the sum of the iterates averaged."""
 
-    def __init__(self, products, b: torch.Tensor):
+    def __init__(self, products: Curvature, b: torch.Tensor):
         self.products, self.b = products, b
         self.x, self.sum = b.clone(), torch.zeros_like(b)
 
