@@ -64,7 +64,9 @@ def test_without_the_state_or_for_kronecker_the_spectrum_rules_stay(tiny_mlp, ti
     checkpoint, _ = _adam_run(tiny_mlp, train)
     stateless = Checkpoint(checkpoint.state_dict, ADAM.lr, checkpoint.step, optimizer="adam")
     sgd_run = Checkpoint(checkpoint.state_dict, ADAM.lr, checkpoint.step, optimizer="sgd")
-    for checkpoints in ([], [stateless], [sgd_run]):
+    partial = Checkpoint(checkpoint.state_dict, ADAM.lr, checkpoint.step, optimizer="adam",
+                         optimizer_state={"exp_avg": checkpoint.optimizer_state["exp_avg"]})  # no second moment
+    for checkpoints in ([], [stateless], [sgd_run], [partial]):
         task = AttributionTask(tiny_mlp, checkpoints=checkpoints)
         assert get_method("if-explicit", task, train_config=ADAM).fit(train).damping_rule_ == "spectrum"
     task = AttributionTask(tiny_mlp, checkpoints=[checkpoint])

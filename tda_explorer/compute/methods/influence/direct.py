@@ -121,9 +121,11 @@ def adam_damping(train_config: TrainConfig | None, train: AttributionDataset | N
     if train_config is None or train is None or train_config.optimizer not in ADAM_KINDS or not checkpoints:
         return None
     last = checkpoints[-1]
-    if last.optimizer not in ADAM_KINDS or last.optimizer_state is None:
-        return None
-    scale = adam_step_scale(last.optimizer_state)
+    state = last.optimizer_state
+    if last.optimizer not in ADAM_KINDS or not isinstance(state, dict) or \
+            any(key not in state for key in ("exp_avg_sq", "step", "betas", "eps")):
+        return None  # no state, or not one to read (TracIn, which needs it, names what is missing)
+    scale = adam_step_scale(state)
     return None if scale is None else ADAM_RIDGE * scale / (train_config.lr * train_config.steps(len(train)))
 
 
