@@ -4,6 +4,7 @@ worse than the default on it, within the budget, and refused by name when there 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -248,3 +249,26 @@ def test_a_candidate_far_slower_than_the_default_is_stopped_at_the_budget(record
     stopped = result.trials[result.trials["status"] == "stopped: budget"]
     assert len(stopped) >= 1 and result.options == {}
     assert result.seconds - result.truth_seconds < 16 * default_seconds + 1.0
+
+
+@pytest.mark.parametrize("recipe", [None, TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=LR, weight_decay=WD,
+                                                      optimizer="sgd")])
+def test_kronecker_damping_candidates_are_centred_on_the_level_its_default_amounts_to(recorded, recipe):
+    """K-FAC's default damping is None (a rule: the spectrum's relative level, or the SGD recipe's absolute ridge on
+    every layer); calibration's decades are taken around what that rule amounts to in the option's relative unit (λ_l
+    over layer l's mean eigenvalue, geometric mean over layers), not around an arbitrary level."""
+    train, test, task, recorder = recorded
+    attributor = get_method("if-kfac", task, train_config=recipe).fit(train)
+    levels = [lam / f.mean_eigenvalue() for f, lam in zip(attributor.factors_, attributor._layer_damping())]
+    expected = float(torch.tensor(levels).log().mean().exp())
+    if recipe is None:
+        assert attributor.damping_rule_ == "spectrum" and expected == pytest.approx(0.5)
+    else:
+        assert attributor.damping_rule_ == "recipe" and len(set(levels)) == len(levels)  # one λ, layers' means differ
+    assert attributor.resolved_relative_damping() == pytest.approx(expected)
+    # the given level is its own resolution
+    assert get_method("if-kfac", task, damping=0.2).fit(train).resolved_relative_damping() == pytest.approx(0.2)
+    result = get_method("if-kfac", task, train_config=recipe).calibrate(train, test, recording=recorder)
+    tried = [json.loads(o)["damping"] for o, stage in zip(result.trials["options"], result.trials["stage"])
+             if stage == "damping"]
+    assert tried == pytest.approx([expected * 10.0 ** k for k in (-1, 1, -2, 2, -3, 3)])

@@ -20,11 +20,12 @@ Each is built once per model, data and recipe and kept in memory (the last few),
 the same model does not pay for it again.
 
 The search (``calibrate``): the configured default runs first (fit on the training set, attribute at most
-``test_points`` test points), then the candidates the method's declared options allow, one option at a time from
-the best setting so far, in order of importance: ``damping`` over six decades around the default (nearest decades
-first; a ``None`` default is read off the fitted default where the method resolves it, e.g. the influence
-functions' ``lam_``), the other Fisher / curvature kinds (``fisher``, ``curvature``), ASTRA's ``step``, then the
-projection dimension (halved, doubled, ...; only where the method projects by default: an exact default is what a
+``test_points`` test points), then the candidates the method's declared options allow, one option at a time from the
+best setting so far, in order of importance: ``damping`` over six decades around the default (nearest decades first; a
+``None`` default is read off the fitted default where the method resolves it: the influence functions' ``lam_``, or
+for a relative damping the level the default's rule amounts to, K-FAC's / EK-FAC's / ASTRA's
+``resolved_relative_damping``), the other Fisher / curvature kinds (``fisher``, ``curvature``), ASTRA's ``step``, then
+the projection dimension (halved, doubled, ...; only where the method projects by default: an exact default is what a
 projection approximates). A candidate replaces the best so far only when its mean score is higher by more than two
 standard errors of the paired per-test-point difference *and* it stays higher in 95% of bootstrap resamples of the
 truth's groups (or examples): every test point is scored on the same few removals, so their noise is shared and the
@@ -379,13 +380,16 @@ def _allowed(field: dataclasses.Field, value: Any) -> bool:
 
 
 def _damping_values(attributor: Any, field: dataclasses.Field, current: Any, fitted: Any) -> list[float]:
-    """Damping candidates over six decades around ``current`` (nearest first), a ``None`` default read off the fitted
-    default (``lam_``) where the damping is absolute, or the field's own default where it is relative (TRAK's None
-    means its default level)."""
+    """Damping candidates over six decades around ``current`` (nearest first); a ``None`` default is read off the
+    fitted default: its ``lam_`` where the damping is absolute, where it is relative the level its rule amounts to
+    (``resolved_relative_damping``: the Kronecker family and ASTRA, whose rule may be an absolute ridge), else the
+    field's own default (TRAK's None means its default level)."""
     relative = "RELATIVE" in field.metadata.get("help", "")
     if current is None:
         resolved = getattr(fitted, "lam_", None)
-        if relative:
+        if relative and hasattr(fitted, "resolved_relative_damping"):
+            current = fitted.resolved_relative_damping()
+        elif relative:
             current = field.default if isinstance(field.default, (int, float)) else 1e-3
         elif isinstance(resolved, (int, float)) and math.isfinite(resolved) and resolved > 0:
             current = float(resolved)

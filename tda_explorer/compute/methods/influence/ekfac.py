@@ -30,6 +30,7 @@ them back.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -219,6 +220,16 @@ class EKFACInfluence(Attributor):
             relative = self.default_relative
         self.damping_rule_ = "given" if self.args.damping is not None else "spectrum"
         return [relative * f.mean_eigenvalue() for f in self.factors_]
+
+    def resolved_relative_damping(self) -> float:
+        """The relative damping (``damping``'s unit: × each layer's mean eigenvalue) that the damping in use amounts
+        to: the geometric mean over the fitted layers of λ_l / mean_l (the level itself for a relative damping; what an
+        absolute rule, the SGD recipe's or an Adam run's, amounts to in that unit)."""
+        levels = [lam / f.mean_eigenvalue() for f, lam in zip(self.factors_, self._layer_damping())
+                  if f.mean_eigenvalue() > 0 and lam > 0]
+        if not levels:
+            return self.default_relative
+        return math.exp(sum(math.log(v) for v in levels) / len(levels))
 
     def _inverse_eigenvalues(self) -> torch.Tensor:
         """1 / (Λ (+ wd) + λ_layer) in the concatenated eigenbasis layout (float64)."""
