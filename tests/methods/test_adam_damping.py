@@ -1,6 +1,6 @@
 """The default damping of an Adam / AdamW run whose optimizer state was recorded: λ = ADAM_RIDGE × mean(√v̂ + ε) /
-(lr · steps), for the direct solvers and ASTRA (benchmarks/README.md, "Damping from an Adam run"); K-FAC / EK-FAC and
-runs without the state keep their spectrum rules."""
+(lr · steps), for the direct solvers and ASTRA (benchmarks/README.md, "Damping from an Adam run"), and the exact system
+K-FAC / EK-FAC match their damping to; runs without the state keep the spectrum rule."""
 
 import pytest
 import torch
@@ -59,7 +59,7 @@ def test_solvers_take_the_adam_runs_ridge(tiny_mlp, tiny_data, solver):
     torch.testing.assert_close(auto.attribute(test).scores, given.attribute(test).scores)
 
 
-def test_without_the_state_or_for_kronecker_the_spectrum_rules_stay(tiny_mlp, tiny_data):
+def test_without_the_state_the_spectrum_rule_stays_and_kronecker_matches_at_the_adam_rule(tiny_mlp, tiny_data):
     train, _ = tiny_data
     checkpoint, _ = _adam_run(tiny_mlp, train)
     stateless = Checkpoint(checkpoint.state_dict, ADAM.lr, checkpoint.step, optimizer="adam")
@@ -73,7 +73,9 @@ def test_without_the_state_or_for_kronecker_the_spectrum_rules_stay(tiny_mlp, ti
     sgd = TrainConfig(epochs=3, batch_size=8, lr=0.01, optimizer="sgd")  # an SGD recipe: its own ridge
     assert get_method("if-explicit", task, train_config=sgd).fit(train).damping_rule_ == "recipe"
     assert get_method("if-explicit", task).fit(train).damping_rule_ == "spectrum"  # no recipe: no lr, no steps
-    for method in ("if-kfac", "if-ekfac"):
+    adam_lam = get_method("if-explicit", task, train_config=ADAM).fit(train).lam_
+    for method in ("if-kfac", "if-ekfac"):  # their damping is matched to the exact system at the Adam rule's λ
         kronecker = get_method(method, task, train_config=ADAM).fit(train)
         kronecker._layer_damping()
-        assert kronecker.damping_rule_ == "spectrum"
+        assert kronecker.damping_rule_ == "matched" and kronecker.damping_match_.exact_rule == "adam"
+        assert kronecker.damping_match_.exact_damping == pytest.approx(adam_lam)

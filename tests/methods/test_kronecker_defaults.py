@@ -112,11 +112,14 @@ def test_default_rule_expected_fisher_and_its_documented_fallbacks(tiny_mlp, tin
     one sampled label per example, as fisher='true'."""
     from tda_explorer.compute.methods.influence.ekfac import EKFACArguments
 
-    assert EKFACArguments().fisher == "expected" and EKFACArguments().damping is None  # no recipe: 0.5 relative
+    assert EKFACArguments().fisher == "expected" and EKFACArguments().damping is None  # None: matched
     train, test = tiny_data
     default = get_method("if-ekfac", AttributionTask(tiny_mlp)).fit(train)
-    explicit = get_method("if-ekfac", AttributionTask(tiny_mlp), fisher="expected", damping=0.5).fit(train)
+    explicit = get_method("if-ekfac", AttributionTask(tiny_mlp), fisher="expected").fit(train)
     torch.testing.assert_close(default.attribute(test).scores, explicit.attribute(test).scores)
+    expected = layer_covariances(AttributionTask(tiny_mlp), train, "expected")
+    empirical = layer_covariances(AttributionTask(tiny_mlp), train, "empirical")
+    assert all(not torch.allclose(expected[k][1], empirical[k][1]) for k in expected)  # the default is not empirical
     torch.manual_seed(0)
     wide = nn.Linear(3, EXPECTED_MAX_CLASSES + 1).double()
     data = AttributionDataset(torch.randn(8, 3, dtype=torch.float64), torch.arange(8))

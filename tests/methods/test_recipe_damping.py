@@ -1,6 +1,6 @@
 """The default damping read from an SGD training recipe: λ = (1 − momentum) / (lr · steps), the ridge that the run's
-gradient steps amount to (benchmarks/README.md, "Damping from the training run"), for the direct solvers and K-FAC /
-EK-FAC; Adam, AdamW or no recipe keep the spectrum-relative rules."""
+gradient steps amount to (benchmarks/README.md, "Damping from the training run"), for the direct solvers, and the
+exact system K-FAC / EK-FAC match their damping to; Adam, AdamW or no recipe keep the spectrum-relative rules."""
 
 import pytest
 import torch
@@ -43,20 +43,39 @@ def test_adam_recipe_keeps_the_spectrum_rule(tiny_mlp, tiny_data):
 
 
 @pytest.mark.parametrize("method", ["if-kfac", "if-ekfac"])
-def test_kronecker_adds_the_recipes_ridge_on_every_layer(tiny_data, method):
-    """One layer: the absolute ridge λ equals the relative damping λ / (the layer's mean eigenvalue)."""
+def test_kronecker_matches_its_damping_at_the_recipes_ridge_and_falls_back_to_it(tiny_data, method, monkeypatch):
+    """K-FAC / EK-FAC match their damping to the exact system at the recipe's ridge (matched_damping); where the match
+    cannot run they add the ridge itself on every layer (one layer: λ = the relative damping λ / its mean eigenvalue),
+    saying so, and without a recipe 0.5 × the mean eigenvalue."""
+    from tda_explorer.compute.methods.influence import ekfac
+    from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
+
     train, test = tiny_data
     torch.manual_seed(0)
     model = nn.Linear(4, 3).double()
     lam = SGDM.implicit_damping(len(train))
+    matched = get_method(method, AttributionTask(model), train_config=SGDM).fit(train)
+    matched.attribute(test)
+    assert matched.damping_rule_ == "matched" and matched.damping_match_.exact_rule == "recipe"
+    assert matched.damping_match_.exact_damping == pytest.approx(lam)
+    mean = matched.factors_[0].mean_eigenvalue()
+    same = get_method(method, AttributionTask(model), damping=matched._layer_damping()[0] / mean).fit(train)
+    torch.testing.assert_close(matched.attribute(test).scores, same.attribute(test).scores)
+
+    def no_match(*args, **kwargs):
+        raise ValueError("a degenerate sample")
+
+    monkeypatch.setattr(ekfac, "match_damping", no_match)
     auto = get_method(method, AttributionTask(model), train_config=SGDM).fit(train)
-    mean = auto.factors_[0].mean_eigenvalue()
+    with pytest.warns(SolverBackoffWarning, match="could not be matched .*a degenerate sample"):
+        scores = auto.attribute(test).scores
     relative = get_method(method, AttributionTask(model), damping=lam / mean).fit(train)
-    torch.testing.assert_close(auto.attribute(test).scores, relative.attribute(test).scores)
+    torch.testing.assert_close(scores, relative.attribute(test).scores)
     assert auto.damping_rule_ == "recipe"
     adam = get_method(method, AttributionTask(model), train_config=TrainConfig(optimizer="adam")).fit(train)
     half = get_method(method, AttributionTask(model), damping=0.5).fit(train)
-    torch.testing.assert_close(adam.attribute(test).scores, half.attribute(test).scores)
+    with pytest.warns(SolverBackoffWarning):
+        torch.testing.assert_close(adam.attribute(test).scores, half.attribute(test).scores)
     assert adam.damping_rule_ == "spectrum"
 
 

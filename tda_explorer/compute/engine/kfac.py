@@ -561,6 +561,41 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
             rotated.rows if rotated is not None else None)
 
 
+def fisher_rows_per_example(data: AttributionDataset, fisher: str) -> int:
+    """How many Fisher rows ``fisher_and_gradient_rows`` makes per example: one per class for the expected Fisher of
+    class labels (up to ``EXPECTED_MAX_CLASSES``: above it, or for sequences, one sampled label), else one."""
+    labels = data.labels
+    if fisher != "expected" or labels is None or labels.dim() != 1:
+        return 1
+    classes = max(data.n_classes, int(labels.max()) + 1 if len(labels) else 1)
+    return classes if classes <= EXPECTED_MAX_CLASSES else 1
+
+
+def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
+                             loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fisher: str = "expected",
+                             batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu",
+                             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """In the Kronecker eigenbases, from one forward pass over ``data``: the rows ``R`` of its Fisher of kind
+    ``fisher``, un-factored (the expected Fisher's one √p_c-weighted row per class and example, else one per
+    example), so that ``F = RᵀR / len(data)``; and each example's gradient of ``loss`` ``[len(data), Σ widths]``."""
+    layers = tracked_layers(task)
+    sampled, _ = _sampler(task, fisher, seed)
+    fisher_rows, gradient_rows = [], []
+    model = task.model
+    restore = eval_mode(model)
+    model.to(device)
+    try:
+        for patches, (fisher_grads, loss_grads) in layer_activity(
+                model, layers, data, [sampled, _on_batch(task, loss)], batch_size, device, argument="train",
+                ids=data.ids, output=task.output):
+            for grads, out in ((fisher_grads, fisher_rows), (loss_grads, gradient_rows)):
+                out.append(torch.cat([_rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1).to(dtype)
+                                      for f in factors], dim=1))
+    finally:
+        restore()
+    return torch.cat(fisher_rows), torch.cat(gradient_rows)
+
+
 class _RotatedRows:
     """Each example's gradient in the Kronecker eigenbases (``Q_Sᵀ G Q_A``, layers side by side) written batch by batch
     and layer by layer into one ``[n, Σ widths]`` tensor: no batch of concatenated layers and no concatenation of the

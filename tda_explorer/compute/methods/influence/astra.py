@@ -122,8 +122,12 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         else the direct solvers' rule for the same system on every layer (the SGD recipe's ridge, the Adam run's, or
         ``DAMPING_LEVEL`` × the largest eigenvalue of the GGN, by power iteration once per fit)."""
         scale = getattr(self, "damping_scale_", 1.0)
-        if self.args.damping is not None or recipe_damping(self.args.train_config, self.train_) is not None:
+        if self.args.damping is not None:
             return [lam * scale for lam in super()._layer_damping()]
+        recipe = recipe_damping(self.args.train_config, self.train_)
+        if recipe is not None:
+            self.damping_rule_ = "recipe"
+            return [recipe * scale] * len(self.factors_)
         adam = adam_damping(self.args.train_config, self.train_, self.task.checkpoints)
         if adam is not None:
             self.damping_rule_ = "adam"
@@ -158,8 +162,9 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         if self.args.damping != self.default_damping_ or self.damping_scale_ != 1.0:
             self._set_damping(self.default_damping_)
         if getattr(self, "fallback_", None) is None:
-            self.fallback_ = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory)
-            self.fallback_.factors_ = self.factors_
+            self.fallback_ = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory,
+                                    train_config=self.args.train_config)
+            self.fallback_.factors_, self.fallback_.train_ = self.factors_, self.train_data_
         return self.fallback_._precondition(rhs)
 
     def _damping_flat(self) -> torch.Tensor:

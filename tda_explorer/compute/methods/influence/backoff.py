@@ -91,9 +91,11 @@ class BackoffSolver:
         """``(P + D)⁻¹ rhs`` with ``if-ekfac``'s defaults fitted on the training set (factors only, once)."""
         if getattr(self, "fallback_", None) is None:
             tracked_layers(self.task)  # every tracked module must be factored: no default restriction here
-            ekfac = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory)
-            ekfac.factors_ = fit_factors(self.task, self._backoff_train(), ekfac.args.fisher, True,
-                                         ekfac.args.batch_size, device=self.device)
+            ekfac = create("if-ekfac", self.task, device=self.device, max_memory=self.max_memory,
+                           train_config=getattr(self.args, "train_config", None))
+            ekfac.train_ = self._backoff_train()
+            ekfac.factors_ = fit_factors(self.task, ekfac.train_, ekfac.args.fisher, True, ekfac.args.batch_size,
+                                         device=self.device)
             self.fallback_ = ekfac
         return self.fallback_._precondition(rhs.double())
 

@@ -50,6 +50,8 @@ from tda_explorer.compute.engine.fingerprint import config_fingerprint, model_fi
 from tda_explorer.compute.engine.kfac import (
     LayerFactors,
     default_layers,
+    fisher_and_gradient_rows,
+    fisher_rows_per_example,
     fit_factors_and_gradients,
     rotated_gradient_batches,
     rotated_gradients,
@@ -57,10 +59,21 @@ from tda_explorer.compute.engine.kfac import (
 )
 from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
-from tda_explorer.compute.methods.influence.direct import InfluenceArguments, device_memory, recipe_damping
+from tda_explorer.compute.methods.influence.direct import (
+    InfluenceArguments,
+    adam_damping,
+    device_memory,
+    recipe_damping,
+)
+from tda_explorer.compute.methods.influence.matched_damping import (
+    MATCH_MIN_EXAMPLES,
+    DampingMatch,
+    match_damping,
+    sample_size,
+)
 from tda_explorer.data.dataset import AttributionDataset
 
-RELATIVE_DAMPING = 0.5  # λ_l / layer l's mean eigenvalue without an SGD recipe
+RELATIVE_DAMPING = 0.5  # λ_l / layer l's mean eigenvalue where the match cannot run and there is no SGD recipe
 HOLD_SHARE = 0.25  # by default the training gradients are held between queries when they take at most this share
 
 
@@ -68,12 +81,16 @@ HOLD_SHARE = 0.25  # by default the training gradients are held between queries 
 class EKFACArguments(InfluenceArguments):
     curvature: str = option("fisher", "the curvature the Kronecker factors approximate, layer by layer: the Fisher "
                                       "(which one: fisher), the only choice", Options(("fisher",)))
-    # None: the SGD recipe's ridge, absolute (benchmarks/README.md "Damping from the training run"), else 0.5 relative
-    # (RELATIVE_DAMPING: the least median regret over the zoo, "Kronecker defaults across the zoo")
+    # None: matched to the exact curvature on a sample of the training set (matched_damping.py; the zoo's regret,
+    # benchmarks/README.md "Kronecker damping matched to the exact curvature"): no fixed level held across the zoo
     damping: float | None = option(None, "RELATIVE per layer: λ_l = damping × the mean eigenvalue of layer l's "
                                          "factored curvature, added instead of the weight decay (see "
-                                         "weight_decay_term); None: with an SGD train_config the ridge its steps "
-                                         "amount to, (1 − momentum) / (lr · steps), on every layer, else 0.5",
+                                         "weight_decay_term); None: matched on the model, the level at which the "
+                                         "Kronecker scores of a sample of training examples agree best with those "
+                                         "of the exact (un-factored) Fisher of the sample at the direct solvers' "
+                                         "damping (with an SGD train_config its ridge, with an Adam one and the "
+                                         "run's recorded optimizer state that run's, else 0.01 × λ_max); "
+                                         "damping_match_ reports it",
                                    NONNEGATIVE)
     weight_decay_term: bool = option(False, "also add the objective's weight decay to the eigenvalues (the exact "
                                             "objective's curvature); by default the relative damping replaces it",
@@ -136,12 +153,13 @@ class EKFACInfluence(Attributor):
     """EK-FAC influence functions: Kronecker-factored eigenbases with corrected eigenvalues, per layer.
 
     Supports nn.Linear and nn.Conv2d layers. Fitted: ``factors_`` (per layer), ``train_rot_`` (the training
-    gradients in the eigenbasis; None when they are recomputed per query, ``keep_gradients``); ``with_damping``
-    changes the damping without a refit.
+    gradients in the eigenbasis; None when they are recomputed per query, ``keep_gradients``), ``damping_match_``
+    (the default damping matched to the exact curvature, once it is used; ``DampingMatch``); ``with_damping`` changes
+    the damping without a refit.
     """
 
     corrected = True
-    default_relative = RELATIVE_DAMPING  # the relative damping when neither an option nor a recipe sets it
+    default_relative = RELATIVE_DAMPING  # the relative damping when no option, match or recipe sets it
 
     def _setup(self) -> None:
         if self.projector is not None:
@@ -209,17 +227,58 @@ class EKFACInfluence(Attributor):
         return inverse
 
     def _layer_damping(self) -> list[float]:
-        """λ_l of each fitted layer: ``damping`` × its mean eigenvalue, or by default the SGD recipe's ridge on every
-        layer (else ``default_relative`` × its mean eigenvalue); ``damping_rule_`` names the rule taken."""
-        relative = self.args.damping
-        if relative is None:
-            absolute = recipe_damping(self.args.train_config, self.train_)
-            if absolute is not None:
-                self.damping_rule_ = "recipe"
-                return [absolute] * len(self.factors_)
-            relative = self.default_relative
-        self.damping_rule_ = "given" if self.args.damping is not None else "spectrum"
-        return [relative * f.mean_eigenvalue() for f in self.factors_]
+        """λ_l of each fitted layer: ``damping`` × its mean eigenvalue, or by default the level matched to the exact
+        curvature on a sample of the training set (``damping_match_``; matched_damping.py); ``damping_rule_`` names the
+        rule taken ("given", "matched"; where the match cannot run, the SGD recipe's ridge on every layer, "recipe",
+        else ``default_relative`` × each layer's mean eigenvalue, "spectrum", with a warning)."""
+        if self.args.damping is not None:
+            self.damping_rule_ = "given"
+            return [self.args.damping * f.mean_eigenvalue() for f in self.factors_]
+        match = self._damping_match()
+        if match is not None:
+            self.damping_rule_ = "matched"
+            return match.layer_damping
+        absolute = recipe_damping(self.args.train_config, self.train_)
+        if absolute is not None:
+            self.damping_rule_ = "recipe"
+            return [absolute] * len(self.factors_)
+        self.damping_rule_ = "spectrum"
+        return [self.default_relative * f.mean_eigenvalue() for f in self.factors_]
+
+    def _damping_match(self) -> DampingMatch | None:
+        """The damping matched to the exact curvature, computed once per fit; None where it cannot be (no training
+        set, or a sample or spectrum it cannot use: ``SolverBackoffWarning`` says why)."""
+        if getattr(self, "damping_match_", None) is not None:
+            return self.damping_match_
+        if self.train_ is None or getattr(self, "_match_failed", False):
+            return None
+        try:
+            self.damping_match_ = self._match()
+        except (ValueError, RuntimeError) as err:  # a degenerate sample or spectrum: the older rules serve
+            self._match_failed = True
+            warnings.warn(f"{self.name}: the damping could not be matched to the exact curvature ({err}); using the "
+                          "SGD recipe's ridge or 0.5 × each layer's mean eigenvalue", SolverBackoffWarning,
+                          stacklevel=4)
+            return None
+        return self.damping_match_
+
+    def _match(self) -> DampingMatch:
+        train, a = self.train_, self.args
+        rows = fisher_rows_per_example(train, a.fisher)
+        width = sum(f.eigenvalues.numel() for f in self.factors_)
+        m = sample_size(len(train), rows, width, torch.finfo(self._dtype()).bits // 8)
+        if m < min(MATCH_MIN_EXAMPLES, len(train)):
+            raise ValueError(f"the sampled Fisher rows would not fit: {m} examples within the matching's memory")
+        positions = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:m].sort().values
+        sample = train.subset(positions.tolist())
+        fisher_rows, gradient_rows = fisher_and_gradient_rows(self.task, self.factors_, sample, self.task.train_loss,
+                                                              a.fisher, a.batch_size, device=self.device,
+                                                              dtype=self._dtype())
+        exact, rule = recipe_damping(a.train_config, train), "recipe"
+        if exact is None:
+            exact, rule = adam_damping(a.train_config, train, self.task.checkpoints), "adam"
+        return match_damping(self.factors_, fisher_rows, gradient_rows, float(self.task.weight_decay), exact,
+                             rule if exact is not None else "spectrum")
 
     def resolved_relative_damping(self) -> float:
         """The relative damping (``damping``'s unit: × each layer's mean eigenvalue) that the damping in use amounts
@@ -240,6 +299,7 @@ class EKFACInfluence(Attributor):
 
     def _fit(self, train: AttributionDataset) -> None:
         a, key = self.args, None
+        self.damping_match_, self._match_failed = None, False
         keep = self._keeps_gradients(train)
         if self.store is not None:
             key = config_fingerprint(model_fingerprint(self.task.model), self.task.config(), "ekfac", a.fisher,

@@ -1,0 +1,202 @@
+"""The Kronecker methods' default damping, matched to the exact curvature on the user's own model.
+
+K-FAC and EK-FAC approximate the curvature layer by layer, and their damping does two jobs: the ridge of the system
+(the direct solvers take it from the training run: the SGD recipe's, an Adam run's, or 0.01 × λ_max) and a correction
+for what the factorisation gets wrong, which differs from model to model by orders of magnitude, so that no fixed level
+holds across models (benchmarks/README.md, "Kronecker damping matched to the exact curvature").
+
+``match_damping`` reads the level off the model: on a random sample of training examples it forms the same Fisher
+un-factored (``kfac.fisher_and_gradient_rows``, in the Kronecker eigenbasis), solves the direct solvers' system on it,
+``(F + wd + λ) x = g``, exactly for a few probe examples' gradients (through the sample's Gram matrix), and takes the
+damping, among relative levels per layer and multiples of λ, at which the Kronecker scores of those probes against the
+sampled examples agree best (mean Pearson correlation) with the exact ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tda_explorer.compute.engine.kfac import LayerFactors
+from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
+
+#: Training examples sampled for the exact curvature: at most this many, and at most ``MATCH_ROWS`` Fisher rows
+#: (the expected Fisher has one per class) taking at most ``MATCH_MEMORY`` bytes.
+MATCH_EXAMPLES, MATCH_ROWS, MATCH_MEMORY = 256, 2048, 256 * 2**20
+#: Probe examples (of the sample) whose exact and Kronecker scores are compared.
+MATCH_PROBES = 64
+#: The least number of sampled examples worth matching on.
+MATCH_MIN_EXAMPLES = 16
+#: Candidate levels, relative to each layer's mean eigenvalue and as multiples of λ: 10^(k/2) for k = -8..6.
+CANDIDATES = tuple(10.0 ** (k / 2) for k in range(-8, 7))
+#: Width in decades of the eigenvalue bins the candidates' scores are summed over (``_BinnedScores``).
+BIN_WIDTH = 0.02
+#: Golden-section steps refining the best candidate between its neighbours (to 0.6^10 of that one-decade bracket).
+REFINE_STEPS = 10
+
+
+@dataclass
+class DampingMatch:
+    """What ``match_damping`` chose and from what: per-layer λ, the candidate family ("relative": × the layer's mean
+    eigenvalue, or "absolute": × the exact system's λ) and level, the agreement it reached, the exact system's
+    damping and the rule it came from, and the sample."""
+
+    layer_damping: list[float]
+    family: str
+    level: float
+    agreement: float
+    exact_damping: float
+    exact_rule: str
+    examples: int
+    probes: int
+
+    def describe(self) -> str:
+        unit = ("× each layer's mean eigenvalue" if self.family == "relative"
+                else f"× the exact system's λ {self.exact_damping:.3g}")
+        return (f"{self.level:.3g} {unit} (scores' correlation with the exact damped curvature's {self.agreement:.3f} "
+                f"on {self.probes} probes × {self.examples} sampled training examples; exact λ from the "
+                f"{self.exact_rule} rule)")
+
+
+def sample_size(n: int, rows_per_example: int, width: int, itemsize: int) -> int:
+    """How many training examples to sample: ``MATCH_EXAMPLES`` (at most ``n``), fewer where their Fisher rows
+    (``rows_per_example`` × ``width`` numbers each) would exceed ``MATCH_ROWS`` rows or ``MATCH_MEMORY`` bytes."""
+    fits = MATCH_MEMORY // max(1, rows_per_example * width * itemsize)
+    return int(min(n, MATCH_EXAMPLES, MATCH_ROWS // rows_per_example, fits))
+
+
+def _largest_eigenvalue(rows: torch.Tensor, iterations: int = 30) -> float:
+    """The largest eigenvalue of ``rowsᵀ rows`` (power iteration, two products with ``rows`` a step)."""
+    v = torch.ones(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    value = 0.0
+    for _ in range(iterations):
+        w = (rows @ v) @ rows
+        value = float(w.norm())
+        if value == 0.0:
+            return 0.0
+        v = w / value
+    return value
+
+
+def _solve(rows: torch.Tensor, shift: float, rhs: torch.Tensor) -> torch.Tensor:
+    """``(rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, through the small side (Woodbury): the
+    Gram matrix of the ``r`` rows, an ``r × r`` Cholesky factor, two products with ``rows``."""
+    gram = (rows @ rows.T).double()
+    gram.diagonal().add_(shift)
+    factor = torch.linalg.cholesky(gram)
+    inner = torch.cholesky_solve((rows @ rhs.T.to(rows.dtype)).double(), factor)
+    return (rhs.double() - (inner.T.to(rows.dtype) @ rows).double()) / shift
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float:
+    """Mean over rows of the Pearson correlation of ``a`` and ``b`` (each row's entries, the ``exclude`` mask left
+    out)."""
+    keep = ~exclude
+    a = torch.where(keep, a, 0.0)
+    b = torch.where(keep, b, 0.0)
+    count = keep.sum(1, keepdim=True)
+    a = torch.where(keep, a - a.sum(1, keepdim=True) / count, 0.0)
+    b = torch.where(keep, b - b.sum(1, keepdim=True) / count, 0.0)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    return float(corr.mean())
+
+
+class _BinnedScores:
+    """The probes' Kronecker scores against the sample at any per-layer damping, from one pass over the coordinates:
+    each layer's eigenbasis coordinates are grouped into bins of nearly equal eigenvalue (``BIN_WIDTH`` decades; the
+    zeros apart), and ``Σ_d p_d g_d / (e_d + λ)`` is taken as ``Σ_bins (Σ_{d in bin} p_d g_d) / (ē_bin + λ)``, ē the
+    bin's mean eigenvalue: a relative error of at most about the bin's width in the weight of any coordinate."""
+
+    def __init__(self, eigenvalues: list[torch.Tensor], probe: torch.Tensor, rows: torch.Tensor):
+        blocks, centres, layers, start = [], [], [], 0
+        for layer, e in enumerate(eigenvalues):
+            part = slice(start, start + len(e))
+            start += len(e)
+            positive = e > 0
+            keys = torch.where(positive, torch.floor(torch.log10(e.clamp_min(1e-300)) / BIN_WIDTH), -math.inf)
+            for key in torch.unique(keys).tolist():
+                members = (keys == key).nonzero().flatten()
+                sub = slice(part.start, part.stop)
+                blocks.append((probe[:, sub][:, members] @ rows[:, sub][:, members].T).double())
+                centres.append(float(e[members].mean()))
+                layers.append(layer)
+        self.products = torch.stack(blocks)  # [bins, probes, sample]
+        self.centres = torch.tensor(centres, dtype=torch.float64, device=self.products.device)
+        self.layers = torch.tensor(layers, device=self.products.device)
+
+    def scores(self, layer_damping: list[float]) -> torch.Tensor:
+        weights = 1.0 / (self.centres + torch.tensor(layer_damping, dtype=torch.float64,
+                                                     device=self.centres.device)[self.layers])
+        return torch.einsum("b,bpm->pm", weights, self.products)
+
+
+def match_damping(factors: list[LayerFactors], fisher_rows: torch.Tensor, gradient_rows: torch.Tensor,
+                  weight_decay: float, exact_damping: float | None, exact_rule: str,
+                  probes: int = MATCH_PROBES) -> DampingMatch:
+    """The per-layer damping at which the Kronecker scores (eigenvalues of ``factors``, the weight decay left out as
+    the Kronecker methods do by default) agree best with the exact ones on the sample: ``fisher_rows`` ``R`` (F =
+    RᵀR / m over the m sampled examples) and ``gradient_rows`` (their training-loss gradients, the first ``probes`` the
+    probes, scored against all m but themselves), all in the eigenbasis. The exact system is ``(F + weight_decay + λ)
+    x = g`` with λ = ``exact_damping`` (the direct solvers' rule, named by ``exact_rule``), or where that is None 0.01
+    × F's largest eigenvalue. Each family's levels are the ``CANDIDATES``, the best refined between its neighbours
+    (``_peak``)."""
+    m = len(gradient_rows)
+    rows = fisher_rows / math.sqrt(m)
+    if exact_damping is None:
+        exact_damping, exact_rule = DAMPING_LEVEL * _largest_eigenvalue(rows), "spectrum"
+    eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
+    shift = weight_decay + exact_damping
+    probe = gradient_rows[: min(probes, m)]
+    exact_scores = _solve(rows, shift, probe) @ gradient_rows.double().T
+    own = torch.zeros_like(exact_scores, dtype=torch.bool)
+    own[torch.arange(len(probe)), torch.arange(len(probe))] = True
+    kronecker = _BinnedScores(eigenvalues, probe, gradient_rows)
+    means = [f.mean_eigenvalue() for f in factors]
+
+    def layer_damping(family: str, level: float) -> list[float]:
+        return [level * mean for mean in means] if family == "relative" else [level * exact_damping] * len(factors)
+
+    best = None
+    for family in ("relative", "absolute"):
+        curve = [(level, _agreement(kronecker.scores(layer_damping(family, level)), exact_scores, own))
+                 for level in CANDIDATES if all(lam > 0 and math.isfinite(lam) for lam in layer_damping(family, level))]
+        if not curve:
+            continue
+        level, value = _peak(curve, lambda level, family=family: _agreement(
+            kronecker.scores(layer_damping(family, level)), exact_scores, own))
+        if best is None or value > best[0]:
+            best = (value, family, level)
+    if best is None:
+        raise ValueError("no positive candidate damping")
+    value, family, level = best
+    return DampingMatch(layer_damping(family, level), family, level, value, exact_damping, exact_rule, m, len(probe))
+
+
+def _peak(curve: list[tuple[float, float]], evaluate: Callable[[float], float]) -> tuple[float, float]:
+    """The level of the highest agreement: the best of ``curve`` ((level, agreement) on a log-spaced grid), refined by
+    golden-section search in log level between its two neighbours (``evaluate`` gives the agreement at a level); at
+    the grid's ends, the end."""
+    i = max(range(len(curve)), key=lambda k: curve[k][1])
+    if not 0 < i < len(curve) - 1:
+        return curve[i]
+    low, high = math.log(curve[i - 1][0]), math.log(curve[i + 1][0])
+    best = curve[i]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = evaluate(math.exp(a)), evaluate(math.exp(b))
+    for _ in range(REFINE_STEPS):
+        if fa >= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = evaluate(math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = evaluate(math.exp(b))
+    for level, value in ((math.exp(a), fa), (math.exp(b), fb)):
+        if value > best[1]:
+            best = (level, value)
+    return best

@@ -1,0 +1,116 @@
+"""K-FAC / EK-FAC's default damping matched to the exact curvature (matched_damping.py): the exact solve through the
+sample's Gram matrix, the binned Kronecker scores, the match itself where the answer is known, and the fitted
+method's use of it."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tda_explorer import AttributionDataset, AttributionTask, get_method
+from tda_explorer.compute.engine.kfac import LayerFactors, fisher_and_gradient_rows
+from tda_explorer.compute.methods.influence.matched_damping import (
+    _BinnedScores,
+    _peak,
+    _solve,
+    match_damping,
+    sample_size,
+)
+from tda_explorer.compute.training.train import TrainConfig
+
+
+def test_the_exact_solve_through_the_gram_matrix_equals_a_dense_solve():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, 30, generator=gen, dtype=torch.float64)
+    rhs = torch.randn(5, 30, generator=gen, dtype=torch.float64)
+    dense = torch.linalg.solve(rows.T @ rows + 0.3 * torch.eye(30, dtype=torch.float64), rhs.T).T
+    torch.testing.assert_close(_solve(rows, 0.3, rhs), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_binned_scores_are_the_kronecker_scores_to_the_bins_width():
+    gen = torch.Generator().manual_seed(1)
+    eigenvalues = [torch.rand(40, generator=gen, dtype=torch.float64) ** 4, torch.cat([
+        torch.zeros(5, dtype=torch.float64), torch.rand(20, generator=gen, dtype=torch.float64)])]
+    probe, rows = torch.randn(3, 65, generator=gen), torch.randn(9, 65, generator=gen)
+    binned = _BinnedScores(eigenvalues, probe, rows)
+    for lams in ([1e-3, 1e-2], [0.5, 0.05]):
+        inverse = torch.cat([1 / (e + lam) for e, lam in zip(eigenvalues, lams)])
+        exact = (probe.double() * inverse) @ rows.double().T
+        torch.testing.assert_close(binned.scores(lams), exact, rtol=0.06, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_where_the_factored_curvature_is_the_exact_one_the_match_is_the_exact_systems_damping():
+    """Fisher rows whose RᵀR/m is exactly the factors' diagonal: the Kronecker scores at λ equal the exact ones, so the
+    match is λ (agreement 1; one layer, so either family expresses it), whatever λ and wherever the grid falls."""
+    gen = torch.Generator().manual_seed(2)
+    e = torch.rand(12, generator=gen, dtype=torch.float64) * 3 + 0.01
+    factors = [LayerFactors("", torch.eye(3, dtype=torch.float64), torch.eye(4, dtype=torch.float64), e.view(4, 3))]
+    m = 40
+    fisher_rows = math.sqrt(m) * torch.diag(e.sqrt())  # 12 rows: RᵀR / m = diag(e)
+    gradient_rows = torch.randn(m, 12, generator=gen, dtype=torch.float64)
+    for lam in (0.0137, 0.41):
+        match = match_damping(factors, fisher_rows, gradient_rows, 0.0, lam, "recipe")
+        assert match.agreement == pytest.approx(1.0, abs=1e-4) and (match.examples, match.probes) == (m, m)
+        assert math.log10(match.layer_damping[0] / lam) == pytest.approx(0.0, abs=0.02)
+    weighted = match_damping(factors, fisher_rows, gradient_rows, 0.2, 0.05, "recipe")  # the weight decay is the
+    assert math.log10(weighted.layer_damping[0] / 0.25) == pytest.approx(0.0, abs=0.02)  # exact system's too
+
+
+def test_the_peak_is_refined_between_the_best_candidates_neighbours():
+    def agreement(level):
+        return 1 - (math.log10(level) + 0.37) ** 2  # best at 10^-0.37, between the grid's 10^-0.5 and 1
+
+    curve = [(level, agreement(level)) for level in (0.1, 10 ** -0.5, 1.0, 10 ** 0.5)]
+    level, value = _peak(curve, agreement)
+    assert math.log10(level) == pytest.approx(-0.37, abs=0.01) and value == pytest.approx(1.0, abs=1e-4)
+    assert _peak([(1.0, 0.9), (10.0, 0.5)], agreement) == (1.0, 0.9)  # at the grid's end: not extrapolated
+
+
+def test_the_sample_holds_at_most_the_rows_and_memory_allowed():
+    assert sample_size(100, 10, 50, 4) == 100
+    assert sample_size(10_000, 10, 50, 4) == 204  # 2,048 rows of the expected Fisher over 10 classes
+    assert sample_size(10_000, 1, 50, 4) == 256
+    assert sample_size(10_000, 1, 10_000_000, 4) == 6  # 256 MiB of rows 10^7 wide
+
+
+def test_fisher_rows_are_the_fishers_factor_and_the_gradients_the_losses():
+    """On one linear layer of a softmax model: RᵀR / n is the expected Fisher (Σ_c p_c g_c g_cᵀ averaged), and the
+    gradient rows the per-example cross-entropy gradients, both in the Kronecker eigenbasis (orthogonal here)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    data = AttributionDataset(torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 4, (10,)))
+    task = AttributionTask(model)
+    kfac = get_method("if-kfac", task, damping=0.1).fit(data)
+    fisher, grads = fisher_and_gradient_rows(task, kfac.factors_, data, task.train_loss, "expected",
+                                             dtype=torch.float64)
+    assert fisher.shape == (40, 16) and grads.shape == (10, 16)
+    x1 = torch.cat([data.inputs, torch.ones(10, 1, dtype=torch.float64)], 1)
+    p = torch.softmax(model(data.inputs), -1).detach()
+    per_class = [(p - torch.eye(4, dtype=torch.float64)[c])[:, :, None] * x1[:, None, :] for c in range(4)]
+    dense = sum((p[:, c, None, None] * per_class[c].flatten(1)[:, :, None] * per_class[c].flatten(1)[:, None, :])
+                for c in range(4)).mean(0)
+    f = kfac.factors_[0]
+    basis = torch.kron(f.q_s, f.q_a)  # vec of Q_Sᵀ G Q_A, rows of G (out) by columns (in + 1)
+    torch.testing.assert_close(fisher.T @ fisher / 10, basis.T @ dense @ basis, rtol=1e-9, atol=1e-12)
+    own = (p - torch.eye(4, dtype=torch.float64)[data.labels])[:, :, None] * x1[:, None, :]
+    torch.testing.assert_close(grads, own.flatten(1) @ basis, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["if-kfac", "if-ekfac"])
+def test_the_default_is_matched_once_per_fit_and_reported(tiny_mlp, tiny_data, method):
+    train, test = tiny_data
+    recipe = TrainConfig(epochs=3, batch_size=8, lr=0.05, optimizer="sgd")
+    attributor = get_method(method, AttributionTask(tiny_mlp), train_config=recipe).fit(train)
+    first = attributor.attribute(test).scores
+    match = attributor.damping_match_
+    assert attributor.damping_rule_ == "matched" and match.exact_rule == "recipe"
+    assert match.examples == len(train) and 0 < match.agreement <= 1 and "correlation" in match.describe()
+    assert attributor._layer_damping() == match.layer_damping
+    torch.testing.assert_close(attributor.attribute(test).scores, first)
+    attributor.fit(train)
+    assert attributor.damping_match_ is None  # refitting matches again
+    torch.testing.assert_close(attributor.attribute(test).scores, first)
+    given = get_method(method, AttributionTask(tiny_mlp), train_config=recipe, damping=0.3).fit(train)
+    given.attribute(test)
+    assert given.damping_rule_ == "given" and given.damping_match_ is None
