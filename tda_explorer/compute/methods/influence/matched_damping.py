@@ -25,17 +25,15 @@ from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
 
 #: Training examples sampled for the exact curvature: at most this many, and at most ``MATCH_ROWS`` Fisher rows
 #: (the expected Fisher has one per class) taking at most ``MATCH_MEMORY`` bytes.
-MATCH_EXAMPLES, MATCH_ROWS, MATCH_MEMORY = 256, 2048, 256 * 2**20
+MATCH_EXAMPLES, MATCH_ROWS, MATCH_MEMORY = 256, 1024, 32 * 2**20
 #: Probe examples (of the sample) whose exact and Kronecker scores are compared.
 MATCH_PROBES = 64
 #: The least number of sampled examples worth matching on.
 MATCH_MIN_EXAMPLES = 16
 #: Candidate levels, relative to each layer's mean eigenvalue and as multiples of λ: 10^(k/2) for k = -8..6.
 CANDIDATES = tuple(10.0 ** (k / 2) for k in range(-8, 7))
-#: Width in decades of the eigenvalue bins the candidates' scores are summed over (``_BinnedScores``).
-BIN_WIDTH = 0.02
 #: Golden-section steps refining the best candidate between its neighbours (to 0.6^10 of that one-decade bracket).
-REFINE_STEPS = 10
+REFINE_STEPS = 8
 
 
 @dataclass
@@ -82,12 +80,19 @@ def _largest_eigenvalue(rows: torch.Tensor, iterations: int = 30) -> float:
 
 
 def _solve(rows: torch.Tensor, shift: float, rhs: torch.Tensor) -> torch.Tensor:
-    """``(rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, through the small side (Woodbury): the
-    Gram matrix of the ``r`` rows, an ``r × r`` Cholesky factor, two products with ``rows``."""
-    gram = (rows @ rows.T).double()
-    gram.diagonal().add_(shift)
-    factor = torch.linalg.cholesky(gram)
-    inner = torch.cholesky_solve((rows @ rhs.T.to(rows.dtype)).double(), factor)
+    """``(rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, on the smaller side: the ``D × D`` system
+    where the ``r`` rows are at least as many as they are wide, else through their ``r × r`` Gram matrix (Woodbury);
+    factored in the rows' precision (float64 where that fails)."""
+    wide = rows.shape[1] > rows.shape[0]
+    system = rows @ rows.T if wide else rows.T @ rows
+    system.diagonal().add_(shift)
+    try:
+        factor = torch.linalg.cholesky(system)
+    except torch.linalg.LinAlgError:
+        factor = torch.linalg.cholesky(system.double())
+    if not wide:
+        return torch.cholesky_solve(rhs.T.to(factor.dtype), factor).T.double()
+    inner = torch.cholesky_solve((rows @ rhs.T.to(rows.dtype)).to(factor.dtype), factor)
     return (rhs.double() - (inner.T.to(rows.dtype) @ rows).double()) / shift
 
 
@@ -102,35 +107,6 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float
     b = torch.where(keep, b - b.sum(1, keepdim=True) / count, 0.0)
     corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
     return float(corr.mean())
-
-
-class _BinnedScores:
-    """The probes' Kronecker scores against the sample at any per-layer damping, from one pass over the coordinates:
-    each layer's eigenbasis coordinates are grouped into bins of nearly equal eigenvalue (``BIN_WIDTH`` decades; the
-    zeros apart), and ``Σ_d p_d g_d / (e_d + λ)`` is taken as ``Σ_bins (Σ_{d in bin} p_d g_d) / (ē_bin + λ)``, ē the
-    bin's mean eigenvalue: a relative error of at most about the bin's width in the weight of any coordinate."""
-
-    def __init__(self, eigenvalues: list[torch.Tensor], probe: torch.Tensor, rows: torch.Tensor):
-        blocks, centres, layers, start = [], [], [], 0
-        for layer, e in enumerate(eigenvalues):
-            part = slice(start, start + len(e))
-            start += len(e)
-            positive = e > 0
-            keys = torch.where(positive, torch.floor(torch.log10(e.clamp_min(1e-300)) / BIN_WIDTH), -math.inf)
-            for key in torch.unique(keys).tolist():
-                members = (keys == key).nonzero().flatten()
-                sub = slice(part.start, part.stop)
-                blocks.append((probe[:, sub][:, members] @ rows[:, sub][:, members].T).double())
-                centres.append(float(e[members].mean()))
-                layers.append(layer)
-        self.products = torch.stack(blocks)  # [bins, probes, sample]
-        self.centres = torch.tensor(centres, dtype=torch.float64, device=self.products.device)
-        self.layers = torch.tensor(layers, device=self.products.device)
-
-    def scores(self, layer_damping: list[float]) -> torch.Tensor:
-        weights = 1.0 / (self.centres + torch.tensor(layer_damping, dtype=torch.float64,
-                                                     device=self.centres.device)[self.layers])
-        return torch.einsum("b,bpm->pm", weights, self.products)
 
 
 def match_damping(factors: list[LayerFactors], fisher_rows: torch.Tensor, gradient_rows: torch.Tensor,
@@ -150,23 +126,26 @@ def match_damping(factors: list[LayerFactors], fisher_rows: torch.Tensor, gradie
     eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
     shift = weight_decay + exact_damping
     probe = gradient_rows[: min(probes, m)]
-    exact_scores = _solve(rows, shift, probe) @ gradient_rows.double().T
+    exact_scores = (_solve(rows, shift, probe).to(gradient_rows.dtype) @ gradient_rows.T).double()
     own = torch.zeros_like(exact_scores, dtype=torch.bool)
     own[torch.arange(len(probe)), torch.arange(len(probe))] = True
-    kronecker = _BinnedScores(eigenvalues, probe, gradient_rows)
     means = [f.mean_eigenvalue() for f in factors]
 
     def layer_damping(family: str, level: float) -> list[float]:
         return [level * mean for mean in means] if family == "relative" else [level * exact_damping] * len(factors)
 
+    def kronecker_scores(lams: list[float]) -> torch.Tensor:
+        inverse = torch.cat([1.0 / (e + lam) for e, lam in zip(eigenvalues, lams)]).to(gradient_rows.dtype)
+        return ((probe * inverse) @ gradient_rows.T).double()
+
     best = None
     for family in ("relative", "absolute"):
-        curve = [(level, _agreement(kronecker.scores(layer_damping(family, level)), exact_scores, own))
+        curve = [(level, _agreement(kronecker_scores(layer_damping(family, level)), exact_scores, own))
                  for level in CANDIDATES if all(lam > 0 and math.isfinite(lam) for lam in layer_damping(family, level))]
         if not curve:
             continue
         level, value = _peak(curve, lambda level, family=family: _agreement(
-            kronecker.scores(layer_damping(family, level)), exact_scores, own))
+            kronecker_scores(layer_damping(family, level)), exact_scores, own))
         if best is None or value > best[0]:
             best = (value, family, level)
     if best is None:
