@@ -37,7 +37,7 @@ def test_where_the_factored_curvature_is_the_exact_one_the_match_is_the_exact_sy
     fisher_rows = math.sqrt(m) * torch.diag(e.sqrt())  # 12 rows: RᵀR / m = diag(e)
     gradient_rows = torch.randn(m, 12, generator=gen, dtype=torch.float64)
     for lam in (0.0137, 0.41):
-        match = match_damping(factors, fisher_rows, gradient_rows, 0.0, lam, "recipe")
+        match = match_damping(factors, fisher_rows.clone(), gradient_rows, 0.0, lam, "recipe")  # scaled in place
         assert match.agreement == pytest.approx(1.0, abs=1e-4) and (match.examples, match.probes) == (m, m)
         assert math.log10(match.layer_damping[0] / lam) == pytest.approx(0.0, abs=0.02)
     weighted = match_damping(factors, fisher_rows, gradient_rows, 0.2, 0.05, "recipe")  # the weight decay is the

@@ -577,10 +577,15 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
                              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """In the Kronecker eigenbases, from one forward pass over ``data``: the rows ``R`` of its Fisher of kind
     ``fisher``, un-factored (the expected Fisher's one √p_c-weighted row per class and example, else one per
-    example), so that ``F = RᵀR / len(data)``; and each example's gradient of ``loss`` ``[len(data), Σ widths]``."""
+    example: ``fisher_rows_per_example``), so that ``F = RᵀR / len(data)``; and each example's gradient of ``loss``
+    ``[len(data), Σ widths]``. Both are written in place, batch by batch, into their final tensors."""
     layers = tracked_layers(task)
     sampled, _ = _sampler(task, fisher, seed)
-    fisher_rows, gradient_rows = [], []
+    width = sum(f.q_s.shape[1] * f.q_a.shape[1] for f in factors)
+    per_example = fisher_rows_per_example(data, fisher)
+    fisher_rows = torch.empty(len(data) * per_example, width, dtype=dtype, device=factors[0].q_s.device)
+    gradient_rows = torch.empty(len(data), width, dtype=dtype, device=factors[0].q_s.device)
+    filled = {"fisher": 0, "gradient": 0}
     model = task.model
     restore = eval_mode(model)
     model.to(device)
@@ -588,12 +593,18 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
         for patches, (fisher_grads, loss_grads) in layer_activity(
                 model, layers, data, [sampled, _on_batch(task, loss)], batch_size, device, argument="train",
                 ids=data.ids, output=task.output):
-            for grads, out in ((fisher_grads, fisher_rows), (loss_grads, gradient_rows)):
-                out.append(torch.cat([_rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1).to(dtype)
-                                      for f in factors], dim=1))
+            for grads, out, key in ((fisher_grads, fisher_rows, "fisher"), (loss_grads, gradient_rows, "gradient")):
+                offset, start = 0, filled[key]
+                for f in factors:
+                    part = _rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1)
+                    if start + len(part) > len(out):
+                        raise RuntimeError(f"more {key} rows than {len(out)} expected")
+                    out[start : start + len(part), offset : offset + part.shape[1]] = part
+                    offset += part.shape[1]
+                filled[key] = start + len(part)
     finally:
         restore()
-    return torch.cat(fisher_rows), torch.cat(gradient_rows)
+    return fisher_rows[: filled["fisher"]], gradient_rows[: filled["gradient"]]
 
 
 class _RotatedRows:

@@ -112,15 +112,15 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float
 def match_damping(factors: list[LayerFactors], fisher_rows: torch.Tensor, gradient_rows: torch.Tensor,
                   weight_decay: float, exact_damping: float | None, exact_rule: str,
                   probes: int = MATCH_PROBES) -> DampingMatch:
-    """The per-layer damping at which the Kronecker scores (eigenvalues of ``factors``, the weight decay left out as
-    the Kronecker methods do by default) agree best with the exact ones on the sample: ``fisher_rows`` ``R`` (F =
-    RᵀR / m over the m sampled examples) and ``gradient_rows`` (their training-loss gradients, the first ``probes`` the
-    probes, scored against all m but themselves), all in the eigenbasis. The exact system is ``(F + weight_decay + λ)
-    x = g`` with λ = ``exact_damping`` (the direct solvers' rule, named by ``exact_rule``), or where that is None 0.01
-    × F's largest eigenvalue. Each family's levels are the ``CANDIDATES``, the best refined between its neighbours
-    (``_peak``)."""
+    """The per-layer damping at which the Kronecker scores (eigenvalues of ``factors``, the weight decay left out as the
+    Kronecker methods do by default) agree best with the exact ones on the sample: ``fisher_rows`` ``R`` (F = RᵀR / m
+    over the m sampled examples; scaled in place) and ``gradient_rows`` (their training-loss gradients, the first
+    ``probes`` the probes, scored against all m but themselves), all in the eigenbasis. The exact system is ``(F +
+    weight_decay + λ) x = g`` with λ = ``exact_damping`` (the direct solvers' rule, named by ``exact_rule``), or
+    where that is None 0.01 × F's largest eigenvalue. Each family's levels are the ``CANDIDATES``, the best refined
+    between its neighbours (``_peak``)."""
     m = len(gradient_rows)
-    rows = fisher_rows / math.sqrt(m)
+    rows = fisher_rows.div_(math.sqrt(m))  # in place: the rows are this match's own
     if exact_damping is None:
         exact_damping, exact_rule = DAMPING_LEVEL * _largest_eigenvalue(rows), "spectrum"
     eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
