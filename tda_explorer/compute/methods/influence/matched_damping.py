@@ -32,7 +32,7 @@ MATCH_PROBES = 64
 MATCH_MIN_EXAMPLES = 16
 #: Candidate levels, relative to each layer's mean eigenvalue and as multiples of λ: 10^(k/2) for k = -8..6.
 CANDIDATES = tuple(10.0 ** (k / 2) for k in range(-8, 7))
-#: Golden-section steps refining the best candidate between its neighbours (to 0.6^10 of that one-decade bracket).
+#: Golden-section steps refining the best candidate between its neighbours (to 0.618^8, 2%, of that decade).
 REFINE_STEPS = 8
 
 
