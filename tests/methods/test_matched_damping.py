@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
-from tda_explorer.compute.engine.kfac import LayerFactors, fisher_and_gradient_rows
+from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors, fisher_and_gradient_rows
 from tda_explorer.compute.methods.influence.matched_damping import (
     _peak,
     _solve,
@@ -18,13 +18,40 @@ from tda_explorer.compute.methods.influence.matched_damping import (
 from tda_explorer.compute.training.train import TrainConfig
 
 
+def _mixed_rows(many: int, gen: torch.Generator) -> FisherRows:
+    """``many`` rows over a factored layer (4 × 3: vec(s ⊗ a)) and a dense one (18 wide)."""
+    rows = FisherRows([12, 18])
+    rows.add(0, torch.randn(many, 4, generator=gen, dtype=torch.float64),
+             torch.randn(many, 3, generator=gen, dtype=torch.float64))
+    rows.add(1, torch.randn(many, 18, generator=gen, dtype=torch.float64))
+    return rows
+
+
+def test_fisher_rows_products_equal_those_of_the_dense_rows():
+    gen = torch.Generator().manual_seed(3)
+    rows = _mixed_rows(7, gen)
+    dense = rows.dense()
+    s, a = rows.parts[0]
+    torch.testing.assert_close(dense[:, :12], (s[:, :, None] * a[:, None, :]).flatten(1))
+    v, w = torch.randn(5, 30, generator=gen, dtype=torch.float64), torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(rows.gram(), dense @ dense.T)
+    torch.testing.assert_close(rows.times(v), dense @ v.T)
+    torch.testing.assert_close(rows.transpose_times(w), w.T @ dense)
+    more = _mixed_rows(3, gen)
+    rows.add(0, *more.parts[0])
+    rows.add(1, *more.parts[1])
+    assert len(rows) == 10 and rows.width == 30
+    torch.testing.assert_close(rows.dense(), torch.cat([dense, more.dense()]))
+
+
 @pytest.mark.parametrize("many", [12, 45])  # fewer rows than columns (the Gram side), more (the direct side)
 def test_the_exact_solve_on_either_side_equals_a_dense_solve(many):
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(many, 30, generator=gen, dtype=torch.float64)
+    rows = _mixed_rows(many, gen)
     rhs = torch.randn(5, 30, generator=gen, dtype=torch.float64)
-    dense = torch.linalg.solve(rows.T @ rows + 0.3 * torch.eye(30, dtype=torch.float64), rhs.T).T
-    torch.testing.assert_close(_solve(rows, 0.3, rhs), dense, rtol=1e-10, atol=1e-12)
+    dense = rows.dense()
+    expected = torch.linalg.solve(dense.T @ dense + 0.3 * torch.eye(30, dtype=torch.float64), rhs.T).T
+    torch.testing.assert_close(_solve(rows, 0.3, rhs), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_where_the_factored_curvature_is_the_exact_one_the_match_is_the_exact_systems_damping():
@@ -34,13 +61,18 @@ def test_where_the_factored_curvature_is_the_exact_one_the_match_is_the_exact_sy
     e = torch.rand(12, generator=gen, dtype=torch.float64) * 3 + 0.01
     factors = [LayerFactors("", torch.eye(3, dtype=torch.float64), torch.eye(4, dtype=torch.float64), e.view(4, 3))]
     m = 40
-    fisher_rows = math.sqrt(m) * torch.diag(e.sqrt())  # 12 rows: RᵀR / m = diag(e)
     gradient_rows = torch.randn(m, 12, generator=gen, dtype=torch.float64)
+
+    def fisher_rows() -> FisherRows:  # 12 rows: RᵀR / m = diag(e); a new one each time (the match scales it)
+        rows = FisherRows([12])
+        rows.add(0, math.sqrt(m) * torch.diag(e.sqrt()))
+        return rows
+
     for lam in (0.0137, 0.41):
-        match = match_damping(factors, fisher_rows.clone(), gradient_rows, 0.0, lam, "recipe")  # scaled in place
+        match = match_damping(factors, fisher_rows(), gradient_rows, 0.0, lam, "recipe")
         assert match.agreement == pytest.approx(1.0, abs=1e-4) and (match.examples, match.probes) == (m, m)
         assert math.log10(match.layer_damping[0] / lam) == pytest.approx(0.0, abs=0.02)
-    weighted = match_damping(factors, fisher_rows, gradient_rows, 0.2, 0.05, "recipe")  # the weight decay is the
+    weighted = match_damping(factors, fisher_rows(), gradient_rows, 0.2, 0.05, "recipe")  # the weight decay is the
     assert math.log10(weighted.layer_damping[0] / 0.25) == pytest.approx(0.0, abs=0.02)  # exact system's too
 
 
@@ -71,6 +103,8 @@ def test_fisher_rows_are_the_fishers_factor_and_the_gradients_the_losses():
     kfac = get_method("if-kfac", task, damping=0.1).fit(data)
     fisher, grads = fisher_and_gradient_rows(task, kfac.factors_, data, task.train_loss, "expected",
                                              dtype=torch.float64)
+    assert len(fisher.parts[0]) == 2  # one position: held as its factors
+    fisher = fisher.dense()
     assert fisher.shape == (40, 16) and grads.shape == (10, 16)
     x1 = torch.cat([data.inputs, torch.ones(10, 1, dtype=torch.float64)], 1)
     p = torch.softmax(model(data.inputs), -1).detach()
@@ -101,3 +135,18 @@ def test_the_default_is_matched_once_per_fit_and_reported(tiny_mlp, tiny_data, m
     given = get_method(method, AttributionTask(tiny_mlp), train_config=recipe, damping=0.3).fit(train)
     given.attribute(test)
     assert given.damping_rule_ == "given" and given.damping_match_ is None
+
+
+def test_a_convolution_is_held_as_dense_rows_beside_a_factored_linear_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    data = AttributionDataset(torch.randn(20, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    recipe = TrainConfig(epochs=2, batch_size=5, lr=0.1, optimizer="sgd")
+    attributor = get_method("if-ekfac", AttributionTask(model), train_config=recipe).fit(data)
+    attributor.attribute(data)
+    assert attributor.damping_rule_ == "matched"
+    fisher, _ = fisher_and_gradient_rows(attributor.task, attributor.factors_, data, attributor.task.train_loss,
+                                         dtype=torch.float64)
+    assert [len(part) for part in fisher.parts] == [1, 2]  # the convolution's rows dense, the linear layer's factors
+    dense = fisher.dense()
+    torch.testing.assert_close(fisher.gram(), dense @ dense.T)

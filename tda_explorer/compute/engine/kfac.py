@@ -571,40 +571,121 @@ def fisher_rows_per_example(data: AttributionDataset, fisher: str) -> int:
     return classes if classes <= EXPECTED_MAX_CLASSES else 1
 
 
+class FisherRows:
+    """The rows ``R`` of a sample's un-factored Fisher in the Kronecker eigenbases (``F = RᵀR``, rows side by side over
+    the layers as in ``rotated_gradients``), kept layer by layer: where a layer's per-row gradient is one outer product
+    (one position: an nn.Linear on vectors) as its two projected factors, ``S`` ``[r, r_s]`` and ``A`` ``[r, r_a]``
+    (the row is vec(s ⊗ a)), which is far smaller than the rows; elsewhere as the dense rows. Products with ``R`` and
+    its Gram matrix work on either form."""
+
+    def __init__(self, widths: list[int]):
+        self.widths = widths
+        self.parts: list[tuple[torch.Tensor, ...]] = [() for _ in widths]  # per layer: (S, A) or (dense,)
+
+    def add(self, layer: int, *part: torch.Tensor) -> None:
+        """Append a batch's rows of ``layer``: ``(S, A)`` factors or ``(dense,)`` rows."""
+        held = self.parts[layer]
+        if not held:
+            self.parts[layer] = part
+            return
+        if len(held) != len(part):  # a layer seen with one position, then several: hold it densely
+            held, part = (self._dense(held),), (self._dense(part),)
+        self.parts[layer] = tuple(torch.cat([h, q]) for h, q in zip(held, part))
+
+    @staticmethod
+    def _dense(part: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return part[0] if len(part) == 1 else (part[0][:, :, None] * part[1][:, None, :]).flatten(1)
+
+    def __len__(self) -> int:
+        return len(self.parts[0][0])
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0][0].device
+
+    def scale_(self, factor: float) -> FisherRows:
+        """Multiply the rows by ``factor`` in place."""
+        for part in self.parts:
+            part[0].mul_(factor)
+        return self
+
+    def _slices(self):
+        start = 0
+        for width, part in zip(self.widths, self.parts):
+            yield slice(start, start + width), part
+            start += width
+
+    def dense(self) -> torch.Tensor:
+        """``R`` itself ``[r, width]``."""
+        return torch.cat([self._dense(part) for part in self.parts], dim=1)
+
+    def gram(self) -> torch.Tensor:
+        """``R Rᵀ`` ``[r, r]``: per factored layer (S Sᵀ) ∘ (A Aᵀ), per dense layer D Dᵀ."""
+        return sum((part[0] @ part[0].T) * (part[1] @ part[1].T) if len(part) == 2 else part[0] @ part[0].T
+                   for part in self.parts)
+
+    def times(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``R vᵀ`` ``[r, k]`` for ``vectors`` ``[k, width]``."""
+        out = 0
+        for cols, part in self._slices():
+            v = vectors[:, cols].to(part[0])
+            if len(part) == 2:
+                s, a = part
+                v = v.reshape(len(v), s.shape[1], a.shape[1])
+                out = out + torch.stack([((s @ vi) * a).sum(1) for vi in v], dim=1)
+            else:
+                out = out + part[0] @ v.T
+        return out
+
+    def transpose_times(self, weights: torch.Tensor) -> torch.Tensor:
+        """``wᵀ R`` ``[k, width]`` for ``weights`` ``[r, k]``."""
+        pieces = []
+        for _, part in self._slices():
+            w = weights.to(part[0])
+            if len(part) == 2:
+                s, a = part
+                pieces.append(torch.stack([(s * wi[:, None]).T @ a for wi in w.T]).flatten(1))
+            else:
+                pieces.append(w.T @ part[0])
+        return torch.cat(pieces, dim=1)
+
+
 def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
                              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fisher: str = "expected",
                              batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu",
-                             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """In the Kronecker eigenbases, from one forward pass over ``data``: the rows ``R`` of its Fisher of kind
-    ``fisher``, un-factored (the expected Fisher's one √p_c-weighted row per class and example, else one per
-    example: ``fisher_rows_per_example``), so that ``F = RᵀR / len(data)``; and each example's gradient of ``loss``
-    ``[len(data), Σ widths]``. Both are written in place, batch by batch, into their final tensors."""
+                             dtype: torch.dtype = torch.float32) -> tuple[FisherRows, torch.Tensor]:
+    """In the Kronecker eigenbases, from one forward pass over ``data``: the rows of its Fisher of kind ``fisher``,
+    un-factored (the expected Fisher's one √p_c-weighted row per class and example, else one per example), so that
+    ``F = RᵀR / len(data)`` (``FisherRows``); and each example's gradient of ``loss`` ``[len(data), Σ widths]``."""
     layers = tracked_layers(task)
     sampled, _ = _sampler(task, fisher, seed)
-    width = sum(f.q_s.shape[1] * f.q_a.shape[1] for f in factors)
-    per_example = fisher_rows_per_example(data, fisher)
-    fisher_rows = torch.empty(len(data) * per_example, width, dtype=dtype, device=factors[0].q_s.device)
-    gradient_rows = torch.empty(len(data), width, dtype=dtype, device=factors[0].q_s.device)
-    filled = {"fisher": 0, "gradient": 0}
+    rows = FisherRows([f.q_s.shape[1] * f.q_a.shape[1] for f in factors])
+    gradients = _RotatedRows(factors, len(data), dtype)
     model = task.model
     restore = eval_mode(model)
     model.to(device)
+    start = 0
     try:
         for patches, (fisher_grads, loss_grads) in layer_activity(
                 model, layers, data, [sampled, _on_batch(task, loss)], batch_size, device, argument="train",
                 ids=data.ids, output=task.output):
-            for grads, out, key in ((fisher_grads, fisher_rows, "fisher"), (loss_grads, gradient_rows, "gradient")):
-                offset, start = 0, filled[key]
-                for f in factors:
-                    part = _rotated_layer_gradients(f, patches[f.name], grads[f.name]).flatten(1)
-                    if start + len(part) > len(out):
-                        raise RuntimeError(f"more {key} rows than {len(out)} expected")
-                    out[start : start + len(part), offset : offset + part.shape[1]] = part
-                    offset += part.shape[1]
-                filled[key] = start + len(part)
+            batch_ids, start = _batch_ids(data.ids, start, patches)
+            for index, f in enumerate(factors):
+                a, g = patches[f.name], fisher_grads[f.name]
+                if a.shape[2] == 1:  # one position: each row is the outer product of its projected factors
+                    projected = _projected_patches(a, f.q_a)[:, 0]
+                    rows.add(index, (g[:, :, 0] @ f.q_s.to(g)).to(dtype),
+                             projected.repeat(len(g) // len(a), 1).to(dtype))
+                else:
+                    rows.add(index, _rotated_layer_gradients(f, a, g).flatten(1).to(dtype))
+            gradients.add(patches, loss_grads, "train", batch_ids)
     finally:
         restore()
-    return fisher_rows[: filled["fisher"]], gradient_rows[: filled["gradient"]]
+    return rows, gradients.rows
 
 
 class _RotatedRows:

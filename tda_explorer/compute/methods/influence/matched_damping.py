@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tda_explorer.compute.engine.kfac import LayerFactors
+from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors
 from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
 
 #: Training examples sampled for the exact curvature: at most this many, and at most ``MATCH_ROWS`` Fisher rows
@@ -66,12 +66,12 @@ def sample_size(n: int, rows_per_example: int, width: int, itemsize: int) -> int
     return int(min(n, MATCH_EXAMPLES, MATCH_ROWS // rows_per_example, fits))
 
 
-def _largest_eigenvalue(rows: torch.Tensor, iterations: int = 30) -> float:
-    """The largest eigenvalue of ``rowsᵀ rows`` (power iteration, two products with ``rows`` a step)."""
-    v = torch.ones(rows.shape[1], dtype=rows.dtype, device=rows.device)
+def _largest_eigenvalue(rows: FisherRows, iterations: int = 30) -> float:
+    """The largest eigenvalue of ``rowsᵀ rows`` (power iteration, two products with the rows a step)."""
+    v = torch.ones(1, rows.width, dtype=torch.float64, device=rows.device)
     value = 0.0
     for _ in range(iterations):
-        w = (rows @ v) @ rows
+        w = rows.transpose_times(rows.times(v)).double()
         value = float(w.norm())
         if value == 0.0:
             return 0.0
@@ -79,12 +79,16 @@ def _largest_eigenvalue(rows: torch.Tensor, iterations: int = 30) -> float:
     return value
 
 
-def _solve(rows: torch.Tensor, shift: float, rhs: torch.Tensor) -> torch.Tensor:
+def _solve(rows: FisherRows, shift: float, rhs: torch.Tensor) -> torch.Tensor:
     """``(rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, on the smaller side: the ``D × D`` system
     where the ``r`` rows are at least as many as they are wide, else through their ``r × r`` Gram matrix (Woodbury);
     factored in the rows' precision (float64 where that fails)."""
-    wide = rows.shape[1] > rows.shape[0]
-    system = rows @ rows.T if wide else rows.T @ rows
+    wide = rows.width > len(rows)
+    if wide:
+        system = rows.gram()
+    else:
+        dense = rows.dense()
+        system = dense.T @ dense
     system.diagonal().add_(shift)
     try:
         factor = torch.linalg.cholesky(system)
@@ -92,8 +96,8 @@ def _solve(rows: torch.Tensor, shift: float, rhs: torch.Tensor) -> torch.Tensor:
         factor = torch.linalg.cholesky(system.double())
     if not wide:
         return torch.cholesky_solve(rhs.T.to(factor.dtype), factor).T.double()
-    inner = torch.cholesky_solve((rows @ rhs.T.to(rows.dtype)).to(factor.dtype), factor)
-    return (rhs.double() - (inner.T.to(rows.dtype) @ rows).double()) / shift
+    inner = torch.cholesky_solve(rows.times(rhs).to(factor.dtype), factor)
+    return (rhs.double() - rows.transpose_times(inner).to(rhs.device).double()) / shift
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float:
@@ -109,7 +113,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float
     return float(corr.mean())
 
 
-def match_damping(factors: list[LayerFactors], fisher_rows: torch.Tensor, gradient_rows: torch.Tensor,
+def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient_rows: torch.Tensor,
                   weight_decay: float, exact_damping: float | None, exact_rule: str,
                   probes: int = MATCH_PROBES) -> DampingMatch:
     """The per-layer damping at which the Kronecker scores (eigenvalues of ``factors``, the weight decay left out as the
@@ -120,7 +124,7 @@ def match_damping(factors: list[LayerFactors], fisher_rows: torch.Tensor, gradie
     where that is None 0.01 × F's largest eigenvalue. Each family's levels are the ``CANDIDATES``, the best refined
     between its neighbours (``_peak``)."""
     m = len(gradient_rows)
-    rows = fisher_rows.div_(math.sqrt(m))  # in place: the rows are this match's own
+    rows = fisher_rows.scale_(1 / math.sqrt(m))  # in place: the rows are this match's own
     if exact_damping is None:
         exact_damping, exact_rule = DAMPING_LEVEL * _largest_eigenvalue(rows), "spectrum"
     eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
