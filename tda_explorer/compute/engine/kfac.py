@@ -607,6 +607,10 @@ class FisherRows:
     def device(self) -> torch.device:
         return self.parts[0][0].device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0][0].dtype
+
     def scale_(self, factor: float) -> FisherRows:
         """Multiply the rows by ``factor`` in place."""
         for part in self.parts:
@@ -623,10 +627,19 @@ class FisherRows:
         """``R`` itself ``[r, width]``."""
         return torch.cat([self._dense(part) for part in self.parts], dim=1)
 
-    def gram(self) -> torch.Tensor:
-        """``R Rᵀ`` ``[r, r]``: per factored layer (S Sᵀ) ∘ (A Aᵀ), per dense layer D Dᵀ."""
-        return sum((part[0] @ part[0].T) * (part[1] @ part[1].T) if len(part) == 2 else part[0] @ part[0].T
-                   for part in self.parts)
+    def gram(self, block: int = 256) -> torch.Tensor:
+        """``R Rᵀ`` ``[r, r]``: per factored layer (S Sᵀ) ∘ (A Aᵀ), per dense layer D Dᵀ, ``block`` rows at a time (no
+        ``r × r`` temporary beside the result)."""
+        r = len(self)
+        gram = torch.zeros(r, r, dtype=self.dtype, device=self.device)
+        for i in range(0, r, block):
+            rows = slice(i, min(i + block, r))
+            for part in self.parts:
+                if len(part) == 2:
+                    gram[rows] += (part[0][rows] @ part[0].T) * (part[1][rows] @ part[1].T)
+                else:
+                    gram[rows] += part[0][rows] @ part[0].T
+        return gram
 
     def times(self, vectors: torch.Tensor) -> torch.Tensor:
         """``R vᵀ`` ``[r, k]`` for ``vectors`` ``[k, width]``."""

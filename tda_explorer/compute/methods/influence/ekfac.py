@@ -347,8 +347,9 @@ class EKFACInfluence(Attributor):
         return self
 
     def _attribute(self, test: AttributionDataset) -> torch.Tensor:
+        inverse = self._inverse_eigenvalues()  # first: a damping matched now does not hold the test gradients too
         test_rot = self._hooked(test, self.task.test_measurement)
-        test_rot.mul_(self._inverse_eigenvalues().to(test_rot))
+        test_rot.mul_(inverse.to(test_rot))
         if self.train_rot_ is not None:
             return (test_rot @ self.train_rot_.T / len(self.train_)).float()
         scores, start = torch.empty(len(test_rot), len(self.train_), dtype=test_rot.dtype, device=test_rot.device), 0

@@ -82,21 +82,27 @@ def _largest_eigenvalue(rows: FisherRows, iterations: int = 30) -> float:
 def _solve(rows: FisherRows, shift: float, rhs: torch.Tensor) -> torch.Tensor:
     """``(rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, on the smaller side: the ``D × D`` system
     where the ``r`` rows are at least as many as they are wide, else through their ``r × r`` Gram matrix (Woodbury);
-    factored in the rows' precision (float64 where that fails)."""
+    factored in place in the rows' precision (formed again in float64 where that fails)."""
     wide = rows.width > len(rows)
-    if wide:
-        system = rows.gram()
-    else:
-        dense = rows.dense()
-        system = dense.T @ dense
-    system.diagonal().add_(shift)
+
+    def system(dtype: torch.dtype) -> torch.Tensor:
+        if wide:
+            matrix = rows.gram().to(dtype)
+        else:
+            dense = rows.dense().to(dtype)
+            matrix = dense.T @ dense
+        matrix.diagonal().add_(shift)
+        return matrix
+
     try:
-        factor = torch.linalg.cholesky(system)
+        matrix = system(rows.dtype)
+        factor = torch.linalg.cholesky(matrix, out=matrix)
     except torch.linalg.LinAlgError:
-        factor = torch.linalg.cholesky(system.double())
+        matrix = system(torch.float64)
+        factor = torch.linalg.cholesky(matrix, out=matrix)
     if not wide:
-        return torch.cholesky_solve(rhs.T.to(factor.dtype), factor).T.double()
-    inner = torch.cholesky_solve(rows.times(rhs).to(factor.dtype), factor)
+        return torch.cholesky_solve(rhs.T.to(factor), factor).T.double()
+    inner = torch.cholesky_solve(rows.times(rhs).to(factor), factor)
     return (rhs.double() - rows.transpose_times(inner).to(rhs.device).double()) / shift
 
 
