@@ -48,9 +48,8 @@ from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverg
 from tda_explorer.compute.methods.influence.direct import (
     DAMPING_LEVEL,
     PRODUCT_DTYPES,
-    adam_damping,
     precision_option,
-    recipe_damping,
+    run_damping,
 )
 from tda_explorer.compute.methods.influence.ekfac import EKFACArguments, EKFACInfluence
 from tda_explorer.data.dataset import AttributionDataset
@@ -124,14 +123,10 @@ class ASTRAInfluence(BackoffSolver, EKFACInfluence):
         scale = getattr(self, "damping_scale_", 1.0)
         if self.args.damping is not None:
             return [lam * scale for lam in super()._layer_damping()]
-        recipe = recipe_damping(self.args.train_config, self.train_)
-        if recipe is not None:
-            self.damping_rule_ = "recipe"
-            return [recipe * scale] * len(self.factors_)
-        adam = adam_damping(self.args.train_config, self.train_, self.task.checkpoints)
-        if adam is not None:
-            self.damping_rule_ = "adam"
-            return [adam * scale] * len(self.factors_)
+        ridge, rule = run_damping(self.args.train_config, self.train_, self.task.checkpoints)
+        if ridge is not None:
+            self.damping_rule_ = rule
+            return [ridge * scale] * len(self.factors_)
         if getattr(self, "spectrum_lam_", None) is None:
             full = self._full_curvature()
             self.spectrum_lam_ = DAMPING_LEVEL * largest_eigenvalue(full.matvec, full.dim, device=self.device)

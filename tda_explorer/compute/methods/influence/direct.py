@@ -141,6 +141,18 @@ def recipe_damping(train_config: TrainConfig | None, train: AttributionDataset |
     return train_config.implicit_damping(len(train))
 
 
+def run_damping(train_config: TrainConfig | None, train: AttributionDataset | None,
+                checkpoints: Sequence[Checkpoint]) -> tuple[float | None, str]:
+    """The ridge the training run amounts to and the rule it came from: the SGD recipe's (``recipe_damping``,
+    "recipe"), else an Adam run's with its recorded state (``adam_damping``, "adam"), else ``(None, "spectrum")``:
+    the caller takes ``DAMPING_LEVEL`` × its curvature's largest eigenvalue."""
+    implicit = recipe_damping(train_config, train)
+    if implicit is not None:
+        return implicit, "recipe"
+    adam = adam_damping(train_config, train, checkpoints)
+    return (adam, "adam") if adam is not None else (None, "spectrum")
+
+
 class InfluenceFunction(Attributor):
     """Influence functions: the shared part of every iHVP solver (curvature, damping, scores).
 
@@ -183,16 +195,8 @@ class InfluenceFunction(Attributor):
         if self.args.damping is not None:
             self.damping_rule_ = "given"
             return float(self.args.damping)
-        implicit = recipe_damping(self.args.train_config, self.train_)
-        if implicit is not None:
-            self.damping_rule_ = "recipe"
-            return implicit
-        adam = adam_damping(self.args.train_config, self.train_, self.task.checkpoints)
-        if adam is not None:
-            self.damping_rule_ = "adam"
-            return adam
-        self.damping_rule_ = "spectrum"
-        return DAMPING_LEVEL * largest_eigenvalue(matvec, dim, device=self.device)
+        ridge, self.damping_rule_ = run_damping(self.args.train_config, self.train_, self.task.checkpoints)
+        return ridge if ridge is not None else DAMPING_LEVEL * largest_eigenvalue(matvec, dim, device=self.device)
 
     def _damped(self, v: torch.Tensor, curvature: Curvature | None = None) -> torch.Tensor:
         """``(H + λI) v`` for each row, on ``curvature`` (default: the whole training set)."""

@@ -61,9 +61,9 @@ from tda_explorer.compute.methods.base import Attributor
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
 from tda_explorer.compute.methods.influence.direct import (
     InfluenceArguments,
-    adam_damping,
     device_memory,
     recipe_damping,
+    run_damping,
 )
 from tda_explorer.compute.methods.influence.matched_damping import (
     MATCH_MIN_EXAMPLES,
@@ -274,11 +274,8 @@ class EKFACInfluence(Attributor):
         fisher_rows, gradient_rows = fisher_and_gradient_rows(self.task, self.factors_, sample, self.task.train_loss,
                                                               a.fisher, a.batch_size, device=self.device,
                                                               dtype=self._dtype())
-        exact, rule = recipe_damping(a.train_config, train), "recipe"
-        if exact is None:
-            exact, rule = adam_damping(a.train_config, train, self.task.checkpoints), "adam"
-        return match_damping(self.factors_, fisher_rows, gradient_rows, float(self.task.weight_decay), exact,
-                             rule if exact is not None else "spectrum")
+        exact, rule = run_damping(a.train_config, train, self.task.checkpoints)
+        return match_damping(self.factors_, fisher_rows, gradient_rows, float(self.task.weight_decay), exact, rule)
 
     def resolved_relative_damping(self) -> float:
         """The relative damping (``damping``'s unit: × each layer's mean eigenvalue) that the damping in use amounts
