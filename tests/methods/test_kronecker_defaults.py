@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from tda_explorer import AttributionTask, TDAError, get_method
-from tda_explorer.compute.engine.kfac import EXPECTED_MAX_CLASSES, corrected_eigenvalues, eigenbases, layer_covariances
+from tda_explorer.compute.engine.kfac import (
+    EXPECTED_MAX_CLASSES,
+    corrected_eigenvalues,
+    eigenbases,
+    layer_covariances,
+    output_curvature_roots,
+)
+from tda_explorer.compute.engine.losses import IGNORE
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
 from tda_explorer.compute.methods.influence.ekfac import UntrackedModulesWarning
 from tda_explorer.data.dataset import AttributionDataset
@@ -51,6 +58,55 @@ def test_expected_fisher_equals_sum_over_classes_by_loops(tiny_mlp, tiny_data):
     for k, f in enumerate(factors):
         want = sum(p[c] * (f.q_s.T @ g[k] @ f.q_a) ** 2 for p, rows in per for c, g in enumerate(rows)) / n
         torch.testing.assert_close(f.eigenvalues, want)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_output_curvature_roots_are_c_minus_1_square_roots_of_the_softmax_curvature(classes):
+    """Σ_k v_k v_kᵀ = diag(p) − ppᵀ = Σ_c p_c (p − e_c)(p − e_c)ᵀ example by example, from C − 1 cotangents; an ignored
+    label's row is zero."""
+    gen = torch.Generator().manual_seed(classes)
+    logits = 3 * torch.randn(6, classes, generator=gen, dtype=torch.float64)
+    labels = torch.arange(6) % classes
+    labels[4] = IGNORE
+    roots = output_curvature_roots(logits, labels)
+    assert len(roots) == classes - 1
+    got = sum(v[:, :, None] * v[:, None, :] for v in roots)
+    p = logits.softmax(-1)
+    eye = torch.eye(classes, dtype=torch.float64)
+    want = sum(p[:, c, None, None] * (p - eye[c])[:, :, None] * (p - eye[c])[:, None, :] for c in range(classes))
+    want[4] = 0
+    torch.testing.assert_close(got, want)
+
+
+def test_expected_fisher_of_a_convolution_equals_sum_over_classes_by_loops():
+    """Several positions per example (a convolution's output pixels): the C − 1 rows give the per-class loops'
+    covariances and refit eigenvalues, E_i Σ_c p_ic (Q_Sᵀ G_ic Q_A)² with G_ic = Σ_t s_t a_tᵀ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double()
+    gen = torch.Generator().manual_seed(2)
+    train = AttributionDataset(torch.randn(9, 1, 5, 5, generator=gen, dtype=torch.float64), torch.arange(9) % 3)
+    task = AttributionTask(model)
+    covs = layer_covariances(task, train, "expected", batch_size=4)
+    factors, _ = corrected_eigenvalues(task, train, eigenbases(covs), "expected", batch_size=4)
+    conv = model[0]
+    want_s, want_lam = 0, 0
+    for i in range(len(train)):
+        x = train.inputs[i:i + 1]
+        p = model(x).softmax(-1)[0].detach()
+        for c in range(3):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), torch.tensor([c])).backward()
+            g = torch.cat([conv.weight.grad.flatten(1), conv.bias.grad[:, None]], 1)
+            want_lam = want_lam + p[c] * (factors[0].q_s.T @ g @ factors[0].q_a) ** 2
+            # S = E[Σ_t s_t s_tᵀ]: the output gradients at each pixel, from a hook-free recomputation
+            out = conv(x)
+            out.retain_grad()
+            model.zero_grad()
+            nn.functional.cross_entropy(model[3](model[2](model[1](out))), torch.tensor([c])).backward()
+            s = out.grad[0].flatten(1)
+            want_s = want_s + p[c] * s @ s.T
+    torch.testing.assert_close(covs["0"][1], want_s / len(train))
+    torch.testing.assert_close(factors[0].eigenvalues, want_lam / len(train))
 
 
 def test_expected_fisher_is_the_mean_of_sampled_fishers(tiny_mlp, tiny_data):

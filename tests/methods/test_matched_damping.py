@@ -105,7 +105,7 @@ def test_fisher_rows_are_the_fishers_factor_and_the_gradients_the_losses():
                                              dtype=torch.float64)
     assert len(fisher.parts[0]) == 2  # one position: held as its factors
     fisher = fisher.dense()
-    assert fisher.shape == (40, 16) and grads.shape == (10, 16)
+    assert fisher.shape == (30, 16) and grads.shape == (10, 16)  # C − 1 = 3 rows per example
     x1 = torch.cat([data.inputs, torch.ones(10, 1, dtype=torch.float64)], 1)
     p = torch.softmax(model(data.inputs), -1).detach()
     per_class = [(p - torch.eye(4, dtype=torch.float64)[c])[:, :, None] * x1[:, None, :] for c in range(4)]

@@ -8,10 +8,11 @@ Factors (KFC's spatially-uncorrelated convention, so that E[vec G vec Gᵀ] ≈ 
 A = E[(1/T) Σ_t a_t a_tᵀ], S = E[Σ_t s_t s_tᵀ], eigendecomposed A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ. K-FAC takes
 Λ_S ⊗ Λ_A as the eigenvalues; EK-FAC refits them in the Kronecker eigenbasis, Λ_ij = E[((Q_Sᵀ G Q_A)_ij)²].
 Fisher kinds (``fisher``): ``"expected"`` takes the exact expectation over the model's predicted distribution,
-S = E[Σ_c p_c s_c s_cᵀ] with s_c the output gradient of the loss at label c (C backward passes per batch, one per
-class; classification outputs ``[B, C]`` with C ≤ ``EXPECTED_MAX_CLASSES``, otherwise one sampled label as
-``"true"``); ``"true"`` samples one label per example from the model (the same expectation, estimated: noisy, and
-on a near-certain model it is the observed label); ``"empirical"`` takes the observed labels.
+S = E[Σ_c p_c s_c s_cᵀ] with s_c the output gradient of the loss at label c (C − 1 backward passes per batch, one per
+non-null eigenvector of the logits' curvature diag(p) − ppᵀ: ``output_curvature_roots``; classification outputs
+``[B, C]`` with C ≤ ``EXPECTED_MAX_CLASSES``, otherwise one sampled label as ``"true"``); ``"true"`` samples one label
+per example from the model (the same expectation, estimated: noisy, and on a near-certain model it is the observed
+label); ``"empirical"`` takes the observed labels.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tda_explorer.jobs import check_cancelled
 SUPPORTED = (nn.Linear, nn.Conv2d)
 FISHERS = ("expected", "true", "empirical")
 SQUARES_CHUNK_BYTES = 32 << 20  # rows of rotated gradients squared at once when refitting EK-FAC's eigenvalues
-EXPECTED_MAX_CLASSES = 64  # the expected Fisher costs one backward pass per class; above this, one sampled label
+EXPECTED_MAX_CLASSES = 64  # the expected Fisher costs C − 1 backward passes; above this many classes, one sampled label
 # (outputs of a batch, its first row) -> per-example loss; or, marked ``takes_batch``, (outputs, Batch) -> the same
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -289,11 +290,14 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
 def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torch.Tensor],
                            layers: list[tuple[str, nn.Module]], argument: str | None,
                            batch_ids: Sequence | None) -> dict[str, torch.Tensor]:
-    """The expected Fisher's output gradients: for each class c, √p_c · (the output gradient of the cross-entropy at
-    label c), stacked class-major ``[C·B, out, T]`` so that Σ over rows of s sᵀ is Σ_c p_c s_c s_cᵀ. The gradient of
-    the cross-entropy at label c with respect to the logits is p − e_c (closed form), so each class is one
-    vector-Jacobian product. Outputs that are not ``[B, C]`` logits with C ≤ ``EXPECTED_MAX_CLASSES`` (sequences,
-    large vocabularies) take one label sampled from the model instead (``loss.sampled``)."""
+    """The expected Fisher's output gradients, stacked in blocks of rows ``[k·B, out, T]`` whose Σ s sᵀ is
+    Σ_c p_c s_c s_cᵀ (s_c: the output gradient of the cross-entropy at label c). At the logits that sum is
+    Σ_c p_c (p − e_c)(p − e_c)ᵀ = diag(p) − ppᵀ, of rank C − 1 (the constant vector is in its null space), so each
+    example's cotangents are that matrix's C − 1 non-null eigenvectors scaled by √eigenvalue: one vector-Jacobian
+    product per eigenvector index, C − 1 in all instead of one per class, and the same Fisher, its factors and
+    eigenvalue corrections (each a sum over the rows of squares or products, unchanged by an orthogonal change of the
+    rows). Outputs that are not ``[B, C]`` logits with C ≤ ``EXPECTED_MAX_CLASSES`` (sequences, large vocabularies)
+    take one label sampled from the model instead (``loss.sampled``)."""
     logits, labels = loss(out, batch)
     if logits.dim() != 2 or logits.shape[-1] > EXPECTED_MAX_CLASSES:
         value = loss.sampled(out, batch)
@@ -301,13 +305,8 @@ def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torc
         g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
         per_class = [[_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)]]
     else:
-        probs = logits.detach().softmax(-1)
-        scored = (labels != IGNORE).to(probs.dtype)[:, None] if labels is not None else 1.0
         per_class = []
-        for c in range(logits.shape[-1]):
-            v = probs[:, c:c + 1].sqrt() * (probs - nn.functional.one_hot(
-                torch.full_like(labels if labels is not None else probs[:, 0].long(), c), logits.shape[-1]
-            ).to(probs)) * scored
+        for v in output_curvature_roots(logits.detach(), labels):
             g = torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
             g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
             per_class.append([_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)])
@@ -318,6 +317,21 @@ def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torc
                 check_finite_rows(grads[i], argument, batch_ids, "per-sample gradients")
         result[name] = torch.cat([grads[i] for grads in per_class]) if len(per_class) > 1 else per_class[0][i]
     return result
+
+
+def output_curvature_roots(logits: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+    """For logits ``[B, C]``: C − 1 cotangents ``[B, C]`` (``max(C − 1, 1)``) whose Σ_k v_k v_kᵀ is, example by example,
+    the cross-entropy's expected curvature at the logits diag(p) − ppᵀ (p = softmax(logits)): its eigenvectors scaled
+    by √eigenvalue, the null one (the smallest, along the constant vector) left out; rows whose label is ``IGNORE``
+    are zero."""
+    probs = logits.double().softmax(-1)
+    curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    values, vectors = torch.linalg.eigh(curvature)
+    roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
+    if labels is not None:
+        roots = roots * (labels != IGNORE).to(roots.dtype)[:, None, None]
+    keep = range(1, probs.shape[1]) if probs.shape[1] > 1 else range(1)
+    return [roots[:, :, k].to(logits.dtype) for k in keep]
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -351,7 +365,7 @@ def _layer_gradients(a: torch.Tensor, s: torch.Tensor, bias: bool) -> torch.Tens
 
 def sandwich(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
     """Per-example ``q_sᵀ (Σ_t s_t [a_t; 1]ᵀ) q_a`` ``[len(s), r_s, r_a]`` for patches ``a`` ``[B, in, T]`` and output
-    gradients ``s`` ``[k·B, out, T]`` (k blocks of rows sharing the patches: the expected Fisher's one per class);
+    gradients ``s`` ``[k·B, out, T]`` (k blocks of rows sharing the patches: the expected Fisher's C − 1);
     the bias's 1 is implied when ``q_a`` has ``in + 1`` rows. Projects the patches (once for the k blocks) and the
     gradients first when that is cheaper (few positions, or narrow ``q``: then the layer's full gradient is never
     formed), else forms the gradient and multiplies it."""
@@ -390,7 +404,7 @@ def sandwich_squares(q_s: torch.Tensor, a: torch.Tensor, s: torch.Tensor, q_a: t
     per_row = q_s.shape[1] * q_a.shape[1] * a.element_size()
     rows = max(1, SQUARES_CHUNK_BYTES // per_row)
     total = 0
-    for b in range(0, len(s), batch):  # the expected Fisher's blocks of rows, one per class, share the patches
+    for b in range(0, len(s), batch):  # the expected Fisher's C − 1 blocks of rows share the patches
         for i in range(0, batch, rows):
             part = sandwich(q_s, a[i : i + rows], s[b + i : b + min(i + rows, batch)], q_a)
             total = total + (part.double() ** 2).sum(0)
@@ -550,7 +564,7 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
                                          argument=argument, ids=train.ids, output=task.output):
         batch_ids, start = _batch_ids(train.ids, start, patches)
         for f in factors:
-            a, s = patches[f.name], grads[0][f.name]  # the expected Fisher: s has one block of rows per class
+            a, s = patches[f.name], grads[0][f.name]  # the expected Fisher: s has C − 1 blocks of rows
             squares = sandwich_squares(f.q_s, a, s, f.q_a)
             if not torch.isfinite(squares).all() or float(squares.max()) > torch.finfo(a.dtype).max:
                 raise _overflow(argument, batch_ids, [_rotated_layer_gradients(f, a, s)])
@@ -562,13 +576,13 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
 
 
 def fisher_rows_per_example(data: AttributionDataset, fisher: str) -> int:
-    """How many Fisher rows ``fisher_and_gradient_rows`` makes per example: one per class for the expected Fisher of
-    class labels (up to ``EXPECTED_MAX_CLASSES``: above it, or for sequences, one sampled label), else one."""
+    """How many Fisher rows ``fisher_and_gradient_rows`` makes per example: C − 1 for the expected Fisher of C class
+    labels (up to ``EXPECTED_MAX_CLASSES``: above it, or for sequences, one sampled label), else one."""
     labels = data.labels
     if fisher != "expected" or labels is None or labels.dim() != 1:
         return 1
     classes = max(data.n_classes, int(labels.max()) + 1 if len(labels) else 1)
-    return classes if classes <= EXPECTED_MAX_CLASSES else 1
+    return max(classes - 1, 1) if classes <= EXPECTED_MAX_CLASSES else 1
 
 
 class FisherRows:
@@ -672,7 +686,7 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
                              batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu",
                              dtype: torch.dtype = torch.float32) -> tuple[FisherRows, torch.Tensor]:
     """In the Kronecker eigenbases, from one forward pass over ``data``: the rows of its Fisher of kind ``fisher``,
-    un-factored (the expected Fisher's one √p_c-weighted row per class and example, else one per example), so that
+    un-factored (the expected Fisher's C − 1 rows per example, ``output_curvature_roots``, else one), so that
     ``F = RᵀR / len(data)`` (``FisherRows``); and each example's gradient of ``loss`` ``[len(data), Σ widths]``."""
     layers = tracked_layers(task)
     sampled, _ = _sampler(task, fisher, seed)

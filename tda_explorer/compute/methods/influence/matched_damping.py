@@ -24,7 +24,7 @@ from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors
 from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
 
 #: Training examples sampled for the exact curvature: at most this many, and at most ``MATCH_ROWS`` Fisher rows
-#: (the expected Fisher has one per class) taking at most ``MATCH_MEMORY`` bytes.
+#: (the expected Fisher has C − 1 per example) taking at most ``MATCH_MEMORY`` bytes.
 MATCH_EXAMPLES, MATCH_ROWS, MATCH_MEMORY = 256, 2048, 48 * 2**20
 #: Probe examples (of the sample) whose exact and Kronecker scores are compared.
 MATCH_PROBES = 64
