@@ -68,8 +68,9 @@ def sweep(method: str) -> list[dict]:
                                               for d in DECADES]
     if method == "if-lissa":  # LiSSA's cost grows with depth; the damping is what moves it
         return [{}] + [{"damping": d} for d in DECADES]
-    if method in ("if-kfac", "if-ekfac"):
-        return [{}] + [{"damping": d, "fisher": f} for f in ("expected", "true", "empirical") for d in RELATIVE]
+    if method in ("if-kfac", "if-ekfac"):  # relative per layer, and one absolute λ on every layer (dattri-llm's form)
+        return [{}] + [{"damping": d, "fisher": f} for f in ("expected", "true", "empirical") for d in RELATIVE] + [
+            {"damping": d, "damping_kind": "absolute", "fisher": f} for f in ("expected", "empirical") for d in DECADES]
     if method == "if-astra":
         return [{}] + [{"damping": d, "step": s} for s in (0.5, 1.0) for d in RELATIVE[:5]]
     if method == "if-datainf":

@@ -98,9 +98,11 @@ def test_refusals_name_the_problem(tiny_data):
         get_method("if-explicit", task, curvature="fisher").fit(train)
 
 
+@pytest.mark.parametrize("kind", ["relative", "absolute"])
 @pytest.mark.parametrize("method", ["if-ekfac", "if-kfac"])
-def test_kronecker_factored_if_is_exact_for_one_example_on_a_linear_layer(method):
-    """One example, empirical Fisher: F = g gᵀ = (s sᵀ) ⊗ (a aᵀ) exactly, so the factored inverse is exact."""
+def test_kronecker_factored_if_is_exact_for_one_example_on_a_linear_layer(method, kind):
+    """One example, empirical Fisher: F = g gᵀ = (s sᵀ) ⊗ (a aᵀ) exactly, so the factored inverse is exact; the damping
+    is 0.2 × the layer's mean eigenvalue (relative) or 0.2 itself (absolute)."""
     from tda_explorer import AttributionDataset
 
     torch.manual_seed(0)
@@ -109,13 +111,15 @@ def test_kronecker_factored_if_is_exact_for_one_example_on_a_linear_layer(method
     test = AttributionDataset(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0]))
     wd = 0.01
     fitted = get_method(method, AttributionTask(model, weight_decay=wd), fisher="empirical", damping=0.2,
-                       weight_decay_term=True).fit(train)
+                       damping_kind=kind, weight_decay_term=True).fit(train)
     got = fitted.attribute(test).scores.double()
     g_tr, g_te = _grads(model, train.inputs, train.labels), _grads(model, test.inputs, test.labels)
     # the flat layout is (weight row-major, bias): reorder to the [out, in + 1] layout of the factors
     def layout(g):
         return torch.cat([g[:, :12].view(-1, 4, 3), g[:, 12:].view(-1, 4, 1)], dim=2).reshape(len(g), -1)
-    lam = 0.2 * fitted.factors_[0].mean_eigenvalue()  # over the full basis (this one is thin: 1 patch)
+    # relative: over the full basis (this one is thin: 1 patch)
+    lam = 0.2 * fitted.factors_[0].mean_eigenvalue() if kind == "relative" else 0.2
+    assert fitted._layer_damping() == pytest.approx([lam]) and fitted.damping_rule_ == "given"
     fisher = layout(g_tr).T @ layout(g_tr)
     want = layout(g_te) @ torch.linalg.solve(fisher + (wd + lam) * torch.eye(16, dtype=torch.float64),
                                              layout(g_tr).T)

@@ -5,13 +5,13 @@ Kronecker eigenbasis (Λ the fitted eigenvalues, λ_l the damping of layer l). F
 and reused across queries and damping values (``with_damping``); self-influence is computed in the eigenbasis,
 never through an n×n matrix.
 
-Damping: by default, when the training recipe is known (``train_config=``) and its optimizer is SGD (with or without
-momentum), the ridge the run's steps amount to, λ = (1 − momentum) / (lr · steps), on every layer (as the direct
-solvers do, ``direct.py``). Otherwise (measured on the digits tasks, LDS against retraining, true Fisher; figures in
-benchmarks/README.md) λ_l = 0.5 × the mean eigenvalue of layer l, *instead of* the objective's weight decay.
-Adding the weight decay (the exact objective's curvature) damped every layer by at least wd, which scored worse on
-both tasks — the block-diagonal Kronecker approximation does better with less, spectrum-relative damping. Of the
-relative factors 0.1–2, 0.5 is the best compromise across both tasks (kronfluence's 0.1 heuristic trails on the MLP).
+Damping: by default matched on the model (``matched_damping.py``): the level, relative to each layer's mean eigenvalue
+or a multiple of the direct solvers' λ, at which the Kronecker scores of a sample of training examples agree best with
+those of the exact (un-factored) Fisher of the sample; where the match cannot run, the SGD recipe's ridge on every
+layer, else λ_l = 0.5 × the mean eigenvalue of layer l, with a warning. A given ``damping`` is relative per layer
+(× layer l's mean eigenvalue, kronfluence's form), or with ``damping_kind="absolute"`` one λ on every layer
+(dattri-llm's form). The damping is added *instead of* the objective's weight decay (the block-diagonal Kronecker
+approximation scored better with less, spectrum-relative damping than with wd added on every layer);
 ``weight_decay_term=True`` restores the exact-objective form.
 Defaults across the zoo (13 tasks, benchmarks/README.md "Kronecker defaults across the zoo"): the expected Fisher
 (Σ_c p_c g_c g_cᵀ, exact over classes) at 0.5 has the least median regret of the Fisher kinds and relative dampings
@@ -84,7 +84,8 @@ class EKFACArguments(InfluenceArguments):
     # None: matched to the exact curvature on a sample of the training set (matched_damping.py; the zoo's regret,
     # benchmarks/README.md "Kronecker damping matched to the exact curvature"): no fixed level held across the zoo
     damping: float | None = option(None, "RELATIVE per layer: λ_l = damping × the mean eigenvalue of layer l's "
-                                         "factored curvature, added instead of the weight decay (see "
+                                         "factored curvature (damping_kind='absolute': λ = damping on every layer), "
+                                         "added instead of the weight decay (see "
                                          "weight_decay_term); None: matched on the model, the level at which the "
                                          "Kronecker scores of a sample of training examples agree best with those "
                                          "of the exact (un-factored) Fisher of the sample at the direct solvers' "
@@ -92,12 +93,15 @@ class EKFACArguments(InfluenceArguments):
                                          "run's recorded optimizer state that run's, else 0.01 × λ_max); "
                                          "damping_match_ reports it",
                                    NONNEGATIVE)
+    damping_kind: str = option("relative", "how a given damping is read: 'relative': λ_l = damping × layer l's mean "
+                                           "eigenvalue (kronfluence's form); 'absolute': λ = damping on every layer "
+                                           "(dattri-llm's form)", Options(("relative", "absolute")))
     weight_decay_term: bool = option(False, "also add the objective's weight decay to the eigenvalues (the exact "
                                             "objective's curvature); by default the relative damping replaces it",
                                      Options((False, True)))
     # median regret over the zoo's 13 tasks, benchmarks/README.md "Kronecker defaults across the zoo"
     fisher: str = option("expected", "'expected': the exact expectation over the model's predicted classes "
-                                 "(Σ_c p_c g_c g_cᵀ, one backward pass per class; sequences or > 64 classes: one "
+                                 "(Σ_c p_c g_c g_cᵀ, C − 1 backward passes; sequences or > 64 classes: one "
                                  "sampled label); "
                                  "'true': one label sampled from the model (the same expectation, estimated); "
                                  "'empirical': the observed labels", Options(("true", "expected", "empirical")))
@@ -227,12 +231,15 @@ class EKFACInfluence(Attributor):
         return inverse
 
     def _layer_damping(self) -> list[float]:
-        """λ_l of each fitted layer: ``damping`` × its mean eigenvalue, or by default the level matched to the exact
+        """λ_l of each fitted layer: ``damping`` × its mean eigenvalue (``damping`` itself with
+        ``damping_kind="absolute"``), or by default the level matched to the exact
         curvature on a sample of the training set (``damping_match_``; matched_damping.py); ``damping_rule_`` names the
         rule taken ("given", "matched"; where the match cannot run, the SGD recipe's ridge on every layer, "recipe",
         else ``default_relative`` × each layer's mean eigenvalue, "spectrum", with a warning)."""
         if self.args.damping is not None:
             self.damping_rule_ = "given"
+            if self.args.damping_kind == "absolute":
+                return [float(self.args.damping)] * len(self.factors_)
             return [self.args.damping * f.mean_eigenvalue() for f in self.factors_]
         match = self._damping_match()
         if match is not None:
