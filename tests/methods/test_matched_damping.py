@@ -90,7 +90,8 @@ def test_the_sample_holds_at_most_the_rows_and_memory_allowed():
     assert sample_size(100, 10, 50, 4) == 100
     assert sample_size(10_000, 10, 50, 4) == 204  # 2,048 rows of the expected Fisher over 10 classes
     assert sample_size(10_000, 1, 50, 4) == 256
-    assert sample_size(10_000, 1, 1_000_000, 4) == 12  # 48 MiB of rows 10^6 wide
+    assert sample_size(10_000, 1, 1_000_000, 4) == 6  # 48 MiB of Fisher and gradient rows 10^6 wide, 2 per example
+    assert sample_size(10_000, 9, 100_000, 4) == 12  # 9 Fisher rows and 1 gradient row per example
 
 
 def test_fisher_rows_are_the_fishers_factor_and_the_gradients_the_losses():

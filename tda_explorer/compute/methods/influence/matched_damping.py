@@ -23,8 +23,8 @@ import torch
 from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors
 from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
 
-#: Training examples sampled for the exact curvature: at most this many, and at most ``MATCH_ROWS`` Fisher rows
-#: (the expected Fisher has C − 1 per example) taking at most ``MATCH_MEMORY`` bytes.
+#: Training examples sampled for the exact curvature: at most this many, at most ``MATCH_ROWS`` Fisher rows (the
+#: expected Fisher has C − 1 per example), and their Fisher and gradient rows together at most ``MATCH_MEMORY`` bytes.
 MATCH_EXAMPLES, MATCH_ROWS, MATCH_MEMORY = 256, 2048, 48 * 2**20
 #: Probe examples (of the sample) whose exact and Kronecker scores are compared.
 MATCH_PROBES = 64
@@ -61,8 +61,9 @@ class DampingMatch:
 
 def sample_size(n: int, rows_per_example: int, width: int, itemsize: int) -> int:
     """How many training examples to sample: ``MATCH_EXAMPLES`` (at most ``n``), fewer where their Fisher rows
-    (``rows_per_example`` × ``width`` numbers each) would exceed ``MATCH_ROWS`` rows or ``MATCH_MEMORY`` bytes."""
-    fits = MATCH_MEMORY // max(1, rows_per_example * width * itemsize)
+    (``rows_per_example`` each) would exceed ``MATCH_ROWS`` rows, or those rows and the examples' gradient rows
+    (``width`` numbers each, counted densely) ``MATCH_MEMORY`` bytes."""
+    fits = MATCH_MEMORY // max(1, (rows_per_example + 1) * width * itemsize)
     return int(min(n, MATCH_EXAMPLES, MATCH_ROWS // rows_per_example, fits))
 
 
