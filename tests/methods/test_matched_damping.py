@@ -2,16 +2,18 @@
 peak, the match itself where the answer is known, the sample's Fisher rows, and the fitted method's use of it."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
-from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors, fisher_and_gradient_rows
+from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors, fisher_and_gradient_rows, row_numbers
+from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
 from tda_explorer.compute.methods.influence.matched_damping import (
+    _exact_solver,
     _peak,
-    _solve,
     match_damping,
     sample_size,
 )
@@ -51,7 +53,7 @@ def test_the_exact_solve_on_either_side_equals_a_dense_solve(many):
     rhs = torch.randn(5, 30, generator=gen, dtype=torch.float64)
     dense = rows.dense()
     expected = torch.linalg.solve(dense.T @ dense + 0.3 * torch.eye(30, dtype=torch.float64), rhs.T).T
-    torch.testing.assert_close(_solve(rows, 0.3, rhs), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_exact_solver(rows, 0.3)(rhs), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_where_the_factored_curvature_is_the_exact_one_the_match_is_the_exact_systems_damping():
@@ -61,7 +63,8 @@ def test_where_the_factored_curvature_is_the_exact_one_the_match_is_the_exact_sy
     e = torch.rand(12, generator=gen, dtype=torch.float64) * 3 + 0.01
     factors = [LayerFactors("", torch.eye(3, dtype=torch.float64), torch.eye(4, dtype=torch.float64), e.view(4, 3))]
     m = 40
-    gradient_rows = torch.randn(m, 12, generator=gen, dtype=torch.float64)
+    gradient_rows = FisherRows([12])
+    gradient_rows.add(0, torch.randn(m, 12, generator=gen, dtype=torch.float64))
 
     def fisher_rows() -> FisherRows:  # 12 rows: RᵀR / m = diag(e); a new one each time (the match scales it)
         rows = FisherRows([12])
@@ -104,8 +107,8 @@ def test_fisher_rows_are_the_fishers_factor_and_the_gradients_the_losses():
     kfac = get_method("if-kfac", task, damping=0.1).fit(data)
     fisher, grads = fisher_and_gradient_rows(task, kfac.factors_, data, task.train_loss, "expected",
                                              dtype=torch.float64)
-    assert len(fisher.parts[0]) == 2  # one position: held as its factors
-    fisher = fisher.dense()
+    assert len(fisher.parts[0]) == 2 and len(grads.parts[0]) == 2  # one position: held as its factors
+    fisher, grads = fisher.dense(), grads.dense()
     assert fisher.shape == (30, 16) and grads.shape == (10, 16)  # C − 1 = 3 rows per example
     x1 = torch.cat([data.inputs, torch.ones(10, 1, dtype=torch.float64)], 1)
     p = torch.softmax(model(data.inputs), -1).detach()
@@ -151,3 +154,53 @@ def test_a_convolution_is_held_as_dense_rows_beside_a_factored_linear_layer():
     assert [len(part) for part in fisher.parts] == [1, 2]  # the convolution's rows dense, the linear layer's factors
     dense = fisher.dense()
     torch.testing.assert_close(fisher.gram(), dense @ dense.T)
+
+
+def test_a_row_takes_its_factors_numbers_for_a_one_position_layer_and_its_full_width_otherwise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    data = AttributionDataset(torch.randn(20, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    attributor = get_method("if-ekfac", AttributionTask(model), damping=0.1).fit(data)
+    conv, linear = attributor.factors_
+    want = conv.q_s.shape[1] * conv.q_a.shape[1] + linear.q_s.shape[1] + linear.q_a.shape[1]
+    assert row_numbers(attributor.task, attributor.factors_, data) == want
+
+
+def test_probes_taken_a_block_at_a_time_give_the_same_match(monkeypatch):
+    """Where the probes' dense gradients would exceed the memory cap they are taken in blocks: the same scores, the
+    same damping."""
+    from tda_explorer.compute.methods.influence import matched_damping
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    data = AttributionDataset(torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 4, (40,)))
+    task = AttributionTask(model)
+    factors = get_method("if-ekfac", task, damping=0.1).fit(data).factors_
+
+    def match():
+        fisher, grads = fisher_and_gradient_rows(task, factors, data, task.train_loss, dtype=torch.float64)
+        return match_damping(factors, fisher, grads, 0.0, 0.05, "recipe")
+
+    whole = match()
+    width = sum(f.eigenvalues.numel() for f in factors)
+    monkeypatch.setattr(matched_damping, "MATCH_MEMORY", 2 * width * 8 * 7)  # blocks of 7 probes
+    assert matched_damping.probe_block(40, width, 8) == 7
+    blocked = match()
+    assert blocked.level == pytest.approx(whole.level, rel=1e-9) and blocked.family == whole.family
+    assert blocked.agreement == pytest.approx(whole.agreement, rel=1e-9)
+
+
+def test_a_wide_mlp_is_matched_not_sent_to_the_fallback():
+    """A 10-class MLP of 100k parameters (more examples than inputs: a full eigenbasis): its rows, held as factors, fit
+    the cap (counted densely they would not have left the 16 examples the match needs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    data = AttributionDataset(torch.randn(1700, 784), torch.randint(0, 10, (1700,)))
+    recipe = TrainConfig(epochs=2, batch_size=64, lr=0.05, optimizer="sgd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverBackoffWarning)
+        attributor = get_method("if-ekfac", AttributionTask(model), train_config=recipe).fit(data)
+        attributor.attribute(data.subset(range(5)))
+    assert attributor.damping_rule_ == "matched" and attributor.damping_match_.examples == 2048 // 9
+    dense_width = sum(f.eigenvalues.numel() for f in attributor.factors_)
+    assert sample_size(10_000, 9, dense_width, 4) < 16  # what the dense count allowed

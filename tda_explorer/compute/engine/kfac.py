@@ -637,9 +637,9 @@ class FisherRows:
             yield slice(start, start + width), part
             start += width
 
-    def dense(self) -> torch.Tensor:
-        """``R`` itself ``[r, width]``."""
-        return torch.cat([self._dense(part) for part in self.parts], dim=1)
+    def dense(self, rows: slice = slice(None)) -> torch.Tensor:
+        """``R`` itself ``[r, width]``, or its rows ``rows``."""
+        return torch.cat([self._dense(tuple(t[rows] for t in part)) for part in self.parts], dim=1)
 
     def gram(self, block: int = 256) -> torch.Tensor:
         """``R Rᵀ`` ``[r, r]``: per factored layer (S Sᵀ) ∘ (A Aᵀ), per dense layer D Dᵀ, ``block`` rows at a time (no
@@ -687,11 +687,12 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
                              dtype: torch.dtype = torch.float32) -> tuple[FisherRows, torch.Tensor]:
     """In the Kronecker eigenbases, from one forward pass over ``data``: the rows of its Fisher of kind ``fisher``,
     un-factored (the expected Fisher's C − 1 rows per example, ``output_curvature_roots``, else one), so that
-    ``F = RᵀR / len(data)`` (``FisherRows``); and each example's gradient of ``loss`` ``[len(data), Σ widths]``."""
+    ``F = RᵀR / len(data)``, and each example's gradient of ``loss`` (one row each), both as ``FisherRows`` (a
+    one-position layer's rows as their two projected factors)."""
     layers = tracked_layers(task)
     sampled, _ = _sampler(task, fisher, seed)
-    rows = FisherRows([f.q_s.shape[1] * f.q_a.shape[1] for f in factors])
-    gradients = _RotatedRows(factors, len(data), dtype)
+    widths = [f.q_s.shape[1] * f.q_a.shape[1] for f in factors]
+    rows, gradients = FisherRows(widths), FisherRows(widths)
     model = task.model
     restore = eval_mode(model)
     model.to(device)
@@ -702,17 +703,33 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
                 ids=data.ids, output=task.output):
             batch_ids, start = _batch_ids(data.ids, start, patches)
             for index, f in enumerate(factors):
-                a, g = patches[f.name], fisher_grads[f.name]
-                if a.shape[2] == 1:  # one position: each row is the outer product of its projected factors
-                    projected = _projected_patches(a, f.q_a)[:, 0]
-                    rows.add(index, (g[:, :, 0] @ f.q_s.to(g)).to(dtype),
-                             projected.repeat(len(g) // len(a), 1).to(dtype))
-                else:
-                    rows.add(index, _rotated_layer_gradients(f, a, g).flatten(1).to(dtype))
-            gradients.add(patches, loss_grads, "train", batch_ids)
+                a = patches[f.name]
+                for held, g in ((rows, fisher_grads[f.name]), (gradients, loss_grads[f.name])):
+                    if a.shape[2] == 1:  # one position: each row is the outer product of its projected factors
+                        projected = _projected_patches(a, f.q_a)[:, 0]
+                        held.add(index, (g[:, :, 0] @ f.q_s.to(g)).to(dtype),
+                                 projected.repeat(len(g) // len(a), 1).to(dtype))
+                    else:
+                        held.add(index, _rotated_layer_gradients(f, a, g).flatten(1).to(dtype))
     finally:
         restore()
-    return rows, gradients.rows
+    return rows, gradients
+
+
+def row_numbers(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
+                device: torch.device | str = "cpu") -> int:
+    """How many numbers one row of ``fisher_and_gradient_rows`` takes as held: per layer, r_s + r_a where the layer
+    sees one position (its two projected factors), else r_s · r_a; read from one forward pass over ``data``'s first
+    example."""
+    model = task.model
+    restore = eval_mode(model)
+    model.to(device)
+    try:
+        patches, _ = next(layer_activity(model, tracked_layers(task), data.subset([0]), [], 1, device))
+    finally:
+        restore()
+    return sum(f.q_s.shape[1] + f.q_a.shape[1] if patches[f.name].shape[2] == 1 else f.q_s.shape[1] * f.q_a.shape[1]
+               for f in factors)
 
 
 class _RotatedRows:

@@ -55,6 +55,7 @@ from tda_explorer.compute.engine.kfac import (
     fit_factors_and_gradients,
     rotated_gradient_batches,
     rotated_gradients,
+    row_numbers,
     tracked_layers,
 )
 from tda_explorer.compute.methods.base import Attributor
@@ -272,8 +273,8 @@ class EKFACInfluence(Attributor):
     def _match(self) -> DampingMatch:
         train, a = self.train_, self.args
         rows = fisher_rows_per_example(train, a.fisher)
-        width = sum(f.eigenvalues.numel() for f in self.factors_)
-        m = sample_size(len(train), rows, width, torch.finfo(self._dtype()).bits // 8)
+        numbers = row_numbers(self.task, self.factors_, train, self.device)
+        m = sample_size(len(train), rows, numbers, torch.finfo(self._dtype()).bits // 8)
         if m < min(MATCH_MIN_EXAMPLES, len(train)):
             raise ValueError(f"the sampled Fisher rows would not fit: {m} examples within the matching's memory")
         positions = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:m].sort().values

@@ -59,12 +59,18 @@ class DampingMatch:
                 f"{self.exact_rule} rule)")
 
 
-def sample_size(n: int, rows_per_example: int, width: int, itemsize: int) -> int:
+def sample_size(n: int, rows_per_example: int, row_numbers: int, itemsize: int) -> int:
     """How many training examples to sample: ``MATCH_EXAMPLES`` (at most ``n``), fewer where their Fisher rows
     (``rows_per_example`` each) would exceed ``MATCH_ROWS`` rows, or those rows and the examples' gradient rows
-    (``width`` numbers each, counted densely) ``MATCH_MEMORY`` bytes."""
-    fits = MATCH_MEMORY // max(1, (rows_per_example + 1) * width * itemsize)
+    (``row_numbers`` numbers each, as held: ``kfac.row_numbers``) ``MATCH_MEMORY`` bytes."""
+    fits = MATCH_MEMORY // max(1, (rows_per_example + 1) * row_numbers * itemsize)
     return int(min(n, MATCH_EXAMPLES, MATCH_ROWS // rows_per_example, fits))
+
+
+def probe_block(probes: int, width: int, itemsize: int) -> int:
+    """Probes handled at once: all of them, fewer where their dense gradients and one scaled copy (``width`` numbers
+    each) would exceed ``MATCH_MEMORY`` bytes."""
+    return int(max(1, min(probes, MATCH_MEMORY // max(1, 2 * width * itemsize))))
 
 
 def _largest_eigenvalue(rows: FisherRows, iterations: int = 30) -> float:
@@ -80,10 +86,10 @@ def _largest_eigenvalue(rows: FisherRows, iterations: int = 30) -> float:
     return value
 
 
-def _solve(rows: FisherRows, shift: float, rhs: torch.Tensor) -> torch.Tensor:
-    """``(rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, on the smaller side: the ``D × D`` system
-    where the ``r`` rows are at least as many as they are wide, else through their ``r × r`` Gram matrix (Woodbury);
-    factored in place in the rows' precision (formed again in float64 where that fails)."""
+def _exact_solver(rows: FisherRows, shift: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rhs ↦ (rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, on the smaller side: the ``D × D``
+    system where the ``r`` rows are at least as many as they are wide, else through their ``r × r`` Gram matrix
+    (Woodbury); factored once, in place, in the rows' precision (formed again in float64 where that fails)."""
     wide = rows.width > len(rows)
 
     def system(dtype: torch.dtype) -> torch.Tensor:
@@ -101,10 +107,14 @@ def _solve(rows: FisherRows, shift: float, rhs: torch.Tensor) -> torch.Tensor:
     except torch.linalg.LinAlgError:
         matrix = system(torch.float64)
         factor = torch.linalg.cholesky(matrix, out=matrix)
-    if not wide:
-        return torch.cholesky_solve(rhs.T.to(factor), factor).T.double()
-    inner = torch.cholesky_solve(rows.times(rhs).to(factor), factor)
-    return (rhs.double() - rows.transpose_times(inner).to(rhs.device).double()) / shift
+
+    def solve(rhs: torch.Tensor) -> torch.Tensor:
+        if not wide:
+            return torch.cholesky_solve(rhs.T.to(factor), factor).T.double()
+        inner = torch.cholesky_solve(rows.times(rhs).to(factor), factor)
+        return (rhs.double() - rows.transpose_times(inner).to(rhs.device).double()) / shift
+
+    return solve
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float:
@@ -120,26 +130,30 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float
     return float(corr.mean())
 
 
-def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient_rows: torch.Tensor,
+def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient_rows: FisherRows,
                   weight_decay: float, exact_damping: float | None, exact_rule: str,
                   probes: int = MATCH_PROBES) -> DampingMatch:
     """The per-layer damping at which the Kronecker scores (eigenvalues of ``factors``, the weight decay left out as the
     Kronecker methods do by default) agree best with the exact ones on the sample: ``fisher_rows`` ``R`` (F = RᵀR / m
-    over the m sampled examples; scaled in place) and ``gradient_rows`` (their training-loss gradients, the first
-    ``probes`` the probes, scored against all m but themselves), all in the eigenbasis. The exact system is ``(F +
-    weight_decay + λ) x = g`` with λ = ``exact_damping`` (the direct solvers' rule, named by ``exact_rule``), or
+    over the m sampled examples; scaled in place) and ``gradient_rows`` (their training-loss gradients, one row each,
+    the first ``probes`` the probes, scored against all m but themselves), all in the eigenbasis. The exact system is
+    ``(F + weight_decay + λ) x = g`` with λ = ``exact_damping`` (the direct solvers' rule, named by ``exact_rule``), or
     where that is None 0.01 × F's largest eigenvalue. Each family's levels are the ``CANDIDATES``, the best refined
-    between its neighbours (``_peak``)."""
+    between its neighbours (``_peak``). The probes are made dense a block at a time (``probe_block``); everything
+    else keeps the rows' held form."""
     m = len(gradient_rows)
     rows = fisher_rows.scale_(1 / math.sqrt(m))  # in place: the rows are this match's own
     if exact_damping is None:
         exact_damping, exact_rule = DAMPING_LEVEL * _largest_eigenvalue(rows), "spectrum"
     eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
     shift = weight_decay + exact_damping
-    probe = gradient_rows[: min(probes, m)]
-    exact_scores = (_solve(rows, shift, probe).to(gradient_rows.dtype) @ gradient_rows.T).double()
+    k = min(probes, m)
+    step = probe_block(k, gradient_rows.width, gradient_rows.dtype.itemsize)
+    blocks = [slice(b, min(b + step, k)) for b in range(0, k, step)]
+    solve = _exact_solver(rows, shift)
+    exact_scores = torch.cat([gradient_rows.times(solve(gradient_rows.dense(b))).T for b in blocks]).double()
     own = torch.zeros_like(exact_scores, dtype=torch.bool)
-    own[torch.arange(len(probe)), torch.arange(len(probe))] = True
+    own[torch.arange(k), torch.arange(k)] = True
     means = [f.mean_eigenvalue() for f in factors]
 
     def layer_damping(family: str, level: float) -> list[float]:
@@ -147,7 +161,7 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
 
     def kronecker_scores(lams: list[float]) -> torch.Tensor:
         inverse = torch.cat([1.0 / (e + lam) for e, lam in zip(eigenvalues, lams)]).to(gradient_rows.dtype)
-        return ((probe * inverse) @ gradient_rows.T).double()
+        return torch.cat([gradient_rows.times(gradient_rows.dense(b) * inverse).T for b in blocks]).double()
 
     best = None
     for family in ("relative", "absolute"):
@@ -162,7 +176,7 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
     if best is None:
         raise ValueError("no positive candidate damping")
     value, family, level = best
-    return DampingMatch(layer_damping(family, level), family, level, value, exact_damping, exact_rule, m, len(probe))
+    return DampingMatch(layer_damping(family, level), family, level, value, exact_damping, exact_rule, m, k)
 
 
 def _peak(curve: list[tuple[float, float]], evaluate: Callable[[float], float]) -> tuple[float, float]:
