@@ -204,3 +204,24 @@ def test_a_wide_mlp_is_matched_not_sent_to_the_fallback():
     assert attributor.damping_rule_ == "matched" and attributor.damping_match_.examples == 2048 // 9
     dense_width = sum(f.eigenvalues.numel() for f in attributor.factors_)
     assert sample_size(10_000, 9, dense_width, 4) < 16  # what the dense count allowed
+
+
+def test_binned_scores_are_exact_where_each_bin_holds_one_eigenvalue():
+    """Eigenvalues taking a few distinct values, far apart: each bin holds one value, so the binned scores equal the
+    exact Kronecker scores Σ_d p_d g_d / (e_d + λ_l) at any per-layer damping; two below the floor share a bin, which
+    changes the weights by ~e / λ."""
+    from tda_explorer.compute.methods.influence.matched_damping import _BinnedScores
+
+    gen = torch.Generator().manual_seed(5)
+    eigenvalues = [torch.tensor([1e-3, 1.0, 1e2, 1.0, 1e-3, 1e2], dtype=torch.float64).repeat(2),
+                   torch.tensor([1e-12, 10.0, 10.0, 3e-12, 0.5, 0.5], dtype=torch.float64)]  # two below the floor
+    rows = FisherRows([12, 6])
+    rows.add(0, torch.randn(9, 3, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen,
+                                                                                    dtype=torch.float64))
+    rows.add(1, torch.randn(9, 6, generator=gen, dtype=torch.float64))
+    binned = _BinnedScores(eigenvalues, rows, [slice(0, 4)], [1e-5, 1e-9])
+    dense = rows.dense()
+    for lams in ([0.1, 0.02], [3.0, 1e-4]):
+        weights = torch.cat([1 / (e + lam) for e, lam in zip(eigenvalues, lams)])
+        exact = (dense[:4] * weights) @ dense.T
+        torch.testing.assert_close(binned.scores(lams), exact, rtol=1e-5, atol=1e-8)

@@ -9,7 +9,9 @@ holds across models (benchmarks/README.md, "Kronecker damping matched to the exa
 un-factored (``kfac.fisher_and_gradient_rows``, in the Kronecker eigenbasis), solves the direct solvers' system on it,
 ``(F + wd + λ) x = g``, exactly for a few probe examples' gradients (through the sample's Gram matrix), and takes the
 damping, among relative levels per layer and multiples of λ, at which the Kronecker scores of those probes against the
-sampled examples agree best (mean Pearson correlation) with the exact ones.
+sampled examples agree best (mean Pearson correlation) with the exact ones. Every candidate level is first scored on
+binned scores (``_BinnedScores``: one pass, eigenvalues in log-spaced bins); the exact scores are then computed only
+around each family's best candidate, and refined there.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MATCH_MIN_EXAMPLES = 16
 CANDIDATES = tuple(10.0 ** (k / 2) for k in range(-8, 7))
 #: Golden-section steps refining the best candidate between its neighbours (to 0.618^8, 2%, of that decade).
 REFINE_STEPS = 8
+#: Eigenvalue bins, over all layers, of the coarse search's approximate scores (their memory: probes × sample × bins).
+SCORE_BINS = 64
 
 
 @dataclass
@@ -130,6 +134,49 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, exclude: torch.Tensor) -> float
     return float(corr.mean())
 
 
+class _BinnedScores:
+    """The Kronecker scores of the probes against the sample at any per-layer damping, approximately, from one pass:
+    each layer's eigen-coordinates in log-spaced eigenvalue bins (those below ``floors[l]``, far under any damping
+    tried, in one), the probe–example products summed per bin, and each bin weighted by 1 / (ē + λ_l), ē the harmonic
+    mean of its eigenvalues (exact where λ ≪ e; where λ ≫ e the eigenvalue hardly matters)."""
+
+    def __init__(self, eigenvalues: list[torch.Tensor], gradient_rows: FisherRows, blocks: list[slice],
+                 floors: list[float]):
+        per_layer = max(8, SCORE_BINS // len(eigenvalues))
+        columns, layers, values, sizes, offset = [], [], [], [], 0
+        for index, (e, floor) in enumerate(zip(eigenvalues, floors)):
+            low = math.log(floor)
+            high = max(math.log(float(e.max())) if float(e.max()) > floor else low, low) + 1e-9
+            edges = torch.linspace(low, high, per_layer + 1, dtype=torch.float64, device=e.device)
+            bins = torch.bucketize(e.clamp_min(floor).log(), edges[1:-1])  # 0 … per_layer − 1
+            for b in bins.unique().tolist():
+                where = torch.nonzero(bins == b).flatten()
+                columns.append(where + offset)
+                layers.append(index)
+                values.append(float(1.0 / (1.0 / e[where].clamp_min(1e-300)).mean()))
+                sizes.append(len(where))
+            offset += len(e)
+        order = torch.cat(columns)
+        self.layers = torch.tensor(layers)
+        self.values = torch.tensor(values, dtype=torch.float64)
+        bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        k = blocks[-1].stop
+        m = len(gradient_rows)
+        step = probe_block(m, gradient_rows.width, gradient_rows.dtype.itemsize)
+        self.sums = torch.zeros(k, m, len(sizes), dtype=gradient_rows.dtype, device=gradient_rows.device)
+        for b in blocks:
+            probe = gradient_rows.dense(b)[:, order]
+            for start in range(0, m, step):
+                rows = slice(start, min(start + step, m))
+                sample = gradient_rows.dense(rows)[:, order]
+                for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                    self.sums[b, rows, s] = probe[:, lo:hi] @ sample[:, lo:hi].T
+
+    def scores(self, lams: list[float]) -> torch.Tensor:
+        weights = 1.0 / (self.values + torch.tensor(lams, dtype=torch.float64)[self.layers])
+        return (self.sums @ weights.to(self.sums)).double()
+
+
 def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient_rows: FisherRows,
                   weight_decay: float, exact_damping: float | None, exact_rule: str,
                   probes: int = MATCH_PROBES) -> DampingMatch:
@@ -163,14 +210,31 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
         inverse = torch.cat([1.0 / (e + lam) for e, lam in zip(eigenvalues, lams)]).to(gradient_rows.dtype)
         return torch.cat([gradient_rows.times(gradient_rows.dense(b) * inverse).T for b in blocks]).double()
 
+    # coarse: every candidate of both families on the binned scores; then, in each family, exact scores around its
+    # best candidate, refined (_peak); the better family's level is taken
+    floors = [0.01 * min(CANDIDATES[0] * mean, CANDIDATES[0] * exact_damping) for mean in means]
+    binned = _BinnedScores(eigenvalues, gradient_rows, blocks, [f if f > 0 else 1e-30 for f in floors])
     best = None
     for family in ("relative", "absolute"):
-        curve = [(level, _agreement(kronecker_scores(layer_damping(family, level)), exact_scores, own))
-                 for level in CANDIDATES if all(lam > 0 and math.isfinite(lam) for lam in layer_damping(family, level))]
-        if not curve:
+        usable = [j for j, level in enumerate(CANDIDATES)
+                  if all(lam > 0 and math.isfinite(lam) for lam in layer_damping(family, level))]
+        if not usable:
             continue
-        level, value = _peak(curve, lambda level, family=family: _agreement(
-            kronecker_scores(layer_damping(family, level)), exact_scores, own))
+        i = max(usable, key=lambda j: _agreement(binned.scores(layer_damping(family, CANDIDATES[j])), exact_scores,
+                                                 own))
+
+        def exact(level: float, family: str = family) -> float:
+            return _agreement(kronecker_scores(layer_damping(family, level)), exact_scores, own)
+
+        local = {j: exact(CANDIDATES[j]) for j in (i - 1, i, i + 1) if j in usable}
+        while True:  # walk on while the best exact point is at an edge of those evaluated and the grid goes on
+            top = max(local, key=local.get)
+            further = [j for j in (top - 1, top + 1) if j in usable and j not in local
+                       and (j < top and top == min(local) or j > top and top == max(local))]
+            if not further:
+                break
+            local.update({j: exact(CANDIDATES[j]) for j in further})
+        level, value = _peak([(CANDIDATES[j], local[j]) for j in sorted(local)], exact)
         if best is None or value > best[0]:
             best = (value, family, level)
     if best is None:
