@@ -696,12 +696,10 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
     model = task.model
     restore = eval_mode(model)
     model.to(device)
-    start = 0
     try:
         for patches, (fisher_grads, loss_grads) in layer_activity(
                 model, layers, data, [sampled, _on_batch(task, loss)], batch_size, device, argument="train",
                 ids=data.ids, output=task.output):
-            batch_ids, start = _batch_ids(data.ids, start, patches)
             for index, f in enumerate(factors):
                 a = patches[f.name]
                 for held, g in ((rows, fisher_grads[f.name]), (gradients, loss_grads[f.name])):

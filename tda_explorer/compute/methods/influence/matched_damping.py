@@ -146,7 +146,7 @@ class _BinnedScores:
         columns, layers, values, sizes, offset = [], [], [], [], 0
         for index, (e, floor) in enumerate(zip(eigenvalues, floors)):
             low = math.log(floor)
-            high = max(math.log(float(e.max())) if float(e.max()) > floor else low, low) + 1e-9
+            high = math.log(max(float(e.max()), floor)) + 1e-9
             edges = torch.linspace(low, high, per_layer + 1, dtype=torch.float64, device=e.device)
             bins = torch.bucketize(e.clamp_min(floor).log(), edges[1:-1])  # 0 … per_layer − 1
             for b in bins.unique().tolist():
