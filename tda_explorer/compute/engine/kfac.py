@@ -639,7 +639,11 @@ class FisherRows:
 
     def dense(self, rows: slice = slice(None)) -> torch.Tensor:
         """``R`` itself ``[r, width]``, or its rows ``rows``."""
-        return torch.cat([self._dense(tuple(t[rows] for t in part)) for part in self.parts], dim=1)
+        return torch.cat([self.layer_dense(layer, rows) for layer in range(len(self.parts))], dim=1)
+
+    def layer_dense(self, layer: int, rows: slice = slice(None)) -> torch.Tensor:
+        """Layer ``layer``'s columns of ``R`` (rows ``rows``): a view of rows held densely, formed from factors."""
+        return self._dense(tuple(t[rows] for t in self.parts[layer]))
 
     def gram(self, block: int = 256) -> torch.Tensor:
         """``R Rᵀ`` ``[r, r]``: per factored layer (S Sᵀ) ∘ (A Aᵀ), per dense layer D Dᵀ, ``block`` rows at a time (no

@@ -143,34 +143,30 @@ class _BinnedScores:
     def __init__(self, eigenvalues: list[torch.Tensor], gradient_rows: FisherRows, blocks: list[slice],
                  floors: list[float]):
         per_layer = max(8, SCORE_BINS // len(eigenvalues))
-        columns, layers, values, sizes, offset = [], [], [], [], 0
+        segments, layers, values = [], [], []  # per bin: its columns within its layer, its layer, its ē
         for index, (e, floor) in enumerate(zip(eigenvalues, floors)):
-            low = math.log(floor)
-            high = math.log(max(float(e.max()), floor)) + 1e-9
+            low, high = math.log(floor), math.log(max(float(e.max()), floor)) + 1e-9
             edges = torch.linspace(low, high, per_layer + 1, dtype=torch.float64, device=e.device)
             bins = torch.bucketize(e.clamp_min(floor).log(), edges[1:-1])  # 0 … per_layer − 1
             for b in bins.unique().tolist():
                 where = torch.nonzero(bins == b).flatten()
-                columns.append(where + offset)
+                segments.append(where)
                 layers.append(index)
                 values.append(float(1.0 / (1.0 / e[where].clamp_min(1e-300)).mean()))
-                sizes.append(len(where))
-            offset += len(e)
-        order = torch.cat(columns)
         self.layers = torch.tensor(layers)
         self.values = torch.tensor(values, dtype=torch.float64)
-        bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        k = blocks[-1].stop
-        m = len(gradient_rows)
+        k, m = blocks[-1].stop, len(gradient_rows)
         step = probe_block(m, gradient_rows.width, gradient_rows.dtype.itemsize)
-        self.sums = torch.zeros(k, m, len(sizes), dtype=gradient_rows.dtype, device=gradient_rows.device)
-        for b in blocks:
-            probe = gradient_rows.dense(b)[:, order]
-            for start in range(0, m, step):
-                rows = slice(start, min(start + step, m))
-                sample = gradient_rows.dense(rows)[:, order]
-                for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                    self.sums[b, rows, s] = probe[:, lo:hi] @ sample[:, lo:hi].T
+        self.sums = torch.zeros(k, m, len(values), dtype=gradient_rows.dtype, device=gradient_rows.device)
+        for index in range(len(eigenvalues)):  # a layer at a time: no dense copy of all the layers' rows
+            own = [s for s, layer in enumerate(layers) if layer == index]
+            for b in blocks:
+                probe = gradient_rows.layer_dense(index, b)
+                for start in range(0, m, step):
+                    rows = slice(start, min(start + step, m))
+                    sample = gradient_rows.layer_dense(index, rows)
+                    for s in own:
+                        self.sums[b, rows, s] = probe[:, segments[s]] @ sample[:, segments[s]].T
 
     def scores(self, lams: list[float]) -> torch.Tensor:
         weights = 1.0 / (self.values + torch.tensor(lams, dtype=torch.float64)[self.layers])
