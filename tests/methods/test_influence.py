@@ -98,6 +98,14 @@ def test_refusals_name_the_problem(tiny_data):
         get_method("if-explicit", task, curvature="fisher").fit(train)
 
 
+@pytest.mark.parametrize("method", ["if-ekfac", "if-kfac", "if-astra"])
+def test_an_absolute_damping_kind_without_a_damping_is_refused_naming_both(method, tiny_mlp):
+    with pytest.raises(TDAError, match=r"damping_kind='absolute'.*pass damping=λ"):
+        get_method(method, AttributionTask(tiny_mlp), damping_kind="absolute")
+    with pytest.raises(TDAError, match=r"unknown damping_kind .global.; expected one of: relative, absolute"):
+        get_method(method, AttributionTask(tiny_mlp), damping=0.1, damping_kind="global")
+
+
 @pytest.mark.parametrize("kind", ["relative", "absolute"])
 @pytest.mark.parametrize("method", ["if-ekfac", "if-kfac"])
 def test_kronecker_factored_if_is_exact_for_one_example_on_a_linear_layer(method, kind):

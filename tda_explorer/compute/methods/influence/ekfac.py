@@ -169,6 +169,9 @@ class EKFACInfluence(Attributor):
     def _setup(self) -> None:
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by K-FAC/EK-FAC; leave it None")
+        if self.args.damping_kind == "absolute" and self.args.damping is None:
+            raise TDAError("damping_kind='absolute' reads a given damping as λ on every layer: pass damping=λ too "
+                           "(without one the damping is matched on the model)")
         self.skipped_modules_ = kronecker_default_task(self)
         tracked_layers(self.task)  # refuse unsupported modules the user chose (parameters=[...]) before any work
 
