@@ -706,9 +706,10 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
                 ids=data.ids, output=task.output):
             for index, f in enumerate(factors):
                 a = patches[f.name]
+                # one position: each row is the outer product of its projected factors (the patches' shared by both)
+                projected = _projected_patches(a, f.q_a)[:, 0] if a.shape[2] == 1 else None
                 for held, g in ((rows, fisher_grads[f.name]), (gradients, loss_grads[f.name])):
-                    if a.shape[2] == 1:  # one position: each row is the outer product of its projected factors
-                        projected = _projected_patches(a, f.q_a)[:, 0]
+                    if projected is not None:
                         held.add(index, (g[:, :, 0] @ f.q_s.to(g)).to(dtype),
                                  projected.repeat(len(g) // len(a), 1).to(dtype))
                     else:

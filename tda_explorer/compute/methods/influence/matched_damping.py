@@ -193,8 +193,13 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
     k = min(probes, m)
     step = probe_block(k, gradient_rows.width, gradient_rows.dtype.itemsize)
     blocks = [slice(b, min(b + step, k)) for b in range(0, k, step)]
+    held = [gradient_rows.dense(blocks[0])] if len(blocks) == 1 else None  # one block fits: made dense once
+
+    def probe_rows(b: slice) -> torch.Tensor:
+        return held[0] if held is not None else gradient_rows.dense(b)
+
     solve = _exact_solver(rows, shift)
-    exact_scores = torch.cat([gradient_rows.times(solve(gradient_rows.dense(b))).T for b in blocks]).double()
+    exact_scores = torch.cat([gradient_rows.times(solve(probe_rows(b))).T for b in blocks]).double()
     own = torch.zeros_like(exact_scores, dtype=torch.bool)
     own[torch.arange(k), torch.arange(k)] = True
     means = [f.mean_eigenvalue() for f in factors]
@@ -204,12 +209,12 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
 
     def kronecker_scores(lams: list[float]) -> torch.Tensor:
         inverse = torch.cat([1.0 / (e + lam) for e, lam in zip(eigenvalues, lams)]).to(gradient_rows.dtype)
-        return torch.cat([gradient_rows.times(gradient_rows.dense(b) * inverse).T for b in blocks]).double()
+        return torch.cat([gradient_rows.times(probe_rows(b) * inverse).T for b in blocks]).double()
 
     # coarse: every candidate of both families on the binned scores; then, in each family, exact scores around its
     # best candidate, refined (_peak); the better family's level is taken
-    floors = [0.01 * min(CANDIDATES[0] * mean, CANDIDATES[0] * exact_damping) for mean in means]
-    binned = _BinnedScores(eigenvalues, gradient_rows, blocks, [f if f > 0 else 1e-30 for f in floors])
+    floors = [max(0.01 * CANDIDATES[0] * min(mean, exact_damping), 1e-30) for mean in means]
+    binned = _BinnedScores(eigenvalues, gradient_rows, blocks, floors)
     best = None
     for family in ("relative", "absolute"):
         usable = [j for j, level in enumerate(CANDIDATES)
