@@ -104,6 +104,19 @@ def test_calibration_without_a_truth_says_which_it_needs():
         get_method("if-ekfac", task).calibrate(train, recipe=TrainConfig())
 
 
+def test_a_prebuilt_truth_brings_its_own_test_points_and_other_ones_are_refused(recorded):
+    """With ``truth=``, ``test`` may be left out (the truth's points are the ones scored); a test set that does not
+    hold the truth's points is refused by name instead of being silently ignored."""
+    train, test, task, recorder = recorded
+    truth = replay_truth(recorder, task, train, sample_test_points(test, 8))
+    result = get_method("if-explicit", task).calibrate(train, truth=truth)
+    assert result.truth == "replay" and result.default_score == pytest.approx(
+        _rescore("if-explicit", task, {}, train, truth), abs=1e-6)
+    get_method("if-explicit", task).calibrate(train, test, truth=truth)  # the set it was sampled from is fine
+    with pytest.raises(TDAError, match="test: the truth given measures other test points"):
+        get_method("if-explicit", task).calibrate(train, train, truth=truth)
+
+
 def test_a_method_with_nothing_to_tune_keeps_its_defaults_at_once():
     train, test = _data()
     result = get_method("grad-dot", AttributionTask(_model())).calibrate(train, test)  # no truth needed either

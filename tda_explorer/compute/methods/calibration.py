@@ -479,6 +479,15 @@ def _better(candidate: torch.Tensor, best: torch.Tensor, truth: CalibrationTruth
     return wins >= BOOTSTRAP_LEVEL * BOOTSTRAPS
 
 
+def _holds(test: AttributionDataset, points: AttributionDataset) -> bool:
+    """Whether ``test`` holds the test points ``points`` (same ids and, for in-memory data, the same examples)."""
+    if not set(points.ids) <= set(test.ids):
+        return False
+    if not (test.in_memory and points.in_memory):
+        return True
+    return test.subset(test.positions(points.ids)).fingerprint() == points.fingerprint()
+
+
 def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDataset | None = None, *,
               budget_s: float | None = None, recording: RunRecorder | None = None, recipe: Any = None,
               truth: CalibrationTruth | None = None, test_points: int = 64, removals: int = 10,
@@ -489,7 +498,7 @@ def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDatas
     result). ``truth`` is a prebuilt ``CalibrationTruth``; else ``recording`` gives the replay truth, a ``recipe``
     with a model factory (a retraining ``Recipe``, or a dict with ``model_factory`` and ``train_config``) the
     retraining truth (unless ``retrain=False``), and a recipe's ``TrainConfig`` alone the further-training truth;
-    ``test`` defaults to the recipe's ``test`` where it has one."""
+    ``test`` defaults to a given truth's test points, else to the recipe's ``test`` where it has one."""
     t_start = time.perf_counter()
     name = attributor.name
     if not isinstance(train, AttributionDataset):
@@ -506,11 +515,14 @@ def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDatas
         return Calibration(name, {}, configured, None, "", None, None, time.perf_counter() - t_start, 0.0, budget_s,
                            pd.DataFrame(columns=columns))
     if test is None:
-        test = getattr(recipe, "test", None)
+        test = truth.test if isinstance(truth, CalibrationTruth) else getattr(recipe, "test", None)
         if not isinstance(test, AttributionDataset):
             raise TDAError("test: give the test points the truth measures (calibrate(train, test, ...))")
     if not isinstance(test, AttributionDataset):
         raise TDAError(f"test must be an AttributionDataset, got {type(test).__name__}")
+    if isinstance(truth, CalibrationTruth) and not _holds(test, truth.test):
+        raise TDAError("test: the truth given measures other test points; leave test out (the truth's own are "
+                       "used) or give the test set it was built on")
 
     # the truth
     t0 = time.perf_counter()
