@@ -100,3 +100,37 @@ def test_the_ggn_factor_is_the_same_whichever_vectorised_form_builds_it():
     torch.testing.assert_close(factors["jacobian"], factors["per class"], rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="form must be one of"):
         curvature.ggn_factor(form="hessian")
+
+
+class _Attention(nn.Module):
+    """One self-attention layer and a linear head: fused scaled dot-product attention (what a Hugging Face model's
+    default "sdpa" attention calls), or the same arithmetic written out."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.head, self.fused = nn.Linear(4, 12), nn.Linear(4, 3), fused
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, 2)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))  # 2 heads of 2
+        if self.fused:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.softmax(q @ k.transpose(-1, -2) / 2.0 ** 0.5, dim=-1) @ v
+        return self.head(out.transpose(1, 2).flatten(2).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+def test_products_through_fused_attention_equal_those_of_the_written_out_one(kind, monkeypatch):
+    """Fused attention has no forward-mode derivative, which every vectorised curvature product takes (the GGN's
+    factor, taken in reverse mode, is kept out here): the products run it in its composite form, and equal those of
+    the written-out attention."""
+    from tda_explorer.compute.engine import curvature
+
+    monkeypatch.setattr(curvature, "FACTOR_MEMORY", 0)
+    gen = torch.Generator().manual_seed(1)
+    data = AttributionDataset(torch.randn(10, 5, 4, generator=gen), torch.randint(0, 3, (10,), generator=gen))
+    vectors = torch.randn(3, sum(p.numel() for p in _Attention(True).parameters()), generator=gen)
+    fused = Curvature(AttributionTask(_Attention(True)), data, kind).matvec(vectors)
+    written = Curvature(AttributionTask(_Attention(False)), data, kind).matvec(vectors)
+    torch.testing.assert_close(fused, written, rtol=1e-4, atol=1e-6)

@@ -281,3 +281,22 @@ def test_a_missing_package_is_named_with_what_to_install(missing):
                 "try:\n    import tda_explorer.integrations.huggingface\nexcept TDAError as err:\n    print(err)\n")
     assert done.returncode == 0, done.stderr
     assert "pip install 'tda_explorer[hf]'" in done.stdout and missing in done.stdout
+
+
+def test_the_curvature_solvers_run_on_the_default_sdpa_attention():
+    """A config-built BERT takes fused ("sdpa") attention by default, which has no forward-mode derivative: the
+    curvature products run it in its composite form, so if-cg's default (its damping's largest eigenvalue included)
+    runs, and its scores equal those of the same weights under eager attention."""
+    from tda_explorer import get_method
+
+    data = TokenDataset(24)
+    train = AttributionDataset.from_torch(data, name="train")
+    test = AttributionDataset.from_torch(TokenDataset(4, seed=1), name="test")
+    fused = tiny_bert().eval()
+    assert fused.config._attn_implementation == "sdpa"
+    config = copy.deepcopy(fused.config)
+    config._attn_implementation = "eager"
+    eager = BertForSequenceClassification(config).eval()
+    eager.load_state_dict(fused.state_dict())
+    scores = [get_method("if-cg", AttributionTask(model)).fit(train).attribute(test).scores for model in (fused, eager)]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-3, atol=1e-6)

@@ -7,6 +7,7 @@ cross-entropy), so G + wd·I is positive definite — the default for influence 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Iterator, Mapping
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -42,6 +44,13 @@ FACTOR_DIRECTIONS = 256
 #: products run closer to the hardware's peak (the break-even measured on the zoo's MLPs, float32 and float64:
 #: benchmarks/README.md, "Curvature forms")
 FACTOR_EFFICIENCY = 9.0
+
+
+def forward_mode_attention() -> contextlib.AbstractContextManager:
+    """Scaled dot-product attention in its composite ("math") form: the fused kernels (flash, memory-efficient; a
+    Hugging Face model's default "sdpa" attention) have no forward-mode derivative, which every curvature product
+    takes (J v, and the Hessian's forward-over-reverse); the composite form has, and gives the same values."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class Curvature:
@@ -153,15 +162,17 @@ class Curvature:
         return self.task.train_loss(self._logits(flat, x), Batch(x, y)).sum() / self.n
 
     def _term(self, v: torch.Tensor, x: Any, y: torch.Tensor) -> torch.Tensor:
-        """One batch's term of ``(curvature) @ v`` (the weight decay's is added once, in ``matvec``)."""
-        if self.kind == "hessian":
-            return jvp(grad(partial(self._loss_sum, x=x, y=y)), (self.theta,), (v,))[1]
-        logits_of = partial(self._logits, x=x)
-        logits, jv = jvp(logits_of, (self.theta,), (v,))
-        p = logits.softmax(-1)
-        h_jv = p * jv - p * (p * jv).sum(-1, keepdim=True)  # Hessian of cross-entropy w.r.t. logits, times Jv
-        _, pullback = vjp(logits_of, self.theta)
-        return pullback(h_jv / self.n)[0]
+        """One batch's term of ``(curvature) @ v`` (the weight decay's is added once, in ``matvec``); forward-mode
+        products, so attention runs in its composite form (``forward_mode_attention``)."""
+        with forward_mode_attention():
+            if self.kind == "hessian":
+                return jvp(grad(partial(self._loss_sum, x=x, y=y)), (self.theta,), (v,))[1]
+            logits_of = partial(self._logits, x=x)
+            logits, jv = jvp(logits_of, (self.theta,), (v,))
+            p = logits.softmax(-1)
+            h_jv = p * jv - p * (p * jv).sum(-1, keepdim=True)  # Hessian of cross-entropy w.r.t. logits, times Jv
+            _, pullback = vjp(logits_of, self.theta)
+            return pullback(h_jv / self.n)[0]
 
     def pairs_per_call(self) -> int:
         """(direction, row) pairs one vectorised product may hold: ``max_memory`` over the estimated bytes of one pair,

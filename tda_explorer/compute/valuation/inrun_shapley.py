@@ -51,6 +51,7 @@ from torch.func import functional_call, grad, jvp
 
 from tda_explorer._validation import TDAError, as_device
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Options, build_arguments, option, register
+from tda_explorer.compute.engine.curvature import forward_mode_attention
 from tda_explorer.compute.engine.kfac import _output_grads, _patches, conv_padding, layer_activity, tracked_layers
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.training.run_recorder import finished_recording
@@ -448,7 +449,8 @@ class InRunShapley:
 
         primal = {k: params[k].detach() for k in names}
         tangent = {k: vector[k].to(primal[k]) for k in names}
-        return jvp(grad(loss), (primal,), (tangent,))[1]
+        with forward_mode_attention():
+            return jvp(grad(loss), (primal,), (tangent,))[1]
 
     def __call__(self, step: int, positions: torch.Tensor, params: dict[str, torch.Tensor], lr: float) -> None:
         """Add this step's values for the examples at ``positions`` (call before the optimizer step)."""
