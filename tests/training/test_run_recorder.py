@@ -107,3 +107,36 @@ def test_recorder_refusals_say_what_to_do():
     other = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1)
     with pytest.raises(TDAError, match="optimizer: it holds parameters that are not the model's"):
         RunRecorder(model, other, train, batch_size=8)
+
+
+class _DictOutputs(torch.nn.Module):
+    """A model returning a dict with its logits beside other outputs, as a Hugging Face ``ModelOutput`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x):
+        hidden = self.net[:3](x)
+        return {"hidden_states": hidden, "logits": self.net[3](hidden)}
+
+
+def test_a_model_returning_its_logits_among_other_outputs_is_recorded_and_replayed():
+    """The recorder reads the logits from the outputs as ``AttributionTask`` does: the loop passes the outputs as
+    the model returns them, the replay is bit for bit, and the same-seed removal effects equal those of the bare
+    network (its logits) replayed the same way."""
+    train = _data()
+    effects = []
+    for make in (_DictOutputs, _model):
+        model = make()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        recorder = RunRecorder(model, optimizer, train, batch_size=8)
+        torch.manual_seed(7)
+        _run(model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9), train,
+             epochs=2, recorder=recorder)
+        recorder.finish()
+        replayed = recorder.replay()
+        assert all(torch.equal(replayed[k], v) for k, v in recorder.final_state.items())
+        effects.append(recorder.removal_effects([[1, 2], [30]], train.subset(range(5))))
+    torch.testing.assert_close(effects[0], effects[1])
+    assert effects[0].abs().sum() > 0

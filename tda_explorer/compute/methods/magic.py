@@ -39,6 +39,7 @@ from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, option, register
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
+from tda_explorer.compute.engine.task import pick_output
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.synset import Trajectory, in_memory
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
@@ -190,7 +191,7 @@ class ReplayMetagradient(Attributor):
                        "momentum": group.get("momentum", 0.0), "dampening": group.get("dampening", 0.0),
                        "nesterov": group.get("nesterov", False)}
         self.learning_rates_ = [rates[0] for rates in r.learning_rates]
-        self.loss_fn_ = r.loss_fn
+        self.loss_fn_ = lambda outputs, y: r.loss_fn(pick_output(outputs, r.output), y)  # the recorded loss
 
         def record(step: int, rows: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
             self.positions_.append(rows.to(self.device))

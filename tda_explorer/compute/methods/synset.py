@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, replace_all_batch_norm_modules_, v
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
-from tda_explorer.compute.engine.task import AttributionTask
+from tda_explorer.compute.engine.task import AttributionTask, pick_output
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import TrainConfig, train_weighted
 from tda_explorer.data.dataset import AttributionDataset
@@ -250,7 +250,7 @@ def _replay_recorded(synset: Synset, weights: torch.Tensor, trajectory: Trajecto
 
     def objective(p: dict[str, torch.Tensor], wm: torch.Tensor) -> torch.Tensor:
         out = functional_call(base, {**buffers, **p}, (x,))
-        return (wm * r.loss_fn(out, y)).sum() / n_train
+        return (wm * r.loss_fn(pick_output(out, r.output), y)).sum() / n_train
 
     step = vmap(grad(objective))
     rates = torch.tensor(r.learning_rates, dtype=torch.float64)  # [T, groups]

@@ -50,7 +50,7 @@ from torch import nn
 
 from tda_explorer._validation import TDAError, check_positive_int
 from tda_explorer.compute.engine.losses import cross_entropy
-from tda_explorer.compute.engine.task import call_model
+from tda_explorer.compute.engine.task import Output, call_model, pick_output
 from tda_explorer.data.batching import to_device
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
@@ -69,12 +69,15 @@ class RunRecorder:
         The data the batch positions refer to.
     batch_size : int
         The divisor B of every step's loss (the nominal batch size).
-    loss_fn : callable (outputs, targets) -> per-example loss
+    loss_fn : callable (logits, targets) -> per-example loss
         Default cross-entropy (sequence targets supported).
+    output : None, str, int or callable
+        Where the logits are in the model's outputs, as ``AttributionTask``'s ``output`` (default: a tensor as it is,
+        else a ``logits`` key or attribute, as a Hugging Face ``ModelOutput`` has, else a tuple's first element).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: AttributionDataset,
-                 batch_size: int, loss_fn=cross_entropy):
+                 batch_size: int, loss_fn=cross_entropy, output: Output = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TDAError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if any(p.is_cuda for p in model.parameters()) and not torch.are_deterministic_algorithms_enabled():
@@ -82,6 +85,7 @@ class RunRecorder:
                            "torch.use_deterministic_algorithms(True) (and set CUBLAS_WORKSPACE_CONFIG=:4096:8) "
                            "before building the recorder")
         self.model, self.optimizer, self.train, self.loss_fn = model, optimizer, train, loss_fn
+        self.output = output
         self.batch_size = check_positive_int(batch_size, "batch_size")
         names = {id(p): n for n, p in model.named_parameters()}
         missing = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if id(p) not in names]
@@ -106,12 +110,13 @@ class RunRecorder:
         self._rng_before_forward = torch.random.get_rng_state()
 
     # -- recording ----------------------------------------------------------------------------
-    def loss(self, outputs: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        """The step's loss Σ wᵢ ℓᵢ / B for the examples at ``positions`` (weights 1 unless given)."""
+    def loss(self, outputs: Any, positions: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's loss Σ wᵢ ℓᵢ / B for the examples at ``positions`` (weights 1 unless given), from the model's
+        ``outputs`` as it returned them (their logits: ``output``)."""
+        logits = pick_output(outputs, self.output)
         rows = torch.as_tensor(positions).cpu()
-        targets = self.train.labels[rows].to(outputs.device)
-        per_example = self.loss_fn(outputs, targets)
+        targets = self.train.labels[rows].to(logits.device)
+        per_example = self.loss_fn(logits, targets)
         w = torch.ones_like(per_example) if weights is None else weights.to(per_example)
         return (w * per_example).sum() / self.batch_size
 
@@ -287,7 +292,7 @@ class RunRecorder:
         per-example loss) when the recorded run is replayed without each group of training ids (replayed minus
         recorded final model; positive: the group was a proponent)."""
         self._check_finished()
-        measure = measurement or self.loss_fn
+        measure = measurement or (lambda outputs, labels: self.loss_fn(pick_output(outputs, self.output), labels))
         model = copy.deepcopy(self.model)
 
         def values(state: dict[str, torch.Tensor]) -> torch.Tensor:
