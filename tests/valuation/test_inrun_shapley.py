@@ -226,8 +226,9 @@ def test_single_pass_takes_untracked_trainable_layers_and_refuses_what_would_mix
         single.backward(rows.tolist() if step == 1 else rows, lr=0.1)  # positions as a list too
         (torch.nn.functional.cross_entropy(plain(x[rows]), y[rows], reduction="sum") / 8).backward()
         # the LayerNorm's own gradient too: the validation rows' share is 2^-40 of theirs, below float32 rounding
+        # (of the gradient's scale: another summation order moves its small entries by an ulp of its large ones)
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9, msg=name)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6 * float(q.grad.abs().max()), msg=name)
         for opt in optimizers:
             opt.step()
     torch.testing.assert_close(single.values, callback.values, rtol=1e-4, atol=1e-7)
