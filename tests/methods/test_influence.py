@@ -280,6 +280,32 @@ def test_lissa_converges_to_explicit_and_refuses_divergence(tiny_mlp, tiny_data)
         get_method("if-lissa", task, scale=-1.0)
 
 
+@pytest.mark.slow  # trains models
+def test_lissa_says_when_its_depth_truncates_the_series_and_the_depth_it_names_solves_it(tiny_mlp, tiny_data):
+    """A depth far below scale / damping stops the series early, which damps the least-curved directions more than
+    asked: a ``TruncatedSeriesWarning`` says so and names a depth; at that depth the answer is the damped system's
+    (against if-explicit) and nothing is said."""
+    import re
+    import warnings
+
+    from tda_explorer.compute.methods.influence.lissa import TruncatedSeriesWarning
+
+    train, test = tiny_data
+    task = AttributionTask(tiny_mlp, weight_decay=0.01)
+    explicit = get_method("if-explicit", task, damping=0.01).fit(train).attribute(test).scores
+    with pytest.warns(TruncatedSeriesWarning, match=r"extra damping .* pass depth >= (\d+)") as caught:
+        short = get_method("if-lissa", task, damping=0.01, depth=20, minibatch=30, precision="float64").fit(train)
+        short_scores = short.attribute(test).scores
+    depth = int(re.search(r"pass depth >= (\d+)", str(caught[0].message)).group(1))
+    assert depth > 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TruncatedSeriesWarning)
+        deep = get_method("if-lissa", task, damping=0.01, depth=depth, minibatch=30, precision="float64").fit(train)
+        deep_scores = deep.attribute(test).scores
+    error = lambda s: float((s - explicit).norm() / explicit.norm())  # noqa: E731
+    assert error(deep_scores) < 0.05 < error(short_scores)
+
+
 def test_arnoldi_with_full_rank_is_explicit_and_drops_eigenvalues_below_the_damping(tiny_mlp, tiny_data):
     from tda_explorer import AttributionDataset
 

@@ -30,6 +30,8 @@ benchmarks/README.md, "LiSSA in the factor's row space").
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,15 @@ from tda_explorer.compute.methods.influence.direct import (
     precision_option,
 )
 from tda_explorer.jobs import check_cancelled
+
+#: A run whose depth J leaves more than this share of the series, exp(−J·λ/s), along the least-curved directions is
+#: warned about (``TruncatedSeriesWarning``): J ≥ 3 s/λ.
+TRUNCATION_LEFT = math.exp(-3)
+
+
+class TruncatedSeriesWarning(UserWarning):
+    """LiSSA's depth truncates its series: what it solves is damped more than asked along the least-curved directions;
+    the message gives the depth that solves the system as asked."""
 
 
 @dataclass
@@ -112,6 +123,7 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
 
     def _attempt(self, v: torch.Tensor) -> torch.Tensor:
         a = self.args
+        self._warn_if_truncated()
         v = v.double()
         b = v.to(self.products_.dtype)  # the iterates in the products' precision
         gen = torch.Generator().manual_seed(a.seed)
@@ -138,6 +150,21 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
                     series.accumulate()
             total = total + series.total().double() / (tail * self.scale_)
         return self._checked(total / a.repeats, v, advice)
+
+    def _warn_if_truncated(self) -> None:
+        """A ``TruncatedSeriesWarning`` when the depth leaves more than ``TRUNCATION_LEFT`` of the series undone along
+        the directions of least curvature (exp(−J·λ/s)), once per setting."""
+        left = math.exp(-self.args.depth * self.lam_ / self.scale_)
+        setting = (self.args.depth, self.lam_, self.scale_)
+        if left <= TRUNCATION_LEFT or getattr(self, "_truncation_warned", None) == setting:
+            return
+        self._truncation_warned = setting
+        warnings.warn(f"{self.name}: depth {self.args.depth} is short of scale / damping = "
+                      f"{self.scale_ / self.lam_:.3g}: the series stops with {left:.0%} of it left along the "
+                      f"directions of least curvature, which acts as extra damping ≈ scale / depth = "
+                      f"{self.scale_ / self.args.depth:.3g} there (damping {self.lam_:.3g}); for the damped system as "
+                      f"asked pass depth >= {math.ceil(3 * self.scale_ / self.lam_)}", TruncatedSeriesWarning,
+                      stacklevel=4)
 
     def _series(self, b: torch.Tensor) -> ParameterSeries | RowSpaceSeries:
         """The iterates of one run from ``b``: in the row space of the GGN's factor where that costs fewer multiply-adds
