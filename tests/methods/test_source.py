@@ -83,3 +83,26 @@ def test_an_adam_run_s_checkpoints_are_read_as_sgd_only_with_a_warning(setup):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning, match=r"checkpoints were taken under adam, whose preconditioned steps"):
         get_method("source", _task(model, [Checkpoint(state, 1e-3, step=10, optimizer="adam")]))
+
+
+def test_modules_it_cannot_factor_are_skipped_by_default_as_ekfac_skips_them(setup):
+    """A LayerNorm between the Linear layers: at the default parameters SOURCE tracks the Linear layers and says
+    what it skipped (as EK-FAC does), and then equals EK-FAC on the same layers; parameters chosen with the LayerNorm
+    in them are refused by name."""
+    from tda_explorer.compute.methods.influence.ekfac import UntrackedModulesWarning
+
+    train, test, _ = setup
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.LayerNorm(10), torch.nn.Tanh(),
+                                torch.nn.Linear(10, 3)).double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    task = _task(model, [Checkpoint(state, learning_rate=1e9, step=10)])
+    with pytest.warns(UntrackedModulesWarning, match=r"source: .* skips 1 \(LayerNorm\) and tracks 2 layers"):
+        source = get_method("source", task)
+    assert source.skipped_modules_ == ["1 (LayerNorm)"] and source.task.parameters == ["0", "3"]
+    scores = source.fit(train).attribute(test).scores
+    with pytest.warns(UntrackedModulesWarning):
+        ekfac = get_method("if-ekfac", task, damping=0.0, weight_decay_term=True, fisher="true")
+    torch.testing.assert_close(scores, ekfac.fit(train).attribute(test).scores, rtol=1e-4, atol=1e-7)
+    with pytest.raises(TDAError, match="LayerNorm"):
+        get_method("source", AttributionTask(model, parameters=["0", "1"], checkpoints=task.checkpoints))

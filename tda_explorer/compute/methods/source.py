@@ -43,8 +43,10 @@ from tda_explorer.compute.engine.kfac import (
     eigenbases,
     layer_covariances,
     rotated_gradients,
+    tracked_layers,
 )
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
+from tda_explorer.compute.methods.influence.ekfac import kronecker_default_task
 from tda_explorer.compute.methods.tracin import recording_checkpoints
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.data.dataset import AttributionDataset
@@ -84,6 +86,8 @@ class SOURCE(Attributor):
         a = self.args
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by source; it works in each layer's eigenbasis")
+        self.skipped_modules_ = kronecker_default_task(self)  # as EK-FAC: the Linear / Conv2d layers, with a warning
+        tracked_layers(self.task)  # and unsupported modules the user chose refused before any work
         momentum = a.momentum
         if a.checkpoint_every is not None and a.recording is None:
             raise TDAError("checkpoint_every is for recording=; the task's checkpoints are taken as they are")
