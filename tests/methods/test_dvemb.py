@@ -55,3 +55,28 @@ def test_dvemb_tracks_replayed_loo_on_an_mlp_and_refuses_without_a_recording():
     adam = TrainConfig(epochs=1, batch_size=16, optimizer="adam")
     with pytest.raises(TDAError, match="dvemb follows SGD steps"):
         record_experiment_run(task, exp.split.train, exp.factory, adam, seed=0)
+
+
+def test_steps_past_the_recursions_stability_are_named():
+    """A step whose η·λ_max(K + wd) exceeds 2 amplifies what the recursion propagates: a run with such steps warns
+    and names them (``step_curvatures_``: each step's, checked against the projected batch's Gram matrix); a run
+    whose steps all contract says nothing."""
+    import warnings
+
+    from tda_explorer.compute.methods.dvemb import UnstableStepsWarning
+
+    exp = _experiment("lr", lr=0.001, epochs=1)
+    task, recording = _recorded(exp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableStepsWarning)
+        stable = get_method("dvemb", task, recording=recording).fit(exp.split.train)
+    assert float(stable.step_curvatures_.max()) < 2
+    step = recording.steps[0]
+    g = step.gradients.double()
+    expected = step.lr / recording.batch_size * float(torch.linalg.eigvalsh(g.T @ g)[-1]) + step.lr * 1e-2
+    assert float(stable.step_curvatures_[0]) == pytest.approx(expected, rel=1e-6)
+    exp = _experiment("lr", lr=1.0, epochs=1)
+    task, recording = _recorded(exp)
+    with pytest.warns(UnstableStepsWarning, match=r"dvemb: in \d+ of 4 recorded steps .* exceeds 2"):
+        unstable = get_method("dvemb", task, recording=recording).fit(exp.split.train)
+    assert float(unstable.step_curvatures_.max()) > 2

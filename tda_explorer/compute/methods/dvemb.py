@@ -17,6 +17,7 @@ not this recursion and are refused by name.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,15 @@ from tda_explorer.compute.training.run_recorder import RunRecorder
 from tda_explorer.compute.training.step_recorder import StepRecorder
 from tda_explorer.compute.training.train import train_weighted
 from tda_explorer.data.dataset import AttributionDataset
+
+#: A step whose factor (1 − η·wd)I − K_s has an eigenvalue below −1 (η·λ_max(K_s + wd) above this) amplifies the
+#: deviation it propagates: the recursion is then no longer the contraction the method relies on.
+STABLE_CURVATURE = 2.0
+
+
+class UnstableStepsWarning(UserWarning):
+    """Some recorded SGD steps are past the linearised recursion's stability (η·λ_max > 2): dvemb's scores can be
+    dominated by them."""
 
 
 @dataclass
@@ -102,13 +112,25 @@ class DataValueEmbedding(Attributor):
         n_epochs = -(-len(steps) // per_epoch)
         self.curves_ = torch.zeros(len(train), n_epochs, k, dtype=torch.float64)
         phi = torch.eye(k, dtype=torch.float64, device=self.device)  # the k×k recursion runs on the device
+        curvatures = torch.zeros(len(steps), dtype=torch.float64)  # each step's largest eigenvalue of K_s + η·wd
         for t in range(len(steps) - 1, -1, -1):
             step = steps[t]
             g = step.gradients.to(phi)
-            e = (step.lr / self.recording.batch_size) * g @ phi.T  # rows: e_t(z) = (η/|B|) Φ g_t(z)
+            scale = step.lr / self.recording.batch_size
+            curvatures[t] = scale * float(torch.linalg.eigvalsh(g @ g.T)[-1]) + step.lr * self.wd
+            e = scale * g @ phi.T  # rows: e_t(z) = (η/|B|) Φ g_t(z)
             self.curves_[step.positions, t // per_epoch] += e.cpu()
             phi = (1 - step.lr * self.wd) * phi - e.T @ g
         self.embeddings_ = self.curves_.sum(1)
+        self.step_curvatures_ = curvatures
+        unstable = curvatures > STABLE_CURVATURE
+        if bool(unstable.any()):
+            warnings.warn(f"dvemb: in {int(unstable.sum())} of {len(steps)} recorded steps the step's curvature "
+                          f"η·λ_max(K + wd) exceeds {STABLE_CURVATURE:g} (up to {float(curvatures.max()):.3g}), "
+                          "where the linearised recursion amplifies a deviation instead of damping it, so those "
+                          "steps can dominate the scores (the run steps past plain SGD's stability there: a smaller "
+                          "learning rate or standardised inputs keep it within); step_curvatures_ has every step's",
+                          UnstableStepsWarning, stacklevel=3)
 
     def _test_gradients(self, test: AttributionDataset) -> torch.Tensor:
         """Projected test-measurement gradients at the run's final parameters, on the CPU beside the embeddings."""
