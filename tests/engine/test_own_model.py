@@ -190,7 +190,7 @@ def test_the_users_batch_loss_and_measurement_see_the_batch(bert, splits):
 
 
 def test_modules_the_kronecker_methods_cannot_track_are_refused_by_name(bert, splits):
-    with pytest.raises(TDAError, match=r"supports nn.Linear and nn.Conv2d; tracked parameters include "
+    with pytest.raises(TDAError, match=r"supports nn.Linear, nn.Conv1d and nn.Conv2d; tracked parameters include "
                                        r"bert.embeddings.word_embeddings \(Embedding\).*LayerNorm.*can track in this "
                                        r"model: \['bert.encoder.layer.0.attention.self.query'.*linear_layer_names"):
         get_method("if-ekfac", AttributionTask(bert, parameters=["bert"]))

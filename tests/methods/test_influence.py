@@ -158,7 +158,7 @@ def test_kronecker_factored_if_refuses_unsupported_modules():
     from tda_explorer.compute.methods.influence.ekfac import UntrackedModulesWarning
 
     norm = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Linear(4, 3))
-    with pytest.raises(TDAError, match=r"supports nn.Linear and nn.Conv2d.*1 \(LayerNorm\).*if-explicit / if-cg"):
+    with pytest.raises(TDAError, match=r"supports nn.Linear, nn.Conv1d and nn.Conv2d.*1 \(LayerNorm\).*if-explicit"):
         get_method("if-ekfac", AttributionTask(norm, parameters=["0", "1", "2"]))
     with pytest.warns(UntrackedModulesWarning, match=r"skips 1 \(LayerNorm\)"):
         assert get_method("if-ekfac", AttributionTask(norm)).task.parameters == ["0", "2"]
@@ -168,6 +168,43 @@ def test_kronecker_factored_if_refuses_unsupported_modules():
         get_method("if-ekfac", AttributionTask(grouped, parameters=["0", "2"]))
     with pytest.warns(UntrackedModulesWarning, match=r"skips 0 \(Conv2d\)"):
         assert get_method("if-ekfac", AttributionTask(grouped)).task.parameters == ["2"]
+
+
+@pytest.mark.parametrize("method", ["if-kfac", "if-ekfac"])
+def test_a_conv1d_is_factored_as_the_conv2d_of_height_one(method):
+    """A Conv1d network (padding, stride, dilation, a bias) and the same weights as Conv2d layers with 1 × k kernels
+    on the inputs as 1-pixel-high images: the same factors, so the same scores and self-influence."""
+
+    class Planar(nn.Module):
+        def __init__(self, line: nn.Sequential):
+            super().__init__()
+            a, b = line[0], line[2]
+            self.conv = nn.Sequential(nn.Conv2d(2, 4, (1, 3), padding=(0, 1), stride=(1, 2)), nn.Tanh(),
+                                      nn.Conv2d(4, 3, (1, 2), dilation=(1, 2)), nn.Flatten(), nn.Linear(12, 3))
+            with torch.no_grad():
+                for planar, flat in ((self.conv[0], a), (self.conv[2], b), (self.conv[4], line[4])):
+                    planar.weight.copy_(flat.weight.view_as(planar.weight))
+                    planar.bias.copy_(flat.bias)
+
+        def forward(self, x):
+            return self.conv(x.unsqueeze(2))
+
+    torch.manual_seed(0)
+    line = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1, stride=2), nn.Tanh(), nn.Conv1d(4, 3, 2, dilation=2),
+                         nn.Flatten(), nn.Linear(12, 3)).double()
+    planar = Planar(line).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 2, 11, generator=gen, dtype=torch.float64)
+    from tda_explorer import AttributionDataset
+
+    train = AttributionDataset(x[:30], torch.randint(0, 3, (30,), generator=gen))
+    test = AttributionDataset(x[30:], torch.randint(0, 3, (10,), generator=gen))
+    torch.testing.assert_close(line(x), planar(x))
+    fitted = [get_method(method, AttributionTask(m), damping=0.1).fit(train) for m in (line, planar)]
+    torch.testing.assert_close(fitted[0].attribute(test).scores, fitted[1].attribute(test).scores,
+                               rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(fitted[0].self_influence(), fitted[1].self_influence(), rtol=1e-6, atol=1e-10)
+    assert fitted[0].task.parameters is None and len(fitted[0].factors_) == 3
 
 
 def _cnn(seed=0):

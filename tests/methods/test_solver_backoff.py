@@ -167,7 +167,7 @@ def test_every_stage_failing_falls_back_to_ekfac(tiny_mlp, tiny_data, monkeypatc
         odd = AttributionTask(nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SolverBackoffWarning)
-            with pytest.raises(TDAError, match="EK-FAC fallback is unavailable too: .*nn.Linear and nn.Conv2d"):
+            with pytest.raises(TDAError, match="EK-FAC fallback is unavailable too: .*nn.Conv1d and nn.Conv2d"):
                 get_method("if-cg", odd).fit(train).attribute(test)
 
 

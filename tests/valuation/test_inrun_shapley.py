@@ -159,6 +159,11 @@ def _cnn():
                                torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 3))
 
 
+def _cnn1d():
+    return torch.nn.Sequential(torch.nn.Unflatten(1, (2, 18)), torch.nn.Conv1d(2, 3, 3, padding=1, stride=2),
+                               torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 3))
+
+
 def _wide_mlp():  # few validation rows against wide layers: the pairwise ghost form
     return torch.nn.Sequential(torch.nn.Linear(36, 40), torch.nn.Tanh(), torch.nn.Linear(40, 30))
 
@@ -169,7 +174,7 @@ def _sequence():  # Linear over a sequence dimension
 
 
 @pytest.mark.parametrize("materialise", [True, False], ids=["per-example", "applied"])
-@pytest.mark.parametrize("architecture", [_mlp, _cnn, _wide_mlp, _sequence])
+@pytest.mark.parametrize("architecture", [_mlp, _cnn, _cnn1d, _wide_mlp, _sequence])
 def test_single_pass_backward_equals_the_callback_and_leaves_the_batch_gradient(architecture, materialise,
                                                                                 monkeypatch):
     if not materialise:  # the forms for layers whose per-example gradients would be too large; Linear products

@@ -1,9 +1,11 @@
-"""Kronecker-factored curvature (K-FAC / EK-FAC) for ``nn.Linear`` and ``nn.Conv2d`` layers, fitted with hooks.
+"""Kronecker-factored curvature (K-FAC / EK-FAC) for ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers, fitted
+with hooks.
 
 Per layer, each example contributes input patches a_t (a 1 appended for the bias) and output gradients s_t at
 positions t: one position for a Linear layer on [B, in], the sequence positions of a Linear layer on [B, …, in],
-the output pixels of a convolution (a_t the unfolded kernel-sized patch, C_in·k_h·k_w values). The example's
-layer gradient is G = Σ_t s_t a_tᵀ, shaped like ``weight.view(out, -1)`` with the bias as a last column.
+the output pixels of a convolution (its output positions for a Conv1d; a_t the unfolded kernel-sized patch,
+C_in·k_h·k_w values). The example's layer gradient is G = Σ_t s_t a_tᵀ, shaped like ``weight.view(out, -1)`` with
+the bias as a last column.
 Factors (KFC's spatially-uncorrelated convention, so that E[vec G vec Gᵀ] ≈ A ⊗ S):
 A = E[(1/T) Σ_t a_t a_tᵀ], S = E[Σ_t s_t s_tᵀ], eigendecomposed A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ. K-FAC takes
 Λ_S ⊗ Λ_A as the eigenvalues; EK-FAC refits them in the Kronecker eigenbasis, Λ_ij = E[((Q_Sᵀ G Q_A)_ij)²].
@@ -38,7 +40,8 @@ from tda_explorer.data.batching import describe, n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
+SUPPORTED = (nn.Linear, *CONVOLUTIONS)
 FISHERS = ("expected", "true", "empirical")
 SQUARES_CHUNK_BYTES = 32 << 20  # rows of rotated gradients squared at once when refitting EK-FAC's eigenvalues
 EXPECTED_MAX_CLASSES = 64  # the expected Fisher costs C − 1 backward passes; above this many classes, one sampled label
@@ -67,7 +70,7 @@ class LayerFactors:
                 "width": self.width}
 
 
-def _check_conv(name: str, module: nn.Conv2d, purpose: str, alternatives: str) -> None:
+def _check_conv(name: str, module: nn.Conv1d | nn.Conv2d, purpose: str, alternatives: str) -> None:
     problems = []
     if module.groups != 1:
         problems.append(f"groups={module.groups}")
@@ -78,8 +81,8 @@ def _check_conv(name: str, module: nn.Conv2d, purpose: str, alternatives: str) -
         problems.append("padding='same' with an even kernel (asymmetric padding)")
     if problems:
         raise TDAError(
-            f"{purpose} cannot factor Conv2d {name!r} with {', '.join(problems)}; supported: groups=1, "
-            f"zero padding. Leave this layer out (parameters=[...]) or use {alternatives}"
+            f"{purpose} cannot factor {type(module).__name__} {name!r} with {', '.join(problems)}; supported: "
+            f"groups=1, zero padding. Leave this layer out (parameters=[...]) or use {alternatives}"
         )
 
 
@@ -88,8 +91,8 @@ KFAC_ALTERNATIVES = "if-explicit / if-cg / if-lissa, which take any module"
 
 def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
                    alternatives: str = KFAC_ALTERNATIVES) -> list[tuple[str, nn.Module]]:
-    """The ``nn.Linear`` / ``nn.Conv2d`` modules with tracked parameters; refuse other tracked modules by name,
-    saying what needs them (``purpose``) and what to use instead (``alternatives``)."""
+    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` modules with tracked parameters; refuse other tracked modules
+    by name, saying what needs them (``purpose``) and what to use instead (``alternatives``)."""
     tracked = set(task.tracked_names())
     layers, unsupported = [], []
     for name, module in task.model.named_modules():
@@ -102,31 +105,31 @@ def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
         prefix = f"{name}." if name else ""
         if prefix + "weight" not in tracked or (module.bias is not None and prefix + "bias" not in tracked):
             raise TDAError(f"layer {name!r}: track both its weight and bias (or neither) for {purpose}")
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, CONVOLUTIONS):
             _check_conv(name, module, purpose, alternatives)
         layers.append((name, module))
     if unsupported:
         can = linear_layer_names(task.model)
         shown = ", ".join(repr(n) for n in can[:12]) + (f", … ({len(can)} in all)" if len(can) > 12 else "")
         raise TDAError(
-            f"{purpose} supports nn.Linear and nn.Conv2d; tracked parameters include {', '.join(unsupported)}, "
-            f"which it cannot track. The layers it can track in this model: [{shown or 'none'}]. Track only those "
-            f"(parameters=linear_layer_names(model)) or use {alternatives}"
+            f"{purpose} supports nn.Linear, nn.Conv1d and nn.Conv2d; tracked parameters include "
+            f"{', '.join(unsupported)}, which it cannot track. The layers it can track in this model: "
+            f"[{shown or 'none'}]. Track only those (parameters=linear_layer_names(model)) or use {alternatives}"
         )
     return layers
 
 
 def default_layers(task: AttributionTask) -> tuple[list[str], list[str]]:
-    """For a task that tracks every parameter (``parameters=None``): the ``nn.Linear`` / ``nn.Conv2d`` modules a
-    Kronecker method can factor (``parameters=`` names), and the other modules with trainable parameters it skips
-    (each as ``"name (Type)"``; a Conv2d it cannot factor, e.g. grouped, is skipped too)."""
+    """For a task that tracks every parameter (``parameters=None``): the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
+    modules a Kronecker method can factor (``parameters=`` names), and the other modules with trainable parameters it
+    skips (each as ``"name (Type)"``; a convolution it cannot factor, e.g. grouped, is skipped too)."""
     keep, skipped = [], []
     for name, module in task.model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         if isinstance(module, SUPPORTED):
             try:
-                if isinstance(module, nn.Conv2d):
+                if isinstance(module, CONVOLUTIONS):
                     _check_conv(name, module, "", "")
                 keep.append(name)
                 continue
@@ -137,20 +140,21 @@ def default_layers(task: AttributionTask) -> tuple[list[str], list[str]]:
 
 
 def linear_layer_names(model: nn.Module, under: str = "") -> list[str]:
-    """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` (below the module ``under``), ready for
-    ``AttributionTask(parameters=...)`` when a method needs Kronecker-structured layers."""
+    """Names of the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` modules of ``model`` (below the module ``under``),
+    ready for ``AttributionTask(parameters=...)`` when a method needs Kronecker-structured layers."""
     prefix = f"{under}." if under else ""
     return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED) and (not under or n == under
                                                                                  or n.startswith(prefix))]
 
 
-def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
-    """A Conv2d's zero padding as two integers (``'valid'`` / symmetric ``'same'`` resolved)."""
+def conv_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """A convolution's zero padding, one integer per spatial dimension (``'valid'`` / symmetric ``'same'``
+    resolved)."""
     padding = module.padding
     if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else tuple(
+        padding = (0,) * len(module.kernel_size) if padding == "valid" else tuple(
             d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
-    return padding
+    return tuple(padding)
 
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +167,16 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         padded = nn.functional.pad(x, (pw, pw, ph, ph))
         windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
         return windows.permute(0, 1, 4, 5, 2, 3).reshape(len(x), -1, windows.shape[2] * windows.shape[3])
+    if isinstance(module, nn.Conv1d):  # the same windows along one dimension: [B, in, L] -> [B, in·k, T]
+        (p,), (d,), (stride,), (k,) = conv_padding(module), module.dilation, module.stride, module.kernel_size
+        windows = nn.functional.pad(x, (p, p)).unfold(2, d * (k - 1) + 1, stride)[..., ::d]  # [B, in, T, k]
+        return windows.permute(0, 1, 3, 2).reshape(len(x), -1, windows.shape[2])
     return x.reshape(len(x), -1, x.shape[-1]).transpose(1, 2)
 
 
 def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Output gradients ``[B, out, T]`` of a layer."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONVOLUTIONS):
         return g.flatten(2)
     return g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
 
@@ -451,7 +459,7 @@ def _on_batch(task: AttributionTask, loss: Callable[..., torch.Tensor]) -> LossF
 
 def fit_factors(task: AttributionTask, train: AttributionDataset, fisher: str = "expected", corrected: bool = True,
                 batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu") -> list[LayerFactors]:
-    """Fit K-FAC (``corrected=False``) or EK-FAC factors of the tracked Linear/Conv2d layers on ``train``."""
+    """Fit K-FAC (``corrected=False``) or EK-FAC factors of the tracked Linear / convolutional layers on ``train``."""
     return fit_factors_and_gradients(task, train, fisher, corrected, batch_size, seed, device)[0]
 
 

@@ -52,7 +52,14 @@ from torch.func import functional_call, grad, jvp
 from tda_explorer._validation import TDAError, as_device
 from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Options, build_arguments, option, register
 from tda_explorer.compute.engine.curvature import forward_mode_attention
-from tda_explorer.compute.engine.kfac import _output_grads, _patches, conv_padding, layer_activity, tracked_layers
+from tda_explorer.compute.engine.kfac import (
+    CONVOLUTIONS,
+    _output_grads,
+    _patches,
+    conv_padding,
+    layer_activity,
+    tracked_layers,
+)
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.training.run_recorder import finished_recording
 from tda_explorer.data.dataset import AttributionDataset
@@ -105,20 +112,23 @@ def _single_pass_layer(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor
     batch row's ⟨G_z, G_val⟩, by one of two exact forms:
     - per-example gradients materialised (one batched product, whose sum is the weight gradient) when they fit
       in ``PER_EXAMPLE_LIMIT`` numbers;
-    - otherwise G_val applied to the batch: one convolution by G_val for Conv2d, ghost products for Linear."""
+    - otherwise G_val applied to the batch: one convolution by G_val for a convolution, ghost products for Linear."""
     bias = module.bias is not None
     patches, out_grads = _patches(module, x), _output_grads(module, g)
     small = len(x) * out_grads.shape[1] * patches.shape[1] <= PER_EXAMPLE_LIMIT
-    if not small and isinstance(module, torch.nn.Conv2d):
+    if not small and isinstance(module, CONVOLUTIONS):
         padding = conv_padding(module)
         x_b, s_b, s_v = x[:n_batch], g[:n_batch], g[n_batch:]
-        conv_weight = lambda inputs, grads: torch.nn.grad.conv2d_weight(
+        planar = isinstance(module, torch.nn.Conv2d)
+        weight_of = torch.nn.grad.conv2d_weight if planar else torch.nn.grad.conv1d_weight
+        convolve = torch.nn.functional.conv2d if planar else torch.nn.functional.conv1d
+        spatial = tuple(range(2, g.dim()))
+        conv_weight = lambda inputs, grads: weight_of(
             inputs, module.weight.shape, grads, module.stride, padding, module.dilation, module.groups)
         w_grad, val_weight = conv_weight(x_b, s_b), conv_weight(x[n_batch:], s_v)
-        b_grad, val_bias = (s_b.sum((0, 2, 3)), s_v.sum((0, 2, 3))) if bias else (None, None)
-        mapped = torch.nn.functional.conv2d(x_b, val_weight, val_bias, module.stride, padding, module.dilation,
-                                            module.groups)
-        return w_grad, b_grad, (mapped * s_b).sum((1, 2, 3))
+        b_grad, val_bias = (s_b.sum((0, *spatial)), s_v.sum((0, *spatial))) if bias else (None, None)
+        mapped = convolve(x_b, val_weight, val_bias, module.stride, padding, module.dilation, module.groups)
+        return w_grad, b_grad, (mapped * s_b).sum((1, *spatial))
     if not small:  # Linear over sequences
         batch = (patches[:n_batch], out_grads[:n_batch])
         w_grad = _layer_gradient(*batch, bias)

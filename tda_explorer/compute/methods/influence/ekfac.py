@@ -127,7 +127,7 @@ class KroneckerArguments(EKFACArguments):
 
 class UntrackedModulesWarning(SolverBackoffWarning):
     """A Kronecker method (K-FAC / EK-FAC) left at the default ``parameters`` skipped the modules it cannot factor
-    (anything but nn.Linear / nn.Conv2d: BatchNorm, LayerNorm, embeddings, …) and tracks the rest."""
+    (anything but nn.Linear / nn.Conv1d / nn.Conv2d: BatchNorm, LayerNorm, embeddings, …) and tracks the rest."""
 
 
 def kronecker_default_task(attributor) -> list[str]:
@@ -147,9 +147,9 @@ def kronecker_default_task(attributor) -> list[str]:
     attributor.n_params = sum(p.numel() for n, p in task.model.named_parameters()
                               if n in attributor.task.tracked_names())
     shown = ", ".join(skipped[:12]) + (f", … ({len(skipped)} in all)" if len(skipped) > 12 else "")
-    warnings.warn(f"{attributor.name}: K-FAC/EK-FAC factors nn.Linear and nn.Conv2d layers only; with the default "
-                  f"parameters it skips {shown} and tracks {len(keep)} layers (pass parameters=[...] to choose; "
-                  "if-explicit / if-cg / if-lissa take any module)", UntrackedModulesWarning, stacklevel=4)
+    warnings.warn(f"{attributor.name}: K-FAC/EK-FAC factors nn.Linear, nn.Conv1d and nn.Conv2d layers only; with the "
+                  f"default parameters it skips {shown} and tracks {len(keep)} layers (pass parameters=[...] to "
+                  "choose; if-explicit / if-cg / if-lissa take any module)", UntrackedModulesWarning, stacklevel=4)
     return skipped
 
 
