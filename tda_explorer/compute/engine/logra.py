@@ -33,12 +33,12 @@ def _side(width: int, rank: int, seed: int) -> torch.Tensor:
 
 
 class LoGraProjector(Projector):
-    """Projects each tracked Linear/Conv2d layer's per-example gradient to ``rank × rank`` features.
+    """Projects each tracked Linear / convolutional layer's per-example gradient to ``rank × rank`` features.
 
     Parameters
     ----------
     task : AttributionTask
-        Its tracked parameters must be whole ``nn.Linear`` / ``nn.Conv2d`` layers.
+        Its tracked parameters must be whole ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers.
     rank : int
         Width each side (inputs with the bias's 1, output gradients) is projected to.
     seed : int

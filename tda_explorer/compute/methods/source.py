@@ -79,14 +79,14 @@ class SOURCE(Attributor):
     """SOURCE over the task's recorded checkpoints.
 
     The task's ``checkpoints`` (with learning rates and steps) are the recorded run; tracked parameters must be
-    Linear/Conv2d layers (EK-FAC).
+    Linear / Conv1d / Conv2d layers (EK-FAC).
     """
 
     def _setup(self) -> None:
         a = self.args
         if self.projector is not None:
             raise TDAError("projection_dim is not supported by source; it works in each layer's eigenbasis")
-        self.skipped_modules_ = kronecker_default_task(self)  # as EK-FAC: the Linear / Conv2d layers, with a warning
+        self.skipped_modules_ = kronecker_default_task(self)  # as EK-FAC: its factorable layers, with a warning
         tracked_layers(self.task)  # and unsupported modules the user chose refused before any work
         momentum = a.momentum
         if a.checkpoint_every is not None and a.recording is None:

@@ -1,4 +1,5 @@
-"""Influence functions with K-FAC / EK-FAC curvature (``if-kfac``, ``if-ekfac``) for Linear and Conv2d layers.
+"""Influence functions with K-FAC / EK-FAC curvature (``if-kfac``, ``if-ekfac``) for Linear and convolutional
+layers.
 
 τ(z, z′) = (1/n) Σ_layers ⟨G̃′, G̃ / (Λ + λ_l)⟩ with G̃ = Q_Sᵀ G Q_A each example's layer gradient in the
 Kronecker eigenbasis (Λ the fitted eigenvalues, λ_l the damping of layer l). Factors are fitted once per ``fit``
@@ -16,8 +17,8 @@ approximation scored better with less, spectrum-relative damping than with wd ad
 Defaults across the zoo (13 tasks, benchmarks/README.md "Kronecker defaults across the zoo"): the expected Fisher
 (Σ_c p_c g_c g_cᵀ, exact over classes) at 0.5 has the least median regret of the Fisher kinds and relative dampings
 tried; the sampled true Fisher trailed where the model is near-certain. With ``parameters`` left at the default, the
-modules K-FAC cannot factor are skipped with an ``UntrackedModulesWarning`` (only Linear / Conv2d layers tracked);
-chosen parameters that include one are a ``TDAError``.
+modules K-FAC cannot factor are skipped with an ``UntrackedModulesWarning`` (only Linear / Conv1d / Conv2d layers
+tracked); chosen parameters that include one are a ``TDAError``.
 Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). The training
 gradients' coordinates are held after ``fit`` when n × the tracked parameters fit in ``max_memory`` (default: a
 quarter of the machine's or GPU's memory), so a query is one product; otherwise (or with ``keep_gradients=False``)
@@ -132,7 +133,7 @@ class UntrackedModulesWarning(SolverBackoffWarning):
 
 def kronecker_default_task(attributor) -> list[str]:
     """When ``attributor.task`` tracks every parameter (``parameters=None``, the default) and some modules are not
-    Linear / Conv2d, restrict the task to the Linear / Conv2d layers (``parameters=[...]``, recorded in
+    Linear / Conv1d / Conv2d, restrict the task to those layers (``parameters=[...]``, recorded in
     ``config()``), warn with ``UntrackedModulesWarning`` naming the modules skipped and return them; parameters the
     user chose are left alone (an unsupported module among them is a ``TDAError`` naming it)."""
     task = attributor.task
@@ -157,7 +158,7 @@ def kronecker_default_task(attributor) -> list[str]:
 class EKFACInfluence(Attributor):
     """EK-FAC influence functions: Kronecker-factored eigenbases with corrected eigenvalues, per layer.
 
-    Supports nn.Linear and nn.Conv2d layers. Fitted: ``factors_`` (per layer), ``train_rot_`` (the training
+    Supports nn.Linear, nn.Conv1d and nn.Conv2d layers. Fitted: ``factors_`` (per layer), ``train_rot_`` (the training
     gradients in the eigenbasis; None when they are recomputed per query, ``keep_gradients``), ``damping_match_``
     (the default damping matched to the exact curvature, once it is used; ``DampingMatch``); ``with_damping`` changes
     the damping without a refit.
