@@ -268,18 +268,27 @@ def test_a_candidate_far_slower_than_the_default_is_stopped_at_the_budget(record
                                                       optimizer="sgd")])
 def test_kronecker_damping_candidates_are_centred_on_the_level_its_default_amounts_to(recorded, recipe):
     """K-FAC's default damping is None (a rule: matched to the exact curvature, relative per layer or a multiple of the
-    exact system's absolute λ); calibration's decades are taken around what that rule amounts to in the option's
-    relative unit (λ_l over layer l's mean eigenvalue, geometric mean over layers), not around an arbitrary level."""
+    exact system's absolute λ); calibration's decades are taken around the damping in use, in the form it has: one λ
+    on every layer as an absolute damping (``damping_kind="absolute"``), else the relative level it amounts to (λ_l over
+    layer l's mean eigenvalue, geometric mean over layers), not around an arbitrary level in another form."""
     train, test, task, recorder = recorded
     attributor = get_method("if-kfac", task, train_config=recipe).fit(train)
-    levels = [lam / f.mean_eigenvalue() for f, lam in zip(attributor.factors_, attributor._layer_damping())]
+    lams = attributor._layer_damping()
+    levels = [lam / f.mean_eigenvalue() for f, lam in zip(attributor.factors_, lams)]
     expected = float(torch.tensor(levels).log().mean().exp())
     assert attributor.damping_rule_ == "matched"
     assert attributor.damping_match_.exact_rule == ("spectrum" if recipe is None else "recipe")
     assert attributor.resolved_relative_damping() == pytest.approx(expected)
-    # the given level is its own resolution
-    assert get_method("if-kfac", task, damping=0.2).fit(train).resolved_relative_damping() == pytest.approx(0.2)
+    value, kind = attributor.resolved_damping()
+    if attributor.damping_match_.family == "absolute":
+        assert kind == "absolute" and value == pytest.approx(lams[0]) and lams == [lams[0]] * len(lams)
+    else:
+        assert kind == "relative" and value == pytest.approx(expected)
+    # a given level is its own resolution, in its own form
+    assert get_method("if-kfac", task, damping=0.2).fit(train).resolved_damping() == (0.2, "relative")
+    assert get_method("if-kfac", task, damping=0.2, damping_kind="absolute").fit(train).resolved_damping() == (
+        0.2, "absolute")
     result = get_method("if-kfac", task, train_config=recipe).calibrate(train, test, recording=recorder)
-    tried = [json.loads(o)["damping"] for o, stage in zip(result.trials["options"], result.trials["stage"])
-             if stage == "damping"]
-    assert tried == pytest.approx([expected * 10.0 ** k for k in (-1, 1, -2, 2, -3, 3)])
+    tried = [json.loads(o) for o, stage in zip(result.trials["options"], result.trials["stage"]) if stage == "damping"]
+    assert [t["damping"] for t in tried] == pytest.approx([value * 10.0 ** k for k in (-1, 1, -2, 2, -3, 3)])
+    assert all(t.get("damping_kind", "relative") == kind for t in tried)

@@ -379,16 +379,21 @@ def _allowed(field: dataclasses.Field, value: Any) -> bool:
     return True
 
 
-def _damping_values(attributor: Any, field: dataclasses.Field, current: Any, fitted: Any) -> list[float]:
+def _damping_options(attributor: Any, fields: dict[str, dataclasses.Field], current: Any, fitted: Any,
+                     best: dict[str, Any]) -> list[dict[str, Any]]:
     """Damping candidates over six decades around ``current`` (nearest first); a ``None`` default is read off the
-    fitted default: its ``lam_`` where the damping is absolute, where it is relative the level its rule amounts to
-    (``resolved_relative_damping``: the Kronecker family and ASTRA, whose rule may be an absolute ridge), else the
-    field's own default (TRAK's None means its default level)."""
+    fitted default: its ``lam_`` where the damping is absolute; for the Kronecker family and ASTRA, whose option also
+    takes a kind (``damping_kind``), the damping in use in the form it has (``resolved_damping``: one λ on every layer,
+    as the SGD recipe's ridge, an Adam run's or a match to a multiple of the exact λ give it, stays absolute; a level
+    per layer stays relative); else the field's own default (TRAK's None means its default level)."""
+    field = fields["damping"]
     relative = "RELATIVE" in field.metadata.get("help", "")
+    kind: dict[str, Any] = {"damping_kind": best["damping_kind"]} if "damping_kind" in best else {}
     if current is None:
         resolved = getattr(fitted, "lam_", None)
-        if relative and hasattr(fitted, "resolved_relative_damping"):
-            current = fitted.resolved_relative_damping()
+        if relative and hasattr(fitted, "resolved_damping") and "damping_kind" in fields:
+            current, form = fitted.resolved_damping()
+            kind = {"damping_kind": form} if form != fields["damping_kind"].default else {}
         elif relative:
             current = field.default if isinstance(field.default, (int, float)) else 1e-3
         elif isinstance(resolved, (int, float)) and math.isfinite(resolved) and resolved > 0:
@@ -399,17 +404,22 @@ def _damping_values(attributor: Any, field: dataclasses.Field, current: Any, fit
         values = [10.0 ** k for k in (-4, -3, -2, -1, 0)]
     else:
         values = [float(current) * 10.0 ** k for k in DAMPING_DECADES]
-    return [v for v in values if _allowed(field, v)]
+    return [{"damping": v, **kind} for v in values if _allowed(field, v)]
 
 
-def _stage_values(name: str, attributor: Any, fields: dict[str, dataclasses.Field], best: dict[str, Any],
-                  fitted: Any) -> list[Any]:
-    """The values stage ``name`` tries for its option, from the best setting so far."""
+def _stage_options(name: str, attributor: Any, fields: dict[str, dataclasses.Field], best: dict[str, Any],
+                   fitted: Any) -> list[dict[str, Any]]:
+    """The options stage ``name`` tries (each a dict of the options it sets), from the best setting so far."""
     field = fields[name]
     current = best.get(name, getattr(attributor.args, name))
-    check = field.metadata.get("check")
     if name == "damping":
-        return _damping_values(attributor, field, current, fitted)
+        return _damping_options(attributor, fields, current, fitted, best)
+    return [{name: v} for v in _stage_values(name, attributor, field, current)]
+
+
+def _stage_values(name: str, attributor: Any, field: dataclasses.Field, current: Any) -> list[Any]:
+    """The values a stage other than the damping tries for its option ``name`` (now at ``current``)."""
+    check = field.metadata.get("check")
     if name in KIND_OPTIONS:
         return [v for v in check.values if v != current] if isinstance(check, Options) else []
     if name == "step":
@@ -576,9 +586,9 @@ def calibrate(attributor: Any, train: AttributionDataset, test: AttributionDatas
     best: dict[str, Any] = {}
     slowest = default_seconds
     for stage in tuned:
-        for value in _stage_values(stage, attributor, fields, best, fitted):
+        for delta in _stage_options(stage, attributor, fields, best, fitted):
             check_cancelled()
-            options = {**best, stage: value}
+            options = {**best, **delta}
             row = {"stage": stage, "options": options, "score": float("nan"), "seconds": float("nan")}
             now = time.perf_counter() - t_start
             if now + slowest > limit:

@@ -289,6 +289,17 @@ class EKFACInfluence(Attributor):
         exact, rule = run_damping(a.train_config, train, self.task.checkpoints)
         return match_damping(self.factors_, fisher_rows, gradient_rows, float(self.task.weight_decay), exact, rule)
 
+    def resolved_damping(self) -> tuple[float, str]:
+        """The damping in use as the options would give it, ``(damping, damping_kind)``: as given; one λ on every layer
+        (the SGD recipe's ridge, an Adam run's, a match to a multiple of the exact system's λ) as ``(λ, "absolute")``;
+        else the relative level it amounts to (``resolved_relative_damping``)."""
+        if self.args.damping is not None:
+            return float(self.args.damping), self.args.damping_kind
+        lams = self._layer_damping()
+        if len(lams) > 1 and max(lams) == min(lams) > 0:
+            return float(lams[0]), "absolute"
+        return self.resolved_relative_damping(), "relative"
+
     def resolved_relative_damping(self) -> float:
         """The relative damping (``damping``'s unit: × each layer's mean eigenvalue) that the damping in use amounts
         to: the geometric mean over the fitted layers of λ_l / mean_l (the level itself for a relative damping; what an
