@@ -15,7 +15,7 @@ from tda_explorer.compute.methods.influence.matched_damping import (
     _exact_solver,
     _peak,
     match_damping,
-    sample_size,
+    sample_sizes,
 )
 from tda_explorer.compute.training.train import TrainConfig
 
@@ -90,11 +90,14 @@ def test_the_peak_is_refined_between_the_best_candidates_neighbours():
 
 
 def test_the_sample_holds_at_most_the_rows_and_memory_allowed():
-    assert sample_size(100, 10, 50, 4) == 100
-    assert sample_size(10_000, 10, 50, 4) == 204  # 2,048 rows of the expected Fisher over 10 classes
-    assert sample_size(10_000, 1, 50, 4) == 256
-    assert sample_size(10_000, 1, 1_000_000, 4) == 6  # 48 MiB of Fisher and gradient rows 10^6 wide, 2 per example
-    assert sample_size(10_000, 9, 100_000, 4) == 12  # 9 Fisher rows and 1 gradient row per example
+    """(curvature examples, scored examples): the scored ones among the curvature's, which fill the rows and memory
+    left."""
+    assert sample_sizes(100, 10, 50, 4) == (100, 100)
+    assert sample_sizes(10_000, 3, 50, 4) == (682, 256)  # 2,048 rows of 3 (the expected Fisher's, sketched) each
+    assert sample_sizes(10_000, 10, 50, 4) == (204, 204)  # 2,048 rows of 10
+    assert sample_sizes(10_000, 1, 50, 4) == (2048, 256)
+    assert sample_sizes(10_000, 1, 1_000_000, 4) == (6, 6)  # 48 MiB of Fisher and gradient rows 10^6 wide, 2 each
+    assert sample_sizes(10_000, 3, 50_000, 4) == (63, 62)  # 62 × (3 + 1) rows, then what is left in 3s
 
 
 def test_fisher_rows_are_the_fishers_factor_and_the_gradients_the_losses():
@@ -120,6 +123,59 @@ def test_fisher_rows_are_the_fishers_factor_and_the_gradients_the_losses():
     torch.testing.assert_close(fisher.T @ fisher / 10, basis.T @ dense @ basis, rtol=1e-9, atol=1e-12)
     own = (p - torch.eye(4, dtype=torch.float64)[data.labels])[:, :, None] * x1[:, None, :]
     torch.testing.assert_close(grads, own.flatten(1) @ basis, rtol=1e-9, atol=1e-12)
+
+
+def test_sketched_curvature_roots_keep_the_largest_and_sum_to_the_curvature_in_expectation():
+    """``most=3`` of 5 roots: the two largest exactly, the other three as one random-signed sum, whose outer product
+    averages to theirs, so the three rows' Σ v vᵀ averages to diag(p) − ppᵀ."""
+    from tda_explorer.compute.engine.kfac import output_curvature_roots
+
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    full = output_curvature_roots(logits, None)
+    p = logits.softmax(-1)
+    curvature = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    gen = torch.Generator().manual_seed(1)
+    draws = [output_curvature_roots(logits, None, most=3, generator=gen) for _ in range(4000)]
+    assert all(len(d) == 3 for d in draws)
+    for d in draws[:5]:
+        torch.testing.assert_close(d[1:], full[-2:])  # the largest two, exactly
+        signs = torch.linalg.lstsq(torch.stack(full[:3], 2), d[0][:, :, None]).solution[:, :, 0]
+        torch.testing.assert_close(signs.abs(), torch.ones_like(signs))  # the tail's roots with signs ±1
+    mean = sum(sum(v[:, :, None] * v[:, None, :] for v in d) for d in draws) / len(draws)
+    torch.testing.assert_close(mean, curvature, rtol=0, atol=0.05 * float(curvature.abs().max()))
+    unsketched = output_curvature_roots(logits, None, most=5, generator=gen)  # no more roots than that: all of them
+    assert len(unsketched) == 5 and all(torch.equal(a, b) for a, b in zip(unsketched, full))
+
+
+def test_gradient_rows_of_the_first_examples_only():
+    """``gradients=k``: the Fisher rows of every example, the gradient rows of the first k (batches cut mid-way)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    data = AttributionDataset(torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 4, (10,)))
+    task = AttributionTask(model)
+    factors = get_method("if-kfac", task, damping=0.1).fit(data).factors_
+    fisher, grads = fisher_and_gradient_rows(task, factors, data, task.train_loss, batch_size=4, dtype=torch.float64)
+    some_fisher, some = fisher_and_gradient_rows(task, factors, data, task.train_loss, batch_size=4,
+                                                 dtype=torch.float64, gradients=6)
+    torch.testing.assert_close(some_fisher.dense(), fisher.dense())
+    assert len(some) == 6
+    torch.testing.assert_close(some.dense(), grads.dense(slice(0, 6)))
+
+
+def test_the_curvature_sample_may_be_larger_than_the_scored_one():
+    """Fisher rows of 30 examples and gradient rows of 12 of them: the match's exact scores are those of the 30
+    examples' Fisher (RᵀR / 30), checked through the one-layer case where the Kronecker factors are that Fisher."""
+    gen = torch.Generator().manual_seed(4)
+    e = torch.rand(12, generator=gen, dtype=torch.float64) * 3 + 0.01
+    factors = [LayerFactors("", torch.eye(3, dtype=torch.float64), torch.eye(4, dtype=torch.float64), e.view(4, 3))]
+    gradient_rows = FisherRows([12])
+    gradient_rows.add(0, torch.randn(12, 12, generator=gen, dtype=torch.float64))
+    rows = FisherRows([12])
+    rows.add(0, math.sqrt(30) * torch.diag(e.sqrt()))  # RᵀR / 30 = diag(e)
+    match = match_damping(factors, rows, gradient_rows, 0.0, 0.05, "recipe", fisher_examples=30)
+    assert match.agreement == pytest.approx(1.0, abs=1e-4) and (match.examples, match.fisher_examples) == (12, 30)
+    assert math.log10(match.layer_damping[0] / 0.05) == pytest.approx(0.0, abs=0.02)
+    assert "the curvature from 30" in match.describe()
 
 
 @pytest.mark.parametrize("method", ["if-kfac", "if-ekfac"])
@@ -192,7 +248,8 @@ def test_probes_taken_a_block_at_a_time_give_the_same_match(monkeypatch):
 
 def test_a_wide_mlp_is_matched_not_sent_to_the_fallback():
     """A 10-class MLP of 100k parameters (more examples than inputs: a full eigenbasis): its rows, held as factors, fit
-    the cap (counted densely they would not have left the 16 examples the match needs)."""
+    the cap (counted densely they would not have left the 16 examples the match needs); the curvature's 3 rows per
+    example (two and a sketch of the other seven) from 682 examples, 256 of them scored."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
     data = AttributionDataset(torch.randn(1700, 784), torch.randint(0, 10, (1700,)))
@@ -201,9 +258,10 @@ def test_a_wide_mlp_is_matched_not_sent_to_the_fallback():
         warnings.simplefilter("error", SolverBackoffWarning)
         attributor = get_method("if-ekfac", AttributionTask(model), train_config=recipe).fit(data)
         attributor.attribute(data.subset(range(5)))
-    assert attributor.damping_rule_ == "matched" and attributor.damping_match_.examples == 2048 // 9
+    match = attributor.damping_match_
+    assert attributor.damping_rule_ == "matched" and (match.examples, match.fisher_examples) == (256, 2048 // 3)
     dense_width = sum(f.eigenvalues.numel() for f in attributor.factors_)
-    assert sample_size(10_000, 9, dense_width, 4) < 16  # what the dense count allowed
+    assert sample_sizes(10_000, 9, dense_width, 4)[1] < 16  # what the dense count allowed
 
 
 def test_binned_scores_are_exact_where_each_bin_holds_one_eigenvalue():

@@ -314,7 +314,8 @@ def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torc
         per_class = [[_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)]]
     else:
         per_class = []
-        for v in output_curvature_roots(logits.detach(), labels):
+        for v in output_curvature_roots(logits.detach(), labels, getattr(loss, "most_rows", None),
+                                        getattr(loss, "generator", None)):
             g = torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
             g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
             per_class.append([_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)])
@@ -327,18 +328,26 @@ def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torc
     return result
 
 
-def output_curvature_roots(logits: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+def output_curvature_roots(logits: torch.Tensor, labels: torch.Tensor | None, most: int | None = None,
+                           generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """For logits ``[B, C]``: C − 1 cotangents ``[B, C]`` (``max(C − 1, 1)``) whose Σ_k v_k v_kᵀ is, example by example,
     the cross-entropy's expected curvature at the logits diag(p) − ppᵀ (p = softmax(logits)): its eigenvectors scaled
     by √eigenvalue, the null one (the smallest, along the constant vector) left out; rows whose label is ``IGNORE``
-    are zero."""
+    are zero. With ``most`` (≥ 2) and more roots than that, ``most`` cotangents instead: the ``most − 1`` largest
+    exactly and the rest sketched into one, Σ_j ε_j v_j with random signs ε_j (from ``generator``), whose expected
+    outer product is theirs (E[ε_i ε_j] = δ_ij): the same curvature in expectation, in fewer rows."""
     probs = logits.double().softmax(-1)
     curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
     values, vectors = torch.linalg.eigh(curvature)
     roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
     if labels is not None:
         roots = roots * (labels != IGNORE).to(roots.dtype)[:, None, None]
-    keep = range(1, probs.shape[1]) if probs.shape[1] > 1 else range(1)
+    keep = list(range(1, probs.shape[1])) if probs.shape[1] > 1 else [0]
+    if most is not None and len(keep) > most:  # ascending eigenvalues: the tail first
+        tail, keep = keep[:-(most - 1)], keep[-(most - 1):]
+        signs = torch.randint(0, 2, (len(logits), len(tail)), generator=generator).to(roots) * 2 - 1
+        sketch = (roots[:, :, tail] * signs[:, None, :]).sum(2)
+        return [sketch.to(logits.dtype)] + [roots[:, :, k].to(logits.dtype) for k in keep]
     return [roots[:, :, k].to(logits.dtype) for k in keep]
 
 
@@ -583,14 +592,16 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
             rotated.rows if rotated is not None else None)
 
 
-def fisher_rows_per_example(data: AttributionDataset, fisher: str) -> int:
+def fisher_rows_per_example(data: AttributionDataset, fisher: str, most: int | None = None) -> int:
     """How many Fisher rows ``fisher_and_gradient_rows`` makes per example: C − 1 for the expected Fisher of C class
-    labels (up to ``EXPECTED_MAX_CLASSES``: above it, or for sequences, one sampled label), else one."""
+    labels (up to ``EXPECTED_MAX_CLASSES``: above it, or for sequences, one sampled label; at most ``most``, the rest
+    sketched: ``output_curvature_roots``), else one."""
     labels = data.labels
     if fisher != "expected" or labels is None or labels.dim() != 1:
         return 1
     classes = max(data.n_classes, int(labels.max()) + 1 if len(labels) else 1)
-    return max(classes - 1, 1) if classes <= EXPECTED_MAX_CLASSES else 1
+    rows = max(classes - 1, 1) if classes <= EXPECTED_MAX_CLASSES else 1
+    return rows if most is None else min(rows, most)
 
 
 class FisherRows:
@@ -696,15 +707,21 @@ class FisherRows:
 def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,
                              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fisher: str = "expected",
                              batch_size: int = 256, seed: int = 0, device: torch.device | str = "cpu",
-                             dtype: torch.dtype = torch.float32) -> tuple[FisherRows, torch.Tensor]:
+                             dtype: torch.dtype = torch.float32, most_rows: int | None = None,
+                             gradients: int | None = None) -> tuple[FisherRows, FisherRows]:
     """In the Kronecker eigenbases, from one forward pass over ``data``: the rows of its Fisher of kind ``fisher``,
-    un-factored (the expected Fisher's C − 1 rows per example, ``output_curvature_roots``, else one), so that
-    ``F = RᵀR / len(data)``, and each example's gradient of ``loss`` (one row each), both as ``FisherRows`` (a
-    one-position layer's rows as their two projected factors)."""
+    un-factored (the expected Fisher's C − 1 rows per example, at most ``most_rows`` with the rest sketched:
+    ``output_curvature_roots``; else one), so that ``F = RᵀR / len(data)`` (in expectation where sketched), and the
+    gradient of ``loss`` of each of the first ``gradients`` examples (default all; one row each), both as
+    ``FisherRows`` (a one-position layer's rows as their two projected factors)."""
     layers = tracked_layers(task)
-    sampled, _ = _sampler(task, fisher, seed)
+    sampled, generator = _sampler(task, fisher, seed)
+    if most_rows is not None and getattr(sampled, "expected_fisher", False):
+        sampled.most_rows, sampled.generator = most_rows, generator
+    wanted = len(data) if gradients is None else min(gradients, len(data))
+    seen = 0
     widths = [f.q_s.shape[1] * f.q_a.shape[1] for f in factors]
-    rows, gradients = FisherRows(widths), FisherRows(widths)
+    rows, held_gradients = FisherRows(widths), FisherRows(widths)
     model = task.model
     restore = eval_mode(model)
     model.to(device)
@@ -712,19 +729,26 @@ def fisher_and_gradient_rows(task: AttributionTask, factors: list[LayerFactors],
         for patches, (fisher_grads, loss_grads) in layer_activity(
                 model, layers, data, [sampled, _on_batch(task, loss)], batch_size, device, argument="train",
                 ids=data.ids, output=task.output):
+            batch = len(next(iter(patches.values())))
+            keep = max(0, min(batch, wanted - seen))  # this batch's examples among the first ``wanted``
+            seen += batch
             for index, f in enumerate(factors):
                 a = patches[f.name]
                 # one position: each row is the outer product of its projected factors (the patches' shared by both)
                 projected = _projected_patches(a, f.q_a)[:, 0] if a.shape[2] == 1 else None
-                for held, g in ((rows, fisher_grads[f.name]), (gradients, loss_grads[f.name])):
-                    if projected is not None:
+                pairs = [(rows, fisher_grads[f.name], a, projected)]
+                if keep:
+                    pairs.append((held_gradients, loss_grads[f.name][:keep], a[:keep],
+                                  None if projected is None else projected[:keep]))
+                for held, g, a_held, p_held in pairs:
+                    if p_held is not None:
                         held.add(index, (g[:, :, 0] @ f.q_s.to(g)).to(dtype),
-                                 projected.repeat(len(g) // len(a), 1).to(dtype))
+                                 p_held.repeat(len(g) // len(a_held), 1).to(dtype))
                     else:
-                        held.add(index, _rotated_layer_gradients(f, a, g).flatten(1).to(dtype))
+                        held.add(index, _rotated_layer_gradients(f, a_held, g).flatten(1).to(dtype))
     finally:
         restore()
-    return rows, gradients
+    return rows, held_gradients
 
 
 def row_numbers(task: AttributionTask, factors: list[LayerFactors], data: AttributionDataset,

@@ -60,6 +60,7 @@ from tda_explorer.compute.engine.kfac import (
     tracked_layers,
 )
 from tda_explorer.compute.methods.base import Attributor
+from tda_explorer.compute.methods.influence import matched_damping
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
 from tda_explorer.compute.methods.influence.direct import (
     InfluenceArguments,
@@ -71,7 +72,8 @@ from tda_explorer.compute.methods.influence.matched_damping import (
     MATCH_MIN_EXAMPLES,
     DampingMatch,
     match_damping,
-    sample_size,
+    sample_positions,
+    sample_sizes,
 )
 from tda_explorer.data.dataset import AttributionDataset
 
@@ -276,18 +278,20 @@ class EKFACInfluence(Attributor):
 
     def _match(self) -> DampingMatch:
         train, a = self.train_, self.args
-        rows = fisher_rows_per_example(train, a.fisher)
+        rows = fisher_rows_per_example(train, a.fisher, matched_damping.MATCH_FISHER_ROWS)
         numbers = row_numbers(self.task, self.factors_, train, self.device)
-        m = sample_size(len(train), rows, numbers, torch.finfo(self._dtype()).bits // 8)
-        if m < min(MATCH_MIN_EXAMPLES, len(train)):
-            raise ValueError(f"the sampled Fisher rows would not fit: {m} examples within the matching's memory")
-        positions = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:m].sort().values
-        sample = train.subset(positions.tolist())
+        fisher, scored = sample_sizes(len(train), rows, numbers, torch.finfo(self._dtype()).bits // 8)
+        if scored < min(MATCH_MIN_EXAMPLES, len(train)):
+            raise ValueError(f"the sampled Fisher rows would not fit: {scored} examples within the matching's memory")
+        sample = train.subset(sample_positions(len(train), fisher, scored))
         fisher_rows, gradient_rows = fisher_and_gradient_rows(self.task, self.factors_, sample, self.task.train_loss,
-                                                              a.fisher, a.batch_size, device=self.device,
-                                                              dtype=self._dtype())
+                                                              a.fisher, a.batch_size, seed=matched_damping.MATCH_SEED,
+                                                              device=self.device, dtype=self._dtype(),
+                                                              most_rows=matched_damping.MATCH_FISHER_ROWS,
+                                                              gradients=scored)
         exact, rule = run_damping(a.train_config, train, self.task.checkpoints)
-        return match_damping(self.factors_, fisher_rows, gradient_rows, float(self.task.weight_decay), exact, rule)
+        return match_damping(self.factors_, fisher_rows, gradient_rows, float(self.task.weight_decay), exact, rule,
+                             fisher_examples=fisher)
 
     def resolved_damping(self) -> tuple[float, str]:
         """The damping in use as the options would give it, ``(damping, damping_kind)``: as given; one λ on every layer

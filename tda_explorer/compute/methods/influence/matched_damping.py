@@ -8,10 +8,15 @@ holds across models (benchmarks/README.md, "Kronecker damping matched to the exa
 ``match_damping`` reads the level off the model: on a random sample of training examples it forms the same Fisher
 un-factored (``kfac.fisher_and_gradient_rows``, in the Kronecker eigenbasis), solves the direct solvers' system on it,
 ``(F + wd + λ) x = g``, exactly for a few probe examples' gradients (through the sample's Gram matrix), and takes the
-damping, among relative levels per layer and multiples of λ, at which the Kronecker scores of those probes against the
-sampled examples agree best (mean Pearson correlation) with the exact ones. Every candidate level is first scored on
-binned scores (``_BinnedScores``: one pass, eigenvalues in log-spaced bins); the exact scores are then computed only
-around each family's best candidate, and refined there.
+damping, among relative levels per layer and multiples of λ, at which the Kronecker scores of those probes against
+(part of) the sampled examples agree best (mean Pearson correlation) with the exact ones. Every candidate level is
+first scored on binned scores (``_BinnedScores``: one pass, eigenvalues in log-spaced bins); the exact scores are then
+computed only around each family's best candidate, and refined there.
+
+A small sample's Fisher biases the match toward larger dampings (its λ falls as the sample grows), and the Gram
+matrix's size bounds the sample's rows, not its examples: so each example of the expected Fisher gives at most
+``MATCH_FISHER_ROWS`` rows (its largest exactly, the rest sketched into one with random signs: the same Fisher in
+expectation), and the Fisher sample is larger than the examples scored.
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ import torch
 from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors
 from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
 
-#: Training examples sampled for the exact curvature: at most this many, at most ``MATCH_ROWS`` Fisher rows (the
-#: expected Fisher has C − 1 per example), and their Fisher and gradient rows together at most ``MATCH_MEMORY`` bytes.
-MATCH_EXAMPLES, MATCH_ROWS, MATCH_MEMORY = 256, 2048, 48 * 2**20
+#: Training examples sampled: the exact curvature's Fisher rows come from up to ``MATCH_ROWS`` rows' worth of them (the
+#: expected Fisher has C − 1 rows per example, at most ``MATCH_FISHER_ROWS`` of them, the rest sketched), the scores
+#: compared are against at most ``MATCH_EXAMPLES`` of them, and the Fisher and gradient rows together take at most
+#: ``MATCH_MEMORY`` bytes. 3 rows: benchmarks/README.md, "The match's sample" (2, 3, 4 and C − 1 over the zoo's
+#: ten-class tasks and four sample seeds).
+MATCH_EXAMPLES, MATCH_ROWS, MATCH_MEMORY, MATCH_FISHER_ROWS = 256, 2048, 48 * 2**20, 3
+#: Seed of the sample (and of the sketched rows' signs).
+MATCH_SEED = 0
 #: Probe examples (of the sample) whose exact and Kronecker scores are compared.
 MATCH_PROBES = 64
 #: The least number of sampled examples worth matching on.
@@ -54,21 +64,31 @@ class DampingMatch:
     exact_rule: str
     examples: int
     probes: int
+    fisher_examples: int
 
     def describe(self) -> str:
         unit = ("× each layer's mean eigenvalue" if self.family == "relative"
                 else f"× the exact system's λ {self.exact_damping:.3g}")
         return (f"{self.level:.3g} {unit} (scores' correlation with the exact damped curvature's {self.agreement:.3f} "
-                f"on {self.probes} probes × {self.examples} sampled training examples; exact λ from the "
-                f"{self.exact_rule} rule)")
+                f"on {self.probes} probes × {self.examples} sampled training examples, the curvature from "
+                f"{self.fisher_examples}; exact λ from the {self.exact_rule} rule)")
 
 
-def sample_size(n: int, rows_per_example: int, row_numbers: int, itemsize: int) -> int:
-    """How many training examples to sample: ``MATCH_EXAMPLES`` (at most ``n``), fewer where their Fisher rows
-    (``rows_per_example`` each) would exceed ``MATCH_ROWS`` rows, or those rows and the examples' gradient rows
-    (``row_numbers`` numbers each, as held: ``kfac.row_numbers``) ``MATCH_MEMORY`` bytes."""
-    fits = MATCH_MEMORY // max(1, (rows_per_example + 1) * row_numbers * itemsize)
-    return int(min(n, MATCH_EXAMPLES, MATCH_ROWS // rows_per_example, fits))
+def sample_sizes(n: int, rows_per_example: int, row_numbers: int, itemsize: int) -> tuple[int, int]:
+    """How many training examples to sample: for the exact curvature (their Fisher rows, ``rows_per_example`` each,
+    at most ``MATCH_ROWS``) and, among them, to score (their gradient rows too: at most ``MATCH_EXAMPLES``), all
+    within ``MATCH_MEMORY`` bytes (``row_numbers`` numbers a row, as held: ``kfac.row_numbers``) and ``n``."""
+    row = max(1, row_numbers * itemsize)
+    scored = min(n, MATCH_EXAMPLES, MATCH_ROWS // rows_per_example, MATCH_MEMORY // ((rows_per_example + 1) * row))
+    fisher = min(n, MATCH_ROWS // rows_per_example, (MATCH_MEMORY - scored * row) // (rows_per_example * row))
+    return int(max(fisher, scored)), int(scored)
+
+
+def sample_positions(n: int, fisher: int, scored: int) -> list[int]:
+    """Positions of the sampled training examples (seeded, ``MATCH_SEED``): the ``scored`` first, then the rest of
+    the ``fisher`` whose Fisher rows the exact curvature takes, each part in training-set order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(MATCH_SEED))
+    return torch.cat([order[:scored].sort().values, order[scored:fisher].sort().values]).tolist()
 
 
 def probe_block(probes: int, width: int, itemsize: int) -> int:
@@ -175,17 +195,19 @@ class _BinnedScores:
 
 def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient_rows: FisherRows,
                   weight_decay: float, exact_damping: float | None, exact_rule: str,
-                  probes: int = MATCH_PROBES) -> DampingMatch:
+                  probes: int = MATCH_PROBES, fisher_examples: int | None = None) -> DampingMatch:
     """The per-layer damping at which the Kronecker scores (eigenvalues of ``factors``, the weight decay left out as the
     Kronecker methods do by default) agree best with the exact ones on the sample: ``fisher_rows`` ``R`` (F = RᵀR / m
-    over the m sampled examples; scaled in place) and ``gradient_rows`` (their training-loss gradients, one row each,
-    the first ``probes`` the probes, scored against all m but themselves), all in the eigenbasis. The exact system is
+    over the m = ``fisher_examples`` sampled examples, default one per gradient row; scaled in place) and
+    ``gradient_rows`` (the training-loss gradients of the scored examples, one row each, the first ``probes`` the
+    probes, scored against all of them but themselves), all in the eigenbasis. The exact system is
     ``(F + weight_decay + λ) x = g`` with λ = ``exact_damping`` (the direct solvers' rule, named by ``exact_rule``), or
     where that is None 0.01 × F's largest eigenvalue. Each family's levels are the ``CANDIDATES``, the best refined
     between its neighbours (``_peak``). The probes are made dense a block at a time (``probe_block``); everything
     else keeps the rows' held form."""
     m = len(gradient_rows)
-    rows = fisher_rows.scale_(1 / math.sqrt(m))  # in place: the rows are this match's own
+    fisher_examples = m if fisher_examples is None else fisher_examples
+    rows = fisher_rows.scale_(1 / math.sqrt(fisher_examples))  # in place: the rows are this match's own
     if exact_damping is None:
         exact_damping, exact_rule = DAMPING_LEVEL * _largest_eigenvalue(rows), "spectrum"
     eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
@@ -241,7 +263,8 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
     if best is None:
         raise ValueError("no positive candidate damping")
     value, family, level = best
-    return DampingMatch(layer_damping(family, level), family, level, value, exact_damping, exact_rule, m, k)
+    return DampingMatch(layer_damping(family, level), family, level, value, exact_damping, exact_rule, m, k,
+                        fisher_examples)
 
 
 def _peak(curve: list[tuple[float, float]], evaluate: Callable[[float], float]) -> tuple[float, float]:
