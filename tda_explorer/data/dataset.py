@@ -53,8 +53,16 @@ class AttributionDataset:
     _thumbnails: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.inputs, Mapping):
+            raise TDAError(f"inputs: a dict ({', '.join(map(str, list(self.inputs)[:4]))}) is read as items of a torch "
+                           "Dataset: AttributionDataset.from_torch(dataset) with dict items (a tokenizer's); an "
+                           "AttributionDataset built directly takes one tensor or array of inputs")
         if not isinstance(self.inputs, torch.Tensor):
-            self.inputs = torch.as_tensor(np.asarray(self.inputs), dtype=torch.float32)
+            try:
+                self.inputs = torch.as_tensor(np.asarray(self.inputs), dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise TDAError(f"inputs must be one tensor or array of numbers [n, ...], got "
+                               f"{type(self.inputs).__name__} that does not convert to one") from None
         self._setup(len(self.inputs), "inputs")
 
     def _setup(self, n: int, what: str) -> None:

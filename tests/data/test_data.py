@@ -49,3 +49,11 @@ def test_digits_split_keeps_noise_mask_and_renders_png():
     assert isinstance(split.train.renderer, ImageRenderer)
     with pytest.raises(TDAError, match="n_train \\+ n_test must be at most 1797"):
         load_digits_split(n_train=1500, n_test=400)
+
+
+def test_inputs_that_are_not_one_array_are_refused_naming_inputs():
+    """A dict of tensors (a tokenizer's batch) points to from_torch; ragged lists say what they are."""
+    with pytest.raises(TDAError, match=r"inputs: a dict \(input_ids, attention_mask\) .*from_torch"):
+        AttributionDataset({"input_ids": torch.zeros(3, 4), "attention_mask": torch.ones(3, 4)}, torch.zeros(3))
+    with pytest.raises(TDAError, match="inputs must be one tensor or array of numbers"):
+        AttributionDataset([[1.0, 2.0], [3.0]], torch.zeros(2))
