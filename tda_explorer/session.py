@@ -6,6 +6,7 @@ predictions and the flag store; widgets observe it and never compute anything th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,9 +158,34 @@ class Session:
         return self.retrainer.remove([list(train_ids)])
 
     def method_availability(self) -> dict[str, list[str]]:
-        """Every attributor with what this session lacks to run it (an empty list: it can run here)."""
+        """Every attributor with what this session lacks to run it (an empty list: it can run here): the needs its
+        catalogue entry declares that the session's resources do not supply, else what the method itself refuses
+        when built with them (a run of another optimizer than it follows, a module it cannot take, …: the
+        ``TDAError``'s sentence), and inputs it needs as one tensor where this session's are dicts."""
         provided = set(self.resources)
-        return {name: method_spec(name).missing(provided) for name in available_methods()}
+        out = {}
+        for name in available_methods():
+            spec = method_spec(name)
+            out[name] = spec.missing(provided) or self._refusal(name)
+        return out
+
+    def _refusal(self, name: str) -> list[str]:
+        """What ``name`` refuses on this session's task, resources and data, found by building it (no fit): its
+        ``TDAError``, or its need for tensor inputs where the training inputs are dicts."""
+        spec = method_spec(name)
+        if getattr(spec.factory, "tensor_inputs", False) and self._dict_inputs():
+            return ["needs the inputs as one tensor; this session's training inputs are dicts (a tokenizer's)"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what the method would say when run (a module skipped, …) is not a lack
+            try:
+                get_method(name, self.task, device=self.device, **spec.fill({}, self.resources))
+            except TDAError as err:
+                return [str(err)]
+        return []
+
+    def _dict_inputs(self) -> bool:
+        """Whether the training inputs are dicts of tensors (a tokenizer's; read lazily, ``from_torch``)."""
+        return getattr(self.train, "input_kind", "tensor") == "dict"
 
     # -- predictions ----------------------------------------------------------------------
     def _predictions_path(self) -> Path:

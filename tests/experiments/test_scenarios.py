@@ -16,8 +16,10 @@ def test_digits_experiment_is_a_scenario_whose_session_runs_recipe_and_trajector
     assert isinstance(exp, Scenario)
     session = Session.from_experiment(exp, folder=tmp_path)
     lacks = session.method_availability()
-    for runnable in ("tracin", "suspicion", "synset-loo", "magic", "dvemb", "source", "grad-dot"):
+    for runnable in ("tracin", "suspicion", "synset-loo", "source", "grad-dot"):
         assert lacks[runnable] == [], (runnable, lacks[runnable])
+    # the recipe trains with Adam: what follows SGD steps says so when built, so it is not offered as runnable
+    assert "this run uses optimizer='adam'" in lacks["magic"][0] and "uses 'adam'" in lacks["dvemb"][0]
     assert lacks["dda"] and "base model" in lacks["dda"][0]
     assert session.retrainer is not None and session.recipe is exp.config
     with pytest.raises(TDAError, match="dda needs the base model"):
@@ -39,3 +41,63 @@ def test_backdoor_is_a_scenario_that_supplies_its_base_model(tmp_path):
 def test_a_session_refuses_what_is_not_a_scenario(tmp_path):
     with pytest.raises(TDAError, match="experiment must be a built-in scenario"):
         Session.from_experiment(object(), folder=tmp_path)
+
+
+def test_availability_says_what_a_method_refuses_on_this_sessions_run_and_data(tmp_path):
+    """Beyond the catalogue's needs: a recording of an AdamW run is refused by MAGIC when built (so it is not offered
+    as runnable), and dict inputs by the methods that need one tensor; a recording of plain SGD over tensors leaves
+    them runnable."""
+    import torch
+    from torch import nn
+
+    from tda_explorer import AttributionDataset, AttributionTask
+    from tda_explorer.compute.training.run_recorder import RunRecorder
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "mask": torch.ones_like(self.x[i]), "labels": self.y[i]}
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Linear(4, 3)
+
+        def forward(self, x, mask):
+            return self.net(x * mask)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    lacks = {}
+    for case in ("dicts, AdamW", "tensors, SGD"):
+        dicts = case.startswith("dicts")
+        if dicts:
+            train = AttributionDataset.from_torch(Items(x[:30], y[:30]), name="train")
+            test = AttributionDataset.from_torch(Items(x[30:], y[30:]), name="test")
+            model, optimizer = Masked(), torch.optim.AdamW
+        else:
+            train, test = AttributionDataset(x[:30], y[:30], name="train"), AttributionDataset(x[30:], y[30:])
+            model, optimizer = nn.Sequential(nn.Linear(4, 3)), torch.optim.SGD
+        recorder = RunRecorder(model, optimizer(model.parameters(), lr=0.05), train, batch_size=10)
+        for start in range(0, 30, 10):
+            rows = torch.arange(start, start + 10)
+            recorder.optimizer.zero_grad()
+            recorder.loss(model(**recorder.inputs(rows)) if dicts else model(recorder.inputs(rows)), rows).backward()
+            recorder.step(rows)
+        recorder.finish()
+        session = Session(train, test, AttributionTask(model), folder=tmp_path / case.split(", ")[1],
+                          resources={"recording": lambda r=recorder: {"recording": r}})
+        lacks[case] = session.method_availability()
+    dicts, tensors = lacks["dicts, AdamW"], lacks["tensors, SGD"]
+    assert dicts["dvemb"] and "dvemb follows plain SGD steps; this run used AdamW" in dicts["dvemb"][0]
+    for name in ("magic", "synset-loo"):
+        assert dicts[name] == ["needs the inputs as one tensor; this session's training inputs are dicts (a "
+                               "tokenizer's)"], name
+    assert dicts["tracin"] == [] and dicts["grad-dot"] == []
+    assert tensors["magic"] == [] and tensors["dvemb"] == [] and tensors["synset-loo"] == []

@@ -66,6 +66,8 @@ class Attributor(ABC):
 
     name: ClassVar[str] = "attributor"
     Arguments: ClassVar[type] = AttributorArguments
+    #: Whether the method needs the training inputs as one tensor (dicts of tensors, a tokenizer's, are refused).
+    tensor_inputs: ClassVar[bool] = False
 
     def __init__(self, task: AttributionTask, **options: Any):
         if not isinstance(task, AttributionTask):

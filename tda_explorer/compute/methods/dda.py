@@ -84,6 +84,8 @@ class DebiasDenoise(Attributor):
     model is used; ``base_model`` is the model before fine-tuning (debiasing).
     """
 
+    tensor_inputs = True  # dict inputs (a tokenizer's) are refused
+
     def _setup(self) -> None:
         a = self.args
         attributor_spec(a.inner, "inner", self.name, a.inner_options)

@@ -40,6 +40,8 @@ class LoRAEnsembleArguments(AttributorArguments):
 class LoRAEnsemble(Attributor):
     """Average of ``inner`` over ``members`` LoRA-adapted copies of the task's model."""
 
+    tensor_inputs = True  # dict inputs (a tokenizer's) are refused
+
     def _setup(self) -> None:
         a = self.args
         attributor_spec(a.inner, "inner", self.name, a.inner_options)

@@ -87,6 +87,8 @@ class ReplayMetagradient(Attributor):
     the run is ``trajectory=`` (a built-in recipe) or ``recording=`` (your own SGD loop), exactly one of the two.
     """
 
+    tensor_inputs = True  # dict inputs (a tokenizer's) are refused
+
     def _setup(self) -> None:
         a, task = self.args, self.task
         trajectory, recording = a.trajectory, a.recording

@@ -69,6 +69,8 @@ class Suspicion(Attributor):
     ``train_config``; self-influence and pairwise scores come from the method ``base`` built with ``base_options``.
     """
 
+    tensor_inputs = True  # dict inputs (a tokenizer's) are refused
+
     def _setup(self) -> None:
         a = self.args
         attributor_spec(a.base, "base", self.name, a.base_options)

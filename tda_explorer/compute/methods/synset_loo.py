@@ -73,6 +73,8 @@ class SynsetLOOArguments(AttributorArguments):
 class SynsetLOO(Attributor):
     """Leave-one-out and group removal estimated on a distilled synset."""
 
+    tensor_inputs = True  # dict inputs (a tokenizer's) are refused
+
     def _setup(self) -> None:
         a = self.args
         if a.trajectory is not None and a.recording is not None:
