@@ -36,8 +36,12 @@ class ComputeBar(W.VBox):
         self.method_config = method_config or {}
         availability = session.method_availability()
         given = set(self.method_config)
-        runnable = [m for m, lacks in availability.items()
-                    if not lacks or not method_spec(m).missing(session.resources, self.method_config.get(m, {}))]
+
+        def filled_here(m: str) -> bool:  # lacking only needs that this bar's own options for it supply
+            return (m in given and bool(method_spec(m).missing(session.resources))
+                    and not method_spec(m).missing(session.resources, self.method_config[m]))
+
+        runnable = [m for m, lacks in availability.items() if not lacks or filled_here(m)]
         self.unavailable = {m: lacks for m, lacks in availability.items() if m not in runnable and m not in given}
         self.choice = W.Dropdown(options=runnable, value="tracin" if "tracin" in runnable else runnable[0],
                                  description="compute", layout=W.Layout(width="220px"))

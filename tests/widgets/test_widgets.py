@@ -275,3 +275,17 @@ def test_tracing_tab_shows_a_query_supporting_first_escaped(explorer):
     assert pd.read_csv(panel.exported)["verifier_score"].tolist() == [0.1, 0.9, 0.5, 0.3]
     with pytest.raises(TDAError, match="verifier"):
         session.add_tracing("bad", table.drop(columns="verifier"))
+
+
+def test_the_compute_bar_offers_only_what_runs_on_this_session(tmp_path):
+    """A digits recipe trained with Adam: MAGIC and dvemb (which follow SGD steps) are not offered, and the bar's list
+    of what cannot run says why; the methods the session meets are offered."""
+    from tda_explorer.experiments import build_experiment
+
+    session = Session.from_experiment(build_experiment("lr", n_train=120, n_test=20, epochs=20), folder=tmp_path)
+    session.compute("grad-dot")
+    bar = Explorer(session, method="grad-dot", k=4).compute_bar
+    assert "magic" not in bar.choice.options and "dvemb" not in bar.choice.options
+    assert "tracin" in bar.choice.options and "if-ekfac" in bar.choice.options
+    assert "SGD steps" in bar.unavailable["magic"][0]
+    assert "<b>magic</b>: magic differentiates SGD steps" in bar.lacking.value
