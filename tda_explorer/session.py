@@ -6,7 +6,6 @@ predictions and the flag store; widgets observe it and never compute anything th
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -159,29 +158,20 @@ class Session:
 
     def method_availability(self) -> dict[str, list[str]]:
         """Every attributor with what this session lacks to run it (an empty list: it can run here): the needs its
-        catalogue entry declares that the session's resources do not supply, else what the method itself refuses
-        when built with them (a run of another optimizer than it follows, a module it cannot take, …: the
-        ``TDAError``'s sentence), and inputs it needs as one tensor where this session's are dicts."""
+        catalogue entry declares that the session's resources do not supply, else what the method refuses on this
+        session, read without building it or calling a resource (each may train or replay a run): dict inputs where
+        it needs one tensor (``Attributor.tensor_inputs``), a recipe whose optimizer it does not follow
+        (``Attributor.refuses_recipe``)."""
         provided = set(self.resources)
-        out = {}
-        for name in available_methods():
-            spec = method_spec(name)
-            out[name] = spec.missing(provided) or self._refusal(name)
-        return out
+        return {name: method_spec(name).missing(provided) or self._refusal(name) for name in available_methods()}
 
     def _refusal(self, name: str) -> list[str]:
-        """What ``name`` refuses on this session's task, resources and data, found by building it (no fit): its
-        ``TDAError``, or its need for tensor inputs where the training inputs are dicts."""
-        spec = method_spec(name)
-        if getattr(spec.factory, "tensor_inputs", False) and self._dict_inputs():
+        """What ``name`` refuses on this session's data and recipe (its sentence), or nothing."""
+        method = method_spec(name).factory
+        if method.tensor_inputs and self._dict_inputs():
             return ["needs the inputs as one tensor; this session's training inputs are dicts (a tokenizer's)"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # what the method would say when run (a module skipped, …) is not a lack
-            try:
-                get_method(name, self.task, device=self.device, **spec.fill({}, self.resources))
-            except TDAError as err:
-                return [str(err)]
-        return []
+        reason = method.refuses_recipe(self.recipe) if isinstance(self.recipe, TrainConfig) else None
+        return [reason] if reason else []
 
     def _dict_inputs(self) -> bool:
         """Whether the training inputs are dicts of tensors (a tokenizer's; read lazily, ``from_torch``)."""

@@ -42,7 +42,7 @@ class ComputeBar(W.VBox):
                     and not method_spec(m).missing(session.resources, self.method_config[m]))
 
         runnable = [m for m, lacks in availability.items() if not lacks or filled_here(m)]
-        self.unavailable = {m: lacks for m, lacks in availability.items() if m not in runnable and m not in given}
+        self.unavailable = {m: lacks for m, lacks in availability.items() if m not in runnable}
         self.choice = W.Dropdown(options=runnable, value="tracin" if "tracin" in runnable else runnable[0],
                                  description="compute", layout=W.Layout(width="220px"))
         self.run_button = W.Button(description="Run", icon="play", layout=W.Layout(width="auto", min_width="70px"))

@@ -18,8 +18,9 @@ def test_digits_experiment_is_a_scenario_whose_session_runs_recipe_and_trajector
     lacks = session.method_availability()
     for runnable in ("tracin", "suspicion", "synset-loo", "source", "grad-dot"):
         assert lacks[runnable] == [], (runnable, lacks[runnable])
-    # the recipe trains with Adam: what follows SGD steps says so when built, so it is not offered as runnable
-    assert "this run uses optimizer='adam'" in lacks["magic"][0] and "uses 'adam'" in lacks["dvemb"][0]
+    # the recipe trains with Adam: what follows SGD steps says so, so it is not offered as runnable
+    assert lacks["magic"] == ["magic differentiates SGD steps; this session's recipe trains with 'adam'"]
+    assert lacks["dvemb"] == ["dvemb follows plain SGD steps; this session's recipe trains with adam"]
     assert lacks["dda"] and "base model" in lacks["dda"][0]
     assert session.retrainer is not None and session.recipe is exp.config
     with pytest.raises(TDAError, match="dda needs the base model"):
@@ -44,14 +45,15 @@ def test_a_session_refuses_what_is_not_a_scenario(tmp_path):
 
 
 def test_availability_says_what_a_method_refuses_on_this_sessions_run_and_data(tmp_path):
-    """Beyond the catalogue's needs: a recording of an AdamW run is refused by MAGIC when built (so it is not offered
-    as runnable), and dict inputs by the methods that need one tensor; a recording of plain SGD over tensors leaves
-    them runnable."""
+    """Beyond the catalogue's needs, read without building a method or calling a resource: a recipe of another
+    optimizer than the method follows (dvemb and AdamW), and dict inputs where it needs one tensor; plain SGD over
+    tensors leaves them runnable."""
     import torch
     from torch import nn
 
     from tda_explorer import AttributionDataset, AttributionTask
     from tda_explorer.compute.training.run_recorder import RunRecorder
+    from tda_explorer.compute.training.train import TrainConfig
 
     class Items(torch.utils.data.Dataset):
         def __init__(self, x, y):
@@ -91,11 +93,14 @@ def test_availability_says_what_a_method_refuses_on_this_sessions_run_and_data(t
             recorder.loss(model(**recorder.inputs(rows)) if dicts else model(recorder.inputs(rows)), rows).backward()
             recorder.step(rows)
         recorder.finish()
+        calls = []
         session = Session(train, test, AttributionTask(model), folder=tmp_path / case.split(", ")[1],
-                          resources={"recording": lambda r=recorder: {"recording": r}})
+                          resources={"recording": lambda r=recorder, c=calls: c.append(1) or {"recording": r}})
+        session.recipe = TrainConfig(optimizer="adamw" if dicts else "sgd")
         lacks[case] = session.method_availability()
+        assert calls == []  # no resource was made (a built-in one may train or replay a run)
     dicts, tensors = lacks["dicts, AdamW"], lacks["tensors, SGD"]
-    assert dicts["dvemb"] and "dvemb follows plain SGD steps; this run used AdamW" in dicts["dvemb"][0]
+    assert dicts["dvemb"] == ["dvemb follows plain SGD steps; this session's recipe trains with adamw"]
     for name in ("magic", "synset-loo"):
         assert dicts[name] == ["needs the inputs as one tensor; this session's training inputs are dicts (a "
                                "tokenizer's)"], name

@@ -69,6 +69,12 @@ class Attributor(ABC):
     #: Whether the method needs the training inputs as one tensor (dicts of tensors, a tokenizer's, are refused).
     tensor_inputs: ClassVar[bool] = False
 
+    @classmethod
+    def refuses_recipe(cls, config: Any) -> str | None:
+        """Why the method cannot follow a run trained with the recipe ``config`` (a ``TrainConfig``), or None (the
+        default: any run); read by ``Session.method_availability`` without building the method."""
+        return None
+
     def __init__(self, task: AttributionTask, **options: Any):
         if not isinstance(task, AttributionTask):
             raise TDAError(f"task must be an AttributionTask, got {type(task).__name__}")

@@ -67,6 +67,13 @@ class DataValueEmbedding(Attributor):
     The embeddings live in the recording's projected space (set ``projection_dim`` on the ``StepRecorder``).
     """
 
+    @classmethod
+    def refuses_recipe(cls, config: Any) -> str | None:
+        if config.optimizer != "sgd" or config.momentum:
+            kind = config.optimizer if config.optimizer != "sgd" else f"sgd with momentum {config.momentum:g}"
+            return f"dvemb follows plain SGD steps; this session's recipe trains with {kind}"
+        return None
+
     def _setup(self) -> None:
         a = self.args
         recording = a.recording
@@ -117,7 +124,9 @@ class DataValueEmbedding(Attributor):
             step = steps[t]
             g = step.gradients.to(phi)
             scale = step.lr / self.recording.batch_size
-            curvatures[t] = scale * float(torch.linalg.eigvalsh(g @ g.T)[-1]) + step.lr * self.wd
+            finite = bool(torch.isfinite(g).all())  # a non-finite step's scores come out non-finite anyway
+            curvatures[t] = scale * float(torch.linalg.eigvalsh(g @ g.T)[-1]) + step.lr * self.wd if finite \
+                else float("nan")
             e = scale * g @ phi.T  # rows: e_t(z) = (η/|B|) Φ g_t(z)
             self.curves_[step.positions, t // per_epoch] += e.cpu()
             phi = (1 - step.lr * self.wd) * phi - e.T @ g

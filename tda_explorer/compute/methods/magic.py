@@ -31,6 +31,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import functional_call, grad, vjp, vmap
@@ -88,6 +89,12 @@ class ReplayMetagradient(Attributor):
     """
 
     tensor_inputs = True  # dict inputs (a tokenizer's) are refused
+
+    @classmethod
+    def refuses_recipe(cls, config: Any) -> str | None:
+        if config.optimizer != "sgd":
+            return f"magic differentiates SGD steps; this session's recipe trains with {config.optimizer!r}"
+        return None
 
     def _setup(self) -> None:
         a, task = self.args, self.task
