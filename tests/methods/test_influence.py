@@ -325,7 +325,7 @@ def test_lissa_says_when_its_depth_truncates_the_series_and_the_depth_it_names_s
     import re
     import warnings
 
-    from tda_explorer.compute.methods.influence.lissa import TruncatedSeriesWarning
+    from tda_explorer.compute.methods.influence.lissa import TRUNCATION_LEFT, TruncatedSeriesWarning, series_left
 
     train, test = tiny_data
     task = AttributionTask(tiny_mlp, weight_decay=0.01)
@@ -334,7 +334,9 @@ def test_lissa_says_when_its_depth_truncates_the_series_and_the_depth_it_names_s
         short = get_method("if-lissa", task, damping=0.01, depth=20, minibatch=30, precision="float64").fit(train)
         short_scores = short.attribute(test).scores
     depth = int(re.search(r"pass depth >= (\d+)", str(caught[0].message)).group(1))
-    assert depth > 20
+    rate = (short.lam_ + short.products_.wd) / short.scale_  # each step keeps 1 − rate along the least curvature
+    half = lambda j: series_left(rate, j, j - j // 2)  # noqa: E731 - averaged over the second half (the default)
+    assert half(depth) <= TRUNCATION_LEFT < half(depth - 1) and depth > 20  # the least depth that solves it
     with warnings.catch_warnings():
         warnings.simplefilter("error", TruncatedSeriesWarning)
         deep = get_method("if-lissa", task, damping=0.01, depth=depth, minibatch=30, precision="float64").fit(train)

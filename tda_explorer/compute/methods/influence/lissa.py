@@ -50,9 +50,18 @@ from tda_explorer.compute.methods.influence.direct import (
 )
 from tda_explorer.jobs import check_cancelled
 
-#: A run whose depth J leaves more than this share of the series, exp(−J·λ/s), along the least-curved directions is
-#: warned about (``TruncatedSeriesWarning``): J ≥ 3 s/λ.
+#: A run whose depth leaves more than this share of the series along the least-curved directions (``series_left``) is
+#: warned about (``TruncatedSeriesWarning``).
 TRUNCATION_LEFT = math.exp(-3)
+
+
+def series_left(rate: float, depth: int, tail: int) -> float:
+    """The share of the series LiSSA leaves undone along a direction where each step keeps 1 − ``rate`` of it:
+    exp(−rate·j) after j steps, averaged over the last ``tail`` of ``depth`` steps (the iterates it answers with)."""
+    start = depth - tail
+    if rate * tail < 1e-12:
+        return math.exp(-rate * start)
+    return (math.exp(-rate * start) - math.exp(-rate * depth)) / (rate * tail)
 
 
 class TruncatedSeriesWarning(UserWarning):
@@ -153,18 +162,28 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
 
     def _warn_if_truncated(self) -> None:
         """A ``TruncatedSeriesWarning`` when the depth leaves more than ``TRUNCATION_LEFT`` of the series undone along
-        the directions of least curvature (exp(−J·λ/s)), once per setting."""
-        left = math.exp(-self.args.depth * self.lam_ / self.scale_)
-        setting = (self.args.depth, self.lam_, self.scale_)
+        the directions of least curvature, where each step keeps 1 − r of it, r = (λ + wd) / s (``series_left``),
+        once per setting."""
+        a = self.args
+        rate = (self.lam_ + self.products_.wd) / self.scale_
+        tail = a.depth - a.depth // 2 if a.average else 1
+        left = series_left(rate, a.depth, tail)
+        setting = (a.depth, self.lam_, self.scale_)
         if left <= TRUNCATION_LEFT or getattr(self, "_truncation_warned", None) == setting:
             return
         self._truncation_warned = setting
-        warnings.warn(f"{self.name}: depth {self.args.depth} is short of scale / damping = "
-                      f"{self.scale_ / self.lam_:.3g}: the series stops with {left:.0%} of it left along the "
-                      f"directions of least curvature, which acts as extra damping ≈ scale / depth = "
-                      f"{self.scale_ / self.args.depth:.3g} there (damping {self.lam_:.3g}); for the damped system as "
-                      f"asked pass depth >= {math.ceil(3 * self.scale_ / self.lam_)}", TruncatedSeriesWarning,
-                      stacklevel=4)
+        depth = a.depth
+        while series_left(rate, depth, depth - depth // 2 if a.average else 1) > TRUNCATION_LEFT:
+            depth *= 2
+        low = depth // 2
+        while low + 1 < depth:  # the least depth that leaves at most TRUNCATION_LEFT
+            mid = (low + depth) // 2
+            low, depth = (low, mid) if series_left(rate, mid, mid - mid // 2 if a.average else 1) <= \
+                TRUNCATION_LEFT else (mid, depth)
+        warnings.warn(f"{self.name}: depth {a.depth} is short of scale / (damping + weight decay) = {1 / rate:.3g}: "
+                      f"the series stops with {left:.0%} of it left along the directions of least curvature, which "
+                      f"acts as extra damping there (damping {self.lam_:.3g}); for the damped system as asked pass "
+                      f"depth >= {depth}", TruncatedSeriesWarning, stacklevel=4)
 
     def _series(self, b: torch.Tensor) -> ParameterSeries | RowSpaceSeries:
         """The iterates of one run from ``b``: in the row space of the GGN's factor where that costs fewer multiply-adds
