@@ -143,6 +143,8 @@ def test_sketched_curvature_roots_keep_the_largest_and_sum_to_the_curvature_in_e
         torch.testing.assert_close(signs.abs(), torch.ones_like(signs))  # the tail's roots with signs ±1
     mean = sum(sum(v[:, :, None] * v[:, None, :] for v in d) for d in draws) / len(draws)
     torch.testing.assert_close(mean, curvature, rtol=0, atol=0.05 * float(curvature.abs().max()))
+    with pytest.raises(ValueError, match="most must be at least 2"):
+        output_curvature_roots(logits, None, most=1, generator=gen)
     unsketched = output_curvature_roots(logits, None, most=5, generator=gen)  # no more roots than that: all of them
     assert len(unsketched) == 5 and all(torch.equal(a, b) for a, b in zip(unsketched, full))
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,6 +49,10 @@ def forward_mode_attention() -> contextlib.AbstractContextManager:
     """Scaled dot-product attention in its composite ("math") form: the fused kernels (flash, memory-efficient; a
     Hugging Face model's default "sdpa" attention) have no forward-mode derivative, which every curvature product
     takes (J v, and the Hessian's forward-over-reverse); the composite form has, and gives the same values."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the same switch under its older name
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
     return sdpa_kernel([SDPBackend.MATH])
 
 

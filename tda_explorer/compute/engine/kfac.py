@@ -343,6 +343,8 @@ def output_curvature_roots(logits: torch.Tensor, labels: torch.Tensor | None, mo
     if labels is not None:
         roots = roots * (labels != IGNORE).to(roots.dtype)[:, None, None]
     keep = list(range(1, probs.shape[1])) if probs.shape[1] > 1 else [0]
+    if most is not None and most < 2:
+        raise ValueError(f"most must be at least 2 (the largest root and the sketch of the rest), got {most}")
     if most is not None and len(keep) > most:  # ascending eigenvalues: the tail first
         tail, keep = keep[:-(most - 1)], keep[-(most - 1):]
         signs = torch.randint(0, 2, (len(logits), len(tail)), generator=generator).to(roots) * 2 - 1
