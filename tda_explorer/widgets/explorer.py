@@ -27,8 +27,9 @@ class ComputeBar(W.VBox):
     """Compute another method off the UI thread: progress, cancel, and errors shown here; *Calibrate* first chooses
     the method's damping, Fisher kind, projection and step on this model (``Session.calibrate``), then computes it.
 
-    It offers the methods this session can run (read from the catalogue's needs) and says for each other one what
-    it lacks; *options* opens the chosen method's options, generated from its catalogue entry (empty = default).
+    It offers the methods this session can run (the catalogue's needs, the session's recipe and inputs:
+    ``Session.method_availability``) and says for each other one what it lacks; *options* opens the chosen method's
+    options, generated from its catalogue entry (empty = default).
     """
 
     def __init__(self, session: Session, on_done, method_config: dict | None = None):
