@@ -27,6 +27,11 @@ from tda_explorer.data.batching import n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3 (forward_mode_attention takes the older switch)
+    SDPBackend = sdpa_kernel = None
+
 CURVATURES = ("ggn", "hessian")
 #: Bytes one vectorised curvature product may keep alive by default.
 PRODUCT_MEMORY = 1 << 30
@@ -49,9 +54,7 @@ def forward_mode_attention() -> contextlib.AbstractContextManager:
     """Scaled dot-product attention in its composite ("math") form: the fused kernels (flash, memory-efficient; a
     Hugging Face model's default "sdpa" attention) have no forward-mode derivative, which every curvature product
     takes (J v, and the Hessian's forward-over-reverse); the composite form has, and gives the same values."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3: the same switch under its older name
+    if sdpa_kernel is None:  # torch < 2.3: the same switch under its older name
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
     return sdpa_kernel([SDPBackend.MATH])
 
