@@ -140,3 +140,24 @@ def test_a_model_returning_its_logits_among_other_outputs_is_recorded_and_replay
         effects.append(recorder.removal_effects([[1, 2], [30]], train.subset(range(5))))
     torch.testing.assert_close(effects[0], effects[1])
     assert effects[0].abs().sum() > 0
+
+
+def test_a_long_run_gives_at_most_the_default_number_of_checkpoints_evenly_spaced():
+    """One checkpoint per epoch by default, but of a 25-epoch run 10 evenly spaced epoch ends (each is a replay and a
+    pass of gradients for TracIn / SOURCE), ending with the last step; every= and at= as asked."""
+    from tda_explorer.compute.training.run_recorder import DEFAULT_CHECKPOINTS
+
+    train, model = _data(), _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    recorder = RunRecorder(model, optimizer, train, batch_size=25)
+    for _ in range(25):  # 2 steps an epoch
+        for rows in (torch.arange(0, 25), torch.arange(25, 50)):
+            optimizer.zero_grad()
+            recorder.loss(model(train.inputs[rows]), rows).backward()
+            recorder.step(rows)
+    recorder.finish()
+    steps = recorder.checkpoint_steps()
+    assert DEFAULT_CHECKPOINTS == 10 and len(steps) == 10 and steps[-1] == 50
+    assert steps == [2 * round(25 * (i + 1) / 10) for i in range(10)]  # epoch ends 2, 5, 8, 10, …, 25
+    assert recorder.checkpoint_steps(every=10) == [10, 20, 30, 40, 50]
+    assert recorder.checkpoint_steps(at=[3]) == [3]

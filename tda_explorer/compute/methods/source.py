@@ -20,9 +20,9 @@ Choices, from the recipe's pitfalls and our conventions:
 - Segment ℓ's steps run from the previous segment's last checkpoint (the start of training for the first)
   to its own last checkpoint.
 - A run of your own loop recorded with ``RunRecorder`` (``recording=``) gives the checkpoints (one per epoch by
-  default, ``checkpoint_every``) with their mean learning rates, and its SGD momentum (unless ``momentum`` is
-  given). The stationary unrolling is that of (heavy-ball) SGD: an Adam/AdamW run (a preconditioned step, whose
-  variant here is not implemented), Nesterov and dampening are refused by name.
+  default, at most 10 evenly spaced; ``checkpoint_every``) with their mean learning rates, and its SGD momentum
+  (unless ``momentum`` is given). The stationary unrolling is that of (heavy-ball) SGD: an Adam/AdamW run (a
+  preconditioned step, whose variant here is not implemented), Nesterov and dampening are refused by name.
 - L defaults to 1: on digits more segments did not raise fresh-seed LDS (benchmarks/README.md, design choices).
   One segment already carries what helps here (gradients averaged over the run, curvature damped by the run's
   length 1/c); more segments add early, seed-specific gradient directions.
@@ -71,7 +71,8 @@ class SOURCEArguments(AttributorArguments):
     recording: RunRecorder | None = option(None, "your own SGD loop recorded with RunRecorder: its checkpoints by "
                                                  "replaying it, in place of the task's", config=False)
     checkpoint_every: int | None = option(None, "with recording=: a checkpoint every this many steps and at the end "
-                                                "(None: one per epoch)", POSITIVE_INT, cli=False)
+                                                "(None: one per epoch, at most 10 evenly spaced)", POSITIVE_INT,
+                                          cli=False)
 
 
 @register("source", Family.PAIRWISE, SOURCEArguments, needs=("checkpoints",))

@@ -7,8 +7,9 @@ next gradient, from the moments the checkpoint carries (as LESS forms it; ``comp
 moments is refused: TracIn never takes an Adam run for SGD.
 
 A run of your own loop recorded with ``RunRecorder`` gives its checkpoints itself (``recording=``): they are
-materialised by replaying it, one per epoch by default (``checkpoint_every``), each with the mean learning rate of
-the steps it stands for and, for Adam/AdamW, the moments — the same numbers ``capture_checkpoint`` takes in the loop.
+materialised by replaying it, one per epoch by default (at most 10, evenly spaced; ``checkpoint_every``), each with
+the mean learning rate of the steps it stands for and, for Adam/AdamW, the moments — the same numbers
+``capture_checkpoint`` takes in the loop.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class TracInArguments(AttributorArguments):
                                                  "(with the optimizer's kind and Adam moments) by replaying it",
                                            config=False)
     checkpoint_every: int | None = option(None, "with recording=: a checkpoint every this many steps and at the end "
-                                                "(None: one per epoch)", POSITIVE_INT, cli=False)
+                                                "(None: one per epoch, at most 10 evenly spaced)", POSITIVE_INT,
+                                          cli=False)
 
 
 @register("tracin", Family.PAIRWISE, TracInArguments, needs=("checkpoints",))
@@ -192,7 +194,8 @@ class TracIn(Attributor):
 
 
 def recording_checkpoints(recording: Any, every: int | None, method: str) -> list:
-    """The ``Checkpoint``s of a finished ``RunRecorder`` (one per epoch, or every ``every`` steps, and at the end),
+    """The ``Checkpoint``s of a finished ``RunRecorder`` (``RunRecorder.checkpoint_steps``: one per epoch, at most
+    ``DEFAULT_CHECKPOINTS`` evenly spaced, or every ``every`` steps, and at the end),
     or those a record of checkpoints took (the Hugging Face ``RecordingCallback``); anything else refused by name."""
     if not isinstance(recording, RunRecorder) and hasattr(recording, "checkpoints") and \
             not hasattr(recording, "replay"):

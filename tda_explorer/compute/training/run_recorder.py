@@ -55,6 +55,10 @@ from tda_explorer.data.batching import to_device
 from tda_explorer.data.dataset import AttributionDataset
 from tda_explorer.jobs import check_cancelled
 
+#: Checkpoints a recording gives by default: one per epoch, of a longer run this many evenly spaced epochs (each is a
+#: replay to it and a pass of per-example gradients for TracIn / SOURCE: a 1,500-epoch run had given 1,500).
+DEFAULT_CHECKPOINTS = 10
+
 
 class RunRecorder:
     """Records one training run of ``model`` with ``optimizer`` on ``train`` for exact replay.
@@ -232,21 +236,28 @@ class RunRecorder:
 
     # -- what the trajectory methods derive from the recording -------------------------------------
     def checkpoint_steps(self, every: int | None = None, at: Sequence[int] | None = None) -> list[int]:
-        """The step counts checkpoints are taken at: ``at`` as given, or every ``every`` steps (default one epoch,
-        ``steps_per_epoch``), always ending with the last step."""
+        """The step counts checkpoints are taken at: ``at`` as given, or every ``every`` steps, always ending with the
+        last step; by default the end of each epoch (``steps_per_epoch``), at most ``DEFAULT_CHECKPOINTS`` of them:
+        of a longer run, that many evenly spaced epochs (as ``train_model`` takes ``n_checkpoints``)."""
         self._check_finished()
         if at is not None:
             steps = sorted({int(s) for s in at})
             if not steps or steps[0] < 0 or steps[-1] > self.n_steps:
                 raise TDAError(f"at: step counts in 0..{self.n_steps} (the steps recorded), got {list(at)}")
             return steps
-        every = self.steps_per_epoch if every is None else check_positive_int(every, "every")
+        if every is None:
+            epochs = -(-self.n_steps // self.steps_per_epoch)
+            shown = min(epochs, DEFAULT_CHECKPOINTS)
+            ends = {round(epochs * (i + 1) / shown) * self.steps_per_epoch for i in range(shown)}
+            return sorted({min(step, self.n_steps) for step in ends} | {self.n_steps})
+        every = check_positive_int(every, "every")
         return sorted({*range(every, self.n_steps, every), self.n_steps})
 
     def checkpoints(self, every: int | None = None, at: Sequence[int] | None = None, full_state: bool = True
                     ) -> list:
         """``Checkpoint``s of the recorded run, materialised by replaying it: after every ``every`` steps (default
-        each epoch's ``steps_per_epoch``) and at the end, or after the step counts in ``at``. Each holds the model's
+        each epoch's end, at most ``DEFAULT_CHECKPOINTS`` evenly spaced ones: ``checkpoint_steps``) and at the end, or
+        after the step counts in ``at``. Each holds the model's
         state (``full_state``: its whole state dict, BatchNorm statistics included; else the trainable parameters),
         the mean learning rate of the steps since the previous checkpoint (the first parameter group's), its step
         count, the optimizer's kind and, for Adam/AdamW, its moments — what TracIn, SOURCE and
