@@ -379,8 +379,8 @@ def _allowed(field: dataclasses.Field, value: Any) -> bool:
     return True
 
 
-def _damping_options(attributor: Any, fields: dict[str, dataclasses.Field], current: Any, fitted: Any,
-                     best: dict[str, Any]) -> list[dict[str, Any]]:
+def _damping_options(fields: dict[str, dataclasses.Field], current: Any, fitted: Any, best: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
     """Damping candidates over six decades around ``current`` (nearest first); a ``None`` default is read off the
     fitted default: its ``lam_`` where the damping is absolute; for the Kronecker family and ASTRA, whose option also
     takes a kind (``damping_kind``), the damping in use in the form it has (``resolved_damping``: one λ on every layer,
@@ -413,7 +413,7 @@ def _stage_options(name: str, attributor: Any, fields: dict[str, dataclasses.Fie
     field = fields[name]
     current = best.get(name, getattr(attributor.args, name))
     if name == "damping":
-        return _damping_options(attributor, fields, current, fitted, best)
+        return _damping_options(fields, current, fitted, best)
     return [{name: v} for v in _stage_values(name, attributor, field, current)]
 
 

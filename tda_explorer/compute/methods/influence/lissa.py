@@ -140,7 +140,7 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
         bound = 2 * v.norm(dim=1)
         advice = f"raise scale (now {self.scale_:.3g}) or damping (now {self.lam_:.3g})"
         total = torch.zeros_like(v)
-        tail = a.depth - a.depth // 2 if a.average else 1  # the iterates averaged: the last ``tail`` of each run
+        tail = self._tail(a.depth)
         keep, step = 1 - self.lam_ / self.scale_, 1 / self.scale_
         for _ in range(a.repeats):
             series = self._series(b)
@@ -160,26 +160,32 @@ class LiSSAInfluence(BackoffSolver, InfluenceFunction):
             total = total + series.total().double() / (tail * self.scale_)
         return self._checked(total / a.repeats, v, advice)
 
+    def _tail(self, depth: int) -> int:
+        """The iterates a run of ``depth`` steps answers with: its second half (``average``), else its last."""
+        return depth - depth // 2 if self.args.average else 1
+
     def _warn_if_truncated(self) -> None:
         """A ``TruncatedSeriesWarning`` when the depth leaves more than ``TRUNCATION_LEFT`` of the series undone along
         the directions of least curvature, where each step keeps 1 − r of it, r = (λ + wd) / s (``series_left``),
         once per setting."""
         a = self.args
         rate = (self.lam_ + self.products_.wd) / self.scale_
-        tail = a.depth - a.depth // 2 if a.average else 1
-        left = series_left(rate, a.depth, tail)
+
+        def left_at(depth: int) -> float:
+            return series_left(rate, depth, self._tail(depth))
+
+        left = left_at(a.depth)
         setting = (a.depth, self.lam_, self.scale_)
         if left <= TRUNCATION_LEFT or getattr(self, "_truncation_warned", None) == setting:
             return
         self._truncation_warned = setting
         depth = a.depth
-        while series_left(rate, depth, depth - depth // 2 if a.average else 1) > TRUNCATION_LEFT:
+        while left_at(depth) > TRUNCATION_LEFT:
             depth *= 2
         low = depth // 2
         while low + 1 < depth:  # the least depth that leaves at most TRUNCATION_LEFT
             mid = (low + depth) // 2
-            low, depth = (low, mid) if series_left(rate, mid, mid - mid // 2 if a.average else 1) <= \
-                TRUNCATION_LEFT else (mid, depth)
+            low, depth = (low, mid) if left_at(mid) <= TRUNCATION_LEFT else (mid, depth)
         warnings.warn(f"{self.name}: depth {a.depth} is short of scale / (damping + weight decay) = {1 / rate:.3g}: "
                       f"the series stops with {left:.0%} of it left along the directions of least curvature, which "
                       f"acts as extra damping there (damping {self.lam_:.3g}); for the damped system as asked pass "
