@@ -12,6 +12,8 @@ from tda_explorer import AttributionDataset, AttributionTask, get_method
 from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors, fisher_and_gradient_rows, row_numbers
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
 from tda_explorer.compute.methods.influence.matched_damping import (
+    _cholesky_in_place,
+    _cholesky_solve,
     _exact_solver,
     _peak,
     match_damping,
@@ -54,6 +56,39 @@ def test_the_exact_solve_on_either_side_equals_a_dense_solve(many):
     dense = rows.dense()
     expected = torch.linalg.solve(dense.T @ dense + 0.3 * torch.eye(30, dtype=torch.float64), rhs.T).T
     torch.testing.assert_close(_exact_solver(rows, 0.3)(rhs), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_cholesky_factor_is_written_over_the_matrix_and_solves_its_system():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(30, 34, generator=gen, dtype=torch.float64)
+    matrix = a @ a.T + 0.1 * torch.eye(30, dtype=torch.float64)
+    original = matrix.clone()
+    factor = _cholesky_in_place(matrix)
+    assert factor.data_ptr() == matrix.data_ptr()
+    torch.testing.assert_close(factor, torch.linalg.cholesky(original))
+    rhs = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(_cholesky_solve(factor, rhs), torch.linalg.solve(original, rhs))
+
+
+def test_float32_rows_too_ill_conditioned_for_a_float32_factor_are_solved_in_float64():
+    """Rank-5 float32 rows (each repeated, scaled 100×) under a tiny shift: float32's Cholesky fails, and the solve
+    falls back to the float64 system, which equals a float64 dense solve of the same rows."""
+    gen = torch.Generator().manual_seed(0)
+    rows = FisherRows([40])
+    rows.add(0, torch.cat([torch.randn(5, 40, generator=gen)] * 4) * 100)
+    shift = 1e-6
+    single = rows.gram()
+    single.diagonal().add_(shift)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(single)
+    rhs = torch.randn(3, 40, generator=gen)
+    dense = rows.dense().double()
+    expected = torch.linalg.solve(dense.T @ dense + shift * torch.eye(40, dtype=torch.float64), rhs.double().T).T
+    solved = _exact_solver(rows, shift)(rhs)
+    assert solved.dtype == torch.float64
+    assert float((solved - expected).abs().max() / expected.abs().max()) < 1e-3
+    single.diagonal().sub_(shift)
+    torch.testing.assert_close(rows.gram(dtype=torch.float64), single.double())
 
 
 def test_where_the_factored_curvature_is_the_exact_one_the_match_is_the_exact_systems_damping():

@@ -666,18 +666,20 @@ class FisherRows:
         """Layer ``layer``'s columns of ``R`` (rows ``rows``): a view of rows held densely, formed from factors."""
         return self._dense(tuple(t[rows] for t in self.parts[layer]))
 
-    def gram(self, block: int = 256) -> torch.Tensor:
-        """``R Rᵀ`` ``[r, r]``: per factored layer (S Sᵀ) ∘ (A Aᵀ), per dense layer D Dᵀ, ``block`` rows at a time (no
-        ``r × r`` temporary beside the result)."""
+    def gram(self, block: int = 256, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``R Rᵀ`` ``[r, r]`` in ``dtype`` (default the rows'): per factored layer (S Sᵀ) ∘ (A Aᵀ), per dense layer
+        D Dᵀ, ``block`` rows at a time in the rows' precision (no ``r × r`` temporary beside the result)."""
         r = len(self)
-        gram = torch.zeros(r, r, dtype=self.dtype, device=self.device)
+        gram = torch.empty(r, r, dtype=dtype or self.dtype, device=self.device)
         for i in range(0, r, block):
             rows = slice(i, min(i + block, r))
+            strip = 0
             for part in self.parts:
                 if len(part) == 2:
-                    gram[rows] += (part[0][rows] @ part[0].T) * (part[1][rows] @ part[1].T)
+                    strip = strip + (part[0][rows] @ part[0].T) * (part[1][rows] @ part[1].T)
                 else:
-                    gram[rows] += part[0][rows] @ part[0].T
+                    strip = strip + part[0][rows] @ part[0].T
+            gram[rows] = strip
         return gram
 
     def times(self, vectors: torch.Tensor) -> torch.Tensor:

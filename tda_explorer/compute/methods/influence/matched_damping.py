@@ -110,33 +110,51 @@ def _largest_eigenvalue(rows: FisherRows, iterations: int = 30) -> float:
     return value
 
 
+def _cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of the symmetric ``matrix`` (its lower triangle read), written over it: LAPACK works
+    on column-major storage, so the factorisation goes through the transposed view (the same numbers), where a
+    row-major ``out=matrix`` would be factored in a copy as large as the matrix."""
+    torch.linalg.cholesky(matrix.mT, upper=True, out=matrix.mT)
+    return matrix
+
+
+def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` for the lower factor ``L``: two triangular solves, which read ``L`` where it lies
+    (``torch.cholesky_solve`` copies it)."""
+    return torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False),
+                                         upper=True)
+
+
 def _exact_solver(rows: FisherRows, shift: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """``rhs ↦ (rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, on the smaller side: the ``D × D``
     system where the ``r`` rows are at least as many as they are wide, else through their ``r × r`` Gram matrix
-    (Woodbury); factored once, in place, in the rows' precision (formed again in float64 where that fails)."""
+    (Woodbury); factored once, in place, in the rows' precision (formed again in float64 where that fails, the
+    first matrix freed before: one ``r × r`` or ``D × D`` matrix at a time)."""
     wide = rows.width > len(rows)
 
-    def system(dtype: torch.dtype) -> torch.Tensor:
+    def factored(dtype: torch.dtype) -> torch.Tensor:
         if wide:
-            matrix = rows.gram().to(dtype)
+            matrix = rows.gram(dtype=dtype)
         else:
             dense = rows.dense().to(dtype)
             matrix = dense.T @ dense
+            del dense
         matrix.diagonal().add_(shift)
-        return matrix
+        return _cholesky_in_place(matrix)
 
     try:
-        matrix = system(rows.dtype)
-        factor = torch.linalg.cholesky(matrix, out=matrix)
-    except torch.linalg.LinAlgError:
-        matrix = system(torch.float64)
-        factor = torch.linalg.cholesky(matrix, out=matrix)
+        factor = factored(rows.dtype)
+    except torch.linalg.LinAlgError:  # retried after the handler: its traceback would keep the first matrix alive
+        factor = None
+    if factor is None:
+        factor = factored(torch.float64)
 
     def solve(rhs: torch.Tensor) -> torch.Tensor:
         if not wide:
-            return torch.cholesky_solve(rhs.T.to(factor), factor).T.double()
-        inner = torch.cholesky_solve(rows.times(rhs).to(factor), factor)
-        return (rhs.double() - rows.transpose_times(inner).to(rhs.device).double()) / shift
+            return _cholesky_solve(factor, rhs.T.to(factor)).T.double()
+        inner = _cholesky_solve(factor, rows.times(rhs).to(factor))
+        x = rows.transpose_times(inner).to(rhs.device, torch.float64)
+        return x.neg_().add_(rhs).div_(shift)  # (rhs − Rᵀ inner) / shift, in place
 
     return solve
 
@@ -208,6 +226,7 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
     m = len(gradient_rows)
     fisher_examples = m if fisher_examples is None else fisher_examples
     rows = fisher_rows.scale_(1 / math.sqrt(fisher_examples))  # in place: the rows are this match's own
+    del fisher_rows
     if exact_damping is None:
         exact_damping, exact_rule = DAMPING_LEVEL * _largest_eigenvalue(rows), "spectrum"
     eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
@@ -221,7 +240,11 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
         return held[0] if held is not None else gradient_rows.dense(b)
 
     solve = _exact_solver(rows, shift)
-    exact_scores = torch.cat([gradient_rows.times(solve(probe_rows(b))).T for b in blocks]).double()
+    # the solve holds about four float64 copies of its probes' rows: as many probes at once as keep those in the cap
+    solve_step = probe_block(k, 2 * gradient_rows.width, torch.finfo(torch.float64).bits // 8)
+    exact_scores = torch.cat([gradient_rows.times(solve(chunk)).T
+                              for b in blocks for chunk in probe_rows(b).split(solve_step)]).double()
+    del solve, rows  # the factored system (up to MATCH_ROWS² numbers): not needed past the exact scores
     own = torch.zeros_like(exact_scores, dtype=torch.bool)
     own[torch.arange(k), torch.arange(k)] = True
     means = [f.mean_eigenvalue() for f in factors]
