@@ -1,5 +1,7 @@
 """Influence functions against independent computations on tiny float64 models."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -88,8 +90,12 @@ def test_refusals_name_the_problem(tiny_data):
     with torch.no_grad():
         model[2].weight.mul_(20)  # far from a minimum: the exact Hessian is indefinite
     task = AttributionTask(model)
-    with pytest.raises(TDAError, match="not positive definite.*curvature='ggn' or raise damping"):
+    with pytest.raises(TDAError, match="not positive definite.*curvature='ggn' or raise damping") as refused:
         get_method("if-explicit", task, curvature="hessian", damping=0.0).fit(train)
+    # the eigenvalue named is the Hessian's own (read again: the failed factorisation overwrote the matrix)
+    smallest = float(torch.linalg.eigvalsh(Curvature(task, train, "hessian", "cpu").dense())[0])
+    named = float(re.search(r"smallest eigenvalue (\S+) ", str(refused.value)).group(1))
+    assert smallest < 0 and named == pytest.approx(smallest, rel=1e-2)
     with pytest.raises(TDAError, match="CG did not converge in max_iter=1 iterations: relative residual"):
         get_method("if-cg", task, max_iter=1, tol=1e-12).fit(train).attribute(train)
     with pytest.raises(TDAError, match=r"damping must be a number in \[0, inf\), got -1.0"):

@@ -12,8 +12,6 @@ from tda_explorer import AttributionDataset, AttributionTask, get_method
 from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors, fisher_and_gradient_rows, row_numbers
 from tda_explorer.compute.methods.influence.backoff import SolverBackoffWarning
 from tda_explorer.compute.methods.influence.matched_damping import (
-    _cholesky_in_place,
-    _cholesky_solve,
     _exact_solver,
     _peak,
     match_damping,
@@ -56,18 +54,6 @@ def test_the_exact_solve_on_either_side_equals_a_dense_solve(many):
     dense = rows.dense()
     expected = torch.linalg.solve(dense.T @ dense + 0.3 * torch.eye(30, dtype=torch.float64), rhs.T).T
     torch.testing.assert_close(_exact_solver(rows, 0.3)(rhs), expected, rtol=1e-10, atol=1e-12)
-
-
-def test_the_cholesky_factor_is_written_over_the_matrix_and_solves_its_system():
-    gen = torch.Generator().manual_seed(1)
-    a = torch.randn(30, 34, generator=gen, dtype=torch.float64)
-    matrix = a @ a.T + 0.1 * torch.eye(30, dtype=torch.float64)
-    original = matrix.clone()
-    factor = _cholesky_in_place(matrix)
-    assert factor.data_ptr() == matrix.data_ptr()
-    torch.testing.assert_close(factor, torch.linalg.cholesky(original))
-    rhs = torch.randn(30, 4, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(_cholesky_solve(factor, rhs), torch.linalg.solve(original, rhs))
 
 
 def test_float32_rows_too_ill_conditioned_for_a_float32_factor_are_solved_in_float64():

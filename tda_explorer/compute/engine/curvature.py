@@ -295,7 +295,7 @@ class Curvature:
         one = jacrev(logits_one)
         if form is not None and form not in forms:
             raise ValueError(f"form must be one of {sorted(forms)} or None, got {form!r}")
-        parts, use_vmap = [], True
+        out, filled, use_vmap = None, 0, True  # A is written into place: no list of blocks beside it
         for x, _ in self._batches():
             for start in range(0, n_rows(x), chunk):
                 check_cancelled()
@@ -324,14 +324,29 @@ class Curvature:
                 c = probs.shape[1]
                 factor = probs.sqrt().unsqueeze(2) * (torch.eye(c, dtype=probs.dtype, device=probs.device)
                                                       - probs.unsqueeze(1))  # diag(√p)(I − 1pᵀ)
-                parts.append((factor @ jac).reshape(-1, jac.shape[-1]) / self.n ** 0.5)
-        return torch.cat(parts)
+                block = (factor @ jac).reshape(-1, jac.shape[-1]) / self.n ** 0.5
+                if out is None:
+                    out = torch.empty(self.n * c, block.shape[1], dtype=block.dtype, device=block.device)
+                out[filled : filled + len(block)] = block
+                filled += len(block)
+        return out[:filled]
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
-        """The ``[p, p]`` matrix (symmetrised), built from products with the identity in chunks."""
-        eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
-        cols = torch.cat([self.matvec(eye[i : i + chunk]) for i in range(0, self.dim, chunk)])
-        return 0.5 * (cols + cols.T)
+        """The ``[p, p]`` matrix (symmetrised), built from products with the identity's rows ``chunk`` at a time and
+        symmetrised a block pair at a time: one ``p × p`` matrix and a chunk's rows beside it."""
+        p = self.dim
+        out = torch.empty(p, p, device=self.device, dtype=self.dtype)
+        for i in range(0, p, chunk):
+            eye = torch.zeros(min(chunk, p - i), p, device=self.device, dtype=self.dtype)
+            eye[:, i : i + len(eye)].fill_diagonal_(1.0)
+            out[i : i + len(eye)] = self.matvec(eye)
+        for i in range(0, p, chunk):
+            for j in range(i, p, chunk):
+                upper, lower = out[i : i + chunk, j : j + chunk], out[j : j + chunk, i : i + chunk]
+                mean = 0.5 * (upper + lower.T)
+                upper.copy_(mean)
+                lower.copy_(mean.T)
+        return out
 
 
 def largest_eigenvalue(matvec, dim: int, iterations: int = 30, seed: int = 1,

@@ -57,6 +57,7 @@ from tda_explorer.compute.catalogue import (
     option,
     register,
 )
+from tda_explorer.compute.engine.cholesky import cholesky_in_place, cholesky_solve
 from tda_explorer.compute.engine.curvature import CURVATURES, Curvature, largest_eigenvalue
 from tda_explorer.compute.engine.featurize import make_projector
 from tda_explorer.compute.engine.kfac import fit_factors
@@ -266,13 +267,13 @@ class ExplicitInfluence(InfluenceFunction):
         """The exact form needing less memory ("kernel" or "dense"), or "projected" after a back-off when neither fits
         in ``MEMORY_SHARE`` of the device's memory."""
         p = self.n_params
-        dense_bytes, kernel_bytes = 16 * p * p, math.inf  # the matrix and its Cholesky factor, in float64
+        dense_bytes, kernel_bytes = 8 * p * p, math.inf  # the float64 matrix, Cholesky-factored over itself
         ridge = self.args.damping is None or self.args.damping > 0 or self.task.weight_decay > 0
         if self.args.curvature == "ggn" and ridge:
             outputs = Curvature(self.task, train.subset([0]), "ggn", self.device).outputs()
             if outputs is not None:
                 rows = len(train) * outputs
-                kernel_bytes = 8 * rows * (p + 2 * rows)  # the factor A, AAᵀ + μI and its Cholesky factor
+                kernel_bytes = 8 * rows * (p + rows)  # the factor A and AAᵀ + μI, factored over itself
         form, need = ("kernel", kernel_bytes) if kernel_bytes < dense_bytes else ("dense", dense_bytes)
         budget = MEMORY_SHARE * device_memory(self.device)
         if need <= budget:
@@ -308,10 +309,13 @@ class ExplicitInfluence(InfluenceFunction):
         if self.form_ == "kernel":
             self._prepare_kernel()
             return
-        matrix = self.curvature_.dense() if self.projector is None else self._projected_dense()
+        matrix = self._undamped_dense()
         self.lam_ = self._lambda(lambda v: v @ matrix, matrix.shape[0])
-        matrix.diagonal().add_(self.lam_)
-        self.chol_ = self._cholesky(matrix, self.lam_)
+        self.chol_ = self._cholesky(matrix, self.lam_, self._undamped_dense)
+
+    def _undamped_dense(self) -> torch.Tensor:
+        """The dense curvature ``[p, p]`` (or Pᵀ H P ``[k, k]``), float64."""
+        return self.curvature_.dense() if self.projector is None else self._projected_dense()
 
     def _prepare_kernel(self) -> None:
         """The Woodbury form: A (``ggn_factor``), μ = λ + wd and the Cholesky factor of AAᵀ + μI."""
@@ -319,27 +323,31 @@ class ExplicitInfluence(InfluenceFunction):
         wd = self.curvature_.wd
         self.lam_ = self._lambda(lambda v: (v @ a.T) @ a + wd * v, a.shape[1])
         self.mu_ = self.lam_ + wd
-        kernel = a @ a.T
-        kernel = 0.5 * (kernel + kernel.T)
-        kernel.diagonal().add_(self.mu_)
-        self.factor_, self.chol_ = a, self._cholesky(kernel, self.lam_)
+        self.factor_, self.chol_ = a, self._cholesky(a @ a.T, self.mu_, lambda: a @ a.T)
 
-    def _cholesky(self, matrix: torch.Tensor, lam: float) -> torch.Tensor:
-        chol, info = torch.linalg.cholesky_ex(matrix)
-        if int(info) != 0:
-            smallest = float(torch.linalg.eigvalsh(matrix)[0])
-            raise TDAError(
-                f"the damped {self.args.curvature} is not positive definite (smallest eigenvalue {smallest:.3g} "
-                f"with damping {lam:.3g}); use curvature='ggn' or raise damping above {lam - smallest:.3g}"
-            )
-        return chol
+    def _cholesky(self, matrix: torch.Tensor, shift: float, rebuild) -> torch.Tensor:
+        """The lower Cholesky factor of ``matrix + shift·I`` (its lower triangle read), written over ``matrix``;
+        where that is not positive definite, a ``TDAError`` naming its smallest eigenvalue (of ``rebuild()``'s
+        matrix: the failed factorisation has overwritten this one)."""
+        matrix.diagonal().add_(shift)
+        if cholesky_in_place(matrix) == 0:
+            return matrix
+        del matrix
+        damped = rebuild()
+        damped.diagonal().add_(shift)
+        smallest = float(torch.linalg.eigvalsh(damped)[0])
+        lam = self.lam_
+        raise TDAError(
+            f"the damped {self.args.curvature} is not positive definite (smallest eigenvalue {smallest:.3g} "
+            f"with damping {lam:.3g}); use curvature='ggn' or raise damping above {lam - smallest:.3g}"
+        )
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         if self.form_ == "kernel":
             rhs = rhs.double()
-            inner = torch.cholesky_solve(self.factor_ @ rhs.T, self.chol_)  # (AAᵀ + μI)⁻¹ A rhsᵀ
+            inner = cholesky_solve(self.chol_, self.factor_ @ rhs.T)  # (AAᵀ + μI)⁻¹ A rhsᵀ
             return (rhs - inner.T @ self.factor_) / self.mu_
-        return torch.cholesky_solve(rhs.T.double(), self.chol_).T
+        return cholesky_solve(self.chol_, rhs.T.double()).T
 
     def _self_influence(self) -> torch.Tensor:
         if self.form_ == "kernel":

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tda_explorer.compute.engine.cholesky import cholesky_in_place, cholesky_solve
 from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors
 from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
 
@@ -110,21 +111,6 @@ def _largest_eigenvalue(rows: FisherRows, iterations: int = 30) -> float:
     return value
 
 
-def _cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor:
-    """The lower Cholesky factor of the symmetric ``matrix`` (its lower triangle read), written over it: LAPACK works
-    on column-major storage, so the factorisation goes through the transposed view (the same numbers), where a
-    row-major ``out=matrix`` would be factored in a copy as large as the matrix."""
-    torch.linalg.cholesky(matrix.mT, upper=True, out=matrix.mT)
-    return matrix
-
-
-def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``(L Lᵀ)⁻¹ rhs`` for the lower factor ``L``: two triangular solves, which read ``L`` where it lies
-    (``torch.cholesky_solve`` copies it)."""
-    return torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False),
-                                         upper=True)
-
-
 def _exact_solver(rows: FisherRows, shift: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """``rhs ↦ (rowsᵀ rows + shift·I)⁻¹ rhs`` for each row of ``rhs``, exactly, on the smaller side: the ``D × D``
     system where the ``r`` rows are at least as many as they are wide, else through their ``r × r`` Gram matrix
@@ -132,7 +118,7 @@ def _exact_solver(rows: FisherRows, shift: float) -> Callable[[torch.Tensor], to
     first matrix freed before: one ``r × r`` or ``D × D`` matrix at a time)."""
     wide = rows.width > len(rows)
 
-    def factored(dtype: torch.dtype) -> torch.Tensor:
+    def factored(dtype: torch.dtype) -> torch.Tensor | None:
         if wide:
             matrix = rows.gram(dtype=dtype)
         else:
@@ -140,19 +126,18 @@ def _exact_solver(rows: FisherRows, shift: float) -> Callable[[torch.Tensor], to
             matrix = dense.T @ dense
             del dense
         matrix.diagonal().add_(shift)
-        return _cholesky_in_place(matrix)
+        return matrix if cholesky_in_place(matrix) == 0 else None
 
-    try:
-        factor = factored(rows.dtype)
-    except torch.linalg.LinAlgError:  # retried after the handler: its traceback would keep the first matrix alive
-        factor = None
+    factor = factored(rows.dtype)
     if factor is None:
         factor = factored(torch.float64)
+    if factor is None:
+        raise ValueError("the sampled curvature is not positive definite at the exact system's damping")
 
     def solve(rhs: torch.Tensor) -> torch.Tensor:
         if not wide:
-            return _cholesky_solve(factor, rhs.T.to(factor)).T.double()
-        inner = _cholesky_solve(factor, rows.times(rhs).to(factor))
+            return cholesky_solve(factor, rhs.T.to(factor)).T.double()
+        inner = cholesky_solve(factor, rows.times(rhs).to(factor))
         x = rows.transpose_times(inner).to(rhs.device, torch.float64)
         return x.neg_().add_(rhs).div_(shift)  # (rhs − Rᵀ inner) / shift, in place
 
