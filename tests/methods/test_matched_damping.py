@@ -213,8 +213,15 @@ def test_the_default_is_matched_once_per_fit_and_reported(tiny_mlp, tiny_data, m
     assert attributor._layer_damping() == match.layer_damping
     torch.testing.assert_close(attributor.attribute(test).scores, first)
     attributor.fit(train)
-    assert attributor.damping_match_ is None  # refitting matches again
+    if method == "if-kfac":  # matched in the fit, before the training gradients are held: the two never at once
+        assert attributor.damping_match_ is not None and attributor.damping_match_ is not match
+    else:  # EK-FAC holds the gradients of its eigenvalue pass: matched when first needed
+        assert attributor.damping_match_ is None
     torch.testing.assert_close(attributor.attribute(test).scores, first)
+    recomputed = get_method(method, AttributionTask(tiny_mlp), train_config=recipe, keep_gradients=False).fit(train)
+    assert recomputed.damping_match_ is None  # nothing held: matched when first needed
+    torch.testing.assert_close(recomputed.attribute(test).scores, first)
+    assert recomputed.damping_match_.layer_damping == match.layer_damping
     given = get_method(method, AttributionTask(tiny_mlp), train_config=recipe, damping=0.3).fit(train)
     given.attribute(test)
     assert given.damping_rule_ == "given" and given.damping_match_ is None

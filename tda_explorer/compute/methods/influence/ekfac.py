@@ -21,11 +21,12 @@ modules K-FAC cannot factor are skipped with an ``UntrackedModulesWarning`` (onl
 tracked); chosen parameters that include one are a ``TDAError``.
 Per-example gradients come straight from layer hooks, already rotated (no flat per-sample gradients). The training
 gradients' coordinates are held after ``fit`` when n × the tracked parameters fit in ``max_memory`` (default: a
-quarter of the machine's or GPU's memory), so a query is one product; otherwise (or with ``keep_gradients=False``)
-each query and self-influence recomputes them a batch at a time, in the memory of one batch (one forward and backward
-pass over the training set each, as kronfluence does). With a ``store``, the factors (and the held training
-gradients) are saved there, keyed by the model's fingerprint, and a later ``fit`` of the same model and data reads
-them back.
+quarter of the machine's or GPU's memory), so a query is one product (K-FAC, whose gradients take a pass of their
+own, matches its default damping in ``fit`` before that pass: the match's memory and theirs are not held at once);
+otherwise (or with ``keep_gradients=False``) each query and self-influence recomputes them a batch at a time, in the
+memory of one batch (one forward and backward pass over the training set each, as kronfluence does). With a
+``store``, the factors (and the held training gradients) are saved there, keyed by the model's fingerprint, and a
+later ``fit`` of the same model and data reads them back.
 """
 
 from __future__ import annotations
@@ -333,9 +334,18 @@ class EKFACInfluence(Attributor):
                 self.factors_ = [LayerFactors(**f) for f in cached["factors"]]
                 self.train_rot_ = None if cached["train"] is None else cached["train"].to(self.device)
                 return
-        self.factors_, self.train_rot_ = fit_factors_and_gradients(
-            self.task, train, a.fisher, self.corrected, a.batch_size, device=self.device,
-            loss=self.task.train_loss if keep else None, dtype=self._dtype())
+        if self.corrected or not keep:  # EK-FAC holds the gradients its eigenvalue pass computes
+            self.factors_, self.train_rot_ = fit_factors_and_gradients(
+                self.task, train, a.fisher, self.corrected, a.batch_size, device=self.device,
+                loss=self.task.train_loss if keep else None, dtype=self._dtype())
+        else:  # K-FAC's gradients take a pass of their own: the damping is matched before it, so that the match's
+            # memory and the held gradients' are not needed at once
+            self.factors_, _ = fit_factors_and_gradients(self.task, train, a.fisher, False, a.batch_size,
+                                                         device=self.device, dtype=self._dtype())
+            if a.damping is None:
+                self._damping_match()
+            self.train_rot_ = rotated_gradients(self.task, self.factors_, train, self.task.train_loss, a.batch_size,
+                                                self.device, self._dtype(), argument="train")
         if key is not None:
             entry = {"factors": [f.to_dict() for f in self.factors_],
                      "train": None if self.train_rot_ is None else self.train_rot_.cpu()}
