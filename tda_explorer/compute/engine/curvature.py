@@ -20,7 +20,6 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer._validation import check_choice
-from tda_explorer.compute.engine.gradients import is_vmap_limit
 from tda_explorer.compute.engine.losses import Batch
 from tda_explorer.compute.engine.task import AttributionTask, call_model
 from tda_explorer.data.batching import n_rows, take_rows, to_device
@@ -91,7 +90,9 @@ class Curvature:
         self.names = task.tracked_names()
         model = task.model
         state = {k: v.detach().to(device, dtype) for k, v in model.named_parameters()}
-        self.buffers = {k: v.to(device) for k, v in model.named_buffers()}
+        # floating buffers (BatchNorm's running statistics) in the products' precision too; counters stay integers
+        self.buffers = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                        for k, v in model.named_buffers()}
         self.shapes = [(k, state[k].shape) for k in self.names]
         self.theta = torch.cat([state[k].flatten() for k in self.names])
         self.frozen = {k: v for k, v in state.items() if k not in self.names}
@@ -225,9 +226,19 @@ class Curvature:
                 chunks = []
                 for d in range(0, len(vectors), directions):
                     check_cancelled()
-                    chunks.append(vmap(term)(vectors[d : d + directions]))
+                    chunks.append(self._over_directions(term, vectors[d : d + directions]))
                 out.add_(torch.cat(chunks))
         return out
+
+    def _over_directions(self, term, vectors: torch.Tensor) -> torch.Tensor:
+        """``term`` of each row of ``vectors``: vectorised, or a direction at a time once ``vmap`` has refused the
+        model (an in-place op in a recurrent layer, ...), which raises the model's own errors."""
+        if not self._shared.get("unvectorised"):
+            try:
+                return vmap(term)(vectors)
+            except RuntimeError:
+                self._shared["unvectorised"] = True
+        return torch.stack([term(v) for v in vectors])
 
     def factor(self) -> torch.Tensor | None:
         """The GGN's factor A over this curvature's rows, AᵀA its curvature less the weight decay (``ggn_factor``: built
@@ -315,10 +326,9 @@ class Curvature:
                             form = min(seconds, key=seconds.get)
                         else:
                             jac = forms[form](rows, probs.shape[1])
-                    except RuntimeError as err:
-                        if not is_vmap_limit(err):
-                            raise
-                        use_vmap = False  # data-dependent control flow on the inputs (e.g. a mask): one at a time
+                    except RuntimeError:  # vmap refused the model (data-dependent control flow, an in-place op
+                        # in a recurrent layer, ...): one example at a time, which raises the model's own errors
+                        use_vmap = False
                 if jac is None:
                     jac = torch.stack([one(self.theta, take_rows(rows, i)) for i in range(len(probs))])
                 c = probs.shape[1]

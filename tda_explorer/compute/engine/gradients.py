@@ -34,13 +34,6 @@ def _chunk_size(n_params: int, max_memory: int | None, n: int) -> int:
     return max(1, min(n, max_memory // per_row))
 
 
-def is_vmap_limit(err: RuntimeError) -> bool:
-    """Whether ``err`` is ``vmap`` refusing the model (data-dependent control flow, ``.item()``, an in-place op on
-    an unbatched tensor), not a mistake in the inputs."""
-    text = str(err)
-    return text.startswith("vmap") or "data-dependent control flow" in text or "Batching rule not implemented" in text
-
-
 def _unsqueeze(x: Any) -> Any:
     return {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, Mapping) else x.unsqueeze(0)
 
@@ -158,9 +151,9 @@ def iter_per_sample_gradients(
                     if use_vmap:
                         try:
                             g = per_sample(tracked, x, y, m)
-                        except RuntimeError as err:
-                            if not is_vmap_limit(err):
-                                raise
+                        except RuntimeError:  # vmap refused the model (its messages vary: a data-dependent branch,
+                            # an in-place op in a recurrent layer, ...): the unvectorised form from here on, which
+                            # raises the model's own error where the fault is not vmap's
                             use_vmap = False
                     if not use_vmap:
                         g = batched(x, y, m)

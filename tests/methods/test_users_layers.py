@@ -1,0 +1,80 @@
+"""Layers users bring that the vectorised paths do not take as they are: float32 BatchNorm (its running statistics in
+the direct solvers' float64 products) and recurrent layers (``vmap`` refuses their in-place kernels with messages of
+their own), each against an independent computation."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tda_explorer import AttributionDataset, AttributionTask, get_method
+
+
+def test_a_float32_batchnorm_model_gets_the_direct_solvers_of_its_float64_copy():
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 3, 6, 6), torch.randint(0, 3, (48,))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    model.train()
+    model(x)  # running statistics as after training
+    model.eval()
+    train, test = AttributionDataset(x, y), AttributionDataset(x[:5], y[:5])
+    double = AttributionDataset(x.double(), y), AttributionDataset(x[:5].double(), y[:5])
+    twin = copy.deepcopy(model).double()
+    for name in ("if-explicit", "if-cg"):
+        single = get_method(name, AttributionTask(model), damping=0.1).fit(train).attribute(test).scores
+        reference = get_method(name, AttributionTask(twin), damping=0.1).fit(double[0]).attribute(double[1]).scores
+        torch.testing.assert_close(single, reference.float(), rtol=1e-3, atol=1e-4)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(12, 4), cell(4, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.embed(x))
+        return self.head(out[:, -1])
+
+
+def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Each example's loss gradient and logits' Jacobian, one example at a time (no vmap), flat over the parameters."""
+    names = [k for k, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def logits(flat, xi):
+        params, start = {}, 0
+        for k, shape in zip(names, shapes):
+            params[k] = flat[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        return functional_call(model, params, (xi.unsqueeze(0),))[0]
+
+    grads, jacobians = [], []
+    for xi, yi in zip(x, y):
+        flat = theta.clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(logits(flat, xi).unsqueeze(0), yi.unsqueeze(0))
+        grads.append(torch.autograd.grad(loss, flat)[0])
+        jacobians.append(torch.autograd.functional.jacobian(lambda f, xi=xi: logits(f, xi), theta))
+    return torch.stack(grads), jacobians, [logits(theta, xi).detach() for xi in x]
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM, nn.RNN])
+def test_recurrent_layers_fall_back_from_vmap_and_match_a_loop(cell):
+    torch.manual_seed(0)
+    model = Recurrent(cell).double().eval()
+    x, y = torch.randint(0, 12, (16, 5)), torch.randint(0, 2, (16,))
+    train, test = AttributionDataset(x[:12], y[:12]), AttributionDataset(x[12:], y[12:])
+    task = AttributionTask(model)
+    grads, jacobians, logits = _per_example(model, x, y)
+    g_train, g_test = grads[:12], grads[12:]
+    dot = get_method("grad-dot", task).fit(train).attribute(test).scores
+    torch.testing.assert_close(dot.double(), g_test @ g_train.T, rtol=1e-4, atol=1e-6)
+    ggn = sum(j.T @ (torch.diag(z.softmax(-1)) - torch.outer(z.softmax(-1), z.softmax(-1))) @ j
+              for j, z in zip(jacobians[:12], logits[:12])) / 12
+    expected = torch.linalg.solve(ggn + 0.1 * torch.eye(len(ggn), dtype=torch.float64), g_test.T).T @ g_train.T / 12
+    for name in ("if-explicit", "if-cg"):
+        scores = get_method(name, task, damping=0.1).fit(train).attribute(test).scores
+        torch.testing.assert_close(scores.double(), expected, rtol=1e-3, atol=1e-6)
