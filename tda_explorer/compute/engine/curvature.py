@@ -21,6 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer._validation import check_choice
 from tda_explorer.compute.engine.losses import Batch
+from tda_explorer.compute.engine.output_curvature import (
+    closed_form,
+    curvature_roots,
+    loss_curvature,
+    loss_curvature_times,
+)
 from tda_explorer.compute.engine.task import AttributionTask, call_model
 from tda_explorer.data.batching import n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
@@ -176,8 +182,11 @@ class Curvature:
                 return jvp(grad(partial(self._loss_sum, x=x, y=y)), (self.theta,), (v,))[1]
             logits_of = partial(self._logits, x=x)
             logits, jv = jvp(logits_of, (self.theta,), (v,))
-            p = logits.softmax(-1)
-            h_jv = p * jv - p * (p * jv).sum(-1, keepdim=True)  # Hessian of cross-entropy w.r.t. logits, times Jv
+            if closed_form(self.task, logits):  # the cross-entropy's Hessian in the logits, diag(p) − ppᵀ, times Jv
+                p = logits.softmax(-1)
+                h_jv = p * jv - p * (p * jv).sum(-1, keepdim=True)
+            else:  # the task's own loss: its Hessian in the outputs, times Jv
+                h_jv = loss_curvature_times(self.task, logits, Batch(x, y), jv)
             _, pullback = vjp(logits_of, self.theta)
             return pullback(h_jv / self.n)[0]
 
@@ -307,11 +316,12 @@ class Curvature:
         if form is not None and form not in forms:
             raise ValueError(f"form must be one of {sorted(forms)} or None, got {form!r}")
         out, filled, use_vmap = None, 0, True  # A is written into place: no list of blocks beside it
-        for x, _ in self._batches():
+        for x, labels in self._batches():
             for start in range(0, n_rows(x), chunk):
                 check_cancelled()
                 rows = take_rows(x, slice(start, start + chunk))
-                probs = self._logits(self.theta, rows).softmax(-1)  # [b, C]
+                logits = self._logits(self.theta, rows)
+                probs = logits.softmax(-1)  # [b, C]
                 jac = None
                 if use_vmap:
                     try:
@@ -332,8 +342,12 @@ class Curvature:
                 if jac is None:
                     jac = torch.stack([one(self.theta, take_rows(rows, i)) for i in range(len(probs))])
                 c = probs.shape[1]
-                factor = probs.sqrt().unsqueeze(2) * (torch.eye(c, dtype=probs.dtype, device=probs.device)
-                                                      - probs.unsqueeze(1))  # diag(√p)(I − 1pᵀ)
+                if closed_form(self.task, logits):
+                    factor = probs.sqrt().unsqueeze(2) * (torch.eye(c, dtype=probs.dtype, device=probs.device)
+                                                          - probs.unsqueeze(1))  # diag(√p)(I − 1pᵀ)
+                else:  # a root of the task's own loss's Hessian in the outputs
+                    batch = Batch(rows, labels[start : start + chunk])
+                    factor = curvature_roots(loss_curvature(self.task, logits, batch)).to(probs)
                 block = (factor @ jac).reshape(-1, jac.shape[-1]) / self.n ** 0.5
                 if out is None:
                     out = torch.empty(self.n * c, block.shape[1], dtype=block.dtype, device=block.device)

@@ -28,6 +28,7 @@ from torch import nn
 
 from tda_explorer._validation import TDAError, check_choice, check_finite_rows
 from tda_explorer.compute.engine.losses import IGNORE, Batch, check_logits, cross_entropy, takes_batch
+from tda_explorer.compute.engine.output_curvature import loss_curvature, softmax_curvature
 from tda_explorer.compute.engine.task import (
     AttributionTask,
     Output,
@@ -314,8 +315,9 @@ def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torc
         per_class = [[_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)]]
     else:
         per_class = []
+        curvature = None if loss.curvature is None else loss.curvature(logits, batch)
         for v in output_curvature_roots(logits.detach(), labels, getattr(loss, "most_rows", None),
-                                        getattr(loss, "generator", None)):
+                                        getattr(loss, "generator", None), curvature):
             g = torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
             g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
             per_class.append([_output_grads(m, gi.detach()) for (_, m), gi in zip(layers, g)])
@@ -329,20 +331,24 @@ def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torc
 
 
 def output_curvature_roots(logits: torch.Tensor, labels: torch.Tensor | None, most: int | None = None,
-                           generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                           generator: torch.Generator | None = None,
+                           curvature: torch.Tensor | None = None) -> list[torch.Tensor]:
     """For logits ``[B, C]``: C − 1 cotangents ``[B, C]`` (``max(C − 1, 1)``) whose Σ_k v_k v_kᵀ is, example by example,
     the cross-entropy's expected curvature at the logits diag(p) − ppᵀ (p = softmax(logits)): its eigenvectors scaled
     by √eigenvalue, the null one (the smallest, along the constant vector) left out; rows whose label is ``IGNORE``
-    are zero. With ``most`` (≥ 2) and more roots than that, ``most`` cotangents instead: the ``most − 1`` largest
-    exactly and the rest sketched into one, Σ_j ε_j v_j with random signs ε_j (from ``generator``), whose expected
-    outer product is theirs (E[ε_i ε_j] = δ_ij): the same curvature in expectation, in fewer rows."""
-    probs = logits.double().softmax(-1)
-    curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    are zero. With ``curvature`` ``[B, C, C]``, another loss's Hessian in the outputs (``output_curvature``), its C
+    roots instead (no null direction known). With ``most`` (≥ 2) and more roots than that, ``most`` cotangents
+    instead: the ``most − 1`` largest exactly and the rest sketched into one, Σ_j ε_j v_j with random signs ε_j (from
+    ``generator``), whose expected outer product is theirs (E[ε_i ε_j] = δ_ij): the same curvature in expectation, in
+    fewer rows."""
+    classes = logits.shape[1]
+    keep = list(range(1, classes)) if curvature is None and classes > 1 else list(range(classes))
+    if curvature is None:
+        curvature = softmax_curvature(logits)
     values, vectors = torch.linalg.eigh(curvature)
     roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
     if labels is not None:
         roots = roots * (labels != IGNORE).to(roots.dtype)[:, None, None]
-    keep = list(range(1, probs.shape[1])) if probs.shape[1] > 1 else [0]
     if most is not None and most < 2:
         raise ValueError(f"most must be at least 2 (the largest root and the sketch of the rest), got {most}")
     if most is not None and len(keep) > most:  # ascending eigenvalues: the tail first
@@ -437,19 +443,25 @@ def _rotated_layer_gradients(f: LayerFactors, a: torch.Tensor, s: torch.Tensor) 
 
 def _sampler(task: AttributionTask, fisher: str, seed: int) -> tuple[LossFn, torch.Generator]:
     """The loss whose output gradients make the Fisher of kind ``fisher`` (``FISHERS``); for ``"expected"`` a
-    marked callable giving ``(logits, labels)``, expanded over the classes by ``layer_activity``, with ``sampled``
-    (the ``"true"`` loss) for outputs it does not expand."""
+    marked callable giving ``(logits, labels)``, expanded over the classes by ``layer_activity`` (with ``curvature``:
+    the task's own loss's Hessian in the outputs where it is not the cross-entropy), with ``sampled`` (the ``"true"``
+    loss; the training loss itself where that is not the cross-entropy) for outputs it does not expand. The
+    ``"empirical"`` loss is the task's training loss; ``"true"``, labels drawn from the softmax, is the
+    cross-entropy's and refused under another loss."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    if fisher == "true" and not task.cross_entropy_loss:
+        raise TDAError("fisher='true' draws labels from the model's softmax: the cross-entropy's Fisher, not your "
+                       "loss's; use fisher='expected' (your loss's curvature in the outputs) or 'empirical'")
 
     @takes_batch
     def loss(out: Any, batch: Batch) -> torch.Tensor:
-        logits, y = task.logits(out), batch.labels
-        if fisher != "empirical":  # labels drawn from the model; a sequence's ignored positions stay ignored
-            check_logits(logits, y)
-            probs = logits.detach().flatten(0, -2).softmax(-1).cpu().double()
-            drawn = torch.multinomial(probs, 1, generator=gen).view_as(y).to(logits.device)
-            y = torch.where(y == IGNORE, y, drawn)
-        return cross_entropy(logits, y)
+        if fisher == "empirical" or not task.cross_entropy_loss:  # the training loss at the given labels
+            return task.train_loss(out, batch)
+        logits, y = task.logits(out), batch.labels  # labels drawn from the model; ignored positions stay ignored
+        check_logits(logits, y)
+        probs = logits.detach().flatten(0, -2).softmax(-1).cpu().double()
+        drawn = torch.multinomial(probs, 1, generator=gen).view_as(y).to(logits.device)
+        return cross_entropy(logits, torch.where(y == IGNORE, y, drawn))
 
     if fisher == "expected":
         def expected(out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,6 +471,8 @@ def _sampler(task: AttributionTask, fisher: str, seed: int) -> tuple[LossFn, tor
 
         expected.expected_fisher = True
         expected.sampled = loss
+        expected.curvature = None if task.cross_entropy_loss else (
+            lambda logits, batch: loss_curvature(task, logits, batch))
         return expected, gen
     return loss, gen
 
@@ -594,15 +608,17 @@ def corrected_eigenvalues(task: AttributionTask, train: AttributionDataset, fact
             rotated.rows if rotated is not None else None)
 
 
-def fisher_rows_per_example(data: AttributionDataset, fisher: str, most: int | None = None) -> int:
+def fisher_rows_per_example(data: AttributionDataset, fisher: str, most: int | None = None,
+                            cross_entropy_loss: bool = True) -> int:
     """How many Fisher rows ``fisher_and_gradient_rows`` makes per example: C − 1 for the expected Fisher of C class
-    labels (up to ``EXPECTED_MAX_CLASSES``: above it, or for sequences, one sampled label; at most ``most``, the rest
-    sketched: ``output_curvature_roots``), else one."""
+    labels under the cross-entropy, C under another loss (``output_curvature_roots``; up to ``EXPECTED_MAX_CLASSES``:
+    above it, or for sequences, one sampled label; at most ``most``, the rest sketched), else one."""
     labels = data.labels
     if fisher != "expected" or labels is None or labels.dim() != 1:
         return 1
     classes = max(data.n_classes, int(labels.max()) + 1 if len(labels) else 1)
-    rows = max(classes - 1, 1) if classes <= EXPECTED_MAX_CLASSES else 1
+    roots = classes - 1 if cross_entropy_loss else classes
+    rows = max(roots, 1) if classes <= EXPECTED_MAX_CLASSES else 1
     return rows if most is None else min(rows, most)
 
 

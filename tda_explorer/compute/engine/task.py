@@ -136,7 +136,9 @@ class AttributionTask:
         Which parameters are tracked: all trainable (None), those of the last module with
         parameters, or those whose name starts with one of the given prefixes.
     loss_fn : callable (logits, targets) -> per-example loss
-        Training loss per example (cross-entropy by default).
+        Training loss per example (cross-entropy by default). The Gauss-Newton curvature and the Kronecker methods'
+        expected Fisher take its own curvature in the outputs (``output_curvature``); the Kronecker methods'
+        ``fisher="true"`` (labels drawn from the softmax) is the cross-entropy's, refused under another loss.
     weight_decay : float
         L2 coefficient of the training objective (enters curvature-based methods).
     access : {"full", "architecture", "query", "final-model"}
@@ -212,6 +214,12 @@ class AttributionTask:
                 f"{available}"
             )
         return names
+
+    @property
+    def cross_entropy_loss(self) -> bool:
+        """Whether the training loss is the default cross-entropy (whose curvature in the logits is known in closed
+        form: ``output_curvature``)."""
+        return self.batch_loss_fn is None and self.loss_fn is cross_entropy
 
     # -- the model as it is ------------------------------------------------------------------
     def logits(self, outputs: Any) -> torch.Tensor:

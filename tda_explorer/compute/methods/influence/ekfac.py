@@ -279,7 +279,8 @@ class EKFACInfluence(Attributor):
 
     def _match(self) -> DampingMatch:
         train, a = self.train_, self.args
-        rows = fisher_rows_per_example(train, a.fisher, matched_damping.MATCH_FISHER_ROWS)
+        rows = fisher_rows_per_example(train, a.fisher, matched_damping.MATCH_FISHER_ROWS,
+                                       self.task.cross_entropy_loss)
         numbers = row_numbers(self.task, self.factors_, train, self.device)
         fisher, scored = sample_sizes(len(train), rows, numbers, torch.finfo(self._dtype()).bits // 8)
         if scored < min(MATCH_MIN_EXAMPLES, len(train)):
