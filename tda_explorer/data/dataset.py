@@ -18,6 +18,15 @@ from tda_explorer.data.renderers import Renderer, RowRenderer
 IGNORE = -100  # a sequence target left out of the loss (PyTorch's ignore_index)
 
 
+def _input_tensor(array: np.ndarray) -> torch.Tensor:
+    """Inputs given as an array: integers (token ids) as int64, booleans as they are, other numbers as float32."""
+    if np.issubdtype(array.dtype, np.integer):
+        return torch.as_tensor(array.astype(np.int64))
+    if array.dtype == np.bool_:
+        return torch.as_tensor(array)
+    return torch.as_tensor(array, dtype=torch.float32)
+
+
 @dataclass
 class AttributionDataset:
     """Inputs and labels of one split, each example with a stable id.
@@ -29,7 +38,8 @@ class AttributionDataset:
     Parameters
     ----------
     inputs : Tensor of shape [n, ...]
-        Model inputs, one row per example.
+        Model inputs, one row per example. An array, DataFrame or list is converted: integer values (token ids)
+        to int64, booleans kept, other numbers to float32 (give a tensor to keep another floating dtype).
     labels : Tensor of shape [n]
         Integer class labels as given (possibly noisy).
     ids : sequence, optional
@@ -59,7 +69,7 @@ class AttributionDataset:
                            "AttributionDataset built directly takes one tensor or array of inputs")
         if not isinstance(self.inputs, torch.Tensor):
             try:
-                self.inputs = torch.as_tensor(np.asarray(self.inputs), dtype=torch.float32)
+                self.inputs = _input_tensor(np.asarray(self.inputs))
             except (TypeError, ValueError, RuntimeError):
                 raise TDAError(f"inputs must be one tensor or array of numbers [n, ...], got "
                                f"{type(self.inputs).__name__} that does not convert to one") from None
@@ -84,7 +94,11 @@ class AttributionDataset:
         if n == 0:
             raise TDAError(f"dataset {self.name!r} is empty: {what} has 0 examples")
         if self.labels.is_floating_point():
-            raise TDAError("labels must be integer class indices, got a floating-point tensor")
+            whole = torch.isfinite(self.labels).all() and bool((self.labels == self.labels.round()).all())
+            if not whole:  # whole numbers in a float column (read from a CSV) are class indices as they are
+                raise TDAError("labels must be integer class indices, got floating-point values that are not whole "
+                               "numbers: regression and multi-label targets are not supported (the methods here "
+                               "attribute classifiers: class labels [n], or sequence targets [n, T])")
         self.labels = self.labels.long()
         if ((self.labels < 0) & (self.labels != IGNORE if self.is_sequence else True)).any():
             raise TDAError("labels must be non-negative class indices"

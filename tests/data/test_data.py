@@ -24,11 +24,6 @@ def test_duplicate_and_missing_ids():
         data.positions(["zz"], "test_id")
 
 
-def test_float_labels_refused():
-    with pytest.raises(TDAError, match="integer class indices"):
-        AttributionDataset(torch.zeros(2, 2), torch.tensor([0.0, 1.0]))
-
-
 def test_flip_labels_flips_exact_fraction_to_other_classes():
     labels = torch.arange(200) % 10
     noisy, flipped = flip_labels(labels, 0.1, 10, seed=3)
@@ -57,3 +52,28 @@ def test_inputs_that_are_not_one_array_are_refused_naming_inputs():
         AttributionDataset({"input_ids": torch.zeros(3, 4), "attention_mask": torch.ones(3, 4)}, torch.zeros(3))
     with pytest.raises(TDAError, match="inputs must be one tensor or array of numbers"):
         AttributionDataset([[1.0, 2.0], [3.0]], torch.zeros(2))
+
+
+def test_arrays_keep_token_ids_as_integers_and_numbers_as_float32():
+    """numpy token ids reach an embedding as int64 (they were cast to float32, which an embedding refuses); a
+    DataFrame of float64 features becomes float32."""
+    import numpy as np
+    import pandas as pd
+    from torch import nn
+
+    from tda_explorer import AttributionTask, get_method
+
+    ids = np.random.default_rng(0).integers(0, 20, size=(12, 5)).astype(np.int32)
+    tokens = AttributionDataset(ids, np.arange(12) % 2)
+    assert tokens.inputs.dtype == torch.int64 and torch.equal(tokens.inputs, torch.as_tensor(ids).long())
+    model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(20, 2))
+    assert get_method("grad-dot", AttributionTask(model)).fit(tokens).attribute(tokens).scores.shape == (12, 12)
+    frame = pd.DataFrame({"a": [0.5, 1.5, 2.5], "b": [1.0, 2.0, 3.0]})
+    assert AttributionDataset(frame, [0, 1, 0]).inputs.dtype == torch.float32
+    assert AttributionDataset(np.array([[True], [False]]), [0, 1]).inputs.dtype == torch.bool
+
+
+def test_whole_float_labels_are_class_indices_and_fractional_ones_are_refused():
+    assert AttributionDataset(torch.zeros(3, 2), [0.0, 2.0, 1.0]).labels.tolist() == [0, 2, 1]
+    with pytest.raises(TDAError, match="not whole numbers: regression and multi-label targets are not supported"):
+        AttributionDataset(torch.zeros(3, 2), torch.tensor([0.5, 1.2, 3.3]))

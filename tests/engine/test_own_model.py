@@ -348,6 +348,9 @@ def test_outputs_whose_shape_does_not_match_the_labels_are_refused(splits):
     tokens = AsFloat(nn.Sequential(nn.Linear(2 * LENGTH, 6), nn.Unflatten(1, (2, 3))))  # [n, 2, 3] for [n]
     with pytest.raises(TDAError, match=r"output: the model's outputs \(1, 2, 3\) do not match the labels \(1,\)"):
         get_method("trak", AttributionTask(tokens), projection_dim=4).fit(dense.subset(range(5)))
+    multi_hot = AttributionDataset(torch.randn(4, 3), torch.tensor([[0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 1, 0]]))
+    with pytest.raises(TDAError, match=r"labels \(1, 3\) are read as sequence targets.*multi-label targets"):
+        get_method("grad-dot", AttributionTask(nn.Linear(3, 3))).fit(multi_hot)
 
 
 def test_a_dataset_whose_length_changes_between_reads_is_refused():

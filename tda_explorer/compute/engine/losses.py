@@ -34,6 +34,11 @@ def check_logits(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     if not isinstance(outputs, torch.Tensor):
         raise TDAError(f"output: the loss needs a logits tensor but got {type(outputs).__name__}; choose the logits "
                        "with AttributionTask(output='logits' or a function of the model's outputs)")
+    if outputs.shape == targets.shape and targets.dim() == 2:
+        raise TDAError(f"output: the labels {tuple(targets.shape)} are read as sequence targets (a class per "
+                       f"position), which need logits [n, T, vocabulary], but the model's outputs are "
+                       f"{tuple(outputs.shape)}: multi-label targets (a 0 / 1 per class) are not supported; give one "
+                       "class label per example")
     if outputs.dim() != targets.dim() + 1 or outputs.shape[:-1] != targets.shape:
         raise TDAError(f"output: the model's outputs {tuple(outputs.shape)} do not match the labels "
                        f"{tuple(targets.shape)}: class labels [n] need logits [n, n_classes] and sequence targets "
