@@ -78,3 +78,38 @@ def test_recurrent_layers_fall_back_from_vmap_and_match_a_loop(cell):
     for name in ("if-explicit", "if-cg"):
         scores = get_method(name, task, damping=0.1).fit(train).attribute(test).scores
         torch.testing.assert_close(scores.double(), expected, rtol=1e-3, atol=1e-6)
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(torch.tanh(self.inp(x)))))))
+
+
+def test_tied_weights_run_as_one_parameter_and_kronecker_methods_leave_them_out():
+    from tda_explorer.compute.engine.task import call_model
+    from tda_explorer.errors import TDAError
+
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    train, test = AttributionDataset(x[:16], y[:16]), AttributionDataset(x[16:], y[16:])
+    state = model.state_dict()  # lists the shared weight under both names
+    assert "fc2.weight" in state
+    torch.testing.assert_close(call_model(model, x, state), model(x))
+    task = AttributionTask(model)
+    for name in ("trak", "lora-ensemble"):
+        assert torch.isfinite(get_method(name, task).fit(train).attribute(test).scores).all()
+    with pytest.warns(UserWarning, match=r"fc1 \(Linear, tied with fc2\)"):
+        ekfac = get_method("if-ekfac", task, damping=0.1)
+    assert set(ekfac.task.parameters) == {"inp", "head"}
+    with pytest.raises(TDAError, match="layer 'fc1' shares a parameter with 'fc2' .tied weights."):
+        get_method("if-ekfac", AttributionTask(model, parameters=["fc1", "head"]), damping=0.1)
+    with pytest.raises(TDAError, match="magic .* ties weights across layers \\(fc1, fc2\\)"):
+        get_method("magic", task, recording=object())

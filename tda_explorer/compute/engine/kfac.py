@@ -36,6 +36,7 @@ from tda_explorer.compute.engine.task import (
     call_model,
     eval_mode,
     pick_output,
+    tied_layers,
 )
 from tda_explorer.data.batching import describe, n_rows, take_rows, to_device
 from tda_explorer.data.dataset import AttributionDataset
@@ -96,6 +97,7 @@ def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
     by name, saying what needs them (``purpose``) and what to use instead (``alternatives``)."""
     tracked = set(task.tracked_names())
     layers, unsupported = [], []
+    shared = tied_layers(task.model)
     for name, module in task.model.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
         if not any(p in tracked for p in own):
@@ -103,6 +105,10 @@ def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
         if not isinstance(module, SUPPORTED):
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
+        if name in shared:
+            raise TDAError(f"layer {name!r} shares a parameter with {', '.join(map(repr, shared[name]))} (tied "
+                           f"weights): {purpose} factors one layer's own weight; leave the tied layers out "
+                           "(parameters=...) or use " + alternatives)
         prefix = f"{name}." if name else ""
         if prefix + "weight" not in tracked or (module.bias is not None and prefix + "bias" not in tracked):
             raise TDAError(f"layer {name!r}: track both its weight and bias (or neither) for {purpose}")
@@ -123,10 +129,15 @@ def tracked_layers(task: AttributionTask, purpose: str = "K-FAC/EK-FAC",
 def default_layers(task: AttributionTask) -> tuple[list[str], list[str]]:
     """For a task that tracks every parameter (``parameters=None``): the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
     modules a Kronecker method can factor (``parameters=`` names), and the other modules with trainable parameters it
-    skips (each as ``"name (Type)"``; a convolution it cannot factor, e.g. grouped, is skipped too)."""
+    skips (each as ``"name (Type)"``; a convolution it cannot factor, e.g. grouped, and layers whose weights are tied
+    to another's are skipped too)."""
     keep, skipped = [], []
+    shared = tied_layers(task.model)
     for name, module in task.model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if name in shared:
+            skipped.append(f"{name or '<root>'} ({type(module).__name__}, tied with {', '.join(shared[name])})")
             continue
         if isinstance(module, SUPPORTED):
             try:

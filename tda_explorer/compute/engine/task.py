@@ -33,10 +33,33 @@ def call_model(model: nn.Module, inputs: Any, state: Mapping[str, torch.Tensor] 
     if isinstance(inputs, Mapping):
         if state is None:
             return model(**inputs)
-        return functional_call(model, dict(state), (), dict(inputs))
+        return functional_call(model, _untied(model, state), (), dict(inputs))
     if state is None:
         return model(inputs)
-    return functional_call(model, dict(state), (inputs,))
+    return functional_call(model, _untied(model, state), (inputs,))
+
+
+def _untied(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second names of tied tensors (a ``state_dict()`` lists a weight shared by two modules
+    under both names, which ``functional_call`` refuses: it ties them itself) where their first name is given."""
+    first = {id(t): n for n, t in model.named_parameters()} | {id(t): n for n, t in model.named_buffers()}
+    every = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    aliases = [n for n, t in every if first.get(id(t), n) != n and first[id(t)] in state]
+    return {k: v for k, v in state.items() if k not in aliases} if aliases else dict(state)
+
+
+def tied_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Modules that own a parameter another module owns too (tied weights), each with the others sharing it: a
+    Kronecker factor belongs to one layer's use of its weight, and a tied weight's gradient sums several uses."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name)
+    shared: dict[str, list[str]] = {}
+    for names in owners.values():
+        for name in names if len(names) > 1 else ():
+            shared.setdefault(name, []).extend(n for n in names if n != name)
+    return shared
 
 
 def eval_mode(model: nn.Module) -> Callable[[], None]:

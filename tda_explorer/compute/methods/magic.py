@@ -40,7 +40,7 @@ from tda_explorer._validation import TDAError
 from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, option, register
 from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
-from tda_explorer.compute.engine.task import pick_output
+from tda_explorer.compute.engine.task import pick_output, tied_layers
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.synset import Trajectory, in_memory
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
@@ -103,6 +103,10 @@ class ReplayMetagradient(Attributor):
             raise TDAError("magic needs the run to differentiate: trajectory=Trajectory(init_state, config, ...) of "
                            "a built-in recipe (Experiment.trajectory() gives one) or recording=RunRecorder(...) of "
                            "your own loop — one of the two")
+        tied = tied_layers(task.model)
+        if tied:
+            raise TDAError(f"magic differentiates each parameter's own updates; this model ties weights across "
+                           f"layers ({', '.join(sorted(tied))}), which it does not follow: use trak, tracin or if-cg")
         if trajectory is not None and not isinstance(trajectory, Trajectory):
             raise TDAError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
         if trajectory is not None and trajectory.config.optimizer != "sgd":
