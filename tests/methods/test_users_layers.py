@@ -113,3 +113,27 @@ def test_tied_weights_run_as_one_parameter_and_kronecker_methods_leave_them_out(
         get_method("if-ekfac", AttributionTask(model, parameters=["fc1", "head"]), damping=0.1)
     with pytest.raises(TDAError, match="magic .* ties weights across layers \\(fc1, fc2\\)"):
         get_method("magic", task, recording=object())
+
+
+def test_a_tuple_of_several_tensors_says_which_is_read_as_the_logits():
+    from tda_explorer.compute.engine.task import OutputChoiceWarning
+
+    class FeaturesFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            features = torch.tanh(self.body(x))
+            return features, self.head(features)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    train = AttributionDataset(x, y)
+    with pytest.warns(OutputChoiceWarning, match=r"\[0\]: \(6,\), \[1\]: \(3,\); its first element is read"):
+        get_method("grad-dot", AttributionTask(FeaturesFirst())).fit(train).attribute(train)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutputChoiceWarning)
+        get_method("grad-dot", AttributionTask(FeaturesFirst(), output=1)).fit(train).attribute(train)

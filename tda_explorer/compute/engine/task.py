@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,21 @@ def _keys(outputs: Any) -> str:
     return type(outputs).__name__
 
 
+class OutputChoiceWarning(UserWarning):
+    """The logits were taken from a model's outputs by a default that may not be the user's (a tuple's first
+    element among several tensors): ``AttributionTask(output=...)`` chooses them and silences it."""
+
+
+def _warn_if_ambiguous(outputs: tuple | list) -> None:
+    tensors = [i for i, t in enumerate(outputs)
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2]
+    if len(tensors) > 1:
+        shapes = ", ".join(f"[{i}]: {tuple(outputs[i].shape[1:])}" for i in tensors)
+        warnings.warn(f"the model returns a tuple of {len(outputs)} whose tensors per example are {shapes}; its first "
+                      "element is read as the logits: choose with AttributionTask(output=index) if they are not",
+                      OutputChoiceWarning, stacklevel=3)
+
+
 def pick_output(outputs: Any, output: Output = None) -> torch.Tensor:
     """The logits in a model's ``outputs``.
 
@@ -101,6 +117,7 @@ def pick_output(outputs: Any, output: Output = None) -> torch.Tensor:
             picked = outputs.logits
         elif isinstance(outputs, (tuple, list)) and outputs:
             picked = outputs[0]
+            _warn_if_ambiguous(outputs)
         else:
             raise TDAError(f"output: the model returned {_keys(outputs)} and none is the logits; choose them with "
                            "AttributionTask(output='key' or a function of the model's outputs)")
