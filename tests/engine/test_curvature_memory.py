@@ -4,6 +4,7 @@ products split over directions and rows equal the products made in one call."""
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from tda_explorer import AttributionDataset, AttributionTask
 from tda_explorer.compute.engine.curvature import Curvature
@@ -60,6 +61,12 @@ def test_products_through_the_ggn_factor_equal_the_vectorised_ones_on_minibatche
     for a, b in ((factored.on_rows(rows), plain.on_rows(rows)),
                  (factored.on_rows(rows).on_rows(inner), plain.on_rows(rows).on_rows(inner))):
         torch.testing.assert_close(a.matvec(vectors), b.matvec(vectors), rtol=1e-10, atol=1e-12)
+    lazy = Curvature(task, AttributionDataset.from_torch(TensorDataset(train.inputs, train.labels), batch_size=5),
+                     "ggn")  # a torch Dataset read in batches takes the factor too, its views the same rows
+    torch.testing.assert_close(lazy.matvec(vectors), plain.matvec(vectors), rtol=1e-10, atol=1e-12)
+    assert lazy._shared["a"] is not None
+    torch.testing.assert_close(lazy.on_rows(rows).on_rows(inner).matvec(vectors),
+                               plain.on_rows(rows).on_rows(inner).matvec(vectors), rtol=1e-10, atol=1e-12)
     assert Curvature(task, train, "hessian").factor() is None  # the Hessian has no such factor
     # a linear model's forward is 2p flops: with 10 classes A's 40p multiply-adds exceed FACTOR_EFFICIENCY × 2p, so the
     # vectorised products are used; with 3, A's 12p are below it

@@ -137,10 +137,10 @@ class Curvature:
             x, y = self.held[0]
             on = rows.to(y.device)
             view.held = [(take_rows(x, on), y[on])]
-            view._factor_rows = rows if self._factor_rows is None else self._factor_rows[rows]
-            view._view_factor = None
         else:
             view.rows = rows if self.rows is None else self.rows[rows]
+        view._factor_rows = rows if self._factor_rows is None else self._factor_rows[rows]
+        view._view_factor = None
         view.n = len(rows)
         return view
 
@@ -254,7 +254,7 @@ class Curvature:
         once over the whole training set and shared with minibatch views, whose rows are gathered once per view), when
         products through it, (VAᵀ)A, are cheaper than the vectorised ones (``_decide_factor``). None: use the
         vectorised terms. Example i's rows are i·C … i·C + C − 1 (C classes)."""
-        if self.kind != "ggn" or self.held is None:
+        if self.kind != "ggn":
             return None
         if "a" not in self._shared:
             self._shared["a"] = self._root._decide_factor()
@@ -269,9 +269,10 @@ class Curvature:
         return self._view_factor
 
     def _decide_factor(self) -> torch.Tensor | None:
-        """A, when products through it are the cheaper: for the GGN of data in memory with one prediction per example,
-        A within ``FACTOR_MEMORY``, and its 4·C·p multiply-adds per example and direction below ``FACTOR_EFFICIENCY`` ×
-        the model's forward flops for one example (``FlopCounterMode``)."""
+        """A, when products through it are the cheaper: for the GGN of data with one prediction per example (held in
+        memory, or streamed once from a torch Dataset), A within ``FACTOR_MEMORY``, and its 4·C·p multiply-adds per
+        example and direction below ``FACTOR_EFFICIENCY`` × the model's forward flops for one example
+        (``FlopCounterMode``)."""
         outputs = self.outputs()
         if outputs is None or self.n * outputs * self.dim * self.theta.element_size() > FACTOR_MEMORY:
             return None
