@@ -137,3 +137,23 @@ def test_a_tuple_of_several_tensors_says_which_is_read_as_the_logits():
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutputChoiceWarning)
         get_method("grad-dot", AttributionTask(FeaturesFirst(), output=1)).fit(train).attribute(train)
+
+
+def test_the_training_engine_refuses_torch_batchnorm_naming_what_to_do():
+    """Suspicion's documented recipe (model_factory + train_config) on a BatchNorm MLP: a TDAError naming the module
+    and the ways around it (it was a raw torch.func error about an in-place update)."""
+    from tda_explorer.compute.training.train import TrainConfig
+    from tda_explorer.errors import TDAError
+
+    def factory(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    from tda_explorer.compute.training.train import Checkpoint
+
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    model = factory(0).eval()
+    task = AttributionTask(model, checkpoints=[Checkpoint(model.state_dict(), 0.1, 1)])  # its self-influence's
+    with pytest.raises(TDAError, match=r"running statistics of 1 \(BatchNorm1d\).*oof_probabilities="):
+        get_method("suspicion", task, model_factory=factory, train_config=TrainConfig(epochs=1)).fit(
+            AttributionDataset(x, y))

@@ -122,6 +122,18 @@ def _objective(base: nn.Module, weight_decay: float) -> Callable:
     return loss
 
 
+def check_lock_step(model: nn.Module) -> None:
+    """Refuse a model the lock-step engine cannot train: one with running statistics (torch's BatchNorm), which the
+    engine's functional steps neither keep nor may update in place."""
+    tracking = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    if tracking:
+        raise TDAError(f"model_factory: the built-in training engine trains models in lock-step as pure functions of "
+                       f"their parameters, and cannot keep the running statistics of {', '.join(tracking[:3])}; "
+                       "train those models yourself: suspicion takes oof_probabilities= (your own cross-validation), "
+                       "a Session retrain= (your own training function)")
+
+
 def has_active_dropout(model: nn.Module) -> bool:
     """Whether ``model`` in its current mode draws Dropout masks (training mode and a Dropout with p > 0)."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
@@ -198,6 +210,7 @@ class EnsembleTrainer:
         self.config, self.dev = config, as_device(device)
         seeds = seeds if seeds is not None else [config.seed] * len(subsets)
         models = [model_factory(s).to(self.dev) for s in seeds]
+        check_lock_step(models[0])
         params, _ = stack_module_state(models)
         self.params = {k: v.detach().clone() for k, v in params.items()}
         base = copy.deepcopy(models[0]).to("meta")
@@ -283,6 +296,7 @@ def train_weighted(
         raise TDAError(f"a step callback records one training run; got {len(weights)} models")
     dev = as_device(device)
     models = [model_factory(s).to(dev) for s in seeds]
+    check_lock_step(models[0])
     stacked, _ = stack_module_state(models)
     params = {k: v.detach().clone() for k, v in stacked.items()}
     base = copy.deepcopy(models[0]).to("meta")
