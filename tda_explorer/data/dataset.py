@@ -263,6 +263,23 @@ def _first_values(value: Any, limit: int = 8) -> str:
     return ", ".join(shown) + (", …" if len(flat) > limit else "")
 
 
+def in_memory(data: AttributionDataset, method: str) -> AttributionDataset:
+    """``data`` with its inputs in one tensor: as it is, or a lazy dataset read once through ``batches``."""
+    if data.in_memory:
+        return data
+    cached = getattr(data, "_in_memory_copy", None)
+    if cached is not None and cached[0] == data.fingerprint():
+        return cached[1]
+    parts = [inputs for _, inputs, _ in data.batches()]
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise TDAError(f"{method} needs the inputs as one tensor, and dataset {data.name!r} gives dicts (a "
+                       "tokenizer's); use tracin or if-ekfac on it")
+    out = AttributionDataset(torch.cat(parts), data.labels, list(data.ids), data.class_names, data.renderer,
+                             data.name)
+    data._in_memory_copy = (data.fingerprint(), out)
+    return out
+
+
 @dataclass
 class DataSplit:
     """A train / test split; ``flipped`` marks training labels changed by injected noise."""

@@ -195,6 +195,10 @@ def test_a_lazy_training_set_records_and_serves_like_the_tensors():
     torch.testing.assert_close(
         get_method("dvemb", task, recording=from_torch, projection_dim=16).fit(lazy).attribute(test).scores,
         get_method("dvemb", task, recording=in_memory, projection_dim=16).fit(memory).attribute(test).scores)
+    lazy_test = AttributionDataset.from_torch(TensorDataset(test.inputs, test.labels), name="test")
+    torch.testing.assert_close(  # magic's queries streamed too (it had read the lazy data's inputs and refused)
+        get_method("magic", task, recording=from_torch).fit(lazy).attribute(lazy_test).scores,
+        get_method("magic", task, recording=in_memory).fit(memory).attribute(test).scores)
 
 
 def test_a_lazy_recording_with_dropout_replays_bit_for_bit():

@@ -157,3 +157,26 @@ def test_the_training_engine_refuses_torch_batchnorm_naming_what_to_do():
     with pytest.raises(TDAError, match=r"running statistics of 1 \(BatchNorm1d\).*oof_probabilities="):
         get_method("suspicion", task, model_factory=factory, train_config=TrainConfig(epochs=1)).fit(
             AttributionDataset(x, y))
+
+
+def test_methods_that_need_one_input_tensor_read_a_lazy_dataset_once():
+    """lora-ensemble, dda and suspicion on a torch Dataset of tensors (from_torch): the scores of the same data held
+    in memory (they had refused it, though the session listed them as runnable)."""
+    from tda_explorer.compute.training.train import Checkpoint, TrainConfig
+
+    def factory(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = factory(0).eval()
+    task = AttributionTask(model, checkpoints=[Checkpoint(model.state_dict(), 0.1, 1)])
+    memory, test = AttributionDataset(x, y), AttributionDataset(x[:5], y[:5])
+    lazy = AttributionDataset.from_torch(torch.utils.data.TensorDataset(x, y))
+    for name, options in (("lora-ensemble", {}), ("dda", {"base_model": factory(1)})):
+        scores = [get_method(name, task, **options).fit(data).attribute(test).scores for data in (memory, lazy)]
+        torch.testing.assert_close(scores[1], scores[0])
+    options = {"model_factory": factory, "train_config": TrainConfig(epochs=2)}
+    ranks = [get_method("suspicion", task, **options).fit(data).self_influence() for data in (memory, lazy)]
+    torch.testing.assert_close(ranks[1], ranks[0])

@@ -38,7 +38,7 @@ from tda_explorer.compute.catalogue import (
 )
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import Checkpoint
-from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset, in_memory
 
 
 def check_same_parameters(base: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor], argument: str) -> None:
@@ -124,7 +124,7 @@ class DebiasDenoise(Attributor):
         was = model.training
         model.eval()
         with torch.no_grad():
-            out = model(data.inputs.to(self.device))
+            out = model(in_memory(data, self.name).inputs.to(self.device))
             loss = self.base_.task.train_loss(out, data.labels.to(self.device))
         model.train(was)
         return torch.exp(-loss).float().cpu()

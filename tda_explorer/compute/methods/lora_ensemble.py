@@ -17,7 +17,7 @@ from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, creat
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.methods.plan import fitted_bytes
 from tda_explorer.compute.training.lora import adapter_names, add_lora, train_adapters
-from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset, in_memory
 
 
 @dataclass
@@ -54,7 +54,8 @@ class LoRAEnsemble(Attributor):
         for seed in range(self.members):
             started = time.perf_counter()
             model = add_lora(self.task.model, self.rank, seed=seed).to(self.device)
-            train_adapters(model, train.inputs.to(self.device), train.labels.to(self.device), self.epochs, self.lr,
+            train_adapters(model, in_memory(train, self.name).inputs.to(self.device), train.labels.to(self.device),
+                           self.epochs, self.lr,
                            min(self.batch_size, len(train)), seed, self.task.train_loss)
             self.training_seconds_ += time.perf_counter() - started
             task = dataclasses.replace(self.task, model=model, parameters=adapter_names(model), checkpoints=[],

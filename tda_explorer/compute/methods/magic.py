@@ -42,10 +42,10 @@ from tda_explorer.compute.engine.gradients import iter_per_sample_gradients
 from tda_explorer.compute.engine.losses import cross_entropy
 from tda_explorer.compute.engine.task import pick_output, tied_layers
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
-from tda_explorer.compute.methods.synset import Trajectory, in_memory
+from tda_explorer.compute.methods.synset import Trajectory
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import train_weighted
-from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset, in_memory
 from tda_explorer.jobs import check_cancelled
 
 SMOOTHNESS_WARNING = 0.8
@@ -244,9 +244,9 @@ class ReplayMetagradient(Attributor):
         out = []
         for start in range(0, len(data), self.query_chunk):
             part = data.subset(range(start, min(start + self.query_chunk, len(data))))
-            g = torch.cat([g for _, g in iter_per_sample_gradients(
-                self.task.model, names, part.inputs, part.labels, measurement, params=self.final_,
-                device=self.device, ids=part.ids)])
+            g = torch.cat([g for _, g in iter_per_sample_gradients(  # the part's batches: lazy data too
+                self.task.model, names, part, None, measurement, params=self.final_, device=self.device,
+                ids=part.ids)])
             adjoint, offset = {}, 0
             for k in names:
                 size = self.final_[k].numel()

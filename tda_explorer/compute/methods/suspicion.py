@@ -34,7 +34,7 @@ from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Optio
 from tda_explorer.compute.engine.task import predict
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import TrainConfig, out_of_fold_probabilities
-from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset, in_memory
 
 
 @dataclass
@@ -89,7 +89,8 @@ class Suspicion(Attributor):
         probs = self.oof_probabilities
         if probs is None:
             probs = sum(
-                out_of_fold_probabilities(self.model_factory, train.inputs, train.labels, self.train_config,
+                out_of_fold_probabilities(self.model_factory, in_memory(train, self.name).inputs, train.labels,
+                                          self.train_config,
                                           folds=self.folds, seed=self.train_config.seed * 1000 + r, device=self.device)
                 for r in range(self.repeats)
             ) / self.repeats

@@ -279,20 +279,3 @@ def removal_weights(synset: Synset, groups: list[list[int]],
             fractions[g], dtype=torch.float64).expand(len(positions))
         out[g].index_add_(0, synset.cluster_of[list(positions)], -share)
     return out
-
-
-def in_memory(data: AttributionDataset, method: str) -> AttributionDataset:
-    """``data`` with its inputs in one tensor: as it is, or a lazy dataset read once through ``batches``."""
-    if data.in_memory:
-        return data
-    cached = getattr(data, "_in_memory_copy", None)
-    if cached is not None and cached[0] == data.fingerprint():
-        return cached[1]
-    parts = [inputs for _, inputs, _ in data.batches()]
-    if not all(isinstance(p, torch.Tensor) for p in parts):
-        raise TDAError(f"{method} needs the inputs as one tensor, and dataset {data.name!r} gives dicts (a "
-                       "tokenizer's); use tracin or if-ekfac on it")
-    out = AttributionDataset(torch.cat(parts), data.labels, list(data.ids), data.class_names, data.renderer,
-                             data.name)
-    data._in_memory_copy = (data.fingerprint(), out)
-    return out

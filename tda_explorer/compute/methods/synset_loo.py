@@ -40,14 +40,13 @@ from tda_explorer.compute.methods.synset import (
     Synset,
     Trajectory,
     distill,
-    in_memory,
     removal_weights,
     replay,
     replay_module,
 )
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import stacked_outputs
-from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset, in_memory
 
 
 @dataclass

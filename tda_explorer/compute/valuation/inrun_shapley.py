@@ -62,7 +62,7 @@ from tda_explorer.compute.engine.kfac import (
 )
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.training.run_recorder import finished_recording
-from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.dataset import AttributionDataset, in_memory
 
 PER_EXAMPLE_LIMIT = 2**22  # per-example gradients materialised by the single pass up to this many numbers
 HELD_LIMIT = 2**21  # Linear inputs and output gradients the single pass holds before forming their products
@@ -352,8 +352,6 @@ class InRunShapley:
         if any(len(set(rates)) > 1 for rates in recording.learning_rates):
             raise TDAError("In-Run Data Shapley takes one learning rate per step; this run's parameter groups had "
                            "different rates")
-        from tda_explorer.compute.methods.synset import in_memory
-
         # the recorded data in memory (a lazy dataset read once): each step's rows are gathered from it
         shapley = cls(task, in_memory(recording.train, "inrun-shapley"), validation,
                       options.pop("batch_size", recording.batch_size), **options)
