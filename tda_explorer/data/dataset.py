@@ -19,12 +19,13 @@ IGNORE = -100  # a sequence target left out of the loss (PyTorch's ignore_index)
 
 
 def _input_tensor(array: np.ndarray) -> torch.Tensor:
-    """Inputs given as an array: integers (token ids) as int64, booleans as they are, other numbers as float32."""
+    """Inputs given as an array: integers (token ids) as int64, booleans as they are, other numbers as float32 (a
+    copy: a DataFrame's array may be read-only)."""
     if np.issubdtype(array.dtype, np.integer):
-        return torch.as_tensor(array.astype(np.int64))
+        return torch.tensor(array, dtype=torch.int64)
     if array.dtype == np.bool_:
-        return torch.as_tensor(array)
-    return torch.as_tensor(array, dtype=torch.float32)
+        return torch.tensor(array)
+    return torch.tensor(array, dtype=torch.float32)
 
 
 @dataclass
@@ -261,23 +262,6 @@ def _first_values(value: Any, limit: int = 8) -> str:
     flat = value.detach().cpu().flatten()
     shown = [f"{v:.3g}" if flat.is_floating_point() else str(v) for v in flat[:limit].tolist()]
     return ", ".join(shown) + (", …" if len(flat) > limit else "")
-
-
-def in_memory(data: AttributionDataset, method: str) -> AttributionDataset:
-    """``data`` with its inputs in one tensor: as it is, or a lazy dataset read once through ``batches``."""
-    if data.in_memory:
-        return data
-    cached = getattr(data, "_in_memory_copy", None)
-    if cached is not None and cached[0] == data.fingerprint():
-        return cached[1]
-    parts = [inputs for _, inputs, _ in data.batches()]
-    if not all(isinstance(p, torch.Tensor) for p in parts):
-        raise TDAError(f"{method} needs the inputs as one tensor, and dataset {data.name!r} gives dicts (a "
-                       "tokenizer's); use tracin or if-ekfac on it")
-    out = AttributionDataset(torch.cat(parts), data.labels, list(data.ids), data.class_names, data.renderer,
-                             data.name)
-    data._in_memory_copy = (data.fingerprint(), out)
-    return out
 
 
 @dataclass

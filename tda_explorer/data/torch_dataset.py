@@ -295,3 +295,21 @@ class TorchAttributionDataset(AttributionDataset):
     def describe_inputs(self) -> str:
         """One example's input shapes and dtypes (from the first item), for messages."""
         return describe(self._collate_items([0]))
+
+
+def in_memory(data: AttributionDataset, method: str) -> AttributionDataset:
+    """``data`` with its inputs in one tensor, for ``method``: as it is, or a lazy dataset of tensors read once through
+    ``batches`` (kept with it); dict items (a tokenizer's) are a ``TDAError`` naming the methods that stream them."""
+    if data.in_memory:
+        return data
+    if data.input_kind == "dict":
+        raise TDAError(f"{method} needs one input tensor; dataset {data.name!r} gives dicts of tensors (a "
+                       f"tokenizer's). Methods that stream them: {', '.join(STREAMING_METHODS)}, and any "
+                       "projection_kind='logra'")
+    cached = getattr(data, "_in_memory_copy", None)
+    if cached is not None and cached[0] == data.fingerprint():
+        return cached[1]
+    out = AttributionDataset(torch.cat([inputs for _, inputs, _ in data.batches()]), data.labels, list(data.ids),
+                             data.class_names, data.renderer, data.name)
+    data._in_memory_copy = (data.fingerprint(), out)
+    return out

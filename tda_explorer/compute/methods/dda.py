@@ -38,7 +38,8 @@ from tda_explorer.compute.catalogue import (
 )
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import Checkpoint
-from tda_explorer.data.dataset import AttributionDataset, in_memory
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.torch_dataset import in_memory
 
 
 def check_same_parameters(base: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor], argument: str) -> None:

@@ -17,7 +17,8 @@ from tda_explorer.compute.catalogue import POSITIVE, POSITIVE_INT, Family, creat
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.methods.plan import fitted_bytes
 from tda_explorer.compute.training.lora import adapter_names, add_lora, train_adapters
-from tda_explorer.data.dataset import AttributionDataset, in_memory
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.torch_dataset import in_memory
 
 
 @dataclass

@@ -45,7 +45,8 @@ from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.synset import Trajectory
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import train_weighted
-from tda_explorer.data.dataset import AttributionDataset, in_memory
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.torch_dataset import in_memory
 from tda_explorer.jobs import check_cancelled
 
 SMOOTHNESS_WARNING = 0.8

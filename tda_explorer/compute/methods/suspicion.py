@@ -34,7 +34,8 @@ from tda_explorer.compute.catalogue import POSITIVE_INT, Family, Interval, Optio
 from tda_explorer.compute.engine.task import predict
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments, attributor_spec, shared_options
 from tda_explorer.compute.training.train import TrainConfig, out_of_fold_probabilities
-from tda_explorer.data.dataset import AttributionDataset, in_memory
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.torch_dataset import in_memory
 
 
 @dataclass

@@ -46,7 +46,8 @@ from tda_explorer.compute.methods.synset import (
 )
 from tda_explorer.compute.training.run_recorder import RunRecorder, finished_recording
 from tda_explorer.compute.training.train import stacked_outputs
-from tda_explorer.data.dataset import AttributionDataset, in_memory
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.torch_dataset import in_memory
 
 
 @dataclass

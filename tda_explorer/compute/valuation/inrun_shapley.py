@@ -62,7 +62,8 @@ from tda_explorer.compute.engine.kfac import (
 )
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.training.run_recorder import finished_recording
-from tda_explorer.data.dataset import AttributionDataset, in_memory
+from tda_explorer.data.dataset import AttributionDataset
+from tda_explorer.data.torch_dataset import in_memory
 
 PER_EXAMPLE_LIMIT = 2**22  # per-example gradients materialised by the single pass up to this many numbers
 HELD_LIMIT = 2**21  # Linear inputs and output gradients the single pass holds before forming their products
