@@ -322,7 +322,6 @@ def test_entry_and_the_built_in_task_flags_exclude_each_other(tmp_path, capsys, 
     ("tracin", "tracin needs checkpoints of the training run"),
     ("lava", "lava is a data values method; evaluate --entry runs attributors"),
     ("dda", "dda needs the base model before fine-tuning"),
-    ("lora-ensemble", "lora-ensemble needs in-memory tensor inputs"),  # the entry's train is a lazy Dataset
 ])
 def test_a_method_needing_what_the_entry_lacks_is_refused_by_name(entry_dir, capsys, method, message):
     assert main(["evaluate", "--entry", f"{MODULE}:build", "--method", method]) == 2
