@@ -18,16 +18,6 @@ from tda_explorer.data.renderers import Renderer, RowRenderer
 IGNORE = -100  # a sequence target left out of the loss (PyTorch's ignore_index)
 
 
-def _input_tensor(array: np.ndarray) -> torch.Tensor:
-    """Inputs given as an array: integers (token ids) as int64, booleans as they are, other numbers as float32 (a
-    copy: a DataFrame's array may be read-only)."""
-    if np.issubdtype(array.dtype, np.integer):
-        return torch.tensor(array, dtype=torch.int64)
-    if array.dtype == np.bool_:
-        return torch.tensor(array)
-    return torch.tensor(array, dtype=torch.float32)
-
-
 @dataclass
 class AttributionDataset:
     """Inputs and labels of one split, each example with a stable id.
@@ -39,8 +29,8 @@ class AttributionDataset:
     Parameters
     ----------
     inputs : Tensor of shape [n, ...]
-        Model inputs, one row per example. An array, DataFrame or list is converted: integer values (token ids)
-        to int64, booleans kept, other numbers to float32 (give a tensor to keep another floating dtype).
+        Model inputs, one row per example. A tensor is kept as it is; an array, DataFrame or list of numbers becomes
+        float32 (its pixels, counts and flags as features): give token ids, or another dtype, as a tensor.
     labels : Tensor of shape [n]
         Integer class labels as given (possibly noisy).
     ids : sequence, optional
@@ -70,7 +60,7 @@ class AttributionDataset:
                            "AttributionDataset built directly takes one tensor or array of inputs")
         if not isinstance(self.inputs, torch.Tensor):
             try:
-                self.inputs = _input_tensor(np.asarray(self.inputs))
+                self.inputs = torch.tensor(np.asarray(self.inputs), dtype=torch.float32)  # a copy: may be read-only
             except (TypeError, ValueError, RuntimeError):
                 raise TDAError(f"inputs must be one tensor or array of numbers [n, ...], got "
                                f"{type(self.inputs).__name__} that does not convert to one") from None

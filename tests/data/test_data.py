@@ -54,23 +54,24 @@ def test_inputs_that_are_not_one_array_are_refused_naming_inputs():
         AttributionDataset([[1.0, 2.0], [3.0]], torch.zeros(2))
 
 
-def test_arrays_keep_token_ids_as_integers_and_numbers_as_float32():
-    """numpy token ids reach an embedding as int64 (they were cast to float32, which an embedding refuses); a
-    DataFrame of float64 features becomes float32."""
+def test_arrays_become_float32_features_and_tensors_keep_their_dtype():
+    """A DataFrame, a uint8 image array or booleans are features (float32, read-only arrays copied); token ids given as
+    an integer tensor stay integers for an embedding."""
     import numpy as np
     import pandas as pd
     from torch import nn
 
     from tda_explorer import AttributionTask, get_method
 
-    ids = np.random.default_rng(0).integers(0, 20, size=(12, 5)).astype(np.int32)
+    frame = pd.DataFrame({"age": [31, 45, 27], "count": [1, 0, 2]})
+    images = np.random.default_rng(0).integers(0, 255, size=(3, 1, 4, 4)).astype(np.uint8)
+    for given in (frame, images, np.array([[True], [False], [True]])):
+        assert AttributionDataset(given, [0, 1, 0]).inputs.dtype == torch.float32
+    ids = torch.randint(0, 20, (12, 5))
     tokens = AttributionDataset(ids, np.arange(12) % 2)
-    assert tokens.inputs.dtype == torch.int64 and torch.equal(tokens.inputs, torch.as_tensor(ids).long())
+    assert tokens.inputs.dtype == torch.int64
     model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(20, 2))
     assert get_method("grad-dot", AttributionTask(model)).fit(tokens).attribute(tokens).scores.shape == (12, 12)
-    frame = pd.DataFrame({"a": [0.5, 1.5, 2.5], "b": [1.0, 2.0, 3.0]})
-    assert AttributionDataset(frame, [0, 1, 0]).inputs.dtype == torch.float32
-    assert AttributionDataset(np.array([[True], [False]]), [0, 1]).inputs.dtype == torch.bool
 
 
 def test_whole_float_labels_are_class_indices_and_fractional_ones_are_refused():

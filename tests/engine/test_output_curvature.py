@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from tda_explorer import AttributionDataset, AttributionTask, TDAError, get_method
+from tda_explorer import AttributionDataset, AttributionTask, get_method
 from tda_explorer.compute.engine.curvature import Curvature
 from tda_explorer.compute.engine.losses import Batch, cross_entropy
 from tda_explorer.compute.engine.output_curvature import loss_curvature, softmax_curvature
+from tda_explorer.compute.training.train import Checkpoint
 
 WEIGHTS = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
 
@@ -101,9 +102,81 @@ def test_kfac_on_one_example_is_the_exact_gauss_newton_of_the_users_loss():
         torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-9)
 
 
-def test_the_true_fisher_is_the_cross_entropys_and_refused_under_another_loss():
-    train, _ = _data()
-    task = AttributionTask(nn.Linear(4, 3).double(), loss_fn=squared_error)
-    with pytest.raises(TDAError, match="fisher='true'.*use fisher='expected'"):
-        get_method("if-ekfac", task, fisher="true", damping=0.1).fit(train)
+def test_the_true_fisher_under_another_loss_is_its_expected_fisher_and_source_runs_there():
+    """Sampled labels are the cross-entropy's: under another loss fisher='true' (SOURCE's default, the if-cg
+    preconditioner's) takes the loss's curvature, the expected Fisher."""
+    torch.manual_seed(0)
+    train, test = _data()
+    task = AttributionTask(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), loss_fn=squared_error)
+    true, expected = (get_method("if-ekfac", task, fisher=kind, damping=0.1).fit(train).attribute(test).scores
+                      for kind in ("true", "expected"))
+    torch.testing.assert_close(true, expected)
+    checkpoints = [Checkpoint(task.model.state_dict(), 0.1, 1)]
+    source = AttributionTask(task.model, checkpoints=checkpoints, loss_fn=squared_error)
+    assert torch.isfinite(get_method("source", source).fit(train).attribute(test).scores).all()
+    assert torch.isfinite(get_method("if-cg", task, preconditioner="ekfac").fit(train).attribute(test).scores).all()
     assert AttributionTask(nn.Linear(4, 3), loss_fn=cross_entropy).cross_entropy_loss
+
+
+def _hand_ggn(model: nn.Module, loss_of, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ Jᵢᵀ Hᵢ Jᵢ / n, example by example: the logits' Jacobian (flattened) and the loss's Hessian in them."""
+    names, shapes = [k for k, _ in model.named_parameters()], [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def logits(flat, x):
+        params, start = {}, 0
+        for k, shape in zip(names, shapes):
+            params[k] = flat[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        return functional_call(model, params, (x.unsqueeze(0),))[0]
+
+    total = 0
+    for x, y in zip(inputs, labels):
+        z = logits(theta, x).detach()
+        jac = torch.autograd.functional.jacobian(lambda f, x=x: logits(f, x), theta).reshape(z.numel(), -1)
+        hess = torch.autograd.functional.hessian(lambda flat, y=y, z=z: loss_of(flat.view(1, *z.shape), y)[0],
+                                                 z.flatten())
+        total = total + jac.T @ hess @ jac / len(labels)
+    return total
+
+
+def test_a_sequence_models_gauss_newton_is_that_of_its_token_mean_loss():
+    """Default cross-entropy over sequence logits [n, T, V]: each example's loss is the mean over its scored tokens
+    (ignored positions left out), and the GGN products are that loss's (the closed form per token was not)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Tanh(), nn.Linear(3, 5)).double()
+    x, y = torch.randint(0, 5, (6, 4)), torch.randint(0, 5, (6, 4))
+    y[0, :2], y[3, 1] = -100, -100
+    curvature = Curvature(AttributionTask(model), AttributionDataset(x, y), "ggn")
+    exact = _hand_ggn(model, lambda z, yi: cross_entropy(z, yi.view(1, -1)), x, y)
+    v = torch.randn(3, curvature.dim, dtype=torch.float64)
+    torch.testing.assert_close(curvature.matvec(v), v @ exact)
+
+
+def test_a_loss_without_forward_mode_and_a_non_convex_one_keep_one_positive_gauss_newton():
+    """The Huber loss (no forward-mode derivative) through the products; a focal loss, whose curvature in the
+    outputs is indefinite for some examples: its negative part dropped alike through the factor and without it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    train, _ = _data(30)
+
+    def huber(logits, labels):
+        return nn.functional.huber_loss(logits, nn.functional.one_hot(labels, 3).to(logits), reduction="none",
+                                        delta=0.5).sum(-1)
+
+    def focal(logits, labels):
+        p = logits.softmax(-1).gather(1, labels[:, None])[:, 0]
+        return -((1 - p) ** 2) * p.log()
+
+    huber_task = AttributionTask(model, loss_fn=huber)
+    v = torch.randn(4, Curvature(huber_task, train, "ggn").dim, dtype=torch.float64)
+    exact = _hand_ggn(model, huber, train.inputs, train.labels)
+    torch.testing.assert_close(Curvature(huber_task, train, "ggn")._vectorised(v), v @ exact)
+    with torch.no_grad():
+        model[2].weight.mul_(4)  # confident predictions, where the focal loss bends the wrong way
+    task = AttributionTask(model, loss_fn=focal)
+    hessians = loss_curvature(task, model(train.inputs).detach(), Batch(None, train.labels))
+    assert (torch.linalg.eigvalsh(hessians)[:, 0] < -1e-6).any()  # indefinite somewhere
+    curvature = Curvature(task, train, "ggn")
+    a = curvature.ggn_factor()
+    torch.testing.assert_close(curvature._vectorised(v), (v @ a.T) @ a)

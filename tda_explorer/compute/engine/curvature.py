@@ -24,8 +24,8 @@ from tda_explorer.compute.engine.losses import Batch
 from tda_explorer.compute.engine.output_curvature import (
     closed_form,
     curvature_roots,
+    gauss_newton_times,
     loss_curvature,
-    loss_curvature_times,
 )
 from tda_explorer.compute.engine.task import AttributionTask, call_model
 from tda_explorer.data.batching import n_rows, take_rows, to_device
@@ -185,8 +185,8 @@ class Curvature:
             if closed_form(self.task, logits):  # the cross-entropy's Hessian in the logits, diag(p) − ppᵀ, times Jv
                 p = logits.softmax(-1)
                 h_jv = p * jv - p * (p * jv).sum(-1, keepdim=True)
-            else:  # the task's own loss: its Hessian in the outputs, times Jv
-                h_jv = loss_curvature_times(self.task, logits, Batch(x, y), jv)
+            else:  # the task's own loss: its curvature in the outputs, times Jv
+                h_jv = gauss_newton_times(self.task, logits, Batch(x, y), jv)
             _, pullback = vjp(logits_of, self.theta)
             return pullback(h_jv / self.n)[0]
 

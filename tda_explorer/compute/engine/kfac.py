@@ -457,12 +457,12 @@ def _sampler(task: AttributionTask, fisher: str, seed: int) -> tuple[LossFn, tor
     marked callable giving ``(logits, labels)``, expanded over the classes by ``layer_activity`` (with ``curvature``:
     the task's own loss's Hessian in the outputs where it is not the cross-entropy), with ``sampled`` (the ``"true"``
     loss; the training loss itself where that is not the cross-entropy) for outputs it does not expand. The
-    ``"empirical"`` loss is the task's training loss; ``"true"``, labels drawn from the softmax, is the
-    cross-entropy's and refused under another loss."""
+    ``"empirical"`` loss is the task's training loss. ``"true"`` draws labels from the softmax, the cross-entropy's
+    model of the labels; under another loss, which has none, it is the ``"expected"`` Fisher, the loss's curvature in
+    the outputs (what the sampled labels' Fisher averages to under the cross-entropy)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if fisher == "true" and not task.cross_entropy_loss:
-        raise TDAError("fisher='true' draws labels from the model's softmax: the cross-entropy's Fisher, not your "
-                       "loss's; use fisher='expected' (your loss's curvature in the outputs) or 'empirical'")
+        fisher = "expected"
 
     @takes_batch
     def loss(out: Any, batch: Batch) -> torch.Tensor:

@@ -10,7 +10,7 @@ its Hessian-vector products in the outputs, example by example (each example's l
 from __future__ import annotations
 
 import torch
-from torch.func import grad, jvp
+from torch.func import grad, vjp
 
 from tda_explorer.compute.engine.losses import Batch
 from tda_explorer.compute.engine.task import AttributionTask
@@ -30,8 +30,10 @@ def softmax_curvature(logits: torch.Tensor) -> torch.Tensor:
 def loss_curvature_times(task: AttributionTask, logits: torch.Tensor, batch: Batch,
                          directions: torch.Tensor) -> torch.Tensor:
     """``H_i d_i`` for every example i: the task's training loss's Hessian in the outputs ``logits`` times
-    ``directions`` (the same shape), one forward-over-reverse product of the summed loss."""
-    return jvp(grad(lambda z: task.train_loss(z, batch).sum()), (logits,), (directions,))[1]
+    ``directions`` (the same shape), one reverse-over-reverse product of the summed loss (H is symmetric; reverse mode
+    also takes losses without a forward-mode derivative, such as the Huber loss)."""
+    _, pullback = vjp(grad(lambda z: task.train_loss(z, batch).sum()), logits)
+    return pullback(directions)[0]
 
 
 def loss_curvature(task: AttributionTask, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -44,6 +46,17 @@ def loss_curvature(task: AttributionTask, logits: torch.Tensor, batch: Batch) ->
         columns.append(loss_curvature_times(task, logits, batch, unit))
     hessians = torch.stack(columns, dim=2).double()
     return 0.5 * (hessians + hessians.transpose(1, 2))
+
+
+def gauss_newton_times(task: AttributionTask, logits: torch.Tensor, batch: Batch,
+                       directions: torch.Tensor) -> torch.Tensor:
+    """``Hᵢ⁺ dᵢ`` for every example: the loss's curvature in the outputs, its negative eigenvalues dropped as in
+    ``curvature_roots`` (the Gauss-Newton matrix stays positive semi-definite, and the same whether its products go
+    through the factor or not), times ``directions``; for outputs other than ``[B, C]`` (sequences) H itself."""
+    if logits.dim() != 2:
+        return loss_curvature_times(task, logits, batch, directions)
+    roots = curvature_roots(loss_curvature(task, logits, batch)).to(directions.dtype)
+    return torch.einsum("bkc,bk->bc", roots, torch.einsum("bkc,bc->bk", roots, directions))
 
 
 def curvature_roots(hessians: torch.Tensor) -> torch.Tensor:

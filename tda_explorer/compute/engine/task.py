@@ -177,8 +177,8 @@ class AttributionTask:
         parameters, or those whose name starts with one of the given prefixes.
     loss_fn : callable (logits, targets) -> per-example loss
         Training loss per example (cross-entropy by default). The Gauss-Newton curvature and the Kronecker methods'
-        expected Fisher take its own curvature in the outputs (``output_curvature``); the Kronecker methods'
-        ``fisher="true"`` (labels drawn from the softmax) is the cross-entropy's, refused under another loss.
+        expected Fisher take its own curvature in the outputs (``output_curvature``); their ``fisher="true"``
+        (labels drawn from the softmax) is the cross-entropy's, and the expected Fisher under another loss.
     weight_decay : float
         L2 coefficient of the training objective (enters curvature-based methods).
     access : {"full", "architecture", "query", "final-model"}
