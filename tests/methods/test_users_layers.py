@@ -180,3 +180,62 @@ def test_methods_that_need_one_input_tensor_read_a_lazy_dataset_once():
     options = {"model_factory": factory, "train_config": TrainConfig(epochs=2)}
     ranks = [get_method("suspicion", task, **options).fit(data).self_influence() for data in (memory, lazy)]
     torch.testing.assert_close(ranks[1], ranks[0])
+
+
+def test_curvature_products_fall_back_a_direction_at_a_time_and_say_so_but_not_out_of_memory(monkeypatch):
+    """A vmap refusal (simulated: the recurrent layers' in-place kernels refuse the per-example vmaps, not this one)
+    makes the products run a direction at a time with a warning, with the same numbers; running out of memory is
+    raised, not hidden behind the slower path."""
+    from tda_explorer.compute.engine import curvature as module
+    from tda_explorer.compute.engine.curvature import Curvature
+    from tda_explorer.compute.engine.gradients import UnvectorisedWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    train, task = AttributionDataset(x, y), AttributionTask(model)
+    v = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    expected = Curvature(task, train, "hessian").matvec(v)
+    vectorised = module.vmap
+
+    def refusing(error):
+        def wrapped(f, *args, **kwargs):
+            def call(*a, **k):
+                if a and a[0].dim() == 2:  # the products' vmap over directions (rows of v)
+                    raise error
+                return vectorised(f, *args, **kwargs)(*a, **k)
+            return call
+        return wrapped
+
+    monkeypatch.setattr(module, "vmap", refusing(RuntimeError("output with shape [1, 24] doesn't match the "
+                                                              "broadcast shape [240, 1, 24]")))
+    refused = Curvature(task, train, "hessian")
+    with pytest.warns(UnvectorisedWarning, match="curvature products run unvectorised: vmap refused the model"):
+        torch.testing.assert_close(refused.matvec(v), expected)
+    assert refused._shared["unvectorised"]
+    monkeypatch.setattr(module, "vmap", refusing(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    fresh = Curvature(task, train, "hessian")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fresh.matvec(v)
+    assert not fresh._shared.get("unvectorised")
+
+
+def test_a_module_run_twice_or_registered_twice_is_not_factored_as_one_use():
+    from tda_explorer.errors import TDAError
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.block(torch.tanh(self.block(torch.tanh(self.inp(x)))))))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    with pytest.raises(TDAError, match="layer 'block' runs more than once in one forward"):
+        get_method("if-kfac", AttributionTask(Twice()), damping=0.1).fit(AttributionDataset(x, y))
+    twice = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+    twice.add_module("again", twice[0])  # one module under two names
+    with pytest.warns(UserWarning, match=r"0\.0 \(Linear, tied with 0\.again\) and tracks 1 layers"):
+        get_method("if-ekfac", AttributionTask(nn.Sequential(twice, nn.Linear(6, 3))), damping=0.1)

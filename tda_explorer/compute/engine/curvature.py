@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer._validation import check_choice
+from tda_explorer.compute.engine.gradients import vmap_refused
 from tda_explorer.compute.engine.losses import Batch
 from tda_explorer.compute.engine.output_curvature import (
     closed_form,
@@ -245,7 +246,9 @@ class Curvature:
         if not self._shared.get("unvectorised"):
             try:
                 return vmap(term)(vectors)
-            except RuntimeError:
+            except RuntimeError as err:
+                if not vmap_refused(err, "curvature products"):
+                    raise
                 self._shared["unvectorised"] = True
         return torch.stack([term(v) for v in vectors])
 
@@ -337,8 +340,10 @@ class Curvature:
                             form = min(seconds, key=seconds.get)
                         else:
                             jac = forms[form](rows, probs.shape[1])
-                    except RuntimeError:  # vmap refused the model (data-dependent control flow, an in-place op
-                        # in a recurrent layer, ...): one example at a time, which raises the model's own errors
+                    except RuntimeError as err:  # vmap refused the model: one example at a time, which raises
+                        # the model's own errors
+                        if not vmap_refused(err, "the GGN's factor"):
+                            raise
                         use_vmap = False
                 if jac is None:
                     jac = torch.stack([one(self.theta, take_rows(rows, i)) for i in range(len(probs))])

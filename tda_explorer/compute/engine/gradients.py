@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -32,6 +33,24 @@ def _chunk_size(n_params: int, max_memory: int | None, n: int) -> int:
             f"({n_params} parameters need about {per_row} bytes); raise max_memory"
         )
     return max(1, min(n, max_memory // per_row))
+
+
+class UnvectorisedWarning(UserWarning):
+    """``vmap`` refused the model (a branch on the data, an in-place op in a recurrent layer, ...): its per-example
+    products run unvectorised, slower, with the same numbers."""
+
+
+def vmap_refused(err: RuntimeError, what: str) -> bool:
+    """Whether a ``vmap`` that raised ``err`` refused the model, so that ``what`` falls back to its unvectorised form
+    (said once, naming the refusal): any error but running out of memory, which the slower path would only hide (a
+    fault of the model's own is raised again by that path)."""
+    text = str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return False
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    warnings.warn(f"{what} run unvectorised: vmap refused the model ({first[:160]})", UnvectorisedWarning,
+                  stacklevel=3)
+    return True
 
 
 def _unsqueeze(x: Any) -> Any:
@@ -151,9 +170,11 @@ def iter_per_sample_gradients(
                     if use_vmap:
                         try:
                             g = per_sample(tracked, x, y, m)
-                        except RuntimeError:  # vmap refused the model (its messages vary: a data-dependent branch,
-                            # an in-place op in a recurrent layer, ...): the unvectorised form from here on, which
-                            # raises the model's own error where the fault is not vmap's
+                        except RuntimeError as err:  # vmap refused the model (its messages vary): the
+                            # unvectorised form from here on, which raises the model's own error where the fault is
+                            # not vmap's
+                            if not vmap_refused(err, "per-example gradients"):
+                                raise
                             use_vmap = False
                     if not use_vmap:
                         g = batched(x, y, m)

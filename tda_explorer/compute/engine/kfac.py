@@ -260,6 +260,10 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
     handles = []
     for name, module in layers:
         def hook(mod, args, out, name=name):
+            if name in captured:  # a module the forward runs twice: its weight's gradient sums both uses
+                raise TDAError(f"layer {name!r} runs more than once in one forward (a reused module): a Kronecker "
+                               "factor belongs to one use of a weight; leave it out (parameters=...) or use if-cg / "
+                               "if-lissa, which take any module")
             captured[name] = (args[0].detach(), out)
         handles.append(module.register_forward_hook(hook))
     try:
@@ -273,6 +277,7 @@ def layer_activity(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs
             try:
                 x, y = to_device(x, device), to_device(y, device)
                 batch = Batch(x, y)
+                captured.clear()
                 with torch.enable_grad():
                     out = call_model(model, x, state)
                     if argument is not None:
@@ -672,6 +677,10 @@ class FisherRows:
     @property
     def dtype(self) -> torch.dtype:
         return self.parts[0][0].dtype
+
+    def release(self) -> None:
+        """Drop the rows, freeing their memory while the caller still holds this object (it is empty after)."""
+        self.parts, self.widths = [], []
 
     def scale_(self, factor: float) -> FisherRows:
         """Multiply the rows by ``factor`` in place."""

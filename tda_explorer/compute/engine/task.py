@@ -53,14 +53,14 @@ def tied_layers(model: nn.Module) -> dict[str, list[str]]:
     """Modules that own a parameter another module owns too (tied weights), each with the others sharing it: a
     Kronecker factor belongs to one layer's use of its weight, and a tied weight's gradient sums several uses."""
     owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # a module registered twice shares it too
         for parameter in module.parameters(recurse=False):
             owners.setdefault(id(parameter), []).append(name)
-    shared: dict[str, list[str]] = {}
+    shared: dict[str, dict[str, None]] = {}  # ordered sets
     for names in owners.values():
         for name in names if len(names) > 1 else ():
-            shared.setdefault(name, []).extend(n for n in names if n != name)
-    return shared
+            shared.setdefault(name, {}).update(dict.fromkeys(n for n in names if n != name))
+    return {name: list(others) for name, others in shared.items()}
 
 
 def eval_mode(model: nn.Module) -> Callable[[], None]:

@@ -309,9 +309,9 @@ class ExplicitInfluence(InfluenceFunction):
         if self.form_ == "kernel":
             self._prepare_kernel()
             return
-        matrix = self._undamped_dense()
-        self.lam_ = self._lambda(lambda v: v @ matrix, matrix.shape[0])
-        self.chol_ = self._cholesky(matrix, self.lam_, self._undamped_dense)
+        held = [self._undamped_dense()]  # handed over, not kept here: a failed factorisation frees it first
+        self.lam_ = self._lambda(lambda v: v @ held[0], held[0].shape[0])
+        self.chol_ = self._cholesky(held, self.lam_, self._undamped_dense)
 
     def _undamped_dense(self) -> torch.Tensor:
         """The dense curvature ``[p, p]`` (or Pᵀ H P ``[k, k]``), float64."""
@@ -323,12 +323,13 @@ class ExplicitInfluence(InfluenceFunction):
         wd = self.curvature_.wd
         self.lam_ = self._lambda(lambda v: (v @ a.T) @ a + wd * v, a.shape[1])
         self.mu_ = self.lam_ + wd
-        self.factor_, self.chol_ = a, self._cholesky(a @ a.T, self.mu_, lambda: a @ a.T)
+        self.factor_, self.chol_ = a, self._cholesky([a @ a.T], self.mu_, lambda: a @ a.T)
 
-    def _cholesky(self, matrix: torch.Tensor, shift: float, rebuild) -> torch.Tensor:
-        """The lower Cholesky factor of ``matrix + shift·I`` (its lower triangle read), written over ``matrix``;
-        where that is not positive definite, a ``TDAError`` naming its smallest eigenvalue (of ``rebuild()``'s
-        matrix: the failed factorisation has overwritten this one)."""
+    def _cholesky(self, held: list[torch.Tensor], shift: float, rebuild) -> torch.Tensor:
+        """The lower Cholesky factor of ``matrix + shift·I`` (its lower triangle read; ``held`` = ``[matrix]``, taken
+        out of it), written over ``matrix``; where that is not positive definite, a ``TDAError`` naming its smallest
+        eigenvalue (of ``rebuild()``'s matrix: the failed factorisation has overwritten this one, freed first)."""
+        matrix = held.pop()
         matrix.diagonal().add_(shift)
         if cholesky_in_place(matrix) == 0:
             return matrix

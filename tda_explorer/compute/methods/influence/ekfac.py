@@ -287,7 +287,6 @@ class EKFACInfluence(Attributor):
             raise ValueError(f"the sampled Fisher rows would not fit: {scored} examples within the matching's memory")
         sample = train.subset(sample_positions(len(train), fisher, scored))
         exact, rule = run_damping(a.train_config, train, self.task.checkpoints)
-        # the rows go straight into the match (no name here), which frees the Fisher rows once it has solved with them
         return match_damping(self.factors_,
                              *fisher_and_gradient_rows(self.task, self.factors_, sample, self.task.train_loss, a.fisher,
                                                        a.batch_size, seed=matched_damping.MATCH_SEED,

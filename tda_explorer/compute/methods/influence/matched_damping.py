@@ -201,7 +201,7 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
                   probes: int = MATCH_PROBES, fisher_examples: int | None = None) -> DampingMatch:
     """The per-layer damping at which the Kronecker scores (eigenvalues of ``factors``, the weight decay left out as the
     Kronecker methods do by default) agree best with the exact ones on the sample: ``fisher_rows`` ``R`` (F = RᵀR / m
-    over the m = ``fisher_examples`` sampled examples, default one per gradient row; scaled in place) and
+    over the m = ``fisher_examples`` sampled examples, default one per gradient row; scaled in place, then released) and
     ``gradient_rows`` (the training-loss gradients of the scored examples, one row each, the first ``probes`` the
     probes, scored against all of them but themselves), all in the eigenbasis. The exact system is
     ``(F + weight_decay + λ) x = g`` with λ = ``exact_damping`` (the direct solvers' rule, named by ``exact_rule``), or
@@ -211,7 +211,6 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
     m = len(gradient_rows)
     fisher_examples = m if fisher_examples is None else fisher_examples
     rows = fisher_rows.scale_(1 / math.sqrt(fisher_examples))  # in place: the rows are this match's own
-    del fisher_rows
     if exact_damping is None:
         exact_damping, exact_rule = DAMPING_LEVEL * _largest_eigenvalue(rows), "spectrum"
     eigenvalues = [f.eigenvalues.flatten().to(gradient_rows.device, torch.float64).clamp_min(0) for f in factors]
@@ -229,7 +228,8 @@ def match_damping(factors: list[LayerFactors], fisher_rows: FisherRows, gradient
     solve_step = probe_block(k, 2 * gradient_rows.width, torch.finfo(torch.float64).bits // 8)
     exact_scores = torch.cat([gradient_rows.times(solve(chunk)).T
                               for b in blocks for chunk in probe_rows(b).split(solve_step)]).double()
-    del solve, rows  # the factored system (up to MATCH_ROWS² numbers): not needed past the exact scores
+    del solve  # the factored system (up to MATCH_ROWS² numbers) and the Fisher rows: not needed past the exact scores
+    rows.release()  # (the caller still holds them)
     own = torch.zeros_like(exact_scores, dtype=torch.bool)
     own[torch.arange(k), torch.arange(k)] = True
     means = [f.mean_eigenvalue() for f in factors]
