@@ -31,11 +31,9 @@ def _data(n: int = 14):
     return AttributionDataset(x[:n], y[:n]), AttributionDataset(x[n:], y[n:])
 
 
-def _hand_influence(model: nn.Module, loss_fn, train: AttributionDataset, test: AttributionDataset, lam: float):
-    """g_testᵀ (G + λI)⁻¹ g_train / n with G = Σ Jᵢᵀ Hᵢ Jᵢ / n: the logits' Jacobians and the loss's Hessian in them,
-    each example by itself."""
-    names = [k for k, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
+def _flat(model: nn.Module):
+    """The model's parameters as one vector θ, and its logits on one example as a function of θ."""
+    names, shapes = [k for k, _ in model.named_parameters()], [p.shape for p in model.parameters()]
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
 
     def logits(flat, x):
@@ -45,15 +43,31 @@ def _hand_influence(model: nn.Module, loss_fn, train: AttributionDataset, test: 
             start += shape.numel()
         return functional_call(model, params, (x.unsqueeze(0),))[0]
 
+    return theta, logits
+
+
+def _hand_ggn(model: nn.Module, loss_of, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ Jᵢᵀ Hᵢ Jᵢ / n, example by example: the logits' Jacobian (flattened) and the Hessian in them of
+    ``loss_of(logits [1, ...], label)``."""
+    theta, logits = _flat(model)
+    total = 0
+    for x, y in zip(inputs, labels):
+        z = logits(theta, x).detach()
+        jac = torch.autograd.functional.jacobian(lambda f, x=x: logits(f, x), theta).reshape(z.numel(), -1)
+        hess = torch.autograd.functional.hessian(lambda flat, y=y, z=z: loss_of(flat.view(1, *z.shape), y)[0],
+                                                 z.flatten())
+        total = total + jac.T @ hess @ jac / len(labels)
+    return total
+
+
+def _hand_influence(model: nn.Module, loss_fn, train: AttributionDataset, test: AttributionDataset, lam: float):
+    """g_testᵀ (G + λI)⁻¹ g_train / n with G the hand-built Gauss-Newton matrix of ``loss_fn``."""
+    theta, logits = _flat(model)
+
     def gradient(x, y):
         return torch.autograd.functional.jacobian(lambda f: loss_fn(logits(f, x).unsqueeze(0), y.view(1))[0], theta)
 
-    ggn = 0
-    for x, y in zip(train.inputs, train.labels):
-        jac = torch.autograd.functional.jacobian(lambda f, x=x: logits(f, x), theta)
-        hess = torch.autograd.functional.hessian(lambda z, y=y: loss_fn(z.unsqueeze(0), y.view(1))[0],
-                                                 logits(theta, x).detach())
-        ggn = ggn + jac.T @ hess @ jac / len(train)
+    ggn = _hand_ggn(model, lambda z, y: loss_fn(z, y.view(1)), train.inputs, train.labels)
     g_train = torch.stack([gradient(x, y) for x, y in zip(train.inputs, train.labels)])
     g_test = torch.stack([gradient(x, y) for x, y in zip(test.inputs, test.labels)])
     damped = ggn + lam * torch.eye(len(theta), dtype=torch.float64)
@@ -116,28 +130,6 @@ def test_the_true_fisher_under_another_loss_is_its_expected_fisher_and_source_ru
     assert torch.isfinite(get_method("source", source).fit(train).attribute(test).scores).all()
     assert torch.isfinite(get_method("if-cg", task, preconditioner="ekfac").fit(train).attribute(test).scores).all()
     assert AttributionTask(nn.Linear(4, 3), loss_fn=cross_entropy).cross_entropy_loss
-
-
-def _hand_ggn(model: nn.Module, loss_of, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ Jᵢᵀ Hᵢ Jᵢ / n, example by example: the logits' Jacobian (flattened) and the loss's Hessian in them."""
-    names, shapes = [k for k, _ in model.named_parameters()], [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def logits(flat, x):
-        params, start = {}, 0
-        for k, shape in zip(names, shapes):
-            params[k] = flat[start : start + shape.numel()].view(shape)
-            start += shape.numel()
-        return functional_call(model, params, (x.unsqueeze(0),))[0]
-
-    total = 0
-    for x, y in zip(inputs, labels):
-        z = logits(theta, x).detach()
-        jac = torch.autograd.functional.jacobian(lambda f, x=x: logits(f, x), theta).reshape(z.numel(), -1)
-        hess = torch.autograd.functional.hessian(lambda flat, y=y, z=z: loss_of(flat.view(1, *z.shape), y)[0],
-                                                 z.flatten())
-        total = total + jac.T @ hess @ jac / len(labels)
-    return total
 
 
 def test_a_sequence_models_gauss_newton_is_that_of_its_token_mean_loss():
