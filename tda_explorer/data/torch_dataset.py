@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from tda_explorer._validation import TDAError
@@ -69,6 +71,10 @@ def _split(batch: Any, argument: str = "dataset") -> tuple[Any, Any]:
         return batch, None
     raise TDAError(f"{argument}: a collated batch must be a tensor, a tuple (inputs, labels, ...) or a dict of "
                    f"tensors; collate_fn returned {type(batch).__name__}")
+
+
+class NondeterministicItemsWarning(UserWarning):
+    """A torch Dataset returned other inputs for the same item when read again (a random augmentation)."""
 
 
 def _method_name() -> str:
@@ -135,12 +141,24 @@ class TorchAttributionDataset(AttributionDataset):
             raise TDAError(f"dataset {name!r} is empty: dataset has 0 items")
         first = self._collate_items(range(min(2, self._length)))  # can the items be batched at all?
         self._kind = "dict" if isinstance(first, Mapping) else "tensor"
+        self._check_repeatable(first)
         if labels is None:
             labels = self._read_labels()
         elif not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(np.asarray(labels))
         self.labels = labels
         self._setup(self._length, "dataset items")
+
+    def _check_repeatable(self, first: Any) -> None:
+        """Warn when the first two items, ``first`` as collated, read again give other inputs (a random augmentation
+        in ``__getitem__``): every method reads the items again, and a recorded run's replay reads them too."""
+        with torch.random.fork_rng(devices=[]):  # the second read leaves the caller's random stream as it was
+            again = self._collate_items(range(min(2, self._length)))
+        leaves = [(a, b) for a, b in zip(tree_leaves(first), tree_leaves(again)) if isinstance(a, torch.Tensor)]
+        if any(a.shape != b.shape or not torch.equal(a, b) for a, b in leaves):
+            warnings.warn(f"dataset {self.name!r}: reading its first items again gave other inputs (a random "
+                          "augmentation in __getitem__?); attribution reads the items again, so give the dataset "
+                          "without its training transform", NondeterministicItemsWarning, stacklevel=4)
 
     # -- reading ----------------------------------------------------------------------------
     def _current_length(self) -> int:

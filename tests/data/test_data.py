@@ -78,3 +78,24 @@ def test_whole_float_labels_are_class_indices_and_fractional_ones_are_refused():
     assert AttributionDataset(torch.zeros(3, 2), [0.0, 2.0, 1.0]).labels.tolist() == [0, 2, 1]
     with pytest.raises(TDAError, match="not whole numbers: regression and multi-label targets are not supported"):
         AttributionDataset(torch.zeros(3, 2), torch.tensor([0.5, 1.2, 3.3]))
+
+
+def test_a_dataset_that_augments_at_random_is_flagged_and_a_fixed_one_is_not():
+    import warnings
+
+    from tda_explorer.data.torch_dataset import NondeterministicItemsWarning
+
+    images, labels = torch.randn(8, 1, 4, 4), torch.arange(8) % 2
+
+    class Augmenting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return images[i] + 0.1 * torch.randn(1, 4, 4), int(labels[i])
+
+    with pytest.warns(NondeterministicItemsWarning, match="reading its first items again gave other inputs"):
+        AttributionDataset.from_torch(Augmenting())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NondeterministicItemsWarning)
+        AttributionDataset.from_torch(torch.utils.data.TensorDataset(images, labels))

@@ -50,8 +50,8 @@ def test_dict_items_are_read_lazily_and_their_label_never_reaches_the_model():
     source = Counted(9)
     data = AttributionDataset.from_torch(source, batch_size=4)
     assert data.input_kind == "dict" and torch.equal(data.labels, torch.arange(9) % 2)
-    reads = source.reads  # the first two items (can they be batched?) and one pass for the labels
-    assert reads == 2 + 9
+    reads = source.reads  # the first two items twice (can they be batched? do they repeat?), a pass for the labels
+    assert reads == 4 + 9
     rows, inputs, labels = next(data.batches(4, device="cpu"))
     assert source.reads == reads + 4  # one batch read, not the dataset
     assert rows == slice(0, 4) and set(inputs) == {"x", "mask"} and torch.equal(inputs["x"], source.x[:4])
@@ -63,7 +63,7 @@ def test_dict_items_are_read_lazily_and_their_label_never_reaches_the_model():
 def test_given_labels_skip_the_label_pass():
     source = Counted(6)
     data = AttributionDataset.from_torch(source, labels=[1, 0, 1, 0, 1, 0], class_names=["a", "b"])
-    assert source.reads == 2 and data.class_names == ["a", "b"] and data.labels.tolist() == [1, 0, 1, 0, 1, 0]
+    assert source.reads == 4 and data.class_names == ["a", "b"] and data.labels.tolist() == [1, 0, 1, 0, 1, 0]
     with pytest.raises(TDAError, match=r"dataset items and labels must have the same length, got 6 dataset items and "
                                        r"2 labels"):
         AttributionDataset.from_torch(Counted(6), labels=[0, 1])
