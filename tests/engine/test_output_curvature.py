@@ -172,3 +172,18 @@ def test_a_loss_without_forward_mode_and_a_non_convex_one_keep_one_positive_gaus
     curvature = Curvature(task, train, "ggn")
     a = curvature.ggn_factor()
     torch.testing.assert_close(curvature._vectorised(v), (v @ a.T) @ a)
+
+
+def test_the_kronecker_methods_say_when_another_loss_gets_its_empirical_fisher():
+    """Sequence outputs are not expanded over their classes: under a loss of the user's own (no labels to sample)
+    the Kronecker methods' expected Fisher is its empirical Fisher, and they say so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Tanh(), nn.Linear(3, 5))
+    x, y = torch.randint(0, 5, (8, 4)), torch.randint(0, 5, (8, 4))
+
+    def token_loss(logits, batch):
+        return nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none").mean(1)
+
+    task = AttributionTask(model, parameters=["2"], batch_loss_fn=token_loss)
+    with pytest.warns(UserWarning, match=r"over outputs \(4, 5\) per example its empirical Fisher"):
+        get_method("if-ekfac", task, damping=0.1).fit(AttributionDataset(x, y))

@@ -19,6 +19,7 @@ label); ``"empirical"`` takes the observed labels.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -325,6 +326,10 @@ def _expected_output_grads(loss: Any, out: Any, batch: Batch, outputs: list[torc
     take one label sampled from the model instead (``loss.sampled``)."""
     logits, labels = loss(out, batch)
     if logits.dim() != 2 or logits.shape[-1] > EXPECTED_MAX_CLASSES:
+        if loss.curvature is not None:  # not the cross-entropy: no labels to sample, the given ones serve
+            warnings.warn(f"the expected Fisher of your loss is expanded over at most {EXPECTED_MAX_CLASSES} classes "
+                          f"of [n, C] outputs; over outputs {tuple(logits.shape[1:])} per example its empirical "
+                          "Fisher (the loss at the given labels) is used", UserWarning, stacklevel=2)
         value = loss.sampled(out, batch)
         g = torch.autograd.grad(value.sum(), outputs, retain_graph=True, allow_unused=True)
         g = [torch.zeros_like(o) if gi is None else gi for o, gi in zip(outputs, g)]
