@@ -1,4 +1,4 @@
-"""The training loss's curvature in the outputs for a loss of the user's own (output_curvature.py), and the
+"""The training loss's curvature in the outputs for a loss of the user's own (losses.py), and the
 Gauss-Newton solvers and the Kronecker family that take it, against an explicit Hessian of that loss."""
 
 import pytest
@@ -8,8 +8,7 @@ from torch.func import functional_call
 
 from tda_explorer import AttributionDataset, AttributionTask, get_method
 from tda_explorer.compute.engine.curvature import Curvature
-from tda_explorer.compute.engine.losses import Batch, cross_entropy
-from tda_explorer.compute.engine.output_curvature import loss_curvature, softmax_curvature
+from tda_explorer.compute.engine.losses import Batch, cross_entropy, loss_curvature, softmax_curvature
 from tda_explorer.compute.training.train import Checkpoint
 
 WEIGHTS = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)

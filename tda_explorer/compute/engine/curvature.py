@@ -21,8 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tda_explorer._validation import check_choice
 from tda_explorer.compute.engine.gradients import vmap_refused
-from tda_explorer.compute.engine.losses import Batch
-from tda_explorer.compute.engine.output_curvature import (
+from tda_explorer.compute.engine.losses import (
+    Batch,
     closed_form,
     curvature_roots,
     gauss_newton_times,

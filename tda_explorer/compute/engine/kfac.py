@@ -28,8 +28,15 @@ import torch
 from torch import nn
 
 from tda_explorer._validation import TDAError, check_choice, check_finite_rows
-from tda_explorer.compute.engine.losses import IGNORE, Batch, check_logits, cross_entropy, takes_batch
-from tda_explorer.compute.engine.output_curvature import loss_curvature, softmax_curvature
+from tda_explorer.compute.engine.losses import (
+    IGNORE,
+    Batch,
+    check_logits,
+    cross_entropy,
+    loss_curvature,
+    softmax_curvature,
+    takes_batch,
+)
 from tda_explorer.compute.engine.task import (
     AttributionTask,
     Output,
@@ -357,7 +364,7 @@ def output_curvature_roots(logits: torch.Tensor, labels: torch.Tensor | None, mo
     """For logits ``[B, C]``: C − 1 cotangents ``[B, C]`` (``max(C − 1, 1)``) whose Σ_k v_k v_kᵀ is, example by example,
     the cross-entropy's expected curvature at the logits diag(p) − ppᵀ (p = softmax(logits)): its eigenvectors scaled
     by √eigenvalue, the null one (the smallest, along the constant vector) left out; rows whose label is ``IGNORE``
-    are zero. With ``curvature`` ``[B, C, C]``, another loss's Hessian in the outputs (``output_curvature``), its C
+    are zero. With ``curvature`` ``[B, C, C]``, another loss's Hessian in the outputs (``losses.loss_curvature``), its C
     roots instead (no null direction known). With ``most`` (≥ 2) and more roots than that, ``most`` cotangents
     instead: the ``most − 1`` largest exactly and the rest sketched into one, Σ_j ε_j v_j with random signs ε_j (from
     ``generator``), whose expected outer product is theirs (E[ε_i ε_j] = δ_ij): the same curvature in expectation, in

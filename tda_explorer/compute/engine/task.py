@@ -177,7 +177,7 @@ class AttributionTask:
         parameters, or those whose name starts with one of the given prefixes.
     loss_fn : callable (logits, targets) -> per-example loss
         Training loss per example (cross-entropy by default). The Gauss-Newton curvature and the Kronecker methods'
-        expected Fisher take its own curvature in the outputs (``output_curvature``); their ``fisher="true"``
+        expected Fisher take its own curvature in the outputs (``losses.loss_curvature``); their ``fisher="true"``
         (labels drawn from the softmax) is the cross-entropy's, and the expected Fisher under another loss.
     weight_decay : float
         L2 coefficient of the training objective (enters curvature-based methods).
@@ -258,7 +258,7 @@ class AttributionTask:
     @property
     def cross_entropy_loss(self) -> bool:
         """Whether the training loss is the default cross-entropy (whose curvature in the logits is known in closed
-        form: ``output_curvature``)."""
+        form: ``losses.loss_curvature``)."""
         return self.batch_loss_fn is None and self.loss_fn is cross_entropy
 
     # -- the model as it is ------------------------------------------------------------------

@@ -57,13 +57,13 @@ from tda_explorer.compute.catalogue import (
     option,
     register,
 )
-from tda_explorer.compute.engine.cholesky import cholesky_in_place, cholesky_solve
 from tda_explorer.compute.engine.curvature import CURVATURES, Curvature, largest_eigenvalue
 from tda_explorer.compute.engine.featurize import make_projector
 from tda_explorer.compute.engine.kfac import fit_factors
 from tda_explorer.compute.engine.task import AttributionTask
 from tda_explorer.compute.methods.base import Attributor, AttributorArguments
 from tda_explorer.compute.methods.influence.backoff import BackoffSolver, Diverged, SolverBackoffWarning, diverged
+from tda_explorer.compute.methods.influence.cholesky import cholesky_in_place, cholesky_solve
 from tda_explorer.compute.training.optimizer_state import ADAM_KINDS, adam_step_scale
 from tda_explorer.compute.training.train import Checkpoint, TrainConfig
 from tda_explorer.data.dataset import AttributionDataset

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tda_explorer.compute.engine.cholesky import cholesky_in_place, cholesky_solve
 from tda_explorer.compute.engine.kfac import FisherRows, LayerFactors
+from tda_explorer.compute.methods.influence.cholesky import cholesky_in_place, cholesky_solve
 from tda_explorer.compute.methods.influence.direct import DAMPING_LEVEL
 
 #: Training examples sampled: the exact curvature's Fisher rows come from up to ``MATCH_ROWS`` rows' worth of them (the

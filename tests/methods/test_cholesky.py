@@ -1,8 +1,8 @@
-"""The in-place Cholesky factorisation and its solves (engine/cholesky.py) against torch's own."""
+"""The in-place Cholesky factorisation and its solves (methods/influence/cholesky.py) against torch's own."""
 
 import torch
 
-from tda_explorer.compute.engine.cholesky import cholesky_in_place, cholesky_solve
+from tda_explorer.compute.methods.influence.cholesky import cholesky_in_place, cholesky_solve
 
 
 def test_the_cholesky_factor_is_written_over_the_matrix_and_solves_its_system():
