@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,13 +41,19 @@ def call_model(model: nn.Module, inputs: Any, state: Mapping[str, torch.Tensor] 
     return functional_call(model, _untied(model, state), (inputs,))
 
 
+_ALIASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {second name: first name}, once
+
+
 def _untied(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` without the second names of tied tensors (a ``state_dict()`` lists a weight shared by two modules
     under both names, which ``functional_call`` refuses: it ties them itself) where their first name is given."""
-    first = {id(t): n for n, t in model.named_parameters()} | {id(t): n for n, t in model.named_buffers()}
-    every = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    aliases = [n for n, t in every if first.get(id(t), n) != n and first[id(t)] in state]
-    return {k: v for k, v in state.items() if k not in aliases} if aliases else dict(state)
+    aliases = _ALIASES.get(model)
+    if aliases is None:
+        first = {id(t): n for n, t in model.named_parameters()} | {id(t): n for n, t in model.named_buffers()}
+        every = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        aliases = _ALIASES[model] = {n: first[id(t)] for n, t in every if first.get(id(t), n) != n}
+    drop = [n for n, head in aliases.items() if n in state and head in state]
+    return {k: v for k, v in state.items() if k not in drop} if drop else dict(state)
 
 
 def tied_layers(model: nn.Module) -> dict[str, list[str]]:
