@@ -287,12 +287,13 @@ class EKFACInfluence(Attributor):
             raise ValueError(f"the sampled Fisher rows would not fit: {scored} examples within the matching's memory")
         sample = train.subset(sample_positions(len(train), fisher, scored))
         exact, rule = run_damping(a.train_config, train, self.task.checkpoints)
-        return match_damping(self.factors_,
-                             *fisher_and_gradient_rows(self.task, self.factors_, sample, self.task.train_loss, a.fisher,
-                                                       a.batch_size, seed=matched_damping.MATCH_SEED,
-                                                       device=self.device, dtype=self._dtype(),
-                                                       most_rows=matched_damping.MATCH_FISHER_ROWS, gradients=scored),
-                             float(self.task.weight_decay), exact, rule, fisher_examples=fisher)
+        fisher_rows, gradient_rows = fisher_and_gradient_rows(self.task, self.factors_, sample, self.task.train_loss,
+                                                              a.fisher, a.batch_size, seed=matched_damping.MATCH_SEED,
+                                                              device=self.device, dtype=self._dtype(),
+                                                              most_rows=matched_damping.MATCH_FISHER_ROWS,
+                                                              gradients=scored)
+        return match_damping(self.factors_, fisher_rows, gradient_rows, float(self.task.weight_decay), exact, rule,
+                             fisher_examples=fisher)  # (it releases the Fisher rows once it has solved with them)
 
     def resolved_damping(self) -> tuple[float, str]:
         """The damping in use as the options would give it, ``(damping, damping_kind)``: as given; one λ on every layer
